@@ -1,0 +1,150 @@
+"""Model configuration for the decoder families opd_jax supports (qwen3, qwen2, llama).
+
+A `ModelConfig` is a frozen dataclass: hashable, so it can be a static argument of a jitted function.
+Presets are plain functions returning configs; `hf.py` converts to and from `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+FAMILIES = ("qwen3", "qwen2", "llama")
+ROPE_TYPES = ("default", "linear")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters of a decoder-only transformer.
+
+  Attributes:
+    family: 'qwen3' (qk-norm, no qkv bias), 'qwen2' (qkv bias), or 'llama'.
+    vocab_size: number of token ids (embedding rows).
+    d_model: residual width D.
+    n_layers: number of decoder blocks L.
+    n_heads: query heads H.
+    n_kv_heads: key/value heads (GQA); must divide n_heads.
+    head_dim: per-head width (need not equal d_model / n_heads, as in qwen3).
+    d_ff: SwiGLU hidden width F.
+    rope_theta: RoPE base.
+    rope_type: 'default' or 'linear' (transformers `rope_parameters['rope_type']`).
+    rope_factor: scaling factor for 'linear' RoPE.
+    rms_eps: RMSNorm epsilon.
+    tie_embeddings: lm_head shares the embedding matrix.
+    qk_norm: RMSNorm over head_dim on q and k before RoPE (qwen3).
+    qkv_bias: biases on the q, k, v projections (qwen2).
+    max_position: longest supported position (informational; RoPE is computed on the fly).
+    param_dtype: storage dtype of parameters.
+    dtype: compute dtype of matmuls; softmax, norms and log-probs always run in float32.
+    scan_layers: run the layer stack with `lax.scan` (compile time independent of depth) instead of
+      an unrolled Python loop. The parameter layout is stacked ([L, ...]) either way.
+    remat: rematerialise each block in the backward pass (training memory).
+  """
+
+  family: str = "qwen3"
+  vocab_size: int = 256
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int = 16
+  d_ff: int = 128
+  rope_theta: float = 10000.0
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rms_eps: float = 1e-6
+  tie_embeddings: bool = True
+  qk_norm: bool = True
+  qkv_bias: bool = False
+  max_position: int = 4096
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  scan_layers: bool = True
+  remat: bool = False
+
+  def __post_init__(self):
+    def bad(field, why):
+      raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: {why}")
+
+    if self.family not in FAMILIES:
+      bad("family", f"unsupported family; expected one of {FAMILIES}")
+    if self.rope_type not in ROPE_TYPES:
+      bad("rope_type", f"unsupported RoPE type; expected one of {ROPE_TYPES}")
+    for f in ("param_dtype", "dtype"):
+      if getattr(self, f) not in DTYPES:
+        bad(f, f"expected one of {DTYPES}")
+    for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+      if getattr(self, f) <= 0:
+        bad(f, "must be positive")
+    if self.n_heads % self.n_kv_heads:
+      bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
+    if self.head_dim % 2:
+      bad("head_dim", "must be even for RoPE")
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def num_params(self) -> int:
+    """Exact parameter count of the model this config builds."""
+    d, h, kv, hd, f = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
+    attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+    if self.qkv_bias:
+      attn += h * hd + 2 * kv * hd
+    if self.qk_norm:
+      attn += 2 * hd
+    block = attn + 3 * d * f + 2 * d
+    emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return self.n_layers * block + emb + d
+
+
+def tiny(vocab_size: int = 256, family: str = "qwen3", **kw) -> ModelConfig:
+  """A 2-layer model that runs in tests in seconds."""
+  base = dict(family=family, vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=4,
+              n_kv_heads=2, head_dim=16, d_ff=128, qk_norm=family == "qwen3",
+              qkv_bias=family == "qwen2")
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def small(vocab_size: int = 32768, family: str = "qwen3", **kw) -> ModelConfig:
+  """~42M parameters (8 x 512, tied 32k vocabulary): the benchmark preset."""
+  base = dict(family=family, vocab_size=vocab_size, d_model=512, n_layers=8, n_heads=8,
+              n_kv_heads=4, head_dim=64, d_ff=1536, qk_norm=family == "qwen3",
+              qkv_bias=family == "qwen2")
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def qwen3_0_6b(**kw) -> ModelConfig:
+  base = dict(family="qwen3", vocab_size=151936, d_model=1024, n_layers=28, n_heads=16,
+              n_kv_heads=8, head_dim=128, d_ff=3072, rope_theta=1e6, tie_embeddings=True,
+              max_position=40960)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def qwen3_8b(**kw) -> ModelConfig:
+  base = dict(family="qwen3", vocab_size=151936, d_model=4096, n_layers=36, n_heads=32,
+              n_kv_heads=8, head_dim=128, d_ff=12288, rope_theta=1e6, tie_embeddings=False,
+              max_position=40960, dtype="bfloat16", remat=True)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def qwen3_32b(**kw) -> ModelConfig:
+  base = dict(family="qwen3", vocab_size=151936, d_model=5120, n_layers=64, n_heads=64,
+              n_kv_heads=8, head_dim=128, d_ff=25600, rope_theta=1e6, tie_embeddings=False,
+              max_position=40960, dtype="bfloat16", remat=True)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+PRESETS = {"tiny": tiny, "small": small, "qwen3_0_6b": qwen3_0_6b, "qwen3_8b": qwen3_8b,
+           "qwen3_32b": qwen3_32b}
+
+
+def preset(name: str, **kw) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; valid presets: {sorted(PRESETS)}")
+  return PRESETS[name](**kw)

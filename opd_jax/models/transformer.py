@@ -1,0 +1,346 @@
+"""NNX decoder for the qwen3 / qwen2 / llama families.
+
+Parameters carry logical axis names (see `sharding.py`); layers are stacked on a leading `layers`
+axis and run with `lax.scan` (or unrolled, `cfg.scan_layers=False`) over the same layout.
+
+Functional use at the jit boundary (as in flax's gemma example, with plain-dict params):
+
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = split(model)          # params: nested dict of arrays
+    logits = forward(graphdef, params, tokens_BxT, mask_BxT)   # inside jit
+
+Parameter tree (shapes; L layers, D d_model, H heads, K kv heads, h head_dim, F d_ff, V vocab)::
+
+    embed/embedding                  [V, D]
+    layers/attn/{q,k,v}_proj/kernel  [L, D, H*h] / [L, D, K*h] / [L, D, K*h]   (in, out)
+    layers/attn/{q,k,v}_proj/bias    [L, H*h] / [L, K*h] / [L, K*h]            (qwen2 only)
+    layers/attn/o_proj/kernel        [L, H*h, D]
+    layers/attn/{q,k}_norm/scale     [L, h]                                    (qwen3 only)
+    layers/mlp/{gate,up}_proj/kernel [L, D, F];  layers/mlp/down_proj/kernel [L, F, D]
+    layers/{input,post_attn}_norm/scale [L, D]
+    final_norm/scale                 [D]
+    lm_head/kernel                   [D, V]                                    (untied only)
+
+Kernels are (in, out): a PyTorch weight W (out, in) is the transpose.
+
+Padding and positions: a sequence may be padded anywhere (left-padded prompts, right padding after
+EOS). `mask_BxT` marks real tokens; positions default to `cumsum(mask) - 1`, so a left-padded
+prompt gets the same RoPE positions as the unpadded one. Padded keys are never attended to.
+
+KV cache: `init_cache(cfg, B, S)` gives {'k', 'v'} of shape [L, B, S, K, h]. `hidden(...,
+cache=, cache_index=)` writes the T new keys at slots [cache_index, cache_index + T) and attends
+over all S slots, causally by slot, masked by `kv_mask_BxS`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from opd_jax.models.config import ModelConfig
+from opd_jax.models.sharding import constrain
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+_INIT_STD = 0.02
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def _param(rngs, shape, names, cfg, init="normal"):
+  if init == "normal":
+    value = _INIT_STD * jax.random.normal(rngs.params(), shape, _dtype(cfg.param_dtype))
+  elif init == "ones":
+    value = jnp.ones(shape, _dtype(cfg.param_dtype))
+  else:
+    value = jnp.zeros(shape, _dtype(cfg.param_dtype))
+  return nnx.Param(value, out_sharding=names)
+
+
+def _mm(x, w, dtype, spec: str):
+  """einsum in the compute dtype with float32 accumulation."""
+  out = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  return out.astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs, axis_name: str = "norm"):
+    self.scale = _param(rngs, (dim,), (axis_name,), cfg, init="ones")
+    self.eps = cfg.rms_eps
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (self.scale[...].astype(jnp.float32) * x32.astype(dtype).astype(jnp.float32)
+            ).astype(dtype)
+
+
+class Proj(nnx.Module):
+  """A (in, out) kernel with an optional bias."""
+
+  def __init__(self, d_in, d_out, names, cfg, *, rngs, bias=False):
+    self.kernel = _param(rngs, (d_in, d_out), names, cfg)
+    self.bias = _param(rngs, (d_out,), (names[1],), cfg, init="zeros") if bias else None
+    self.dtype = _dtype(cfg.dtype)
+
+  def __call__(self, x):
+    y = _mm(x, self.kernel[...], self.dtype, "...d,df->...f")
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies [h/2] as transformers computes them (default / linear scaling)."""
+  exponent = jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** exponent)
+  if cfg.rope_type == "linear":
+    inv_freq = inv_freq / cfg.rope_factor
+  return inv_freq
+
+
+def apply_rope(x_BxTxNxh, positions_BxT, inv_freq):
+  """Non-interleaved ('rotate_half') RoPE, as in transformers' Llama/Qwen."""
+  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, h/2]
+  emb = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  x = x_BxTxNxh.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BxTxNxh.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    self.q_proj = Proj(d, h * hd, ("embed", "heads"), cfg, rngs=rngs, bias=cfg.qkv_bias)
+    self.k_proj = Proj(d, k * hd, ("embed", "kv_heads"), cfg, rngs=rngs, bias=cfg.qkv_bias)
+    self.v_proj = Proj(d, k * hd, ("embed", "kv_heads"), cfg, rngs=rngs, bias=cfg.qkv_bias)
+    self.o_proj = Proj(h * hd, d, ("heads", "embed"), cfg, rngs=rngs)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(hd, cfg, rngs=rngs, axis_name="head_dim")
+      self.k_norm = RMSNorm(hd, cfg, rngs=rngs, axis_name="head_dim")
+    else:
+      self.q_norm = self.k_norm = None
+    self.cfg = cfg
+
+  def __call__(self, x_BxTxD, positions_BxT, kv_mask_BxS, cache_kv, cache_index):
+    cfg = self.cfg
+    b, t, _ = x_BxTxD.shape
+    h, k, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q = self.q_proj(x_BxTxD).reshape(b, t, h, hd)
+    kk = self.k_proj(x_BxTxD).reshape(b, t, k, hd)
+    v = self.v_proj(x_BxTxD).reshape(b, t, k, hd)
+    if self.q_norm is not None:
+      q, kk = self.q_norm(q), self.k_norm(kk)
+    inv_freq = rope_frequencies(cfg)
+    q = apply_rope(q, positions_BxT, inv_freq)
+    kk = apply_rope(kk, positions_BxT, inv_freq)
+    q = constrain(q, ("batch", "length", "act_heads", None))
+
+    if cache_kv is None:
+      keys, values = kk, v
+      q_slot = jnp.arange(t)
+      new_cache = None
+    else:
+      ck, cv = cache_kv
+      keys = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, cache_index, 0, 0))
+      values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+      q_slot = cache_index + jnp.arange(t)
+      new_cache = (keys, values)
+    s = keys.shape[1]
+    allowed_TxS = jnp.arange(s)[None, :] <= q_slot[:, None]
+    allowed = allowed_TxS[None] & kv_mask_BxS[:, None, :]  # [B, T, S]
+
+    g = h // k
+    qg = q.reshape(b, t, k, g, hd)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg.astype(jnp.float32),
+                        keys.astype(jnp.float32)) * (hd ** -0.5)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(jnp.float32))
+    out = out.reshape(b, t, h * hd).astype(x_BxTxD.dtype)
+    return self.o_proj(out), new_cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.gate_proj = Proj(cfg.d_model, cfg.d_ff, ("embed", "mlp"), cfg, rngs=rngs)
+    self.up_proj = Proj(cfg.d_model, cfg.d_ff, ("embed", "mlp"), cfg, rngs=rngs)
+    self.down_proj = Proj(cfg.d_ff, cfg.d_model, ("mlp", "embed"), cfg, rngs=rngs)
+
+  def __call__(self, x):
+    hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    hidden = constrain(hidden, ("batch", "length", "act_mlp"))
+    return self.down_proj(hidden)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.post_attn_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, kv_mask, cache_kv, cache_index):
+    attn_out, new_cache = self.attn(self.input_norm(x), positions, kv_mask, cache_kv, cache_index)
+    x = x + attn_out
+    x = x + self.mlp(self.post_attn_norm(x))
+    return constrain(x, ("batch", "length", "act_embed")), new_cache
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, param_dtype=_dtype(cfg.param_dtype),
+                           embedding_init=nnx.with_partitioning(
+                               nnx.initializers.normal(_INIT_STD), ("vocab", "embed")),
+                           rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_layers(r):
+      return Block(cfg, rngs=r)
+
+    self.layers = make_layers(rngs)
+    self.final_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
+    self.lm_head = (None if cfg.tie_embeddings else
+                    Proj(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs))
+
+  # -- pieces -------------------------------------------------------------------------------------
+  def unembed_matrix(self) -> jax.Array:
+    """The [D, V] output matrix (the embedding transposed when tied)."""
+    if self.lm_head is None:
+      return self.embed.embedding[...].T
+    return self.lm_head.kernel[...]
+
+  def logits(self, h_BxTxD) -> jax.Array:
+    """float32 logits of final hidden states (use `scoring.py` for large vocabularies)."""
+    return unembed(h_BxTxD, self.unembed_matrix(), self.cfg)
+
+  def hidden(self, tokens_BxT, mask_BxT=None, positions_BxT=None, *, cache: Cache | None = None,
+             cache_index=0, kv_mask_BxS=None):
+    """Final (normed) hidden states [B, T, D] and the updated cache (None without a cache)."""
+    cfg = self.cfg
+    if mask_BxT is None:
+      mask_BxT = jnp.ones(tokens_BxT.shape, bool)
+    mask_BxT = mask_BxT.astype(bool)
+    if positions_BxT is None:
+      positions_BxT = default_positions(mask_BxT)
+    if kv_mask_BxS is None:
+      kv_mask_BxS = mask_BxT
+    x = self.embed(tokens_BxT).astype(_dtype(cfg.dtype))
+    x = constrain(x, ("batch", "length", "act_embed"))
+
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def body(carry, xs):
+      layer_params, layer_cache = xs
+      block = nnx.merge(graphdef, layer_params)
+      y, new_cache = block(carry, positions_BxT, kv_mask_BxS, layer_cache, cache_index)
+      return y, new_cache
+
+    if cfg.remat:
+      body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+
+    layer_cache = None if cache is None else (cache["k"], cache["v"])
+    if cfg.scan_layers:
+      x, new_cache = jax.lax.scan(body, x, (layer_state, layer_cache))
+    else:
+      outs = []
+      for i in range(cfg.n_layers):
+        xs_i = jax.tree.map(lambda a: a[i], (layer_state, layer_cache))
+        x, c = body(x, xs_i)
+        outs.append(c)
+      new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    h = self.final_norm(x)
+    if cache is not None:
+      new_cache = {"k": new_cache[0], "v": new_cache[1]}
+    return h, new_cache
+
+  def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None):
+    h, _ = self.hidden(tokens_BxT, mask_BxT, positions_BxT)
+    return self.logits(h)
+
+
+def unembed(h_BxTxD, w_DxV, cfg: ModelConfig) -> jax.Array:
+  logits = _mm(h_BxTxD, w_DxV, _dtype(cfg.dtype), "...d,dv->...v").astype(jnp.float32)
+  return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def default_positions(mask_BxT) -> jax.Array:
+  """RoPE positions that skip padding: cumsum(mask) - 1, clipped at 0."""
+  return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  dt = _dtype(cfg.dtype) if dtype is None else dtype
+  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", None)
+
+
+# -- functional API -------------------------------------------------------------------------------
+def create(cfg: ModelConfig, seed: int | jax.Array = 0) -> Transformer:
+  """Builds a model with unsharded parameters (place them with `train.mesh`)."""
+  with nnx.use_eager_sharding(False):
+    rngs = nnx.Rngs(params=seed) if isinstance(seed, int) else nnx.Rngs(params=seed)
+    return Transformer(cfg, rngs=rngs)
+
+
+def split(model: Transformer) -> tuple[nnx.GraphDef, Params]:
+  """(graphdef, params) with params a plain nested dict of arrays."""
+  graphdef, state = nnx.split(model, nnx.Param)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def init(cfg: ModelConfig, seed: int | jax.Array = 0) -> tuple[nnx.GraphDef, Params]:
+  return split(create(cfg, seed))
+
+
+@functools.lru_cache(maxsize=None)
+def graphdef_for(cfg: ModelConfig) -> nnx.GraphDef:
+  """The graphdef of `cfg` from abstract shapes (nothing allocated); cached per config."""
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  return nnx.split(abstract, nnx.Param)[0]
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+  """ShapeDtypeStructs of the params of `cfg` (nothing allocated)."""
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  return nnx.to_pure_dict(nnx.split(abstract, nnx.Param)[1])
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+  """Tuples of logical axis names, one per parameter, in the params-dict structure."""
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  state = nnx.split(abstract, nnx.Param)[1]
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+  return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def merge(graphdef: nnx.GraphDef, params: Params) -> Transformer:
+  return nnx.merge(graphdef, params)
+
+
+def forward(graphdef, params, tokens_BxT, mask_BxT=None, positions_BxT=None) -> jax.Array:
+  """float32 logits [B, T, V] (small vocabularies; see `scoring.py` for large ones)."""
+  return merge(graphdef, params)(tokens_BxT, mask_BxT, positions_BxT)
