@@ -1,0 +1,272 @@
+"""The study's figures (matplotlib, Agg backend, PNG): one method one colour in every figure.
+
+Each `fig_*` function takes the results dict (schema in `report.py`) and an output path, draws
+labelled axes with a legend, and returns the path, or None when the data it needs is absent.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+# Fixed colours for the named runs; controls get theirs from `color`.
+_FIXED = {
+    "sft": "#1f77b4", "opd": "#ff7f0e", "rlvr": "#2ca02c", "teacher": "#7f7f7f",
+    "base": "#bcbd22", "anchor": "#17becf", "opd_rank16": "#ff7f0e", "sft_rank16": "#1f77b4",
+    "ctrl_offpolicy": "#d62728",
+}
+_SPARSIFY = {"ctrl_topkl_25": "#9467bd", "ctrl_topkl_50": "#c5b0d5", "ctrl_random_25": "#8c564b",
+             "ctrl_random_50": "#e377c2"}
+_MIXING = {0.75: "#8c6d31", 0.5: "#e7ba52", 0.25: "#843c39", 0.05: "#393b79", 0.01: "#000000"}
+LABELS = {"sft": "SFT", "opd": "OPD", "rlvr": "RLVR", "teacher": "teacher", "base": "base",
+          "anchor": "SFT anchor", "opd_rank16": "OPD rank-16", "sft_rank16": "SFT rank-16",
+          "ctrl_offpolicy": "OPD off-policy (teacher rollouts)"}
+_DPI = 110
+
+
+def color(run: str, results: dict | None = None) -> str:
+  """The colour of a run, the same in every figure."""
+  if run in _FIXED:
+    return _FIXED[run]
+  if run in _SPARSIFY:
+    return _SPARSIFY[run]
+  mixing = (results or {}).get("controls", {}).get("mixing", {})
+  if run in mixing:
+    a = float(mixing[run])
+    if a in _MIXING:
+      return _MIXING[a]
+    return matplotlib.colors.to_hex(matplotlib.colormaps["cividis"](a))
+  cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  return cycle[sum(map(ord, run)) % len(cycle)]
+
+
+def label(run: str, results: dict | None = None) -> str:
+  if run in LABELS:
+    return LABELS[run]
+  mixing = (results or {}).get("controls", {}).get("mixing", {})
+  if run in mixing:
+    return f"OPD+RLVR mix alpha={mixing[run]}"
+  if run.startswith("ctrl_"):
+    kind, pct = run[5:].rsplit("_", 1)
+    return f"OPD {'top-KL' if kind == 'topkl' else kind} tokens {pct}%"
+  return run
+
+
+def _save(fig, path) -> pathlib.Path:
+  path = pathlib.Path(path)
+  fig.tight_layout()
+  fig.savefig(path, dpi=_DPI)
+  plt.close(fig)
+  return path
+
+
+def _methods(results, section):
+  return [m for m in ("sft", "opd", "rlvr") if m in results.get(section, {})]
+
+
+def fig_sparsity_per_type(results: dict, path):
+  methods = _methods(results, "endpoint")
+  if not methods:
+    return None
+  types = sorted({t for m in methods for t in results["endpoint"][m]["sparsity_per_type"]})
+  types = [t for t in _TYPE_ORDER if t in types] + [t for t in types if t not in _TYPE_ORDER]
+  cols = ["overall"] + types
+  fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(cols), 3.8))
+  w = 0.8 / len(methods)
+  x = np.arange(len(cols))
+  for i, m in enumerate(methods):
+    e = results["endpoint"][m]
+    vals = [e["sparsity"]] + [e["sparsity_per_type"].get(t, np.nan) for t in types]
+    ax.bar(x + (i - (len(methods) - 1) / 2) * w, 100 * np.asarray(vals), w, color=color(m),
+           label=label(m))
+  ax.set_xticks(x, cols)
+  ax.set_xlabel("module type")
+  ax.set_ylabel("bf16 update sparsity (% unchanged)")
+  ax.set_title("Update sparsity per method and module type (Table 1 analog)")
+  ax.legend()
+  return _save(fig, path)
+
+
+_TYPE_ORDER = ["q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm", "bias"]
+
+
+def fig_spectral(results: dict, path):
+  methods = _methods(results, "endpoint")
+  if not methods:
+    return None
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  rep = results["endpoint"][methods[0]].get("rep_matrix", "?")
+  for m in methods:
+    e = results["endpoint"][m]
+    curve = np.asarray(e["angle_curve_deg"], float)
+    axes[0].plot(np.arange(1, len(curve) + 1), curve, color=color(m), label=label(m))
+    names = list(e["max_angle_per_matrix"])
+    axes[1].plot(range(len(names)), [e["max_angle_per_matrix"][n] for n in names], "o-",
+                 ms=3, color=color(m), label=label(m))
+    names_n = list(e["nss_per_matrix"])
+    axes[2].plot(range(len(names_n)), [e["nss_per_matrix"][n] for n in names_n], "o-", ms=3,
+                 color=color(m), label=label(m))
+  axes[0].set(xlabel="principal-angle index i (input side)", ylabel="angle (deg)",
+              title=f"Principal angles, {rep}")
+  axes[1].set(xlabel="matrix index", ylabel="max principal angle (deg)",
+              title="Max principal angle per matrix")
+  axes[2].set(xlabel="matrix index", ylabel="NSS", title="Normalized spectral shift per matrix")
+  for ax in axes[1:]:
+    ax.set_yscale("log")
+  for ax in axes:
+    ax.legend()
+  return _save(fig, path)
+
+
+def fig_mask_overlap(results: dict, path):
+  methods = _methods(results, "endpoint")
+  if not methods:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 3.8))
+  kinds = [("principal_overlap", "principal mask"), ("low_mag_overlap", "low-magnitude mask")]
+  w = 0.8 / len(methods)
+  x = np.arange(len(kinds))
+  for i, m in enumerate(methods):
+    e = results["endpoint"][m]
+    ax.bar(x + (i - (len(methods) - 1) / 2) * w, [100 * e[k] for k, _ in kinds], w,
+           color=color(m), label=label(m))
+  base = results["endpoint"][methods[0]]["baseline"]
+  ax.axhline(100 * base, color="k", ls="--", lw=1, label=f"random baseline ({100 * base:.0f}%)")
+  ax.set_xticks(x, [t for _, t in kinds])
+  ax.set_ylabel("overlap with update mask (%)")
+  ax.set_title("Update-mask localisation")
+  ax.legend()
+  return _save(fig, path)
+
+
+_TRAJ = [("stable_rank", "stable rank of dW_t"), ("frobenius", "||dW_t||_F"),
+         ("hill", "Hill tail estimate"), ("sim_k", "Sim_16(t, t_end)")]
+
+
+def fig_trajectories(results: dict, path):
+  methods = _methods(results, "trajectory")
+  if not methods:
+    return None
+  fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+  for ax, (key, name) in zip(axes, _TRAJ):
+    for m in methods:
+      t = results["trajectory"][m]
+      ax.plot(t["progress"], t[key], "o-", color=color(m), label=label(m))
+    ax.set(xlabel="training progress (fraction of steps)", ylabel=name, title=name)
+    ax.legend()
+  fig.suptitle("Trajectories of the cumulative update on q, k, v, o (mean over matrices)")
+  return _save(fig, path)
+
+
+def fig_rank16(results: dict, path):
+  r16 = results.get("rank16", {})
+  methods = [m for m in ("opd", "sft") if m in r16]
+  acc = results.get("accuracy", {})
+  if not methods or any(r16[m]["plain_run"] not in acc or r16[m]["projected_run"] not in acc
+                        for m in methods):
+    return None
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  x = np.arange(len(methods))
+  for j, (which, hatch, lab) in enumerate([("plain_run", None, "plain"),
+                                           ("projected_run", "//", "rank-16 projected")]):
+    vals = [acc[r16[m][which]]["acc"] for m in methods]
+    errs = [acc[r16[m][which]].get("stderr", 0.0) for m in methods]
+    ax.bar(x + (j - 0.5) * 0.38, vals, 0.38, yerr=errs, capsize=3, hatch=hatch,
+           color=[color(m) for m in methods], edgecolor="k", label=lab)
+  ax.set_xticks(x, [label(m) for m in methods])
+  ax.set_ylabel("eval accuracy (avg@k)")
+  ax.set_title("Plain vs rank-16 projected training")
+  ax.legend()
+  return _save(fig, path)
+
+
+def _control_fig(results, path, runs, refs, title):
+  traj = results.get("trajectory", {})
+  runs = [r for r in runs if r in traj]
+  if not runs:
+    return None
+  fig, ax = plt.subplots(figsize=(6.5, 3.8))
+  for ref in refs:
+    if ref in traj:
+      ax.plot(traj[ref]["steps"], traj[ref]["stable_rank"], "o-", lw=2.5, color=color(ref),
+              label=f"{label(ref)} (reference)")
+  for r in runs:
+    ax.plot(traj[r]["steps"], traj[r]["stable_rank"], "s--", color=color(r, results),
+            label=label(r, results))
+  ax.set(xlabel="training step", ylabel="stable rank of dW_t (q, k, v, o mean)", title=title)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def fig_control_sparsify(results, path):
+  return _control_fig(results, path, results.get("controls", {}).get("sparsify", []), ["opd"],
+                      "Control: token sparsification")
+
+
+def fig_control_offpolicy(results, path):
+  return _control_fig(results, path, results.get("controls", {}).get("offpolicy", []), ["opd"],
+                      "Control: off-policy (teacher) rollouts")
+
+
+def fig_control_mixing(results, path):
+  mix = results.get("controls", {}).get("mixing", {})
+  runs = sorted(mix, key=mix.get, reverse=True)
+  return _control_fig(results, path, runs, ["opd", "rlvr"], "Control: OPD + RLVR mixing")
+
+
+def fig_accuracy(results: dict, path):
+  acc = results.get("accuracy", {})
+  if not acc:
+    return None
+  runs = list(acc)
+  fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(runs) + 2), 4.2))
+  vals = [acc[r]["acc"] for r in runs]
+  errs = [acc[r].get("stderr", 0.0) for r in runs]
+  ax.bar(range(len(runs)), vals, yerr=errs, capsize=3,
+         color=[color(r, results) for r in runs], edgecolor="k")
+  for bar, r in zip(ax.patches, runs):
+    if r.endswith("_rank16"):
+      bar.set_hatch("//")
+  ax.set_xticks(range(len(runs)), [label(r, results) for r in runs], rotation=40, ha="right",
+                fontsize=8)
+  th = results.get("thresholds", {})
+  if "teacher_min" in th:
+    ax.axhline(th["teacher_min"], color=color("teacher"), ls="--", lw=1,
+               label=f"teacher threshold {th['teacher_min']}")
+  if "anchor" in acc:
+    ax.axhline(acc["anchor"]["acc"], color=color("anchor"), ls=":", lw=1.5,
+               label="anchor accuracy")
+  ax.set_ylim(0, 1.05)
+  ax.set_ylabel("eval accuracy (avg@k)")
+  ax.set_title("Accuracy of every run on the eval split")
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+FIGURES = {
+    "accuracy": fig_accuracy,
+    "sparsity_per_type": fig_sparsity_per_type,
+    "spectral": fig_spectral,
+    "mask_overlap": fig_mask_overlap,
+    "trajectories": fig_trajectories,
+    "rank16": fig_rank16,
+    "control_sparsify": fig_control_sparsify,
+    "control_offpolicy": fig_control_offpolicy,
+    "control_mixing": fig_control_mixing,
+}
+
+
+def write_all(results: dict, out_dir) -> dict[str, str]:
+  """Draws every figure it has data for; returns {figure name: file name}."""
+  out_dir = pathlib.Path(out_dir)
+  out = {}
+  for name, fn in FIGURES.items():
+    p = fn(results, out_dir / f"{name}.png")
+    if p is not None:
+      out[name] = p.name
+  return out

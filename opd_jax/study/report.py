@@ -1,0 +1,226 @@
+"""The study report: `WORKDIR/report/{report.md, results.json, *.png}` from one results dict.
+
+Results schema (everything optional except where `verdicts.check` needs it)::
+
+    preset: str                         # the study preset
+    settings: {section: {key: value}}   # every chosen value (models, optimizers, steps, eval, ...)
+    thresholds: {teacher_min, base_min, base_max}
+    accuracy: {run: {acc, stderr, n, k}}            # avg@k on the eval split
+    endpoint: {sft|opd|rlvr: {origin, sparsity, sparsity_per_type: {type: f}, density,
+               max_angle_deg (representative matrix), max_angle_mean_deg, rep_matrix,
+               angle_curve_deg: [...], max_angle_per_matrix: {name: f}, nss (mean over matrices),
+               nss_per_matrix: {name: f}, principal_overlap, low_mag_overlap, baseline}}
+    trajectory: {run: {steps, progress, stable_rank, frobenius, hill, sim_k}}  # q,k,v,o means
+    rank16: {opd|sft: {plain_run, projected_run, resume_step, k, where}}
+    controls: {sparsify: [run], offpolicy: [run], mixing: {run: alpha}}
+    phases: {phase: {wall_s, status}}
+
+`render(results, out_dir)` adds `verdicts` (computed by `verdicts.compute_verdicts`) and `failed_
+thresholds` (by `verdicts.check`), writes the figures, `report.md` and `results.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+from opd_jax.study import figures, paper, verdicts
+
+SECTIONS = (
+    ("accuracy", "Accuracy of every run"),
+    ("table1", "Table 1 analog: bf16 update sparsity"),
+    ("endpoint", "Endpoint geometry"),
+    ("trajectory", "Trajectories"),
+    ("rank16", "Rank-16 subspace projection"),
+    ("controls", "Controls"),
+)
+_FIGS_BY_SECTION = {
+    "accuracy": ["accuracy"], "table1": ["sparsity_per_type"],
+    "endpoint": ["spectral", "mask_overlap"], "trajectory": ["trajectories"],
+    "rank16": ["rank16"],
+    "controls": ["control_sparsify", "control_offpolicy", "control_mixing"],
+}
+REQUIRED_FIGURES = tuple(f for fs in _FIGS_BY_SECTION.values() for f in fs)
+_MARK = {verdicts.HOLDS: "HOLDS", verdicts.FAILS: "DOES NOT HOLD",
+         verdicts.MISSING: "NOT MEASURED"}
+
+
+def _pct(x):
+  return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x):
+  if x is None:
+    return "n/a"
+  x = float(x)
+  return f"{x:.2e}" if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4) else f"{x:.3g}"
+
+
+def _table(header, rows):
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _verdict_lines(vs, section):
+  out = []
+  for v in vs:
+    if v["section"] == section:
+      out.append(f"- **{_MARK[v['verdict']]}**: {v['claim']}. Paper: {v['paper']}. "
+                 f"Ours: {v['ours']}.")
+  return "\n".join(out)
+
+
+def _flatten(d, prefix=""):
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      yield from _flatten(v, key + ".")
+    else:
+      yield key, v
+
+
+def _section_accuracy(r):
+  acc = r.get("accuracy", {})
+  rows = [(run, f"{a['acc']:.3f}", f"{a.get('stderr', 0):.3f}", a.get("n", "?"), a.get("k", "?"))
+          for run, a in acc.items()]
+  th = r.get("thresholds", {})
+  lines = [_table(["run", "accuracy", "std. error", "eval problems", "samples k"], rows)]
+  if th:
+    lines.append(f"\nAcceptance thresholds: teacher >= {th.get('teacher_min')}, base in "
+                 f"[{th.get('base_min')}, {th.get('base_max')}], OPD and RLVR above the anchor.")
+    fails = r.get("failed_thresholds", [])
+    lines.append("Threshold check: " + ("all pass." if not fails else
+                                         "FAILED: " + "; ".join(fails)))
+  return "\n".join(lines)
+
+
+def _section_table1(r):
+  ep = r.get("endpoint", {})
+  methods = [m for m in paper.METHODS if m in ep]
+  types = []
+  for m in methods:
+    types += [t for t in ep[m]["sparsity_per_type"] if t not in types]
+  types = [t for t in figures._TYPE_ORDER if t in types] + [t for t in types
+                                                           if t not in figures._TYPE_ORDER]
+  rows = []
+  for m in methods:
+    e = ep[m]
+    rows.append([m.upper(), e.get("origin", ""), _pct(e["sparsity"]),
+                 _pct(paper.TABLE1_SPARSITY[m])] +
+                [_pct(e["sparsity_per_type"].get(t)) for t in types])
+  return _table(["method", "measured", "sparsity (ours)", "sparsity (paper)"] + types, rows)
+
+
+def _section_endpoint(r):
+  ep = r.get("endpoint", {})
+  rows = []
+  for m in paper.METHODS:
+    if m not in ep:
+      continue
+    e = ep[m]
+    rows.append([m.upper(),
+                 f"{_num(e['max_angle_deg'])} deg ({paper.MAX_ANGLE_TEXT[m]})",
+                 f"{_num(e.get('max_angle_mean_deg'))} deg",
+                 f"{_num(e['nss'])} ({paper.NSS_TEXT[m]})",
+                 f"{_pct(e['density'])} ({_pct(paper.UPDATE_DENSITY[m])})",
+                 f"{_pct(e['principal_overlap'])} ({paper.PRINCIPAL_OVERLAP_TEXT[m]})",
+                 f"{_pct(e['low_mag_overlap'])} ({_pct(paper.LOW_MAG_OVERLAP[m])})"])
+  rep = next((ep[m].get("rep_matrix") for m in paper.METHODS if m in ep), "?")
+  base = next((ep[m].get("baseline") for m in paper.METHODS if m in ep), None)
+  return (_table(["method", f"max angle, {rep} (paper)", "max angle, mean over matrices",
+                  "NSS (paper)", "density (paper)", "principal-mask overlap (paper)",
+                  "low-mag-mask overlap (paper)"], rows) +
+          f"\n\nMask-overlap random baseline: {_pct(base)}.")
+
+
+def _section_trajectory(r):
+  tr = r.get("trajectory", {})
+  rows = []
+  for run, t in tr.items():
+    rows.append([run, ", ".join(str(s) for s in t["steps"]),
+                 " -> ".join(_num(x) for x in t["stable_rank"]),
+                 _num(t["frobenius"][-1]), _num(t["hill"][-1]), _num(t["sim_k"][0])])
+  return _table(["run", "snapshot steps", "stable rank", "final ||dW||_F", "final Hill",
+                 "Sim_16(first, end)"], rows)
+
+
+def _section_rank16(r):
+  acc = r.get("accuracy", {})
+  rows = []
+  for m, d in r.get("rank16", {}).items():
+    a_p, a_q = acc.get(d["plain_run"], {}), acc.get(d["projected_run"], {})
+    rows.append([m.upper(), d.get("resume_step"), d.get("k"), d.get("where"),
+                 _num(a_p.get("acc")), _num(a_q.get("acc"))])
+  return _table(["method", "resume step", "k", "projection", "plain acc", "rank-16 acc"], rows)
+
+
+def _section_controls(r):
+  c = r.get("controls", {})
+  acc = r.get("accuracy", {})
+  rows = []
+  names = list(c.get("sparsify", [])) + list(c.get("offpolicy", [])) + list(c.get("mixing", {}))
+  for run in names:
+    t = r.get("trajectory", {}).get(run)
+    d = "n/a"
+    try:
+      near, dists = verdicts.nearest_reference(r, run)
+      d = f"{near.upper()} ({', '.join(f'{k} {v:.3f}' for k, v in dists.items())})"
+    except Exception:  # noqa: BLE001 -- missing references print as n/a
+      pass
+    rows.append([figures.label(run, r), _num(acc.get(run, {}).get("acc")),
+                 " -> ".join(_num(x) for x in t["stable_rank"]) if t else "n/a", d])
+  return _table(["run", "accuracy", "stable rank trajectory", "nearest reference (distances)"],
+                rows)
+
+
+_SECTION_BODY = {"accuracy": _section_accuracy, "table1": _section_table1,
+                 "endpoint": _section_endpoint, "trajectory": _section_trajectory,
+                 "rank16": _section_rank16, "controls": _section_controls}
+
+
+def markdown(r: dict, figs: dict[str, str]) -> str:
+  vs = r["verdicts"]
+  total = sum(p.get("wall_s", 0.0) for p in r.get("phases", {}).values())
+  n_hold = sum(v["verdict"] == verdicts.HOLDS for v in vs)
+  out = [f"# opd_jax geometry study: `{r.get('preset', '?')}`", "",
+         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}. Total phase wall time "
+         f"{total / 60:.1f} min. {n_hold} of {len(vs)} paper claims hold at this scale "
+         "(verdicts are computed from the data; rules in `opd_jax/study/verdicts.py`).", ""]
+  for key, title in SECTIONS:
+    out += [f"## {title}", "", _SECTION_BODY[key](r), ""]
+    for f in _FIGS_BY_SECTION[key]:
+      if f in figs:
+        out += [f"![{f}]({figs[f]})", ""]
+    lines = _verdict_lines(vs, key if key != "table1" else "table1")
+    if lines:
+      out += ["Verdicts:", "", lines, ""]
+  out += ["## All verdicts", "",
+          _table(["claim", "paper", "ours", "verdict"],
+                 [(v["claim"], v["paper"], v["ours"], _MARK[v["verdict"]]) for v in vs]), ""]
+  out += ["## Settings (every chosen value)", "",
+          _table(["key", "value"], [(k, f"`{v}`") for k, v in _flatten(r.get("settings", {}))]),
+          ""]
+  out += ["## Run summary", "",
+          _table(["phase", "status", "wall time (s)"],
+                 [(k, p.get("status", ""), f"{p.get('wall_s', 0.0):.1f}")
+                  for k, p in r.get("phases", {}).items()] +
+                 [("**total**", "", f"{total:.1f}")]), ""]
+  return "\n".join(out)
+
+
+def render(results: dict, out_dir) -> dict:
+  """Computes verdicts and the threshold check, writes figures, report.md and results.json."""
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  results = dict(results)
+  results["verdicts"] = verdicts.compute_verdicts(results)
+  results["failed_thresholds"] = verdicts.check(results)
+  figs = figures.write_all(results, out_dir)
+  results["figures"] = figs
+  (out_dir / "report.md").write_text(markdown(results, figs))
+  tmp = out_dir / ".results.json.tmp"
+  tmp.write_text(json.dumps(results, indent=1, sort_keys=False, default=float))
+  tmp.replace(out_dir / "results.json")
+  return results
