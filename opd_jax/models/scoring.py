@@ -1,0 +1,242 @@
+"""Per-token log-probs of given tokens, chunked so that [B, T, V] float32 is never materialised.
+
+This is how the teacher scores student rollouts and how losses get per-token log-probs. Alignment
+(the project-wide convention): every output is aligned with `tokens_BxT`,
+
+    logp_BxT[:, t] = log p(tokens[:, t] | tokens[:, :t])        (logp[:, 0] = 0)
+
+i.e. position t holds the distribution computed from the hidden state at t - 1. Shifting happens
+here, once. A position whose predecessor is padding (t = 0, the first real token of a left-padded
+row) has no context, so it gets logp 0 (and a zero hidden state in `shifted_hidden`), as do
+positions where `mask_BxT` is False.
+
+Temperature divides the logits before the log-softmax (log-softmax(logits / temperature)).
+
+Two ways in:
+  * `token_logprobs` / `topk_logprobs` (scoring, e.g. the teacher or pi_old): the forward pass runs
+    over the sequence in chunks of `chunk_size` positions through the KV cache, and each chunk's
+    hidden states are unembedded and reduced at once. Neither the [B, T, V] logits nor the
+    [B, H, T, T] attention scores of a full-length forward are ever materialised: peak memory is
+    the params + the KV cache + one [B, chunk, V] logits block. Differentiable, but the backward
+    pass of this path keeps one cache per chunk: inside a loss use the next route.
+  * `shifted_hidden` + `logprobs_from_hidden` (inside a loss): one ordinary forward pass, then the
+    unembedding + log-softmax in sequence chunks, each rematerialised in the backward pass
+    (`jax.checkpoint`), so the backward pass also never holds [B, T, V].
+
+`chunk_size` (default `DEFAULT_CHUNK` = 128 positions) bounds the [B, chunk, V] float32 block:
+8 x 128 x 151,936 x 4 bytes = 0.6 GiB. Lower it for large batches.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax.models import sharding
+from opd_jax.models import transformer
+
+DEFAULT_CHUNK = 128
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _check_batch(tokens_BxT, mask_BxT=None, vocab_size=None):
+  """Shape checks (always) and token-range checks (when the arrays are concrete)."""
+  if jnp.ndim(tokens_BxT) != 2:
+    raise ValueError(f"tokens_BxT must be 2-D [batch, length], got shape {jnp.shape(tokens_BxT)}")
+  if mask_BxT is not None and jnp.shape(mask_BxT) != jnp.shape(tokens_BxT):
+    raise ValueError(f"mask_BxT shape {jnp.shape(mask_BxT)} != tokens_BxT shape "
+                     f"{jnp.shape(tokens_BxT)}")
+  if vocab_size is None:
+    return
+  try:
+    toks = np.asarray(tokens_BxT)
+  except jax.errors.TracerArrayConversionError:
+    return
+  if toks.size and (toks.min() < 0 or toks.max() >= vocab_size):
+    raise ValueError(f"tokens_BxT has ids in [{toks.min()}, {toks.max()}], outside the model's "
+                     f"vocabulary [0, {vocab_size})")
+
+
+def _valid_BxT(mask_BxT) -> jax.Array:
+  """Positions with a real token whose predecessor is also real (t = 0 is never valid)."""
+  mask_BxT = mask_BxT.astype(bool)
+  prev = jnp.pad(mask_BxT[:, :-1], ((0, 0), (1, 0)))
+  return mask_BxT & prev
+
+
+def _pad_to(x, length, value=0):
+  extra = length - x.shape[1]
+  if extra == 0:
+    return x
+  widths = [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _to_chunks(x, n, c):
+  """[B, n*c, ...] -> [n, B, c, ...]."""
+  b = x.shape[0]
+  return jnp.swapaxes(x.reshape((b, n, c) + x.shape[2:]), 0, 1)
+
+
+def _from_chunks(x, length):
+  """[n, B, c, ...] -> [B, length, ...]."""
+  n, b, c = x.shape[:3]
+  return jnp.swapaxes(x, 0, 1).reshape((b, n * c) + x.shape[3:])[:, :length]
+
+
+def _chunk_logp(logits_fn, temperature, h_BxCxD, tokens_BxC):
+  logits = logits_fn(h_BxCxD).astype(jnp.float32) / temperature
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target = jnp.take_along_axis(logits, tokens_BxC[..., None], axis=-1)[..., 0]
+  return target - lse
+
+
+def _chunk_topk(logits_fn, temperature, k, h_BxCxD):
+  logits = logits_fn(h_BxCxD).astype(jnp.float32) / temperature
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  vals, ids = jax.lax.top_k(logits, k)
+  return ids.astype(jnp.int32), vals - lse[..., None]
+
+
+# -- the differentiable route ---------------------------------------------------------------------
+def unembed_fn(graphdef, params) -> LogitsFn:
+  """h_BxCxD -> float32 logits_BxCxV with the model's (tied or untied) output matrix."""
+  model = transformer.merge(graphdef, params)
+  w_DxV = model.unembed_matrix()
+  cfg = model.cfg
+  return lambda h_BxCxD: transformer.unembed(h_BxCxD, w_DxV, cfg)
+
+
+def shifted_hidden(graphdef, params, tokens_BxT, mask_BxT) -> jax.Array:
+  """Final-normed hidden states aligned with the tokens they predict.
+
+  h[:, t] is the hidden state at t - 1 (which predicts token t); h[:, 0] = 0, and h[:, t] = 0
+  wherever token t - 1 is padding. One ordinary forward pass (differentiable).
+  """
+  _check_batch(tokens_BxT, mask_BxT)
+  model = transformer.merge(graphdef, params)
+  mask_BxT = jnp.asarray(mask_BxT).astype(bool)
+  h, _ = model.hidden(tokens_BxT, mask_BxT)
+  prev_real = jnp.pad(mask_BxT[:, :-1], ((0, 0), (1, 0)))
+  h_prev = jnp.pad(h[:, :-1], ((0, 0), (1, 0), (0, 0)))
+  return jnp.where(prev_real[..., None], h_prev, jnp.zeros((), h.dtype))
+
+
+def logprobs_from_hidden(h_BxTxD, logits_fn: LogitsFn, tokens_BxT, *, temperature=1.0,
+                         chunk_size: int = DEFAULT_CHUNK) -> jax.Array:
+  """log-softmax(logits_fn(h) / temperature) gathered at `tokens_BxT`, float32 [B, T].
+
+  Chunked over the sequence (`lax.map` over blocks of `chunk_size` positions) with each block
+  rematerialised in the backward pass, so neither direction holds a [B, T, V] array.
+  Differentiable w.r.t. `h_BxTxD` and whatever `logits_fn` closes over (the params).
+  `logp[:, 0]` is 0; other positions are returned as computed (the caller masks: padded positions
+  of `shifted_hidden` hold h = 0, i.e. uniform logits).
+  """
+  if jnp.ndim(h_BxTxD) != 3 or jnp.shape(h_BxTxD)[:2] != jnp.shape(tokens_BxT):
+    raise ValueError(f"h_BxTxD shape {jnp.shape(h_BxTxD)} does not match tokens_BxT shape "
+                     f"{jnp.shape(tokens_BxT)} (expected [B, T, D] and [B, T])")
+  if chunk_size <= 0:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+  _, t = tokens_BxT.shape
+  c = min(chunk_size, t)
+  n = -(-t // c)
+  h_c = _to_chunks(_pad_to(h_BxTxD, n * c), n, c)
+  tok_c = _to_chunks(_pad_to(jnp.asarray(tokens_BxT, jnp.int32), n * c), n, c)
+  one = jax.checkpoint(functools.partial(_chunk_logp, logits_fn, temperature))
+  logp_c = jax.lax.map(lambda xs: one(*xs), (h_c, tok_c))
+  logp = _from_chunks(logp_c, t)
+  return logp.at[:, 0].set(0.0)
+
+
+# -- the scoring route (chunked forward through the KV cache) -------------------------------------
+def _chunked_scan(model, tokens_BxT, mask_BxT, chunk_size, per_chunk):
+  """Runs the forward pass in sequence chunks through a KV cache; `per_chunk(h_pred, toks)` gets
+  the predicting hidden states [B, c, D] of each chunk's tokens [B, c]. Returns the stacked
+  per-chunk outputs converted back to [B, T, ...]."""
+  cfg = model.cfg
+  b, t = tokens_BxT.shape
+  c = min(chunk_size, t)
+  n = -(-t // c)
+  tokens_p = _pad_to(jnp.asarray(tokens_BxT, jnp.int32), n * c)
+  mask_p = _pad_to(jnp.asarray(mask_BxT).astype(bool), n * c, False)
+  pos_p = transformer.default_positions(mask_p)
+  cache = transformer.init_cache(cfg, b, n * c)
+  cache = jax.tree.map(lambda a: sharding.constrain(a, transformer.CACHE_AXES), cache)
+  h0 = jnp.zeros((b, cfg.d_model), jnp.dtype(cfg.dtype))
+
+  def body(carry, xs):
+    cache, h_last = carry
+    tok_c, pos_c, start = xs
+    h, cache = model.hidden(tok_c, positions_BxT=pos_c, cache=cache, cache_index=start,
+                            kv_mask_BxS=mask_p)
+    h_pred = jnp.concatenate([h_last[:, None], h[:, :-1]], axis=1)
+    return (cache, h[:, -1]), per_chunk(h_pred, tok_c)
+
+  xs = (_to_chunks(tokens_p, n, c), _to_chunks(pos_p, n, c), jnp.arange(n, dtype=jnp.int32) * c)
+  _, out = jax.lax.scan(body, (cache, h0), xs)
+  return jax.tree.map(lambda a: _from_chunks(a, t), out)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk_size", "rules"))
+def _token_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature, *, chunk_size, rules):
+  with sharding.axis_rules(rules):
+    model = transformer.merge(graphdef, params)
+    logits_fn = unembed_fn(graphdef, params)
+    per_chunk = functools.partial(_chunk_logp, logits_fn, temperature)
+    logp = _chunked_scan(model, tokens_BxT, mask_BxT, chunk_size, per_chunk)
+    return jnp.where(_valid_BxT(mask_BxT), logp, 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("k", "chunk_size", "rules"))
+def _topk_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature, *, k, chunk_size, rules):
+  with sharding.axis_rules(rules):
+    model = transformer.merge(graphdef, params)
+    logits_fn = unembed_fn(graphdef, params)
+    per_chunk = lambda h, _: _chunk_topk(logits_fn, temperature, k, h)  # noqa: E731
+    ids, logp = _chunked_scan(model, tokens_BxT, mask_BxT, chunk_size, per_chunk)
+    valid = _valid_BxT(mask_BxT)[..., None]
+    return jnp.where(valid, ids, 0), jnp.where(valid, logp, 0.0)
+
+
+def _vocab_size(params) -> int:
+  return jnp.shape(params["embed"]["embedding"])[0]
+
+
+def token_logprobs(graphdef, params, tokens_BxT, mask_BxT, *, temperature=1.0,
+                   chunk_size: int = DEFAULT_CHUNK) -> jax.Array:
+  """Aligned float32 log-probs [B, T] of `tokens_BxT` under the model (scoring route).
+
+  Zero at t = 0, where `mask_BxT` is False, and where the previous token is padding. The forward
+  pass runs in chunks of `chunk_size` positions through the KV cache (see the module docstring);
+  axis rules installed with `sharding.axis_rules` are honoured (batch over the data axes).
+  """
+  _check_batch(tokens_BxT, mask_BxT, _vocab_size(params))
+  if chunk_size <= 0:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+  return _token_logprobs(graphdef, params, tokens_BxT, mask_BxT,
+                         jnp.asarray(temperature, jnp.float32), chunk_size=chunk_size,
+                         rules=sharding.current_rules())
+
+
+def topk_logprobs(graphdef, params, tokens_BxT, mask_BxT, k: int, *, temperature=1.0,
+                  chunk_size: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
+  """Aligned top-k of the predicting distribution: (ids_BxTxK int32, logp_BxTxK float32).
+
+  Position t holds the k most likely ids for token t (descending) and their full-vocabulary
+  log-probs (log-softmax(logits / temperature), not renormalised over the k). Both are zero at
+  invalid positions (t = 0, padding, first token after padding).
+  """
+  _check_batch(tokens_BxT, mask_BxT, _vocab_size(params))
+  if k <= 0:
+    raise ValueError(f"k must be positive, got {k}")
+  if chunk_size <= 0:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+  return _topk_logprobs(graphdef, params, tokens_BxT, mask_BxT,
+                        jnp.asarray(temperature, jnp.float32), k=k, chunk_size=chunk_size,
+                        rules=sharding.current_rules())
