@@ -1,0 +1,302 @@
+"""Input pipelines (grain `MapDataset`, no worker processes): rollout prompts and SFT examples.
+
+Order. Examples are tokenised once, up front (so an over-long example fails at construction,
+naming its index). A single GLOBAL index stream, `range(N).shuffle(seed)` reshuffled every epoch
+(grain mixes the epoch into the seed), is cut into global batches of `global_batch_size` examples:
+global step s holds stream positions [s * GB, (s + 1) * GB). Process p of P takes the p-th
+contiguous slice of GB / P examples. Hence the shards of one step are disjoint and together are the
+global batch, and the global sequence of batches does not depend on the number of processes.
+
+Epochs. `num_epochs=None` streams forever (batches run across epoch boundaries). A finite
+`num_epochs` (e.g. 1 for an eval pass) pads the stream to a whole number of global batches with
+filler rows (`valid_B` False; a copy of the step's first example, so the arrays stay well-formed; in
+SFT batches their loss mask is all False). Every process then runs the same number of steps.
+
+Shapes. Every batch has a fixed number of rows; its length is the smallest of `bucket_lengths` that
+fits the longest sequence in the GLOBAL batch (all processes pick the same bucket). So a pipeline
+emits at most len(bucket_lengths) distinct shapes, and a jitted step compiles at most that many
+times. Nothing is ever truncated.
+
+Batches (dicts of numpy arrays):
+  rollout: prompt_tokens_BxP int32 (LEFT-padded), prompt_mask_BxP bool, group_id_B int32,
+           answer_B str, example_idx_B int32, valid_B bool; B = (GB / P) * group_size, each prompt
+           repeated group_size times in consecutive rows; group_id = the prompt's slot in the
+           global batch (unique within a global step, identical across its G copies).
+  sft:     tokens_BxT int32, mask_BxT bool, loss_mask_BxT bool (response + EOS only), all
+           RIGHT-padded; example_idx_B int32, valid_B bool; B = GB / P.
+
+Resume. `BatchIterator.get_state()` is a small JSON-serialisable dict (the next global step and a
+fingerprint of the data and order-affecting config); `set_state` on an iterator of an identically
+built pipeline continues with exactly the batches the original would have produced (also on another
+number of processes, since the global order does not depend on it). A fingerprint mismatch raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+
+from opd_jax.data.tasks import Example
+from opd_jax.data.tokenizer import encode_example, encode_prompts
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """Batching, order and padding of a pipeline.
+
+  global_batch_size: prompts (rollout) or sequences (SFT) per global step, over all processes.
+  bucket_lengths: allowed padded lengths (prompt length for rollouts, full sequence for SFT).
+  group_size: rollout only: rows per prompt (GRPO's G); the emitted batch has GB / P * G rows.
+  seed: shuffle seed (0 <= seed < 2**32). shuffle: False keeps file / generation order.
+  num_epochs: None = infinite stream; otherwise that many passes, padded to whole batches.
+  """
+
+  global_batch_size: int
+  bucket_lengths: tuple[int, ...] = (64,)
+  group_size: int = 1
+  seed: int = 0
+  shuffle: bool = True
+  num_epochs: int | None = None
+
+  def __post_init__(self):
+    def bad(field, why):
+      raise ValueError(f"PipelineConfig.{field}={getattr(self, field)!r}: {why}")
+
+    if self.global_batch_size < 1:
+      bad("global_batch_size", "must be >= 1")
+    b = self.bucket_lengths
+    if not b or any(not isinstance(x, int) or x < 1 for x in b) or list(b) != sorted(set(b)):
+      bad("bucket_lengths", "must be a non-empty, strictly increasing tuple of positive ints")
+    if self.group_size < 1:
+      bad("group_size", "must be >= 1")
+    if not 0 <= self.seed < 2**32:
+      bad("seed", "must be in [0, 2**32)")
+    if self.num_epochs is not None and self.num_epochs < 1:
+      bad("num_epochs", "must be None (infinite) or >= 1")
+
+
+class BatchIterator:
+  """Iterator over a pipeline's batches for this process, with exact save/restore."""
+
+  def __init__(self, pipeline: "Pipeline"):
+    self._pipeline = pipeline
+    self.step = 0
+
+  def __iter__(self) -> "BatchIterator":
+    return self
+
+  def __next__(self) -> Batch:
+    if self.step >= len(self._pipeline.batches):
+      raise StopIteration
+    batch = self._pipeline.batches[self.step]
+    self.step += 1
+    return batch
+
+  @property
+  def epoch(self) -> float:
+    """Epochs consumed so far (global examples drawn / dataset size)."""
+    return self.step * self._pipeline.config.global_batch_size / self._pipeline.num_examples
+
+  def get_state(self) -> dict[str, Any]:
+    return {"step": self.step, "fingerprint": dict(self._pipeline.fingerprint)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    want, got = self._pipeline.fingerprint, state.get("fingerprint", {})
+    diff = {k: (got.get(k), want.get(k)) for k in set(want) | set(got) if got.get(k) != want.get(k)}
+    if diff:
+      raise ValueError("BatchIterator.set_state: the saved state belongs to a different pipeline; "
+                       "differences (saved, current): " +
+                       ", ".join(f"{k}: {v}" for k, v in sorted(diff.items())))
+    step = state["step"]
+    if not isinstance(step, int) or step < 0:
+      raise ValueError(f"BatchIterator.set_state: bad step {step!r}")
+    self.step = step
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """The local batches of one process (`batches[step]`) plus what is needed to resume them."""
+
+  batches: grain.MapDataset
+  config: PipelineConfig
+  num_examples: int
+  shard_index: int
+  shard_count: int
+  fingerprint: dict[str, Any]
+
+  @property
+  def num_steps(self) -> int | None:
+    """Global steps in the pipeline (None if infinite)."""
+    return None if self.config.num_epochs is None else len(self.batches)
+
+  def iterator(self) -> BatchIterator:
+    return BatchIterator(self)
+
+
+def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+  if (shard_index is None) != (shard_count is None):
+    raise ValueError("pass both shard_index and shard_count, or neither (then JAX processes)")
+  if shard_index is None:
+    import jax
+    shard_index, shard_count = jax.process_index(), jax.process_count()
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+  return shard_index, shard_count
+
+
+def _bucket(length: int, buckets: tuple[int, ...]) -> int:
+  return buckets[int(np.searchsorted(buckets, length))]
+
+
+def _global_indices(n: int, cfg: PipelineConfig) -> grain.MapDataset:
+  """Global batches of example indices (-1 = filler), as a MapDataset of int64 [GB] arrays."""
+  order = grain.MapDataset.range(n)
+  if cfg.shuffle:
+    order = order.shuffle(seed=cfg.seed)
+  order = order.repeat(cfg.num_epochs)
+  if cfg.num_epochs is not None:
+    total = len(order)
+    padded = -(-total // cfg.global_batch_size) * cfg.global_batch_size
+    stream = order
+    order = grain.MapDataset.range(padded).map(lambda i: stream[i] if i < total else -1)
+  return order.batch(cfg.global_batch_size)
+
+
+def _build(seqs: Sequence[np.ndarray], cfg: PipelineConfig, what: str,
+           collate: Callable[..., Batch], shard_index, shard_count, extra_hash: bytes) -> Pipeline:
+  if not seqs:
+    raise ValueError(f"{what} pipeline: no examples")
+  p, n_proc = _shard(shard_index, shard_count)
+  gb = cfg.global_batch_size
+  if gb % n_proc:
+    raise ValueError(f"PipelineConfig.global_batch_size={gb} is not divisible by the number of "
+                     f"processes ({n_proc})")
+  lengths = np.asarray([len(s) for s in seqs], np.int64)
+  longest = int(lengths.argmax())
+  if lengths[longest] > cfg.bucket_lengths[-1]:
+    over = np.flatnonzero(lengths > cfg.bucket_lengths[-1])
+    raise ValueError(
+        f"{what} pipeline: example {longest} has {lengths[longest]} tokens, more than the largest "
+        f"bucket ({cfg.bucket_lengths[-1]}); {len(over)} examples are too long (indices "
+        f"{over[:10].tolist()}{'...' if len(over) > 10 else ''}). Raise "
+        f"PipelineConfig.bucket_lengths or filter the data (nothing is truncated).")
+  if lengths.min() < 1:
+    raise ValueError(f"{what} pipeline: example {int(lengths.argmin())} is empty")
+  h = hashlib.blake2b(digest_size=16)
+  for s in seqs:
+    h.update(np.asarray(s, np.int32).tobytes() + b"\xff\xff\xff\xff")
+  h.update(extra_hash)
+  fingerprint = {"kind": what, "num_examples": len(seqs), "data_hash": h.hexdigest(),
+                 **{k: (list(v) if isinstance(v, tuple) else v)
+                    for k, v in dataclasses.asdict(cfg).items()}}
+  local = gb // n_proc
+  batches = _global_indices(len(seqs), cfg).map(
+      functools.partial(collate, lo=p * local, hi=(p + 1) * local, lengths=lengths))
+  return Pipeline(batches=batches, config=cfg, num_examples=len(seqs), shard_index=p,
+                  shard_count=n_proc, fingerprint=fingerprint)
+
+
+def _local_rows(global_idx: np.ndarray, lo: int, hi: int, lengths: np.ndarray,
+                buckets: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int]:
+  """(example indices of this shard with fillers replaced, valid mask, bucket length)."""
+  filler = int(global_idx[0])  # padding only ever trails, so the first entry is real
+  valid = global_idx >= 0
+  idx = np.where(valid, global_idx, filler)
+  length = _bucket(int(lengths[idx].max()), buckets)
+  return idx[lo:hi], valid[lo:hi], length
+
+
+def _collate_rollout(global_idx, *, lo, hi, lengths, prompts, answers, cfg: PipelineConfig,
+                     pad_id: int) -> Batch:
+  idx, valid, plen = _local_rows(global_idx, lo, hi, lengths, cfg.bucket_lengths)
+  tokens = np.full((len(idx), plen), pad_id, np.int32)
+  mask = np.zeros((len(idx), plen), bool)
+  for r, i in enumerate(idx):
+    ids = prompts[i]
+    tokens[r, plen - len(ids):] = ids
+    mask[r, plen - len(ids):] = True
+  g = cfg.group_size
+  return {
+      "prompt_tokens_BxP": np.repeat(tokens, g, axis=0),
+      "prompt_mask_BxP": np.repeat(mask, g, axis=0),
+      "group_id_B": np.repeat(np.arange(lo, hi, dtype=np.int32), g),
+      "answer_B": np.repeat(np.asarray([answers[i] for i in idx], dtype=np.str_), g),
+      "example_idx_B": np.repeat(idx.astype(np.int32), g),
+      "valid_B": np.repeat(valid, g),
+  }
+
+
+def _collate_sft(global_idx, *, lo, hi, lengths, seqs, loss_masks, cfg: PipelineConfig,
+                 pad_id: int) -> Batch:
+  idx, valid, tlen = _local_rows(global_idx, lo, hi, lengths, cfg.bucket_lengths)
+  tokens = np.full((len(idx), tlen), pad_id, np.int32)
+  mask = np.zeros((len(idx), tlen), bool)
+  loss_mask = np.zeros((len(idx), tlen), bool)
+  for r, i in enumerate(idx):
+    n = len(seqs[i])
+    tokens[r, :n] = seqs[i]
+    mask[r, :n] = True
+    loss_mask[r, :n] = loss_masks[i] & valid[r]
+  return {"tokens_BxT": tokens, "mask_BxT": mask, "loss_mask_BxT": loss_mask,
+          "example_idx_B": idx.astype(np.int32), "valid_B": valid}
+
+
+def rollout_pipeline_from_ids(prompt_ids: Sequence[Sequence[int]], answers: Sequence[str],
+                              cfg: PipelineConfig, *, pad_id: int, shard_index: int | None = None,
+                              shard_count: int | None = None) -> Pipeline:
+  """Rollout pipeline over already-tokenised prompts (chat template applied)."""
+  if len(prompt_ids) != len(answers):
+    raise ValueError(f"rollout pipeline: {len(prompt_ids)} prompts but {len(answers)} answers")
+  prompts = [np.asarray(p, np.int32) for p in prompt_ids]
+  answers = [str(a) for a in answers]
+  collate = functools.partial(_collate_rollout, prompts=prompts, answers=answers, cfg=cfg,
+                              pad_id=pad_id)
+  extra = "\x00".join(answers).encode() + str(pad_id).encode()
+  return _build(prompts, cfg, "rollout", collate, shard_index, shard_count, extra)
+
+
+def sft_pipeline_from_ids(seqs: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[bool]],
+                          cfg: PipelineConfig, *, pad_id: int, shard_index: int | None = None,
+                          shard_count: int | None = None) -> Pipeline:
+  """SFT pipeline over already-tokenised sequences and their loss masks."""
+  if len(seqs) != len(loss_masks):
+    raise ValueError(f"sft pipeline: {len(seqs)} sequences but {len(loss_masks)} loss masks")
+  arrs = [np.asarray(s, np.int32) for s in seqs]
+  masks = [np.asarray(m, bool) for m in loss_masks]
+  for i, (s, m) in enumerate(zip(arrs, masks)):
+    if s.shape != m.shape:
+      raise ValueError(f"sft pipeline: example {i} has {len(s)} tokens but a loss mask of "
+                       f"length {len(m)}")
+  collate = functools.partial(_collate_sft, seqs=arrs, loss_masks=masks, cfg=cfg, pad_id=pad_id)
+  extra = b"".join(m.tobytes() for m in masks) + str(pad_id).encode()
+  return _build(arrs, cfg, "sft", collate, shard_index, shard_count, extra)
+
+
+def rollout_pipeline(examples: Sequence[Example], tokenizer, cfg: PipelineConfig, *,
+                     shard_index: int | None = None, shard_count: int | None = None) -> Pipeline:
+  """Rollout prompts: each example's chat-formatted prompt, left-padded, group_size times."""
+  ids = encode_prompts(tokenizer, [e.prompt for e in examples])
+  return rollout_pipeline_from_ids(ids, [e.answer for e in examples], cfg,
+                                   pad_id=tokenizer.pad_token_id, shard_index=shard_index,
+                                   shard_count=shard_count)
+
+
+def sft_pipeline(examples: Sequence[Example], tokenizer, cfg: PipelineConfig, *,
+                 shard_index: int | None = None, shard_count: int | None = None) -> Pipeline:
+  """SFT demonstrations: chat prompt + solution + EOS, loss on the solution and EOS."""
+  if cfg.group_size != 1:
+    raise ValueError(f"sft pipeline: PipelineConfig.group_size={cfg.group_size} must be 1")
+  for i, e in enumerate(examples):
+    if not e.solution:
+      raise ValueError(f"sft pipeline: example {i} has no solution (prompt {e.prompt[:60]!r})")
+  pairs = [encode_example(tokenizer, e.prompt, e.solution) for e in examples]
+  return sft_pipeline_from_ids([p[0] for p in pairs], [p[1] for p in pairs], cfg,
+                               pad_id=tokenizer.pad_token_id, shard_index=shard_index,
+                               shard_count=shard_count)

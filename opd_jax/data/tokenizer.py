@@ -1,0 +1,163 @@
+"""Tokenizers: the task's own char-level tokenizer, local Hugging Face tokenizers, encode helpers.
+
+The task tokenizer is built with `tokenizers` (one token per character of printable ASCII plus
+special tokens) and wrapped as a transformers fast tokenizer with a minimal jinja chat template:
+
+    <bos><|user|>{prompt}<|assistant|>{response}<eos>
+
+so a prompt costs len(prompt) + 3 tokens and a response len(response) + 1 (EOS). Special ids are
+fixed: <pad>=0, <eos>=1, <bos>=2, <unk>=3, <|user|>=4, <|assistant|>=5, <|system|>=6, then the
+characters.
+
+Any Hugging Face tokenizer directory (e.g. a Qwen3 checkpoint's) is loaded with `load_tokenizer`
+(local files only, never remote code). Prompts always go through the tokenizer's chat template
+with the generation prompt added; a response is tokenized separately and followed by EOS, which is
+exactly the token sequence the sampler produces (prompt ids, then generated ids ending in EOS).
+
+Teacher and student must share one tokenizer (opd_jax does not do cross-tokenizer distillation):
+`check_same_tokenizer` raises on any difference in vocabulary or special ids.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from typing import Sequence
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
+SPECIAL_TOKENS = (PAD, EOS, BOS, UNK, USER, ASSISTANT, SYSTEM)
+
+# Printable ASCII without the exotic whitespace (\r, \x0b, \x0c): covers every task prompt and
+# most plain-text prompt sets.
+DEFAULT_ALPHABET = "".join(c for c in string.printable if c not in "\r\x0b\x0c")
+
+
+def _chat_template(add_bos: bool) -> str:
+  bos = BOS if add_bos else ""
+  return (
+      "{%- for m in messages -%}"
+      "{%- if loop.first %}" + bos + "{% endif -%}"
+      "{%- if m['role'] == 'system' %}" + SYSTEM + "{{ m['content'] }}"
+      "{%- elif m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
+      "{%- elif m['role'] == 'assistant' %}" + ASSISTANT + "{{ m['content'] }}" + EOS +
+      "{%- else %}{{ raise_exception('unknown role ' + m['role']) }}{% endif -%}"
+      "{%- endfor -%}"
+      "{%- if add_generation_prompt %}" + ASSISTANT + "{% endif -%}")
+
+
+def build_task_tokenizer(alphabet: str = DEFAULT_ALPHABET, *, add_bos: bool = True,
+                         model_max_length: int = 4096) -> PreTrainedTokenizerFast:
+  """A character-level tokenizer over `alphabet` (plus the special tokens), with a chat template.
+
+  add_bos: start every chat with <bos> (an attention sink for tiny models; costs one token).
+  Characters outside the alphabet encode to <unk>; `encode_prompt`/`encode_example` reject them.
+  """
+  chars = list(dict.fromkeys(alphabet))
+  if not chars:
+    raise ValueError("build_task_tokenizer: alphabet is empty")
+  vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + chars)}
+  backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+  backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+  backend.decoder = decoders.Fuse()
+  backend.add_special_tokens(list(SPECIAL_TOKENS))
+  return PreTrainedTokenizerFast(
+      tokenizer_object=backend, pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK,
+      additional_special_tokens=[USER, ASSISTANT, SYSTEM], chat_template=_chat_template(add_bos),
+      clean_up_tokenization_spaces=False, model_max_length=model_max_length)
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+  """Any Hugging Face tokenizer saved in a local directory (no hub, no remote code).
+
+  If the tokenizer defines no pad token, EOS is used as pad (pads are always masked out)."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"load_tokenizer: {path!r} is not a directory")
+  tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+  if tok.eos_token_id is None:
+    raise ValueError(f"load_tokenizer: tokenizer in {path!r} defines no eos_token")
+  if tok.pad_token_id is None:
+    tok.pad_token = tok.eos_token
+  return tok
+
+
+def check_same_tokenizer(teacher: PreTrainedTokenizerBase,
+                         student: PreTrainedTokenizerBase) -> None:
+  """Raise ValueError naming the first differences if the two tokenizers differ in vocabulary
+  (including added tokens) or special-token ids (cross-tokenizer distillation is not supported)."""
+  problems = []
+  for name in ("eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id"):
+    a, b = getattr(teacher, name), getattr(student, name)
+    if a != b:
+      problems.append(f"{name}: teacher {a} != student {b}")
+  va, vb = teacher.get_vocab(), student.get_vocab()
+  if len(va) != len(vb):
+    problems.append(f"vocabulary size: teacher {len(va)} != student {len(vb)}")
+  diff = sorted((set(va.items()) ^ set(vb.items())), key=lambda kv: kv[1])
+  if diff:
+    shown = []
+    for tok, _ in diff[:5]:
+      shown.append(f"{tok!r}: teacher {va.get(tok)} vs student {vb.get(tok)}")
+    problems.append(f"{len(diff)} differing vocabulary entries, e.g. " + "; ".join(shown))
+  if problems:
+    raise ValueError("teacher and student tokenizers differ (opd_jax does not support "
+                     "cross-tokenizer distillation):\n  " + "\n  ".join(problems))
+
+
+def _check_known(tok: PreTrainedTokenizerBase, ids: Sequence[int], text: str, what: str) -> None:
+  unk = tok.unk_token_id
+  if unk is not None and unk in ids and tok.unk_token not in text:
+    raise ValueError(f"{what} contains characters the tokenizer cannot encode (<unk>): {text!r}")
+
+
+def prompt_text(tok: PreTrainedTokenizerBase, prompt: str) -> str:
+  """The prompt as the model sees it: chat template applied, generation prompt added."""
+  if not tok.chat_template:
+    raise ValueError(f"tokenizer {tok.name_or_path!r} has no chat template; prompts need one")
+  return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                 add_generation_prompt=True)
+
+
+def encode_prompt(tok: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+  """Token ids of the chat-formatted prompt, ending with the generation prompt."""
+  ids = tok.encode(prompt_text(tok, prompt), add_special_tokens=False)
+  _check_known(tok, ids, prompt, "prompt")
+  return ids
+
+
+def encode_prompts(tok: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+  """`encode_prompt` over many prompts (one batched tokenizer call)."""
+  if not prompts:
+    return []
+  texts = [prompt_text(tok, p) for p in prompts]
+  all_ids = tok(texts, add_special_tokens=False)["input_ids"]
+  for ids, p in zip(all_ids, prompts):
+    _check_known(tok, ids, p, "prompt")
+  return [list(ids) for ids in all_ids]
+
+
+def encode_response(tok: PreTrainedTokenizerBase, response: str) -> list[int]:
+  """Response ids followed by EOS (the targets of SFT)."""
+  ids = tok.encode(response, add_special_tokens=False)
+  _check_known(tok, ids, response, "response")
+  return list(ids) + [tok.eos_token_id]
+
+
+def encode_example(tok: PreTrainedTokenizerBase, prompt: str,
+                   response: str) -> tuple[list[int], list[bool]]:
+  """(ids, loss_mask): chat prompt then response + EOS; the loss mask is True exactly on the
+  response tokens and the EOS."""
+  p, r = encode_prompt(tok, prompt), encode_response(tok, response)
+  return p + r, [False] * len(p) + [True] * len(r)
+
+
+def decode_response(tok: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+  """Text of generated ids: stops at the first EOS, drops special tokens (pads included)."""
+  ids = [int(i) for i in ids]
+  if tok.eos_token_id in ids:
+    ids = ids[:ids.index(tok.eos_token_id)]
+  return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -1,0 +1,226 @@
+"""grain pipelines: padding, groups, shuffling, process shards, bounded shapes, exact resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from opd_jax.data import pipeline as P
+from opd_jax.data import tasks
+from opd_jax.data.tokenizer import build_task_tokenizer, decode_response
+
+PAD = 0
+
+
+def _random_prompts(n, lo=1, hi=30, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = [rng.integers(1, 100, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
+  answers = [f"ans{i}" for i in range(n)]
+  return ids, answers
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      assert x[k].shape == y[k].shape and np.array_equal(x[k], y[k]), k
+
+
+def test_rollout_batch_layout_against_the_raw_prompts():
+  ids, answers = _random_prompts(23)
+  cfg = P.PipelineConfig(global_batch_size=6, bucket_lengths=(8, 16, 32), group_size=3, seed=5)
+  pl = P.rollout_pipeline_from_ids(ids, answers, cfg, pad_id=PAD, shard_index=1, shard_count=2)
+  for b in _take(pl.iterator(), 12):
+    B, L = b["prompt_tokens_BxP"].shape
+    assert B == 3 * 3 and b["prompt_tokens_BxP"].dtype == np.int32
+    assert b["prompt_mask_BxP"].dtype == bool and b["valid_B"].all()
+    idx = b["example_idx_B"]
+    # Each prompt is repeated group_size times consecutively; group ids are its slot in the global
+    # batch (this shard holds slots 3, 4, 5).
+    assert np.array_equal(b["group_id_B"], np.repeat([3, 4, 5], 3))
+    assert np.array_equal(idx, np.repeat(idx[::3], 3))
+    for r in range(B):
+      p = ids[idx[r]]
+      assert np.array_equal(b["prompt_tokens_BxP"][r, L - len(p):], p)  # left-padded
+      assert (b["prompt_tokens_BxP"][r, :L - len(p)] == PAD).all()
+      assert np.array_equal(b["prompt_mask_BxP"][r], np.arange(L) >= L - len(p))
+      assert b["answer_B"][r] == answers[idx[r]]
+
+
+def test_sft_batches_with_task_tokenizer_are_right_padded_with_response_loss_mask():
+  tok = build_task_tokenizer()
+  ex = tasks.generate(tasks.preset("default"), "train", 40, seed=0)
+  cfg = P.PipelineConfig(global_batch_size=8, bucket_lengths=(24, 32, 48), num_epochs=1)
+  pl = P.sft_pipeline(ex, tok, cfg, shard_index=0, shard_count=1)
+  seen = 0
+  for b in pl.iterator():
+    for r in range(b["tokens_BxT"].shape[0]):
+      e = ex[b["example_idx_B"][r]]
+      n = int(b["mask_BxT"][r].sum())
+      assert b["mask_BxT"][r, :n].all() and (b["tokens_BxT"][r, n:] == tok.pad_token_id).all()
+      resp = b["tokens_BxT"][r][b["loss_mask_BxT"][r]]
+      assert resp[-1] == tok.eos_token_id
+      assert decode_response(tok, resp) == e.solution
+      prompt_part = b["tokens_BxT"][r, :n][~b["loss_mask_BxT"][r, :n]]
+      assert tok.decode(prompt_part) == f"<bos><|user|>{e.prompt}<|assistant|>"
+      seen += 1
+  assert seen == 40
+  with pytest.raises(ValueError, match="no solution"):
+    P.sft_pipeline([tasks.Example("1+1=", "", "2")], tok, cfg, shard_index=0, shard_count=1)
+
+
+def test_two_shards_are_disjoint_cover_the_data_and_form_the_global_batch():
+  ids, answers = _random_prompts(37)
+  cfg = P.PipelineConfig(global_batch_size=8, bucket_lengths=(16, 32), num_epochs=1, seed=3)
+  whole = list(P.rollout_pipeline_from_ids(ids, answers, cfg, pad_id=PAD, shard_index=0,
+                                           shard_count=1).iterator())
+  shards = [list(P.rollout_pipeline_from_ids(ids, answers, cfg, pad_id=PAD, shard_index=p,
+                                             shard_count=2).iterator()) for p in range(2)]
+  assert len(whole) == len(shards[0]) == len(shards[1]) == 5  # ceil(37 / 8)
+  covered = []
+  for p, batches in enumerate(shards):
+    mine = [int(i) for b in batches for i, v in zip(b["example_idx_B"], b["valid_B"]) if v]
+    covered.append(set(mine))
+    assert len(mine) == len(set(mine))
+  assert covered[0].isdisjoint(covered[1])
+  assert covered[0] | covered[1] == set(range(37))
+  for g, s0, s1 in zip(whole, *shards):
+    for k in g:
+      assert np.array_equal(g[k], np.concatenate([s0[k], s1[k]])), k
+  last = whole[-1]["valid_B"]
+  assert last.sum() == 37 - 4 * 8 and not last[-1]  # fillers trail and are flagged
+
+
+def test_shuffle_is_a_deterministic_permutation_per_epoch():
+  ids, answers = _random_prompts(24)
+
+  def order(seed, shuffle=True):
+    cfg = P.PipelineConfig(global_batch_size=4, bucket_lengths=(32,), seed=seed, shuffle=shuffle,
+                           num_epochs=2)
+    bs = list(P.rollout_pipeline_from_ids(ids, answers, cfg, pad_id=PAD, shard_index=0,
+                                          shard_count=1).iterator())
+    return np.concatenate([b["example_idx_B"] for b in bs])
+
+  o = order(7)
+  assert len(o) == 48
+  assert sorted(o[:24]) == list(range(24)) and sorted(o[24:]) == list(range(24))
+  assert not np.array_equal(o[:24], o[24:])  # reshuffled each epoch
+  assert np.array_equal(o, order(7))
+  assert not np.array_equal(o, order(8))
+  assert np.array_equal(order(7, shuffle=False), np.tile(np.arange(24), 2))
+
+
+@pytest.mark.parametrize("kind", ["rollout", "sft"])
+def test_distinct_padded_shapes_are_bounded_by_the_buckets(kind):
+  ids, answers = _random_prompts(200, lo=1, hi=60, seed=1)
+  buckets = (16, 32, 48, 64)
+  cfg = P.PipelineConfig(global_batch_size=4, bucket_lengths=buckets, group_size=2 if kind ==
+                         "rollout" else 1)
+  if kind == "rollout":
+    pl = P.rollout_pipeline_from_ids(ids, answers, cfg, pad_id=PAD, shard_index=0, shard_count=1)
+    key, rows = "prompt_tokens_BxP", 8
+  else:
+    masks = [[i >= len(s) // 2 for i in range(len(s))] for s in ids]
+    pl = P.sft_pipeline_from_ids(ids, masks, cfg, pad_id=PAD, shard_index=0, shard_count=1)
+    key, rows = "tokens_BxT", 4
+  shapes = set()
+  for b in _take(pl.iterator(), 150):  # 3 epochs, crossing epoch boundaries
+    shapes.add(b[key].shape)
+    longest = int(b[key.replace("tokens", "mask")].sum(1).max())
+    assert b[key].shape[1] == min(x for x in buckets if x >= longest)  # smallest bucket that fits
+  assert shapes <= {(rows, x) for x in buckets}
+  assert len(shapes) >= 2  # the test exercises more than one bucket
+
+
+def test_bucket_is_chosen_from_the_global_batch_so_processes_agree():
+  # One very long prompt: whichever shard holds it, both shards of that step use the same length.
+  ids, answers = _random_prompts(16, lo=1, hi=4)
+  ids[5] = list(range(1, 41))
+  cfg = P.PipelineConfig(global_batch_size=8, bucket_lengths=(8, 64), num_epochs=1, seed=1)
+  shards = [list(P.rollout_pipeline_from_ids(ids, answers, cfg, pad_id=PAD, shard_index=p,
+                                             shard_count=2).iterator()) for p in range(2)]
+  for b0, b1 in zip(*shards):
+    assert b0["prompt_tokens_BxP"].shape == b1["prompt_tokens_BxP"].shape
+  assert sorted(b["prompt_tokens_BxP"].shape[1] for b in shards[0]) == [8, 64]
+
+
+def test_too_long_example_is_an_error_naming_its_index():
+  ids, answers = _random_prompts(10, lo=1, hi=8)
+  ids[7] = list(range(1, 20))
+  cfg = P.PipelineConfig(global_batch_size=2, bucket_lengths=(8, 16))
+  with pytest.raises(ValueError, match=r"example 7 has 19 tokens, more than the largest bucket "
+                                       r"\(16\); 1 examples are too long \(indices \[7\]\)"):
+    P.rollout_pipeline_from_ids(ids, answers, cfg, pad_id=PAD, shard_index=0, shard_count=1)
+
+
+@pytest.mark.parametrize("kind", ["rollout", "sft"])
+def test_restored_iterator_continues_exactly(kind):
+  ids, answers = _random_prompts(30, seed=2)
+  masks = [[i % 2 == 0 for i in range(len(s))] for s in ids]
+  cfg = P.PipelineConfig(global_batch_size=4, bucket_lengths=(16, 32), seed=9,
+                         group_size=2 if kind == "rollout" else 1)
+
+  def build(shard_index=0, shard_count=1, c=cfg):
+    if kind == "rollout":
+      return P.rollout_pipeline_from_ids(ids, answers, c, pad_id=PAD, shard_index=shard_index,
+                                         shard_count=shard_count)
+    return P.sft_pipeline_from_ids(ids, masks, c, pad_id=PAD, shard_index=shard_index,
+                                   shard_count=shard_count)
+
+  it = build().iterator()
+  _take(it, 11)  # crosses the first epoch boundary (30 / 4 = 7.5 steps per epoch)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 9)
+  resumed = build().iterator()
+  resumed.set_state(state)
+  _assert_batches_equal(_take(resumed, 9), expected)
+  assert resumed.epoch == pytest.approx(20 * 4 / 30)
+  # Resuming on two processes continues the same global sequence.
+  halves = []
+  for p in range(2):
+    r = build(p, 2).iterator()
+    r.set_state(state)
+    halves.append(_take(r, 9))
+  for g, h0, h1 in zip(expected, *halves):
+    for k in g:
+      if k != "group_id_B":
+        assert np.array_equal(g[k], np.concatenate([h0[k], h1[k]])), k
+  # A state from a differently configured pipeline is rejected.
+  other = build(c=P.PipelineConfig(global_batch_size=4, bucket_lengths=(16, 32), seed=10,
+                                   group_size=cfg.group_size)).iterator()
+  with pytest.raises(ValueError, match="seed: \\(9, 10\\)"):
+    other.set_state(state)
+
+
+def test_finite_pipeline_stops_and_infinite_one_does_not():
+  ids, answers = _random_prompts(10)
+  fin = P.rollout_pipeline_from_ids(ids, answers, P.PipelineConfig(4, (32,), num_epochs=2),
+                                    pad_id=PAD, shard_index=0, shard_count=1)
+  assert fin.num_steps == 5 and len(list(fin.iterator())) == 5
+  inf = P.rollout_pipeline_from_ids(ids, answers, P.PipelineConfig(4, (32,)), pad_id=PAD,
+                                    shard_index=0, shard_count=1)
+  assert inf.num_steps is None
+  counts = np.bincount(np.concatenate([b["example_idx_B"] for b in _take(inf.iterator(), 25)]),
+                       minlength=10)
+  assert (counts == 10).all()  # 100 draws over 10 epochs
+
+
+def test_default_shard_is_the_jax_process_and_config_errors():
+  ids, answers = _random_prompts(8)
+  pl = P.rollout_pipeline_from_ids(ids, answers, P.PipelineConfig(4, (32,)), pad_id=PAD)
+  assert (pl.shard_index, pl.shard_count) == (0, 1)
+  with pytest.raises(ValueError, match="not divisible by the number of processes"):
+    P.rollout_pipeline_from_ids(ids, answers, P.PipelineConfig(3, (32,)), pad_id=PAD,
+                                shard_index=0, shard_count=2)
+  with pytest.raises(ValueError, match="bucket_lengths"):
+    P.PipelineConfig(4, (32, 16))
+  with pytest.raises(ValueError, match="num_epochs"):
+    P.PipelineConfig(4, (32,), num_epochs=0)
+  with pytest.raises(ValueError, match="both shard_index and shard_count"):
+    P.rollout_pipeline_from_ids(ids, answers, P.PipelineConfig(4, (32,)), pad_id=PAD,
+                                shard_index=0)
