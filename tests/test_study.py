@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from opd_jax.study import paper, phases, report, verdicts
+from opd_jax.study import paper, phases, reporting, verdicts
 
 
 # -- phase framework --------------------------------------------------------------------------------
@@ -214,11 +214,11 @@ def test_check_names_the_failed_threshold(field, value, name):
 
 
 def test_report_renders_every_section_and_figure(tmp_path):
-  out = report.render(synthetic_results(), tmp_path)
+  out = reporting.render(synthetic_results(), tmp_path)
   md = (tmp_path / "report.md").read_text()
-  for _, title in report.SECTIONS:
+  for _, title in reporting.SECTIONS:
     assert f"## {title}" in md
-  for f in report.REQUIRED_FIGURES:
+  for f in reporting.REQUIRED_FIGURES:
     png = tmp_path / f"{f}.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG", f
     assert f"({f}.png)" in md

@@ -1,6 +1,6 @@
 """The study's figures (matplotlib, Agg backend, PNG): one method one colour in every figure.
 
-Each `fig_*` function takes the results dict (schema in `report.py`) and an output path, draws
+Each `fig_*` function takes the results dict (schema in `reporting.py`) and an output path, draws
 labelled axes with a legend, and returns the path, or None when the data it needs is absent.
 """
 

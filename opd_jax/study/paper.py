@@ -3,7 +3,7 @@
 *On the Geometry of On-Policy Distillation* (arXiv 2606.07082) reports, for a Qwen3-8B student
 (Qwen3-32B teacher, dapo-math-17k): SFT measured base -> SFT anchor, OPD and RLVR measured
 anchor -> endpoint. Fractions are stored as fractions (0.516, not 51.6). The study's report puts
-each value next to ours; `report.py` computes the verdicts from `CLAIMS` (never hand-written).
+each value next to ours; `verdicts.py` computes the verdicts from `CLAIMS` (never hand-written).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Claim:
   """A statement of the paper that the study tests.
 
   Attributes:
-    id: key of the verdict function in `report.VERDICTS`.
+    id: key of the verdict function in `verdicts.VERDICTS`.
     section: the report section it is printed in.
     text: the claim, as the report states it.
     paper: the paper's number(s) or wording.
