@@ -1,0 +1,270 @@
+"""KV-cache sampler: cached == full forward, greedy == transformers, log-probs == scoring,
+sampling frequencies == softmax (chi-square), truncation sets, padding/batching, mesh, no recompile.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from opd_jax.models import config as mc
+from opd_jax.models import hf
+from opd_jax.models import sampler
+from opd_jax.models import scoring
+from opd_jax.models import sharding
+from opd_jax.models import transformer as tf
+import hf_fixtures
+
+_forward = jax.jit(tf.forward, static_argnums=0)
+CHI2_ALPHA = 1e-3   # significance level of the frequency tests (fixed seeds: deterministic)
+
+
+def _prompts(vocab, lengths, seed=0, pad=0):
+  """Left-padded prompts [B, max(lengths)] of random tokens in [1, vocab)."""
+  rng = np.random.default_rng(seed)
+  p = max(lengths)
+  toks = np.full((len(lengths), p), pad, np.int32)
+  mask = np.zeros((len(lengths), p), bool)
+  for i, n in enumerate(lengths):
+    toks[i, p - n:] = rng.integers(1, vocab, n)
+    mask[i, p - n:] = True
+  return toks, mask
+
+
+def _softmax64(x):
+  x = np.asarray(x, np.float64)
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _sharp_tiny(vocab, seed=0, **kw):
+  """A tiny untied model whose logits are O(1) (the default init is near-uniform)."""
+  cfg = mc.tiny(vocab_size=vocab, tie_embeddings=False, **kw)
+  graphdef, params = tf.init(cfg, seed)
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 10.0
+  return cfg, graphdef, params
+
+
+def _check_structure(out, prompt, pmask, cfg):
+  p = prompt.shape[1]
+  toks, mask = np.asarray(out.tokens_BxT), np.asarray(out.mask_BxT)
+  loss, lengths, logp = (np.asarray(out.loss_mask_BxT), np.asarray(out.lengths_B),
+                         np.asarray(out.logp_BxT))
+  assert toks.shape == (prompt.shape[0], p + cfg.max_new_tokens)
+  np.testing.assert_array_equal(toks[:, :p][pmask], prompt[pmask])
+  np.testing.assert_array_equal(mask[:, :p], pmask)
+  assert not loss[:, :p].any() and np.all(logp[:, :p] == 0)
+  for b in range(toks.shape[0]):
+    resp = toks[b, p:]
+    n = lengths[b]
+    np.testing.assert_array_equal(loss[b, p:], np.arange(cfg.max_new_tokens) < n)
+    np.testing.assert_array_equal(mask[b, p:], loss[b, p:])
+    assert not np.isin(resp[:n - 1], cfg.eos_ids).any()
+    assert n == cfg.max_new_tokens or resp[n - 1] in cfg.eos_ids
+    assert np.all(resp[n:] == cfg.pad_id) and np.all(logp[b, p + n:] == 0)
+    assert np.all(logp[b, p:p + n] < 0)
+
+
+def test_cached_decode_logits_equal_full_forward():
+  cfg = mc.tiny(vocab_size=97, family="qwen2")
+  graphdef, params = tf.init(cfg, 1)
+  prompt, pmask = _prompts(97, [3, 6, 1], seed=2)
+  b, p = prompt.shape
+  m = 7
+  cont = jnp.asarray(np.random.default_rng(3).integers(0, 97, (b, m)), jnp.int32)
+
+  @jax.jit
+  def run(params):
+    model = tf.merge(graphdef, params)
+    logits0, cache, kv_mask = sampler.prefill(model, jnp.asarray(prompt), jnp.asarray(pmask),
+                                              p + m)
+    plen = jnp.asarray(pmask.sum(1), jnp.int32)
+
+    def body(cache, i):
+      logits, cache = sampler.decode_step(model, cont[:, i], plen + i, p + i, cache, kv_mask)
+      return cache, logits
+
+    _, logits = jax.lax.scan(body, cache, jnp.arange(m))
+    return jnp.concatenate([logits0[:, None], jnp.swapaxes(logits, 0, 1)], axis=1)
+
+  cached = run(params)
+  full = _forward(graphdef, params, np.concatenate([prompt, cont], 1),
+                  np.concatenate([pmask, np.ones((b, m), bool)], 1))
+  np.testing.assert_allclose(cached, full[:, p - 1:], atol=1e-4)
+
+
+def test_logp_equal_scoring_eos_structure_and_no_recompile():
+  temperature = 0.7   # (temperature 1 is checked in the transformers test)
+  cfg, graphdef, params = _sharp_tiny(61, seed=3)
+  prompt, pmask = _prompts(61, [5, 2, 8, 1], seed=4)
+  scfg = sampler.SamplerConfig(12, temperature=temperature, eos_id=(7, 11, 13), pad_id=0)
+  out = sampler.sample(graphdef, params, prompt, pmask, jax.random.key(0), scfg)
+  _check_structure(out, prompt, pmask, scfg)
+  lengths = np.asarray(out.lengths_B)
+  assert lengths.min() < scfg.max_new_tokens, "no row hit EOS: the test lost its point"
+  ref = scoring.token_logprobs(graphdef, params, out.tokens_BxT, out.mask_BxT,
+                               temperature=temperature)
+  np.testing.assert_allclose(out.logp_BxT, np.where(out.loss_mask_BxT, ref, 0), atol=1e-4)
+
+  traces = sampler._TRACES["sample"]
+  prompt2, pmask2 = _prompts(61, [8, 3, 1, 4], seed=5)
+  out2 = sampler.sample(graphdef, params, prompt2, pmask2, jax.random.key(1), scfg)
+  assert sampler._TRACES["sample"] == traces, "second call with the same shapes retraced"
+  _check_structure(out2, prompt2, pmask2, scfg)
+  assert not np.array_equal(out.tokens_BxT, out2.tokens_BxT)
+
+
+def _first_token_counts(graphdef, params, prompt, n_rows, scfg, seed):
+  rows = np.repeat(prompt[None], n_rows, 0)
+  out = sampler.sample(graphdef, params, rows, np.ones_like(rows, bool), jax.random.key(seed),
+                       scfg)
+  first = np.asarray(out.tokens_BxT[:, prompt.shape[0]])
+  return np.bincount(first, minlength=params["embed"]["embedding"].shape[0])
+
+
+def test_sampled_frequencies_match_softmax_chi_square():
+  vocab, n_rows, t = 8, 3000, 0.7
+  cfg, graphdef, params = _sharp_tiny(vocab, seed=5)
+  prompt = np.array([3, 1, 4, 1, 5], np.int32)
+  logits = np.asarray(_forward(graphdef, params, prompt[None]), np.float64)[0, -1] / t
+  probs = _softmax64(logits)
+  assert probs.max() / probs.min() > 5, "near-uniform distribution: the test could not fail"
+  order = np.argsort(-probs)
+
+  # Plain temperature sampling.
+  scfg = sampler.SamplerConfig(1, temperature=t, eos_id=0, pad_id=0)
+  counts = _first_token_counts(graphdef, params, prompt, n_rows, scfg, seed=11)
+  assert scipy.stats.chisquare(counts, n_rows * probs).pvalue > CHI2_ALPHA
+
+  # top-k = 3: only the 3 most likely tokens, renormalised.
+  scfg = sampler.SamplerConfig(1, temperature=t, top_k=3, eos_id=0, pad_id=0)
+  counts = _first_token_counts(graphdef, params, prompt, n_rows, scfg, seed=12)
+  assert counts[order[3:]].sum() == 0
+  kept = probs[order[:3]] / probs[order[:3]].sum()
+  assert scipy.stats.chisquare(counts[order[:3]], n_rows * kept).pvalue > CHI2_ALPHA
+  # top-p is checked against its exact set in the two tests below.
+
+
+def test_filter_logits_matches_numpy_reference():
+  logits = np.asarray(jax.random.normal(jax.random.key(0), (6, 40)) * 2.0)
+  filt = jax.jit(sampler.filter_logits, static_argnums=(1, 2))
+  for top_k, top_p in [(5, 1.0), (0, 0.6), (7, 0.5), (3, 0.01)]:
+    out = np.asarray(filt(jnp.asarray(logits), top_k, top_p))
+    for row, got in zip(logits, out):
+      order = np.argsort(-row)
+      allowed = order[:top_k] if top_k else order
+      if top_p < 1:
+        p = _softmax64(row[allowed])
+        n = int(np.sum(np.cumsum(p) - p < top_p))
+        allowed = allowed[:n]
+      expect = np.full_like(row, -np.inf)
+      expect[allowed] = row[allowed]
+      np.testing.assert_array_equal(got, expect)
+
+
+def test_truncated_sampling_never_leaves_the_allowed_set():
+  vocab = 61
+  cfg, graphdef, params = _sharp_tiny(vocab, seed=7)
+  prompt, pmask = _prompts(vocab, [4, 2, 6, 5, 3, 6, 1, 2], seed=8)
+  scfg = sampler.SamplerConfig(10, temperature=0.8, top_k=6, top_p=0.7, eos_id=9, pad_id=0)
+  out = sampler.sample(graphdef, params, prompt, pmask, jax.random.key(3), scfg)
+  toks, mask, loss = (np.asarray(out.tokens_BxT), np.asarray(out.mask_BxT),
+                      np.asarray(out.loss_mask_BxT))
+  logits = np.asarray(_forward(graphdef, params, toks, mask), np.float64) / scfg.temperature
+  n_checked = n_binding = 0
+  for b, t in zip(*np.nonzero(loss)):
+    row = logits[b, t - 1]
+    order = np.argsort(-row)[:scfg.top_k]
+    p = _softmax64(row[order])
+    allowed = order[:int(np.sum(np.cumsum(p) - p < scfg.top_p))]
+    assert toks[b, t] in allowed, (b, t)
+    n_checked += 1
+    n_binding += len(allowed) < scfg.top_k
+  assert n_checked >= 20 and n_binding > 0
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
+def test_greedy_equals_transformers_generate(family, tmp_path):
+  torch_model = hf_fixtures.torch_model(family, tied=family != "llama", seed=3)
+  cfg, params = hf.load(hf_fixtures.export(torch_model, tmp_path / "hf"))
+  graphdef = tf.graphdef_for(cfg)
+  vocab, n_new, pad = cfg.vocab_size, 10, 0
+  prompt, pmask = _prompts(vocab, [5, 2, 7], seed=9, pad=pad)
+  p = prompt.shape[1]
+
+  def hf_greedy(i, eos):
+    ids = torch.as_tensor(prompt[i:i + 1, p - int(pmask[i].sum()):].astype(np.int64))
+    with torch.no_grad():
+      out = torch_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=n_new, eos_token_id=eos, pad_token_id=pad)
+    return out[0, ids.shape[1]:].numpy()
+
+  # EOS = the 4th greedy token of prompt 0, so that at least one row stops early.
+  eos = int(hf_greedy(0, eos=vocab - 1)[3])
+  expected = [hf_greedy(i, eos) for i in range(len(prompt))]
+  scfg = sampler.SamplerConfig(n_new, greedy=True, eos_id=eos, pad_id=pad)
+  out = sampler.sample(graphdef, params, prompt, pmask, jax.random.key(0), scfg)
+  _check_structure(out, prompt, pmask, scfg)
+  for i, exp in enumerate(expected):
+    n = int(out.lengths_B[i])
+    np.testing.assert_array_equal(np.asarray(out.tokens_BxT[i, p:p + n]), exp[:n])
+    assert n == len(exp) or exp[n - 1] == eos
+  assert int(out.lengths_B[0]) <= 4
+
+  if family == "qwen3":
+    # Greedy log-probs are the temperature-1 log-probs that scoring computes.
+    ref = scoring.token_logprobs(graphdef, params, out.tokens_BxT, out.mask_BxT)
+    np.testing.assert_allclose(out.logp_BxT, np.where(out.loss_mask_BxT, ref, 0), atol=1e-4)
+    # The shortest prompt run alone, unpadded, gives the same tokens and log-probs.
+    i = 1
+    n_p = int(pmask[i].sum())
+    one = sampler.sample(graphdef, params, prompt[i:i + 1, p - n_p:], pmask[i:i + 1, p - n_p:],
+                         jax.random.key(0), scfg)
+    np.testing.assert_array_equal(one.tokens_BxT[0, n_p:], out.tokens_BxT[i, p:])
+    np.testing.assert_allclose(one.logp_BxT[0, n_p:], out.logp_BxT[i, p:], atol=1e-5)
+
+
+def test_sharded_on_fake_mesh_equals_single_device():
+  cfg, graphdef, params = _sharp_tiny(96, seed=2)
+  prompt, pmask = _prompts(96, [3, 5, 1, 4], seed=10)
+  scfg = sampler.SamplerConfig(8, greedy=True, eos_id=5, pad_id=0)
+  single = sampler.sample(graphdef, params, prompt, pmask, jax.random.key(0), scfg)
+
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rules = sharding.DEFAULT_RULES
+  specs = jax.tree.map(lambda names: sharding.logical_to_spec(names, rules),
+                       tf.logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+  sharded = jax.device_put(params, jax.tree.map(
+      lambda s: jax.sharding.NamedSharding(mesh, s), specs))
+  assert len(sharded["layers"]["mlp"]["up_proj"]["kernel"].sharding.device_set) == 8
+  with jax.set_mesh(mesh), sharding.axis_rules(rules):
+    out = sampler.sample(graphdef, sharded, prompt, pmask, jax.random.key(0), scfg)
+  assert out.tokens_BxT.sharding.spec[0] == ("data", "fsdp")
+  np.testing.assert_array_equal(out.tokens_BxT, single.tokens_BxT)
+  np.testing.assert_array_equal(out.lengths_B, single.lengths_B)
+  np.testing.assert_allclose(out.logp_BxT, single.logp_BxT, atol=1e-5)
+
+
+def test_bad_config_and_prompts_name_the_problem():
+  with pytest.raises(ValueError, match="temperature"):
+    sampler.SamplerConfig(4, temperature=0.0, eos_id=1, pad_id=0)
+  with pytest.raises(ValueError, match="top_p"):
+    sampler.SamplerConfig(4, top_p=1.5, eos_id=1, pad_id=0)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    sampler.SamplerConfig(0, eos_id=1, pad_id=0)
+  with pytest.raises(ValueError, match="eos_id"):
+    sampler.SamplerConfig(4, eos_id=(), pad_id=0)
+  cfg = mc.tiny(vocab_size=50)
+  graphdef, params = tf.init(cfg, 0)
+  toks, mask = _prompts(50, [2, 3], seed=0)
+  scfg = sampler.SamplerConfig(4, eos_id=1, pad_id=0)
+  with pytest.raises(ValueError, match=r"rows \[0\] are not left-padded"):
+    sampler.sample(graphdef, params, toks, mask[:, ::-1], jax.random.key(0), scfg)
+  with pytest.raises(ValueError, match="prompt_mask_BxP shape"):
+    sampler.sample(graphdef, params, toks, mask[:, 1:], jax.random.key(0), scfg)
+  with pytest.raises(ValueError, match="eos_id=77 is outside the model's vocabulary"):
+    sampler.sample(graphdef, params, toks, mask, jax.random.key(0),
+                   sampler.SamplerConfig(4, eos_id=77, pad_id=0))
