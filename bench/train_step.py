@@ -1,0 +1,155 @@
+"""Achieved FLOP/s of `sft_step` and `pg_step` on the `small` preset vs the measured matmul peak.
+
+Prints progress to stderr and ONE JSON object as the last line of stdout. FLOPs are counted
+analytically as model FLOPs: 6 x (matmul parameters, the unembedding included) x tokens, plus
+attention 6 x 2 x T x (H x head_dim) per token and layer (the model computes the full T x T
+scores, masked, so all of them are counted). Recomputation (the chunked log-softmax is
+rematerialised in the backward pass) is not counted. XLA's own `cost_analysis()` count is reported
+alongside. The peak is a jitted loop of 2048 x 2048 matmuls in the same dtype, measured before and
+after the steps in the same run (the larger is used, so noise can only lower the fraction).
+
+    python bench/train_step.py [--batch 8] [--seq 256] [--iters 3] [--dtype float32] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax.models import config as model_config
+from opd_jax.models import transformer
+from opd_jax.optim import factory
+from opd_jax.train import mesh as mesh_lib
+from opd_jax.train import steps
+
+
+def log(msg: str):
+  print(msg, file=sys.stderr, flush=True)
+
+
+def matmul_peak(dtype, n: int = 2048, reps: int = 16, trials: int = 3) -> float:
+  """FLOP/s of a jitted loop of n x n matmuls (float32 accumulation), best of `trials`."""
+  key = jax.random.key(0)
+  a = (jax.random.normal(key, (n, n), jnp.float32) / np.sqrt(n)).astype(dtype)
+  b = (jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32) / np.sqrt(n)
+       ).astype(dtype)
+
+  @jax.jit
+  def loop(x, w):
+    def body(_, y):
+      return jnp.dot(y, w, preferred_element_type=jnp.float32).astype(dtype)
+    return jax.lax.fori_loop(0, reps, body, x)
+
+  loop(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(trials):
+    t = time.perf_counter()
+    loop(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 * reps / best
+
+
+def model_flops_per_token(cfg, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3 x forward)."""
+  d, h, kv, hd, f, v = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                        cfg.vocab_size)
+  matmul_params = cfg.n_layers * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f) + d * v
+  attention = cfg.n_layers * 2 * 2 * seq_len * h * hd  # QK^T and PV, forward
+  return 3.0 * (2.0 * matmul_params + attention)
+
+
+def make_batch(kind: str, b: int, t: int, vocab: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (b, t)).astype(np.int32)
+  mask = np.ones((b, t), bool)
+  loss_mask = mask.copy()
+  loss_mask[:, : t // 4] = False  # a prompt quarter
+  batch = {"tokens_BxT": tokens, "mask_BxT": mask, "loss_mask_BxT": loss_mask}
+  if kind == "pg":
+    batch["old_logp_BxT"] = (-np.log(vocab) + 0.1 * rng.standard_normal((b, t))).astype(np.float32)
+    batch["adv_BxT"] = rng.standard_normal((b, t)).astype(np.float32)
+  return batch
+
+
+def time_step(kind: str, cfg, batch_size: int, seq_len: int, iters: int) -> dict:
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 1, 1)))
+  graphdef, params = mesh_lib.init_sharded_params(cfg, mesh, seed=0)
+  tx = factory.make_optimizer(factory.OptimConfig(lr=1e-5), params)
+  shardings = mesh_lib.state_shardings(tx, mesh_lib.param_shardings(cfg, mesh),
+                                       transformer.abstract_params(cfg))
+  state = mesh_lib.init_sharded_state(params, tx, 0, shardings)
+  batch = mesh_lib.global_batch(make_batch(kind, batch_size, seq_len, cfg.vocab_size), mesh)
+  if kind == "sft":
+    fn, knobs = steps.sft_step, dict(cfg=steps.SFTStepConfig())
+  else:
+    fn, knobs = steps.pg_step, dict(cfg=steps.PGStepConfig())
+  step = steps.jit_step(fn, mesh, shardings, mesh_lib.batch_shardings(batch, mesh),
+                        graphdef=graphdef, tx=tx, **knobs)
+  t = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  state, metrics = step(state, batch)  # warm-up (compiled above, cached)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+  best = min(times)
+  flops = model_flops_per_token(cfg, seq_len) * batch_size * seq_len
+  return {"step_seconds": best, "step_seconds_median": float(np.median(times)),
+          "model_flops": flops, "flops_per_s": flops / best, "xla_flops": xla_flops,
+          "xla_flops_per_s": xla_flops / best, "compile_seconds": compile_s,
+          "trace_count": step.trace_count, "loss": float(metrics["train/loss"])}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq", type=int, default=256)
+  parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--quick", action="store_true", help="batch 4 x 128, 2 iterations")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.batch, args.seq, args.iters = 4, 128, 2
+  cfg = model_config.small(dtype=args.dtype)
+  dtype = jnp.dtype(args.dtype)
+  log(f"small preset: {cfg.num_params:,} params; batch {args.batch} x {args.seq}; {args.dtype}")
+  peak_before = matmul_peak(dtype)
+  log(f"matmul peak: {peak_before / 1e9:.1f} GFLOP/s")
+  results = {}
+  for kind in ("sft", "pg"):
+    results[kind] = time_step(kind, cfg, args.batch, args.seq, args.iters)
+    r = results[kind]
+    log(f"{kind}_step: {r['step_seconds']:.3f} s, {r['flops_per_s'] / 1e9:.1f} GFLOP/s "
+        f"(compile {r['compile_seconds']:.1f} s)")
+  peak_after = matmul_peak(dtype)
+  peak = max(peak_before, peak_after)
+  out = {
+      "preset": "small", "num_params": cfg.num_params, "dtype": args.dtype,
+      "batch": args.batch, "seq_len": args.seq, "devices": jax.device_count(),
+      "backend": jax.default_backend(),
+      "matmul_peak_flops_per_s": peak,
+      "matmul_peak_before": peak_before, "matmul_peak_after": peak_after,
+  }
+  for kind, r in results.items():
+    for k, v in r.items():
+      out[f"{kind}_{k}"] = v
+    out[f"{kind}_fraction_of_peak"] = r["flops_per_s"] / peak
+  out["fraction_of_peak"] = min(out["sft_fraction_of_peak"], out["pg_fraction_of_peak"])
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()

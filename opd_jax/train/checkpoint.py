@@ -1,0 +1,248 @@
+"""Checkpoints (orbax): rolling train-state checkpoints for resume, and parameter snapshots.
+
+Layouts (each step directory is written to a temporary name and renamed when complete, so a
+crash never leaves a half-written checkpoint that looks valid)::
+
+    <checkpoint root>/<step>/state/   the TrainState (params, opt_state, rng, step)  (StandardSave)
+    <checkpoint root>/<step>/meta/    JSON: data-iterator state, config, step, model_config
+    <snapshot root>/<step>/params/    the parameters only                            (StandardSave)
+    <snapshot root>/<step>/meta/      JSON: step, model_config
+
+Rolling checkpoints (`Checkpointer`) are asynchronous and keep the newest `keep`; snapshots
+(`save_snapshot`, for trajectory diagnostics) are kept forever and written synchronously. Every
+process of a multi-process run calls these functions (orbax writes collectively: each process its
+own shards, the primary the metadata).
+
+`load_params(path)` accepts a snapshot step dir, a checkpoint step dir, or either root (then the
+latest step), and returns the parameters as single-device arrays (or with given shardings);
+`load_params_and_config` also returns the `ModelConfig` recorded in the meta JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from opd_jax.models.config import ModelConfig
+from opd_jax.train.state import TrainState
+
+STATE, PARAMS, META = "state", "params", "meta"
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = set(d) - fields
+  if unknown:
+    raise ValueError(f"model_config in checkpoint meta has unknown fields {sorted(unknown)}")
+  return ModelConfig(**d)
+
+
+def _options(keep: int | None, async_save: bool) -> ocp.CheckpointManagerOptions:
+  return ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                      create=True)
+
+
+class Checkpointer:
+  """Rolling train-state checkpoints: orbax CheckpointManager (async, keep N).
+
+  Usage::
+
+      ckpt = Checkpointer(workdir / "checkpoints", keep=3, model_cfg=cfg)
+      ckpt.save(step, state, {"data": iterator_state, "config": config_dict})
+      restored = ckpt.restore_latest(abstract_state)   # None when there is no checkpoint
+      ckpt.close()                                      # waits for pending writes
+
+  `abstract_state` is a TrainState of `jax.ShapeDtypeStruct`s carrying the target shardings
+  (`train.mesh.abstract_state(tx, abstract_params, shardings)`); restoring onto a different mesh
+  than the one that saved works.
+  """
+
+  def __init__(self, directory, *, keep: int | None = 3, async_save: bool = True,
+               model_cfg: ModelConfig | None = None):
+    self.directory = epath.Path(directory).absolute()
+    self.model_cfg = model_cfg
+    self.manager = ocp.CheckpointManager(self.directory, options=_options(keep, async_save),
+                                         item_names=(STATE, META))
+
+  def save(self, step: int, state: TrainState, meta: Mapping[str, Any] | None = None, *,
+           force: bool = True) -> bool:
+    """Starts writing checkpoint `step` (async); returns whether a save was started.
+
+    `meta` must be JSON-serialisable (data-iterator state, config, ...); `step` and, when the
+    Checkpointer knows it, `model_config` are added.
+    """
+    meta = dict(meta or {})
+    meta.setdefault("step", int(step))
+    if self.model_cfg is not None:
+      meta.setdefault("model_config", model_config_to_dict(self.model_cfg))
+    try:
+      json.dumps(meta)
+    except TypeError as e:
+      raise ValueError(f"checkpoint meta for step {step} is not JSON-serialisable: {e}") from e
+    return self.manager.save(int(step), args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}), force=force)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+    """(state, meta) of checkpoint `step`, placed as `abstract_state`'s shardings say."""
+    out = self.manager.restore(int(step), args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+    return out[STATE], dict(out[META])
+
+  def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict] | None:
+    """(state, meta) of the newest checkpoint, or None when there is none."""
+    self.manager.wait_until_finished()
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    return self.restore(step, abstract_state)
+
+  def restore_meta(self, step: int | None = None) -> dict | None:
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    out = self.manager.restore(int(step), args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+    return dict(out[META])
+
+  def wait_until_finished(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    """Waits for pending writes and releases the manager."""
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+# -- parameter snapshots --------------------------------------------------------------------------
+def save_snapshot(directory, step: int, params, model_cfg: ModelConfig | None = None,
+                  meta: Mapping[str, Any] | None = None) -> pathlib.Path:
+  """Writes the parameters of `step` to `<directory>/<step>/` (kept forever; blocking) and
+  returns that path."""
+  root = epath.Path(directory).absolute()
+  info = dict(meta or {})
+  info["step"] = int(step)
+  if model_cfg is not None:
+    info["model_config"] = model_config_to_dict(model_cfg)
+  manager = ocp.CheckpointManager(root, options=_options(None, False), item_names=(PARAMS, META))
+  try:
+    manager.save(int(step), args=ocp.args.Composite(
+        **{PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(info)}), force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  return pathlib.Path(root / str(int(step)))
+
+
+def _is_step_dir(path: epath.Path) -> bool:
+  return (path / PARAMS).is_dir() or (path / STATE).is_dir()
+
+
+def _latest_step_dir(root: epath.Path) -> epath.Path | None:
+  steps = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()
+           and _is_step_dir(p)]
+  return root / str(max(steps)) if steps else None
+
+
+def resolve_step_dir(path) -> pathlib.Path:
+  """A snapshot / checkpoint step directory from a step dir or a root (its latest step)."""
+  p = epath.Path(path).absolute()
+  if not p.exists():
+    raise FileNotFoundError(f"no checkpoint at {str(p)!r}")
+  if _is_step_dir(p):
+    return pathlib.Path(p)
+  latest = _latest_step_dir(p) if p.is_dir() else None
+  if latest is None:
+    raise ValueError(f"{str(p)!r} is neither a snapshot/checkpoint step directory (with a "
+                     f"'{PARAMS}/' or '{STATE}/' subdirectory) nor a root holding numbered step "
+                     "directories")
+  return pathlib.Path(latest)
+
+
+def _read_meta(step_dir: epath.Path) -> dict:
+  meta_dir = step_dir / META
+  if not meta_dir.is_dir():
+    return {}
+  files = [f for f in meta_dir.iterdir() if f.is_file() and not f.name.startswith(".")]
+  for f in files:
+    try:
+      return dict(json.loads(f.read_text()))
+    except (ValueError, UnicodeDecodeError):
+      continue
+  return {}
+
+
+def _abstract_from_metadata(item_dir: epath.Path, shardings=None):
+  """Target ShapeDtypeStructs for every array under `item_dir` (single device by default)."""
+  meta = ocp.PyTreeCheckpointer().metadata(item_dir)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def one(m, s=None):
+    return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s if s is not None else default)
+
+  if shardings is None:
+    return jax.tree.map(one, tree)
+  return jax.tree.map(one, tree, shardings)
+
+
+def load_params_and_config(path, *, shardings=None) -> tuple[dict, ModelConfig | None]:
+  """(params, ModelConfig or None) from a snapshot / checkpoint step dir or root.
+
+  Args:
+    path: `<snapshot root>/<step>`, `<checkpoint root>/<step>`, or either root (latest step).
+    shardings: optional tree of shardings for the params (default: the first local device).
+  """
+  step_dir = epath.Path(resolve_step_dir(path))
+  meta = _read_meta(step_dir)
+  cfg = model_config_from_dict(meta["model_config"]) if "model_config" in meta else None
+  if (step_dir / PARAMS).is_dir():
+    item = step_dir / PARAMS
+    target = _abstract_from_metadata(item, shardings)
+    params = ocp.StandardCheckpointer().restore(item, target)
+  else:
+    item = step_dir / STATE
+    meta_tree = ocp.PyTreeCheckpointer().metadata(item)
+    tree = getattr(meta_tree, "item_metadata", meta_tree)
+    tree = getattr(tree, "tree", tree)
+    if PARAMS not in tree:
+      raise ValueError(f"checkpoint {str(item)!r} holds no '{PARAMS}' entry (keys: {list(tree)})")
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=default), tree[PARAMS])
+    if shardings is not None:
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, shardings)
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding,
+                                                               global_shape=a.shape,
+                                                               dtype=a.dtype), abstract)
+    out = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+        item={PARAMS: abstract}, restore_args={PARAMS: restore_args}, partial_restore=True))
+    params = out[PARAMS]
+  return params, cfg
+
+
+def load_params(path, *, shardings=None) -> dict:
+  """The parameters from a snapshot / checkpoint step dir or root (see `load_params_and_config`)."""
+  return load_params_and_config(path, shardings=shardings)[0]

@@ -1,0 +1,279 @@
+"""Device mesh, shardings for parameters / optimizer state / batches, and multi-process set-up.
+
+The mesh has axes ('data', 'fsdp', 'tensor') by default. Every parameter axis carries a logical
+name (`transformer.logical_axes`); `rules` (config) map logical names to mesh axes
+(`opd_jax.models.sharding.DEFAULT_RULES`: batch over data x fsdp, parameters FSDP-sharded on
+`embed`, tensor-parallel on heads / mlp / vocab). A dimension whose size is not divisible by its
+mesh axes is replicated instead (e.g. 2 kv heads on a 4-way tensor axis): the layout degrades, the
+program stays valid.
+
+Multi-process: call `maybe_initialize_distributed()` first thing (coordinator from arguments or the
+environment: OPD_COORDINATOR, OPD_NUM_PROCESSES, OPD_PROCESS_ID; OPD_COORDINATOR=auto lets
+`jax.distributed.initialize()` detect a TPU pod), then build global batches from each process's
+rows with `global_batch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from opd_jax.models import transformer
+from opd_jax.models.config import ModelConfig
+from opd_jax.models.sharding import DEFAULT_RULES, Rules, logical_to_spec, validate_rules
+from opd_jax.train.state import TrainState, create_state
+
+AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh shape, axis names and logical-axis rules.
+
+  Attributes:
+    shape: devices per axis; at most one entry may be -1 (all remaining devices). The default
+      (1, 1, 1) is one device: set e.g. (1, -1, 1) for FSDP over every device.
+    axes: mesh axis names, one per shape entry.
+    rules: logical -> mesh axis rules (`opd_jax.models.sharding`).
+  """
+
+  shape: tuple[int, ...] = (1, 1, 1)
+  axes: tuple[str, ...] = AXES
+  rules: Rules = DEFAULT_RULES
+
+  def __post_init__(self):
+    object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+    object.__setattr__(self, "axes", tuple(self.axes))
+    object.__setattr__(self, "rules", validate_rules(self.rules))
+    if len(self.shape) != len(self.axes):
+      raise ValueError(f"MeshConfig.shape={self.shape} has {len(self.shape)} entries but "
+                       f"MeshConfig.axes={self.axes} has {len(self.axes)}")
+    if sum(s == -1 for s in self.shape) > 1 or any(s == 0 or s < -1 for s in self.shape):
+      raise ValueError(f"MeshConfig.shape={self.shape}: entries must be positive, with at most "
+                       "one -1 (all remaining devices)")
+    if len(set(self.axes)) != len(self.axes):
+      raise ValueError(f"MeshConfig.axes={self.axes}: duplicate axis name")
+
+  def resolved_shape(self, n_devices: int) -> tuple[int, ...]:
+    """`shape` with -1 replaced so that the product is `n_devices`."""
+    known = math.prod(s for s in self.shape if s != -1)
+    if -1 not in self.shape:
+      return self.shape
+    if n_devices % known:
+      raise ValueError(f"MeshConfig.shape={self.shape}: {n_devices} devices are not divisible by "
+                       f"the fixed axes' product {known}")
+    return tuple(n_devices // known if s == -1 else s for s in self.shape)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A mesh with Auto axis types (NNX models fail under the default Explicit types).
+
+  Without `devices`, uses all devices when the shape has a -1, else the first prod(shape) devices
+  (single process; a multi-process mesh must span every device).
+  """
+  all_devices = list(jax.devices() if devices is None else devices)
+  shape = cfg.resolved_shape(len(all_devices))
+  n = math.prod(shape)
+  if n > len(all_devices):
+    raise ValueError(
+        f"MeshConfig.shape={cfg.shape} needs {n} devices but only {len(all_devices)} exist. On "
+        "CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported.")
+  if n < len(all_devices) and jax.process_count() > 1 and devices is None:
+    raise ValueError(f"MeshConfig.shape={cfg.shape} covers {n} of {len(all_devices)} devices; a "
+                     "multi-process mesh must use every device")
+  return jax.make_mesh(shape, cfg.axes, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+                       devices=all_devices[:n])
+
+
+# -- shardings ------------------------------------------------------------------------------------
+def fit_spec(shape: Sequence[int], spec: P, mesh: jax.sharding.Mesh) -> P:
+  """Replicates every dimension whose size is not divisible by its mesh axes' product."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+    out.append(axes if dim % math.prod(mesh.shape[a] for a in axes_t) == 0 else None)
+  return P(*out)
+
+
+def logical_shardings(abstract_tree, logical_tree, mesh: jax.sharding.Mesh,
+                      rules: Iterable[Sequence] = DEFAULT_RULES):
+  """NamedShardings for a tree of arrays given the matching tree of logical-name tuples."""
+  rules = validate_rules(rules)
+
+  def one(x, names):
+    spec = logical_to_spec(names, rules, mesh.axis_names)
+    return NamedSharding(mesh, fit_spec(x.shape, spec, mesh))
+
+  return jax.tree.map(one, abstract_tree, logical_tree)
+
+
+def param_shardings(model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
+                    rules: Iterable[Sequence] = DEFAULT_RULES) -> dict:
+  """NamedShardings of the parameters of `model_cfg` (same structure as the params dict)."""
+  abstract = transformer.abstract_params(model_cfg)
+  logical = transformer.logical_axes(model_cfg)
+  return logical_shardings(abstract, logical, mesh, rules)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _path_key(path) -> tuple:
+  return tuple(str(k) for k in path)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params_shardings, abstract_params):
+  """Shardings of `tx.init(params)`, derived from abstract shapes (nothing allocated).
+
+  Every optimizer-state leaf whose tree path ends with a parameter's path and has that
+  parameter's shape (Adam's mu / nu, ...) gets the parameter's sharding; everything else
+  (counts, injected hyperparameters, custom state) is replicated.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(params_shardings)
+  if not leaves:
+    raise ValueError("opt_state_shardings: params_shardings is empty")
+  mesh = leaves[0][1].mesh
+  by_path = {_path_key(p): s for p, s in leaves}
+  shapes = {_path_key(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+
+  def one(path, x):
+    key = _path_key(path)
+    for start in range(len(key)):
+      suffix = key[start:]
+      if suffix in by_path and tuple(shapes[suffix]) == tuple(x.shape):
+        return by_path[suffix]
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(one, abstract_opt)
+
+
+def state_shardings(tx: optax.GradientTransformation, params_shardings, abstract_params
+                    ) -> TrainState:
+  """A TrainState of shardings: params as given, optimizer state mirroring them, the rest
+  replicated."""
+  leaves = jax.tree.leaves(params_shardings)
+  rep = replicated(leaves[0].mesh)
+  return TrainState(step=rep, params=params_shardings,
+                    opt_state=opt_state_shardings(tx, params_shardings, abstract_params), rng=rep)
+
+
+def abstract_state(tx: optax.GradientTransformation, abstract_params, shardings: TrainState | None
+                   = None) -> TrainState:
+  """ShapeDtypeStructs of the TrainState (with `shardings` attached when given): the target for
+  `checkpoint.restore_latest` and for `plan`."""
+  abstract = jax.eval_shape(lambda p: create_state(p, tx, 0), abstract_params)
+  if shardings is None:
+    return abstract
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules: Iterable[Sequence] = DEFAULT_RULES
+                   ) -> NamedSharding:
+  """Leading (batch) dimension over the `batch` rule's axes (('data', 'fsdp')); rest replicated."""
+  spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh.axis_names)
+  return NamedSharding(mesh, spec)
+
+
+def batch_shardings(batch, mesh: jax.sharding.Mesh, rules: Iterable[Sequence] = DEFAULT_RULES):
+  """`batch_sharding` for every array of a batch pytree (arrays or ShapeDtypeStructs)."""
+  return jax.tree.map(lambda x: batch_sharding(mesh, len(x.shape), rules), batch)
+
+
+def init_sharded_params(model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
+                        rules: Iterable[Sequence] = DEFAULT_RULES, seed: int = 0):
+  """(graphdef, params) with params created directly in their sharded layout (nothing is
+  materialised replicated first)."""
+  shardings = param_shardings(model_cfg, mesh, rules)
+  params = jax.jit(lambda: transformer.init(model_cfg, seed)[1], out_shardings=shardings)()
+  return transformer.graphdef_for(model_cfg), params
+
+
+def init_sharded_state(params, tx: optax.GradientTransformation, seed: int,
+                       shardings: TrainState) -> TrainState:
+  """`create_state` under jit with `out_shardings`: the optimizer state is created sharded.
+
+  `params` should already carry `shardings.params` (e.g. from `init_sharded_params`, `hf.load(...,
+  mesh=)` or `reshard`); they are copied, not donated.
+  """
+  fn = jax.jit(lambda p: create_state(p, tx, seed), in_shardings=(shardings.params,),
+               out_shardings=shardings)
+  return fn(params)
+
+
+def reshard(tree, shardings):
+  """Moves a pytree of arrays to another layout (e.g. the student's sampling layout, or another
+  mesh); `shardings` is a matching tree (or a single sharding for all leaves)."""
+  return jax.device_put(tree, shardings)
+
+
+# -- multi-process --------------------------------------------------------------------------------
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+  """Initialises `jax.distributed` when the run is multi-process; returns whether it is.
+
+  Arguments default to the environment variables OPD_COORDINATOR ("host:port", or "auto" to let
+  jax detect a TPU pod / SLURM cluster), OPD_NUM_PROCESSES and OPD_PROCESS_ID. Nothing happens for
+  a single process. Must run before any other jax call that touches devices.
+  """
+  env = os.environ
+  coordinator = coordinator if coordinator is not None else env.get("OPD_COORDINATOR") or None
+  if num_processes is None and env.get("OPD_NUM_PROCESSES"):
+    num_processes = int(env["OPD_NUM_PROCESSES"])
+  if process_id is None and env.get("OPD_PROCESS_ID"):
+    process_id = int(env["OPD_PROCESS_ID"])
+  if jax.distributed.is_initialized():
+    return True
+  if coordinator == "auto":
+    jax.distributed.initialize()
+    return True
+  if num_processes is None or num_processes <= 1:
+    return False
+  if coordinator is None or process_id is None:
+    raise ValueError(f"multi-process run with num_processes={num_processes} needs a coordinator "
+                     "address and a process id (OPD_COORDINATOR / OPD_PROCESS_ID); got "
+                     f"coordinator={coordinator!r}, process_id={process_id!r}")
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f"OPD_PROCESS_ID={process_id} is outside [0, {num_processes})")
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+  return True
+
+
+def global_batch(local_batch: Mapping[str, Any], mesh: jax.sharding.Mesh,
+                 rules: Iterable[Sequence] = DEFAULT_RULES) -> dict[str, jax.Array]:
+  """Global arrays from this process's rows (every process passes its own contiguous slice of
+  the global batch, in process order); single-process this is a sharded `device_put`."""
+  out = {}
+  for name, x in local_batch.items():
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+      raise ValueError(f"global_batch: field {name!r} has dtype {x.dtype}; only numeric/bool "
+                       "arrays can be sent to devices (keep strings such as answers on the host)")
+    sharding = batch_sharding(mesh, x.ndim, rules)
+    out[name] = jax.make_array_from_process_local_data(sharding, x)
+  return out
+
+
+def process_rows(global_batch_size: int) -> slice:
+  """The slice of a global batch this process should load (contiguous, in process order)."""
+  n = jax.process_count()
+  if global_batch_size % n:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                     f"{n} processes")
+  per = global_batch_size // n
+  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)

@@ -1,0 +1,79 @@
+"""One process of the 2-process CPU test (tests/test_multiprocess.py), and the shared set-up.
+
+Run as `python tests/mp_worker.py PORT PROCESS_ID NUM_PROCESSES WORKDIR`: joins the coordinator,
+builds the tiny model FSDP-sharded over every process's devices, runs `STEPS` sft steps on a
+global batch assembled from each process's rows, writes a checkpoint collectively, and (process
+0) prints {"losses": [...]} as its last line.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+STEPS = 3
+BATCH, LENGTH, VOCAB = 4, 12, 128
+
+
+def setup():
+  """(model_cfg, optim_cfg, step_cfg) shared by the workers and the single-process reference."""
+  from opd_jax.models import config
+  from opd_jax.optim import factory
+  from opd_jax.train import steps
+  model_cfg = config.tiny(vocab_size=VOCAB, n_layers=1)
+  return model_cfg, factory.OptimConfig(lr=1e-2), steps.SFTStepConfig()
+
+
+def global_batches():
+  """The STEPS global SFT batches (numpy, identical in every process)."""
+  rng = np.random.default_rng(1234)
+  out = []
+  for _ in range(STEPS):
+    tokens = rng.integers(0, VOCAB, (BATCH, LENGTH)).astype(np.int32)
+    mask = np.ones((BATCH, LENGTH), bool)
+    mask[0, :3] = False  # left padding on one row
+    loss_mask = mask.copy()
+    loss_mask[:, :5] = False
+    out.append({"tokens_BxT": tokens, "mask_BxT": mask, "loss_mask_BxT": loss_mask})
+  return out
+
+
+def main(argv):
+  port, process_id, num_processes, workdir = argv[1], int(argv[2]), int(argv[3]), argv[4]
+  import jax
+  jax.config.update("jax_compilation_cache_dir",
+                    str(pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax"))
+  from opd_jax.models import transformer
+  from opd_jax.optim import factory
+  from opd_jax.train import checkpoint, mesh, steps
+  assert mesh.maybe_initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
+  assert jax.process_count() == num_processes, jax.process_count()
+
+  model_cfg, optim_cfg, step_cfg = setup()
+  the_mesh = mesh.make_mesh(mesh.MeshConfig(shape=(1, -1, 1)))
+  graphdef, params = mesh.init_sharded_params(model_cfg, the_mesh, seed=0)
+  tx = factory.make_optimizer(optim_cfg, params)
+  shardings = mesh.state_shardings(tx, mesh.param_shardings(model_cfg, the_mesh),
+                                   transformer.abstract_params(model_cfg))
+  state = mesh.init_sharded_state(params, tx, 0, shardings)
+  batches = global_batches()
+  rows = mesh.process_rows(BATCH)
+  batch_shardings = mesh.batch_shardings(batches[0], the_mesh)
+  step = steps.jit_step(steps.sft_step, the_mesh, shardings, batch_shardings, graphdef=graphdef,
+                        tx=tx, cfg=step_cfg)
+  losses = []
+  for batch in batches:
+    local = {k: v[rows] for k, v in batch.items()}
+    state, metrics = step(state, mesh.global_batch(local, the_mesh))
+    losses.append(float(metrics["train/loss"]))
+  with checkpoint.Checkpointer(workdir, model_cfg=model_cfg) as ckpt:
+    ckpt.save(STEPS, state, {"losses": losses})
+  if process_id == 0:
+    print(json.dumps({"losses": losses, "devices": jax.device_count()}))
+
+
+if __name__ == "__main__":
+  main(sys.argv)
