@@ -39,6 +39,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from opd_jax.models.config import ModelConfig
@@ -314,25 +315,31 @@ def init(cfg: ModelConfig, seed: int | jax.Array = 0) -> tuple[nnx.GraphDef, Par
 
 
 @functools.lru_cache(maxsize=None)
+def _abstract_split(cfg: ModelConfig):
+  """(graphdef, abstract Param state) of `cfg`: shapes only, nothing allocated, cached per config.
+
+  Built outside any mesh in context: logical names are not mesh axes, so NNX must not try to
+  place the abstract variables on the current mesh (that is `train.mesh`'s job, via rules).
+  """
+  with jax.set_mesh(jax.sharding.Mesh(np.empty((), dtype=object), ())), \
+       nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  return nnx.split(abstract, nnx.Param)
+
+
 def graphdef_for(cfg: ModelConfig) -> nnx.GraphDef:
   """The graphdef of `cfg` from abstract shapes (nothing allocated); cached per config."""
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  return nnx.split(abstract, nnx.Param)[0]
+  return _abstract_split(cfg)[0]
 
 
 def abstract_params(cfg: ModelConfig) -> Params:
   """ShapeDtypeStructs of the params of `cfg` (nothing allocated)."""
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  return nnx.to_pure_dict(nnx.split(abstract, nnx.Param)[1])
+  return nnx.to_pure_dict(_abstract_split(cfg)[1])
 
 
 def logical_axes(cfg: ModelConfig) -> Params:
   """Tuples of logical axis names, one per parameter, in the params-dict structure."""
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  state = nnx.split(abstract, nnx.Param)[1]
+  state = _abstract_split(cfg)[1]
   specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
   return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
