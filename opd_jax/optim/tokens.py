@@ -22,7 +22,10 @@ are never kept.
 `rho` may be a traced value (e.g. under `optax.inject_hyperparams`): k_b is then computed on
 device as ceil(rho * T_b) in float32 with a 1e-6 relative tolerance (rho * T_b within 1e-6
 relative above an integer n counts as n, so that 0.3 * 10 keeps 3, not 4). The transforms hold no
-shape-dependent state, so batch shapes may vary between calls. `kept_frac(opt_state)` reads the
+shape-dependent state, so batch shapes may vary between calls. Every leaf of the updates is
+sparsified with the same per-token selection; to sparsify only some leaves, wrap the transform in
+`optax.masked(tx, leaf_mask)` (the `mask=` extra arg of `update` is the loss mask, not a leaf
+mask). `kept_frac(opt_state)` reads the
 fraction of real tokens kept by the last update, as the metric `tokens/kept_frac`.
 """
 
@@ -71,26 +74,29 @@ def _check_rho(rho):
     raise ValueError(f"token retention rho must be in [0, 1], got {rho}")
 
 
-def _apply(updates: Any, mask_BxT: jax.Array, keep_BxT: jax.Array, length_B, keep_B):
+def _check_inputs(who: str, updates: Any, mask, signal=None, needs_signal: bool = False):
+  if mask is None or (needs_signal and signal is None):
+    missing = "mask" if mask is None else "signal"
+    raise ValueError(f"{who}.update needs the extra arg {missing}= (a [B, T] array)")
+  if signal is not None and needs_signal and signal.shape != mask.shape:
+    raise ValueError(f"{who}: signal {signal.shape} and mask {mask.shape} differ in shape")
+  for leaf in jax.tree.leaves(updates):
+    if leaf.shape[:2] != mask.shape:
+      raise ValueError(f"{who}: update leaf of shape {leaf.shape} does not start with the mask's "
+                       f"[B, T] = {mask.shape}")
+
+
+def _apply(updates: Any, keep_BxT: jax.Array, length_B, keep_B):
   """Zeroes dropped tokens and rescales kept ones by T_b / k_b in every leaf."""
   scale_B = jnp.where(keep_B > 0, length_B.astype(jnp.float32) / jnp.maximum(keep_B, 1), 0.0)
   factor_BxT = jnp.where(keep_BxT, scale_B[:, None], 0.0)
 
   def one(leaf):
-    if leaf.shape[:2] != mask_BxT.shape:
-      raise ValueError(f"token transform: update leaf of shape {leaf.shape} does not start with the "
-                       f"mask's [B, T] = {mask_BxT.shape}")
     factor = factor_BxT.reshape(factor_BxT.shape + (1,) * (leaf.ndim - 2))
     return (leaf * factor).astype(leaf.dtype)
 
   kept_frac = keep_BxT.sum() / jnp.maximum(length_B.sum(), 1)
   return jax.tree.map(one, updates), kept_frac.astype(jnp.float32)
-
-
-def _need(x, name: str, who: str) -> jax.Array:
-  if x is None:
-    raise ValueError(f"{who}.update needs the extra arg {name}= (a [B, T] array)")
-  return x
 
 
 def top_kl_retention(rho: float) -> optax.GradientTransformationExtraArgs:
@@ -106,13 +112,11 @@ def top_kl_retention(rho: float) -> optax.GradientTransformationExtraArgs:
 
   def update_fn(updates, state, params=None, *, signal=None, mask=None, **extra_args):
     del state, params, extra_args
-    signal = _need(signal, "signal", "top_kl_retention")
-    mask = _need(mask, "mask", "top_kl_retention").astype(bool)
-    if signal.shape != mask.shape:
-      raise ValueError(f"top_kl_retention: signal {signal.shape} and mask {mask.shape} differ")
+    _check_inputs("top_kl_retention", updates, mask, signal, needs_signal=True)
+    mask = mask.astype(bool)
     length_B, keep_B = retention_counts(mask, rho)
     keep_BxT = keep_top(signal, mask, keep_B)
-    updates, frac = _apply(updates, mask, keep_BxT, length_B, keep_B)
+    updates, frac = _apply(updates, keep_BxT, length_B, keep_B)
     return updates, RetentionState(kept_frac=frac)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -132,13 +136,14 @@ def random_retention(rho: float, seed: int = 0) -> optax.GradientTransformationE
                                 kept_frac=jnp.ones((), jnp.float32))
 
   def update_fn(updates, state, params=None, *, signal=None, mask=None, **extra_args):
-    del params, signal, extra_args
-    mask = _need(mask, "mask", "random_retention").astype(bool)
+    del params, extra_args
+    _check_inputs("random_retention", updates, mask, signal)
+    mask = mask.astype(bool)
     key = jax.random.fold_in(state.key, state.count)
     score_BxT = jax.random.uniform(key, mask.shape, jnp.float32)
     length_B, keep_B = retention_counts(mask, rho)
     keep_BxT = keep_top(score_BxT, mask, keep_B)
-    updates, frac = _apply(updates, mask, keep_BxT, length_B, keep_B)
+    updates, frac = _apply(updates, keep_BxT, length_B, keep_B)
     return updates, RandomRetentionState(key=state.key, count=optax.safe_increment(state.count),
                                          kept_frac=frac)
 
