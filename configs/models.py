@@ -1,0 +1,59 @@
+"""Model and mesh presets shared by the recipe configs (`configs/sft.py`, `opd.py`, `rlvr.py`).
+
+`spec(name, ...)` returns a `ModelSpec` section (a dict: source, path, model, seed) and `mesh(name)`
+a `MeshConfig` section; the recipes drop them into their ConfigDicts. Every field stays overridable
+from the command line (`--config.student.model.n_layers=4`).
+
+Presets:
+  smoke      2 x 64, vocab 128: the embedded tasks' char-level tokenizer (104 tokens) padded to a
+             multiple of 8; runs a test in seconds.
+  tiny       = smoke's shape (`models.config.tiny`), the CPU tutorial student.
+  tiny_teacher 4 x 128: a teacher a bit bigger than the tiny student.
+  small      8 x 512 (`models.config.small`), vocab 128 for the tasks.
+  qwen3_0_6b, qwen3_8b, qwen3_32b  the Qwen3 shapes (loaded from local HF checkpoints: the
+             architecture then comes from config.json, these presets only set the numerics:
+             bf16 compute, f32 master weights, remat).
+"""
+
+from opd_jax.models import config as model_config
+from opd_jax.train import config as train_config
+
+TASK_VOCAB = 128  # >= len(build_task_tokenizer()) = 104, a multiple of 8
+
+_MODELS = {
+    "smoke": lambda: model_config.tiny(vocab_size=TASK_VOCAB),
+    "tiny": lambda: model_config.tiny(vocab_size=TASK_VOCAB),
+    "tiny_teacher": lambda: model_config.tiny(vocab_size=TASK_VOCAB, d_model=128, n_layers=4,
+                                              n_heads=4, n_kv_heads=2, head_dim=32, d_ff=256),
+    "small": lambda: model_config.small(vocab_size=TASK_VOCAB),
+    "qwen3_0_6b": lambda: model_config.qwen3_0_6b(dtype="bfloat16", remat=True),
+    "qwen3_8b": model_config.qwen3_8b,
+    "qwen3_32b": model_config.qwen3_32b,
+}
+
+_MESHES = {
+    "cpu": (1, 1, 1),        # one device
+    "fsdp": (1, -1, 1),      # FSDP over every device (e.g. 64 TPU chips: fsdp=64)
+    "fsdp_tp": (1, -1, 4),   # FSDP x 4-way tensor parallel (large teachers)
+}
+
+
+def model(name: str, **overrides) -> dict:
+  """The ModelConfig fields of preset `name` (a dict), with `overrides` applied."""
+  if name not in _MODELS:
+    raise ValueError(f"unknown model preset {name!r}; valid: {sorted(_MODELS)}")
+  return train_config.dataclass_to_dict(_MODELS[name]().replace(**overrides))
+
+
+def spec(name: str, *, source: str = "random", path: str = "", seed: int = 0,
+         **overrides) -> dict:
+  """A ModelSpec section: preset architecture `name` from `source` ('random' | 'hf' |
+  'checkpoint' | 'none')."""
+  return {"source": source, "path": path, "model": model(name, **overrides), "seed": seed}
+
+
+def mesh(name: str) -> dict:
+  """A MeshConfig section (shape only; axes and rules keep their defaults)."""
+  if name not in _MESHES:
+    raise ValueError(f"unknown mesh preset {name!r}; valid: {sorted(_MESHES)}")
+  return {"shape": _MESHES[name]}

@@ -1,0 +1,193 @@
+"""`opd-jax`: the command line. Thin: parse arguments, then call the library.
+
+    opd-jax train    --config configs/opd.py:tiny --workdir DIR [--resume] [--config.x=y ...]
+    opd-jax plan     --config configs/opd.py:qwen3_8b --devices 64 [--config.x=y ...]
+    opd-jax diagnose --base A --tuned B [--snapshots S1 S2 ...] --out DIR
+    opd-jax study    --config configs/study.py:tiny --workdir DIR [--redo PHASE] [--check]
+    opd-jax report   --workdir DIR
+
+`--config.a.b=value` (or `--config.a.b value`) overrides a field of the loaded config; an unknown key
+is an error naming it. Multi-process runs (`launch/local_multiprocess.sh`, `launch/tpu_pod.sh`) pass
+the coordinator through OPD_COORDINATOR / OPD_NUM_PROCESSES / OPD_PROCESS_ID (or the matching
+flags); `jax.distributed.initialize` runs before anything touches a device.
+
+jax is imported only inside the commands, so `plan` can re-run itself with
+`XLA_FLAGS=--xla_force_host_platform_device_count=N` when fewer than N devices exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Sequence
+
+_REEXEC_ENV = "OPD_JAX_PLAN_REEXEC"
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.x=y` / `--config.x y` overrides from the other arguments."""
+  rest, overrides = [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    a = args[i]
+    if a.startswith("--config."):
+      if "=" in a:
+        overrides.append(a[len("--config."):])
+      elif i + 1 < len(args):
+        overrides.append(f"{a[len('--config.'):]}={args[i + 1]}")
+        i += 1
+      else:
+        raise SystemExit(f"opd-jax: {a} needs a value (--config.key=value)")
+    else:
+      rest.append(a)
+    i += 1
+  return rest, overrides
+
+
+def _add_distributed_flags(p: argparse.ArgumentParser):
+  g = p.add_argument_group("multi-process (default: the OPD_* environment variables)")
+  g.add_argument("--coordinator", default=None,
+                 help="host:port of process 0, or 'auto' on a TPU pod (OPD_COORDINATOR)")
+  g.add_argument("--num-processes", type=int, default=None, help="OPD_NUM_PROCESSES")
+  g.add_argument("--process-id", type=int, default=None, help="OPD_PROCESS_ID")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="opd-jax", description="On-policy distillation, SFT and RLVR in JAX, with "
+      "parameter-space geometry diagnostics. Override any config field with --config.a.b=value.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("train", help="train with a config file preset")
+  p.add_argument("--config", required=True, help="path/to/config.py:preset")
+  p.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics)")
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the latest checkpoint in --workdir")
+  _add_distributed_flags(p)
+
+  p = sub.add_parser("plan", help="compile the train step for an N-device mesh from abstract "
+                     "shapes and print per-device memory")
+  p.add_argument("--config", required=True, help="path/to/config.py:preset")
+  p.add_argument("--devices", type=int, required=True, help="number of devices N")
+  p.add_argument("--mesh", default=None,
+                 help="mesh shape, e.g. 1,8,1 (default: the config's mesh.shape)")
+  p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+  p = sub.add_parser("diagnose", help="parameter-space diagnostics of base -> tuned")
+  p.add_argument("--base", required=True, help="HF checkpoint dir or opd_jax checkpoint path")
+  p.add_argument("--tuned", required=True, help="HF checkpoint dir or opd_jax checkpoint path")
+  p.add_argument("--snapshots", nargs="*", default=(), help="snapshot paths, in training order")
+  p.add_argument("--out", required=True, help="output directory (metrics.json, summary.md, PNGs)")
+
+  p = sub.add_parser("study", help="run the geometry study (resumable phases)")
+  p.add_argument("--config", required=True, help="path/to/study.py:preset")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--redo", action="append", default=[], help="re-run this phase (repeatable)")
+  p.add_argument("--check", action="store_true", help="check the claims; exit 1 if one fails")
+
+  p = sub.add_parser("report", help="re-render the study report from its outputs")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--config", default=None, help="path/to/study.py:preset (optional)")
+  return parser
+
+
+# -- commands ---------------------------------------------------------------------------------------
+def _train(args, overrides) -> int:
+  from opd_jax.train import config as config_lib
+  from opd_jax.train import mesh as mesh_lib
+
+  cd = config_lib.load_config(args.config, overrides)  # config errors before any device work
+  cfg = config_lib.from_config_dict(cd)
+  mesh_lib.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  from opd_jax.train import loop
+  summary = loop.run(cfg, args.workdir, resume=args.resume)
+  print(json.dumps(summary, indent=1, sort_keys=True, default=str))
+  return 0
+
+
+def _plan(args, overrides) -> int:
+  from opd_jax.train import config as config_lib
+
+  cd = config_lib.load_config(args.config, overrides)
+  cfg = config_lib.from_config_dict(cd)
+  mesh_shape = (tuple(int(s) for s in args.mesh.split(",")) if args.mesh else None)
+
+  import jax
+  if len(jax.devices()) < args.devices:
+    if os.environ.get(_REEXEC_ENV):
+      raise SystemExit(f"opd-jax plan: asked for {args.devices} devices but only "
+                       f"{len(jax.devices())} exist even with fake CPU devices")
+    # XLA reads the fake-device count once, at import: re-run in a fresh process with it set.
+    env = dict(os.environ)
+    env[_REEXEC_ENV] = "1"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={args.devices}").strip()
+    argv = [sys.executable, "-m", "opd_jax.cli"] + list(args.argv)
+    return subprocess.run(argv, env=env, check=False).returncode
+
+  from opd_jax.train import loop
+  from opd_jax.train import plan as plan_lib
+  shape = mesh_shape if mesh_shape is not None else cfg.mesh.resolved_shape(args.devices)
+  result = plan_lib.plan(loop.plan_spec(cfg), args.devices, shape, axes=cfg.mesh.axes)
+  if args.json:
+    print(json.dumps(result, indent=1, sort_keys=True, default=str))
+  return 0
+
+
+def _diagnose(args, overrides) -> int:
+  if overrides:
+    raise SystemExit(f"opd-jax diagnose takes no --config.* overrides (got {overrides})")
+  from opd_jax.geometry import report
+  result = report.diagnose(args.base, args.tuned, snapshots=tuple(args.snapshots),
+                           out_dir=args.out)
+  print(f"diagnostics written to {args.out}")
+  overall = result.get("overall") if isinstance(result, dict) else None
+  if overall:
+    print(json.dumps(overall, indent=1, sort_keys=True, default=str))
+  return 0
+
+
+def _study(args, overrides) -> int:
+  from opd_jax import study  # written by the study engineer; imported only here
+  from opd_jax.train import config as config_lib
+  cd = config_lib.load_config(args.config, overrides)
+  result = study.run(cd, args.workdir, redo=tuple(args.redo), check=args.check)
+  if args.check and isinstance(result, dict) and result.get("ok") is False:
+    return 1
+  return 0
+
+
+def _report(args, overrides) -> int:
+  from opd_jax import study
+  from opd_jax.train import config as config_lib
+  cd = config_lib.load_config(args.config, overrides) if args.config else None
+  path = study.report(args.workdir, cd)
+  print(f"report written to {path}")
+  return 0
+
+
+_COMMANDS = {"train": _train, "plan": _plan, "diagnose": _diagnose, "study": _study,
+             "report": _report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the `opd-jax` console script; returns the exit code."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, overrides = _split_overrides(argv)
+  args = _parser().parse_args(rest)
+  args.argv = argv
+  from opd_jax.train.config import ConfigError
+  try:
+    return _COMMANDS[args.command](args, overrides)
+  except ConfigError as e:
+    print(f"opd-jax {args.command}: config error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,586 @@
+"""Typed run configuration, and the strict bridge from ml_collections config files to it.
+
+Config files (`configs/sft.py`, `configs/opd.py`, `configs/rlvr.py`) hold a `get_config(arg)` that
+returns a LOCKED `ml_collections.ConfigDict` whose tree mirrors `TrainConfig` field by field (they
+start from `default_config()`, i.e. every field with its dataclass default, and set what differs).
+`from_config_dict` turns it into frozen dataclasses at the boundary; nothing below the boundary
+reads a ConfigDict. Strictness: an unknown key anywhere is an error naming its dotted path (with a
+suggestion), a value of the wrong type is an error naming the field, and each dataclass's own
+validation runs with the dotted path prefixed to its message.
+
+`load_config("configs/opd.py:tiny", ["loop.steps=10", ...])` loads a config file and applies
+`--config.x=y` style overrides with the same strictness (the CLI uses it).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import pathlib
+import sys
+import types
+import typing
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A bad config: unknown key, wrong type, invalid value. The message names the dotted key."""
+
+
+# -- dataclass <-> nested dict ---------------------------------------------------------------------
+def _suggest(key: str, valid: Sequence[str]) -> str:
+  close = difflib.get_close_matches(key, list(valid), n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _plain(value: Any) -> Any:
+  """ConfigDicts / FrozenConfigDicts -> dicts, lists -> tuples (recursively)."""
+  if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return value
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+  """Checks / converts one value to the annotated type `tp`."""
+  origin = typing.get_origin(tp)
+  if tp is Any:
+    return _plain(value)
+  if dataclasses.is_dataclass(tp):
+    return dataclass_from_dict(tp, value, path)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _convert(arg, value, path)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(errors[0] if len(errors) == 1 else
+                      f"{path}: {value!r} matches none of {tp}")
+  if origin is tuple or tp is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{path}: expected a tuple, got {type(value).__name__} {value!r}")
+    args = typing.get_args(tp)
+    if not args:
+      return _plain(value)
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if len(args) != len(value):
+      raise ConfigError(f"{path}: expected {len(args)} entries, got {len(value)}: {value!r}")
+    return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+  if origin in (dict, Mapping) or tp in (dict, Mapping):
+    if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      raise ConfigError(f"{path}: expected a dict, got {type(value).__name__} {value!r}")
+    return _plain(value)
+  if origin is typing.Literal:
+    if value not in typing.get_args(tp):
+      raise ConfigError(f"{path}: {value!r} is not one of {typing.get_args(tp)}")
+    return value
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{path}: expected a float, got {type(value).__name__} {value!r}")
+    return float(value)
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{path}: expected an int, got {type(value).__name__} {value!r}")
+    return value
+  if tp in (bool, str):
+    if not isinstance(value, tp):
+      raise ConfigError(f"{path}: expected a {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+  return _plain(value)  # anything else (e.g. a type alias the hints resolve to `object`)
+
+
+def dataclass_from_dict(cls: type, value: Any, path: str = "config") -> Any:
+  """Builds the frozen dataclass `cls` from a (nested) dict or ConfigDict, strictly.
+
+  Missing keys take the dataclass defaults; unknown keys, wrong types and the dataclass's own
+  validation errors raise `ConfigError` naming the dotted key.
+  """
+  if isinstance(value, cls):
+    return value
+  if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    value = value.to_dict()
+  if not isinstance(value, Mapping):
+    raise ConfigError(f"{path}: expected a section for {cls.__name__}, got "
+                      f"{type(value).__name__} {value!r}")
+  hints = typing.get_type_hints(cls)
+  fields = [f.name for f in dataclasses.fields(cls) if f.init]
+  for key in value:
+    if key not in fields:
+      raise ConfigError(f"unknown config key '{path}.{key}'{_suggest(key, fields)}; valid keys "
+                        f"of {path} ({cls.__name__}): {fields}")
+  kwargs = {k: _convert(hints[k], v, f"{path}.{k}") for k, v in value.items()}
+  try:
+    return cls(**kwargs)
+  except (ValueError, TypeError) as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"{path}: {e}") from e
+
+
+def dataclass_to_dict(obj: Any) -> Any:
+  """A dataclass tree as nested dicts (tuples stay tuples), for ConfigDicts and JSON."""
+  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    return {f.name: dataclass_to_dict(getattr(obj, f.name))
+            for f in dataclasses.fields(obj) if f.init}
+  if isinstance(obj, Mapping):
+    return {k: dataclass_to_dict(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return tuple(dataclass_to_dict(v) for v in obj)
+  return obj
+
+
+# -- config files and overrides --------------------------------------------------------------------
+def _import_config_file(path: pathlib.Path) -> types.ModuleType:
+  """Imports a config file as `configs.<stem>` with `configs` bound to its directory, so config
+  files can `from configs import models` however they are invoked."""
+  if not path.is_file():
+    raise ConfigError(f"config file {str(path)!r} does not exist")
+  pkg_name = "configs"
+  saved = {k: v for k, v in sys.modules.items() if k == pkg_name or k.startswith(pkg_name + ".")}
+  for k in saved:
+    del sys.modules[k]
+  pkg = types.ModuleType(pkg_name)
+  pkg.__path__ = [str(path.parent)]
+  sys.modules[pkg_name] = pkg
+  try:
+    spec = importlib.util.spec_from_file_location(f"{pkg_name}.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+  finally:
+    for k in [k for k in sys.modules if k == pkg_name or k.startswith(pkg_name + ".")]:
+      del sys.modules[k]
+    sys.modules.update(saved)
+
+
+def _parse_value(raw: str, current: Any, key: str) -> Any:
+  """Parses an override string by the type of the value it replaces."""
+  def fail(expected):
+    raise ConfigError(f"--config.{key}={raw}: expected {expected} (current value {current!r})")
+
+  if isinstance(current, bool):
+    low = raw.strip().lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    fail("a bool (true/false)")
+  if isinstance(current, int):
+    try:
+      return int(raw)
+    except ValueError:
+      fail("an int")
+  if isinstance(current, float):
+    try:
+      return float(raw)
+    except ValueError:
+      fail("a float")
+  if isinstance(current, str):
+    return raw
+  if isinstance(current, (tuple, list)):
+    try:
+      value = ast.literal_eval(raw) if raw.strip() else ()
+    except (ValueError, SyntaxError):
+      value = tuple(v.strip() for v in raw.split(","))  # a,b,c without quotes: strings
+    if not isinstance(value, (tuple, list)):
+      value = (value,)
+    return tuple(value)
+  try:  # None or another type: a Python literal, else the raw string
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
+
+
+def apply_override(cd: ml_collections.ConfigDict, assignment: str) -> None:
+  """Applies one 'a.b.c=value' override in place; unknown keys are errors naming them."""
+  if "=" not in assignment:
+    raise ConfigError(f"override {assignment!r} must look like key.path=value")
+  key, raw = assignment.split("=", 1)
+  key = key.strip()
+  if key.startswith("--config."):
+    key = key[len("--config."):]
+  node, walked = cd, []
+  parts = key.split(".")
+  for part in parts[:-1]:
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      valid = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      where = ".".join(walked) or "config"
+      raise ConfigError(f"unknown config key '{key}': {where} has no section {part!r}"
+                        f"{_suggest(part, valid)}; valid keys: {valid}")
+    node = node[part]
+    walked.append(part)
+  leaf = parts[-1]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    valid = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    where = ".".join(walked) or "config"
+    raise ConfigError(f"unknown config key '{key}'{_suggest(leaf, valid)}; valid keys of "
+                      f"{where}: {valid}")
+  current = node[leaf]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise ConfigError(f"config key '{key}' is a section; set one of its fields: "
+                      f"{list(current.keys())}")
+  value = _parse_value(raw, current, key)
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"--config.{key}={raw}: {e}") from None
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads 'path/to/config.py[:arg]' (calls its `get_config(arg)`), applies overrides, locks it."""
+  path_str, _, arg = spec.partition(":")
+  path = pathlib.Path(path_str)
+  module = _import_config_file(path)
+  get_config = getattr(module, "get_config", None)
+  if get_config is None:
+    raise ConfigError(f"config file {path_str!r} defines no get_config(arg)")
+  cd = get_config(arg) if arg else get_config()
+  if not isinstance(cd, ml_collections.ConfigDict):
+    raise ConfigError(f"{path_str}: get_config({arg!r}) returned {type(cd).__name__}, expected "
+                      "an ml_collections.ConfigDict")
+  cd.lock()
+  for assignment in overrides:
+    apply_override(cd, assignment)
+  return cd
+
+
+# -- the run configuration -------------------------------------------------------------------------
+# Imports of the library's own config types sit here (below the generic machinery above, which the
+# CLI uses before anything heavy is needed).
+from opd_jax.data.pipeline import PipelineConfig  # noqa: E402
+from opd_jax.data.tasks import TaskConfig  # noqa: E402
+from opd_jax.models.config import ModelConfig  # noqa: E402
+from opd_jax.objectives.log_ratio import CreditConfig  # noqa: E402
+from opd_jax.objectives.rlvr import GRPOConfig  # noqa: E402
+from opd_jax.optim.factory import OptimConfig  # noqa: E402
+from opd_jax.train.mesh import MeshConfig  # noqa: E402
+from opd_jax.train.steps import DistillStepConfig, PGStepConfig, SFTStepConfig  # noqa: E402
+
+METHODS = ("sft", "opd", "rlvr", "mixed", "distill")
+PG_METHODS = ("opd", "rlvr", "mixed")
+MODEL_SOURCES = ("random", "hf", "checkpoint", "none")
+DATA_SOURCES = ("task", "file")
+VERIFIERS = ("exact_match", "math")
+ROLLOUT_POLICIES = ("student", "teacher")
+
+
+def _bad(obj, field: str, why: str):
+  raise ConfigError(f"{type(obj).__name__}.{field}={getattr(obj, field)!r}: {why}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Where a model comes from.
+
+  Attributes:
+    source: 'random' (fresh init of `model` with `seed`), 'hf' (a local Hugging Face checkpoint
+      directory `path`: config.json + safetensors), 'checkpoint' (one of our checkpoints / parameter
+      snapshots at `path`, read with `train.checkpoint.load_params_and_config`), or 'none' (no such
+      model: a teacher for SFT / RLVR). In-memory params passed to `loop.run` override the source.
+    path: checkpoint location for 'hf' / 'checkpoint'.
+    model: the architecture for 'random'. For 'hf' / 'checkpoint' the architecture comes from the
+      checkpoint and only the numerics fields of `model` are applied on top (dtype, param_dtype,
+      scan_layers, remat).
+    seed: init seed for 'random'.
+  """
+
+  source: str = "random"
+  path: str = ""
+  model: ModelConfig = ModelConfig()
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.source not in MODEL_SOURCES:
+      _bad(self, "source", f"expected one of {MODEL_SOURCES}")
+    if self.source in ("hf", "checkpoint") and not self.path:
+      _bad(self, "path", f"source={self.source!r} needs a path")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Examples, tokenizer, padding buckets and verifier.
+
+  Attributes:
+    source: 'task' (the embedded synthetic tasks, `data.tasks`) or 'file' (a local JSONL / Parquet
+      prompt set such as dapo-math-17k, `data.datasets`).
+    task: task families and difficulty (source='task').
+    train_examples / eval_examples: how many task problems to generate for each split (disjoint by
+      construction), or the cap on rows read from the files (0: all rows).
+    data_seed: generation seed of the task problems.
+    path / eval_path: prompt-set files (source='file'); without eval_path there is no eval split.
+    layout: prompt-set layout name (`data.datasets.LAYOUTS`).
+    on_error: malformed rows: 'error' or 'skip'.
+    max_prompt_tokens: drop/raise on longer chat-formatted prompts (0: no limit).
+    tokenizer: a local Hugging Face tokenizer directory; '' builds the task's char-level tokenizer.
+    verifier: 'exact_match' (the synthetic tasks) or 'math' (math-verify, boxed answers).
+    prompt_buckets: padded prompt lengths of rollout batches; () = one bucket fitting the longest
+      prompt (rounded up to a multiple of 8).
+    sft_buckets: padded sequence lengths of SFT batches; () = as above for prompt + solution.
+    shuffle: shuffle the training stream (seeded by `loop.seed`).
+  """
+
+  source: str = "task"
+  task: TaskConfig = TaskConfig()
+  train_examples: int = 4096
+  eval_examples: int = 128
+  data_seed: int = 0
+  path: str = ""
+  eval_path: str = ""
+  layout: str = "dapo_math_17k"
+  on_error: str = "error"
+  max_prompt_tokens: int = 0
+  tokenizer: str = ""
+  verifier: str = "exact_match"
+  prompt_buckets: tuple[int, ...] = ()
+  sft_buckets: tuple[int, ...] = ()
+  shuffle: bool = True
+
+  def __post_init__(self):
+    if self.source not in DATA_SOURCES:
+      _bad(self, "source", f"expected one of {DATA_SOURCES}")
+    if self.source == "file" and not self.path:
+      _bad(self, "path", "source='file' needs the prompt-set path")
+    if self.verifier not in VERIFIERS:
+      _bad(self, "verifier", f"expected one of {VERIFIERS}")
+    if self.train_examples < 0 or self.eval_examples < 0:
+      _bad(self, "train_examples", "train_examples and eval_examples must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Rollout decoding (turned into `models.sampler.SamplerConfig` with the tokenizer's EOS/pad).
+
+  Attributes:
+    max_new_tokens: response budget; 0 = for source='task', the longest solution + EOS.
+    temperature: sampling temperature (the paper: 1.0). `pg.temperature` must equal it (the
+      recipe configs tie the two with a FieldReference).
+    top_k / top_p: truncation (0 / 1.0 = off).
+    eos_ids: extra end-of-sequence ids besides the tokenizer's EOS (e.g. Qwen's <|endoftext|>).
+  """
+
+  max_new_tokens: int = 0
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  eos_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.max_new_tokens < 0:
+      _bad(self, "max_new_tokens", "must be >= 0 (0 = automatic for tasks)")
+    if not self.temperature > 0:
+      _bad(self, "temperature", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """How a rollout batch becomes a `pg_step` batch (see `train.rollout`).
+
+  Attributes:
+    policy: 'student' (on-policy) or 'teacher' (the off-policy control: the teacher samples, the
+      student scores the rollouts for old_logp; set pg.pg.eps_high = pg.pg.eps_low = 1.0 to turn
+      ratio clipping effectively off, as the recipe's `offpolicy` variant does).
+    group_size: samples per prompt (G; GRPO groups for RLVR; the paper's OPD uses 8). Tied to
+      grpo.group_size in the recipe configs.
+    mix_alpha: method='mixed': A = alpha A_OPD + (1 - alpha) A_RLVR.
+    token_transforms: token sparsification chain over the per-token rewards before the credit
+      estimator: ((name, kwargs), ...) with names from `rollout.TOKEN_TRANSFORMS`.
+    chunk_size: sequence positions per chunk when scoring with the teacher / computing KL_t.
+    recompute_old_logp: re-score the student's own rollouts for old_logp instead of taking the
+      sampler's log-probs (equal in float32; recommended in bf16, where the KV-cache decode and
+      the training forward pass round differently and the ratio should start at exactly 1).
+  """
+
+  policy: str = "student"
+  group_size: int = 1
+  mix_alpha: float = 0.5
+  token_transforms: tuple = ()
+  chunk_size: int = 128
+  recompute_old_logp: bool = False
+
+  def __post_init__(self):
+    if self.policy not in ROLLOUT_POLICIES:
+      _bad(self, "policy", f"expected one of {ROLLOUT_POLICIES}")
+    if self.group_size < 1:
+      _bad(self, "group_size", "must be >= 1")
+    if not 0.0 <= self.mix_alpha <= 1.0:
+      _bad(self, "mix_alpha", "must be in [0, 1]")
+    from opd_jax.train.rollout import TOKEN_TRANSFORMS  # the one table of token transforms
+    for i, t in enumerate(self.token_transforms):
+      if (not isinstance(t, (tuple, list)) or len(t) != 2 or not isinstance(t[0], str)
+          or not isinstance(t[1], Mapping)):
+        raise ConfigError(f"RolloutConfig.token_transforms[{i}]={t!r}: expected (name, kwargs)")
+      if t[0] not in TOKEN_TRANSFORMS:
+        raise ConfigError(f"RolloutConfig.token_transforms[{i}]: unknown token transform "
+                          f"{t[0]!r}; valid names: {sorted(TOKEN_TRANSFORMS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """Steps, batch size, eval, snapshots, checkpoints, logging.
+
+  Attributes:
+    steps: train steps (one rollout batch / SFT batch each).
+    batch_size: global prompts per step (PG methods; each sampled `rollout.group_size` times) or
+      global sequences per step (SFT).
+    seed: seed of the train-state RNG (per-step keys) and of the data order.
+    eval_every: evaluate every this many steps (0: never); also at the start and the end.
+    eval_k: samples per eval prompt (avg@k); eval_greedy: greedy decoding (then k is 1).
+    eval_temperature: sampling temperature of eval when not greedy.
+    eval_batch_size: eval prompts per sampler call.
+    snapshot_steps: steps after which the parameters are saved for trajectory diagnostics (kept
+      apart from the rolling checkpoints; step 0 = the initial parameters).
+    checkpoint_every: rolling checkpoint every this many steps (0: only at the end).
+    checkpoint_keep: rolling checkpoints kept.
+    log_every: write metrics every this many steps.
+    progress / tensorboard: tqdm bar; TensorBoard event files (JSONL is always written).
+    debug_nan_at_step: test hook: the loss of this step is made NaN (the run must stop there).
+  """
+
+  steps: int = 100
+  batch_size: int = 8
+  seed: int = 0
+  eval_every: int = 0
+  eval_k: int = 1
+  eval_greedy: bool = True
+  eval_temperature: float = 1.0
+  eval_batch_size: int = 64
+  snapshot_steps: tuple[int, ...] = ()
+  checkpoint_every: int = 0
+  checkpoint_keep: int = 2
+  log_every: int = 1
+  progress: bool = True
+  tensorboard: bool = True
+  debug_nan_at_step: int = -1
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "eval_k", "eval_batch_size", "checkpoint_keep",
+                 "log_every"):
+      if getattr(self, name) < 1:
+        _bad(self, name, "must be >= 1")
+    for name in ("eval_every", "checkpoint_every"):
+      if getattr(self, name) < 0:
+        _bad(self, name, "must be >= 0")
+    bad = [s for s in self.snapshot_steps if not 0 <= s <= self.steps]
+    if bad:
+      _bad(self, "snapshot_steps", f"steps {bad} are outside [0, steps={self.steps}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class SubspaceConfig:
+  """Rank-k subspace-constrained training (the paper's intervention), from checkpoint paths.
+
+  When `at` is set, bases V_k (top-k input-side singular vectors of W_at - W_origin per matrix,
+  `optim.subspace.capture_bases`) are passed to the optimizer factory as `subspace_bases`; add the
+  transform ('subspace_projection', position 'pre' or 'post') to `optim.transforms`. The student
+  usually starts from `at` as well (student.source='checkpoint', student.path=at). In-memory bases
+  passed to `loop.run(subspace_bases=...)` take precedence.
+
+  Attributes:
+    origin: checkpoint / snapshot path of W_0 (the start of the run being constrained).
+    at: checkpoint / snapshot path of W_t (e.g. ~20% of training); '' disables.
+    k: rank of the subspace (the paper: 16).
+  """
+
+  origin: str = ""
+  at: str = ""
+  k: int = 16
+
+  def __post_init__(self):
+    if bool(self.origin) != bool(self.at):
+      _bad(self, "at", "set both subspace.origin and subspace.at (or neither)")
+    if self.k < 1:
+      _bad(self, "k", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a run needs. `method` picks the objective:
+
+    sft      token NLL on demonstrations (`sft` section; data.source='task' or a file with solutions)
+    opd      policy-gradient OPD: reward_t = log pT - log pS on the student's rollouts (`pg`, `credit`)
+    rlvr     GRPO on verifier rewards (`pg`, `grpo`)
+    mixed    A = alpha A_OPD + (1 - alpha) A_RLVR (`rollout.mix_alpha`)
+    distill  direct route: a divergence between teacher and student distributions on the student's
+             rollouts (`distill`)
+  """
+
+  method: str = "opd"
+  student: ModelSpec = ModelSpec()
+  teacher: ModelSpec = ModelSpec(source="none")
+  mesh: MeshConfig = MeshConfig()
+  optim: OptimConfig = OptimConfig()
+  data: DataConfig = DataConfig()
+  sampler: SamplingConfig = SamplingConfig()
+  rollout: RolloutConfig = RolloutConfig()
+  sft: SFTStepConfig = SFTStepConfig()
+  pg: PGStepConfig = PGStepConfig()
+  distill: DistillStepConfig = DistillStepConfig()
+  credit: CreditConfig = CreditConfig()
+  grpo: GRPOConfig = GRPOConfig(group_size=1)
+  loop: LoopConfig = LoopConfig()
+  subspace: SubspaceConfig = SubspaceConfig()
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      _bad(self, "method", f"expected one of {METHODS}")
+    needs_teacher = self.method in ("opd", "mixed", "distill") or self.rollout.policy == "teacher"
+    if needs_teacher and self.teacher.source == "none":
+      raise ConfigError(f"method={self.method!r} (rollout.policy={self.rollout.policy!r}) needs a "
+                        "teacher: set teacher.source to 'random', 'hf' or 'checkpoint' (or pass "
+                        "teacher_params to loop.run)")
+    if self.method in PG_METHODS + ("distill",):
+      if self.pg.temperature != self.sampler.temperature:
+        raise ConfigError(f"pg.temperature={self.pg.temperature} must equal sampler.temperature="
+                          f"{self.sampler.temperature} (pi_theta is evaluated at the sampling "
+                          "temperature)")
+      if self.method in ("rlvr", "mixed") and self.grpo.group_size != self.rollout.group_size:
+        raise ConfigError(f"grpo.group_size={self.grpo.group_size} must equal "
+                          f"rollout.group_size={self.rollout.group_size}")
+      if self.method in ("rlvr", "mixed") and self.rollout.group_size < 2:
+        raise ConfigError(f"method={self.method!r} needs rollout.group_size >= 2 (GRPO groups)")
+    if self.method == "sft" and self.data.source == "file" and not self.data.layout == "math":
+      raise ConfigError(f"method='sft' needs worked solutions; data.layout={self.data.layout!r} "
+                        "has none (use source='task' or a layout with a solution field)")
+
+  def replace(self, **kw) -> "TrainConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def from_config_dict(cd: Any) -> TrainConfig:
+  """The typed `TrainConfig` of a (locked) ConfigDict or nested dict; strict (module docstring)."""
+  return dataclass_from_dict(TrainConfig, cd, "config")
+
+
+def to_config_dict(cfg: TrainConfig) -> ml_collections.ConfigDict:
+  """The ConfigDict of a TrainConfig (every field present; unlocked)."""
+  return ml_collections.ConfigDict(dataclass_to_dict(cfg))
+
+
+def default_config(method: str = "opd") -> ml_collections.ConfigDict:
+  """Every TrainConfig field with its default (unlocked), for config files to edit. Knobs that must
+  agree are tied with FieldReferences: sampler.temperature = pg.temperature, and
+  rollout.group_size = grpo.group_size (setting either one sets both)."""
+  cd = to_config_dict(TrainConfig(method="sft"))
+  cd.method = method
+  temperature = ml_collections.FieldReference(cd.sampler.temperature)
+  cd.sampler.temperature = temperature
+  cd.pg.temperature = temperature
+  group = ml_collections.FieldReference(cd.rollout.group_size)
+  cd.rollout.group_size = group
+  cd.grpo.group_size = group
+  return cd

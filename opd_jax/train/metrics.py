@@ -1,0 +1,175 @@
+"""Training metrics: computed in jit, fetched one step late, written to JSONL / TensorBoard.
+
+Steps and rollouts return flat dicts of scalar device arrays with slash names (`train/loss`,
+`opd/teacher_gap`, `rollout/response_len`, ...). Fetching them right after dispatch would block the
+host until the step finishes and stall the pipeline, so the loop keeps the previous step's dict and
+`jax.device_get`s it only after the next step has been dispatched (`LateFetcher`). The price: the
+loop learns that step s had a non-finite loss while step s+1 is already running, so the loop must
+check the *current* step's flag synchronously before it checkpoints (see `loop.py`).
+
+Writers: `JsonlWriter` (one JSON object per line: {"step": s, "<name>": value, ...}),
+`TensorBoardWriter` (tensorboardX scalars), `MetricsWriter` (both), and `Progress` (a tqdm bar with
+rate and ETA, showing a few chosen metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Metrics = dict[str, Any]
+
+
+def prefixed(prefix: str, metrics: Mapping[str, Any]) -> Metrics:
+  """Adds `prefix/` to every name that has no slash yet (names with a slash are kept)."""
+  return {(k if "/" in k else f"{prefix}/{k}"): v for k, v in metrics.items()}
+
+
+def masked_mean(x_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+  """Mean of x over mask (0 when the mask is empty); float32, for in-jit metrics."""
+  m = mask_BxT.astype(jnp.float32)
+  return jnp.sum(x_BxT.astype(jnp.float32) * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """`jax.device_get` of a metrics dict, as plain Python floats (checks the names)."""
+  out = {}
+  for name, value in jax.device_get(dict(metrics)).items():
+    arr = np.asarray(value)
+    if arr.size != 1:
+      raise ValueError(f"metric {name!r} must be a scalar, got shape {arr.shape}")
+    out[name] = float(arr.reshape(()))
+  return out
+
+
+class LateFetcher:
+  """Holds one step's device metrics until the next step has been dispatched.
+
+  Usage per step: `ready = fetcher.push(step, device_metrics)` right after dispatching `step`;
+  it returns `(previous_step, host_metrics)` of the step before (or None the first time).
+  `flush()` fetches what is still held (at the end, or when the loop must know now).
+  """
+
+  def __init__(self):
+    self._pending: tuple[int, Metrics] | None = None
+
+  def push(self, step: int, metrics: Metrics) -> tuple[int, dict[str, float]] | None:
+    ready = self.flush()
+    self._pending = (step, metrics)
+    return ready
+
+  def flush(self) -> tuple[int, dict[str, float]] | None:
+    if self._pending is None:
+      return None
+    step, metrics = self._pending
+    self._pending = None
+    return step, to_host(metrics)
+
+  @property
+  def pending_step(self) -> int | None:
+    return None if self._pending is None else self._pending[0]
+
+
+def _json_value(v: float):
+  return v if math.isfinite(v) else str(v)  # JSON has no NaN/inf: write them as strings
+
+
+class JsonlWriter:
+  """Appends {"step": s, ...metrics} lines to a file (resumed runs keep appending)."""
+
+  def __init__(self, path: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    self.path = path
+    self._f = open(path, "a", encoding="utf-8")
+
+  def write(self, step: int, metrics: Mapping[str, float]):
+    row = {"step": int(step)}
+    row.update({k: _json_value(float(v)) for k, v in sorted(metrics.items())})
+    self._f.write(json.dumps(row) + "\n")
+    self._f.flush()
+
+  def close(self):
+    self._f.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """Reads a metrics file written by `JsonlWriter` ('nan'/'inf' strings back to floats)."""
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not a JSON object ({e})") from None
+      rows.append({k: (float(v) if isinstance(v, str) and k != "step" else v)
+                   for k, v in row.items()})
+  return rows
+
+
+class TensorBoardWriter:
+  """tensorboardX scalars, one tag per metric name."""
+
+  def __init__(self, logdir: str):
+    from tensorboardX import SummaryWriter  # imported lazily: only runs that log need it
+    self._w = SummaryWriter(logdir=logdir)
+
+  def write(self, step: int, metrics: Mapping[str, float]):
+    for k, v in metrics.items():
+      self._w.add_scalar(k, float(v), global_step=int(step))
+    self._w.flush()
+
+  def close(self):
+    self._w.close()
+
+
+class MetricsWriter:
+  """JSONL (always) plus TensorBoard (optional); only process 0 writes."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, name: str = "metrics"):
+    self._writers = []
+    if jax.process_index() == 0:
+      self._writers.append(JsonlWriter(os.path.join(workdir, f"{name}.jsonl")))
+      if tensorboard:
+        self._writers.append(TensorBoardWriter(os.path.join(workdir, "tb")))
+
+  def write(self, step: int, metrics: Mapping[str, float]):
+    for w in self._writers:
+      w.write(step, metrics)
+
+  def close(self):
+    for w in self._writers:
+      w.close()
+
+
+class Progress:
+  """A tqdm bar over training steps with rate and ETA, showing a few chosen metrics."""
+
+  def __init__(self, total: int, initial: int = 0, *, show: tuple[str, ...] = ("train/loss",),
+               enabled: bool = True, desc: str = "train"):
+    from tqdm.auto import tqdm
+    self._show = show
+    self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                     disable=not enabled or jax.process_index() != 0)
+
+  def update(self, n: int = 1, metrics: Mapping[str, float] | None = None):
+    if metrics:
+      post = {k.split("/")[-1]: f"{metrics[k]:.4g}" for k in self._show if k in metrics}
+      if post:
+        self._bar.set_postfix(post, refresh=False)
+    self._bar.update(n)
+
+  @property
+  def rate(self) -> float | None:
+    """Steps per second so far (None before the first update)."""
+    return self._bar.format_dict.get("rate")
+
+  def close(self):
+    self._bar.close()

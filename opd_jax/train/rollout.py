@@ -1,0 +1,334 @@
+"""Rollouts: sample -> score with the teacher -> rewards -> token transforms -> credit -> advantages.
+
+One rollout batch becomes one `pg_step` batch (`tokens_BxT, mask_BxT, loss_mask_BxT, old_logp_BxT,
+adv_BxT`) in two jitted phases (module-level, knobs static, compiled once per shape bucket):
+
+  `generate`   the behaviour policy samples (the student; the teacher for the off-policy control),
+               then: old_logp = the student's log-probs of the sampled tokens at the sampling
+               temperature (the sampler's own numbers when the student sampled, unless
+               `recompute_old_logp`; the student re-scores the teacher's rollouts otherwise);
+               teacher_logp = the teacher's log-probs at the same temperature (OPD / mixed; the
+               sampler's numbers when the teacher sampled); kl_BxT = exact per-state
+               KL(pS(.|s_t) || pT(.|s_t)) when the credit estimator needs it (baseline-corrected, GAE
+               with the critic-free V = -KL_t), chunked over the sequence.
+  `advantages` OPD: reward_t = teacher_logp - old_logp on loss-mask tokens -> token transforms (an
+               optax chain over the per-token rewards with `signal=r_t` (= -reward_t, the log-ratio)
+               and `mask=loss_mask` extra args; its state is carried by the loop) -> credit estimator.
+               RLVR: verifier scores (host side, `verify`) -> GRPO advantages broadcast to tokens;
+               rows of zero-variance groups leave the loss mask (the paper skips them). Mixed:
+               `mix_advantages` of the two. Advantages are stop-gradient.
+
+Between the phases, RLVR (and mixed) decode the responses on the host and score them with the
+verifier (`verify`); OPD never leaves the device.
+
+The direct route (`distill`) only needs `generate`'s tokens and masks: `distill_step` computes the
+teacher's distributions itself.
+
+`evaluate` measures accuracy with the verifier on an eval pipeline: avg@k over k samples per prompt
+(greedy decoding: k = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from opd_jax.data import tokenizer as tokenizer_lib
+from opd_jax.data import verifiers
+from opd_jax.models import scoring
+from opd_jax.models import sampler as sampler_lib
+from opd_jax.models import sharding
+from opd_jax.objectives import distill
+from opd_jax.objectives import log_ratio
+from opd_jax.objectives import reduce
+from opd_jax.objectives import rlvr
+from opd_jax.optim import tokens as tokens_lib
+
+# -- token transforms: ONE table, name -> factory(**kwargs) ---------------------------------------
+TOKEN_TRANSFORMS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "top_kl_retention": tokens_lib.top_kl_retention,
+    "random_retention": tokens_lib.random_retention,
+    "scale": optax.scale,
+}
+
+
+def make_token_transform(specs: Sequence[tuple[str, Mapping[str, Any]]]
+                         ) -> optax.GradientTransformationExtraArgs:
+  """The optax chain of token transforms `((name, kwargs), ...)` (identity when empty)."""
+  parts = []
+  for i, spec in enumerate(specs):
+    name, kwargs = spec
+    if name not in TOKEN_TRANSFORMS:
+      raise ValueError(f"rollout.token_transforms[{i}]: unknown token transform {name!r}; valid "
+                       f"names: {sorted(TOKEN_TRANSFORMS)}")
+    try:
+      parts.append(optax.with_extra_args_support(TOKEN_TRANSFORMS[name](**dict(kwargs))))
+    except TypeError as e:
+      raise ValueError(f"rollout.token_transforms[{i}] ({name!r}, {dict(kwargs)}): {e}") from e
+  return optax.chain(*parts)
+
+
+# -- knobs ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RolloutKnobs:
+  """The static (hashable) settings of the jitted rollout phases.
+
+  Attributes:
+    method: 'opd', 'rlvr', 'mixed' or 'distill'.
+    policy: 'student' or 'teacher' (who samples).
+    sampler: decoding settings (temperature = the scoring temperature of old/teacher log-probs).
+    credit: credit estimator of the OPD part.
+    group_size / normalize_std / grpo_eps / ddof: GRPO advantages (rlvr, mixed).
+    mix_alpha: weight of OPD in 'mixed'.
+    chunk_size: positions per chunk for teacher scoring and KL_t.
+    recompute_old_logp: re-score the student's own rollouts with the scoring route instead of
+      taking the sampler's log-probs (same numbers up to float error in float32; in bf16 the
+      decode path and the training forward differ, and the ratio should start at exactly 1).
+  """
+
+  method: str
+  policy: str = "student"
+  sampler: sampler_lib.SamplerConfig | None = None
+  credit: log_ratio.CreditConfig = log_ratio.CreditConfig()
+  group_size: int = 1
+  normalize_std: bool = True
+  grpo_eps: float = 1e-6
+  ddof: int = 1
+  mix_alpha: float = 1.0
+  chunk_size: int = scoring.DEFAULT_CHUNK
+  recompute_old_logp: bool = False
+
+  @property
+  def uses_teacher_logp(self) -> bool:
+    return self.method in ("opd", "mixed")
+
+  @property
+  def uses_verifier(self) -> bool:
+    return self.method in ("rlvr", "mixed")
+
+  @property
+  def needs_kl(self) -> bool:
+    c = self.credit
+    return self.uses_teacher_logp and (
+        c.kind == "baseline_corrected" or (c.kind == "gae" and c.value == "neg_kl"))
+
+
+class Rollout(NamedTuple):
+  """Device outputs of `generate` (arrays [B, T] unless noted; zeros where unused)."""
+
+  tokens_BxT: jax.Array
+  mask_BxT: jax.Array
+  loss_mask_BxT: jax.Array
+  lengths_B: jax.Array
+  old_logp_BxT: jax.Array
+  teacher_logp_BxT: jax.Array
+  kl_BxT: jax.Array
+
+
+def _batch_constrain(x):
+  return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+def per_token_reverse_kl(student_graphdef, student_params, teacher_graphdef, teacher_params,
+                         tokens_BxT, mask_BxT, loss_mask_BxT, *, temperature: float,
+                         chunk_size: int) -> jax.Array:
+  """KL_t = KL(pS(.|s_t) || pT(.|s_t)) at every loss-mask position (zero elsewhere), exact over the
+  vocabulary, chunked over the sequence (never a [B, T, V] array)."""
+  h_s = scoring.shifted_hidden(student_graphdef, student_params, tokens_BxT, mask_BxT)
+  h_t = scoring.shifted_hidden(teacher_graphdef, teacher_params, tokens_BxT, mask_BxT)
+  kl_fn = lambda s, t: distill.reverse_kl(s, t, temperature)  # noqa: E731
+  kl = distill.chunked_token_map(
+      kl_fn, scoring.unembed_fn(student_graphdef, student_params), h_s,
+      (scoring.unembed_fn(teacher_graphdef, teacher_params), h_t), loss_mask_BxT, chunk_size)
+  return jax.lax.stop_gradient(kl)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2), static_argnames=("temperature", "chunk_size",
+                                                                    "rules"))
+def _reverse_kl(student_graphdef, student_params, teacher_graphdef, teacher_params, tokens_BxT,
+                mask_BxT, loss_mask_BxT, *, temperature, chunk_size, rules):
+  with sharding.axis_rules(rules):
+    return per_token_reverse_kl(student_graphdef, student_params, teacher_graphdef,
+                                teacher_params, tokens_BxT, mask_BxT, loss_mask_BxT,
+                                temperature=temperature, chunk_size=chunk_size)
+
+
+def generate(student_graphdef, student_params, teacher_graphdef, teacher_params, prompt_BxP,
+             prompt_mask_BxP, rng, knobs: RolloutKnobs) -> Rollout:
+  """Samples with the behaviour policy and scores the rollout (module docstring).
+
+  Runs under the caller's mesh (`jax.set_mesh`) and axis rules (`sharding.axis_rules`); teacher
+  arguments may be None when the method does not use a teacher. The pieces are separately jitted
+  module-level functions (`sampler.sample`, `scoring.token_logprobs`, the chunked KL), each
+  compiled once per shape and shared by every method that uses the same sampler settings.
+  """
+  if knobs.sampler is None:
+    raise ValueError("RolloutKnobs.sampler is required")
+  by_teacher = knobs.policy == "teacher"
+  if (by_teacher or knobs.uses_teacher_logp) and teacher_params is None:
+    raise ValueError(f"rollout method={knobs.method!r} policy={knobs.policy!r} needs teacher "
+                     "params")
+  gd, params = ((teacher_graphdef, teacher_params) if by_teacher else
+                (student_graphdef, student_params))
+  out = sampler_lib.sample(gd, params, prompt_BxP, prompt_mask_BxP, rng, knobs.sampler)
+  tokens, mask, loss_mask = out.tokens_BxT, out.mask_BxT, out.loss_mask_BxT
+  temperature = knobs.sampler.temperature
+
+  def score(graphdef, p):
+    # token_logprobs is zero outside `mask`; the sampler's log-probs are zero outside the
+    # response: both agree on the loss-mask positions, which are all that is used.
+    return scoring.token_logprobs(graphdef, p, tokens, mask, temperature=temperature,
+                                  chunk_size=knobs.chunk_size)
+
+  if by_teacher or knobs.recompute_old_logp:
+    old_logp = score(student_graphdef, student_params)
+  else:
+    old_logp = out.logp_BxT
+  teacher_logp = kl = None
+  if knobs.uses_teacher_logp:
+    teacher_logp = out.logp_BxT if by_teacher else score(teacher_graphdef, teacher_params)
+  if knobs.needs_kl:
+    kl = _reverse_kl(student_graphdef, student_params, teacher_graphdef, teacher_params, tokens,
+                     mask, loss_mask, temperature=temperature, chunk_size=knobs.chunk_size,
+                     rules=sharding.current_rules())
+  return Rollout(tokens, mask, loss_mask, out.lengths_B, old_logp, teacher_logp, kl)
+
+
+def rollout_rng(base_key: jax.Array, step) -> jax.Array:
+  """The sampling key of train step `step`: distinct from the step's own key (used by pg_step to
+  shuffle minibatches), reproducible on resume."""
+  return jax.random.fold_in(jax.random.fold_in(base_key, step), 0x5A3F)
+
+
+# -- advantages -----------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("knobs", "token_tx", "rules"))
+def _advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, *, knobs: RolloutKnobs,
+                token_tx, rules):
+  with sharding.axis_rules(rules):
+    loss_mask = rollout.loss_mask_BxT & valid_B[:, None]
+    metrics = {
+        "rollout/response_len": jnp.mean(rollout.lengths_B.astype(jnp.float32)),
+        "rollout/eos_frac": jnp.mean(
+            (jnp.sum(rollout.loss_mask_BxT, axis=1) < knobs.sampler.max_new_tokens)
+            .astype(jnp.float32)),
+    }
+    adv_opd = adv_rlvr = None
+    if knobs.uses_teacher_logp:
+      reward = log_ratio.rewards(rollout.old_logp_BxT, rollout.teacher_logp_BxT, loss_mask)
+      metrics.update(log_ratio.opd_metrics(rollout.old_logp_BxT, rollout.teacher_logp_BxT,
+                                           loss_mask, rollout.kl_BxT if knobs.needs_kl else None))
+      if token_tx is not None:
+        reward, token_state = token_tx.update(reward, token_state, signal=-reward,
+                                              mask=loss_mask)
+        kept = optax.tree_utils.tree_get_all_with_path(token_state, "kept_frac")
+        if len(kept) == 1:
+          metrics["tokens/kept_frac"] = kept[0][1]
+      adv_opd = log_ratio.advantages(reward, loss_mask, knobs.credit, kl_BxT=rollout.kl_BxT)
+    if knobs.uses_verifier:
+      adv_B, keep_B, m = rlvr.grpo_advantages(seq_rewards_B, knobs.group_size,
+                                              knobs.normalize_std, knobs.grpo_eps,
+                                              ddof=knobs.ddof)
+      metrics.update(m)
+      adv_rlvr = rlvr.broadcast_to_tokens(adv_B, loss_mask)
+      if knobs.method == "rlvr":
+        loss_mask = loss_mask & keep_B[:, None]  # zero-variance groups are skipped
+    if knobs.method == "mixed":
+      adv = rlvr.mix_advantages(adv_opd, adv_rlvr, knobs.mix_alpha)
+    else:
+      adv = adv_opd if adv_opd is not None else adv_rlvr
+    adv = jax.lax.stop_gradient(jnp.where(loss_mask, adv, 0.0))
+    metrics["rollout/adv_mean"] = reduce.masked_mean(adv, loss_mask)
+    metrics["rollout/tokens"] = jnp.sum(loss_mask).astype(jnp.float32)
+    batch = {"tokens_BxT": rollout.tokens_BxT, "mask_BxT": rollout.mask_BxT,
+             "loss_mask_BxT": loss_mask, "old_logp_BxT": rollout.old_logp_BxT, "adv_BxT": adv}
+    batch = jax.tree.map(_batch_constrain, batch)
+    return batch, token_state, metrics
+
+
+def advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, knobs: RolloutKnobs,
+               token_tx: optax.GradientTransformationExtraArgs | None = None):
+  """The `pg_step` batch, the new token-transform state and rollout metrics.
+
+  Args:
+    rollout: `generate`'s output.
+    valid_B: bool [B], False on filler rows (they leave the loss mask).
+    seq_rewards_B: float32 [B] verifier scores (rlvr / mixed; `verify`), else None.
+    token_state: state of `token_tx` (None without transforms).
+    knobs: the rollout knobs.
+    token_tx: token transforms over the OPD rewards (`make_token_transform`), or None.
+  """
+  if knobs.uses_verifier and seq_rewards_B is None:
+    raise ValueError(f"rollout method={knobs.method!r} needs the verifier rewards seq_rewards_B")
+  if not knobs.uses_verifier:
+    seq_rewards_B = None
+  return _advantages(rollout, valid_B, seq_rewards_B, token_state, knobs=knobs,
+                     token_tx=token_tx, rules=sharding.current_rules())
+
+
+# -- host side: decode + verify -------------------------------------------------------------------
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in global order (all rows when the
+  array is fully addressable)."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(x))
+  shards = {}
+  for s in x.addressable_shards:
+    start = s.index[0].start or 0
+    shards.setdefault(start, s.data)
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
+
+
+def decode_responses(tokenizer, tokens_BxT: np.ndarray, loss_mask_BxT: np.ndarray) -> list[str]:
+  """Response texts (the loss-mask tokens of each row, decoded up to EOS, specials dropped)."""
+  return [tokenizer_lib.decode_response(tokenizer, row[m].tolist())
+          for row, m in zip(tokens_BxT, loss_mask_BxT.astype(bool))]
+
+
+def verify(tokenizer, verifier: verifiers.Verifier, rollout: Rollout, answers_B: Sequence[str]
+           ) -> np.ndarray:
+  """float32 [B_local] verifier scores of this process's rows (host side; blocks on the rollout)."""
+  texts = decode_responses(tokenizer, local_rows(rollout.tokens_BxT),
+                           local_rows(rollout.loss_mask_BxT))
+  return verifiers.score_batch(verifier, texts, list(answers_B))
+
+
+# -- eval -----------------------------------------------------------------------------------------
+def evaluate(graphdef, params, batches, tokenizer, verifier: verifiers.Verifier,
+             sampler_cfg: sampler_lib.SamplerConfig, rng: jax.Array, k: int,
+             to_device: Callable[[Mapping[str, np.ndarray]], Mapping[str, jax.Array]]
+             ) -> dict[str, float]:
+  """Verifier accuracy over an eval pipeline's batches (each prompt repeated k times in
+  consecutive rows, `group_size=k`): `eval/accuracy` = avg@k (mean over prompts of the mean score
+  of their k samples), `eval/pass_at_k` (any of the k correct), `eval/response_len`, `eval/prompts`.
+  Multi-process: every process scores its rows; the sums are combined across processes.
+  """
+  score_sum = pass_sum = len_sum = 0.0
+  n_prompts = 0
+  for i, batch in enumerate(batches):
+    dev = to_device({"prompt_tokens_BxP": batch["prompt_tokens_BxP"],
+                     "prompt_mask_BxP": batch["prompt_mask_BxP"]})
+    out = sampler_lib.sample(graphdef, params, dev["prompt_tokens_BxP"], dev["prompt_mask_BxP"],
+                             jax.random.fold_in(rng, i), sampler_cfg)
+    tokens, loss_mask = local_rows(out.tokens_BxT), local_rows(out.loss_mask_BxT)
+    texts = decode_responses(tokenizer, tokens, loss_mask)
+    scores = verifiers.score_batch(verifier, texts, list(batch["answer_B"]))
+    valid = np.asarray(batch["valid_B"], bool)
+    per_prompt = scores.reshape(-1, k)
+    valid_p = valid.reshape(-1, k)[:, 0]
+    score_sum += float(per_prompt.mean(axis=1)[valid_p].sum())
+    pass_sum += float((per_prompt.max(axis=1) > 0)[valid_p].sum())
+    len_sum += float(loss_mask.sum(axis=1).reshape(-1, k).mean(axis=1)[valid_p].sum())
+    n_prompts += int(valid_p.sum())
+  totals = np.asarray([score_sum, pass_sum, len_sum, n_prompts], np.float64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
+  n = max(totals[3], 1.0)
+  return {"eval/accuracy": float(totals[0] / n), "eval/pass_at_k": float(totals[1] / n),
+          "eval/response_len": float(totals[2] / n), "eval/prompts": float(totals[3])}

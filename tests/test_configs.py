@@ -1,0 +1,146 @@
+"""Config files and the strict ConfigDict -> TrainConfig bridge (no device work: fast)."""
+
+import pathlib
+
+import ml_collections
+import pytest
+
+from opd_jax.train import config as config_lib
+from opd_jax.train.config import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = {"sft": ("smoke", "tiny", "qwen3_8b"), "opd": ("smoke", "tiny", "offpolicy", "qwen3_8b"),
+           "rlvr": ("smoke", "tiny", "qwen3_8b")}
+
+
+def load(name, preset, overrides=()):
+  return config_lib.load_config(str(ROOT / "configs" / f"{name}.py") + f":{preset}", overrides)
+
+
+@pytest.mark.parametrize("name,preset", [(n, p) for n, ps in CONFIGS.items() for p in ps])
+def test_every_preset_builds_a_locked_typed_config(name, preset):
+  cd = load(name, preset)
+  assert cd.is_locked
+  cfg = config_lib.from_config_dict(cd)
+  assert isinstance(cfg, config_lib.TrainConfig)
+  assert cfg.method == ("opd" if name == "opd" else name)
+  # Round trip: TrainConfig -> ConfigDict -> TrainConfig is the identity.
+  assert config_lib.from_config_dict(config_lib.to_config_dict(cfg)) == cfg
+
+
+def test_qwen3_8b_presets_mirror_the_paper_settings():
+  opd = config_lib.from_config_dict(load("opd", "qwen3_8b"))
+  assert (opd.optim.lr, opd.optim.schedule, opd.optim.b1, opd.optim.b2) == (1e-6, "constant", 0.9,
+                                                                           0.98)
+  assert opd.optim.weight_decay == 0.1
+  assert opd.rollout.group_size == 8 and opd.sampler.temperature == 1.0
+  assert opd.loop.batch_size == 64 and opd.loop.steps == 299
+  assert {63, 127, 191, 255, 299} <= set(opd.loop.snapshot_steps)
+  assert opd.student.model.dtype == "bfloat16" and opd.teacher.source == "hf"
+  assert opd.data.layout == "dapo_math_17k" and opd.mesh.shape == (1, -1, 1)
+  assert opd.credit.kind == "immediate"
+
+  rl = config_lib.from_config_dict(load("rlvr", "qwen3_8b"))
+  assert (rl.optim.lr, rl.optim.b1, rl.optim.b2, rl.optim.eps) == (1e-6, 0.9, 0.98, 1e-15)
+  assert rl.loop.batch_size == 512 and rl.loop.steps == 1023
+  assert (rl.pg.pg.eps_low, rl.pg.pg.eps_high) == (0.2, 0.28)
+  assert rl.grpo.group_size == rl.rollout.group_size and rl.grpo.kl_coef == 0.0
+
+  sft = config_lib.from_config_dict(load("sft", "qwen3_8b"))
+  assert (sft.optim.lr, sft.optim.schedule, sft.optim.final_lr, sft.optim.warmup_frac) == (
+      1e-5, "cosine", 1e-6, 0.1)
+  assert (sft.optim.b1, sft.optim.b2, sft.optim.weight_decay) == (0.9, 0.95, 0.1)
+  assert sft.loop.batch_size == 256
+
+
+def test_override_typo_is_an_error_naming_the_key():
+  with pytest.raises(ConfigError, match=r"'loop\.stepz'.*did you mean 'steps'"):
+    load("opd", "smoke", ["loop.stepz=3"])
+  with pytest.raises(ConfigError, match=r"'lop\.steps'.*no section 'lop'.*did you mean 'loop'"):
+    load("opd", "smoke", ["lop.steps=3"])
+  with pytest.raises(ConfigError, match=r"loop\.steps.*expected an int"):
+    load("opd", "smoke", ["loop.steps=many"])
+  with pytest.raises(ConfigError, match=r"'loop' is a section"):
+    load("opd", "smoke", ["loop=3"])
+
+
+def test_unknown_key_in_a_dict_is_an_error_naming_its_path():
+  d = load("sft", "smoke").to_dict()
+  d["optim"]["learning_rate"] = 1.0
+  with pytest.raises(ConfigError, match=r"unknown config key 'config\.optim\.learning_rate'"):
+    config_lib.from_config_dict(d)
+  d = load("sft", "smoke").to_dict()
+  d["student"]["model"]["n_layer"] = 3
+  with pytest.raises(ConfigError, match=r"config\.student\.model\.n_layer.*did you mean "
+                                        r"'n_layers'"):
+    config_lib.from_config_dict(d)
+
+
+def test_wrong_types_and_invalid_values_name_the_field():
+  d = load("sft", "smoke").to_dict()
+  d["loop"]["steps"] = 2.5
+  with pytest.raises(ConfigError, match=r"config\.loop\.steps: expected an int"):
+    config_lib.from_config_dict(d)
+  with pytest.raises(ConfigError, match=r"config\.student\.model: ModelConfig\.n_kv_heads"):
+    config_lib.from_config_dict(load("sft", "smoke", ["student.model.n_kv_heads=3"]))
+  with pytest.raises(ConfigError, match=r"LoopConfig\.snapshot_steps"):
+    config_lib.from_config_dict(load("sft", "smoke", ["loop.snapshot_steps=(5, 500)"]))
+
+
+def test_unknown_transform_names_are_errors_listing_the_valid_names():
+  with pytest.raises(ConfigError, match=r"unknown optimizer transform 'frieze'.*'freeze'"):
+    config_lib.from_config_dict(load("opd", "smoke", ["optim.transforms=('frieze',)"]))
+  with pytest.raises(ConfigError, match=r"unknown token transform 'top_k_retention'.*"
+                                        r"'top_kl_retention'"):
+    config_lib.from_config_dict(load(
+        "opd", "smoke", ["rollout.token_transforms=(('top_k_retention', {'rho': 0.5}),)"]))
+  ok = config_lib.from_config_dict(load(
+      "opd", "smoke", ["rollout.token_transforms=(('top_kl_retention', {'rho': 0.5}),)",
+                       "optim.transforms=(('freeze', {'patterns': 'embed'}),)"]))
+  assert ok.rollout.token_transforms == (("top_kl_retention", {"rho": 0.5}),)
+  assert ok.optim.transforms[0].name == "freeze"
+
+
+def test_overrides_parse_by_the_replaced_values_type():
+  cd = load("opd", "smoke", ["loop.progress=false", "optim.lr=1e-4", "loop.steps=7",
+                             "loop.snapshot_steps=0,3,7", "data.tokenizer=/x/y"])
+  cfg = config_lib.from_config_dict(cd)
+  assert cfg.loop.progress is False and cfg.optim.lr == 1e-4 and cfg.loop.steps == 7
+  assert cfg.loop.snapshot_steps == (0, 3, 7) and cfg.data.tokenizer == "/x/y"
+
+
+def test_tied_knobs_move_together_and_mismatches_are_rejected():
+  cfg = config_lib.from_config_dict(load("rlvr", "smoke", ["sampler.temperature=0.7",
+                                                           "rollout.group_size=4"]))
+  assert cfg.pg.temperature == 0.7 and cfg.grpo.group_size == 4
+  d = load("rlvr", "smoke").to_dict()
+  d["pg"]["temperature"] = 0.5
+  with pytest.raises(ConfigError, match=r"pg\.temperature=0\.5 must equal sampler\.temperature"):
+    config_lib.from_config_dict(d)
+
+
+def test_cross_field_validation():
+  with pytest.raises(ConfigError, match=r"needs a teacher"):
+    config_lib.from_config_dict(load("opd", "smoke", ["teacher.source=none"]))
+  with pytest.raises(ConfigError, match=r"rollout\.group_size >= 2"):
+    config_lib.from_config_dict(load("rlvr", "smoke", ["rollout.group_size=1"]))
+  with pytest.raises(ConfigError, match=r"source='hf' needs a path"):
+    config_lib.from_config_dict(load("opd", "smoke", ["teacher.source=hf"]))
+
+
+def test_config_file_errors_are_clear(tmp_path):
+  with pytest.raises(ConfigError, match=r"does not exist"):
+    config_lib.load_config(str(tmp_path / "nope.py") + ":x")
+  bad = tmp_path / "bad.py"
+  bad.write_text("X = 1\n")
+  with pytest.raises(ConfigError, match=r"defines no get_config"):
+    config_lib.load_config(str(bad))
+  with pytest.raises(ValueError, match=r"unknown preset 'smok'.*'smoke'"):
+    load("sft", "smok")
+
+
+def test_default_config_covers_every_field():
+  cd = config_lib.default_config("opd")
+  assert isinstance(cd, ml_collections.ConfigDict)
+  names = {f for f in config_lib.TrainConfig.__dataclass_fields__}
+  assert set(cd.keys()) == names
