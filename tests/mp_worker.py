@@ -19,12 +19,19 @@ BATCH, LENGTH, VOCAB = 4, 12, 128
 
 
 def setup():
-  """(model_cfg, optim_cfg, step_cfg) shared by the workers and the single-process reference."""
+  """(model_cfg, tx, step_cfg) shared by the workers, the single-process reference and
+  test_train_steps.py (same programs, so the persistent compile cache serves them all).
+
+  The optimizer is SGD with momentum (its state mirrors the params, like Adam's): unlike Adam's
+  first steps (~ lr * sign(g)), its update is linear in the gradient, so comparing parameters
+  after a step compares gradients without amplifying float round-off of near-zero entries.
+  """
+  import optax
   from opd_jax.models import config
-  from opd_jax.optim import factory
   from opd_jax.train import steps
   model_cfg = config.tiny(vocab_size=VOCAB, n_layers=1)
-  return model_cfg, factory.OptimConfig(lr=1e-2), steps.SFTStepConfig()
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.2, momentum=0.9)
+  return model_cfg, tx, steps.SFTStepConfig()
 
 
 def global_batches():
@@ -47,15 +54,13 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir",
                     str(pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax"))
   from opd_jax.models import transformer
-  from opd_jax.optim import factory
   from opd_jax.train import checkpoint, mesh, steps
   assert mesh.maybe_initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
   assert jax.process_count() == num_processes, jax.process_count()
 
-  model_cfg, optim_cfg, step_cfg = setup()
+  model_cfg, tx, step_cfg = setup()
   the_mesh = mesh.make_mesh(mesh.MeshConfig(shape=(1, -1, 1)))
   graphdef, params = mesh.init_sharded_params(model_cfg, the_mesh, seed=0)
-  tx = factory.make_optimizer(optim_cfg, params)
   shardings = mesh.state_shardings(tx, mesh.param_shardings(model_cfg, the_mesh),
                                    transformer.abstract_params(model_cfg))
   state = mesh.init_sharded_state(params, tx, 0, shardings)

@@ -217,7 +217,7 @@ def _apply(params, opt_state, tx: optax.GradientTransformation, loss_fn: Callabl
   grads = _param_constrain(
       jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params), graphdef)
   loss = loss_sum * scale
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   lr = factory.current_lr(opt_state)
@@ -225,7 +225,7 @@ def _apply(params, opt_state, tx: optax.GradientTransformation, loss_fn: Callabl
   out.update({
       "train/loss": loss,
       "train/grad_norm": grad_norm,
-      "train/update_norm": optax.global_norm(updates),
+      "train/update_norm": optax.tree.norm(updates),
       "train/loss_finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
       "train/denominator": denom,
   })

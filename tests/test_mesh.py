@@ -1,0 +1,146 @@
+"""train/mesh.py (mesh, shardings, sharded init, resharding, multi-process helpers) and
+train/plan.py (compile from abstract shapes, per-device memory)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from opd_jax.models import config, transformer
+from opd_jax.optim import factory
+from opd_jax.train import mesh as mesh_lib
+from opd_jax.train import plan as plan_lib
+from opd_jax.train import state as state_lib
+from opd_jax.train import steps
+
+CFG = config.tiny(vocab_size=128, n_layers=1)
+
+
+def _mesh(shape=(2, 2, 2)):
+  return mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=shape))
+
+
+def test_mesh_config_and_make_mesh():
+  assert mesh_lib.MeshConfig(shape=(1, -1, 2)).resolved_shape(8) == (1, 4, 2)
+  m = _mesh((1, -1, 1))
+  assert dict(m.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert all(t == jax.sharding.AxisType.Auto for t in m.axis_types)
+  assert m.devices.size == 8
+  assert _mesh((1, 1, 1)).devices.size == 1
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    _mesh((2, 4, 2))
+  with pytest.raises(ValueError, match="at most one -1"):
+    mesh_lib.MeshConfig(shape=(-1, -1, 1))
+  with pytest.raises(ValueError, match="axes"):
+    mesh_lib.MeshConfig(shape=(2, 2))
+  with pytest.raises(ValueError, match="unknown logical axis"):
+    mesh_lib.MeshConfig(rules=(("batchh", "data"),))
+
+
+def test_param_shardings_follow_logical_rules_and_fall_back_when_indivisible():
+  m = _mesh((1, 2, 4))
+  cfg = config.tiny(vocab_size=130, n_layers=1)  # 130 rows: not divisible by tensor=4
+  s = mesh_lib.param_shardings(cfg, m)
+  assert s["layers"]["attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", "tensor")
+  assert s["layers"]["attn"]["o_proj"]["kernel"].spec == P(None, "tensor", "fsdp")
+  assert s["layers"]["mlp"]["down_proj"]["kernel"].spec == P(None, "tensor", "fsdp")
+  assert s["layers"]["input_norm"]["scale"].spec == P(None, None)
+  assert s["embed"]["embedding"].spec == P(None, "fsdp")  # vocab replicated, embed over fsdp
+  assert mesh_lib.param_shardings(CFG, m)["embed"]["embedding"].spec == P("tensor", "fsdp")
+
+
+def test_init_sharded_params_equals_unsharded_init():
+  m = _mesh()
+  graphdef, params = mesh_lib.init_sharded_params(CFG, m, seed=3)
+  _, ref = transformer.init(CFG, 3)
+  expected = mesh_lib.param_shardings(CFG, m)
+  for (path, x), s, r in zip(jax.tree_util.tree_leaves_with_path(params),
+                             jax.tree.leaves(expected), jax.tree.leaves(ref)):
+    assert x.sharding == s, jax.tree_util.keystr(path)
+    # Same random draws; jit may fuse the init scale differently from eager mode (1 ulp).
+    np.testing.assert_allclose(np.asarray(x), np.asarray(r), rtol=1e-6, atol=1e-9)
+  assert graphdef == transformer.graphdef_for(CFG)
+
+
+def test_opt_state_and_state_shardings_mirror_params():
+  m = _mesh()
+  abstract = transformer.abstract_params(CFG)
+  p_shard = mesh_lib.param_shardings(CFG, m)
+  tx = factory.make_optimizer(factory.OptimConfig(weight_decay=0.1), abstract)
+  ss = mesh_lib.state_shardings(tx, p_shard, abstract)
+  adam = ss.opt_state.inner_state[1]
+  assert jax.tree.map(lambda s: s.spec, adam.mu) == jax.tree.map(lambda s: s.spec, p_shard)
+  assert jax.tree.map(lambda s: s.spec, adam.nu) == jax.tree.map(lambda s: s.spec, p_shard)
+  assert adam.count.spec == P() and ss.step.spec == P() and ss.rng.spec == P()
+  assert ss.opt_state.hyperparams["learning_rate"].spec == P()
+  # The state is created directly in that layout.
+  _, params = mesh_lib.init_sharded_params(CFG, m)
+  state = mesh_lib.init_sharded_state(params, tx, 0, ss)
+  for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(ss)):
+    assert x.sharding == s
+  assert int(state.step) == 0
+  assert "TrainState(step=0" in repr(state)
+
+
+def test_batch_sharding_global_batch_and_reshard():
+  m = _mesh()
+  assert mesh_lib.batch_sharding(m, 2).spec == P(("data", "fsdp"), None)
+  assert mesh_lib.batch_sharding(m, 3).spec == P(("data", "fsdp"), None, None)
+  rng = np.random.default_rng(0)
+  local = {"tokens_BxT": rng.integers(0, 9, (8, 5)).astype(np.int32),
+           "mask_BxT": rng.random((8, 5)) > 0.5}
+  batch = mesh_lib.global_batch(local, m)
+  for k, v in batch.items():
+    np.testing.assert_array_equal(np.asarray(v), local[k])
+    assert v.sharding.spec == P(("data", "fsdp"), None)
+  with pytest.raises(ValueError, match="answer_B"):
+    mesh_lib.global_batch({"answer_B": np.array(["1", "2"])}, m)
+  assert mesh_lib.process_rows(8) == slice(0, 8)
+  # reshard params from the training layout to a different mesh / layout (sampling layout).
+  _, params = mesh_lib.init_sharded_params(CFG, m)
+  other = mesh_lib.param_shardings(CFG, _mesh((1, 1, 4)))
+  moved = mesh_lib.reshard(params, other)
+  for a, b, s in zip(jax.tree.leaves(params), jax.tree.leaves(moved), jax.tree.leaves(other)):
+    assert b.sharding == s
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_maybe_initialize_distributed_single_process_and_errors(monkeypatch):
+  for var in ("OPD_COORDINATOR", "OPD_NUM_PROCESSES", "OPD_PROCESS_ID"):
+    monkeypatch.delenv(var, raising=False)
+  assert mesh_lib.maybe_initialize_distributed() is False
+  monkeypatch.setenv("OPD_NUM_PROCESSES", "1")
+  assert mesh_lib.maybe_initialize_distributed() is False
+  monkeypatch.setenv("OPD_NUM_PROCESSES", "2")
+  with pytest.raises(ValueError, match="OPD_COORDINATOR"):
+    mesh_lib.maybe_initialize_distributed()
+  with pytest.raises(ValueError, match="outside"):
+    mesh_lib.maybe_initialize_distributed("127.0.0.1:1", 2, 5)
+
+
+def test_plan_prints_memory_numbers_for_tiny_on_8_devices(capsys):
+  spec = plan_lib.PlanSpec(CFG, step="sft", batch_size=8, seq_len=16,
+                           optim=factory.OptimConfig(lr=1e-2),
+                           step_cfg=steps.SFTStepConfig(micro_batches=2))
+  out = plan_lib.plan(spec, 8, (2, 2, 2))
+  printed = capsys.readouterr().out
+  for word in ("argument", "output", "temp", "generated_code", "total", "per-device"):
+    assert word in printed
+  assert out["n_devices"] == 8 and out["mesh_shape"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  # The arguments hold at least this device's shard of params + Adam moments + the batch.
+  n = CFG.num_params
+  assert out["argument_bytes"] >= 3 * 4 * n / 8
+  assert out["argument_bytes"] <= 3 * 4 * n  # and never the whole replicated state
+  assert out["total_bytes"] > 0 and out["temp_bytes"] > 0
+  with pytest.raises(RuntimeError, match="xla_force_host_platform_device_count=64"):
+    plan_lib.plan(spec, 64, (1, 64, 1), print_fn=None)
+
+
+def test_step_rng_folds_in_step():
+  tx = factory.make_optimizer(factory.OptimConfig(), {"w": jnp.zeros((2, 2))})
+  s = state_lib.create_state({"w": jnp.zeros((2, 2))}, tx, 7)
+  k0 = jax.random.key_data(state_lib.step_rng(s))
+  k1 = jax.random.key_data(state_lib.step_rng(s.replace(step=s.step + 1)))
+  np.testing.assert_array_equal(k0, jax.random.key_data(jax.random.fold_in(jax.random.key(7), 0)))
+  assert not np.array_equal(k0, k1)

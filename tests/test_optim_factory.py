@@ -1,0 +1,177 @@
+"""optim/factory.py: the explicit chain vs a float64 numpy AdamW reference, schedules, masks,
+ablation slots and their errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from opd_jax.optim import factory
+
+
+def _params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+      "embed": {"embedding": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)},
+      "layers": {"proj": {"kernel": jnp.asarray(rng.standard_normal((2, 4, 3)), jnp.float32),
+                          "bias": jnp.asarray(rng.standard_normal((2, 3)), jnp.float32)},
+                 "norm": {"scale": jnp.asarray(rng.standard_normal((2, 4)), jnp.float32)}},
+      "final_norm": {"scale": jnp.asarray(rng.standard_normal((4,)), jnp.float32)},
+  }
+
+
+def _grads(params, seed):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+
+
+def _reference_adamw(params, grads_seq, lrs, *, b1, b2, eps, wd, clip, decay_mask):
+  """float64 numpy: global-norm clip -> Adam (bias-corrected) -> + wd * p (masked) -> * -lr."""
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v = {k: np.zeros_like(x) for k, x in p.items()}
+  for t, (g, lr) in enumerate(zip(grads_seq, lrs), start=1):
+    g = {k: np.asarray(x, np.float64) for k, x in g.items()}
+    norm = math.sqrt(sum(float((x ** 2).sum()) for x in g.values()))
+    if clip > 0 and norm > clip:
+      g = {k: x * clip / norm for k, x in g.items()}
+    for k in p:
+      m[k] = b1 * m[k] + (1 - b1) * g[k]
+      v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+      mhat = m[k] / (1 - b1 ** t)
+      vhat = v[k] / (1 - b2 ** t)
+      u = mhat / (np.sqrt(vhat) + eps)
+      if decay_mask[k]:
+        u = u + wd * p[k]
+      p[k] = p[k] - lr * u
+  return p
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_chain_matches_float64_adamw_reference(schedule):
+  cfg = factory.OptimConfig(lr=0.05, schedule=schedule, warmup_frac=0.25, final_lr=0.005,
+                            b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, grad_clip_norm=2.5)
+  params = _params()
+  total = 8
+  tx = factory.make_optimizer(cfg, params, total_steps=total)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  grads_seq = [_grads(params, 10 + i) for i in range(5)]
+  p = params
+  lrs = []
+  for g in grads_seq:
+    u, state = update(g, state, p)
+    p = optax.apply_updates(p, u)
+    lrs.append(float(factory.current_lr(state)))
+  sched = factory.make_schedule(cfg, total)
+  expected_lrs = [float(sched(i)) for i in range(5)]
+  np.testing.assert_allclose(lrs, expected_lrs, rtol=1e-6)
+  decay = {k: k.endswith("['kernel']") or k.endswith("['embedding']") for k in _flat(params)}
+  ref = _reference_adamw(_flat(params), [_flat(g) for g in grads_seq], expected_lrs, b1=0.9,
+                         b2=0.98, eps=1e-6, wd=0.1, clip=2.5, decay_mask=decay)
+  got = _flat(p)
+  for k in ref:
+    np.testing.assert_allclose(np.asarray(got[k], np.float64), ref[k], rtol=1e-5, atol=1e-6,
+                               err_msg=k)
+
+
+def test_schedules_match_closed_form():
+  cfg = factory.OptimConfig(lr=1e-3, schedule="cosine", warmup_frac=0.1, final_lr=1e-4)
+  total = 100
+  sched = factory.make_schedule(cfg, total)
+  for step in [0, 3, 9, 10, 11, 40, 77, 99, 100, 150]:
+    if step < 10:
+      expected = 1e-3 * step / 10
+    else:
+      frac = min((step - 10) / 90, 1.0)
+      expected = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * frac))
+    assert float(sched(step)) == pytest.approx(expected, rel=1e-5, abs=1e-12), step
+  const = factory.make_schedule(factory.OptimConfig(lr=3e-4), None)
+  assert float(const(0)) == pytest.approx(3e-4) and float(const(1000)) == pytest.approx(3e-4)
+  with pytest.raises(ValueError, match="total_steps"):
+    factory.make_schedule(factory.OptimConfig(schedule="cosine"), None)
+
+
+def test_weight_decay_mask_excludes_norms_and_biases():
+  mask = _flat(factory.weight_decay_mask(_params()))
+  assert mask == {"['embed']['embedding']": True, "['layers']['proj']['kernel']": True,
+                  "['layers']['proj']['bias']": False, "['layers']['norm']['scale']": False,
+                  "['final_norm']['scale']": False}
+  assert all(_flat(factory.weight_decay_mask(_params(), "all")).values())
+
+
+def test_unknown_transform_name_lists_valid_names():
+  with pytest.raises(ValueError) as e:
+    factory.OptimConfig(transforms=(("subspace_projektion", {}),))
+  msg = str(e.value)
+  assert "subspace_projektion" in msg
+  for name in factory.TRANSFORMS:
+    assert name in msg
+  with pytest.raises(ValueError, match="position"):
+    factory.TransformSpec("sign", position="middle")
+  with pytest.raises(ValueError, match="kwargs"):
+    factory.make_optimizer(factory.OptimConfig(transforms=(("scale", {"factor": 2.0}),)),
+                           _params())
+
+
+def test_subspace_projection_needs_bases():
+  cfg = factory.OptimConfig(transforms=("subspace_projection",))
+  with pytest.raises(ValueError, match="subspace_bases"):
+    factory.make_optimizer(cfg, _params())
+
+
+def test_pre_and_post_slots_and_freeze():
+  params = _params()
+  g = _grads(params, 3)
+  base_cfg = dict(lr=0.1, weight_decay=0.0, grad_clip_norm=0.0)
+
+  def first_update(**kw):
+    tx = factory.make_optimizer(factory.OptimConfig(**base_cfg, **kw), params)
+    return _flat(tx.update(g, tx.init(params), params)[0])
+
+  plain = first_update()
+  # 'post' scale acts on the final update: exactly 3x.
+  scaled = first_update(transforms=(("scale", "post", {"step_size": 3.0}),))
+  for k in plain:
+    np.testing.assert_allclose(scaled[k], 3.0 * plain[k], rtol=1e-6)
+  # 'pre' scale acts on the gradient before Adam, which is scale-invariant (up to eps).
+  pre = first_update(transforms=(("scale", "pre", {"step_size": 3.0}),))
+  for k in plain:
+    np.testing.assert_allclose(pre[k], plain[k], rtol=1e-4)
+  # freeze: matching paths get exactly zero updates, the others are untouched.
+  frozen = first_update(transforms=(("freeze", {"patterns": ["norm"]}),))
+  for k in plain:
+    if "norm" in k:
+      assert not np.any(np.asarray(frozen[k]))
+    else:
+      np.testing.assert_array_equal(frozen[k], plain[k])
+
+
+def test_works_with_abstract_params_and_under_jit():
+  params = _params()
+  abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+  cfg = factory.OptimConfig(lr=1e-2, weight_decay=0.1, transforms=(("sign", "pre", {}),))
+  tx = factory.make_optimizer(cfg, abstract)
+  abstract_state = jax.eval_shape(tx.init, abstract)
+  assert jax.tree.structure(abstract_state) == jax.tree.structure(tx.init(params))
+  traces = []
+
+  @jax.jit
+  def step(p, s, g):
+    traces.append(1)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  s = tx.init(params)
+  p = params
+  for i in range(3):
+    p, s = step(p, s, _grads(params, i))
+  assert len(traces) == 1
+  assert float(factory.current_lr(s)) == pytest.approx(1e-2)
