@@ -3,8 +3,8 @@
 One loop serves every method (`TrainConfig.method`):
 
     data (grain) --> SFT batch -----------------------------------------> sft_step
-                 \-> prompts -> rollout.generate -> [verify, host] -> rollout.advantages -> pg_step
-                                                 \-> (direct route) --------------------> distill_step
+                 +-> prompts -> rollout.generate -> [verify, host] -> rollout.advantages -> pg_step
+                                                 +-> (direct route) --------------------> distill_step
 
 then metrics (computed in jit, fetched one step late), periodic eval (verifier accuracy, avg@k),
 parameter snapshots at `loop.snapshot_steps` (kept apart from the rolling checkpoints, for trajectory
