@@ -144,3 +144,21 @@ def test_step_rng_folds_in_step():
   k1 = jax.random.key_data(state_lib.step_rng(s.replace(step=s.step + 1)))
   np.testing.assert_array_equal(k0, jax.random.key_data(jax.random.fold_in(jax.random.key(7), 0)))
   assert not np.array_equal(k0, k1)
+
+
+def test_subspace_bases_in_optimizer_state_follow_their_params():
+  from opd_jax.optim import subspace
+  m = _mesh()
+  _, params = mesh_lib.init_sharded_params(CFG, m)
+  _, other = transformer.init(CFG, 1)
+  delta = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params, other)
+  bases = subspace.capture_bases(delta, k=4)
+  cfg = factory.OptimConfig(transforms=(("subspace_projection", "pre", {}),))
+  abstract = transformer.abstract_params(CFG)
+  tx = factory.make_optimizer(cfg, abstract, subspace_bases=bases)
+  ss = mesh_lib.state_shardings(tx, mesh_lib.param_shardings(CFG, m), abstract)
+  proj_state = ss.opt_state.inner_state[1]
+  assert proj_state.bases["layers"]["attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", None)
+  assert proj_state.bases["layers"]["attn"]["o_proj"]["kernel"].spec == P(None, "tensor", None)
+  assert ss.opt_state.inner_state[2].mu["layers"]["attn"]["q_proj"]["kernel"].spec == P(
+      None, "fsdp", "tensor")

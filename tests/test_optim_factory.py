@@ -175,3 +175,29 @@ def test_works_with_abstract_params_and_under_jit():
     p, s = step(p, s, _grads(params, i))
   assert len(traces) == 1
   assert float(factory.current_lr(s)) == pytest.approx(1e-2)
+
+
+def test_subspace_projection_slot_pre_and_post():
+  from opd_jax.optim import subspace
+  params = _params()
+  delta = _grads(params, 7)
+  bases = subspace.capture_bases(delta, k=2)  # kernels only: layers/proj/kernel [2, 4, 3]
+  v = np.asarray(bases["layers"]["proj"]["kernel"], np.float64)  # [2, 4, 2]
+  g = _grads(params, 8)
+  gk = np.asarray(g["layers"]["proj"]["kernel"], np.float64)
+  proj = np.einsum("lik,ljk,ljo->lio", v, v, gk)  # V V^T g per layer (input side)
+
+  def first_update(position):
+    cfg = factory.OptimConfig(lr=0.1, grad_clip_norm=0.0, eps=1e-8,
+                              transforms=(("subspace_projection", position, {}),))
+    tx = factory.make_optimizer(cfg, params, subspace_bases=bases)
+    return tx.update(g, tx.init(params), params)[0]
+
+  post = np.asarray(first_update("post")["layers"]["proj"]["kernel"], np.float64)
+  resid = post - np.einsum("lik,ljk,ljo->lio", v, v, post)
+  assert np.abs(resid).max() <= 1e-6 * np.abs(post).max()  # the update itself is in span(V)
+  plain = first_update("post")["embed"]["embedding"]
+  np.testing.assert_array_equal(plain, first_update("pre")["embed"]["embedding"])
+  # 'pre': Adam sees the projected gradient; its first update is -lr * Pg / (|Pg| + eps).
+  pre = np.asarray(first_update("pre")["layers"]["proj"]["kernel"], np.float64)
+  np.testing.assert_allclose(pre, -0.1 * proj / (np.abs(proj) + 1e-8), rtol=1e-4, atol=1e-7)

@@ -138,9 +138,11 @@ def _path_key(path) -> tuple:
 def opt_state_shardings(tx: optax.GradientTransformation, params_shardings, abstract_params):
   """Shardings of `tx.init(params)`, derived from abstract shapes (nothing allocated).
 
-  Every optimizer-state leaf whose tree path ends with a parameter's path and has that
-  parameter's shape (Adam's mu / nu, ...) gets the parameter's sharding; everything else
-  (counts, injected hyperparameters, custom state) is replicated.
+  An optimizer-state leaf whose tree path ends with a parameter's path mirrors that parameter:
+  with the same shape (Adam's mu / nu, momentum traces, ...) it gets the parameter's sharding;
+  with the same rank but other sizes (e.g. subspace bases [L, in, k] of a kernel [L, in, out]) it
+  keeps the parameter's mesh axes on the dimensions whose sizes match and is replicated on the
+  others. Everything else (counts, injected hyperparameters, ...) is replicated.
   """
   leaves = jax.tree_util.tree_leaves_with_path(params_shardings)
   if not leaves:
@@ -154,8 +156,16 @@ def opt_state_shardings(tx: optax.GradientTransformation, params_shardings, abst
     key = _path_key(path)
     for start in range(len(key)):
       suffix = key[start:]
-      if suffix in by_path and tuple(shapes[suffix]) == tuple(x.shape):
-        return by_path[suffix]
+      if suffix not in by_path:
+        continue
+      shape, sharding = tuple(shapes[suffix]), by_path[suffix]
+      if shape == tuple(x.shape):
+        return sharding
+      if len(shape) == len(x.shape):
+        spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+        return NamedSharding(mesh, P(*(a if n == m else None
+                                       for a, n, m in zip(spec, shape, x.shape))))
+      break
     return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(one, abstract_opt)
