@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -132,8 +133,14 @@ def _plan(args, overrides) -> int:
 
   from opd_jax.train import loop
   from opd_jax.train import plan as plan_lib
-  shape = mesh_shape if mesh_shape is not None else cfg.mesh.resolved_shape(args.devices)
-  result = plan_lib.plan(loop.plan_spec(cfg), args.devices, shape, axes=cfg.mesh.axes)
+  shape, axes = mesh_shape, cfg.mesh.axes
+  if shape is None:
+    shape = cfg.mesh.resolved_shape(args.devices)
+    if math.prod(shape) != args.devices:
+      shape, axes = None, plan_lib.mesh_lib.AXES  # plan's default: FSDP over every device
+      print(f"note: the config's mesh.shape={cfg.mesh.shape} does not cover {args.devices} "
+            "devices; planning FSDP over all of them (choose with --mesh)")
+  result = plan_lib.plan(loop.plan_spec(cfg), args.devices, shape, axes=axes)
   if args.json:
     print(json.dumps(result, indent=1, sort_keys=True, default=str))
   return 0

@@ -1,0 +1,155 @@
+"""The `opd-jax` CLI (called in-process through `cli.main`) and the launch scripts."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from opd_jax import cli
+from opd_jax.train import metrics as metrics_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SFT_SMOKE = str(ROOT / "configs" / "sft.py") + ":smoke"
+
+
+def _last_json(text: str) -> dict:
+  start = text.index("\n{") + 1 if not text.startswith("{") else 0
+  return json.loads(text[start:])
+
+
+def test_train_then_resume_through_the_cli(tmp_path, capsys):
+  args = ["train", "--config", SFT_SMOKE, "--workdir", str(tmp_path), "--config.loop.steps=2",
+          "--config.loop.checkpoint_every", "1"]
+  assert cli.main(args) == 0
+  summary = _last_json(capsys.readouterr().out)
+  assert summary["step"] == 2 and summary["resumed_from"] is None
+  assert cli.main(args[:-2] + ["--config.loop.steps=3", "--resume"]) == 0
+  summary = _last_json(capsys.readouterr().out)
+  assert summary["step"] == 3 and summary["resumed_from"] == 2
+  steps = [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")]
+  assert steps == [1, 2, 3]
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["loop"]["steps"] == 3 and saved["method"] == "sft"
+
+
+def test_config_typo_is_a_clear_error(tmp_path, capsys):
+  code = cli.main(["train", "--config", SFT_SMOKE, "--workdir", str(tmp_path),
+                   "--config.loop.stepz=2"])
+  assert code == 2
+  err = capsys.readouterr().err
+  assert "config error" in err and "'loop.stepz'" in err and "did you mean 'steps'" in err
+  assert not (tmp_path / "metrics.jsonl").exists()
+  code = cli.main(["train", "--config", SFT_SMOKE, "--workdir", str(tmp_path),
+                   "--config.optim.transforms=('nosuch',)"])
+  assert code == 2
+  assert "unknown optimizer transform 'nosuch'" in capsys.readouterr().err
+
+
+def test_plan_prints_per_device_memory_on_8_fake_devices(capsys):
+  code = cli.main(["plan", "--config", SFT_SMOKE, "--devices", "8", "--mesh", "2,2,2", "--json"])
+  assert code == 0
+  out = capsys.readouterr().out
+  assert "per-device memory" in out and "8 devices (data=2 x fsdp=2 x tensor=2)" in out
+  result = _last_json(out[out.index("\n{"):])
+  assert result["n_devices"] == 8 and result["step"] == "sft"
+  assert result["argument_bytes"] > 0 and result["total_bytes"] >= result["argument_bytes"] - (
+      result["alias_bytes"])
+  # The smoke student's parameters (f32) are spread over the 8 devices: the arguments (params,
+  # Adam moments, batch) per device are far below 3 replicated copies.
+  assert result["num_params"] * 4 * 3 > result["argument_bytes"]
+
+
+def test_plan_reexecutes_itself_with_fake_devices_when_too_few_exist(monkeypatch):
+  # 8 devices exist here; asking for 16 must re-run the same command in a fresh interpreter with
+  # the fake-device flag set before jax is imported (the real path is exercised by hand / on CI
+  # machines without the test's XLA_FLAGS: it costs a cold compile in a new process).
+  calls = []
+
+  def fake_run(argv, env, check):
+    calls.append((argv, env))
+    return subprocess.CompletedProcess(argv, 0)
+
+  monkeypatch.setattr(cli.subprocess, "run", fake_run)
+  monkeypatch.delenv("OPD_JAX_PLAN_REEXEC", raising=False)
+  args = ["plan", "--config", SFT_SMOKE, "--devices", "16", "--config.loop.batch_size=32"]
+  assert cli.main(args) == 0
+  (argv, env), = calls
+  assert argv == [sys.executable, "-m", "opd_jax.cli"] + args
+  assert "--xla_force_host_platform_device_count=16" in env["XLA_FLAGS"]
+  assert env["JAX_PLATFORMS"] == "cpu" and env["OPD_JAX_PLAN_REEXEC"] == "1"
+  # Inside the re-executed process, still too few devices is an error (no endless loop).
+  monkeypatch.setenv("OPD_JAX_PLAN_REEXEC", "1")
+  with pytest.raises(SystemExit, match="asked for 16 devices but only 8 exist"):
+    cli.main(args)
+
+
+def test_unknown_subcommand_and_missing_flags_fail():
+  with pytest.raises(SystemExit):
+    cli.main(["trian"])
+  with pytest.raises(SystemExit):
+    cli.main(["train", "--config", SFT_SMOKE])  # no --workdir
+
+
+# -- launch scripts ---------------------------------------------------------------------------
+def test_tpu_pod_dry_run_prints_every_gcloud_command():
+  proc = subprocess.run(
+      ["bash", str(ROOT / "launch" / "tpu_pod.sh"), "--dry-run", "--name", "opd-test", "--zone",
+       "europe-west4-b", "--accelerator-type", "v5p-64", "--repo", "https://example.com/opd.git",
+       "--ref", "v1", "--", "train", "--config", "configs/opd.py:qwen3_8b", "--workdir",
+       "gs://bucket/run 1"], capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("+ gcloud")]
+  assert len(lines) == 4, proc.stdout
+  create, install, run, delete = lines
+  assert "tpus tpu-vm create opd-test" in create and "--accelerator-type=v5p-64" in create
+  assert "--zone=europe-west4-b" in create
+  assert "tpu-vm ssh opd-test" in install and "--worker=all" in install
+  assert "git clone https://example.com/opd.git" in install and "git checkout v1" in install
+  assert "pip install" in install
+  assert "tpu-vm ssh opd-test" in run and "--worker=all" in run
+  assert "OPD_COORDINATOR=auto opd-jax train --config configs/opd.py:qwen3_8b" in run
+  assert "gs://bucket/run\\ 1" in run  # arguments are shell-quoted for the remote side
+  assert "tpu-vm delete opd-test" in delete and "--quiet" in delete
+
+
+def test_tpu_pod_rejects_bad_usage():
+  script = str(ROOT / "launch" / "tpu_pod.sh")
+  proc = subprocess.run(["bash", script, "--dry-run", "--", "train"], capture_output=True,
+                        text=True, timeout=60)
+  assert proc.returncode == 2 and "--repo URL is required" in proc.stderr
+  proc = subprocess.run(["bash", script, "--dry-run", "--bogus"], capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 2 and "unknown option '--bogus'" in proc.stderr
+
+
+def _fake_opd(tmp_path, body):
+  script = tmp_path / "fake_opd.sh"
+  script.write_text("#!/usr/bin/env bash\n" + body)
+  script.chmod(0o755)
+  return str(script)
+
+
+def test_local_multiprocess_sets_the_coordinator_env_for_each_process(tmp_path):
+  fake = _fake_opd(tmp_path, 'echo "rank=$OPD_PROCESS_ID n=$OPD_NUM_PROCESSES '
+                             'coord=$OPD_COORDINATOR args=$*" > "$OUT_DIR/p$OPD_PROCESS_ID"\n')
+  env = dict(os.environ, OPD_JAX=fake, OUT_DIR=str(tmp_path), OPD_LOG_DIR=str(tmp_path / "logs"))
+  proc = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "3", "train",
+                         "--workdir", "w"], env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  outs = [(tmp_path / f"p{i}").read_text() for i in range(3)]
+  coords = {o.split("coord=")[1].split()[0] for o in outs}
+  assert len(coords) == 1 and coords.pop().startswith("127.0.0.1:")
+  for i, o in enumerate(outs):
+    assert f"rank={i} n=3" in o and "args=train --workdir w" in o
+
+
+def test_local_multiprocess_fails_fast_when_one_process_fails(tmp_path):
+  fake = _fake_opd(tmp_path, '[ "$OPD_PROCESS_ID" = 1 ] && { echo boom; exit 7; }\nsleep 60\n')
+  env = dict(os.environ, OPD_JAX=fake, OPD_LOG_DIR=str(tmp_path / "logs"))
+  proc = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "2", "x"],
+                        env=env, capture_output=True, text=True, timeout=30)
+  assert proc.returncode == 7
+  assert "process 1 failed (exit 7)" in proc.stderr and "boom" in proc.stderr
