@@ -48,6 +48,7 @@ def _smoke(c):
 
 def _tiny(c):
   c.student = models.spec("tiny", seed=1)
+  c.mesh = models.mesh("fsdp")
   c.teacher = models.spec("tiny", source="checkpoint", path="runs/sft_tiny/checkpoints")
   c.data.task = train_config.dataclass_to_dict(tasks.preset("default"))
   c.data.train_examples = 4096

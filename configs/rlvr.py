@@ -41,6 +41,7 @@ def _smoke(c):
 
 def _tiny(c):
   c.student = models.spec("tiny", source="checkpoint", path="runs/sft_tiny/checkpoints")
+  c.mesh = models.mesh("fsdp")
   c.data.task = train_config.dataclass_to_dict(tasks.preset("default"))
   c.data.train_examples = 4096
   c.data.eval_examples = 128

@@ -40,6 +40,7 @@ def _smoke(c):
 
 def _tiny(c):
   c.student = models.spec("tiny", seed=0)
+  c.mesh = models.mesh("fsdp")
   c.data.task = train_config.dataclass_to_dict(tasks.preset("default"))
   c.data.train_examples = 8192
   c.data.eval_examples = 128

@@ -153,3 +153,47 @@ def test_local_multiprocess_fails_fast_when_one_process_fails(tmp_path):
                         env=env, capture_output=True, text=True, timeout=30)
   assert proc.returncode == 7
   assert "process 1 failed (exit 7)" in proc.stderr and "boom" in proc.stderr
+
+
+def test_diagnose_study_and_report_call_the_library(monkeypatch, tmp_path, capsys):
+  # The subcommands are thin: they parse and call the library with what they parsed (the
+  # library functions themselves are tested by the geometry and study tests).
+  from opd_jax import study
+  from opd_jax.geometry import report
+  calls = {}
+
+  def fake_diagnose(base, tuned, snapshots=(), out_dir="diagnostics", cfg=None):
+    calls["diagnose"] = (base, tuned, snapshots, out_dir)
+    return {"overall": {"sparsity": 0.5}}
+
+  def fake_run(config, workdir, redo=(), check=False):
+    calls["study"] = (config, workdir, redo, check)
+    return {"ok": False, "failed": ["x"]}
+
+  def fake_report(workdir, config=None):
+    calls["report"] = (workdir, config)
+    return tmp_path / "report.md"
+
+  monkeypatch.setattr(report, "diagnose", fake_diagnose)
+  monkeypatch.setattr(study, "run", fake_run)
+  monkeypatch.setattr(study, "report", fake_report)
+
+  assert cli.main(["diagnose", "--base", "A", "--tuned", "B", "--snapshots", "S1", "S2",
+                   "--out", str(tmp_path / "d")]) == 0
+  assert calls["diagnose"] == ("A", "B", ("S1", "S2"), str(tmp_path / "d"))
+  assert '"sparsity": 0.5' in capsys.readouterr().out
+
+  cfg_file = tmp_path / "study_cfg.py"
+  cfg_file.write_text("import ml_collections\n"
+                      "def get_config(arg):\n"
+                      "  return ml_collections.ConfigDict({'preset': arg, 'steps': 3})\n")
+  code = cli.main(["study", "--config", f"{cfg_file}:tiny", "--workdir", str(tmp_path / "w"),
+                   "--redo", "opd", "--redo", "sft", "--check", "--config.steps=5"])
+  assert code == 1  # --check and a failed claim
+  config, workdir, redo, check = calls["study"]
+  assert config.preset == "tiny" and config.steps == 5 and config.is_locked
+  assert workdir == str(tmp_path / "w") and redo == ("opd", "sft") and check is True
+
+  assert cli.main(["report", "--workdir", str(tmp_path / "w")]) == 0
+  assert calls["report"] == (str(tmp_path / "w"), None)
+  assert "report written to" in capsys.readouterr().out

@@ -139,3 +139,41 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
   done = loop.run(fixed, tmp_path, resume=True)
   assert done["resumed_from"] == 2 and done["step"] == 6
   assert done["metrics"]["train/loss_finite"] == 1.0
+
+
+def test_subspace_option_keeps_the_update_in_the_captured_subspace(tmp_path, sft_run):
+  # Bases V_k of W_30 - W_20 (the SFT smoke run's checkpoints); continuing from W_30 with the
+  # update projected after the optimizer ('post'), every kernel's W_end - W_30 is in span(V_k).
+  ckpts = pathlib.Path(sft_run["checkpoint_dir"])
+  k = 4
+  cfg = smoke("sft", ["student.source=checkpoint", f"student.path={ckpts / '30'}",
+                      f"subspace.origin={ckpts / '20'}", f"subspace.at={ckpts / '30'}",
+                      f"subspace.k={k}", "optim.transforms=(('subspace_projection', 'post', {}),)",
+                      "loop.steps=3", "loop.snapshot_steps=(0,)"])
+  summary = loop.run(cfg, tmp_path)
+  w20, w30 = ckpt_lib.load_params(ckpts / "20"), ckpt_lib.load_params(ckpts / "30")
+  start = ckpt_lib.load_params(summary["snapshots"][0])
+  end = ckpt_lib.load_params(summary["checkpoint_dir"])
+  moved = 0
+  for path, _ in jax.tree_util.tree_leaves_with_path(end):
+    name = jax.tree_util.keystr(path)
+    if not name.endswith("['kernel']"):
+      continue
+    get = lambda tree: np.asarray(_at(tree, path), np.float64)  # noqa: E731
+    d_run = get(end) - get(start)
+    delta = get(w30) - get(w20)
+    for layer in range(delta.shape[0]):  # stacked [L, in, out]
+      u, _, _ = np.linalg.svd(delta[layer], full_matrices=False)
+      v = u[:, :k]  # input side of a Flax (in, out) kernel = left singular vectors
+      resid = d_run[layer] - v @ (v.T @ d_run[layer])
+      norm = np.linalg.norm(d_run[layer])
+      assert norm > 0, name
+      assert np.linalg.norm(resid) <= 1e-4 * norm, (name, layer)
+      moved += 1
+  assert moved >= 7 * 2  # q, k, v, o, gate, up, down in both layers
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
