@@ -177,3 +177,43 @@ def _at(tree, path):
   for key in path:
     tree = tree[key.key]
   return tree
+
+
+def test_distill_route_lowers_the_divergence(tmp_path, sft_run):
+  cfg = smoke("opd", ["method=distill", "teacher.source=checkpoint",
+                      f"teacher.path={sft_run['checkpoint_dir']}", "loop.steps=6"])
+  summary = loop.run(cfg, tmp_path)
+  kl = series(summary, "distill/reverse_kl")
+  assert len(kl) == 6 and kl[0] > 1.0
+  assert kl[-1] < 0.85 * kl[0], kl
+  assert "rollout/response_len" in rows_of(summary)[0]
+
+
+def test_load_model_sources_agree(tmp_path, sft_run):
+  from opd_jax.models import hf
+  from opd_jax.train.config import ModelSpec
+  mesh = loop.mesh_lib.make_mesh(loop.mesh_lib.MeshConfig())
+  rules = loop.sharding.DEFAULT_RULES
+  params, meta_cfg = ckpt_lib.load_params_and_config(sft_run["checkpoint_dir"])
+  base = smoke("sft").student.model
+  assert meta_cfg == base
+  # Our checkpoint (architecture from its meta), numerics from the spec.
+  spec = ModelSpec(source="checkpoint", path=sft_run["checkpoint_dir"],
+                   model=base.replace(dtype="bfloat16", n_layers=9))
+  cfg, _, got = loop.load_model(spec, mesh, rules)
+  assert cfg == base.replace(dtype="bfloat16")  # n_layers from the checkpoint, dtype from spec
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # A Hugging Face directory written by hf.save.
+  hf.save(tmp_path / "hf", base, params)
+  cfg, _, got = loop.load_model(ModelSpec(source="hf", path=str(tmp_path / "hf"), model=base),
+                                mesh, rules)
+  assert cfg == base
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # In-memory params must match the spec's architecture; the error names the tensor.
+  bad = jax.tree.map(lambda x: x, params)
+  bad["final_norm"]["scale"] = np.zeros(3, np.float32)
+  with pytest.raises(ValueError, match=r"\['final_norm'\]\['scale'\]: shape \(3,\) != "
+                                       r"expected \(64,\)"):
+    loop.load_model(ModelSpec(model=base), mesh, rules, params=bad)

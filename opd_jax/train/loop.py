@@ -571,6 +571,7 @@ def _loop(r: _Run, state: TrainState, iterator, token_state, step_fn, ckpt, work
           batch = {"tokens_BxT": ro.tokens_BxT, "mask_BxT": ro.mask_BxT,
                    "loss_mask_BxT": ro.loss_mask_BxT & prompts["valid_B"][:, None]}
           extra = (r.teacher_params,)
+          rollout_metrics = {"rollout/response_len": jnp.mean(ro.lengths_B.astype(jnp.float32))}
         else:
           seq_rewards = None
           if r.knobs.uses_verifier:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any, Mapping
 
 import jax
@@ -156,6 +157,8 @@ class Progress:
                enabled: bool = True, desc: str = "train"):
     from tqdm.auto import tqdm
     self._show = show
+    self._initial, self._done, self._total = initial, 0, total
+    self._t0 = time.perf_counter()
     self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
                      disable=not enabled or jax.process_index() != 0)
 
@@ -165,11 +168,22 @@ class Progress:
       if post:
         self._bar.set_postfix(post, refresh=False)
     self._bar.update(n)
+    self._done += n
 
   @property
   def rate(self) -> float | None:
-    """Steps per second so far (None before the first update)."""
-    return self._bar.format_dict.get("rate")
+    """Steps per second over this bar's lifetime (None before the first update)."""
+    if not self._done:
+      return None
+    return self._done / max(time.perf_counter() - self._t0, 1e-9)
+
+  @property
+  def eta_s(self) -> float | None:
+    """Seconds to `total` at the current rate (None before the first update)."""
+    rate = self.rate
+    if rate is None:
+      return None
+    return max(self._total - self._initial - self._done, 0) / rate
 
   def close(self):
     self._bar.close()
