@@ -112,13 +112,6 @@ def test_resume_is_bit_identical_including_data_order_and_rng(tmp_path, sft_run,
       assert x[key] == y[key], (x["step"], key)
 
 
-def test_resume_refuses_a_used_workdir_without_resume(tmp_path, sft_run):
-  cfg = smoke("sft", ["loop.steps=2", "loop.checkpoint_every=1"])
-  loop.run(cfg, tmp_path)
-  with pytest.raises(ValueError, match="already holds checkpoints"):
-    loop.run(cfg, tmp_path)
-
-
 def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, sft_run):
   # Step 4 is both the poisoned step and a checkpoint step: it must not be saved.
   cfg = smoke("sft", ["loop.steps=6", "loop.checkpoint_every=2", "loop.debug_nan_at_step=4"])
@@ -134,8 +127,11 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
   logged = [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")]
   assert 4 not in logged
-  # The previous checkpoint is restorable: resuming without the fault finishes the run.
+  # The previous checkpoint is restorable: resuming without the fault finishes the run (and a
+  # used workdir is never silently restarted).
   fixed = smoke("sft", ["loop.steps=6", "loop.checkpoint_every=2"])
+  with pytest.raises(ValueError, match="already holds checkpoints"):
+    loop.run(fixed, tmp_path)
   done = loop.run(fixed, tmp_path, resume=True)
   assert done["resumed_from"] == 2 and done["step"] == 6
   assert done["metrics"]["train/loss_finite"] == 1.0

@@ -379,6 +379,11 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
   ckpt_dir = workdir / "checkpoints"
   snap_dir = workdir / "snapshots"
   primary = jax.process_index() == 0
+  existing = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if (
+      ckpt_dir.is_dir()) else []
+  if existing and not resume:
+    raise ValueError(f"{ckpt_dir} already holds checkpoints (latest step {existing[-1]}); pass "
+                     "resume=True (--resume) to continue or use a fresh workdir")
   if primary:
     (workdir / "config.json").write_text(json.dumps(config_lib.dataclass_to_dict(cfg), indent=1,
                                                     default=str))
@@ -473,10 +478,6 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
     restored = None
     if resume:
       restored = ckpt.restore_latest(mesh_lib.abstract_state(tx, abstract_params, s_shardings))
-    elif ckpt.latest_step() is not None:
-      raise ValueError(f"{ckpt_dir} already holds checkpoints (latest step "
-                       f"{ckpt.latest_step()}); pass resume=True (--resume) to continue or use "
-                       "a fresh workdir")
     if restored is not None:
       state, meta = restored
       iterator.set_state(meta["data"])
