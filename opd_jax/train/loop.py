@@ -215,7 +215,7 @@ def updates_per_step(cfg: TrainConfig) -> int:
   return 1
 
 
-def subspace_bases_from_config(cfg: TrainConfig, shardings):
+def subspace_bases_from_config(cfg: TrainConfig):
   """Bases V_k of W_at - W_origin (`optim.subspace.capture_bases`), or None when disabled."""
   if not cfg.subspace.at:
     return None
@@ -392,8 +392,13 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
   rules = cfg.mesh.rules
   tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
 
-  # Models.
-  student_cfg, graphdef, params = load_model(cfg.student, mesh, rules, params=init_params)
+  # Models. A resumed run takes the student from its checkpoint: only the architecture is needed.
+  if resume and existing:
+    student_cfg = (cfg.student.model if init_params is not None and
+                   cfg.student.source in ("random", "none") else _spec_model_config(cfg.student))
+    graphdef, params = transformer.graphdef_for(student_cfg), None
+  else:
+    student_cfg, graphdef, params = load_model(cfg.student, mesh, rules, params=init_params)
   hf.check_tokenizer(student_cfg, tok)
   uses_teacher = (cfg.method in ("opd", "mixed", "distill") or cfg.rollout.policy == "teacher")
   teacher_graphdef = t_params = None
@@ -445,7 +450,7 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
   p_shardings = mesh_lib.param_shardings(student_cfg, mesh, rules)
   abstract_params = transformer.abstract_params(student_cfg)
   if subspace_bases is None:
-    subspace_bases = subspace_bases_from_config(cfg, p_shardings)
+    subspace_bases = subspace_bases_from_config(cfg)
   context = {} if subspace_bases is None else {"subspace_bases": subspace_bases}
   tx = factory.make_optimizer(cfg.optim, abstract_params,
                               total_steps=loop_cfg.steps * updates_per_step(cfg), **context)
@@ -478,6 +483,8 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
     restored = None
     if resume:
       restored = ckpt.restore_latest(mesh_lib.abstract_state(tx, abstract_params, s_shardings))
+    if restored is None and params is None:
+      raise RuntimeError(f"{ckpt_dir}: checkpoints were listed but none could be restored")
     if restored is not None:
       state, meta = restored
       iterator.set_state(meta["data"])
