@@ -213,3 +213,13 @@ def test_load_model_sources_agree(tmp_path, sft_run):
   with pytest.raises(ValueError, match=r"\['final_norm'\]\['scale'\]: shape \(3,\) != "
                                        r"expected \(64,\)"):
     loop.load_model(ModelSpec(model=base), mesh, rules, params=bad)
+
+
+def test_resuming_a_finished_run_is_a_no_op_that_lists_its_snapshots(tmp_path, sft_run):
+  cfg = smoke("sft", ["loop.steps=2", "loop.snapshot_steps=(0, 2)"])
+  first = loop.run(cfg, tmp_path, resume=True)  # nothing to resume: a fresh start
+  assert first["resumed_from"] is None and sorted(first["snapshots"]) == [0, 2]
+  again = loop.run(cfg, tmp_path, resume=True)
+  assert again["resumed_from"] == 2 and again["step"] == 2
+  assert again["snapshots"] == first["snapshots"]
+  assert [r["step"] for r in rows_of(again)] == [1, 2]

@@ -252,6 +252,16 @@ def _token_state_from_json(template, saved):
                             for s in saved])
 
 
+def _snapshots_on_disk(snap_dir: pathlib.Path, written: Mapping[int, str]) -> dict[int, str]:
+  """{step: path} of every parameter snapshot of the run (also those of earlier invocations)."""
+  found = dict(written)
+  if snap_dir.is_dir():
+    for p in snap_dir.iterdir():
+      if p.name.isdigit() and (p / ckpt_lib.PARAMS).is_dir():
+        found.setdefault(int(p.name), str(p))
+  return dict(sorted(found.items()))
+
+
 def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
   """On resume, drop metric rows of steps after the restored checkpoint (they will be redone)."""
   if not path.is_file():
@@ -366,7 +376,8 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
 
   Returns:
     {'step', 'metrics' (last step's), 'eval' (list of eval results with their step), 'workdir',
-     'checkpoint_dir', 'snapshots' ({step: path}), 'wall_s', 'steps_per_s', 'resumed_from'}.
+     'checkpoint_dir', 'snapshots' ({step: path} of every snapshot on disk, also from earlier
+     invocations of a resumed run), 'wall_s', 'steps_per_s', 'resumed_from'}.
   """
   if not isinstance(config, TrainConfig):
     raise TypeError(f"run() needs a TrainConfig (train.config.from_config_dict), got "
@@ -616,7 +627,7 @@ def _loop(r: _Run, state: TrainState, iterator, token_state, step_fn, ckpt, work
   loop_s = time.time() - t_loop
   summary = {
       "step": step, "metrics": last, "eval": evals, "workdir": str(workdir),
-      "checkpoint_dir": str(ckpt.directory), "snapshots": snapshots,
+      "checkpoint_dir": str(ckpt.directory), "snapshots": _snapshots_on_disk(snap_dir, snapshots),
       "wall_s": time.time() - t_start,
       "steps_per_s": (step - start) / loop_s if loop_s > 0 and step > start else None,
       "resumed_from": resumed_from,
