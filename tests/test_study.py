@@ -228,3 +228,130 @@ def test_report_renders_every_section_and_figure(tmp_path):
   for v in saved["verdicts"]:
     assert v["ours"] in md or v["ours"].replace("|", "\\|") in md
   assert "51.6%" in md and "Run summary" in md and "`0.0001`" in md
+
+
+# -- study config and composition (no training) ------------------------------------------------------
+def _load(preset, overrides=()):
+  from opd_jax.study import config as study_config
+  from opd_jax.train import config as train_config
+  return study_config.from_config_dict(train_config.load_config(f"configs/study.py:{preset}",
+                                                                overrides))
+
+
+@pytest.mark.parametrize("preset", ["smoke", "tiny", "small", "qwen3_8b"])
+def test_presets_compose_every_run(preset):
+  from opd_jax.study import runs
+  study = _load(preset)
+  dag = runs.build_phases(study)
+  names = [p.name for p in dag]
+  assert names[0] == "task" and names[-2:] == ["diagnostics", "report"]
+  assert {"teacher", "base", "anchor", "opd", "rlvr", "sft", "opd_rank16", "sft_rank16",
+          "ctrl_offpolicy"} <= set(names)
+  assert any(n.startswith("ctrl_topkl_") for n in names) and any(n.startswith("mix_") for n in names)
+  phases.topological_order(dag)  # a valid DAG
+
+
+def test_composed_controls_differ_from_opd_only_where_they_should():
+  from opd_jax.study import runs
+  study = _load("tiny")
+  specs = {s.name: s for s in runs.run_specs(study)}
+  cfg = {n: runs.compose_run(study, s, runs._symbolic) for n, s in specs.items()}
+  opd = cfg["opd"]
+  assert opd.method == "opd" and opd.student.path == "@anchor:final"
+  assert opd.teacher.path == "@teacher:final" and opd.loop.eval_every == 0
+  steps = opd.loop.steps
+  assert opd.loop.snapshot_steps == tuple(round(i * steps / 5) for i in range(1, 6))
+  off = cfg["ctrl_offpolicy"]
+  assert off.rollout.policy == "teacher" and off.pg.pg.eps_low == off.pg.pg.eps_high == 1.0
+  assert off.replace(rollout=opd.rollout, pg=opd.pg) == opd
+  mix = cfg["mix_0.05"]
+  assert mix.method == "mixed" and mix.rollout.mix_alpha == 0.05
+  assert mix.grpo.group_size == opd.rollout.group_size
+  top = cfg["ctrl_topkl_25"]
+  assert top.rollout.token_transforms == (("top_kl_retention", {"rho": 0.25}),)
+  rnd = cfg["ctrl_random_50"]
+  assert rnd.rollout.token_transforms == (("random_retention", {"rho": 0.5, "seed": 0}),)
+  r16 = cfg["opd_rank16"]
+  first = opd.loop.snapshot_steps[0]
+  assert r16.student.path == "@opd:first" and r16.loop.steps == steps - first
+  assert (r16.subspace.origin, r16.subspace.at, r16.subspace.k) == ("@anchor:final", "@opd:first",
+                                                                    16)
+  assert r16.optim.transforms[-1].name == "subspace_projection"
+  assert r16.optim.transforms[-1].position == "pre"
+  sft = cfg["sft"]
+  assert sft.method == "sft" and sft.optim.schedule == "cosine"
+  assert sft.optim.lr == pytest.approx(10 * opd.optim.lr) or study.preset != "tiny"
+  assert cfg["rlvr"].optim.eps == 1e-15 and cfg["rlvr"].optim.b2 == 0.98
+
+
+def test_study_config_errors_name_the_key():
+  from opd_jax.train.config import ConfigError
+  with pytest.raises(ConfigError, match="opd.optim.lrr"):
+    _load("smoke", ["opd.optim.lrr=1.0"])
+  with pytest.raises(ConfigError, match="unknown config key 'config.controls.mixing_alpha'"):
+    from opd_jax.study import config as study_config
+    from opd_jax.train import config as train_config
+    cd = train_config.load_config("configs/study.py:smoke").to_dict()
+    cd["controls"]["mixing_alpha"] = (0.5,)
+    study_config.from_config_dict(cd)
+  with pytest.raises(ConfigError, match="controls.sparsify"):
+    _load("smoke", ["controls.sparsify=(('topk', 0.5),)"])
+
+
+# -- the smoke study end to end ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+  from opd_jax import study
+  from opd_jax.train import config as train_config
+  workdir = tmp_path_factory.mktemp("study_smoke")
+  cd = train_config.load_config("configs/study.py:smoke")
+  out = study.run(cd, workdir, log=lambda s: None)
+  return workdir, cd, out
+
+
+def test_smoke_study_report_structure(smoke_study):
+  workdir, _, out = smoke_study
+  assert out["ok"] and set(out["phases"].values()) == {"ran"}
+  rep = workdir / "report"
+  md = (rep / "report.md").read_text()
+  for _, title in reporting.SECTIONS:
+    assert f"## {title}" in md, title
+  for f in reporting.REQUIRED_FIGURES:
+    assert (rep / f"{f}.png").read_bytes()[:4] == b"\x89PNG" and f"({f}.png)" in md, f
+  results = json.loads((rep / "results.json").read_text())
+  assert set(results["endpoint"]) == {"sft", "opd", "rlvr"}
+  for m, e in results["endpoint"].items():
+    assert 0 <= e["sparsity"] <= 1 and set(e["sparsity_per_type"]) >= {"q", "k", "v", "o"}, m
+    assert e["max_angle_deg"] is not None and len(e["angle_curve_deg"]) > 0
+  trajs = results["trajectory"]
+  assert {"opd", "rlvr", "sft", "ctrl_topkl_50", "ctrl_offpolicy", "mix_0.75", "mix_0.05"} <= set(
+      trajs)
+  for run, t in trajs.items():
+    assert len(t["stable_rank"]) == len(t["steps"]) == 2 and t["progress"][-1] == 1.0, run
+  assert set(results["accuracy"]) >= {"teacher", "base", "anchor", "opd", "rlvr", "sft",
+                                      "opd_rank16", "sft_rank16"}
+  # Every verdict is computed (none missing at smoke scale), and recomputing gives the same.
+  assert {v["verdict"] for v in results["verdicts"]} <= {verdicts.HOLDS, verdicts.FAILS}
+  assert [v["verdict"] for v in verdicts.compute_verdicts(results)] == [
+      v["verdict"] for v in results["verdicts"]]
+  assert results["failed_thresholds"] == verdicts.check(results)
+  assert set(results["phases"]) >= {"task", "teacher", "diagnostics"}
+  assert all(p["wall_s"] > 0 for p in results["phases"].values())
+
+
+def test_smoke_study_resumes_instantly_and_check_exit_code(smoke_study, capsys):
+  import time
+  from opd_jax import cli, study
+  workdir, cd, _ = smoke_study
+  t0 = time.perf_counter()
+  out = study.run(cd, workdir, log=lambda s: None)
+  assert set(out["phases"].values()) == {"skipped"} and time.perf_counter() - t0 < 20
+  # --check exits non-zero and names the failed threshold (smoke's teacher is not trained).
+  code = cli.main(["study", "--config", "configs/study.py:smoke", "--workdir", str(workdir),
+                   "--check"])
+  err = capsys.readouterr().err
+  assert code == 1 and "teacher_min" in err
+  # Re-rendering from the workdir alone reproduces the report.
+  (workdir / "report" / "report.md").unlink()
+  path = study.render_report(workdir)
+  assert path.exists() and "## Controls" in path.read_text()

@@ -196,12 +196,18 @@ def status(phases: Sequence[Phase], workdir) -> dict[str, str]:
 
 
 def run_phases(phases: Sequence[Phase], workdir, redo: Iterable[str] = (),
-               log: Callable[[str], None] = print) -> dict[str, dict]:
+               log: Callable[[str], None] = print, *, writer: bool = True,
+               barrier: Callable[[], None] = lambda: None) -> dict[str, dict]:
   """Runs every phase that is not complete, in dependency order; returns per-phase records.
 
   Each record: `{'status': 'ran' | 'skipped', 'wall_s': seconds of the run that produced the
   outputs, 'summary': the phase's summary}`. An exception in a phase propagates (its directory keeps
   `_STARTED.json` and no marker, so the next call re-runs it, resuming if the fingerprints match).
+
+  Multi-process runs (a shared workdir): every process runs every phase function (training is
+  collective), only the `writer` (process 0) prepares directories and writes markers, and
+  `barrier()` is called before each decision and after each directory change, so all processes
+  see the same markers.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -210,33 +216,37 @@ def run_phases(phases: Sequence[Phase], workdir, redo: Iterable[str] = (),
   dependents_closure(phases, redo)  # validates the names
   records: dict[str, dict] = {}
   for p in order:
+    barrier()
     out_dir = workdir / p.name
     expected = _expected(p, workdir)
     marker = read_json(out_dir / MARKER)
     if (p.name not in redo and marker is not None and
         {k: marker.get(k) for k in ("config_fingerprint", "deps")} == expected):
       records[p.name] = {"status": "skipped", "wall_s": marker["wall_s"],
-                         "summary": marker["summary"]}
+                         "cpu_s": marker.get("cpu_s"), "summary": marker["summary"]}
       log(f"[study] {p.name}: complete, skipped ({marker['wall_s']:.1f} s when it ran)")
       continue
     started = read_json(out_dir / STARTED)
     resuming = p.name not in redo and started == expected
-    if out_dir.exists() and not resuming:
-      shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / MARKER).exists():
-      (out_dir / MARKER).unlink()
-    write_json_atomic(out_dir / STARTED, expected)
+    if writer:
+      if out_dir.exists() and not resuming:
+        shutil.rmtree(out_dir)
+      out_dir.mkdir(parents=True, exist_ok=True)
+      if (out_dir / MARKER).exists():
+        (out_dir / MARKER).unlink()
+      write_json_atomic(out_dir / STARTED, expected)
+    barrier()
     why = ("redo requested" if p.name in redo else "no marker" if marker is None else
            "config changed" if marker.get("config_fingerprint") != expected["config_fingerprint"]
            else "a dependency changed")
     log(f"[study] {p.name}: running ({why}{'; resuming' if resuming else ''})")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     summary = p.fn(PhaseContext(p.name, workdir, out_dir, resuming, log)) or {}
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     summary = _jsonable(summary)
-    write_json_atomic(out_dir / MARKER, dict(expected, summary=summary, wall_s=wall,
-                                             run_id=uuid.uuid4().hex, finished_at=time.time()))
-    records[p.name] = {"status": "ran", "wall_s": wall, "summary": summary}
-    log(f"[study] {p.name}: done in {wall:.1f} s")
+    if writer:
+      write_json_atomic(out_dir / MARKER, dict(expected, summary=summary, wall_s=wall, cpu_s=cpu,
+                                               run_id=uuid.uuid4().hex, finished_at=time.time()))
+    records[p.name] = {"status": "ran", "wall_s": wall, "cpu_s": cpu, "summary": summary}
+    log(f"[study] {p.name}: done in {wall:.1f} s ({cpu:.1f} s CPU)")
   return records

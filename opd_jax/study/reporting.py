@@ -202,11 +202,15 @@ def markdown(r: dict, figs: dict[str, str]) -> str:
   out += ["## Settings (every chosen value)", "",
           _table(["key", "value"], [(k, f"`{v}`") for k, v in _flatten(r.get("settings", {}))]),
           ""]
+  cpu_total = sum(p.get("cpu_s") or 0.0 for p in r.get("phases", {}).values())
   out += ["## Run summary", "",
-          _table(["phase", "status", "wall time (s)"],
-                 [(k, p.get("status", ""), f"{p.get('wall_s', 0.0):.1f}")
+          "Wall time per phase as it ran (a resumed study shows the times of the runs that "
+          "produced the outputs); CPU time is this process's (all threads).", "",
+          _table(["phase", "status", "wall time (s)", "CPU time (s)"],
+                 [(k, p.get("status", ""), f"{p.get('wall_s', 0.0):.1f}",
+                   "n/a" if p.get("cpu_s") is None else f"{p['cpu_s']:.1f}")
                   for k, p in r.get("phases", {}).items()] +
-                 [("**total**", "", f"{total:.1f}")]), ""]
+                 [("**total**", "", f"{total:.1f}", f"{cpu_total:.1f}")]), ""]
   return "\n".join(out)
 
 

@@ -1,0 +1,224 @@
+"""The geometry study: `opd-jax study --config configs/study.py:<preset> --workdir DIR`.
+
+Presets:
+  smoke     tests (< 2 min): every phase and every report section at toy size (one sparsification
+            run, the off-policy run, two mixing alphas); the thresholds are not expected to hold.
+  tiny      the README's main job (< 20 min on a 2-core CPU): a 4 x 128 teacher SFT-trained on an
+            easy arithmetic task to >= 0.9, a 2 x 64 base student with partial accuracy, every
+            run and control of the paper.
+  small     closer to the paper (< 2 h on the same CPU): larger models, the default task, longer
+            runs.
+  qwen3_8b  the paper's models and hyperparameters (paper_facts section 4) for a TPU pod: base
+            student Qwen3-8B-Base and teacher Qwen3-32B from local HF checkpoints (used as is and
+            evaluated), SFT anchor on a local MATH-layout file with solutions, OPD / RLVR on a local
+            dapo-math-17k JSONL, eval on a local MATH-500 JSONL.
+
+Learning rates are scaled to the model size with the paper's ratios: SFT peak lr = 10 x the
+OPD/RLVR lr, cosine to 0.1 x peak with 10% warmup for SFT, constant for OPD/RLVR; Adam betas
+(0.9, 0.95) for SFT and (0.9, 0.98) for OPD/RLVR, eps 1e-15 for RLVR, weight decay 0.1. The report
+writes every chosen value (its Settings section).
+
+Sections (see `opd_jax/study/config.py`): shared `student`, `teacher`, `mesh`, `data`, `eval`,
+`snapshots`; run sections `teacher_train`, `base_train`, `anchor`, `opd`, `rlvr`, `sft` (the
+method-specific parts of a TrainConfig); `rank16`, `controls`, `diagnostics`, `thresholds`.
+Override anything: `--config.opd.optim.lr=1e-3`, `--config.data.task.mod_chain.modulus=7`.
+"""
+
+import ml_collections
+
+from configs import models
+from opd_jax.data import tasks
+from opd_jax.study import config as study_config
+from opd_jax.train import config as train_config
+from opd_jax.train.mesh import MeshConfig
+
+_SHARED = ("student", "teacher", "mesh", "data", "subspace")
+
+
+def _section(method: str) -> ml_collections.ConfigDict:
+  """A run section: every method-specific TrainConfig field with its default."""
+  c = train_config.default_config(method)
+  for key in _SHARED:
+    del c[key]
+  for key in study_config.STUDY_LOOP_KEYS:
+    del c.loop[key]
+  return c
+
+
+def _optim(c, *, lr, sft: bool, steps_hint=None, rlvr=False):
+  """The paper's optimizer ratios (module docstring) at peak lr `lr`."""
+  c.optim.lr = lr
+  c.optim.weight_decay = 0.1
+  c.optim.b1 = 0.9
+  if sft:
+    c.optim.schedule = "cosine"
+    c.optim.final_lr = lr / 10
+    c.optim.warmup_frac = 0.1
+    c.optim.b2 = 0.95
+  else:
+    c.optim.schedule = "constant"
+    c.optim.b2 = 0.98
+    if rlvr:
+      c.optim.eps = 1e-15
+
+
+def _base(name: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.preset = name
+  c.mesh = train_config.dataclass_to_dict(MeshConfig())
+  c.eval = train_config.dataclass_to_dict(study_config.EvalConfig())
+  c.snapshots = 5
+  for name_, method in (("teacher_train", "sft"), ("base_train", "sft"), ("anchor", "sft"),
+                        ("opd", "opd"), ("rlvr", "rlvr"), ("sft", "sft")):
+    c[name_] = _section(method)
+  c.rank16 = train_config.dataclass_to_dict(study_config.Rank16Config())
+  c.controls = train_config.dataclass_to_dict(study_config.ControlsConfig())
+  c.diagnostics = train_config.dataclass_to_dict(study_config.DiagnosticsConfig())
+  c.thresholds = train_config.dataclass_to_dict(study_config.Thresholds())
+  return c
+
+
+def _quiet(c, names=("teacher_train", "base_train", "anchor", "opd", "rlvr", "sft")):
+  for n in names:
+    c[n].loop.progress = False
+    c[n].loop.tensorboard = False
+    c[n].loop.checkpoint_every = 0
+    c[n].loop.checkpoint_keep = 1
+
+
+def _pg_common(c, *, group, batch, steps, lr, clip_high):
+  for n in ("opd", "rlvr"):
+    c[n].rollout.group_size = group
+    c[n].loop.batch_size = batch
+    c[n].loop.steps = steps
+  _optim(c.opd, lr=lr, sft=False)
+  _optim(c.rlvr, lr=lr, sft=False, rlvr=True)
+  c.opd.pg.pg.eps_high = 0.2          # OPD: symmetric clip (not stated by the paper)
+  c.rlvr.pg.pg.eps_high = clip_high   # RLVR: clip-higher 0.28
+
+
+# -- presets --------------------------------------------------------------------------------------
+SMOKE_TASK = tasks.TaskConfig(families=("mod_chain",), mod_chain=tasks.ModChainConfig(
+    min_ops=1, max_ops=2, modulus=5, ops="+-"))
+
+
+def _smoke():
+  c = _base("smoke")
+  c.student = models.spec("smoke", seed=1)
+  c.teacher = models.spec("smoke", seed=0)
+  c.data = train_config.dataclass_to_dict(train_config.DataConfig(
+      task=SMOKE_TASK, train_examples=256, eval_examples=16, prompt_buckets=(16,)))
+  c.eval.k = 2
+  c.eval.batch_size = 16
+  c.snapshots = 2
+  # Smoke checks structure, not results: runs share every setting that enters a compiled program
+  # (one constant-lr SFT optimizer, one PG optimizer and clip range for OPD and RLVR), so the
+  # whole study compiles few distinct steps.
+  for n, steps in (("teacher_train", 8), ("base_train", 2), ("anchor", 2), ("sft", 4)):
+    c[n].loop.steps = steps
+    c[n].loop.batch_size = 16
+    _optim(c[n], lr=3e-3, sft=True)
+    c[n].optim.schedule = "constant"
+    c[n].optim.warmup_frac = 0.0
+  _pg_common(c, group=2, batch=4, steps=4, lr=3e-4, clip_high=0.2)
+  c.rlvr.optim.eps = c.opd.optim.eps
+  c.rank16.k = 4
+  c.controls.sparsify = (("top_kl", 0.5),)
+  c.controls.mixing_alphas = (0.75, 0.05)
+  c.diagnostics.angle_k = 16
+  c.diagnostics.mask_rank = 8
+  c.diagnostics.hill_k = 4
+  c.diagnostics.sim_k = 4
+  _quiet(c)
+  return c
+
+
+TINY_TASK = tasks.TaskConfig(families=("mod_chain",), mod_chain=tasks.ModChainConfig(
+    min_ops=2, max_ops=3, modulus=10, ops="+-"))
+
+
+def _tiny():
+  c = _base("tiny")
+  c.student = models.spec("tiny", seed=1)
+  c.teacher = models.spec("tiny_teacher", seed=0)
+  c.data = train_config.dataclass_to_dict(train_config.DataConfig(
+      task=TINY_TASK, train_examples=8192, eval_examples=256))
+  c.eval.k = 4
+  c.eval.batch_size = 256
+  for n, steps, batch, lr in (("teacher_train", 400, 64, 3e-3), ("base_train", 60, 64, 3e-3),
+                              ("anchor", 60, 64, 1e-3), ("sft", 50, 64, 1e-3)):
+    c[n].loop.steps = steps
+    c[n].loop.batch_size = batch
+    _optim(c[n], lr=lr, sft=True)
+  _pg_common(c, group=8, batch=16, steps=50, lr=1e-4, clip_high=0.28)
+  _quiet(c)
+  return c
+
+
+def _small():
+  c = _tiny()
+  c.preset = "small"
+  c.student = models.spec("tiny", seed=1, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                          head_dim=32, d_ff=256)
+  c.teacher = models.spec("tiny_teacher", seed=0, d_model=256, n_layers=6, n_heads=8,
+                          n_kv_heads=4, head_dim=32, d_ff=768)
+  c.data.task = train_config.dataclass_to_dict(tasks.preset("default"))
+  c.data.train_examples = 32768
+  c.data.eval_examples = 512
+  c.eval.k = 8
+  for n, steps in (("teacher_train", 3000), ("base_train", 300), ("anchor", 300), ("sft", 300)):
+    c[n].loop.steps = steps
+  for n in ("opd", "rlvr"):
+    c[n].loop.steps = 300
+    c[n].loop.batch_size = 32
+  c.diagnostics.angle_k = 128
+  return c
+
+
+def _qwen3_8b():
+  c = _base("qwen3_8b")
+  c.student = models.spec("qwen3_8b", source="hf", path="checkpoints/Qwen3-8B-Base")
+  c.teacher = models.spec("qwen3_32b", source="hf", path="checkpoints/Qwen3-32B")
+  c.mesh = train_config.dataclass_to_dict(MeshConfig(shape=(1, -1, 1)))
+  c.data = train_config.dataclass_to_dict(train_config.DataConfig(
+      source="file", path="data/dapo-math-17k.jsonl", layout="dapo_math_17k", train_examples=0,
+      eval_path="data/math500.jsonl", eval_examples=0, tokenizer="checkpoints/Qwen3-8B-Base",
+      verifier="math", on_error="skip", max_prompt_tokens=1024, prompt_buckets=(256, 512, 1024)))
+  c.eval.k = 8
+  c.eval.batch_size = 32
+  for n in ("anchor", "sft"):  # SFT needs worked solutions: a MATH-layout file
+    c[n].data = ml_collections.ConfigDict({"path": "data/math_train.jsonl", "layout": "math",
+                                           "sft_buckets": (1024, 2048, 4096)})
+    _optim(c[n], lr=1e-5, sft=True)
+    c[n].loop.batch_size = 256
+    c[n].loop.steps = 147   # 5 epochs of 7,500 MATH problems at batch 256
+    c[n].sft.micro_batches = 8
+  for n in ("opd", "rlvr"):
+    c[n].sampler.max_new_tokens = 4096
+    c[n].sampler.eos_ids = (151643, 151645)
+    c[n].rollout.group_size = 8
+    c[n].rollout.recompute_old_logp = True
+    c[n].pg.chunk_size = 256
+  _optim(c.opd, lr=1e-6, sft=False)
+  _optim(c.rlvr, lr=1e-6, sft=False, rlvr=True)
+  c.opd.pg.pg.eps_high = 0.2
+  c.opd.loop.steps, c.opd.loop.batch_size, c.opd.pg.micro_batches = 299, 64, 32
+  c.rlvr.loop.steps, c.rlvr.loop.batch_size, c.rlvr.pg.micro_batches = 1023, 512, 256
+  c.sft.loop.steps = 147
+  for n in ("teacher_train", "base_train", "anchor", "opd", "rlvr", "sft"):
+    c[n].loop.checkpoint_every = 32
+  c.thresholds.teacher_min = 0.0   # the acceptance thresholds are for the CPU presets
+  c.thresholds.base_min = 0.0
+  c.thresholds.base_max = 1.0
+  return c
+
+
+PRESETS = {"smoke": _smoke, "tiny": _tiny, "small": _small, "qwen3_8b": _qwen3_8b}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  if arg not in PRESETS:
+    raise ValueError(f"configs/study.py: unknown preset {arg!r}; valid presets: {sorted(PRESETS)}")
+  c = PRESETS[arg]()
+  c.lock()
+  return c

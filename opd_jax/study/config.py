@@ -1,0 +1,257 @@
+"""The study's typed configuration, and the composition of each run's `TrainConfig`.
+
+A study config file (`configs/study.py`) returns a locked ConfigDict that mirrors `StudyConfig`:
+
+  * shared sections used by every run: `student` and `teacher` (`ModelSpec`: where the base student
+    and the teacher come from), `mesh`, `data`, `eval` (how every accuracy in the report is
+    measured), `snapshots` (parameter snapshots per trajectory run);
+  * run sections, each holding only the method-specific parts of a `TrainConfig` (`RUN_KEYS`:
+    method, optim, sampler, rollout, sft, pg, distill, credit, grpo, loop; and `data`, entries
+    merged over the shared `data`, e.g. the SFT runs' file of worked solutions; the eval split is
+    always the shared one): `teacher_train` (SFT of
+    a randomly initialised teacher; unused when the teacher is loaded), `base_train` (SFT from
+    scratch that makes the base student; unused when the student is loaded), `anchor` (SFT of the
+    base: the paper's SFT geometry is base -> anchor), `opd`, `rlvr`, `sft` (from the anchor);
+  * study sections: `rank16`, `controls`, `diagnostics`, `thresholds`.
+
+`compose(...)` builds a run's TrainConfig = the run section + the shared sections + the models it
+starts from, strictly (an unknown key names its dotted path, e.g. `opd.optim.lrr`). Loop fields the
+study sets itself (eval and snapshots) must not appear in run sections.
+
+Choices where the paper is silent: every accuracy is avg@k at the eval temperature on the task's
+eval split, measured by the study after training (not by the loop's periodic eval), so all runs
+share one protocol; snapshots are at `round(i * steps / snapshots)`, i = 1..snapshots, and the
+first one (~20% of training for 5 snapshots, the paper's 63/299) is the rank-16 resume point.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from opd_jax.train import config as train_config
+from opd_jax.train.config import ConfigError, DataConfig, ModelSpec, TrainConfig
+from opd_jax.train.mesh import MeshConfig
+
+RUN_SECTIONS = ("teacher_train", "base_train", "anchor", "opd", "rlvr", "sft")
+RUN_KEYS = ("method", "optim", "sampler", "rollout", "sft", "pg", "distill", "credit", "grpo",
+            "loop", "data")
+STUDY_LOOP_KEYS = ("eval_every", "eval_k", "eval_greedy", "eval_temperature", "eval_batch_size",
+                   "snapshot_steps")
+SPARSIFY_KINDS = {"top_kl": "top_kl_retention", "random": "random_retention"}
+PROJECTION_POSITIONS = ("pre", "post")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """How every accuracy of the study is measured: avg@k on the eval split.
+
+  Attributes:
+    k: samples per eval prompt (avg@k = mean over prompts of the mean score of their k samples).
+    greedy: greedy decoding (then k is forced to 1).
+    temperature: sampling temperature when not greedy.
+    batch_size: eval prompts per sampler call.
+    seed: sampling seed (the same for every run, so the anchor's accuracy is one number).
+  """
+
+  k: int = 4
+  greedy: bool = False
+  temperature: float = 1.0
+  batch_size: int = 128
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.k < 1 or self.batch_size < 1:
+      raise ConfigError(f"EvalConfig: k={self.k} and batch_size={self.batch_size} must be >= 1")
+    if not self.temperature > 0:
+      raise ConfigError(f"EvalConfig.temperature={self.temperature}: must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rank16Config:
+  """The subspace-constrained continuation (paper section 3).
+
+  Attributes:
+    enabled: run the two projected continuations (OPD and SFT).
+    k: rank of the input-side subspace (the paper: 16).
+    position: 'pre' projects the gradient before Adam (the paper's wording), 'post' projects the
+      final update (keeps the update itself inside the subspace).
+  """
+
+  enabled: bool = True
+  k: int = 16
+  position: str = "pre"
+
+  def __post_init__(self):
+    if self.position not in PROJECTION_POSITIONS:
+      raise ConfigError(f"Rank16Config.position={self.position!r}; expected one of "
+                        f"{PROJECTION_POSITIONS}")
+    if self.k < 1:
+      raise ConfigError(f"Rank16Config.k={self.k}: must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlsConfig:
+  """The three controls, all run from the OPD setup (the `opd` section) and the anchor.
+
+  Attributes:
+    sparsify: ((kind, rho), ...) token sparsification runs; kind 'top_kl' (keep the tokens with the
+      largest signed r_t) or 'random'; rho = kept fraction per response.
+    sparsify_seed: seed of the random retention.
+    offpolicy: run the off-policy control (rollouts sampled by the teacher).
+    offpolicy_clip: its PPO clip eps (low and high); 1.0 = clipping effectively off (the paper).
+    mixing_alphas: OPD+RLVR mixing runs, A = alpha A_OPD + (1 - alpha) A_RLVR (method 'mixed',
+      GRPO settings from the `rlvr` section).
+  """
+
+  sparsify: tuple = (("top_kl", 0.25), ("top_kl", 0.5), ("random", 0.25), ("random", 0.5))
+  sparsify_seed: int = 0
+  offpolicy: bool = True
+  offpolicy_clip: float = 1.0
+  mixing_alphas: tuple[float, ...] = (0.75, 0.5, 0.25, 0.05, 0.01)
+
+  def __post_init__(self):
+    for i, spec in enumerate(self.sparsify):
+      if (not isinstance(spec, (tuple, list)) or len(spec) != 2 or spec[0] not in SPARSIFY_KINDS
+          or not 0 < float(spec[1]) <= 1):
+        raise ConfigError(f"controls.sparsify[{i}]={spec!r}: expected (kind, rho) with kind in "
+                          f"{sorted(SPARSIFY_KINDS)} and 0 < rho <= 1")
+    for a in self.mixing_alphas:
+      if not 0 <= a <= 1:
+        raise ConfigError(f"controls.mixing_alphas: {a} is outside [0, 1]")
+    if len(set(self.mixing_alphas)) != len(self.mixing_alphas):
+      raise ConfigError(f"controls.mixing_alphas has duplicates: {self.mixing_alphas}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagnosticsConfig:
+  """Geometry settings (paper_facts section 1; defaults are the paper's).
+
+  Attributes:
+    angle_k: top-k of the principal angles (capped at the rank).
+    mask_rank: rank r of the principal mask.
+    mask_alpha: mask fraction alpha (= the random baseline).
+    hill_k: singular values in the Hill estimate.
+    sim_k: K of Sim_K (input-side subspaces of dW_t).
+    trajectory_types: module types whose matrices enter the trajectories (the paper: attention).
+  """
+
+  angle_k: int = 512
+  mask_rank: int = 64
+  mask_alpha: float = 0.5
+  hill_k: int = 16
+  sim_k: int = 16
+  trajectory_types: tuple[str, ...] = ("q", "k", "v", "o")
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+  """Acceptance thresholds checked by `--check` (OPD and RLVR must also beat the anchor)."""
+
+  teacher_min: float = 0.9
+  base_min: float = 0.1
+  base_max: float = 0.7
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """Everything the study needs (see the module docstring)."""
+
+  preset: str = "custom"
+  student: ModelSpec = ModelSpec()
+  teacher: ModelSpec = ModelSpec()
+  mesh: MeshConfig = MeshConfig()
+  data: DataConfig = DataConfig()
+  eval: EvalConfig = EvalConfig()
+  snapshots: int = 5
+  teacher_train: dict = dataclasses.field(default_factory=dict)
+  base_train: dict = dataclasses.field(default_factory=dict)
+  anchor: dict = dataclasses.field(default_factory=dict)
+  opd: dict = dataclasses.field(default_factory=dict)
+  rlvr: dict = dataclasses.field(default_factory=dict)
+  sft: dict = dataclasses.field(default_factory=dict)
+  rank16: Rank16Config = Rank16Config()
+  controls: ControlsConfig = ControlsConfig()
+  diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+  thresholds: Thresholds = Thresholds()
+
+  def __post_init__(self):
+    if self.snapshots < 1:
+      raise ConfigError(f"StudyConfig.snapshots={self.snapshots}: must be >= 1")
+    if self.teacher.source == "none" or self.student.source == "none":
+      raise ConfigError("the study needs a teacher and a student (source 'none' given)")
+    for name in RUN_SECTIONS:
+      section = getattr(self, name)
+      unknown = set(section) - set(RUN_KEYS)
+      if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(unknown)} in run section '{name}'; "
+                          f"valid keys: {list(RUN_KEYS)} (student/teacher/mesh/data/eval are "
+                          "shared sections at the top level)")
+      study_keys = set(section.get("loop", {})) & set(STUDY_LOOP_KEYS)
+      if study_keys:
+        raise ConfigError(f"'{name}.loop' sets {sorted(study_keys)}, which the study sets itself "
+                          "(use the top-level 'eval' and 'snapshots' sections)")
+
+
+def from_config_dict(cd: Any) -> StudyConfig:
+  """The typed StudyConfig of a study ConfigDict (strict: unknown keys name their path)."""
+  return train_config.dataclass_from_dict(StudyConfig, cd, "config")
+
+
+def snapshot_steps(steps: int, n: int) -> tuple[int, ...]:
+  """n evenly spaced snapshot steps ending at `steps`: round(i * steps / n), i = 1..n (deduped)."""
+  return tuple(sorted({max(1, round(i * steps / n)) for i in range(1, n + 1)}))
+
+
+def section_steps(study: StudyConfig, name: str) -> int:
+  return int(getattr(study, name).get("loop", {}).get("steps", train_config.LoopConfig().steps))
+
+
+def compose(study: StudyConfig, name: str, *, student: ModelSpec, teacher: ModelSpec | None,
+            snapshots: tuple[int, ...] | None = None,
+            edit: Callable[[dict], None] | None = None) -> TrainConfig:
+  """The TrainConfig of run section `name` starting from `student` (with `teacher`).
+
+  `snapshots` defaults to the final step only; `edit(dict)` may modify the merged dict (controls)
+  before validation.
+  """
+  d: dict[str, Any] = copy.deepcopy(dict(getattr(study, name)))
+  d["student"] = train_config.dataclass_to_dict(student)
+  d["teacher"] = (train_config.dataclass_to_dict(teacher) if teacher is not None
+                  else {"source": "none"})
+  d["mesh"] = train_config.dataclass_to_dict(study.mesh)
+  d["data"] = _merge(train_config.dataclass_to_dict(study.data), d.get("data", {}))
+  loop = dict(d.get("loop", {}))
+  steps = int(loop.get("steps", train_config.LoopConfig().steps))
+  loop.update(eval_every=0, snapshot_steps=tuple(snapshots) if snapshots else (steps,))
+  d["loop"] = loop
+  if edit is not None:
+    edit(d)
+  return train_config.dataclass_from_dict(TrainConfig, d, name)
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+  """`base` with the (nested) entries of `over` replacing its own."""
+  out = dict(base)
+  for k, v in over.items():
+    out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def set_in(d: dict, path: str, value) -> None:
+  """Sets `d['a']['b'] = value` for path 'a.b' (creating sections)."""
+  keys = path.split(".")
+  for k in keys[:-1]:
+    d = d.setdefault(k, {})
+    if not isinstance(d, dict):
+      raise ConfigError(f"cannot set {path}: {k} is not a section")
+  d[keys[-1]] = value
+
+
+def study_sections(study: StudyConfig) -> Mapping[str, Any]:
+  """The study-level settings written into the report."""
+  out = {}
+  for f in ("preset", "snapshots", "eval", "rank16", "controls", "diagnostics", "thresholds"):
+    out[f] = train_config.dataclass_to_dict(getattr(study, f))
+  return out

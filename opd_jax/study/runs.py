@@ -1,0 +1,495 @@
+"""The study's phases: task -> teacher -> base -> anchor -> OPD / RLVR / SFT -> rank-16 -> controls
+-> diagnostics -> report, each a `phases.Phase` writing under `WORKDIR/<phase>/`.
+
+Every training phase calls `train.loop.run` (THE training loop) with a TrainConfig composed by
+`study.config.compose`; models flow between phases as parameter snapshots on disk (`ModelSpec(
+source='checkpoint', path=...)`), so each run's `run/config.json` says exactly what it started from.
+Phase fingerprints use the composed TrainConfig with symbolic paths (`@anchor:final`), so moving
+the workdir does not invalidate anything. After training, the study measures the final parameters'
+accuracy itself (`evaluate`: avg@k with `study.eval`, the same protocol for every run).
+
+Run names (also the phase directory names): teacher, base, anchor, opd, rlvr, sft, opd_rank16,
+sft_rank16, ctrl_topkl_25 / ctrl_random_50 / ... (token sparsification, rho in percent),
+ctrl_offpolicy, mix_<alpha> (e.g. mix_0.05).
+
+A teacher (or base student) whose `ModelSpec.source` is 'hf' or 'checkpoint' is used as is and only
+evaluated (the qwen3_8b preset); with source 'random' it is trained by `teacher_train` /
+`base_train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+from typing import Any, Callable
+
+from opd_jax.study import config as study_config
+from opd_jax.study import phases as phases_lib
+from opd_jax.study.config import StudyConfig
+
+REPORT_DIR = "report"
+STUDY_JSON = "study_config.json"
+TRAJECTORY_RUNS = ("sft", "opd", "rlvr")
+ORIGINS = {"sft": "base -> anchor", "opd": "anchor -> end", "rlvr": "anchor -> end"}
+
+
+# -- run specs -------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One training run of the study.
+
+  Attributes:
+    name: phase / run name.
+    section: the study run section its TrainConfig is composed from.
+    start: (phase, which) whose model the student starts from; which is 'final' or 'first' (the
+      first trajectory snapshot); None = the study's own `student` / `teacher` spec.
+    uses_teacher: pass the teacher to the run.
+    trajectory: save `study.snapshots` evenly spaced snapshots (else only the final one).
+    subspace_of: for the rank-16 runs, the trajectory run whose cumulative update (anchor ->
+      its first snapshot) defines the subspace; its remaining steps are run.
+    edit: modifies the composed config dict (controls).
+    kind: 'teacher' | 'base' | 'main' | 'rank16' | 'sparsify' | 'offpolicy' | 'mixing'.
+  """
+
+  name: str
+  section: str
+  start: tuple[str, str] | None
+  uses_teacher: bool = False
+  trajectory: bool = False
+  subspace_of: str | None = None
+  edit: Callable[[dict], None] | None = None
+  kind: str = "main"
+  alpha: float | None = None
+
+  @property
+  def deps(self) -> tuple[str, ...]:
+    out = []
+    if self.start is not None:
+      out.append(self.start[0])
+    if self.name not in ("teacher", "base") and self.start is not None:
+      out.append("anchor")
+    if self.uses_teacher:
+      out.append("teacher")
+    return tuple(dict.fromkeys(d for d in out if d != self.name))
+
+
+def _pct(rho: float) -> str:
+  return f"{round(100 * float(rho))}"
+
+
+def run_specs(study: StudyConfig) -> list[RunSpec]:
+  """Every run of the study, in a valid order."""
+  c = study.controls
+  specs = [
+      RunSpec("teacher", "teacher_train", None, kind="teacher"),
+      RunSpec("base", "base_train", None, kind="base"),
+      RunSpec("anchor", "anchor", ("base", "final")),
+      RunSpec("opd", "opd", ("anchor", "final"), uses_teacher=True, trajectory=True),
+      RunSpec("rlvr", "rlvr", ("anchor", "final"), trajectory=True),
+      RunSpec("sft", "sft", ("anchor", "final"), trajectory=True),
+  ]
+  if study.rank16.enabled:
+    specs += [RunSpec("opd_rank16", "opd", ("opd", "first"), uses_teacher=True,
+                      subspace_of="opd", kind="rank16"),
+              RunSpec("sft_rank16", "sft", ("sft", "first"), subspace_of="sft", kind="rank16")]
+  for kind, rho in c.sparsify:
+    transform = (study_config.SPARSIFY_KINDS[kind],
+                 {"rho": float(rho), **({"seed": c.sparsify_seed} if kind == "random" else {})})
+
+    def edit(d, transform=transform):
+      study_config.set_in(d, "rollout.token_transforms", (transform,))
+
+    specs.append(RunSpec(f"ctrl_{kind.replace('_', '')}_{_pct(rho)}", "opd", ("anchor", "final"),
+                         uses_teacher=True, trajectory=True, edit=edit, kind="sparsify"))
+  if c.offpolicy:
+    def edit_off(d):
+      study_config.set_in(d, "rollout.policy", "teacher")
+      study_config.set_in(d, "pg.pg.eps_low", c.offpolicy_clip)
+      study_config.set_in(d, "pg.pg.eps_high", c.offpolicy_clip)
+
+    specs.append(RunSpec("ctrl_offpolicy", "opd", ("anchor", "final"), uses_teacher=True,
+                         trajectory=True, edit=edit_off, kind="offpolicy"))
+  for alpha in c.mixing_alphas:
+    def edit_mix(d, alpha=alpha):
+      group = d.get("rollout", {}).get("group_size", 1)
+      d["method"] = "mixed"
+      study_config.set_in(d, "rollout.mix_alpha", float(alpha))
+      d["grpo"] = dict(study.rlvr.get("grpo", {}), group_size=group)
+
+    specs.append(RunSpec(f"mix_{alpha:g}", "opd", ("anchor", "final"), uses_teacher=True,
+                         trajectory=True, edit=edit_mix, kind="mixing", alpha=float(alpha)))
+  return specs
+
+
+# -- composing configs ------------------------------------------------------------------------------
+Resolver = Callable[[str, str], str]
+
+
+def _symbolic(phase: str, which: str) -> str:
+  return f"@{phase}:{which}"
+
+
+def produced_model(study: StudyConfig, phase: str, which: str, resolve: Resolver):
+  """The ModelSpec of the model phase `phase` produced ('final' or its 'first' snapshot)."""
+  from opd_jax.train.config import ModelSpec
+  if phase == "teacher" and study.teacher.source != "random":
+    return study.teacher
+  if phase == "base" and study.student.source != "random":
+    return study.student
+  model = study.teacher.model if phase == "teacher" else study.student.model
+  return ModelSpec(source="checkpoint", path=resolve(phase, which), model=model)
+
+
+def trains(study: StudyConfig, spec: RunSpec) -> bool:
+  if spec.kind == "teacher":
+    return study.teacher.source == "random"
+  if spec.kind == "base":
+    return study.student.source == "random"
+  return True
+
+
+def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver):
+  """The TrainConfig of a run (paths through `resolve`)."""
+  if spec.kind in ("teacher", "base"):
+    model = study.teacher if spec.kind == "teacher" else study.student
+    # A loaded (not trained) model is only evaluated: its config comes from the RLVR section
+    # (sampler and data settings of the prompt set; no teacher, no worked solutions needed).
+    section = spec.section if trains(study, spec) else "rlvr"
+    return study_config.compose(study, section, student=model, teacher=None)
+  student = produced_model(study, spec.start[0], spec.start[1], resolve)
+  teacher = produced_model(study, "teacher", "final", resolve) if spec.uses_teacher else None
+  steps = study_config.section_steps(study, spec.section)
+  snaps = study_config.snapshot_steps(steps, study.snapshots) if spec.trajectory else None
+  edits = [spec.edit] if spec.edit else []
+  if spec.subspace_of is not None:
+    first = study_config.snapshot_steps(steps, study.snapshots)[0]
+    r16 = study.rank16
+
+    def edit_r16(d):
+      study_config.set_in(d, "loop.steps", steps - first)
+      study_config.set_in(d, "loop.snapshot_steps", (steps - first,))
+      transforms = tuple(d.get("optim", {}).get("transforms", ()))
+      study_config.set_in(d, "optim.transforms", transforms + (
+          {"name": "subspace_projection", "position": r16.position, "kwargs": {}},))
+      d["subspace"] = {"origin": resolve("anchor", "final"),
+                       "at": resolve(spec.subspace_of, "first"), "k": r16.k}
+
+    edits.append(edit_r16)
+
+  def edit(d):
+    for e in edits:
+      e(d)
+
+  return study_config.compose(study, spec.section, student=student, teacher=teacher,
+                              snapshots=snaps, edit=edit)
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+def evaluate(cfg, model_spec, ev: study_config.EvalConfig) -> dict:
+  """avg@k of a model on the eval split of `cfg.data` (the study's one accuracy protocol).
+
+  Returns {acc, pass_at_k, response_len, n, k, stderr}; `stderr` is the binomial bound
+  sqrt(acc (1 - acc) / n) on the standard error of avg@k over n prompts (the variance of a
+  prompt's mean score over k samples is at most acc (1 - acc)).
+  """
+  import jax
+  from opd_jax.data import pipeline as pipeline_lib
+  from opd_jax.data import tasks as tasks_lib
+  from opd_jax.data import tokenizer as tokenizer_lib
+  from opd_jax.models import sharding
+  from opd_jax.train import loop
+  from opd_jax.train import mesh as mesh_lib
+  from opd_jax.train import rollout as rollout_lib
+
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  rules = cfg.mesh.rules
+  tok = loop.load_tokenizer(cfg)
+  k = 1 if ev.greedy else ev.k
+  with jax.set_mesh(mesh), sharding.axis_rules(rules):
+    _, graphdef, params = loop.load_model(model_spec, mesh, rules)
+    _, eval_ex = loop.load_examples(cfg, tok)
+    if not eval_ex:
+      raise ValueError("the study needs an eval split (data.eval_examples / data.eval_path)")
+    prompt_ids = tokenizer_lib.encode_prompts(tok, [e.prompt for e in eval_ex])
+    buckets = cfg.data.prompt_buckets or (int(math.ceil(max(map(len, prompt_ids)) / 8) * 8),)
+    pipe = pipeline_lib.rollout_pipeline_from_ids(
+        prompt_ids, [e.answer for e in eval_ex], pipeline_lib.PipelineConfig(
+            global_batch_size=min(ev.batch_size, len(eval_ex)), bucket_lengths=buckets,
+            group_size=k, shuffle=False, num_epochs=1), pad_id=tok.pad_token_id)
+    # The response budget as the loop sets it: the configured one, else (tasks) the longest
+    # solution plus EOS.
+    max_new = cfg.sampler.max_new_tokens or tasks_lib.max_lengths(cfg.data.task)[1] + 1
+    sampler_cfg = loop.sampler_config(cfg, tok, max_new_tokens=max_new, greedy=ev.greedy,
+                                      temperature=ev.temperature)
+    res = rollout_lib.evaluate(graphdef, params, pipe.iterator(), tok, loop.make_verifier(cfg),
+                               sampler_cfg, jax.random.key(ev.seed), k,
+                               lambda b: mesh_lib.global_batch(b, mesh, rules))
+  acc, n = float(res["eval/accuracy"]), int(res["eval/prompts"])
+  return {"acc": acc, "pass_at_k": float(res["eval/pass_at_k"]),
+          "response_len": float(res["eval/response_len"]), "n": n, "k": k,
+          "stderr": math.sqrt(max(acc * (1 - acc), 0.0) / max(n, 1))}
+
+
+# -- phase functions --------------------------------------------------------------------------------
+def _rel(ctx, path) -> str:
+  return os.path.relpath(os.fspath(path), os.fspath(ctx.workdir))
+
+
+def _snapshot_dirs(run_dir: pathlib.Path) -> dict[int, pathlib.Path]:
+  root = run_dir / "snapshots"
+  if not root.is_dir():
+    return {}
+  return {int(p.name): p for p in root.iterdir() if p.is_dir() and p.name.isdigit()}
+
+
+def _resolver(ctx) -> Resolver:
+  def resolve(phase: str, which: str) -> str:
+    summary = ctx.dep_summary(phase)
+    rel = summary["final"] if which == "final" else summary["snapshots"][str(
+        min(int(s) for s in summary["snapshots"]))]
+    return str(ctx.workdir / rel)
+  return resolve
+
+
+def _task_phase(study: StudyConfig):
+  def fn(ctx):
+    from opd_jax.data import tasks as tasks_lib
+    from opd_jax.train import loop
+    cfg = study_config.compose(study, "opd", student=study.student, teacher=study.teacher)
+    tok = loop.load_tokenizer(cfg)
+    tok.save_pretrained(ctx.out_dir / "tokenizer")
+    for spec in (study.student, study.teacher):
+      if spec.source == "random" and spec.model.vocab_size < len(tok):
+        raise ValueError(f"model vocab_size {spec.model.vocab_size} < tokenizer size {len(tok)}")
+    train, evals = loop.load_examples(cfg, tok)
+    samples = [dataclasses.asdict(e) for e in evals[:8]]
+    (ctx.out_dir / "eval_samples.json").write_text(json.dumps(samples, indent=1))
+    out = {"tokenizer": _rel(ctx, ctx.out_dir / "tokenizer"), "vocab": len(tok),
+           "train_examples": len(train), "eval_examples": len(evals), "samples": samples[:3]}
+    if cfg.data.source == "task":
+      out["max_prompt_chars"], out["max_solution_chars"] = tasks_lib.max_lengths(cfg.data.task)
+    return out
+  return fn
+
+
+def _train_phase(study: StudyConfig, spec: RunSpec, log=print):
+  def fn(ctx):
+    from opd_jax.train import config as train_config
+    from opd_jax.train import loop
+    cfg = compose_run(study, spec, _resolver(ctx))
+    out: dict[str, Any] = {"kind": spec.kind, "config": train_config.dataclass_to_dict(cfg)}
+    if not trains(study, spec):
+      model = study.teacher if spec.kind == "teacher" else study.student
+      out.update(final=None, snapshots={}, trained=False, model_path=model.path)
+    else:
+      run_dir = ctx.out_dir / "run"
+      summary = loop.run(cfg, run_dir, resume=True)
+      snaps = _snapshot_dirs(run_dir)
+      final = snaps.get(cfg.loop.steps)
+      if final is None:
+        raise RuntimeError(f"{spec.name}: no final snapshot at step {cfg.loop.steps} in {run_dir}")
+      model = produced_model(study, spec.name, "final", lambda p, w: str(final))
+      out.update(final=_rel(ctx, final), trained=True,
+                 snapshots={str(s): _rel(ctx, p) for s, p in sorted(snaps.items())},
+                 train_wall_s=summary.get("wall_s"), steps_per_s=summary.get("steps_per_s"),
+                 last_metrics=summary.get("metrics", {}))
+    out["eval"] = evaluate(dataclasses.replace(cfg, data=study.data), model, study.eval)
+    log(f"[study] {spec.name}: eval accuracy {out['eval']['acc']:.3f} "
+        f"(avg@{out['eval']['k']}, {out['eval']['n']} prompts)")
+    return out
+  return fn
+
+
+def _diagnostics_phase(study: StudyConfig, specs: list[RunSpec]):
+  def fn(ctx):
+    from opd_jax.study import diagnostics
+    summaries = {s.name: ctx.dep_summary(s.name) for s in specs if s.name in ctx_deps(specs)}
+
+    def path(run, rel_key="final"):
+      return ctx.workdir / summaries[run][rel_key]
+
+    def model_path(run):
+      s = summaries[run]
+      return ctx.workdir / s["final"] if s.get("final") else s["model_path"]
+
+    endpoint_pairs = {"sft": (model_path("base"), model_path("anchor")),
+                      "opd": (model_path("anchor"), path("opd")),
+                      "rlvr": (model_path("anchor"), path("rlvr"))}
+    trajectories = {s.name: {int(k): ctx.workdir / v for k, v in summaries[s.name]["snapshots"]
+                             .items()} for s in specs if s.trajectory}
+    geometry = diagnostics.compute(endpoint_pairs, model_path("anchor"), trajectories,
+                                   study.diagnostics, log=ctx.log)
+    (ctx.out_dir / "geometry.json").write_text(json.dumps(geometry, indent=1))
+    return {"endpoint_methods": sorted(geometry["endpoint"]),
+            "trajectory_runs": sorted(geometry["trajectory"])}
+  return fn
+
+
+def ctx_deps(specs: list[RunSpec]) -> tuple[str, ...]:
+  """Runs the diagnostics read: base, anchor and every trajectory run."""
+  return ("base", "anchor") + tuple(s.name for s in specs if s.trajectory)
+
+
+def _report_phase(study: StudyConfig, specs: list[RunSpec]):
+  def fn(ctx):
+    from opd_jax.study import reporting
+    results = assemble(study, specs, ctx.workdir)
+    out = reporting.render(results, ctx.out_dir)
+    return {"failed_thresholds": out["failed_thresholds"],
+            "verdicts": {v["id"]: v["verdict"] for v in out["verdicts"]}}
+  return fn
+
+
+def build_phases(study: StudyConfig, log=print) -> list[phases_lib.Phase]:
+  """The study's DAG."""
+  from opd_jax.train import config as train_config
+  specs = run_specs(study)
+  out = [phases_lib.Phase("task", _task_phase(study), (), {
+      "data": train_config.dataclass_to_dict(study.data),
+      "models": [train_config.dataclass_to_dict(study.student),
+                 train_config.dataclass_to_dict(study.teacher)]})]
+  for spec in specs:
+    cfg = compose_run(study, spec, _symbolic)
+    fp = {"train": train_config.dataclass_to_dict(cfg), "trains": trains(study, spec),
+          "eval": train_config.dataclass_to_dict(study.eval)}
+    out.append(phases_lib.Phase(spec.name, _train_phase(study, spec, log),
+                                ("task",) + spec.deps, fp))
+  out.append(phases_lib.Phase("diagnostics", _diagnostics_phase(study, specs), ctx_deps(specs),
+                              train_config.dataclass_to_dict(study.diagnostics)))
+  out.append(phases_lib.Phase(REPORT_DIR, _report_phase(study, specs),
+                              ("diagnostics",) + tuple(s.name for s in specs),
+                              dict(study_config.study_sections(study), version=1)))
+  return out
+
+
+# -- results ----------------------------------------------------------------------------------------
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
+  """The results dict (schema: `reporting`) from the phases' markers and geometry.json."""
+  workdir = pathlib.Path(workdir)
+  markers = {}
+  for p in build_phase_names(specs):
+    m = phases_lib.read_json(workdir / p / phases_lib.MARKER)
+    if m is not None:
+      markers[p] = m
+  summaries = {k: m["summary"] for k, m in markers.items()}
+  geometry = phases_lib.read_json(workdir / "diagnostics" / "geometry.json") or {}
+  results: dict[str, Any] = {
+      "preset": study.preset,
+      "thresholds": dataclasses.asdict(study.thresholds),
+      "accuracy": {s.name: summaries[s.name]["eval"] for s in specs if s.name in summaries},
+      "endpoint": {m: dict(e, origin=ORIGINS.get(m, "")) for m, e in
+                   geometry.get("endpoint", {}).items()},
+      "trajectory": geometry.get("trajectory", {}),
+      "controls": {
+          "sparsify": [s.name for s in specs if s.kind == "sparsify"],
+          "offpolicy": [s.name for s in specs if s.kind == "offpolicy"],
+          "mixing": {s.name: s.alpha for s in specs if s.kind == "mixing"}},
+      "phases": {k: {"wall_s": m["wall_s"], "cpu_s": m.get("cpu_s"), "status": "complete"}
+                 for k, m in markers.items() if k != REPORT_DIR},
+  }
+  if study.rank16.enabled:
+    steps = {m: study_config.section_steps(study, m) for m in ("opd", "sft")}
+    results["rank16"] = {m: {"plain_run": m, "projected_run": f"{m}_rank16", "k": study.rank16.k,
+                             "where": "gradient (before Adam)" if study.rank16.position == "pre"
+                             else "update (after Adam)",
+                             "resume_step": study_config.snapshot_steps(steps[m],
+                                                                        study.snapshots)[0]}
+                         for m in ("opd", "sft")}
+  main = {}
+  diffs = {}
+  for s in specs:
+    if s.name not in summaries:
+      continue
+    flat = {k: v for k, v in _flat(summaries[s.name]["config"]).items()
+            if not k.startswith(("student.path", "teacher.path", "subspace.origin",
+                                 "subspace.at", "data.task."))}
+    if s.kind in ("teacher", "base", "main"):
+      main[s.name] = flat
+    else:
+      ref = main.get("opd" if s.section == "opd" else s.section, {})
+      diffs[s.name] = {k: v for k, v in flat.items() if ref.get(k) != v}
+  results["settings"] = {"study": _flat(dict(study_config.study_sections(study))),
+                         "task": _flat({"task": dataclasses.asdict(study.data.task)}),
+                         "runs": main, "controls_vs_opd": diffs}
+  return results
+
+
+def build_phase_names(specs: list[RunSpec]) -> list[str]:
+  return ["task"] + [s.name for s in specs] + ["diagnostics", REPORT_DIR]
+
+
+# -- entry points -------------------------------------------------------------------------------------
+def _enable_compile_cache():
+  import jax
+  if not jax.config.jax_compilation_cache_dir:
+    path = os.environ.get("OPD_JAX_CACHE", os.path.expanduser("~/.cache/opd_jax/jax"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _as_study(config) -> StudyConfig:
+  return config if isinstance(config, StudyConfig) else study_config.from_config_dict(config)
+
+
+def run(config, workdir, redo=(), check=False, log=print) -> dict:
+  """Runs the study (module docstring); see `opd_jax.study.run`."""
+  import jax
+  from opd_jax.train import config as train_config
+  study = _as_study(config)
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  writer = jax.process_index() == 0
+  if writer:
+    phases_lib.write_json_atomic(workdir / STUDY_JSON, train_config.dataclass_to_dict(study))
+  _enable_compile_cache()
+  dag = build_phases(study, log)
+  barrier = _barrier() if jax.process_count() > 1 else (lambda: None)
+  records = phases_lib.run_phases(dag, workdir, redo=redo, log=log, writer=writer,
+                                  barrier=barrier)
+  results = phases_lib.read_json(workdir / REPORT_DIR / "results.json") or {}
+  failed = list(results.get("failed_thresholds", [])) if results else ["no results.json"]
+  report = workdir / REPORT_DIR / "report.md"
+  log(f"[study] report: {report}")
+  if check:
+    for f in failed:
+      print(f"[study] CHECK FAILED: {f}", file=sys.stderr)
+    if not failed:
+      log("[study] check: all acceptance thresholds hold")
+  return {"ok": not failed if check else True, "failed": failed, "report": str(report),
+          "phases": {k: r["status"] for k, r in records.items()}}
+
+
+def _barrier():
+  from jax.experimental import multihost_utils
+  counter = iter(range(1 << 30))
+  return lambda: multihost_utils.sync_global_devices(f"opd_jax_study_{next(counter)}")
+
+
+def render_report(workdir, config=None) -> pathlib.Path:
+  """Re-renders `WORKDIR/report/` from the phases' outputs (config: the study config, or None to
+  read `WORKDIR/study_config.json`)."""
+  from opd_jax.study import reporting
+  workdir = pathlib.Path(workdir)
+  if config is None:
+    saved = phases_lib.read_json(workdir / STUDY_JSON)
+    if saved is None:
+      raise FileNotFoundError(f"{workdir / STUDY_JSON} not found: pass the study config")
+    config = saved
+  study = _as_study(config)
+  results = assemble(study, run_specs(study), workdir)
+  reporting.render(results, workdir / REPORT_DIR)
+  return workdir / REPORT_DIR / "report.md"
