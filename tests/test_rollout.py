@@ -109,7 +109,10 @@ def _fake_rollout(rng, b=8, t=10, p=3):
   mask = loss_mask.copy()
   mask[:, :p] = True
   f = lambda: np.where(loss_mask, rng.normal(size=(b, t)), 0.0).astype(np.float32)  # noqa: E731
-  ro = rollout.Rollout(tokens_BxT=jnp.asarray(rng.integers(7, 100, (b, t)), jnp.int32),
+  tokens = rng.integers(7, 100, (b, t))
+  for i in range(0, b, 2):  # every other response ends with EOS (id 1)
+    tokens[i, p + lengths[i] - 1] = 1
+  ro = rollout.Rollout(tokens_BxT=jnp.asarray(tokens, jnp.int32),
                        mask_BxT=jnp.asarray(mask), loss_mask_BxT=jnp.asarray(loss_mask),
                        lengths_B=jnp.asarray(lengths, jnp.int32), old_logp_BxT=jnp.asarray(f()),
                        teacher_logp_BxT=jnp.asarray(f()), kl_BxT=None)
@@ -132,6 +135,8 @@ def test_opd_advantages_are_the_teacher_minus_student_log_ratio(tmp_path):
   np.testing.assert_array_equal(batch["loss_mask_BxT"], keep)
   np.testing.assert_array_equal(batch["old_logp_BxT"], ro.old_logp_BxT)
   np.testing.assert_allclose(metrics["opd/teacher_gap"], -reward[keep].mean(), rtol=1e-5)
+  last = np.asarray(ro.tokens_BxT)[np.arange(8), 3 + np.asarray(ro.lengths_B) - 1]
+  np.testing.assert_allclose(metrics["rollout/eos_frac"], np.mean(last == SAMPLER.eos_id))
 
   # Return-to-go credit: reversed cumulative sums over each response.
   batch, _, _ = rollout.advantages(ro, jnp.asarray(valid), None, None,

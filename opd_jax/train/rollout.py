@@ -1,7 +1,9 @@
 """Rollouts: sample -> score with the teacher -> rewards -> token transforms -> credit -> advantages.
 
 One rollout batch becomes one `pg_step` batch (`tokens_BxT, mask_BxT, loss_mask_BxT, old_logp_BxT,
-adv_BxT`) in two jitted phases (module-level, knobs static, compiled once per shape bucket):
+adv_BxT`) in two phases, each made of module-level jitted functions with static knobs (compiled once
+per shape bucket; `generate` composes the sampler's and the scorer's own jitted functions, so every
+method with the same sampler settings and shapes shares their compilations):
 
   `generate`   the behaviour policy samples (the student; the teacher for the off-policy control),
                then: old_logp = the student's log-probs of the sampled tokens at the sampling
@@ -20,6 +22,10 @@ adv_BxT`) in two jitted phases (module-level, knobs static, compiled once per sh
 
 Between the phases, RLVR (and mixed) decode the responses on the host and score them with the
 verifier (`verify`); OPD never leaves the device.
+
+Temperature: old_logp and teacher_logp are both log-softmax(logits / T) at the sampling temperature
+T (the paper samples at T = 1, where they are the models' own log-probs); `pg_step` evaluates
+pi_theta at the same T, so the first update's ratio is exactly 1.
 
 The direct route (`distill`) only needs `generate`'s tokens and masks: `distill_step` computes the
 teacher's distributions itself.
@@ -207,6 +213,15 @@ def rollout_rng(base_key: jax.Array, step) -> jax.Array:
 
 
 # -- advantages -----------------------------------------------------------------------------------
+def _ends_with_eos(rollout: Rollout, eos_ids) -> jax.Array:
+  """float32 [B]: 1 where the response's last token is an EOS (0: cut at the length budget)."""
+  t = rollout.tokens_BxT.shape[1]
+  last_B = t - 1 - jnp.argmax(jnp.flip(rollout.loss_mask_BxT, axis=1), axis=1)
+  last_tok_B = jnp.take_along_axis(rollout.tokens_BxT, last_B[:, None], axis=1)[:, 0]
+  has_B = jnp.any(rollout.loss_mask_BxT, axis=1)
+  return (has_B & jnp.isin(last_tok_B, jnp.asarray(eos_ids, jnp.int32))).astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("knobs", "token_tx", "rules"))
 def _advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, *, knobs: RolloutKnobs,
                 token_tx, rules):
@@ -214,9 +229,7 @@ def _advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, *, knobs:
     loss_mask = rollout.loss_mask_BxT & valid_B[:, None]
     metrics = {
         "rollout/response_len": jnp.mean(rollout.lengths_B.astype(jnp.float32)),
-        "rollout/eos_frac": jnp.mean(
-            (jnp.sum(rollout.loss_mask_BxT, axis=1) < knobs.sampler.max_new_tokens)
-            .astype(jnp.float32)),
+        "rollout/eos_frac": jnp.mean(_ends_with_eos(rollout, knobs.sampler.eos_ids)),
     }
     adv_opd = adv_rlvr = None
     if knobs.uses_teacher_logp:
