@@ -75,7 +75,7 @@ def test_math_verifier_bounds_pathological_inputs_and_recovers(math_verifier):
   r = math_verifier("\\boxed{9^{9^{9^{9}}}}", "2")  # sympy would evaluate this for hours
   elapsed = time.monotonic() - t0
   assert r.score == 0.0 and r.reason.startswith("timeout"), r
-  assert elapsed < TIMEOUT_S + 2.0
+  assert elapsed < TIMEOUT_S + 5.0  # the bound plus process kill/restart slack on a loaded machine
   assert math_verifier("\\boxed{2}", "2").score == 1.0  # a fresh worker took over
 
 

@@ -16,7 +16,6 @@ from opd_jax.train import loop
 from opd_jax.train import metrics as metrics_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SMOKE_SECONDS = 60.0
 
 
 def smoke(name, overrides=()):
@@ -51,7 +50,6 @@ def test_sft_smoke_lowers_the_nll(sft_run):
   nll = series(sft_run, "sft/nll")
   assert sft_run["step"] == 30 and len(nll) == 30
   assert nll[-5:].mean() < 0.5 * nll[:5].mean(), nll
-  assert sft_run["wall_s"] < SMOKE_SECONDS, sft_run["wall_s"]
   # Eval at the start and the end, with the verifier; the trained model gets some right.
   evals = {e["step"]: e for e in sft_run["eval"]}
   assert set(evals) == {0, 30}
@@ -64,7 +62,6 @@ def test_opd_smoke_moves_the_teacher_gap_toward_zero(opd_run):
   assert len(gap) == 20
   assert gap[:3].mean() > 1.0  # the random student is far from the SFT-trained teacher
   assert gap[-3:].mean() < 0.6 * gap[:3].mean(), gap
-  assert opd_run["wall_s"] < SMOKE_SECONDS, opd_run["wall_s"]
   # On-policy with one update per batch: the ratio starts at 1, nothing is clipped.
   assert np.allclose(series(opd_run, "pg/ratio_mean"), 1.0, atol=1e-4)
   assert np.all(series(opd_run, "pg/clip_frac") == 0.0)
@@ -77,7 +74,6 @@ def test_rlvr_smoke_raises_the_reward(tmp_path, sft_run):
   assert len(reward) == 30
   assert 0.0 < reward[:10].mean() < 0.9  # the warm start makes groups informative
   assert reward[-10:].mean() > reward[:10].mean() + 0.05, reward
-  assert summary["wall_s"] < SMOKE_SECONDS, summary["wall_s"]
 
 
 def test_resume_is_bit_identical_including_data_order_and_rng(tmp_path, sft_run, opd_run):
