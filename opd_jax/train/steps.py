@@ -157,13 +157,11 @@ def _batch_constrain(batch: Batch) -> Batch:
 
 
 @functools.lru_cache(maxsize=None)
-def _logical_axes_cached(model_cfg):
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):  # nnx.eval_shape would
-    return transformer.logical_axes(model_cfg)  # attach the context mesh to the abstract params
-
-
 def _logical_axes(model_cfg):
-  return _logical_axes_cached(model_cfg)
+  """`transformer.logical_axes` outside the context mesh (nnx.eval_shape would try to attach it
+  to the abstract parameters and fail on the logical names)."""
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    return transformer.logical_axes(model_cfg)
 
 
 def _param_constrain(tree, graphdef):
