@@ -15,20 +15,25 @@ def test_scan_equals_unrolled_and_cache_equals_full(family):
   graphdef, params = tf.init(cfg, 0)
   assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params
   toks = jax.random.randint(jax.random.key(1), (2, 7), 0, 97)
-  full = tf.forward(graphdef, params, toks)
-  unrolled = tf.forward(tf.graphdef_for(cfg.replace(scan_layers=False)), params, toks)
+  full = jax.jit(lambda p, t: tf.forward(graphdef, p, t))(params, toks)
+  unrolled_def = tf.graphdef_for(cfg.replace(scan_layers=False))
+  unrolled = jax.jit(lambda p, t: tf.forward(unrolled_def, p, t))(params, toks)
   np.testing.assert_allclose(full, unrolled, atol=1e-5)
 
-  model = tf.merge(graphdef, params)
+  @jax.jit
+  def step(params, toks, pos, cache, index, kv_mask):
+    model = tf.merge(graphdef, params)
+    h, cache = model.hidden(toks, positions_BxT=pos, cache=cache, cache_index=index,
+                            kv_mask_BxS=kv_mask)
+    return model.logits(h), cache
+
   kv_mask = jnp.zeros((2, 10), bool).at[:, :7].set(True)
   pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
-  h, cache = model.hidden(toks[:, :4], positions_BxT=pos, cache=tf.init_cache(cfg, 2, 10),
-                          cache_index=0, kv_mask_BxS=kv_mask)
-  outs = [model.logits(h)]
+  logits, cache = step(params, toks[:, :4], pos, tf.init_cache(cfg, 2, 10), 0, kv_mask)
+  outs = [logits]
   for i in range(4, 7):
-    h, cache = model.hidden(toks[:, i:i + 1], positions_BxT=jnp.full((2, 1), i), cache=cache,
-                            cache_index=i, kv_mask_BxS=kv_mask)
-    outs.append(model.logits(h))
+    logits, cache = step(params, toks[:, i:i + 1], jnp.full((2, 1), i), cache, i, kv_mask)
+    outs.append(logits)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4)
 
 
@@ -36,10 +41,11 @@ def test_left_padding_is_invisible():
   cfg = mc.tiny(vocab_size=50)
   graphdef, params = tf.init(cfg, 3)
   toks = jax.random.randint(jax.random.key(2), (1, 6), 1, 50)
-  ref = tf.forward(graphdef, params, toks)
+  fwd = jax.jit(lambda p, t, m: tf.forward(graphdef, p, t, m))
+  ref = fwd(params, toks, jnp.ones_like(toks, bool))
   padded = jnp.concatenate([jnp.zeros((1, 3), toks.dtype), toks], axis=1)
   mask = jnp.concatenate([jnp.zeros((1, 3), bool), jnp.ones((1, 6), bool)], axis=1)
-  out = tf.forward(graphdef, params, padded, mask)
+  out = fwd(params, padded, mask)
   np.testing.assert_allclose(out[:, 3:], ref, atol=1e-5)
 
 
