@@ -57,3 +57,25 @@ def mesh(name: str) -> dict:
   if name not in _MESHES:
     raise ValueError(f"unknown mesh preset {name!r}; valid: {sorted(_MESHES)}")
   return {"shape": _MESHES[name]}
+
+
+def paper_rollouts(c) -> None:
+  """The data, sampler and group settings the paper's OPD and RLVR runs share (paper_facts
+  section 4): dapo-math-17k prompts from a local JSONL (malformed rows skipped and counted), the
+  math verifier, AIME-24 eval, 8 samples per prompt at temperature 1.0, up to 4,096 new tokens,
+  Qwen3's EOS ids, the tokenizer of the local Qwen3-8B checkpoint."""
+  c.data.source = "file"
+  c.data.path = "data/dapo-math-17k.jsonl"
+  c.data.layout = "dapo_math_17k"
+  c.data.train_examples = 0
+  c.data.eval_path = "data/aime24.jsonl"
+  c.data.eval_examples = 0
+  c.data.tokenizer = "checkpoints/Qwen3-8B-SFT"
+  c.data.verifier = "math"
+  c.data.on_error = "skip"
+  c.data.max_prompt_tokens = 1024
+  c.data.prompt_buckets = (256, 512, 1024)
+  c.sampler.max_new_tokens = 4096
+  c.sampler.temperature = 1.0
+  c.sampler.eos_ids = (151643, 151645)  # <|endoftext|>, <|im_end|>
+  c.rollout.group_size = 8

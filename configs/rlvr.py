@@ -58,21 +58,7 @@ def _tiny(c):
 def _qwen3_8b(c):
   c.student = models.spec("qwen3_8b", source="hf", path="checkpoints/Qwen3-8B-SFT")
   c.mesh = models.mesh("fsdp")
-  c.data.source = "file"
-  c.data.path = "data/dapo-math-17k.jsonl"
-  c.data.layout = "dapo_math_17k"
-  c.data.train_examples = 0
-  c.data.eval_path = "data/aime24.jsonl"
-  c.data.eval_examples = 0
-  c.data.tokenizer = "checkpoints/Qwen3-8B-SFT"
-  c.data.verifier = "math"
-  c.data.on_error = "skip"
-  c.data.max_prompt_tokens = 1024
-  c.data.prompt_buckets = (256, 512, 1024)
-  c.sampler.max_new_tokens = 4096
-  c.sampler.temperature = 1.0
-  c.sampler.eos_ids = (151643, 151645)  # <|endoftext|>, <|im_end|>
-  c.rollout.group_size = 8
+  models.paper_rollouts(c)
   c.rollout.recompute_old_logp = True
   c.optim.lr = 1e-6
   c.optim.schedule = "constant"
