@@ -242,19 +242,10 @@ _MODULE = {"attn": "self_attn", "input_norm": "input_layernorm",
 _LEAF = {"kernel": ("weight", True), "bias": ("bias", False), "scale": ("weight", False)}
 
 
-@contextlib.contextmanager
-def _no_mesh():
-  """`transformer.abstract_params` / `logical_axes` fail under `jax.set_mesh` (nnx.eval_shape then
-  builds NamedShardings from the *logical* names); run them with the mesh context cleared."""
-  with jax.set_mesh(jax.sharding.Mesh(np.empty((), dtype=object), ())):
-    yield
-
-
 @functools.lru_cache(maxsize=32)
 def _specs(cfg: ModelConfig) -> tuple[_Spec, ...]:
   """One spec per parameter leaf (in `jax.tree` order), from abstract shapes."""
-  with _no_mesh():
-    abstract = transformer.abstract_params(cfg)
+  abstract = transformer.abstract_params(cfg)
   out = []
   for keypath, leaf in jax.tree_util.tree_leaves_with_path(abstract):
     path = tuple(k.key for k in keypath)
@@ -266,12 +257,6 @@ def _specs(cfg: ModelConfig) -> tuple[_Spec, ...]:
       name, transpose = _TOP[path]
     out.append(_Spec(path, name, transpose, tuple(leaf.shape)))
   return tuple(out)
-
-
-@functools.lru_cache(maxsize=32)
-def _logical_axes(cfg: ModelConfig) -> dict:
-  with _no_mesh():
-    return transformer.logical_axes(cfg)
 
 
 def _path_str(path) -> str:
@@ -467,7 +452,7 @@ def load(directory, *, cfg: ModelConfig | None = None, mesh: jax.sharding.Mesh |
     mesh = None if mesh.empty else mesh
   rules = rules if rules is not None else (current_rules() or DEFAULT_RULES)
   specs = _specs(cfg)
-  axes = _logical_axes(cfg)
+  axes = transformer.logical_axes(cfg)
   np_dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
   params: dict = {}
   with contextlib.ExitStack() as stack:
