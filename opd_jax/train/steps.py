@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+from orbax.checkpoint import multihost as ocp_multihost
 
 from opd_jax.models import scoring
 from opd_jax.models import sharding
@@ -44,6 +45,8 @@ from opd_jax.objectives import surrogate
 from opd_jax.optim import factory
 from opd_jax.train import mesh as mesh_lib
 from opd_jax.train.state import TrainState, step_rng
+
+_BARRIER_TIMEOUT_MS = 30 * 60 * 1000  # a slow first compile on some process is fine
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -371,12 +374,21 @@ class JittedStep:
   `__call__(state, batch, *extra)` -> (new_state, metrics); the state argument is donated.
   `lower(...)` lowers with the same context (for `plan`), `trace_count` is the number of times the
   Python step function has been traced (1 after any number of same-shaped calls).
+
+  Multi-process: the first call compiles ahead of time and then waits at a coordination-service
+  barrier, so that every process starts the step's collectives together (CPU/gloo collectives
+  give up after 30 s if one process is still compiling).
   """
+
+  _created = 0  # per process; every process creates its steps in the same order
 
   def __init__(self, fn: Callable, mesh: jax.sharding.Mesh, rules, in_shardings, out_shardings):
     self.mesh = mesh
     self.rules = sharding.validate_rules(rules) if rules is not None else None
     self.trace_count = 0
+    self._id = JittedStep._created
+    JittedStep._created += 1
+    self._synced = False
 
     def counted(*args):
       self.trace_count += 1
@@ -388,6 +400,11 @@ class JittedStep:
 
   def __call__(self, *args):
     with jax.set_mesh(self.mesh):
+      if not self._synced and jax.process_count() > 1:
+        self.jitted.lower(*args).compile()
+        barrier = ocp_multihost.get_barrier_sync_fn()
+        barrier(key=f"opd_jax_jit_step_{self._id}_compiled", timeout_ms=_BARRIER_TIMEOUT_MS)
+      self._synced = True
       return self.jitted(*args)
 
   def lower(self, *args):
