@@ -17,14 +17,17 @@ Two ways in:
     over the sequence in chunks of `chunk_size` positions through the KV cache, and each chunk's
     hidden states are unembedded and reduced at once. Neither the [B, T, V] logits nor the
     [B, H, T, T] attention scores of a full-length forward are ever materialised: peak memory is
-    the params + the KV cache + one [B, chunk, V] logits block. Differentiable, but the backward
+    the params + the KV cache + one [B, chunk, V] logits block + one chunk's [B, H, chunk, T]
+    attention scores. Differentiable, but the backward
     pass of this path keeps one cache per chunk: inside a loss use the next route.
   * `shifted_hidden` + `logprobs_from_hidden` (inside a loss): one ordinary forward pass, then the
     unembedding + log-softmax in sequence chunks, each rematerialised in the backward pass
     (`jax.checkpoint`), so the backward pass also never holds [B, T, V].
 
-`chunk_size` (default `DEFAULT_CHUNK` = 128 positions) bounds the [B, chunk, V] float32 block:
-8 x 128 x 151,936 x 4 bytes = 0.6 GiB. Lower it for large batches.
+`chunk_size` (default `DEFAULT_CHUNK` = 64 positions) bounds the [B, chunk, V] float32 block:
+8 x 64 x 151,936 x 4 bytes = 0.29 GiB (scoring [8, 2048] with the `small` body peaks at ~1.5 GiB
+of RSS, see bench/scoring.py). Lower it for larger batches; raise it when memory allows (fewer
+chunks = fewer passes over the KV cache).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import numpy as np
 from opd_jax.models import sharding
 from opd_jax.models import transformer
 
-DEFAULT_CHUNK = 128
+DEFAULT_CHUNK = 64
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 

@@ -1,0 +1,115 @@
+"""Decode throughput of the opd_jax sampler vs transformers `generate` on the same weights.
+
+    python bench/sampler.py [--quick]
+
+The `small` preset (float32 params and compute) gets random weights, is exported with `hf.save` and
+loaded by `transformers.AutoModelForCausalLM.from_pretrained` (torch CPU, float32, default
+attention). Both generate greedily from the same random prompts (same prompt length, same number of
+new tokens, no early EOS: the EOS id is one neither model emits, checked) at batch 1, 16 and 64.
+
+Throughput = generated tokens / wall time of one whole generate call (prefill + decode, as the
+caller sees it), best of `--repeats` calls. opd_jax's first call (tracing + XLA compilation) is
+reported separately as `compile_s_b{B}` and excluded. The last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from opd_jax.models import config as mc
+from opd_jax.models import hf
+from opd_jax.models import sampler
+from opd_jax.models import transformer as tf
+
+
+def _best_time(fn, repeats):
+  best = float("inf")
+  out = None
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = fn()
+    best = min(best, time.perf_counter() - t0)
+  return best, out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="fewer tokens (< 2 minutes)")
+  parser.add_argument("--batches", default="1,16,64")
+  parser.add_argument("--prompt-len", type=int, default=None)
+  parser.add_argument("--new-tokens", type=int, default=None)
+  parser.add_argument("--repeats", type=int, default=None)
+  args = parser.parse_args(argv)
+  prompt_len = args.prompt_len or (16 if args.quick else 32)
+  new_tokens = args.new_tokens or (24 if args.quick else 64)
+  repeats = args.repeats or (1 if args.quick else 2)
+  batches = [int(b) for b in args.batches.split(",")]
+
+  import torch
+  import transformers
+
+  cfg = mc.small()
+  graphdef, params = tf.init(cfg, 0)
+  vocab = cfg.vocab_size
+  rng = np.random.default_rng(0)
+  eos_id, pad_id = vocab - 1, 0
+  prompts = rng.integers(1, vocab - 1, (max(batches), prompt_len)).astype(np.int32)
+  scfg = sampler.SamplerConfig(new_tokens, greedy=True, eos_id=eos_id, pad_id=pad_id)
+
+  result = {"preset": "small", "num_params": cfg.num_params, "dtype": "float32",
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+            "quick": args.quick, "jax_backend": jax.default_backend(),
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+  with tempfile.TemporaryDirectory() as tmp:
+    directory = hf.save(pathlib.Path(tmp) / "small", cfg, params)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(directory), dtype=torch.float32, local_files_only=True).eval()
+  result["hf_attn_implementation"] = model.config._attn_implementation
+
+  def hf_generate(ids):
+    with torch.inference_mode():
+      return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            eos_token_id=eos_id, pad_token_id=pad_id)
+
+  hf_generate(torch.as_tensor(prompts[:1, :4].astype(np.int64)))  # warm-up (lazy init)
+  for b in batches:
+    prompt = prompts[:b]
+    mask = np.ones_like(prompt, bool)
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(sampler.sample(graphdef, params, prompt, mask, key, scfg))
+    result[f"compile_s_b{b}"] = round(time.perf_counter() - t0, 3)
+    opd_s, out = _best_time(lambda: jax.block_until_ready(  # noqa: B023
+        sampler.sample(graphdef, params, prompt, mask, key, scfg)), repeats)
+    if not np.all(np.asarray(out.lengths_B) == new_tokens):
+      raise RuntimeError(f"batch {b}: opd_jax stopped early (EOS {eos_id} emitted)")
+
+    ids = torch.as_tensor(prompt.astype(np.int64))
+    hf_s, hf_out = _best_time(lambda: hf_generate(ids), repeats)  # noqa: B023
+    if hf_out.shape[1] != prompt_len + new_tokens:
+      raise RuntimeError(f"batch {b}: transformers generated {hf_out.shape[1] - prompt_len}")
+    same = np.mean(hf_out[:, prompt_len:].numpy() == np.asarray(out.tokens_BxT[:, prompt_len:]))
+
+    opd_tps, hf_tps = b * new_tokens / opd_s, b * new_tokens / hf_s
+    result[f"opd_tok_s_b{b}"] = round(opd_tps, 1)
+    result[f"hf_tok_s_b{b}"] = round(hf_tps, 1)
+    result[f"ratio_vs_hf_b{b}"] = round(opd_tps / hf_tps, 3)
+    result[f"same_tokens_frac_b{b}"] = round(float(same), 4)
+    print(f"batch {b}: opd_jax {opd_tps:.1f} tok/s, transformers {hf_tps:.1f} tok/s, "
+          f"ratio {opd_tps / hf_tps:.2f}, compile {result[f'compile_s_b{b}']:.1f}s, "
+          f"identical tokens {same:.3f}", file=sys.stderr, flush=True)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
