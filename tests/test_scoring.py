@@ -64,7 +64,6 @@ def test_token_and_topk_logprobs_match_float64_reference():
     assert np.all(np.asarray(lp)[~valid] == 0) and np.all(np.asarray(ids)[~valid] == 0)
 
 
-
 def test_logprobs_from_hidden_value_and_grad_equal_naive():
   cfg = mc.tiny(vocab_size=61, family="qwen2", tie_embeddings=False)
   graphdef, params = tf.init(cfg, 4)
