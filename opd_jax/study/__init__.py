@@ -21,9 +21,9 @@ from __future__ import annotations
 from opd_jax.study.verdicts import check
 
 
-def run(config, workdir, redo=(), check=False) -> dict:  # noqa: A002 -- the CLI's flag name
+def run(config, workdir, redo=(), check=False, log=print) -> dict:
   from opd_jax.study import runs
-  return runs.run(config, workdir, redo=redo, check=check)
+  return runs.run(config, workdir, redo=redo, check=check, log=log)
 
 
 def render_report(workdir, config=None):
