@@ -205,3 +205,19 @@ def test_spectral_norm_hill_and_similarity_against_numpy():
                                                                 jnp.asarray(q1))), want,
                                rtol=1e-12)
     assert np.isnan(float(linalg.hill_estimate(jnp.asarray([2.0, 0.0]))))
+
+
+def test_after_is_exact_and_orders_lapack_calls_by_data():
+  """`_after` must not change values (also with non-finite deps) and must add a real data edge:
+  the jaxpr of x after a dep reads the dep (an optimization barrier would not order the CPU
+  runtime; see the linalg module docstring)."""
+  rng = np.random.default_rng(3)
+  with linalg.float64():
+    x = jnp.asarray(rng.standard_normal((3, 4)))
+    for dep in (jnp.asarray(rng.standard_normal(5)), jnp.array([jnp.nan, 1.0]),
+                jnp.array([jnp.inf])):
+      np.testing.assert_array_equal(np.asarray(jax.jit(linalg._after)(x, dep)), np.asarray(x))
+    jaxpr = jax.make_jaxpr(linalg._after)(x, jnp.ones(2))
+    dep_var = jaxpr.jaxpr.invars[1]
+    assert any(v is dep_var for e in jaxpr.jaxpr.eqns for v in e.invars)
+    assert "optimization_barrier" not in str(jaxpr)

@@ -33,6 +33,14 @@ tol * s_1 / gap_k radians (Wedin), gap_k = s_k - s_{k+1}. A matrix that does not
 `max_iters` is recomputed exactly (`top_k_exact`, Gram + eigh in float64), so results are exact
 to round-off either way; `TopK.converged` says which path was taken.
 `spectral_norm` is plain power iteration on A^T A (stable rank without the subspace metrics).
+
+LAPACK calls are serialised. jaxlib 0.10's CPU LAPACK kernels split a batch into chunks on XLA's
+intra-op thread pool and block until they finish; when as many batched kernels as the pool has
+threads run at once (independent calls in one computation, e.g. the eigh of A0 and of A1), every
+thread waits on chunks that no thread is free to run: a deadlock (seen with two 896-wide eighs on
+a 2-core machine). `_after` makes each LAPACK call in a computation depend on the previous one,
+so at most one is in flight and the pool always has a thread for its chunks.
+(jax 0.11 removes the parallel path; drop `_after` when the pin moves.)
 """
 
 from __future__ import annotations
@@ -61,6 +69,16 @@ def _require_x64(where: str) -> None:
 
 def _mm(spec, *ops):
   return jnp.einsum(spec, *ops, precision=_HI)
+
+
+def _after(x, *deps):
+  """x, computed only once `deps` are (orders LAPACK calls; see the module docstring).
+
+  A real data dependency: x + 0 * (a finite scalar read from each dep), which XLA does not fold
+  for floats. (`lax.optimization_barrier` is not enough: it aliases its buffers and adds no edge
+  to the CPU runtime's dependency graph.) Exact: x + 0.0 == x."""
+  s = sum(jnp.ravel(d)[0].astype(x.dtype) for d in deps)
+  return x + jnp.zeros((), x.dtype) * jnp.where(jnp.isfinite(s), s, 0)
 
 
 # -- bf16 codes ---------------------------------------------------------------------------------
@@ -149,7 +167,7 @@ def _largest_angle(cos_min, sin_max):
 
 def _spectra_one(g00, g0d, gdd, k, r):
   lam0, q0 = _descending_eigh(g00)
-  lam1, q1 = _descending_eigh(g00 + g0d + g0d.T + gdd)
+  lam1, q1 = _descending_eigh(_after(g00 + g0d + g0d.T + gdd, lam0, q0))
   s0 = jnp.sqrt(jnp.maximum(lam0, 0.0))
   s1 = jnp.sqrt(jnp.maximum(lam1, 0.0))
   nss = jnp.linalg.norm(s1 - s0) / jnp.linalg.norm(s0)
@@ -157,19 +175,19 @@ def _spectra_one(g00, g0d, gdd, k, r):
   # Short side: explicit orthonormal bases.
   t = q0k.T @ q1k
   rs = q1k - q0k @ t
-  cos_short = jnp.linalg.svd(t, compute_uv=False)[-1]
-  sin_short = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(rs.T @ rs)[-1], 0.0))
+  cos_short = jnp.linalg.svd(_after(t, lam1, q1), compute_uv=False)[-1]
+  sin_short = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(_after(rs.T @ rs, cos_short))[-1], 0.0))
   # Long side: from the Grams (see the module docstring).
   inv0 = jnp.where(s0k > 0, 1.0 / s0k, 0.0)
   inv1 = jnp.where(s1k > 0, 1.0 / s1k, 0.0)
   e = q0k.T @ g0d @ q1k
   c = s0k[:, None] * t * inv1[None, :] + inv0[:, None] * e * inv1[None, :]
-  cos_long = jnp.linalg.svd(c, compute_uv=False)[-1]
+  cos_long = jnp.linalg.svd(_after(c, sin_short), compute_uv=False)[-1]
   x = rs * inv1[None, :] - q0k @ (inv0[:, None] ** 2 * e * inv1[None, :])
   y1 = q1k * inv1[None, :]
   cross = x.T @ g0d @ y1
   dtd = x.T @ g00 @ x + cross + cross.T + y1.T @ gdd @ y1
-  sin_long = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(dtd)[-1], 0.0))
+  sin_long = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(_after(dtd, cos_long))[-1], 0.0))
   deg = 180.0 / jnp.pi
   return PairSpectra(s0, s1, nss, _largest_angle(cos_short, sin_short) * deg,
                      _largest_angle(cos_long, sin_long) * deg, q0[:, :r],
@@ -233,7 +251,7 @@ def top_subspaces(a_IxO, k: int) -> Subspaces:
 def _principal_angles(q0, q1):
   t = _mm("...ik,...il->...kl", q0, q1)
   cos = jnp.linalg.svd(t, compute_uv=False)  # descending: angles ascending
-  res = q1 - _mm("...ik,...kl->...il", q0, t)
+  res = _after(q1 - _mm("...ik,...kl->...il", q0, t), cos)
   sin = jnp.linalg.svd(res, compute_uv=False)[..., ::-1]  # ascending: angles ascending
   sin = jnp.clip(sin, 0.0, 1.0)
   theta = jnp.where(sin ** 2 < 0.5, jnp.arcsin(sin), jnp.arccos(jnp.clip(cos, 0.0, 1.0)))
@@ -291,7 +309,7 @@ def _randomized(a, omega, k, max_iters, tol):
     res = jnp.linalg.norm(_mm("nmb,nkb->nmk", y, vbt[:, :k]) - u * s[:, None, :], axis=1)
     now = jnp.max(res, axis=-1) <= tol * s[:, 0]
     iters = jnp.where(done, iters, it + 1)
-    return it + 1, _orth(y), u, s, v, done | now, iters
+    return it + 1, _orth(_after(y, ub, s, vbt)), u, s, v, done | now, iters
 
   def cond(state):
     it, *_, done, _ = state
