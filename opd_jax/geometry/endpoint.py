@@ -11,7 +11,7 @@ Per matrix (see `matrices.py` for names and the (in, out) orientation):
                        `max_angle_deg` is the larger of the two.
   nss                  ||s(W_1) - s(W_0)||_2 / ||s(W_0)||_2 over all singular values.
   overlap_principal    |M_princ & M_upd| / |M_upd|, M_princ = entries whose |rank-r
-                       reconstruction of W_0| is >= its ceil-free round(alpha n)-th largest value.
+                       reconstruction of W_0| is >= its round(alpha n)-th largest value.
   overlap_low          |M_low & M_upd| / |M_upd|, M_low = entries whose |W_0| is <= its
                        round(alpha n)-th smallest value.
   frac_principal / frac_low  the realised mask fractions |M| / n: the random baselines. They
@@ -61,8 +61,8 @@ class EndpointConfig:
     alpha: mask fraction (paper appendix: 0.5; its main text quotes 0.3).
     include_1d: count norm scales and biases in sparsity.
     types: analyse only these module types (default: all).
-    angles: compute spectra, NSS and angles (False: sparsity and masks need no spectra except
-      the rank-r basis, which is then still computed).
+    angles: report NSS and the principal angles (with masks=True the eigendecompositions are
+      computed anyway, for the rank-r basis of the principal mask).
     masks: compute the update-mask overlaps.
     representative: matrix whose full angle curves are reported (default: the middle layer's
       query projection, else the first matrix); '' disables the curves.
@@ -439,10 +439,11 @@ def endpoint_metrics(params_0, params_1, cfg: EndpointConfig = EndpointConfig())
   overall, by_type = aggregates(per_matrix)
   out = {"config": dataclasses.asdict(cfg), "matrices": per_matrix, "overall": overall,
          "by_type": by_type}
-  if cfg.angles and rep:
+  if cfg.angles and rep and per_matrix[rep]["k"] > 0:
     m0 = next(m for g, _ in pairs for m in g.members() if m.name == rep)
     m1 = next(m for _, g in pairs for m in g.members() if m.name == rep)
-    curves = representative_curves(np.asarray(m0.array), np.asarray(m1.array), cfg.k)
+    k_rep = per_matrix[rep]["k"]  # capped at the numerical rank
+    curves = representative_curves(np.asarray(m0.array), np.asarray(m1.array), k_rep)
     out["representative"] = {"name": rep, **curves,
                              "sigma0": sigma[0].tolist(), "sigma1": sigma[1].tolist()}
   return out
