@@ -155,6 +155,38 @@ class Thresholds:
 
 
 @dataclasses.dataclass(frozen=True)
+class TargetConfig:
+  """Train a model (the teacher, or the base student) until it reaches an accuracy.
+
+  Training runs in chunks of `check_every` steps (resuming the same run, so the result equals
+  one run of the final length with a constant learning rate); after each chunk a quick eval
+  (avg@`check_k` on the eval split, sampling seed `eval.seed + 1`, so the reported accuracy uses
+  other samples) decides whether to stop. Disabled when `acc` <= 0 (the section's `loop.steps`
+  is then the length). Grokking-like jumps make fixed step counts fragile on the synthetic tasks;
+  this makes the teacher >= `acc` and the base student just past the jump, seed by seed.
+
+  Attributes:
+    acc: stop at the first check with accuracy >= acc.
+    min_steps: steps before the first check.
+    check_every: steps between checks.
+    max_steps: stop here even if `acc` was not reached.
+    check_k: samples per prompt of the quick eval.
+  """
+
+  acc: float = 0.0
+  min_steps: int = 0
+  check_every: int = 50
+  max_steps: int = 2000
+  check_k: int = 1
+
+  def __post_init__(self):
+    if self.acc > 0 and (self.check_every < 1 or self.max_steps < self.check_every
+                         or self.check_k < 1):
+      raise ConfigError(f"TargetConfig: need check_every >= 1, max_steps >= check_every and "
+                        f"check_k >= 1, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
 class StudyConfig:
   """Everything the study needs (see the module docstring)."""
 
@@ -165,6 +197,8 @@ class StudyConfig:
   data: DataConfig = DataConfig()
   eval: EvalConfig = EvalConfig()
   snapshots: int = 5
+  teacher_target: TargetConfig = TargetConfig()
+  base_target: TargetConfig = TargetConfig()
   teacher_train: dict = dataclasses.field(default_factory=dict)
   base_train: dict = dataclasses.field(default_factory=dict)
   anchor: dict = dataclasses.field(default_factory=dict)
@@ -252,6 +286,7 @@ def set_in(d: dict, path: str, value) -> None:
 def study_sections(study: StudyConfig) -> Mapping[str, Any]:
   """The study-level settings written into the report."""
   out = {}
-  for f in ("preset", "snapshots", "eval", "rank16", "controls", "diagnostics", "thresholds"):
+  for f in ("preset", "snapshots", "eval", "teacher_target", "base_target", "rank16", "controls",
+            "diagnostics", "thresholds"):
     out[f] = train_config.dataclass_to_dict(getattr(study, f))
   return out

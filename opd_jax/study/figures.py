@@ -46,6 +46,10 @@ def color(run: str, results: dict | None = None) -> str:
 
 
 def label(run: str, results: dict | None = None) -> str:
+  if run.endswith("_rank16"):
+    method = run[:-len("_rank16")]
+    k = (results or {}).get("rank16", {}).get(method, {}).get("k", 16)
+    return f"{LABELS.get(method, method)} rank-{k}"
   if run in LABELS:
     return LABELS[run]
   mixing = (results or {}).get("controls", {}).get("mixing", {})
@@ -172,15 +176,16 @@ def fig_rank16(results: dict, path):
     return None
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   x = np.arange(len(methods))
+  k = r16[methods[0]].get("k", 16)
   for j, (which, hatch, lab) in enumerate([("plain_run", None, "plain"),
-                                           ("projected_run", "//", "rank-16 projected")]):
+                                           ("projected_run", "//", f"rank-{k} projected")]):
     vals = [acc[r16[m][which]]["acc"] for m in methods]
     errs = [acc[r16[m][which]].get("stderr", 0.0) for m in methods]
     ax.bar(x + (j - 0.5) * 0.38, vals, 0.38, yerr=errs, capsize=3, hatch=hatch,
            color=[color(m) for m in methods], edgecolor="k", label=lab)
   ax.set_xticks(x, [label(m) for m in methods])
   ax.set_ylabel("eval accuracy (avg@k)")
-  ax.set_title("Plain vs rank-16 projected training")
+  ax.set_title(f"Plain vs rank-{k} projected training (resumed at ~20%)")
   ax.legend()
   return _save(fig, path)
 

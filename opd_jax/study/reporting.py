@@ -175,6 +175,29 @@ def _section_controls(r):
                 rows)
 
 
+def _section_settings(st: dict) -> str:
+  """Study-level values, a wide table of every TrainConfig field of the main runs, and each
+  control's differences from the run it is derived from."""
+  parts = []
+  plain = {k: v for k, v in st.items() if k not in ("runs", "derived_runs")}
+  if plain:
+    parts.append(_table(["key", "value"], [(k, f"`{v}`") for k, v in _flatten(plain)]))
+  runs = st.get("runs", {})
+  if runs:
+    keys = []
+    for flat in runs.values():
+      keys += [k for k in flat if k not in keys]
+    parts.append("Runs (TrainConfig fields; `-` = not applicable to the run):\n\n" + _table(
+        ["field"] + list(runs), [[k] + [f"`{runs[n][k]}`" if k in runs[n] else "-" for n in runs]
+                                 for k in keys]))
+  diffs = st.get("derived_runs", {})
+  if diffs:
+    parts.append("Derived runs (fields that differ from the run they derive from):\n\n" + _table(
+        ["run", "differences"], [(n, "; ".join(f"{k}=`{v}`" for k, v in d.items()) or "none")
+                                 for n, d in diffs.items()]))
+  return "\n\n".join(parts)
+
+
 _SECTION_BODY = {"accuracy": _section_accuracy, "table1": _section_table1,
                  "endpoint": _section_endpoint, "trajectory": _section_trajectory,
                  "rank16": _section_rank16, "controls": _section_controls}
@@ -199,9 +222,7 @@ def markdown(r: dict, figs: dict[str, str]) -> str:
   out += ["## All verdicts", "",
           _table(["claim", "paper", "ours", "verdict"],
                  [(v["claim"], v["paper"], v["ours"], _MARK[v["verdict"]]) for v in vs]), ""]
-  out += ["## Settings (every chosen value)", "",
-          _table(["key", "value"], [(k, f"`{v}`") for k, v in _flatten(r.get("settings", {}))]),
-          ""]
+  out += ["## Settings (every chosen value)", "", _section_settings(r.get("settings", {})), ""]
   cpu_total = sum(p.get("cpu_s") or 0.0 for p in r.get("phases", {}).values())
   out += ["## Run summary", "",
           "Wall time per phase as it ran (a resumed study shows the times of the runs that "
@@ -211,6 +232,32 @@ def markdown(r: dict, figs: dict[str, str]) -> str:
                    "n/a" if p.get("cpu_s") is None else f"{p['cpu_s']:.1f}")
                   for k, p in r.get("phases", {}).items()] +
                  [("**total**", "", f"{total:.1f}", f"{cpu_total:.1f}")]), ""]
+  return "\n".join(out)
+
+
+README_FIGURES = ("trajectories", "sparsity_per_type", "rank16", "accuracy")
+
+
+def readme_section(r: dict, fig_prefix: str = "") -> str:
+  """A compact results section for the project README: the Table-1 analog beside the paper's
+  numbers, accuracies, the verdict list and the main figures (`fig_prefix` + file name)."""
+  vs = r["verdicts"]
+  n_hold = sum(v["verdict"] == verdicts.HOLDS for v in vs)
+  total = sum(p.get("wall_s", 0.0) for p in r.get("phases", {}).values())
+  acc = r.get("accuracy", {})
+  acc_line = ", ".join(f"{k} {a['acc']:.2f}" for k, a in acc.items()
+                       if k in ("teacher", "base", "anchor", "opd", "rlvr", "sft"))
+  out = [f"### Results of the `{r.get('preset', '?')}` study",
+         "",
+         f"All phases ran in {total / 60:.1f} min. Eval accuracy (avg@k): {acc_line}. "
+         f"{n_hold} of {len(vs)} paper claims hold at this scale; every verdict below is "
+         "computed from the data (`opd_jax/study/verdicts.py`).", "",
+         _section_table1(r), "", _section_endpoint(r), "",
+         _table(["claim", "paper", "ours", "verdict"],
+                [(v["claim"], v["paper"], v["ours"], _MARK[v["verdict"]]) for v in vs]), ""]
+  for f in README_FIGURES:
+    if f in r.get("figures", {}):
+      out += [f"![{f}]({fig_prefix}{r['figures'][f]})", ""]
   return "\n".join(out)
 
 
@@ -224,6 +271,7 @@ def render(results: dict, out_dir) -> dict:
   figs = figures.write_all(results, out_dir)
   results["figures"] = figs
   (out_dir / "report.md").write_text(markdown(results, figs))
+  (out_dir / "README_section.md").write_text(readme_section(results))
   tmp = out_dir / ".results.json.tmp"
   tmp.write_text(json.dumps(results, indent=1, sort_keys=False, default=float))
   tmp.replace(out_dir / "results.json")

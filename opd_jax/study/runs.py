@@ -287,7 +287,12 @@ def _train_phase(study: StudyConfig, spec: RunSpec, log=print):
       out.update(final=None, snapshots={}, trained=False, model_path=model.path)
     else:
       run_dir = ctx.out_dir / "run"
-      summary = loop.run(cfg, run_dir, resume=True)
+      target = {"teacher": study.teacher_target, "base": study.base_target}.get(spec.kind)
+      if target is not None and target.acc > 0:
+        cfg, summary, checks = _train_to_target(study, spec, cfg, target, run_dir, log)
+        out["target_checks"] = checks
+      else:
+        summary = loop.run(cfg, run_dir, resume=True)
       snaps = _snapshot_dirs(run_dir)
       final = snaps.get(cfg.loop.steps)
       if final is None:
@@ -297,11 +302,33 @@ def _train_phase(study: StudyConfig, spec: RunSpec, log=print):
                  snapshots={str(s): _rel(ctx, p) for s, p in sorted(snaps.items())},
                  train_wall_s=summary.get("wall_s"), steps_per_s=summary.get("steps_per_s"),
                  last_metrics=summary.get("metrics", {}))
+    out["config"] = train_config.dataclass_to_dict(cfg)  # after a target search: its length
+    out["steps"] = cfg.loop.steps
     out["eval"] = evaluate(dataclasses.replace(cfg, data=study.data), model, study.eval)
     log(f"[study] {spec.name}: eval accuracy {out['eval']['acc']:.3f} "
         f"(avg@{out['eval']['k']}, {out['eval']['n']} prompts)")
     return out
   return fn
+
+
+def _train_to_target(study: StudyConfig, spec: RunSpec, cfg, target, run_dir, log):
+  """Trains in chunks until the quick eval reaches `target.acc` (see `config.TargetConfig`)."""
+  from opd_jax.train import loop
+  quick = dataclasses.replace(study.eval, k=target.check_k, greedy=False,
+                              seed=study.eval.seed + 1)
+  steps, checks = 0, []
+  while True:
+    steps = min(max(steps + target.check_every, target.min_steps), target.max_steps)
+    chunk = cfg.replace(loop=dataclasses.replace(cfg.loop, steps=steps, snapshot_steps=(steps,)))
+    summary = loop.run(chunk, run_dir, resume=True)
+    final = _snapshot_dirs(run_dir)[steps]
+    model = produced_model(study, spec.name, "final", lambda p, w: str(final))
+    acc = evaluate(dataclasses.replace(chunk, data=study.data), model, quick)["acc"]
+    checks.append({"step": steps, "acc": acc})
+    log(f"[study] {spec.name}: step {steps}, quick eval accuracy {acc:.3f} "
+        f"(target {target.acc})")
+    if acc >= target.acc or steps >= target.max_steps:
+      return chunk, summary, checks
 
 
 def _diagnostics_phase(study: StudyConfig, specs: list[RunSpec]):
@@ -420,11 +447,11 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
     if s.kind in ("teacher", "base", "main"):
       main[s.name] = flat
     else:
-      ref = main.get("opd" if s.section == "opd" else s.section, {})
+      ref = main.get(s.section, {})
       diffs[s.name] = {k: v for k, v in flat.items() if ref.get(k) != v}
   results["settings"] = {"study": _flat(dict(study_config.study_sections(study))),
                          "task": _flat({"task": dataclasses.asdict(study.data.task)}),
-                         "runs": main, "controls_vs_opd": diffs}
+                         "runs": main, "derived_runs": diffs}
   return results
 
 
