@@ -31,7 +31,7 @@ the principal-mask ranking uses the reconstruction rounded to float32 (its singu
 float64).
 
 Cost: each matrix is read a bounded number of times in column chunks of its long side (memory
-O(max_batch_bytes) beyond the two checkpoints and one float32 key buffer per matrix), one
+O(max_batch_bytes) beyond the two checkpoints; mask thresholds by radix select), one
 `eigh` per matrix for everything spectral (see `linalg.py`).
 """
 
@@ -192,15 +192,58 @@ def _spectra(grams, k, r):
   return out, ks, short, long
 
 
-def _threshold(buf, c: int, largest: bool):
-  """The c-th largest (or smallest) value of each row of `buf` and the number of entries at
-  least (at most) as large (small): the mask size with ties included. Partitions `buf` in place."""
-  n = buf.shape[1]
-  kth = n - c if largest else c - 1
-  buf.partition(kth, axis=1)
-  t = buf[:, kth].copy()
-  size = np.count_nonzero(buf >= t[:, None] if largest else buf <= t[:, None], axis=1)
-  return t, size
+_BITS = 16  # radix of the two-pass selection: 2^16 bins on the high, then the low half-word
+
+
+def _select(hist, c, largest: bool):
+  """Per row of `hist` [N, bins]: the bin holding the c-th largest (smallest) entry (c a scalar
+  or one rank per row), the number of entries in bins strictly beyond it, and the rank the entry
+  has inside its bin."""
+  need = np.broadcast_to(np.asarray(c, np.int64), hist.shape[:1])
+  counts = hist[:, ::-1] if largest else hist
+  cum = np.cumsum(counts, axis=1)
+  pos = np.argmax(cum >= need[:, None], axis=1)
+  rows = np.arange(len(pos))
+  beyond = cum[rows, pos] - counts[rows, pos]
+  bins = hist.shape[1] - 1 - pos if largest else pos
+  return bins, beyond, need - beyond
+
+
+def _radix_thresholds(batch, basis_r, plan: _Plan, c: int):
+  """Exact c-th largest principal key and c-th smallest magnitude key of each member with the
+  mask sizes (ties included), by a two-pass radix select over the chunks: keys are non-negative
+  float32, whose bit patterns order like their values, so histograms of the high then the low
+  16 bits pin the c-th value down exactly without holding the n keys (a 151,936 x 896
+  embedding's keys alone are 0.5 GiB)."""
+  nb, bins = plan.batch, 1 << _BITS
+  rows = np.arange(nb)
+
+  def key_bits():
+    for a0, _, valid in batch:
+      idx = [slice(None)] * 3
+      idx[plan.long_axis] = slice(0, valid)
+      for keys in _keys(a0, basis_r, plan.short):
+        yield np.ascontiguousarray(np.asarray(keys[tuple(idx)])).reshape(nb, -1).view(np.uint32)
+
+  hist = np.zeros((2, nb, bins), np.int64)
+  for j, bits in enumerate(key_bits()):
+    for i in rows:
+      hist[j % 2, i] += np.bincount(bits[i] >> _BITS, minlength=bins)
+  high = [_select(hist[w], c, largest=(w == 0)) for w in (0, 1)]
+  hist[:] = 0
+  for j, bits in enumerate(key_bits()):
+    w = j % 2
+    for i in rows:
+      sel = bits[i][(bits[i] >> _BITS) == high[w][0][i]]
+      hist[w, i] += np.bincount(sel & (bins - 1), minlength=bins)
+  thresholds, sizes = [], []
+  for w in (0, 1):
+    b_low, beyond_low, _ = _select(hist[w], high[w][2], largest=(w == 0))
+    bits = (high[w][0].astype(np.uint32) << _BITS) | b_low.astype(np.uint32)
+    thresholds.append(bits.view(np.float32))
+    # entries strictly beyond the high bin, plus those of the bin up to and including the value
+    sizes.append(high[w][1] + beyond_low + hist[w][rows, b_low])
+  return thresholds, sizes
 
 
 class _Batch:
@@ -225,25 +268,11 @@ class _Batch:
 def _mask_counts(batch: _Batch, basis_r, plan: _Plan, n: int, alpha: float, where: str):
   """[N, 5] counts (changed, changed & princ, changed & low, princ, low) over all chunks.
 
-  The thresholds come from one float32 key buffer per batch (filled chunk by chunk, used for the
-  principal keys then for the low-magnitude keys); the counting pass recomputes the keys with the
-  same jitted kernel and checks that the mask sizes agree."""
+  The thresholds come from a radix select over the chunks (`_radix_thresholds`); the counting
+  pass recomputes the keys with the same jitted kernel and checks that the mask sizes agree."""
   c = min(max(int(round(alpha * n)), 1), n)
-  buf = np.empty((plan.batch, n), np.float32)
-  thresholds, sizes = [], []
-  for which, largest in ((0, True), (1, False)):
-    offset = 0
-    for a0, _, valid in batch:
-      keys = _keys(a0, basis_r, plan.short)[which]
-      idx = [slice(None)] * 3
-      idx[plan.long_axis] = slice(0, valid)
-      keys = np.asarray(keys[tuple(idx)]).reshape(plan.batch, -1)
-      buf[:, offset:offset + keys.shape[1]] = keys
-      offset += keys.shape[1]
-    t, size = _threshold(buf, c, largest)
-    thresholds.append(jnp.asarray(t))
-    sizes.append(size)
-  del buf
+  thresholds, sizes = _radix_thresholds(batch, basis_r, plan, c)
+  thresholds = [jnp.asarray(t) for t in thresholds]
   totals = np.zeros((plan.batch, 5), np.int64)
   for a0, a1, valid in batch:
     totals += np.asarray(_counts(a0, a1, basis_r, thresholds[0], thresholds[1], valid,
