@@ -44,6 +44,7 @@ import resource  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
+import jax  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.linalg  # noqa: E402
@@ -231,7 +232,7 @@ def main() -> int:
 
   t = time.perf_counter()
   p0, p1 = build_pair(layers, vocab)
-  n_params = sum(x.size for x in matrices_leaves(p0))
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(p0))
   ckpt_gib = 4 * n_params / 2 ** 30
   fractions = [(i + 1) / (args.snapshots + 1) for i in range(args.snapshots)]
   steps = [round(300 * f) for f in fractions] + [300]
@@ -280,14 +281,6 @@ def main() -> int:
                                and result["peak_rss_over_checkpoint"] <= 3.0)
   print(json.dumps(result, default=float))
   return 0
-
-
-def matrices_leaves(tree):
-  if isinstance(tree, dict):
-    for v in tree.values():
-      yield from matrices_leaves(v)
-  else:
-    yield tree
 
 
 def compare(ep, tr, ref_ep, ref_tr) -> dict:

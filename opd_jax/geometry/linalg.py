@@ -167,7 +167,7 @@ def _largest_angle(cos_min, sin_max):
 
 def _spectra_one(g00, g0d, gdd, k, r):
   lam0, q0 = _descending_eigh(g00)
-  lam1, q1 = _descending_eigh(_after(g00 + g0d + g0d.T + gdd, lam0, q0))
+  lam1, q1 = _descending_eigh(_after(g00 + g0d + g0d.T + gdd, lam0))
   s0 = jnp.sqrt(jnp.maximum(lam0, 0.0))
   s1 = jnp.sqrt(jnp.maximum(lam1, 0.0))
   nss = jnp.linalg.norm(s1 - s0) / jnp.linalg.norm(s0)
@@ -175,7 +175,7 @@ def _spectra_one(g00, g0d, gdd, k, r):
   # Short side: explicit orthonormal bases.
   t = q0k.T @ q1k
   rs = q1k - q0k @ t
-  cos_short = jnp.linalg.svd(_after(t, lam1, q1), compute_uv=False)[-1]
+  cos_short = jnp.linalg.svd(t, compute_uv=False)[-1]  # t reads q1: already after that eigh
   sin_short = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(_after(rs.T @ rs, cos_short))[-1], 0.0))
   # Long side: from the Grams (see the module docstring).
   inv0 = jnp.where(s0k > 0, 1.0 / s0k, 0.0)
@@ -309,7 +309,7 @@ def _randomized(a, omega, k, max_iters, tol):
     res = jnp.linalg.norm(_mm("nmb,nkb->nmk", y, vbt[:, :k]) - u * s[:, None, :], axis=1)
     now = jnp.max(res, axis=-1) <= tol * s[:, 0]
     iters = jnp.where(done, iters, it + 1)
-    return it + 1, _orth(_after(y, ub, s, vbt)), u, s, v, done | now, iters
+    return it + 1, _orth(_after(y, s)), u, s, v, done | now, iters
 
   def cond(state):
     it, *_, done, _ = state
