@@ -144,6 +144,40 @@ def test_pair_spectra_rotated_subspaces_with_known_angles():
     np.testing.assert_allclose(np.asarray(t0.sigma), s[:k], rtol=1e-12)
 
 
+@pytest.mark.parametrize("k", [10, 16])  # short-side sines from rs^T rs (k <= S - k) / z z^T
+def test_pair_spectra_large_angles_on_both_sides(k):
+  """Angles above 45 degrees (the cosine branch) on both sides, batched with a small update
+  (the sine branch) so that both branches run in one call; against scipy."""
+  rng = np.random.default_rng(21 + k)
+  m, n = 40, 24
+  ua, _ = np.linalg.qr(rng.standard_normal((m, m)))
+  vb, _ = np.linalg.qr(rng.standard_normal((n, n)))
+  s = np.linspace(10, 1, n)
+  w0 = ua[:, :n] * s @ vb.T
+
+  def rotate(q, i, j, deg):
+    q = q.copy()
+    t = np.radians(deg)
+    q[:, i], q[:, j] = np.cos(t) * q[:, i] + np.sin(t) * q[:, j], \
+        -np.sin(t) * q[:, i] + np.cos(t) * q[:, j]
+    return q
+
+  w_big = rotate(ua, 2, k + 3, 80.0)[:, :n] * s @ rotate(vb, 1, k + 2, 62.0).T
+  w_small = w0 + 1e-3 * rng.standard_normal((m, n))
+  w1 = np.stack([w_big, w_small]).astype(np.float32)
+  w0s = np.stack([w0, w0]).astype(np.float32)
+  with linalg.float64():
+    grams = linalg.pair_grams(jnp.asarray(w0s), jnp.asarray(w1), "output")
+    sp = jax.tree.map(np.asarray, linalg.pair_spectra(*grams, k=k, r=3))
+  for i in range(2):
+    nss, a_in, a_out, _, _ = _ref_pair(w0s[i].astype(np.float64), w1[i].astype(np.float64), k)
+    assert abs(sp.max_angle_long[i] - a_in) < 1e-6, (i, sp.max_angle_long[i], a_in)
+    assert abs(sp.max_angle_short[i] - a_out) < 1e-6, (i, sp.max_angle_short[i], a_out)
+    np.testing.assert_allclose(sp.nss[i], nss, rtol=1e-6)
+  assert sp.max_angle_long[0] > 79 and sp.max_angle_short[0] > 61  # the cosine branch ran
+  assert sp.max_angle_long[1] < 45 and sp.max_angle_short[1] < 45
+
+
 def test_principal_angles_known_angles_small_and_near_90():
   rng = np.random.default_rng(3)
   m, k = 40, 6

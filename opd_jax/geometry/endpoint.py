@@ -32,11 +32,14 @@ float64).
 
 Cost: each matrix is read a bounded number of times in column chunks of its long side (memory
 O(max_batch_bytes) beyond the two checkpoints; mask thresholds by radix select), one
-`eigh` per matrix for everything spectral (see `linalg.py`).
+`eigh` per matrix for everything spectral (see `linalg.py`). The spectra (LAPACK, one core) of
+one batch run in a worker thread while the main thread computes the Grams of the next batch and
+the masks of the previous one (matmuls on XLA's thread pool).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -283,52 +286,75 @@ def _mask_counts(batch: _Batch, basis_r, plan: _Plan, n: int, alpha: float, wher
   return totals
 
 
-def _matrix_group(g0: MatrixGroup, g1: MatrixGroup, cfg: EndpointConfig, bar,
-                  keep_sigma: str | None):
-  """Per-matrix dicts of one group, and the singular values of `keep_sigma` if in the group."""
-  shape = g0.shape
+@dataclasses.dataclass
+class _Work:
+  """One batch of a matrix group on its way through the pipeline of `endpoint_metrics`."""
+
+  g0: MatrixGroup
+  start: int
+  plan: _Plan
+  k: int
+  r: int
+  batch: _Batch
+  spectra: Any = None  # a Future of `_spectra`'s result (None without angles and masks)
+
+
+def _batches(g0: MatrixGroup, g1: MatrixGroup, cfg: EndpointConfig):
+  """The batches of one group: Grams accumulated over the chunks (`_Work`, Grams)."""
   plan = _plan(g0, cfg.max_batch_bytes)
-  s = min(shape)
-  n = shape[0] * shape[1]
+  s = min(g0.shape)
   k, r = min(cfg.k, s), min(cfg.mask_rank, s)
-  short, long = _abbr(plan.short), _abbr("output" if plan.short == "input" else "input")
-  results, kept = {}, None
   for start in range(0, g0.count, plan.batch):
     batch = _Batch(g0.batch(start, start + plan.batch), g1.batch(start, start + plan.batch), plan)
-    names = g0.names[start:start + plan.batch]
+    grams = None
     if cfg.angles or cfg.masks:
-      grams = None
       for a0, a1, _ in batch:
         g = linalg.pair_grams(a0, a1, plan.short)
         grams = g if grams is None else tuple(x + y for x, y in zip(grams, g))
-      spec, ks, short_deg, long_deg = _spectra(grams, k, r)
-      del grams
+    yield _Work(g0, start, plan, k, r, batch), grams
+
+
+def _spectra_job(grams, k, r):
+  """`_spectra` in the pipeline's worker thread (float64 is enabled per thread)."""
+  with linalg.float64():
+    return _spectra(grams, k, r)
+
+
+def _finish(work: _Work, cfg: EndpointConfig, keep_sigma: str | None):
+  """Per-matrix dicts of one batch, and the singular values of `keep_sigma` if in it."""
+  g0, plan, batch = work.g0, work.plan, work.batch
+  shape = g0.shape
+  n = shape[0] * shape[1]
+  short, long = _abbr(plan.short), _abbr("output" if plan.short == "input" else "input")
+  names = g0.names[work.start:work.start + plan.batch]
+  if work.spectra is not None:
+    spec, ks, short_deg, long_deg = work.spectra.result()
+  if cfg.masks:
+    totals = _mask_counts(batch, spec.basis0_r, plan, n, cfg.alpha, names[0])
+    changed = totals[:, 0]
+  else:
+    changed = np.zeros(plan.batch, np.int64)
+    for a0, a1, _ in batch:
+      changed += np.asarray(_changed_count(a0, a1))
+  results, kept = {}, None
+  for i, name in enumerate(names):
+    d = dict(type=g0.module_type, layer=(work.start + i) if g0.stacked else None,
+             shape=[int(shape[0]), int(shape[1])], n=int(n), changed=int(changed[i]),
+             sparsity=1.0 - float(changed[i]) / n, density=float(changed[i]) / n)
+    if cfg.angles:
+      both = [short_deg[i], long_deg[i]]
+      d.update({"k": int(ks[i]), f"max_angle_{short}_deg": float(short_deg[i]),
+                f"max_angle_{long}_deg": float(long_deg[i]),
+                "max_angle_deg": math.nan if np.isnan(both).all() else float(np.nanmax(both)),
+                "nss": float(spec.nss[i])})
     if cfg.masks:
-      totals = _mask_counts(batch, spec.basis0_r, plan, n, cfg.alpha, names[0])
-      changed = totals[:, 0]
-    else:
-      changed = np.zeros(plan.batch, np.int64)
-      for a0, a1, _ in batch:
-        changed += np.asarray(_changed_count(a0, a1))
-    for i, name in enumerate(names):
-      d = dict(type=g0.module_type, layer=(start + i) if g0.stacked else None,
-               shape=[int(shape[0]), int(shape[1])], n=int(n), changed=int(changed[i]),
-               sparsity=1.0 - float(changed[i]) / n, density=float(changed[i]) / n)
-      if cfg.angles:
-        both = [short_deg[i], long_deg[i]]
-        d.update({"k": int(ks[i]), f"max_angle_{short}_deg": float(short_deg[i]),
-                  f"max_angle_{long}_deg": float(long_deg[i]),
-                  "max_angle_deg": math.nan if np.isnan(both).all() else float(np.nanmax(both)),
-                  "nss": float(spec.nss[i])})
-      if cfg.masks:
-        upd = int(totals[i, 0])
-        d.update(overlap_principal=float(totals[i, 1] / upd) if upd else math.nan,
-                 overlap_low=float(totals[i, 2] / upd) if upd else math.nan,
-                 frac_principal=float(totals[i, 3] / n), frac_low=float(totals[i, 4] / n))
-      results[name] = d
-      if cfg.angles and name == keep_sigma:
-        kept = (np.asarray(spec.sigma0[i]), np.asarray(spec.sigma1[i]))
-    bar.update(len(names))
+      upd = int(totals[i, 0])
+      d.update(overlap_principal=float(totals[i, 1] / upd) if upd else math.nan,
+               overlap_low=float(totals[i, 2] / upd) if upd else math.nan,
+               frac_principal=float(totals[i, 3] / n), frac_low=float(totals[i, 4] / n))
+    results[name] = d
+    if cfg.angles and name == keep_sigma:
+      kept = (np.asarray(spec.sigma0[i]), np.asarray(spec.sigma1[i]))
   return results, kept
 
 
@@ -455,15 +481,35 @@ def endpoint_metrics(params_0, params_1, cfg: EndpointConfig = EndpointConfig())
     raise ValueError(f"EndpointConfig.representative={rep!r}: no such matrix; e.g. "
                      f"{[n for n in names if types[n] in matrices.MATRIX_TYPES][:4]}")
   per_matrix, sigma = {}, None
+
+  def finish(work):
+    nonlocal sigma
+    res, kept = _finish(work, cfg, rep if cfg.angles else None)
+    per_matrix.update(res)
+    sigma = kept if kept is not None else sigma
+    bar.update(len(res))
+
+  # A two-stage pipeline: the spectra of one batch (LAPACK, one core) run in a worker thread
+  # while this thread computes the next batch's Grams and the previous batch's masks (matmuls
+  # on XLA's thread pool). One worker: at most one computation with LAPACK calls in flight
+  # (see linalg's note on LAPACK and the thread pool).
   with linalg.float64(), tqdm(total=len(names), desc="endpoint", unit="matrix",
-                              disable=not cfg.progress) as bar:
+                              disable=not cfg.progress) as bar, \
+      concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spectra") as pool:
+    pending = None
     for a, b in pairs:
       if a.module_type in matrices.VECTOR_TYPES:
         per_matrix.update(_vector_group(a, b, bar))
-      else:
-        res, kept = _matrix_group(a, b, cfg, bar, rep if cfg.angles else None)
-        per_matrix.update(res)
-        sigma = kept if kept is not None else sigma
+        continue
+      for work, grams in _batches(a, b, cfg):
+        if grams is not None:
+          work.spectra = pool.submit(_spectra_job, grams, work.k, work.r)
+        del grams
+        if pending is not None:
+          finish(pending)
+        pending = work
+    if pending is not None:
+      finish(pending)
   per_matrix = {n: per_matrix[n] for n in names}
   overall, by_type = aggregates(per_matrix)
   out = {"config": dataclasses.asdict(cfg), "matrices": per_matrix, "overall": overall,

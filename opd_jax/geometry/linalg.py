@@ -17,7 +17,10 @@ follow from the Grams without forming the long-side vectors:
   cos: C = V0k^T V1k = S0 (Q0^T Q1) S1^-1 + S0^-1 (Q0^T G0d Q1) S1^-1,
   sin: D = (I - V0k V0k^T) V1k = B0^T X + dB^T Y1 with X = (Q1 - Q0 Q0^T Q1) S1^-1 -
        Q0 S0^-2 (Q0^T G0d Q1) S1^-1, Y1 = Q1 S1^-1, and D^T D from the Grams.
-The largest angle uses the sine when sin^2 < 1/2 and the cosine otherwise (Knyazev-Argentati), so
+The largest angle uses the sine when sin^2 < 1/2 and the cosine otherwise (Knyazev-Argentati; the
+cosine's SVD runs only for members that need it, under `lax.cond`, so members are processed one
+after another with `lax.map`; the short-side sines come from the smaller of the k x k and the
+(S - k) x (S - k) Gram of the part of span(Q1k) outside span(Q0k)), so
 it is accurate to about eps * (s_1 / s_k)^2 radians (the Gram squares the condition number of the
 top-k block; s_1 / s_k is O(10-100) for trained weights). The numerical rank counts singular values
 above sqrt(4 S eps) s_1, the resolution of a Gram; k is capped at it. (Each SVD is
@@ -112,15 +115,13 @@ def bf16_changed(x0, x1) -> jax.Array:
 
 
 # -- endpoint: Grams and spectra ----------------------------------------------------------------
-def _gram_spec(short: str) -> str:
-  return "nic,njc->nij" if short == "input" else "nci,ncj->nij"
-
-
 @functools.partial(jax.jit, static_argnames=("short",))
 def _pair_grams(a0, a1, short):
+  if short == "output":  # contract the minor axis: XLA's CPU dot runs A^T A at half speed
+    a0, a1 = jnp.swapaxes(a0, -1, -2), jnp.swapaxes(a1, -1, -2)
   x0 = a0.astype(F64)
   d = a1.astype(F64) - x0
-  spec = _gram_spec(short)
+  spec = "nic,njc->nij"
   return _mm(spec, x0, x0), _mm(spec, x0, d), _mm(spec, d, d)
 
 
@@ -165,29 +166,46 @@ def _largest_angle(cos_min, sin_max):
                    jnp.arccos(jnp.clip(cos_min, 0.0, 1.0)))
 
 
+def _smallest_sv_if(needed, m, *deps):
+  """The smallest singular value of m where `needed`, else 1 (an SVD only when it is used)."""
+  return lax.cond(needed, lambda x: jnp.linalg.svd(_after(x, *deps), compute_uv=False)[-1],
+                  lambda x: jnp.ones((), x.dtype), m)
+
+
 def _spectra_one(g00, g0d, gdd, k, r):
+  s_dim = g00.shape[-1]
   lam0, q0 = _descending_eigh(g00)
   lam1, q1 = _descending_eigh(_after(g00 + g0d + g0d.T + gdd, lam0))
   s0 = jnp.sqrt(jnp.maximum(lam0, 0.0))
   s1 = jnp.sqrt(jnp.maximum(lam1, 0.0))
   nss = jnp.linalg.norm(s1 - s0) / jnp.linalg.norm(s0)
   q0k, q1k, s0k, s1k = q0[:, :k], q1[:, :k], s0[:k], s1[:k]
-  # Short side: explicit orthonormal bases.
+  # Short side: explicit orthonormal bases. The sines are the singular values of the part of
+  # span(q1k) outside span(q0k): rs = q1k - q0k t, or equally z = q0c^T q1k with q0c the
+  # complement of q0k in the full eigenbasis; the smaller of the two Grams is decomposed.
   t = q0k.T @ q1k
   rs = q1k - q0k @ t
-  cos_short = jnp.linalg.svd(t, compute_uv=False)[-1]  # t reads q1: already after that eigh
-  sin_short = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(_after(rs.T @ rs, cos_short))[-1], 0.0))
+  if k == s_dim:
+    sin2_short = jnp.zeros((), g00.dtype)  # both subspaces are the whole space
+  elif s_dim - k < k:
+    z = q0[:, k:].T @ q1k
+    sin2_short = jnp.linalg.eigvalsh(_after(z @ z.T, lam1))[-1]
+  else:
+    sin2_short = jnp.linalg.eigvalsh(_after(rs.T @ rs, lam1))[-1]
+  sin_short = jnp.sqrt(jnp.clip(sin2_short, 0.0, 1.0))
+  # The cosine is used only for angles above 45 degrees (`_largest_angle`).
+  cos_short = _smallest_sv_if(sin_short ** 2 >= 0.5, t, sin_short)
   # Long side: from the Grams (see the module docstring).
   inv0 = jnp.where(s0k > 0, 1.0 / s0k, 0.0)
   inv1 = jnp.where(s1k > 0, 1.0 / s1k, 0.0)
   e = q0k.T @ g0d @ q1k
-  c = s0k[:, None] * t * inv1[None, :] + inv0[:, None] * e * inv1[None, :]
-  cos_long = jnp.linalg.svd(_after(c, sin_short), compute_uv=False)[-1]
   x = rs * inv1[None, :] - q0k @ (inv0[:, None] ** 2 * e * inv1[None, :])
   y1 = q1k * inv1[None, :]
   cross = x.T @ g0d @ y1
   dtd = x.T @ g00 @ x + cross + cross.T + y1.T @ gdd @ y1
-  sin_long = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(_after(dtd, cos_long))[-1], 0.0))
+  sin_long = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(_after(dtd, cos_short))[-1], 0.0))
+  c = s0k[:, None] * t * inv1[None, :] + inv0[:, None] * e * inv1[None, :]
+  cos_long = _smallest_sv_if(jnp.clip(sin_long, 0.0, 1.0) ** 2 >= 0.5, c, sin_long)
   deg = 180.0 / jnp.pi
   return PairSpectra(s0, s1, nss, _largest_angle(cos_short, sin_short) * deg,
                      _largest_angle(cos_long, sin_long) * deg, q0[:, :r],
@@ -196,7 +214,9 @@ def _spectra_one(g00, g0d, gdd, k, r):
 
 @functools.partial(jax.jit, static_argnames=("k", "r"))
 def _pair_spectra(g00, g0d, gdd, k, r):
-  return jax.vmap(functools.partial(_spectra_one, k=k, r=r))(g00, g0d, gdd)
+  # Members one after another (`lax.map`): the LAPACK calls gain nothing from a batch here, and
+  # the conditional SVDs then run only where needed.
+  return lax.map(lambda g: _spectra_one(*g, k=k, r=r), (g00, g0d, gdd))
 
 
 def pair_spectra(g00, g0d, gdd, *, k: int, r: int) -> PairSpectra:
