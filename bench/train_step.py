@@ -3,8 +3,9 @@
 Prints progress to stderr and ONE JSON object as the last line of stdout. FLOPs are counted
 analytically as model FLOPs: 6 x (matmul parameters, the unembedding included) x tokens, plus
 attention 6 x 2 x T x (H x head_dim) per token and layer (the model computes the full T x T
-scores, masked, so all of them are counted). Recomputation (the chunked log-softmax is
-rematerialised in the backward pass) is not counted. XLA's own `cost_analysis()` count is reported
+scores, masked, so all of them are counted). Recomputation is not counted (with
+`--chunk` below the sequence length the log-softmax blocks are rematerialised in the backward
+pass; the default single block is not). XLA's own `cost_analysis()` count is reported
 alongside (it counts a loop body once, so it undercounts the scanned layers). The peak is a jitted loop of 2048 x 2048 matmuls in the same dtype, measured in the
 same run: before and after all steps (`matmul_peak_flops_per_s`, the larger of the two), and
 around every timed step (`*_fraction_of_adjacent_peak_*`: each step's FLOP/s over the larger of

@@ -136,7 +136,8 @@ def logprobs_from_hidden(h_BxTxD, logits_fn: LogitsFn, tokens_BxT, *, temperatur
   """log-softmax(logits_fn(h) / temperature) gathered at `tokens_BxT`, float32 [B, T].
 
   Chunked over the sequence (`lax.map` over blocks of `chunk_size` positions) with each block
-  rematerialised in the backward pass, so neither direction holds a [B, T, V] array.
+  rematerialised in the backward pass, so neither direction holds a [B, T, V] array (with a
+  single block, chunk_size >= T, nothing is rematerialised: the forward holds [B, T, V] anyway).
   Differentiable w.r.t. `h_BxTxD` and whatever `logits_fn` closes over (the params).
   `logp[:, 0]` is 0; other positions are returned as computed (the caller masks: padded positions
   of `shifted_hidden` hold h = 0, i.e. uniform logits).
@@ -151,8 +152,12 @@ def logprobs_from_hidden(h_BxTxD, logits_fn: LogitsFn, tokens_BxT, *, temperatur
   n = -(-t // c)
   h_c = _to_chunks(_pad_to(h_BxTxD, n * c), n, c)
   tok_c = _to_chunks(_pad_to(jnp.asarray(tokens_BxT, jnp.int32), n * c), n, c)
-  one = jax.checkpoint(functools.partial(_chunk_logp, logits_fn, temperature))
-  logp_c = jax.lax.map(lambda xs: one(*xs), (h_c, tok_c))
+  one = functools.partial(_chunk_logp, logits_fn, temperature)
+  if n == 1:  # one block: the forward holds [B, T, V] anyway and the backward starts right here,
+    logp_c = one(h_c[0], tok_c[0])[None]  # so rematerialising it would only redo its matmul
+  else:
+    one = jax.checkpoint(one)
+    logp_c = jax.lax.map(lambda xs: one(*xs), (h_c, tok_c))
   logp = _from_chunks(logp_c, t)
   return logp.at[:, 0].set(0.0)
 
