@@ -54,3 +54,23 @@ def test_bad_config_names_field():
     mc.tiny(n_kv_heads=3)
   with pytest.raises(ValueError, match="family"):
     mc.ModelConfig(family="gpt2")
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_dense_custom_vjp_matches_float64_reference(dtype, tol):
+  """The dense layer's hand-written VJP (weight gradient over the token axes) against numpy
+  float64 on random inputs, through the compute-dtype casts of `_mm`."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 5, 6)).astype(np.float32)
+  w = rng.standard_normal((6, 4)).astype(np.float32)
+  r = rng.standard_normal((2, 5, 4)).astype(np.float32)  # cotangent: loss = sum(r * y)
+  loss = lambda x, w: jnp.sum(jnp.asarray(r) * tf._mm(x, w, jnp.dtype(dtype)).astype(jnp.float32))  # noqa: E731
+  y = np.asarray(tf._mm(jnp.asarray(x), jnp.asarray(w), jnp.dtype(dtype)).astype(jnp.float32))
+  dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(w))
+  x64, w64, r64 = (a.astype(np.float64) for a in (x, w, r))
+  scale = lambda a: tol * np.abs(a).max()  # noqa: E731
+  np.testing.assert_allclose(y, x64 @ w64, atol=scale(x64 @ w64), rtol=0)
+  np.testing.assert_allclose(np.asarray(dx), r64 @ w64.T, atol=scale(r64 @ w64.T), rtol=0)
+  want_dw = np.einsum("btd,btf->df", x64, r64)
+  np.testing.assert_allclose(np.asarray(dw), want_dw, atol=scale(want_dw), rtol=0)
+  assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32  # cast back to the inputs' dtype
