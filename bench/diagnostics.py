@@ -11,7 +11,8 @@ W_t = W_0 + f_t (W_1 - W_0) + a rank-4 drift that fades by the end.
 
 Suites: the endpoint suite (`EndpointConfig()`: k = 512, r = 64, alpha = 0.5, every matrix and
 1-D parameter) and the trajectory suite (`TrajectoryConfig()`: attention q/k/v/o of every layer,
-Hill k = 16, Sim_16). opd_jax times include compilation. The reference computes, per matrix, full
+Hill k = 16, Sim_16). opd_jax times include compilation. The reference (for the endpoint, the
+tests' `tests/geometry_reference.py`) computes, per matrix, full
 float64 SVDs (`scipy.linalg.svd`, gesdd) of W_0 and W_1 (of dW_t for the trajectory), principal
 angles with `scipy.linalg.subspace_angles` (Knyazev-Argentati), bf16 codes via `ml_dtypes`, and
 the masks with `np.partition`. opd_jax runs first, so `peak_rss_gib` (the process's peak resident
@@ -45,11 +46,13 @@ import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 import jax  # noqa: E402
-import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
-import scipy.linalg  # noqa: E402
 
 from opd_jax.geometry import endpoint, matrices, trajectory  # noqa: E402
+
+# The float64 reference the tests check opd_jax against (tests/geometry_reference.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import geometry_reference as reference  # noqa: E402
 
 D, HEADS, KV, HD, FF, VOCAB, LAYERS = 896, 14, 2, 64, 4864, 151_936, 24
 
@@ -149,49 +152,15 @@ class Snapshots(Sequence):
     return dict(self.p1, layers=layers)
 
 
-# -- the float64 numpy/scipy reference ----------------------------------------------------------
-def ref_changed(x0, x1):
-  b0 = np.asarray(x0).astype(ml_dtypes.bfloat16).astype(np.float64)
-  b1 = np.asarray(x1).astype(ml_dtypes.bfloat16).astype(np.float64)
-  return ~(np.abs(b1 - b0) <= 1e-3 * np.maximum(np.abs(b0), np.abs(b1)))
-
-
-def ref_matrix(w0, w1, k: int, r: int, alpha: float) -> dict:
-  changed = ref_changed(w0, w1)
-  a0, a1 = np.asarray(w0, np.float64), np.asarray(w1, np.float64)
-  u0, s0, v0t = scipy.linalg.svd(a0, full_matrices=False, check_finite=False)
-  u1, s1, v1t = scipy.linalg.svd(a1, full_matrices=False, check_finite=False)
-  del a1
-  k = min(k, len(s0))
-  a_in = np.degrees(scipy.linalg.subspace_angles(u0[:, :k], u1[:, :k]))   # rows: input side
-  a_out = np.degrees(scipy.linalg.subspace_angles(v0t[:k].T, v1t[:k].T))
-  n = a0.size
-  c = min(max(int(round(alpha * n)), 1), n)
-  keys = np.abs((u0[:, :r] * s0[:r]) @ v0t[:r]).ravel()
-  del u0, u1, v0t, v1t
-  t_p = np.partition(keys, n - c)[n - c]
-  m_princ = keys >= t_p
-  keys = np.abs(a0).ravel()
-  t_l = np.partition(keys, c - 1)[c - 1]
-  m_low = keys <= t_l
-  upd = changed.ravel()
-  nu = int(upd.sum())
-  return {"n": n, "changed": nu, "max_angle_in_deg": float(a_in.max()),
-          "max_angle_out_deg": float(a_out.max()),
-          "angles_in_deg": np.sort(a_in), "angles_out_deg": np.sort(a_out),
-          "nss": float(np.linalg.norm(s1 - s0) / np.linalg.norm(s0)),
-          "overlap_principal": float((m_princ & upd).sum() / nu) if nu else math.nan,
-          "overlap_low": float((m_low & upd).sum() / nu) if nu else math.nan}
-
-
+# -- the float64 numpy/scipy reference (endpoint: tests/geometry_reference.py) ------------------
 def ref_endpoint(p0, p1, k=512, r=64, alpha=0.5) -> dict:
   out = {}
   for m0, m1 in zip(matrices.named_matrices(p0, include_1d=True),
                     matrices.named_matrices(p1, include_1d=True)):
     if m0.is_matrix:
-      out[m0.name] = ref_matrix(m0.array, m1.array, k, r, alpha)
+      out[m0.name] = reference.matrix_metrics(m0.array, m1.array, k=k, r=r, alpha=alpha)
     else:
-      ch = ref_changed(m0.array, m1.array)
+      ch = reference.relative_changed(m0.array, m1.array)
       out[m0.name] = {"n": ch.size, "changed": int(ch.sum())}
   return out
 

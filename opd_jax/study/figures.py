@@ -48,8 +48,9 @@ def color(run: str, results: dict | None = None) -> str:
 def label(run: str, results: dict | None = None) -> str:
   if run.endswith("_rank16"):
     method = run[:-len("_rank16")]
-    k = (results or {}).get("rank16", {}).get(method, {}).get("k", 16)
-    return f"{LABELS.get(method, method)} rank-{k}"
+    r16 = (results or {}).get("rank16", {})
+    what = f"rank-{r16[method]['k']}" if method in r16 else "projected"
+    return f"{LABELS.get(method, method)} {what}"
   if run in LABELS:
     return LABELS[run]
   mixing = (results or {}).get("controls", {}).get("mixing", {})
@@ -176,7 +177,7 @@ def fig_rank16(results: dict, path):
     return None
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   x = np.arange(len(methods))
-  k = r16[methods[0]].get("k", 16)
+  k = r16[methods[0]]["k"]
   for j, (which, hatch, lab) in enumerate([("plain_run", None, "plain"),
                                            ("projected_run", "//", f"rank-{k} projected")]):
     vals = [acc[r16[m][which]]["acc"] for m in methods]
