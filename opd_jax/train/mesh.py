@@ -171,21 +171,26 @@ def opt_state_shardings(tx: optax.GradientTransformation, params_shardings, abst
   return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
 
-def state_shardings(tx: optax.GradientTransformation, params_shardings, abstract_params
-                    ) -> TrainState:
+def state_shardings(tx: optax.GradientTransformation, params_shardings, abstract_params, *,
+                    value: Any = None, token_state: Any = None) -> TrainState:
   """A TrainState of shardings: params as given, optimizer state mirroring them, the rest
-  replicated."""
+  (step, rng, the value head and the token-transform state: small) replicated. `value` /
+  `token_state` are the recipe's extra fields (arrays or abstract), None when unused."""
   leaves = jax.tree.leaves(params_shardings)
   rep = replicated(leaves[0].mesh)
   return TrainState(step=rep, params=params_shardings,
-                    opt_state=opt_state_shardings(tx, params_shardings, abstract_params), rng=rep)
+                    opt_state=opt_state_shardings(tx, params_shardings, abstract_params), rng=rep,
+                    value=jax.tree.map(lambda _: rep, value),
+                    token_state=jax.tree.map(lambda _: rep, token_state))
 
 
 def abstract_state(tx: optax.GradientTransformation, abstract_params, shardings: TrainState | None
-                   = None) -> TrainState:
+                   = None, *, value: Any = None, token_state: Any = None) -> TrainState:
   """ShapeDtypeStructs of the TrainState (with `shardings` attached when given): the target for
-  `checkpoint.restore_latest` and for `plan`."""
-  abstract = jax.eval_shape(lambda p: create_state(p, tx, 0), abstract_params)
+  `checkpoint.restore_latest` and for `plan`. `value` / `token_state` as in `state_shardings`."""
+  abstract = jax.eval_shape(
+      lambda p, v, t: create_state(p, tx, 0, value=v, token_state=t), abstract_params, value,
+      token_state)
   if shardings is None:
     return abstract
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -214,15 +219,19 @@ def init_sharded_params(model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
 
 
 def init_sharded_state(params, tx: optax.GradientTransformation, seed: int,
-                       shardings: TrainState) -> TrainState:
+                       shardings: TrainState, *, value: Any = None, token_state: Any = None
+                       ) -> TrainState:
   """`create_state` under jit with `out_shardings`: the optimizer state is created sharded.
 
   `params` should already carry `shardings.params` (e.g. from `init_sharded_params`, `hf.load(...,
-  mesh=)` or `reshard`); they are copied, not donated.
+  mesh=)` or `reshard`); they are copied, not donated. `value` / `token_state` (the recipe's extra
+  fields, small host or device pytrees) are placed replicated.
   """
-  fn = jax.jit(lambda p: create_state(p, tx, seed), in_shardings=(shardings.params,),
+  fn = jax.jit(lambda p, v, t: create_state(p, tx, seed, value=v, token_state=t),
+               in_shardings=(shardings.params, shardings.value, shardings.token_state),
                out_shardings=shardings)
-  return fn(params)
+  return fn(params, jax.device_put(value, shardings.value),
+            jax.device_put(token_state, shardings.token_state))
 
 
 def reshard(tree, shardings):

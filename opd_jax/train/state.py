@@ -2,7 +2,10 @@
 
 `TrainState` holds the step count (the ONE step count of a run: the loop, the checkpoints, the
 snapshots and the per-step RNG all read `state.step`), the parameters (a plain nested dict, see
-`opd_jax.models.transformer`), the optax state, and a typed PRNG key. The key is never split and
+`opd_jax.models.transformer`), the optax state, a typed PRNG key, and what a recipe adds: the
+learned value head of GAE-OPD (`value`: its parameters and their own optax state) and the state of
+the token transforms (`token_state`). Fields a run does not use are None (an empty pytree node),
+so orbax saves exactly what the run evolves. The key is never split and
 carried; a step draws its randomness from `step_rng(state)` = `fold_in(state.rng, state.step)`, so a
 resumed run reproduces the same random numbers without saving any extra RNG state.
 
@@ -32,12 +35,17 @@ class TrainState:
     params: nested dict of arrays (the model layout of `transformer.split`).
     opt_state: the optax state of the transformation the state was created with.
     rng: a typed PRNG key (`jax.random.key`); per-step keys come from `step_rng`.
+    value: the learned value head, {'params': {...}, 'opt_state': ...} (GAE-OPD with
+      value='learned'), else None. Trained by `pg_step`, exported apart from the policy.
+    token_state: the token transforms' optax state (`rollout.token_transforms`), else None.
   """
 
   step: jax.Array
   params: Params
   opt_state: optax.OptState
   rng: jax.Array
+  value: Any = None
+  token_state: Any = None
 
   def __repr__(self) -> str:  # arrays summarised, not printed
     return summarize(self)
@@ -64,15 +72,20 @@ def summarize(state: TrainState) -> str:
     step = _leaf_summary(state.step)
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: f"  {jax.tree_util.keystr(p)}: {_leaf_summary(x)}", state.params)
+  extra = "".join(
+      f", {name}={sum(int(getattr(x, 'size', 0)) for x in jax.tree.leaves(tree)):,} values"
+      for name, tree in (("value", state.value), ("token_state", state.token_state))
+      if tree is not None)
   lines = [f"TrainState(step={step}, params={n_params:,} values, opt_state={n_opt:,} values, "
-           f"rng={_leaf_summary(state.rng)})"]
+           f"rng={_leaf_summary(state.rng)}{extra})"]
   lines += jax.tree.leaves(params)
   return "\n".join(lines)
 
 
-def create_state(params: Params, tx: optax.GradientTransformation, seed: int | jax.Array
-                 ) -> TrainState:
-  """A fresh state at step 0: `tx.init(params)` and the key `jax.random.key(seed)`.
+def create_state(params: Params, tx: optax.GradientTransformation, seed: int | jax.Array, *,
+                 value: Any = None, token_state: Any = None) -> TrainState:
+  """A fresh state at step 0: `tx.init(params)` and the key `jax.random.key(seed)`, plus the
+  recipe's extra fields (`value`, `token_state`) as given.
 
   `seed` may also be a typed key. Works under `jax.jit` (use `mesh.state_shardings` as
   `out_shardings` to create the optimizer state directly sharded) and under `jax.eval_shape`.
@@ -82,7 +95,7 @@ def create_state(params: Params, tx: optax.GradientTransformation, seed: int | j
   else:
     rng = jax.random.key(seed)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=rng)
+                    rng=rng, value=value, token_state=token_state)
 
 
 def step_rng(state: TrainState) -> jax.Array:
