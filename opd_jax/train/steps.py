@@ -20,7 +20,16 @@ denominator), `train/grad_norm` (global norm of the gradient before clipping), `
 `train/lr`, `train/loss_finite` (1.0 iff every update's loss and gradient norm are finite; the
 loop stops on 0), `train/updates`, plus the objective's metrics. With several micro-batches or
 updates, objective metrics are averaged over them (train/loss and train/grad_norm are exact per
-update, then averaged over the updates of a pg_step).
+update, then averaged over the updates of a pg_step). `train/loss` is the whole differentiated
+loss (with pg_step's options: + KL-to-reference + CR-OPD + value_coef * value loss);
+`train/grad_norm` is the policy's.
+
+`pg_step` options (see `PGStepConfig`): a learned value head (GAE-OPD; `state.value` holds its
+params and Adam state, `init_value` / `make_value_tx` create them; metrics `value/loss` (exact
+sum / denominator per update), `value/mse`, `value/mean`, `value/grad_norm`) and the CR-OPD
+routing term (`CRTermConfig`; teacher params as an extra positional argument; metrics `cr/loss`,
+`cr/active_frac`, `cr/set_size`). `PGStepConfig.needs_teacher` / `needs_reference` /
+`needs_returns` / `batch_fields` say what a configuration needs.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from opd_jax.models import scoring
 from opd_jax.models import sharding
 from opd_jax.models import transformer
 from opd_jax.objectives import distill
+from opd_jax.objectives import log_ratio
 from opd_jax.objectives import reduce
 from opd_jax.objectives import rlvr
 from opd_jax.objectives import sft
@@ -75,6 +85,46 @@ class SFTStepConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CRTermConfig:
+  """The CR-OPD routing term of `pg_step` (experimental; `objectives.log_ratio.cr_opd_token_loss`
+  documents the exact form). Only the routing knobs live here: the temperature, chunk size and
+  aggregation mode are the PG step's own (`PGStepConfig.cr_opd_config` builds the objective's
+  config from them).
+
+  Attributes:
+    coef: lambda, the term's weight; 0.0 (the default) turns CR-OPD off, and then `pg_step` needs
+      no teacher. 1.0 routes the mass freed from a negatively rewarded token exactly.
+    teacher_min_prob: tau: v is teacher-supported if pT(v) >= tau ... (> 1 disables).
+    teacher_top_k: ... or v is in the teacher's top-k (0: criterion off).
+    student_top_k: v is student-reachable if it is in the student's top-k ... (0: off).
+    student_min_prob: ... or pS(v) >= eps (> 1 disables).
+  """
+
+  coef: float = 0.0
+  teacher_min_prob: float = 0.05
+  teacher_top_k: int = 0
+  student_top_k: int = 20
+  student_min_prob: float = 1e-3
+
+  def __post_init__(self):
+    if not self.coef >= 0:
+      raise ValueError(f"CRTermConfig.coef={self.coef}: must be >= 0 (0 = off)")
+    self.objective()  # the objective's own validation of the set criteria
+
+  @property
+  def enabled(self) -> bool:
+    return self.coef > 0
+
+  def objective(self, temperature: float = 1.0, chunk_size: int = scoring.DEFAULT_CHUNK,
+                mode: str = "token_mean") -> log_ratio.CROPDConfig:
+    """`log_ratio.CROPDConfig` with these routing knobs and the given shared ones."""
+    return log_ratio.CROPDConfig(
+        coef=self.coef, teacher_min_prob=self.teacher_min_prob, teacher_top_k=self.teacher_top_k,
+        student_top_k=self.student_top_k, student_min_prob=self.student_min_prob,
+        temperature=temperature, chunk_size=chunk_size, mode=mode)
+
+
+@dataclasses.dataclass(frozen=True)
 class PGStepConfig:
   """Knobs of `pg_step`.
 
@@ -84,10 +134,18 @@ class PGStepConfig:
     minibatches: optimizer updates per epoch (must divide the batch, after micro-batching too).
     micro_batches: gradient-accumulation micro-batches per update.
     temperature: the sampling temperature; pi_theta is evaluated at it so that the ratio is exactly
-      1 on the first update.
-    chunk_size: sequence positions per log-softmax chunk.
+      1 on the first update (CR-OPD's distributions use it too).
+    chunk_size: sequence positions per log-softmax chunk (and per CR-OPD chunk).
     kl_coef: weight of the KL-to-reference penalty (needs `ref_logp_BxT` in the batch; 0: off).
     kl_kind: 'k1' or 'k3' (`objectives.rlvr.kl_penalty`).
+    value_head: train a learned value head (GAE-OPD with value='learned'): the state carries
+      `value` (`init_value`) and the batch `returns_BxT` (value targets A + V_old, zero where
+      masked). The head reads the student's hidden states under stop-gradient, so the policy's
+      gradient is unchanged.
+    value_coef: weight of the value loss (same mask and aggregation mode as the surrogate).
+    value_lr: the value head's Adam learning rate (`make_value_tx`).
+    cr: the CR-OPD routing term (`CRTermConfig`; coef 0 = off). When on, `pg_step` takes the
+      teacher params as an extra positional argument.
   """
 
   pg: surrogate.PGConfig = dataclasses.field(default_factory=surrogate.PGConfig)
@@ -98,6 +156,10 @@ class PGStepConfig:
   chunk_size: int = scoring.DEFAULT_CHUNK
   kl_coef: float = 0.0
   kl_kind: str = "k3"
+  value_head: bool = False
+  value_coef: float = 0.5
+  value_lr: float = 1e-3
+  cr: CRTermConfig = dataclasses.field(default_factory=CRTermConfig)
 
   def __post_init__(self):
     _check_positive(self, "epochs", "minibatches", "micro_batches", "chunk_size")
@@ -108,6 +170,51 @@ class PGStepConfig:
     if self.kl_kind not in rlvr.KL_KINDS:
       raise ValueError(f"PGStepConfig.kl_kind={self.kl_kind!r}; expected one of "
                        f"{rlvr.KL_KINDS}")
+    if not self.value_coef >= 0:
+      raise ValueError(f"PGStepConfig.value_coef={self.value_coef}: must be >= 0")
+    if not self.value_lr > 0:
+      raise ValueError(f"PGStepConfig.value_lr={self.value_lr}: must be > 0")
+    if not isinstance(self.cr, CRTermConfig):
+      raise TypeError(f"PGStepConfig.cr must be a CRTermConfig, got {type(self.cr).__name__}")
+
+  @property
+  def needs_teacher(self) -> bool:
+    """True iff `pg_step` takes teacher params (CR-OPD on: `cr.coef > 0`)."""
+    return self.cr.enabled
+
+  @property
+  def needs_reference(self) -> bool:
+    """True iff the batch must carry `ref_logp_BxT` (KL-to-reference: `kl_coef > 0`)."""
+    return self.kl_coef > 0
+
+  @property
+  def needs_returns(self) -> bool:
+    """True iff the batch must carry `returns_BxT` and the state `value` (`value_head`)."""
+    return self.value_head
+
+  @property
+  def batch_fields(self) -> tuple[str, ...]:
+    """The batch fields `pg_step` reads, all [B, T]."""
+    return (PG_FIELDS + (("ref_logp_BxT",) if self.needs_reference else ())
+            + (("returns_BxT",) if self.needs_returns else ()))
+
+  @property
+  def cr_opd_config(self) -> log_ratio.CROPDConfig:
+    """The CR-OPD objective's config: `cr`'s routing knobs with this step's temperature, chunk
+    size and aggregation mode (one copy of each)."""
+    return self.cr.objective(self.temperature, self.chunk_size, self.pg.mode)
+
+
+def make_value_tx(cfg: PGStepConfig) -> optax.GradientTransformation:
+  """The value head's optimizer: Adam at `cfg.value_lr` (optax defaults otherwise)."""
+  return optax.adam(cfg.value_lr)
+
+
+def init_value(cfg: PGStepConfig, d_model: int) -> dict[str, Any]:
+  """`TrainState.value` for a learned value head: {'params': zero-initialised head
+  (`log_ratio.init_value_head`), 'opt_state': `make_value_tx(cfg).init(params)`}."""
+  params = log_ratio.init_value_head(d_model)
+  return {"params": params, "opt_state": make_value_tx(cfg).init(params)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,55 +291,82 @@ def _param_constrain(tree, graphdef):
   return jax.tree.map(one, tree, logical)
 
 
-def _accumulate(loss_fn: Callable, params, batch: Batch, n_micro: int, graphdef):
+def _accumulate(loss_fn: Callable, wrt, batch: Batch, n_micro: int, constrain: Callable):
   """Sum of gradients of loss sums over micro-batches.
 
-  `loss_fn(params, micro_batch) -> (loss_sum, (denominator, metrics))`. Returns
-  (grad_sum, loss_sum, denominator, metrics averaged over micro-batches).
+  `loss_fn(wrt, micro_batch) -> (loss_sum, (denominator, parts, metrics))`, `parts` a dict of
+  named partial loss sums (divided by the update's denominator later, like the loss).
+  `constrain` lays out a gradient-shaped tree. Returns (grad_sum, loss_sum, denominator,
+  part sums, metrics averaged over micro-batches).
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if n_micro == 1:
-    (loss_sum, (denom, metrics)), grads = grad_fn(params, _batch_constrain(batch))
-    return grads, loss_sum, denom, metrics
+    (loss_sum, (denom, parts, metrics)), grads = grad_fn(wrt, _batch_constrain(batch))
+    return grads, loss_sum, denom, parts, metrics
 
   def body(carry, micro):
-    g_acc, s_acc, d_acc = carry
-    (s, (d, m)), g = grad_fn(params, _batch_constrain(micro))
-    g_acc = _param_constrain(jax.tree.map(lambda a, x: a + x.astype(a.dtype), g_acc, g),
-                             graphdef)
-    return (g_acc, s_acc + s, d_acc + d), m
+    g_acc, s_acc, d_acc, p_acc = carry
+    (s, (d, p, m)), g = grad_fn(wrt, _batch_constrain(micro))
+    g_acc = constrain(jax.tree.map(lambda a, x: a + x.astype(a.dtype), g_acc, g))
+    p_acc = jax.tree.map(lambda a, x: a + x, p_acc, p)
+    return (g_acc, s_acc + s, d_acc + d, p_acc), m
 
-  zeros = _param_constrain(jax.tree.map(
-      lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params), graphdef)
-  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-  (grads, loss_sum, denom), metrics = jax.lax.scan(body, init, _split(batch, n_micro,
-                                                                       "micro_batches"))
-  return grads, loss_sum, denom, jax.tree.map(jnp.mean, metrics)
+  split = _split(batch, n_micro, "micro_batches")
+  parts_shape = jax.eval_shape(lambda w, mb: loss_fn(w, mb)[1][1], wrt,
+                               jax.tree.map(lambda x: x[0], split))
+  zeros = constrain(jax.tree.map(
+      lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), wrt))
+  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+          jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), parts_shape))
+  (grads, loss_sum, denom, parts), metrics = jax.lax.scan(body, init, split)
+  return grads, loss_sum, denom, parts, jax.tree.map(jnp.mean, metrics)
 
 
 def _apply(params, opt_state, tx: optax.GradientTransformation, loss_fn: Callable, batch: Batch,
-           n_micro: int, graphdef):
-  """One optimizer update from (possibly micro-batched) gradients; returns metrics too."""
-  grads, loss_sum, denom, metrics = _accumulate(loss_fn, params, batch, n_micro, graphdef)
+           n_micro: int, graphdef, value=None, value_tx: optax.GradientTransformation | None = None):
+  """One optimizer update from (possibly micro-batched) gradients; returns metrics too.
+
+  Without a value head (`value` None) `loss_fn` takes the policy params. With one (`value` =
+  {'params', 'opt_state'}) it takes the pair (policy params, value params); both gradients come
+  from the one loss (sum / denominator), the policy's go through `tx`, the value head's through
+  `value_tx`. Returns (params, opt_state, value, metrics).
+  """
+  if value is None:
+    wrt = params
+    constrain = lambda g: _param_constrain(g, graphdef)  # noqa: E731
+  else:
+    wrt = (params, value["params"])
+    constrain = lambda g: (_param_constrain(g[0], graphdef), g[1])  # noqa: E731
+  grads, loss_sum, denom, parts, metrics = _accumulate(loss_fn, wrt, batch, n_micro, constrain)
   scale = jnp.where(denom > 0, 1.0 / jnp.maximum(denom, 1e-30), 0.0)
-  grads = _param_constrain(
-      jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params), graphdef)
+  grads = constrain(jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, wrt))
+  if value is not None:
+    grads, value_grads = grads
   loss = loss_sum * scale
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   lr = factory.current_lr(opt_state)
   out = dict(metrics)
+  out.update({k: v * scale for k, v in parts.items()})
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if value is not None:
+    value_grad_norm = optax.tree.norm(value_grads)
+    value_updates, value_opt = value_tx.update(value_grads, value["opt_state"], value["params"])
+    value = {"params": optax.apply_updates(value["params"], value_updates),
+             "opt_state": value_opt}
+    out["value/grad_norm"] = value_grad_norm
+    finite = finite & jnp.isfinite(value_grad_norm)
   out.update({
       "train/loss": loss,
       "train/grad_norm": grad_norm,
       "train/update_norm": optax.tree.norm(updates),
-      "train/loss_finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
+      "train/loss_finite": finite.astype(jnp.float32),
       "train/denominator": denom,
   })
   if lr is not None:
     out["train/lr"] = jnp.asarray(lr, jnp.float32)
-  return params, opt_state, out
+  return params, opt_state, value, out
 
 
 def _student_logp(graphdef, params, mb: Batch, temperature: float, chunk_size: int) -> jax.Array:
@@ -241,12 +375,21 @@ def _student_logp(graphdef, params, mb: Batch, temperature: float, chunk_size: i
                                       temperature=temperature, chunk_size=chunk_size)
 
 
-def _finish(state: TrainState, params, opt_state, metrics: Metrics, updates: int
+def _finish(state: TrainState, params, opt_state, metrics: Metrics, updates: int, value=None
             ) -> tuple[TrainState, Metrics]:
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
   metrics["train/updates"] = jnp.asarray(updates, jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  if value is not None:
+    new_state = new_state.replace(value=value)
   return new_state, metrics
+
+
+def _teacher(teacher_graphdef, teacher_params, mb: Batch):
+  """The teacher as a `(logits_fn, h)` pair on the batch's tokens, under stop-gradient."""
+  tp = jax.lax.stop_gradient(teacher_params)
+  th = scoring.shifted_hidden(teacher_graphdef, tp, mb["tokens_BxT"], mb["mask_BxT"])
+  return scoring.unembed_fn(teacher_graphdef, tp), jax.lax.stop_gradient(th)
 
 
 # -- steps ----------------------------------------------------------------------------------------
@@ -263,53 +406,96 @@ def sft_step(state: TrainState, batch: Batch, *, graphdef, tx: optax.GradientTra
   def loss_fn(params, mb):
     logp = _student_logp(graphdef, params, mb, 1.0, cfg.chunk_size)
     s, d, m = sft.sft_loss(logp, mb["loss_mask_BxT"], cfg.mode)
-    return s, (d, m)
+    return s, (d, {}, m)
 
   fields = {k: batch[k] for k in SFT_FIELDS}
-  params, opt_state, metrics = _apply(state.params, state.opt_state, tx, loss_fn, fields,
-                                      cfg.micro_batches, graphdef)
+  params, opt_state, _, metrics = _apply(state.params, state.opt_state, tx, loss_fn, fields,
+                                         cfg.micro_batches, graphdef)
   return _finish(state, params, opt_state, metrics, 1)
 
 
-def pg_step(state: TrainState, batch: Batch, *, graphdef, tx: optax.GradientTransformation,
-            cfg: PGStepConfig = PGStepConfig()) -> tuple[TrainState, Metrics]:
+def pg_step(state: TrainState, batch: Batch, teacher_params=None, *, graphdef,
+            tx: optax.GradientTransformation, cfg: PGStepConfig = PGStepConfig(),
+            teacher_graphdef=None, value_tx: optax.GradientTransformation | None = None
+            ) -> tuple[TrainState, Metrics]:
   """`epochs` x `minibatches` policy-gradient updates on one rollout batch.
 
-  Batch: tokens_BxT, mask_BxT, loss_mask_BxT, old_logp_BxT (behaviour log-probs at
-  `cfg.temperature`), adv_BxT (per-token advantages, already stop-gradient: OPD's
-  teacher - student log-ratio, RLVR's group advantages, or a mix), optional ref_logp_BxT (for the
-  KL-to-reference penalty). The ratio is pi_theta / pi_old.
+  Batch (`cfg.batch_fields`): tokens_BxT, mask_BxT, loss_mask_BxT, old_logp_BxT (behaviour
+  log-probs at `cfg.temperature`), adv_BxT (per-token advantages, already stop-gradient: OPD's
+  teacher - student log-ratio, RLVR's group advantages, or a mix); ref_logp_BxT when
+  `cfg.needs_reference` (KL-to-reference penalty); returns_BxT when `cfg.needs_returns` (the
+  learned value head's targets A + V_old, zero where masked). The ratio is pi_theta / pi_old.
+
+  Loss of an update: surrogate sum (+ kl_coef * KL-to-reference sum) (+ CR-OPD sum, when
+  `cfg.cr.coef > 0`) (+ value_coef * value-loss sum, with a value head), all with the surrogate's
+  mask and aggregation mode, divided by its denominator.
+
+  Args:
+    teacher_params: the teacher (sharing the tokenizer) for CR-OPD; required iff
+      `cfg.needs_teacher` (else ignored, may be None). Under stop-gradient.
+    teacher_graphdef: the teacher's graphdef (with `teacher_params`).
+    value_tx: the value head's optimizer (default `make_value_tx(cfg)`; its state must be the
+      one in `state.value`, see `init_value`).
   """
   b = _check_batch(batch, PG_FIELDS, "pg_step")
-  fields = list(PG_FIELDS)
-  if cfg.kl_coef > 0:
-    if "ref_logp_BxT" not in batch:
-      raise ValueError("pg_step: PGStepConfig.kl_coef > 0 needs 'ref_logp_BxT' in the batch")
-    fields.append("ref_logp_BxT")
-  data = {k: batch[k] for k in fields}
+  if cfg.needs_reference and "ref_logp_BxT" not in batch:
+    raise ValueError("pg_step: PGStepConfig.kl_coef > 0 needs 'ref_logp_BxT' in the batch")
+  if cfg.needs_returns:
+    if "returns_BxT" not in batch:
+      raise ValueError("pg_step: PGStepConfig.value_head needs 'returns_BxT' (value targets) in "
+                       "the batch")
+    if state.value is None:
+      raise ValueError("pg_step: PGStepConfig.value_head needs state.value (steps.init_value)")
+  elif state.value is not None:
+    raise ValueError("pg_step: state.value is set but PGStepConfig.value_head is False (the "
+                     "value head would not be trained)")
+  if cfg.needs_teacher and (teacher_params is None or teacher_graphdef is None):
+    raise ValueError("pg_step: CR-OPD (PGStepConfig.cr.coef > 0) needs teacher_params and "
+                     "teacher_graphdef")
+  _check_batch(batch, cfg.batch_fields, "pg_step")
+  data = {k: batch[k] for k in cfg.batch_fields}
   n_mb = cfg.minibatches
   if b % (n_mb * cfg.micro_batches):
     raise ValueError(f"pg_step: batch size {b} is not divisible by minibatches={n_mb} x "
                      f"micro_batches={cfg.micro_batches}")
+  if cfg.needs_returns and value_tx is None:
+    value_tx = make_value_tx(cfg)
+  cr_cfg = cfg.cr_opd_config if cfg.needs_teacher else None
   rng = step_rng(state)
 
-  def loss_fn(params, mb):
-    logp = _student_logp(graphdef, params, mb, cfg.temperature, cfg.chunk_size)
-    s, d, m = surrogate.pg_loss(logp, mb["old_logp_BxT"], mb["adv_BxT"], mb["loss_mask_BxT"],
-                                cfg.pg)
-    m = dict(m)
-    if cfg.kl_coef > 0:
+  def loss_fn(wrt, mb):
+    params, value_params = wrt if cfg.needs_returns else (wrt, None)
+    tokens, loss_mask = mb["tokens_BxT"], mb["loss_mask_BxT"]
+    h = scoring.shifted_hidden(graphdef, params, tokens, mb["mask_BxT"])
+    student_fn = scoring.unembed_fn(graphdef, params)
+    logp = scoring.logprobs_from_hidden(h, student_fn, tokens, temperature=cfg.temperature,
+                                        chunk_size=cfg.chunk_size)
+    s, d, m = surrogate.pg_loss(logp, mb["old_logp_BxT"], mb["adv_BxT"], loss_mask, cfg.pg)
+    m, parts = dict(m), {}
+    if cfg.needs_reference:
       kl_BxT = rlvr.kl_penalty(logp, mb["ref_logp_BxT"], cfg.kl_kind)
-      kl_sum, _ = reduce.aggregate(kl_BxT, mb["loss_mask_BxT"], cfg.pg.mode)
+      kl_sum, _ = reduce.aggregate(kl_BxT, loss_mask, cfg.pg.mode)
       s = s + cfg.kl_coef * kl_sum
-      m["pg/kl_ref"] = reduce.masked_mean(jax.lax.stop_gradient(kl_BxT), mb["loss_mask_BxT"])
-    return s, (d, m)
+      m["pg/kl_ref"] = reduce.masked_mean(jax.lax.stop_gradient(kl_BxT), loss_mask)
+    if cr_cfg is not None:
+      teacher = _teacher(teacher_graphdef, teacher_params, mb)
+      cr_sum, _, cr_m = log_ratio.cr_opd_loss(student_fn, h, teacher, tokens, mb["adv_BxT"],
+                                              loss_mask, cr_cfg)
+      s = s + cr_sum
+      m.update(cr_m)
+    if value_params is not None:
+      values = log_ratio.value_head(value_params, h, stop_trunk_gradient=True)
+      v_sum, _, v_m = log_ratio.value_loss(values, mb["returns_BxT"], loss_mask, cfg.pg.mode)
+      s = s + cfg.value_coef * v_sum
+      parts["value/loss"] = v_sum
+      m.update(v_m)
+    return s, (d, parts, m)
 
   def update(carry, mb):
-    params, opt_state = carry
-    params, opt_state, metrics = _apply(params, opt_state, tx, loss_fn, mb, cfg.micro_batches,
-                                       graphdef)
-    return (params, opt_state), metrics
+    params, opt_state, value = carry
+    params, opt_state, value, metrics = _apply(params, opt_state, tx, loss_fn, mb,
+                                               cfg.micro_batches, graphdef, value, value_tx)
+    return (params, opt_state, value), metrics
 
   def epoch(carry, e):
     shuffled = data
@@ -321,7 +507,7 @@ def pg_step(state: TrainState, batch: Batch, *, graphdef, tx: optax.GradientTran
       return carry, jax.tree.map(lambda x: x[None], metrics)
     return jax.lax.scan(update, carry, _split(shuffled, n_mb, "minibatches"))
 
-  carry = (state.params, state.opt_state)
+  carry = (state.params, state.opt_state, state.value)
   if cfg.epochs == 1:
     carry, metrics = epoch(carry, 0)
     metrics = jax.tree.map(lambda x: x[None], metrics)
@@ -330,7 +516,8 @@ def pg_step(state: TrainState, batch: Batch, *, graphdef, tx: optax.GradientTran
   finite = jnp.min(metrics.pop("train/loss_finite"))
   metrics = jax.tree.map(jnp.mean, metrics)
   metrics["train/loss_finite"] = finite
-  return _finish(state, *carry, metrics, cfg.epochs * n_mb)
+  params, opt_state, value = carry
+  return _finish(state, params, opt_state, metrics, cfg.epochs * n_mb, value)
 
 
 def distill_step(state: TrainState, batch: Batch, teacher_params, *, graphdef, teacher_graphdef,
@@ -356,14 +543,12 @@ def distill_step(state: TrainState, batch: Batch, teacher_params, *, graphdef, t
     if topk:
       teacher = distill.TopK(mb["teacher_ids_BxTxK"], mb["teacher_logp_BxTxK"])
     else:
-      tp = jax.lax.stop_gradient(teacher_params)
-      th = scoring.shifted_hidden(teacher_graphdef, tp, mb["tokens_BxT"], mb["mask_BxT"])
-      teacher = (scoring.unembed_fn(teacher_graphdef, tp), jax.lax.stop_gradient(th))
+      teacher = _teacher(teacher_graphdef, teacher_params, mb)
     s, d, m = distill.divergence_loss(student_fn, h, teacher, mb["loss_mask_BxT"], dcfg)
-    return s, (d, m)
+    return s, (d, {}, m)
 
-  params, opt_state, metrics = _apply(state.params, state.opt_state, tx, loss_fn, data,
-                                      cfg.micro_batches, graphdef)
+  params, opt_state, _, metrics = _apply(state.params, state.opt_state, tx, loss_fn, data,
+                                         cfg.micro_batches, graphdef)
   return _finish(state, params, opt_state, metrics, 1)
 
 
@@ -423,8 +608,9 @@ def jit_step(step_fn: Callable, mesh: jax.sharding.Mesh, state_shardings: TrainS
     state_shardings: a TrainState of shardings (`train.mesh.state_shardings`).
     batch_shardings: shardings of the batch dict (`train.mesh.batch_shardings`), or one sharding
       for every field.
-    extra_shardings: shardings of further positional arguments (distill_step's teacher params:
-      `train.mesh.param_shardings(teacher_cfg, mesh, rules)`).
+    extra_shardings: shardings of further positional arguments (the teacher params of
+      distill_step and of pg_step with CR-OPD: `train.mesh.param_shardings(teacher_cfg, mesh,
+      rules)`).
     rules: logical-axis rules installed while tracing (activation sharding constraints).
     **knobs: keyword arguments bound to `step_fn` (graphdef, tx, cfg, ...).
   """
