@@ -265,6 +265,34 @@ def test_bad_config_and_prompts_name_the_problem():
     sampler.sample(graphdef, params, toks, mask[:, ::-1], jax.random.key(0), scfg)
   with pytest.raises(ValueError, match="prompt_mask_BxP shape"):
     sampler.sample(graphdef, params, toks, mask[:, 1:], jax.random.key(0), scfg)
+  with pytest.raises(ValueError, match=r"rows \[1\] are not left-padded"):
+    bad = mask.copy()
+    bad[1] = False
+    sampler.check_prompts_host(toks, bad)
+  with pytest.raises(ValueError, match="outside the model's vocabulary"):
+    sampler.check_prompts_host(np.where(mask, 60, 0), mask, vocab_size=50)
+  with pytest.raises(TypeError, match="host"):
+    sampler.check_prompts_host(jnp.asarray(toks), mask)
+  sampler.check_prompts_host(toks, mask, vocab_size=50)
+  # Device prompts: shapes only (values are never fetched; the host validator is the gate).
+  with pytest.raises(ValueError, match="prompt_mask_BxP shape"):
+    sampler.sample(graphdef, params, jnp.asarray(toks), jnp.asarray(mask[:, 1:]),
+                   jax.random.key(0), scfg)
   with pytest.raises(ValueError, match="eos_id=77 is outside the model's vocabulary"):
     sampler.sample(graphdef, params, toks, mask, jax.random.key(0),
                    sampler.SamplerConfig(4, eos_id=77, pad_id=0))
+
+
+def test_sample_makes_no_host_device_transfer_on_device_inputs():
+  """With params, prompts and key on device, `sample` neither fetches (no value checks on device
+  arrays) nor uploads anything (its settings are static)."""
+  cfg, graphdef, params = _sharp_tiny(64, seed=1)
+  prompt, pmask = _prompts(64, [3, 1, 4], seed=2)
+  scfg = sampler.SamplerConfig(5, temperature=0.7, top_k=8, top_p=0.9, eos_id=3, pad_id=0)
+  ref = sampler.sample(graphdef, params, prompt, pmask, jax.random.key(4), scfg)
+  params, prompt_d, pmask_d, key = jax.device_put((params, prompt, pmask, jax.random.key(4)))
+  with jax.transfer_guard("disallow"):
+    out = sampler.sample(graphdef, params, prompt_d, pmask_d, key, scfg)
+    jax.block_until_ready(out)
+  for a, b in zip(out, ref):
+    np.testing.assert_array_equal(a, b)

@@ -118,11 +118,43 @@ def test_bad_inputs_name_the_problem():
   toks = jnp.full((2, 5), 3, jnp.int32)
   with pytest.raises(ValueError, match="mask_BxT shape"):
     scoring.token_logprobs(graphdef, params, toks, jnp.ones((2, 4), bool))
+  bad = np.asarray(toks.at[0, 1].set(50))
   with pytest.raises(ValueError, match="outside the model's vocabulary"):
-    scoring.token_logprobs(graphdef, params, toks.at[0, 1].set(50), jnp.ones((2, 5), bool))
+    scoring.token_logprobs(graphdef, params, bad, np.ones((2, 5), bool))   # numpy: value-checked
+  with pytest.raises(ValueError, match="outside the model's vocabulary"):
+    scoring.check_tokens_host(bad, 50)
+  with pytest.raises(ValueError, match="mask_BxT shape"):
+    scoring.check_tokens_host(bad, 50, np.ones((2, 4), bool))
+  with pytest.raises(TypeError, match="host"):
+    scoring.check_tokens_host(toks, 50)
+  scoring.check_tokens_host(np.asarray(toks), 50)
   with pytest.raises(ValueError, match="tokens_BxT must be 2-D"):
     scoring.topk_logprobs(graphdef, params, toks[0], jnp.ones((5,), bool), 2)
   with pytest.raises(ValueError, match="chunk_size"):
     scoring.token_logprobs(graphdef, params, toks, jnp.ones((2, 5), bool), chunk_size=0)
   with pytest.raises(ValueError, match="h_BxTxD shape"):
     scoring.logprobs_from_hidden(jnp.zeros((2, 4, 64)), scoring.unembed_fn(graphdef, params), toks)
+
+
+def test_scoring_makes_no_host_device_transfer_on_device_inputs():
+  """Device inputs: no fetch (ids are not range-checked on device) and no implicit upload (a
+  Python temperature is static); a traced temperature still works."""
+  cfg = mc.tiny(vocab_size=50)
+  graphdef, params = tf.init(cfg, 0)
+  toks, mask = _batch(50)
+  params, toks, mask = jax.device_put((params, toks, mask))
+  ref = scoring.token_logprobs(graphdef, params, toks, mask, temperature=0.7, chunk_size=4)
+  ref_ids, ref_lp = scoring.topk_logprobs(graphdef, params, toks, mask, 3, temperature=0.7,
+                                          chunk_size=4)
+  bad = toks.at[0, 1].set(50)
+  with jax.transfer_guard("disallow"):
+    out = scoring.token_logprobs(graphdef, params, toks, mask, temperature=0.7, chunk_size=4)
+    ids, lp = scoring.topk_logprobs(graphdef, params, toks, mask, 3, temperature=0.7,
+                                    chunk_size=4)
+    scoring.token_logprobs(graphdef, params, bad, mask, chunk_size=4)  # ids not fetched
+  traced = jax.jit(lambda t: scoring.token_logprobs(graphdef, params, toks, mask, temperature=t,
+                                                    chunk_size=4))(jnp.float32(0.7))
+  np.testing.assert_array_equal(out, ref)
+  np.testing.assert_array_equal(ids, ref_ids)
+  np.testing.assert_array_equal(lp, ref_lp)
+  np.testing.assert_allclose(traced, ref, atol=1e-6)

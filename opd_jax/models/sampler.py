@@ -27,6 +27,10 @@ Sequences stop independently at EOS; the loop exits as soon as every row has sto
 Sharding: with a mesh and rules in context (`jax.set_mesh(mesh)`, `sharding.axis_rules(rules)`),
 the batch dimension of the cache, logits and token buffers is constrained to the `batch` logical
 axis (e.g. ('data', 'fsdp')) and params keep their own shardings.
+
+Multi-host: `sample` never fetches device values (no np.asarray on global arrays). Prompt values
+(left padding, token range) are validated on host numpy by `check_prompts_host` before the batch
+is put on devices; given jax.Arrays, `sample` checks shapes only.
 """
 
 from __future__ import annotations
@@ -223,30 +227,60 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
                                   jnp.where(resp_mask, final.logp_BxN, 0.0)], axis=1))
 
 
-def _check_prompts(prompt_BxP, prompt_mask_BxP):
+def _check_prompt_shapes(prompt_BxP, prompt_mask_BxP):
   if jnp.ndim(prompt_BxP) != 2:
     raise ValueError(f"prompt_BxP must be 2-D [batch, prompt_len], got shape "
                      f"{jnp.shape(prompt_BxP)}")
   if jnp.shape(prompt_mask_BxP) != jnp.shape(prompt_BxP):
     raise ValueError(f"prompt_mask_BxP shape {jnp.shape(prompt_mask_BxP)} != prompt_BxP shape "
                      f"{jnp.shape(prompt_BxP)}")
-  try:
-    mask = np.asarray(prompt_mask_BxP).astype(bool)
-  except jax.errors.TracerArrayConversionError:
-    return
-  if mask.size == 0:
+  if 0 in jnp.shape(prompt_BxP):
     raise ValueError(f"empty prompt batch: prompt_BxP shape {jnp.shape(prompt_BxP)}")
+
+
+def check_prompts_host(prompt_BxP: np.ndarray, prompt_mask_BxP: np.ndarray,
+                       vocab_size: int | None = None) -> None:
+  """Validates a host (numpy) prompt batch before it is put on devices.
+
+  Shapes, left padding with at least one real token per row, and (with `vocab_size`) token ids
+  of the real positions in [0, vocab_size). Raises ValueError naming the problem. The data
+  pipeline / loop calls this on its process-local numpy batch; `sample` itself only checks
+  values when it is handed numpy arrays (it never fetches device arrays).
+  """
+  _check_prompt_shapes(prompt_BxP, prompt_mask_BxP)
+  if isinstance(prompt_BxP, jax.Array) or isinstance(prompt_mask_BxP, jax.Array):
+    raise TypeError("check_prompts_host takes host (numpy) arrays; validate before device_put")
+  mask = np.asarray(prompt_mask_BxP).astype(bool)
   bad_rows = np.flatnonzero(np.any(mask[:, :-1] & ~mask[:, 1:], axis=1) | ~mask[:, -1])
   if bad_rows.size:
     raise ValueError(f"prompt_mask_BxP rows {bad_rows[:8].tolist()} are not left-padded with at "
                      "least one real token (mask must be False...False True...True)")
+  if vocab_size is not None:
+    toks = np.asarray(prompt_BxP)[mask]
+    if toks.size and (toks.min() < 0 or toks.max() >= vocab_size):
+      raise ValueError(f"prompt_BxP has ids in [{toks.min()}, {toks.max()}], outside the "
+                       f"model's vocabulary [0, {vocab_size})")
+
+
+def _check_prompts(prompt_BxP, prompt_mask_BxP):
+  """Shape checks always; value checks only for numpy inputs (never a device fetch)."""
+  if isinstance(prompt_BxP, np.ndarray) and isinstance(prompt_mask_BxP, np.ndarray):
+    check_prompts_host(prompt_BxP, prompt_mask_BxP)
+  else:
+    _check_prompt_shapes(prompt_BxP, prompt_mask_BxP)
 
 
 def sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplerConfig
            ) -> SampleOutput:
-  """Generates `cfg.max_new_tokens` tokens after each left-padded prompt (module docstring)."""
+  """Generates `cfg.max_new_tokens` tokens after each left-padded prompt (module docstring).
+
+  Never reads device values: with jax.Array prompts only shapes are checked (validate the host
+  batch with `check_prompts_host` before `device_put` / `make_array_from_process_local_data`);
+  numpy prompts are value-checked here and transferred by the jitted call. With device inputs
+  (params, prompts, key) the call makes no host-to-device transfer.
+  """
   if not isinstance(cfg, SamplerConfig):
     raise TypeError(f"cfg must be a SamplerConfig, got {type(cfg).__name__}")
   _check_prompts(prompt_BxP, prompt_mask_BxP)
-  return _sample(graphdef, params, jnp.asarray(prompt_BxP), jnp.asarray(prompt_mask_BxP), rng,
-                 cfg=cfg, rules=sharding.current_rules())
+  return _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg=cfg,
+                 rules=sharding.current_rules())

@@ -10,7 +10,11 @@ here, once. A position whose predecessor is padding (t = 0, the first real token
 row) has no context, so it gets logp 0 (and a zero hidden state in `shifted_hidden`), as do
 positions where `mask_BxT` is False.
 
-Temperature divides the logits before the log-softmax (log-softmax(logits / temperature)).
+Temperature divides the logits before the log-softmax (log-softmax(logits / temperature)). A
+Python-number temperature is a static argument of the jitted scorers (no transfer per call).
+
+Multi-host: nothing here fetches device values. Token ids are range-checked only for numpy inputs;
+validate host batches with `check_tokens_host` before they are put on devices.
 
 Two ways in:
   * `token_logprobs` / `topk_logprobs` (scoring, e.g. the teacher or pi_old): the forward pass runs
@@ -49,21 +53,35 @@ LogitsFn = Callable[[jax.Array], jax.Array]
 
 # -- helpers --------------------------------------------------------------------------------------
 def _check_batch(tokens_BxT, mask_BxT=None, vocab_size=None):
-  """Shape checks (always) and token-range checks (when the arrays are concrete)."""
+  """Shape checks (always); token-range checks only when `tokens_BxT` is a numpy array (a
+  jax.Array is never fetched: validate host batches with `check_tokens_host` before device_put)."""
   if jnp.ndim(tokens_BxT) != 2:
     raise ValueError(f"tokens_BxT must be 2-D [batch, length], got shape {jnp.shape(tokens_BxT)}")
   if mask_BxT is not None and jnp.shape(mask_BxT) != jnp.shape(tokens_BxT):
     raise ValueError(f"mask_BxT shape {jnp.shape(mask_BxT)} != tokens_BxT shape "
                      f"{jnp.shape(tokens_BxT)}")
-  if vocab_size is None:
-    return
-  try:
-    toks = np.asarray(tokens_BxT)
-  except jax.errors.TracerArrayConversionError:
-    return
+  if vocab_size is not None and isinstance(tokens_BxT, np.ndarray):
+    check_tokens_host(tokens_BxT, vocab_size)
+
+
+def check_tokens_host(tokens_BxT: np.ndarray, vocab_size: int, mask_BxT=None) -> None:
+  """Validates a host (numpy) token batch before it is put on devices: 2-D, the mask (if given)
+  of the same shape, every id in [0, vocab_size). Raises ValueError naming the problem."""
+  if isinstance(tokens_BxT, jax.Array) or isinstance(mask_BxT, jax.Array):
+    raise TypeError("check_tokens_host takes host (numpy) arrays; validate before device_put")
+  _check_batch(tokens_BxT, mask_BxT)
+  toks = np.asarray(tokens_BxT)
   if toks.size and (toks.min() < 0 or toks.max() >= vocab_size):
     raise ValueError(f"tokens_BxT has ids in [{toks.min()}, {toks.max()}], outside the model's "
                      f"vocabulary [0, {vocab_size})")
+
+
+def _temperature_args(temperature):
+  """(traced, static) temperature for the jitted scorers: a Python number becomes a static
+  argument (no host-to-device transfer per call); a jax value (e.g. a tracer) stays traced."""
+  if isinstance(temperature, (jax.Array, np.ndarray)):
+    return temperature, None
+  return None, float(temperature)
 
 
 def _valid_BxT(mask_BxT) -> jax.Array:
@@ -191,8 +209,12 @@ def _chunked_scan(model, tokens_BxT, mask_BxT, chunk_size, per_chunk):
   return jax.tree.map(lambda a: _from_chunks(a, t), out)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk_size", "rules"))
-def _token_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature, *, chunk_size, rules):
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("static_temperature", "chunk_size", "rules"))
+def _token_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature, *, static_temperature,
+                    chunk_size, rules):
+  if temperature is None:
+    temperature = static_temperature
   with sharding.axis_rules(rules):
     model = transformer.merge(graphdef, params)
     logits_fn = unembed_fn(graphdef, params)
@@ -201,8 +223,12 @@ def _token_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature, *, chun
     return jnp.where(_valid_BxT(mask_BxT), logp, 0.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("k", "chunk_size", "rules"))
-def _topk_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature, *, k, chunk_size, rules):
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("static_temperature", "k", "chunk_size", "rules"))
+def _topk_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature, *, static_temperature, k,
+                   chunk_size, rules):
+  if temperature is None:
+    temperature = static_temperature
   with sharding.axis_rules(rules):
     model = transformer.merge(graphdef, params)
     logits_fn = unembed_fn(graphdef, params)
@@ -227,8 +253,9 @@ def token_logprobs(graphdef, params, tokens_BxT, mask_BxT, *, temperature=1.0,
   _check_batch(tokens_BxT, mask_BxT, _vocab_size(params))
   if chunk_size <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-  return _token_logprobs(graphdef, params, tokens_BxT, mask_BxT,
-                         jnp.asarray(temperature, jnp.float32), chunk_size=chunk_size,
+  temp, static_temp = _temperature_args(temperature)
+  return _token_logprobs(graphdef, params, tokens_BxT, mask_BxT, temp,
+                         static_temperature=static_temp, chunk_size=chunk_size,
                          rules=sharding.current_rules())
 
 
@@ -245,6 +272,7 @@ def topk_logprobs(graphdef, params, tokens_BxT, mask_BxT, k: int, *, temperature
     raise ValueError(f"k must be positive, got {k}")
   if chunk_size <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-  return _topk_logprobs(graphdef, params, tokens_BxT, mask_BxT,
-                        jnp.asarray(temperature, jnp.float32), k=k, chunk_size=chunk_size,
+  temp, static_temp = _temperature_args(temperature)
+  return _topk_logprobs(graphdef, params, tokens_BxT, mask_BxT, temp,
+                        static_temperature=static_temp, k=k, chunk_size=chunk_size,
                         rules=sharding.current_rules())
