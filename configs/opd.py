@@ -2,8 +2,17 @@
 
 The policy-gradient route the paper ran: the student samples, reward_t = log pT(y_t) - log pS(y_t)
 on each sampled token, immediate credit (gamma = 0), PPO-clip surrogate with ratio pi_theta/pi_old,
-no KL-to-reference, no entropy bonus. `--config.method=distill` switches to the direct route
-(`distill.distill.kind`), `--config.credit.kind=...` to another credit estimator.
+no KL-to-reference, no entropy bonus. The `distill*` presets take the direct route
+(`distill.distill.kind`); `--config.credit.kind=...` picks another credit estimator. Each method
+reads only its own sections: a setting it would ignore (say `pg.*` with method=distill) is refused
+by name, so switch routes with a preset rather than `--config.method`.
+
+Options of the PG route, each one override away:
+  GAE-OPD with a learned value head   --config.credit.kind=gae --config.credit.value=learned
+  KL to the initial student (k1 / k3) --config.pg.kl_coef=0.1 [--config.pg.kl_kind=k1]
+  CR-OPD routing term                 --config.pg.cr.coef=1.0 [--config.pg.cr.student_top_k=20 ...]
+  token sparsification                --config.rollout.token_transforms='(("top_kl_retention", {"rho": 0.5}),)'
+  off-policy control                  the `offpolicy` preset (rollout.policy='teacher')
 
 Presets:
   smoke     tests: tiny student (random init) and a teacher (by default another random init; the
@@ -11,6 +20,8 @@ Presets:
             --config.teacher.path=RUN/checkpoints). < 1 min on CPU.
   tiny      the CPU tutorial: student = tiny random init, teacher = the checkpoint of
             `configs/sft.py:tiny` at runs/sft_tiny/checkpoints (train that first).
+  distill_smoke / distill  the direct route (reverse KL on the student's rollouts) on the smoke /
+            tiny shapes.
   offpolicy the off-policy control on top of `tiny`: the teacher samples, the student scores the
             rollouts for old_logp, clipping effectively off (eps = 1.0).
   qwen3_8b  the paper's OPD (paper_facts section 4): Qwen3-8B student (after SFT) and Qwen3-32B
@@ -64,6 +75,21 @@ def _tiny(c):
   c.loop.snapshot_steps = (0, 40, 80, 120, 160, 200)
 
 
+def _as_distill(c):
+  c.method = "distill"
+  c.pg = train_config.default_config("opd").pg  # the direct route has no PPO surrogate
+
+
+def _distill_smoke(c):
+  _smoke(c)
+  _as_distill(c)
+
+
+def _distill(c):
+  _tiny(c)
+  _as_distill(c)
+
+
 def _offpolicy(c):
   _tiny(c)
   c.rollout.policy = "teacher"
@@ -97,7 +123,8 @@ def _qwen3_8b(c):
   c.loop.snapshot_steps = (0, 63, 127, 191, 255, 299)
 
 
-PRESETS = {"smoke": _smoke, "tiny": _tiny, "offpolicy": _offpolicy, "qwen3_8b": _qwen3_8b}
+PRESETS = {"smoke": _smoke, "tiny": _tiny, "distill_smoke": _distill_smoke, "distill": _distill,
+           "offpolicy": _offpolicy, "qwen3_8b": _qwen3_8b}
 
 
 def get_config(arg: str = "tiny"):

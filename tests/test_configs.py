@@ -44,7 +44,7 @@ def test_qwen3_8b_presets_mirror_the_paper_settings():
   assert (rl.optim.lr, rl.optim.b1, rl.optim.b2, rl.optim.eps) == (1e-6, 0.9, 0.98, 1e-15)
   assert rl.loop.batch_size == 512 and rl.loop.steps == 1023
   assert (rl.pg.pg.eps_low, rl.pg.pg.eps_high) == (0.2, 0.28)
-  assert rl.grpo.group_size == rl.rollout.group_size and rl.grpo.kl_coef == 0.0
+  assert rl.pg.kl_coef == 0.0
 
   sft = config_lib.from_config_dict(load("sft", "qwen3_8b"))
   assert (sft.optim.lr, sft.optim.schedule, sft.optim.final_lr, sft.optim.warmup_frac) == (
@@ -109,14 +109,37 @@ def test_overrides_parse_by_the_replaced_values_type():
   assert cfg.loop.snapshot_steps == (0, 3, 7) and cfg.data.tokenizer == "/x/y"
 
 
-def test_tied_knobs_move_together_and_mismatches_are_rejected():
-  cfg = config_lib.from_config_dict(load("rlvr", "smoke", ["sampler.temperature=0.7",
-                                                           "rollout.group_size=4"]))
-  assert cfg.pg.temperature == 0.7 and cfg.grpo.group_size == 4
-  d = load("rlvr", "smoke").to_dict()
-  d["pg"]["temperature"] = 0.5
-  with pytest.raises(ConfigError, match=r"pg\.temperature=0\.5 must equal sampler\.temperature"):
-    config_lib.from_config_dict(d)
+def test_each_knob_has_one_copy_and_derived_step_settings_come_from_it():
+  from opd_jax.train import run_plan
+  cd = load("rlvr", "smoke", ["sampler.temperature=0.7", "rollout.group_size=4"])
+  assert "temperature" not in cd.pg and "group_size" not in cd.grpo
+  assert "kl_coef" not in cd.grpo and "value_head" not in cd.pg
+  for key in ("pg.temperature=0.5", "grpo.group_size=4", "grpo.kl_coef=0.1"):
+    with pytest.raises(ConfigError, match=r"unknown config key"):
+      load("rlvr", "smoke", [key])
+  plan = run_plan.resolve(config_lib.from_config_dict(cd), shapes_only=True)
+  assert plan.step_cfg.temperature == 0.7 and plan.sampler.temperature == 0.7
+  assert plan.rows == 4 * plan.cfg.loop.batch_size
+  learned = run_plan.resolve(config_lib.from_config_dict(load(
+      "opd", "smoke", ["credit.kind=gae", "credit.value=learned"])), shapes_only=True)
+  assert learned.step_cfg.value_head and learned.recipe.needs(learned.cfg).value_head
+
+
+@pytest.mark.parametrize("preset,override", [
+    ("rlvr", "credit.kind=gae"),                 # RLVR has no per-token OPD reward to credit
+    ("rlvr", "rollout.mix_alpha=0.3"),           # only 'mixed' mixes
+    ("opd", "grpo.normalize_std=false"),         # no verifier rewards in OPD
+    ("opd", "credit.lam=0.5"),                   # lam is GAE's
+    ("opd", "pg.kl_kind=k1"),                    # kl_kind without kl_coef
+    ("opd", "distill.distill.kind=forward_kl"),  # the direct route's section
+    ("sft", "pg.epochs=2"),
+    ("sft", "credit.kind=gae"),
+    ("opd", "pg.value_coef=1.0"),                # value loss without a learned value head
+])
+def test_settings_a_recipe_never_reads_are_refused_by_name(preset, override):
+  key = override.split("=")[0]
+  with pytest.raises(ConfigError, match=rf"config\.{key.replace('.', '[.]')}=.*has no effect"):
+    config_lib.from_config_dict(load(preset, "smoke", [override]))
 
 
 def test_cross_field_validation():

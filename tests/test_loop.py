@@ -14,12 +14,13 @@ from opd_jax.train import checkpoint as ckpt_lib
 from opd_jax.train import config as config_lib
 from opd_jax.train import loop
 from opd_jax.train import metrics as metrics_lib
+from opd_jax.train import run_plan
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def smoke(name, overrides=()):
-  cd = config_lib.load_config(str(ROOT / "configs" / f"{name}.py") + ":smoke", overrides)
+def smoke(name, overrides=(), preset="smoke"):
+  cd = config_lib.load_config(str(ROOT / "configs" / f"{name}.py") + f":{preset}", overrides)
   return config_lib.from_config_dict(cd)
 
 
@@ -172,8 +173,8 @@ def _at(tree, path):
 
 
 def test_distill_route_lowers_the_divergence(tmp_path, sft_run):
-  cfg = smoke("opd", ["method=distill", "teacher.source=checkpoint",
-                      f"teacher.path={sft_run['checkpoint_dir']}", "loop.steps=6"])
+  cfg = smoke("opd", ["teacher.source=checkpoint", f"teacher.path={sft_run['checkpoint_dir']}",
+                      "loop.steps=6"], preset="distill_smoke")
   summary = loop.run(cfg, tmp_path)
   kl = series(summary, "distill/reverse_kl")
   assert len(kl) == 6 and kl[0] > 1.0
@@ -192,13 +193,13 @@ def test_load_model_sources_agree(tmp_path, sft_run):
   # Our checkpoint (architecture from its meta), numerics from the spec.
   spec = ModelSpec(source="checkpoint", path=sft_run["checkpoint_dir"],
                    model=base.replace(dtype="bfloat16", n_layers=9))
-  cfg, _, got = loop.load_model(spec, mesh, rules)
+  cfg, _, got = run_plan.load_model(spec, mesh, rules)
   assert cfg == base.replace(dtype="bfloat16")  # n_layers from the checkpoint, dtype from spec
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(got)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # A Hugging Face directory written by hf.save.
   hf.save(tmp_path / "hf", base, params)
-  cfg, _, got = loop.load_model(ModelSpec(source="hf", path=str(tmp_path / "hf"), model=base),
+  cfg, _, got = run_plan.load_model(ModelSpec(source="hf", path=str(tmp_path / "hf"), model=base),
                                 mesh, rules)
   assert cfg == base
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(got)):
@@ -208,7 +209,7 @@ def test_load_model_sources_agree(tmp_path, sft_run):
   bad["final_norm"]["scale"] = np.zeros(3, np.float32)
   with pytest.raises(ValueError, match=r"\['final_norm'\]\['scale'\]: shape \(3,\) != "
                                        r"expected \(64,\)"):
-    loop.load_model(ModelSpec(model=base), mesh, rules, params=bad)
+    run_plan.load_model(ModelSpec(model=base), mesh, rules, params=bad)
 
 
 def test_resuming_a_finished_run_is_a_no_op_that_lists_its_snapshots(tmp_path, sft_run):

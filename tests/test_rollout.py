@@ -60,7 +60,7 @@ def _aligned_logp64(graphdef, params, tokens, mask):
 
 def test_generate_on_policy_matches_sampler_scorer_and_float64_kl(models, prompts):
   sgd, sp, tgd, tp = models
-  knobs = rollout.RolloutKnobs(method="opd", sampler=SAMPLER,
+  knobs = rollout.RolloutKnobs(sampler=SAMPLER,
                                credit=CreditConfig(kind="baseline_corrected"))
   rng = jax.random.key(7)
   ro = rollout.generate(sgd, sp, tgd, tp, *prompts, rng, knobs)
@@ -85,7 +85,7 @@ def test_generate_on_policy_matches_sampler_scorer_and_float64_kl(models, prompt
 
 def test_generate_off_policy_samples_with_the_teacher_and_scores_with_the_student(models, prompts):
   sgd, sp, tgd, tp = models
-  knobs = rollout.RolloutKnobs(method="opd", policy="teacher", sampler=SAMPLER)
+  knobs = rollout.RolloutKnobs(policy="teacher", sampler=SAMPLER)
   rng = jax.random.key(3)
   ro = rollout.generate(sgd, sp, tgd, tp, *prompts, rng, knobs)
   ref = sampler_lib.sample(tgd, tp, *prompts, rng, SAMPLER)
@@ -119,8 +119,13 @@ def _fake_rollout(rng, b=8, t=10, p=3):
   return ro, loss_mask
 
 
+_REWARDS = {"opd": dict(teacher_reward=True), "rlvr": dict(teacher_reward=False,
+                                                          verifier_reward=True),
+            "mixed": dict(teacher_reward=True, verifier_reward=True)}
+
+
 def _knobs(method, **kw):
-  return rollout.RolloutKnobs(method=method, sampler=SAMPLER, **kw)
+  return rollout.RolloutKnobs(sampler=SAMPLER, **_REWARDS[method], **kw)
 
 
 def test_opd_advantages_are_the_teacher_minus_student_log_ratio(tmp_path):

@@ -19,28 +19,26 @@ class GRPOConfig:
   """GRPO advantages.
 
   Attributes:
-    group_size: G samples per prompt; groups are consecutive blocks of G rows.
+    group_size: G samples per prompt; groups are consecutive blocks of G rows. Not a config key
+      of a training run: the run plan fills it from `rollout.group_size` (one copy of the knob).
     normalize_std: divide by the group std (False: Dr.GRPO-style mean-centering only).
     eps: added to the std before dividing.
     ddof: std degrees of freedom (default 1, the unbiased std of torch's `.std()` used by TRL and
       veRL; 0 for the population std).
-    kl_kind: optional KL-to-reference penalty, '' (none, the paper's default) or one of `KL_KINDS`.
-    kl_coef: weight of that penalty.
+
+  The KL-to-reference penalty is a knob of the PG step (`train.steps.PGStepConfig.kl_coef` /
+  `kl_kind`), not of the advantages.
   """
-  group_size: int = 8
+  group_size: int = dataclasses.field(default=8, metadata={"derived": "rollout.group_size"})
   normalize_std: bool = True
   eps: float = 1e-6
   ddof: int = 1
-  kl_kind: str = ""
-  kl_coef: float = 0.0
 
   def __post_init__(self):
     if self.group_size < 1:
       raise ValueError(f"GRPOConfig.group_size must be >= 1, got {self.group_size}")
     if self.ddof not in (0, 1):
       raise ValueError(f"GRPOConfig.ddof must be 0 or 1, got {self.ddof}")
-    if self.kl_kind and self.kl_kind not in KL_KINDS:
-      raise ValueError(f"GRPOConfig.kl_kind {self.kl_kind!r} is not '' or one of {KL_KINDS}")
 
 
 def grpo_advantages(rewards_B: jax.Array, group_size: int, normalize_std: bool = True,
@@ -94,20 +92,6 @@ def kl_penalty(logp_BxT: jax.Array, ref_logp_BxT: jax.Array, kind: str) -> jax.A
   if kind == "k1":
     return -log_r
   return jnp.expm1(log_r) - log_r
-
-
-def kl_penalty_loss(logp_BxT: jax.Array, ref_logp_BxT: jax.Array, mask_BxT: jax.Array,
-                    cfg: GRPOConfig, mode: str = "token_mean"
-                    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-  """kl_coef * KL penalty aggregated by `mode` ((0, denominator) when `cfg.kl_kind` is '');
-  metric `rlvr/ref_kl` (token mean of the per-token estimate)."""
-  mask = mask_BxT.astype(bool)
-  if not cfg.kl_kind:
-    _, denom = reduce.aggregate(jnp.zeros(mask.shape, jnp.float32), mask, mode)
-    return jnp.zeros((), jnp.float32), denom, {}
-  kl_BxT = jnp.where(mask, kl_penalty(logp_BxT, ref_logp_BxT, cfg.kl_kind), 0.0)
-  total, denom = reduce.aggregate(cfg.kl_coef * kl_BxT, mask, mode)
-  return total, denom, {"rlvr/ref_kl": reduce.masked_mean(jax.lax.stop_gradient(kl_BxT), mask)}
 
 
 def mix_advantages(a_opd_BxT: jax.Array, a_rlvr_BxT: jax.Array, alpha: float) -> jax.Array:

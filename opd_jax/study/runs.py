@@ -115,10 +115,9 @@ def run_specs(study: StudyConfig) -> list[RunSpec]:
                          trajectory=True, edit=edit_off, kind="offpolicy"))
   for alpha in c.mixing_alphas:
     def edit_mix(d, alpha=alpha):
-      group = d.get("rollout", {}).get("group_size", 1)
       d["method"] = "mixed"
       study_config.set_in(d, "rollout.mix_alpha", float(alpha))
-      d["grpo"] = dict(study.rlvr.get("grpo", {}), group_size=group)
+      d["grpo"] = dict(study.rlvr.get("grpo", {}))
 
     specs.append(RunSpec(f"mix_{alpha:g}", "opd", ("anchor", "final"), uses_teacher=True,
                          trajectory=True, edit=edit_mix, kind="mixing", alpha=float(alpha)))
@@ -198,35 +197,34 @@ def evaluate(cfg, model_spec, ev: study_config.EvalConfig) -> dict:
   """
   import jax
   from opd_jax.data import pipeline as pipeline_lib
-  from opd_jax.data import tasks as tasks_lib
   from opd_jax.data import tokenizer as tokenizer_lib
   from opd_jax.models import sharding
-  from opd_jax.train import loop
   from opd_jax.train import mesh as mesh_lib
   from opd_jax.train import rollout as rollout_lib
+  from opd_jax.train import run_plan
 
   mesh = mesh_lib.make_mesh(cfg.mesh)
   rules = cfg.mesh.rules
-  tok = loop.load_tokenizer(cfg)
+  tok = run_plan.load_tokenizer(cfg)
+  # The run plan's buckets and response budget: exactly the lengths the training loop uses.
+  plan = run_plan.resolve(cfg, tokenizer=tok)
   k = 1 if ev.greedy else ev.k
   with jax.set_mesh(mesh), sharding.axis_rules(rules):
-    _, graphdef, params = loop.load_model(model_spec, mesh, rules)
-    _, eval_ex = loop.load_examples(cfg, tok)
+    _, graphdef, params = run_plan.load_model(model_spec, mesh, rules)
+    _, eval_ex = run_plan.load_examples(cfg, tok)
     if not eval_ex:
       raise ValueError("the study needs an eval split (data.eval_examples / data.eval_path)")
     prompt_ids = tokenizer_lib.encode_prompts(tok, [e.prompt for e in eval_ex])
-    buckets = cfg.data.prompt_buckets or (int(math.ceil(max(map(len, prompt_ids)) / 8) * 8),)
     pipe = pipeline_lib.rollout_pipeline_from_ids(
         prompt_ids, [e.answer for e in eval_ex], pipeline_lib.PipelineConfig(
-            global_batch_size=min(ev.batch_size, len(eval_ex)), bucket_lengths=buckets,
-            group_size=k, shuffle=False, num_epochs=1), pad_id=tok.pad_token_id)
-    # The response budget as the loop sets it: the configured one, else (tasks) the longest
-    # solution plus EOS.
-    max_new = cfg.sampler.max_new_tokens or tasks_lib.max_lengths(cfg.data.task)[1] + 1
-    sampler_cfg = loop.sampler_config(cfg, tok, max_new_tokens=max_new, greedy=ev.greedy,
-                                      temperature=ev.temperature)
-    res = rollout_lib.evaluate(graphdef, params, pipe.iterator(), tok, loop.make_verifier(cfg),
-                               sampler_cfg, jax.random.key(ev.seed), k,
+            global_batch_size=min(ev.batch_size, len(eval_ex)), bucket_lengths=plan.prompt_buckets,
+            group_size=k, shuffle=False, num_epochs=1), pad_id=plan.pad_id)
+    sampler_cfg = run_plan.sampler_config(cfg, plan.eos_id, plan.pad_id,
+                                          max_new_tokens=plan.max_new_tokens, greedy=ev.greedy,
+                                          temperature=ev.temperature)
+    res = rollout_lib.evaluate(graphdef, params, pipe.iterator(), tok,
+                               run_plan.make_verifier(cfg), sampler_cfg,
+                               jax.random.key(ev.seed), k,
                                lambda b: mesh_lib.global_batch(b, mesh, rules))
   acc, n = float(res["eval/accuracy"]), int(res["eval/prompts"])
   return {"acc": acc, "pass_at_k": float(res["eval/pass_at_k"]),
@@ -258,14 +256,14 @@ def _resolver(ctx) -> Resolver:
 def _task_phase(study: StudyConfig):
   def fn(ctx):
     from opd_jax.data import tasks as tasks_lib
-    from opd_jax.train import loop
+    from opd_jax.train import run_plan
     cfg = study_config.compose(study, "opd", student=study.student, teacher=study.teacher)
-    tok = loop.load_tokenizer(cfg)
+    tok = run_plan.load_tokenizer(cfg)
     tok.save_pretrained(ctx.out_dir / "tokenizer")
     for spec in (study.student, study.teacher):
       if spec.source == "random" and spec.model.vocab_size < len(tok):
         raise ValueError(f"model vocab_size {spec.model.vocab_size} < tokenizer size {len(tok)}")
-    train, evals = loop.load_examples(cfg, tok)
+    train, evals = run_plan.load_examples(cfg, tok)
     samples = [dataclasses.asdict(e) for e in evals[:8]]
     (ctx.out_dir / "eval_samples.json").write_text(json.dumps(samples, indent=1))
     out = {"tokenizer": _rel(ctx, ctx.out_dir / "tokenizer"), "vocab": len(tok),

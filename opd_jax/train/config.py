@@ -103,6 +103,13 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
   return _plain(value)  # anything else (e.g. a type alias the hints resolve to `object`)
 
 
+def config_fields(cls: type) -> list[str]:
+  """The config keys of a dataclass: its init fields, less those marked
+  `metadata={'derived': 'other.key'}` (filled from another key when the run is resolved, so each
+  knob has exactly one copy in the config)."""
+  return [f.name for f in dataclasses.fields(cls) if f.init and "derived" not in f.metadata]
+
+
 def dataclass_from_dict(cls: type, value: Any, path: str = "config") -> Any:
   """Builds the frozen dataclass `cls` from a (nested) dict or ConfigDict, strictly.
 
@@ -117,7 +124,7 @@ def dataclass_from_dict(cls: type, value: Any, path: str = "config") -> Any:
     raise ConfigError(f"{path}: expected a section for {cls.__name__}, got "
                       f"{type(value).__name__} {value!r}")
   hints = typing.get_type_hints(cls)
-  fields = [f.name for f in dataclasses.fields(cls) if f.init]
+  fields = config_fields(cls)
   for key in value:
     if key not in fields:
       raise ConfigError(f"unknown config key '{path}.{key}'{_suggest(key, fields)}; valid keys "
@@ -134,8 +141,7 @@ def dataclass_from_dict(cls: type, value: Any, path: str = "config") -> Any:
 def dataclass_to_dict(obj: Any) -> Any:
   """A dataclass tree as nested dicts (tuples stay tuples), for ConfigDicts and JSON."""
   if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-    return {f.name: dataclass_to_dict(getattr(obj, f.name))
-            for f in dataclasses.fields(obj) if f.init}
+    return {name: dataclass_to_dict(getattr(obj, name)) for name in config_fields(type(obj))}
   if isinstance(obj, Mapping):
     return {k: dataclass_to_dict(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
@@ -271,8 +277,6 @@ from opd_jax.optim.factory import OptimConfig  # noqa: E402
 from opd_jax.train.mesh import MeshConfig  # noqa: E402
 from opd_jax.train.steps import DistillStepConfig, PGStepConfig, SFTStepConfig  # noqa: E402
 
-METHODS = ("sft", "opd", "rlvr", "mixed", "distill")
-PG_METHODS = ("opd", "rlvr", "mixed")
 MODEL_SOURCES = ("random", "hf", "checkpoint", "none")
 DATA_SOURCES = ("task", "file")
 VERIFIERS = ("exact_match", "math")
@@ -367,8 +371,8 @@ class SamplingConfig:
 
   Attributes:
     max_new_tokens: response budget; 0 = for source='task', the longest solution + EOS.
-    temperature: sampling temperature (the paper: 1.0). `pg.temperature` must equal it (the
-      recipe configs tie the two with a FieldReference).
+    temperature: sampling temperature (the paper: 1.0); the PG step evaluates pi_theta at it
+      (the ratio is exactly 1 on the first update).
     top_k / top_p: truncation (0 / 1.0 = off).
     eos_ids: extra end-of-sequence ids besides the tokenizer's EOS (e.g. Qwen's <|endoftext|>).
   """
@@ -394,8 +398,7 @@ class RolloutConfig:
     policy: 'student' (on-policy) or 'teacher' (the off-policy control: the teacher samples, the
       student scores the rollouts for old_logp; set pg.pg.eps_high = pg.pg.eps_low = 1.0 to turn
       ratio clipping effectively off, as the recipe's `offpolicy` variant does).
-    group_size: samples per prompt (G; GRPO groups for RLVR; the paper's OPD uses 8). Tied to
-      grpo.group_size in the recipe configs.
+    group_size: samples per prompt (G; GRPO groups for RLVR; the paper's OPD uses 8).
     mix_alpha: method='mixed': A = alpha A_OPD + (1 - alpha) A_RLVR.
     token_transforms: token sparsification chain over the per-token rewards before the credit
       estimator: ((name, kwargs), ...) with names from `rollout.TOKEN_TRANSFORMS`.
@@ -449,6 +452,8 @@ class LoopConfig:
     log_every: write metrics every this many steps.
     progress / tensorboard: tqdm bar; TensorBoard event files (JSONL is always written).
     debug_nan_at_step: test hook: the loss of this step is made NaN (the run must stop there).
+    transfer_guard: `jax.transfer_guard` level of the step loop: 'allow', 'log' or 'disallow'
+      (every host <-> device copy in the loop is explicit; 'disallow' proves it).
   """
 
   steps: int = 100
@@ -466,8 +471,11 @@ class LoopConfig:
   progress: bool = True
   tensorboard: bool = True
   debug_nan_at_step: int = -1
+  transfer_guard: str = "allow"
 
   def __post_init__(self):
+    if self.transfer_guard not in ("allow", "log", "disallow"):
+      _bad(self, "transfer_guard", "expected 'allow', 'log' or 'disallow'")
     for name in ("steps", "batch_size", "eval_k", "eval_batch_size", "checkpoint_keep",
                  "log_every"):
       if getattr(self, name) < 1:
@@ -531,31 +539,13 @@ class TrainConfig:
   pg: PGStepConfig = PGStepConfig()
   distill: DistillStepConfig = DistillStepConfig()
   credit: CreditConfig = CreditConfig()
-  grpo: GRPOConfig = GRPOConfig(group_size=1)
+  grpo: GRPOConfig = GRPOConfig()
   loop: LoopConfig = LoopConfig()
   subspace: SubspaceConfig = SubspaceConfig()
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      _bad(self, "method", f"expected one of {METHODS}")
-    needs_teacher = self.method in ("opd", "mixed", "distill") or self.rollout.policy == "teacher"
-    if needs_teacher and self.teacher.source == "none":
-      raise ConfigError(f"method={self.method!r} (rollout.policy={self.rollout.policy!r}) needs a "
-                        "teacher: set teacher.source to 'random', 'hf' or 'checkpoint' (or pass "
-                        "teacher_params to loop.run)")
-    if self.method in PG_METHODS + ("distill",):
-      if self.pg.temperature != self.sampler.temperature:
-        raise ConfigError(f"pg.temperature={self.pg.temperature} must equal sampler.temperature="
-                          f"{self.sampler.temperature} (pi_theta is evaluated at the sampling "
-                          "temperature)")
-      if self.method in ("rlvr", "mixed") and self.grpo.group_size != self.rollout.group_size:
-        raise ConfigError(f"grpo.group_size={self.grpo.group_size} must equal "
-                          f"rollout.group_size={self.rollout.group_size}")
-      if self.method in ("rlvr", "mixed") and self.rollout.group_size < 2:
-        raise ConfigError(f"method={self.method!r} needs rollout.group_size >= 2 (GRPO groups)")
-    if self.method == "sft" and self.data.source == "file" and not self.data.layout == "math":
-      raise ConfigError(f"method='sft' needs worked solutions; data.layout={self.data.layout!r} "
-                        "has none (use source='task' or a layout with a solution field)")
+    from opd_jax.train import recipes  # the method's rules live in its recipe
+    recipes.get(self).validate(self)
 
   def replace(self, **kw) -> "TrainConfig":
     return dataclasses.replace(self, **kw)
@@ -572,15 +562,9 @@ def to_config_dict(cfg: TrainConfig) -> ml_collections.ConfigDict:
 
 
 def default_config(method: str = "opd") -> ml_collections.ConfigDict:
-  """Every TrainConfig field with its default (unlocked), for config files to edit. Knobs that must
-  agree are tied with FieldReferences: sampler.temperature = pg.temperature, and
-  rollout.group_size = grpo.group_size (setting either one sets both)."""
+  """Every TrainConfig field with its default (unlocked), for config files to edit. Each knob has
+  one copy: derived step settings (the PG step's temperature, GRPO's group size) are filled from
+  `sampler.temperature` / `rollout.group_size` by the run plan."""
   cd = to_config_dict(TrainConfig(method="sft"))
   cd.method = method
-  temperature = ml_collections.FieldReference(cd.sampler.temperature)
-  cd.sampler.temperature = temperature
-  cd.pg.temperature = temperature
-  group = ml_collections.FieldReference(cd.rollout.group_size)
-  cd.rollout.group_size = group
-  cd.grpo.group_size = group
   return cd

@@ -83,22 +83,28 @@ def make_token_transform(specs: Sequence[tuple[str, Mapping[str, Any]]]
 # -- knobs ----------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class RolloutKnobs:
-  """The static (hashable) settings of the jitted rollout phases.
+  """The static (hashable) settings of the jitted rollout phases (built by the recipe,
+  `recipes.Recipe.rollout_knobs`).
 
   Attributes:
-    method: 'opd', 'rlvr', 'mixed' or 'distill'.
+    teacher_reward: per-token OPD rewards log pT - log pS (opd, mixed).
+    verifier_reward: verifier scores -> GRPO advantages (rlvr, mixed).
     policy: 'student' or 'teacher' (who samples).
     sampler: decoding settings (temperature = the scoring temperature of old/teacher log-probs).
     credit: credit estimator of the OPD part.
-    group_size / normalize_std / grpo_eps / ddof: GRPO advantages (rlvr, mixed).
-    mix_alpha: weight of OPD in 'mixed'.
+    group_size / normalize_std / grpo_eps / ddof: GRPO advantages.
+    mix_alpha: weight of OPD when both rewards are used (None otherwise).
     chunk_size: positions per chunk for teacher scoring and KL_t.
     recompute_old_logp: re-score the student's own rollouts with the scoring route instead of
       taking the sampler's log-probs (same numbers up to float error in float32; in bf16 the
       decode path and the training forward differ, and the ratio should start at exactly 1).
+    reference: score the rollout with the frozen initial student (ref_logp_BxT, KL-to-reference).
+    value_head: evaluate the learned value head on the rollout (GAE-OPD with value='learned').
+    score_student: old_logp is needed (PG); the direct route needs tokens and masks only.
   """
 
-  method: str
+  teacher_reward: bool = True
+  verifier_reward: bool = False
   policy: str = "student"
   sampler: sampler_lib.SamplerConfig | None = None
   credit: log_ratio.CreditConfig = log_ratio.CreditConfig()
@@ -106,35 +112,44 @@ class RolloutKnobs:
   normalize_std: bool = True
   grpo_eps: float = 1e-6
   ddof: int = 1
-  mix_alpha: float = 1.0
+  mix_alpha: float | None = None
   chunk_size: int = scoring.DEFAULT_CHUNK
   recompute_old_logp: bool = False
+  reference: bool = False
+  value_head: bool = False
+  score_student: bool = True
+
+  def __post_init__(self):
+    if self.teacher_reward and self.verifier_reward and self.mix_alpha is None:
+      raise ValueError("RolloutKnobs: teacher and verifier rewards together need mix_alpha")
 
   @property
   def uses_teacher_logp(self) -> bool:
-    return self.method in ("opd", "mixed")
+    return self.teacher_reward
 
   @property
   def uses_verifier(self) -> bool:
-    return self.method in ("rlvr", "mixed")
+    return self.verifier_reward
 
   @property
   def needs_kl(self) -> bool:
     c = self.credit
-    return self.uses_teacher_logp and (
+    return self.teacher_reward and (
         c.kind == "baseline_corrected" or (c.kind == "gae" and c.value == "neg_kl"))
 
 
 class Rollout(NamedTuple):
-  """Device outputs of `generate` (arrays [B, T] unless noted; zeros where unused)."""
+  """Device outputs of `generate` (arrays [B, T] unless noted; None where unused)."""
 
   tokens_BxT: jax.Array
   mask_BxT: jax.Array
   loss_mask_BxT: jax.Array
   lengths_B: jax.Array
-  old_logp_BxT: jax.Array
-  teacher_logp_BxT: jax.Array
-  kl_BxT: jax.Array
+  old_logp_BxT: jax.Array | None
+  teacher_logp_BxT: jax.Array | None = None
+  kl_BxT: jax.Array | None = None
+  ref_logp_BxT: jax.Array | None = None
+  values_BxT: jax.Array | None = None
 
 
 def _batch_constrain(x):
@@ -165,21 +180,35 @@ def _reverse_kl(student_graphdef, student_params, teacher_graphdef, teacher_para
                                 temperature=temperature, chunk_size=chunk_size)
 
 
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("rules",))
+def _values(student_graphdef, student_params, value_params, tokens_BxT, mask_BxT, *, rules):
+  with sharding.axis_rules(rules):
+    h = scoring.shifted_hidden(student_graphdef, student_params, tokens_BxT, mask_BxT)
+    return jax.lax.stop_gradient(log_ratio.value_head(value_params, h))
+
+
 def generate(student_graphdef, student_params, teacher_graphdef, teacher_params, prompt_BxP,
-             prompt_mask_BxP, rng, knobs: RolloutKnobs) -> Rollout:
+             prompt_mask_BxP, rng, knobs: RolloutKnobs, *, reference_params=None,
+             value_params=None) -> Rollout:
   """Samples with the behaviour policy and scores the rollout (module docstring).
 
   Runs under the caller's mesh (`jax.set_mesh`) and axis rules (`sharding.axis_rules`); teacher
-  arguments may be None when the method does not use a teacher. The pieces are separately jitted
-  module-level functions (`sampler.sample`, `scoring.token_logprobs`, the chunked KL), each
-  compiled once per shape and shared by every method that uses the same sampler settings.
+  arguments may be None when the rollout does not use a teacher. `reference_params` (the frozen
+  initial student) give `ref_logp_BxT` when `knobs.reference`; `value_params` (the learned value
+  head) give `values_BxT` when `knobs.value_head`. The pieces are separately jitted module-level
+  functions (`sampler.sample`, `scoring.token_logprobs`, the chunked KL), each compiled once per
+  shape and shared by every recipe that uses the same sampler settings.
   """
   if knobs.sampler is None:
     raise ValueError("RolloutKnobs.sampler is required")
   by_teacher = knobs.policy == "teacher"
   if (by_teacher or knobs.uses_teacher_logp) and teacher_params is None:
-    raise ValueError(f"rollout method={knobs.method!r} policy={knobs.policy!r} needs teacher "
-                     "params")
+    raise ValueError(f"rollout (teacher_reward={knobs.teacher_reward}, policy={knobs.policy!r}) "
+                     "needs teacher params")
+  if knobs.reference and reference_params is None:
+    raise ValueError("rollout with knobs.reference needs reference_params")
+  if knobs.value_head and value_params is None:
+    raise ValueError("rollout with knobs.value_head needs value_params")
   gd, params = ((teacher_graphdef, teacher_params) if by_teacher else
                 (student_graphdef, student_params))
   out = sampler_lib.sample(gd, params, prompt_BxP, prompt_mask_BxP, rng, knobs.sampler)
@@ -192,20 +221,27 @@ def generate(student_graphdef, student_params, teacher_graphdef, teacher_params,
     return scoring.token_logprobs(graphdef, p, tokens, mask, temperature=temperature,
                                   chunk_size=knobs.chunk_size)
 
-  if by_teacher or knobs.recompute_old_logp:
-    old_logp = score(student_graphdef, student_params)
-  else:
-    old_logp = out.logp_BxT
-  teacher_logp = kl = None
+  old_logp = None
+  if knobs.score_student:
+    old_logp = (score(student_graphdef, student_params)
+                if by_teacher or knobs.recompute_old_logp else out.logp_BxT)
+  teacher_logp = kl = ref_logp = values = None
   if knobs.uses_teacher_logp:
     teacher_logp = out.logp_BxT if by_teacher else score(teacher_graphdef, teacher_params)
   if knobs.needs_kl:
     kl = _reverse_kl(student_graphdef, student_params, teacher_graphdef, teacher_params, tokens,
                      mask, loss_mask, temperature=temperature, chunk_size=knobs.chunk_size,
                      rules=sharding.current_rules())
-  return Rollout(tokens, mask, loss_mask, out.lengths_B, old_logp, teacher_logp, kl)
+  if knobs.reference:
+    ref_logp = score(student_graphdef, reference_params)
+  if knobs.value_head:
+    values = _values(student_graphdef, student_params, value_params, tokens, mask,
+                     rules=sharding.current_rules())
+  return Rollout(tokens, mask, loss_mask, out.lengths_B, old_logp, teacher_logp, kl, ref_logp,
+                 values)
 
 
+@jax.jit
 def rollout_rng(base_key: jax.Array, step) -> jax.Array:
   """The sampling key of train step `step`: distinct from the step's own key (used by pg_step to
   shuffle minibatches), reproducible on resume."""
@@ -242,16 +278,17 @@ def _advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, *, knobs:
         kept = optax.tree_utils.tree_get_all_with_path(token_state, "kept_frac")
         if len(kept) == 1:
           metrics["tokens/kept_frac"] = kept[0][1]
-      adv_opd = log_ratio.advantages(reward, loss_mask, knobs.credit, kl_BxT=rollout.kl_BxT)
+      adv_opd = log_ratio.advantages(reward, loss_mask, knobs.credit, kl_BxT=rollout.kl_BxT,
+                                     values_BxT=rollout.values_BxT)
     if knobs.uses_verifier:
       adv_B, keep_B, m = rlvr.grpo_advantages(seq_rewards_B, knobs.group_size,
                                               knobs.normalize_std, knobs.grpo_eps,
                                               ddof=knobs.ddof)
       metrics.update(m)
       adv_rlvr = rlvr.broadcast_to_tokens(adv_B, loss_mask)
-      if knobs.method == "rlvr":
+      if not knobs.uses_teacher_logp:
         loss_mask = loss_mask & keep_B[:, None]  # zero-variance groups are skipped
-    if knobs.method == "mixed":
+    if adv_opd is not None and adv_rlvr is not None:
       adv = rlvr.mix_advantages(adv_opd, adv_rlvr, knobs.mix_alpha)
     else:
       adv = adv_opd if adv_opd is not None else adv_rlvr
@@ -260,6 +297,12 @@ def _advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, *, knobs:
     metrics["rollout/tokens"] = jnp.sum(loss_mask).astype(jnp.float32)
     batch = {"tokens_BxT": rollout.tokens_BxT, "mask_BxT": rollout.mask_BxT,
              "loss_mask_BxT": loss_mask, "old_logp_BxT": rollout.old_logp_BxT, "adv_BxT": adv}
+    if knobs.reference:
+      batch["ref_logp_BxT"] = rollout.ref_logp_BxT
+    if knobs.value_head:
+      # GAE value targets (lambda-returns) A_OPD + V_old; the step regresses the head onto them.
+      batch["returns_BxT"] = log_ratio.value_targets(adv_opd, rollout.values_BxT, loss_mask)
+      metrics["value/old_mean"] = reduce.masked_mean(rollout.values_BxT, loss_mask)
     batch = jax.tree.map(_batch_constrain, batch)
     return batch, token_state, metrics
 
@@ -277,11 +320,19 @@ def advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, knobs: Rol
     token_tx: token transforms over the OPD rewards (`make_token_transform`), or None.
   """
   if knobs.uses_verifier and seq_rewards_B is None:
-    raise ValueError(f"rollout method={knobs.method!r} needs the verifier rewards seq_rewards_B")
+    raise ValueError("a rollout with verifier rewards needs seq_rewards_B")
   if not knobs.uses_verifier:
     seq_rewards_B = None
   return _advantages(rollout, valid_B, seq_rewards_B, token_state, knobs=knobs,
                      token_tx=token_tx, rules=sharding.current_rules())
+
+
+@jax.jit
+def distill_batch(rollout: Rollout, valid_B) -> tuple[dict, dict]:
+  """The `distill_step` batch of a rollout (filler rows leave the loss mask) and its metrics."""
+  batch = {"tokens_BxT": rollout.tokens_BxT, "mask_BxT": rollout.mask_BxT,
+           "loss_mask_BxT": rollout.loss_mask_BxT & valid_B[:, None]}
+  return batch, {"rollout/response_len": jnp.mean(rollout.lengths_B.astype(jnp.float32))}
 
 
 # -- host side: decode + verify -------------------------------------------------------------------
@@ -294,7 +345,7 @@ def local_rows(x: jax.Array) -> np.ndarray:
   for s in x.addressable_shards:
     start = s.index[0].start or 0
     shards.setdefault(start, s.data)
-  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
+  return np.concatenate(jax.device_get([shards[k] for k in sorted(shards)]), axis=0)
 
 
 def decode_responses(tokenizer, tokens_BxT: np.ndarray, loss_mask_BxT: np.ndarray) -> list[str]:
@@ -309,6 +360,11 @@ def verify(tokenizer, verifier: verifiers.Verifier, rollout: Rollout, answers_B:
   texts = decode_responses(tokenizer, local_rows(rollout.tokens_BxT),
                            local_rows(rollout.loss_mask_BxT))
   return verifiers.score_batch(verifier, texts, list(answers_B))
+
+
+@jax.jit
+def _fold_in(key, data):
+  return jax.random.fold_in(key, data)
 
 
 # -- eval -----------------------------------------------------------------------------------------
@@ -326,8 +382,9 @@ def evaluate(graphdef, params, batches, tokenizer, verifier: verifiers.Verifier,
   for i, batch in enumerate(batches):
     dev = to_device({"prompt_tokens_BxP": batch["prompt_tokens_BxP"],
                      "prompt_mask_BxP": batch["prompt_mask_BxP"]})
+    key = _fold_in(rng, jax.device_put(np.uint32(i)))
     out = sampler_lib.sample(graphdef, params, dev["prompt_tokens_BxP"], dev["prompt_mask_BxP"],
-                             jax.random.fold_in(rng, i), sampler_cfg)
+                             key, sampler_cfg)
     tokens, loss_mask = local_rows(out.tokens_BxT), local_rows(out.loss_mask_BxT)
     texts = decode_responses(tokenizer, tokens, loss_mask)
     scores = verifiers.score_batch(verifier, texts, list(batch["answer_B"]))

@@ -152,11 +152,14 @@ class PGStepConfig:
   epochs: int = 1
   minibatches: int = 1
   micro_batches: int = 1
-  temperature: float = 1.0
+  # Derived knobs (not config keys: the recipe fills them from sampler.temperature and from
+  # credit.kind='gae' + credit.value='learned').
+  temperature: float = dataclasses.field(default=1.0,
+                                         metadata={"derived": "sampler.temperature"})
   chunk_size: int = scoring.DEFAULT_CHUNK
   kl_coef: float = 0.0
   kl_kind: str = "k3"
-  value_head: bool = False
+  value_head: bool = dataclasses.field(default=False, metadata={"derived": "credit.value"})
   value_coef: float = 0.5
   value_lr: float = 1e-3
   cr: CRTermConfig = dataclasses.field(default_factory=CRTermConfig)

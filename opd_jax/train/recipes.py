@@ -1,0 +1,400 @@
+"""One typed recipe per training method: what it needs, how a host batch becomes step inputs, and
+its pure step.
+
+    RECIPES = {'sft': SFT, 'opd': PG(teacher reward), 'rlvr': PG(verifier reward),
+               'mixed': PG(both), 'distill': Distill}
+
+`get(cfg)` is the only place a method name is looked up. Everything else asks the recipe:
+
+  needs(cfg)              teacher weights, verifier, frozen reference policy, learned value head
+  validate(cfg)           the method's config rules; settings the method would never read are
+                          refused with a message naming the field (no silently ignored knob)
+  uses_rollouts           prompts -> responses (PG, distill) or demonstrations (SFT)
+  rows / updates_per_step global rows of one step; optimizer updates per step
+  step_config(cfg)        the step's config with derived knobs filled in (one copy of each knob)
+  rollout_knobs(plan)     the static settings of the rollout phases (`train.rollout`)
+  abstract_batch(plan)    ShapeDtypeStructs of the step's batch (for `plan`)
+  init_extras(ctx)        the recipe's TrainState fields (value head, token-transform state)
+  jit_step(ctx, shardings)  the pure step jitted once with explicit shardings
+  make_batch(ctx, state, host) -> (state, step_args, metrics)
+                          host numpy batch -> device step inputs (the rollout for PG / distill)
+
+Off-policy training is a rollout policy of the PG recipes (`rollout.policy='teacher'`), not a
+method. Adding a method means adding one entry to `RECIPES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax.train import steps as steps_lib
+
+
+def _config_error(msg: str):
+  from opd_jax.train.config import ConfigError  # config imports this module lazily
+  return ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+  """What a configured recipe needs besides the student.
+
+  Attributes:
+    teacher: teacher weights on the devices (log-ratio rewards, direct-route divergences, CR-OPD,
+      or a teacher-sampled rollout).
+    verifier: verifier rewards on the training rollouts.
+    reference: the frozen initial student (KL-to-reference log-probs in the rollout).
+    value_head: a learned value head in the train state (GAE-OPD with value='learned').
+  """
+
+  teacher: bool = False
+  verifier: bool = False
+  reference: bool = False
+  value_head: bool = False
+
+
+@dataclasses.dataclass
+class RunContext:
+  """What the loop built once per run, handed to the recipe's `make_batch` / `jit_step`.
+
+  Attributes:
+    plan: the `run_plan.RunPlan`.
+    mesh / rules: the device mesh and logical-axis rules.
+    graphdef: the student's graphdef.
+    tx: the policy optimizer.
+    teacher_graphdef / teacher_params: None when the recipe needs no teacher.
+    reference_params: the frozen initial student (None unless needs.reference).
+    verifier: training-reward verifier (None unless needs.verifier).
+    tokenizer: decodes responses for the verifier.
+    token_tx: token transforms over the OPD rewards (None without).
+    knobs: the recipe's rollout knobs (`rollout_knobs(plan)`; None for SFT).
+    to_device: host numpy batch (this process's rows) -> global device arrays.
+  """
+
+  plan: Any
+  mesh: Any
+  rules: Any
+  graphdef: Any
+  tx: Any
+  teacher_graphdef: Any = None
+  teacher_params: Any = None
+  reference_params: Any = None
+  verifier: Any = None
+  tokenizer: Any = None
+  token_tx: Any = None
+  knobs: Any = None
+  to_device: Callable[[Mapping[str, np.ndarray]], dict] | None = None
+
+
+# -- config rules shared by the recipes -----------------------------------------------------------
+def _path_get(obj, path: str):
+  for part in path.split("."):
+    obj = getattr(obj, part)
+  return obj
+
+
+def _defaults():
+  from opd_jax.train.config import TrainConfig
+  return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _refuse_unread(cfg, name: str, unread: tuple[str, ...], why: str) -> None:
+  """Refuses a non-default value at any of the dotted `unread` paths (sections or fields)."""
+  defaults = _defaults()
+  for path in unread:
+    head, _, rest = path.partition(".")
+    default = defaults[head] if not rest else _path_get(defaults[head], rest)
+    value = _path_get(cfg, path)
+    if value != default:
+      while dataclasses.is_dataclass(value):  # name the first differing leaf of a section
+        field = next(f.name for f in dataclasses.fields(value)
+                     if getattr(value, f.name) != getattr(default, f.name))
+        path, value, default = f"{path}.{field}", getattr(value, field), getattr(default, field)
+      raise _config_error(f"config.{path}={value!r} has no effect with method={name!r} ({why}); "
+                          "remove the override")
+
+
+def _batch_fields(rows: int, seq: int, fields: Mapping[str, Any]) -> dict:
+  return {k: jax.ShapeDtypeStruct((rows, seq), dt) for k, dt in fields.items()}
+
+
+_SFT_BATCH = {"tokens_BxT": jnp.int32, "mask_BxT": jnp.bool_, "loss_mask_BxT": jnp.bool_}
+
+
+# -- recipes --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """Base of the recipes (module docstring lists the interface)."""
+
+  name: str
+  uses_rollouts: ClassVar[bool] = True
+
+  def needs(self, cfg) -> Needs:
+    raise NotImplementedError
+
+  def validate(self, cfg) -> None:
+    needs = self.needs(cfg)
+    if needs.teacher and cfg.teacher.source == "none":
+      raise _config_error(
+          f"method={self.name!r} (rollout.policy={cfg.rollout.policy!r}) needs a teacher: set "
+          "teacher.source to 'random', 'hf' or 'checkpoint' (or pass teacher_params to loop.run)")
+    if not needs.teacher:
+      _refuse_unread(cfg, self.name, ("teacher",), "it uses no teacher")
+
+  def rows(self, cfg) -> int:
+    return cfg.loop.batch_size * (cfg.rollout.group_size if self.uses_rollouts else 1)
+
+  def updates_per_step(self, cfg) -> int:
+    return 1
+
+  def step_config(self, cfg):
+    raise NotImplementedError
+
+  def rollout_knobs(self, plan):
+    return None
+
+  def abstract_batch(self, plan) -> dict:
+    return _batch_fields(plan.rows, plan.seq_len, _SFT_BATCH)
+
+  def init_extras(self, ctx) -> dict:
+    """The recipe's TrainState fields ({'value': ..., 'token_state': ...}; None when unused)."""
+    return {"value": None, "token_state": None}
+
+  def jit_step(self, ctx, state_shardings):
+    raise NotImplementedError
+
+  def make_batch(self, ctx, state, host: Mapping[str, np.ndarray]):
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class SFT(Recipe):
+  """Token NLL on demonstrations (`sft_step`)."""
+
+  uses_rollouts: ClassVar[bool] = False
+
+  def needs(self, cfg) -> Needs:
+    return Needs()
+
+  def validate(self, cfg) -> None:
+    super().validate(cfg)
+    if cfg.data.source == "file" and cfg.data.layout != "math":
+      raise _config_error(f"method='sft' needs worked solutions; data.layout="
+                          f"{cfg.data.layout!r} has none (use source='task' or a layout with a "
+                          "solution field)")
+    unread = ("rollout", "pg", "distill", "credit", "grpo")
+    if not cfg.loop.eval_every:
+      unread += ("sampler",)
+    _refuse_unread(cfg, self.name, unread, "SFT reads the sft section and trains on "
+                   "demonstrations")
+
+  def step_config(self, cfg):
+    return cfg.sft
+
+  def jit_step(self, ctx, state_shardings):
+    from opd_jax.train import mesh as mesh_lib
+    return steps_lib.jit_step(
+        steps_lib.sft_step, ctx.mesh, state_shardings, mesh_lib.batch_sharding(ctx.mesh, 2,
+                                                                              ctx.rules),
+        rules=ctx.rules, graphdef=ctx.graphdef, tx=ctx.tx, cfg=ctx.plan.step_cfg)
+
+  def make_batch(self, ctx, state, host):
+    return state, (ctx.to_device({k: host[k] for k in steps_lib.SFT_FIELDS}),), {}
+
+
+def _prompts(ctx, host):
+  return ctx.to_device({k: host[k] for k in ("prompt_tokens_BxP", "prompt_mask_BxP", "valid_B")})
+
+
+@dataclasses.dataclass(frozen=True)
+class PG(Recipe):
+  """Policy-gradient route (`pg_step`): the rollout's per-token advantages come from the teacher's
+  log-ratio (OPD), the verifier (RLVR, GRPO groups), or both (mixed: alpha A_OPD + (1 - alpha)
+  A_RLVR)."""
+
+  teacher_reward: bool = True
+  verifier_reward: bool = False
+
+  def needs(self, cfg) -> Needs:
+    learned = (self.teacher_reward and cfg.credit.kind == "gae" and cfg.credit.value == "learned")
+    return Needs(
+        teacher=(self.teacher_reward or cfg.rollout.policy == "teacher"
+                 or cfg.pg.cr.coef > 0),
+        verifier=self.verifier_reward, reference=cfg.pg.kl_coef > 0, value_head=learned)
+
+  def validate(self, cfg) -> None:
+    super().validate(cfg)
+    unread = ["sft", "distill"]
+    if not self.teacher_reward:
+      unread += ["credit", "rollout.token_transforms"]
+    else:
+      c = cfg.credit
+      if c.kind != "gae":
+        unread += ["credit.value", "credit.lam"]
+      if c.kind not in ("gae", "discounted"):
+        unread += ["credit.gamma"]
+    if not self.verifier_reward:
+      unread += ["grpo"]
+    if not (self.teacher_reward and self.verifier_reward):
+      unread += ["rollout.mix_alpha"]
+    if cfg.pg.kl_coef == 0:
+      unread += ["pg.kl_kind"]
+    if cfg.rollout.policy == "teacher":
+      unread += ["rollout.recompute_old_logp"]  # the student always re-scores teacher samples
+    if not self.needs(cfg).value_head:
+      unread += ["pg.value_coef", "pg.value_lr"]
+    _refuse_unread(cfg, self.name, tuple(unread), self._why())
+    if self.verifier_reward and cfg.rollout.group_size < 2:
+      raise _config_error(f"method={self.name!r} needs rollout.group_size >= 2 (GRPO groups)")
+    if cfg.pg.cr.coef > 0 and not self.teacher_reward:
+      raise _config_error(f"config.pg.cr.coef={cfg.pg.cr.coef}: CR-OPD routes the mass of "
+                          f"negatively rewarded tokens by the teacher; method={self.name!r} has "
+                          "no teacher reward")
+
+  def _why(self) -> str:
+    parts = ([] if not self.teacher_reward else ["teacher log-ratio rewards"]) + (
+        [] if not self.verifier_reward else ["verifier rewards"])
+    return "it trains on " + " and ".join(parts)
+
+  def updates_per_step(self, cfg) -> int:
+    return cfg.pg.epochs * cfg.pg.minibatches
+
+  def step_config(self, cfg):
+    return dataclasses.replace(cfg.pg, temperature=cfg.sampler.temperature,
+                               value_head=self.needs(cfg).value_head)
+
+  def rollout_knobs(self, plan):
+    from opd_jax.train import rollout as rollout_lib
+    cfg = plan.cfg
+    needs = self.needs(cfg)
+    return rollout_lib.RolloutKnobs(
+        teacher_reward=self.teacher_reward, verifier_reward=self.verifier_reward,
+        policy=cfg.rollout.policy, sampler=plan.sampler, credit=cfg.credit,
+        group_size=cfg.rollout.group_size, normalize_std=cfg.grpo.normalize_std,
+        grpo_eps=cfg.grpo.eps, ddof=cfg.grpo.ddof,
+        mix_alpha=cfg.rollout.mix_alpha if self.teacher_reward and self.verifier_reward else None,
+        chunk_size=cfg.rollout.chunk_size, recompute_old_logp=cfg.rollout.recompute_old_logp,
+        reference=needs.reference, value_head=needs.value_head)
+
+  def abstract_batch(self, plan) -> dict:
+    fields = dict(_SFT_BATCH, old_logp_BxT=jnp.float32, adv_BxT=jnp.float32)
+    needs = self.needs(plan.cfg)
+    if needs.reference:
+      fields["ref_logp_BxT"] = jnp.float32
+    if needs.value_head:
+      fields["returns_BxT"] = jnp.float32
+    return _batch_fields(plan.rows, plan.seq_len, fields)
+
+  def init_extras(self, ctx) -> dict:
+    cfg = ctx.plan.cfg
+    value = None
+    if self.needs(cfg).value_head:
+      value = steps_lib.init_value(ctx.plan.step_cfg, ctx.plan.student.d_model)
+    token_state = None
+    if ctx.token_tx is not None:
+      token_state = ctx.token_tx.init(jnp.zeros((1, 1), jnp.float32))
+    return {"value": value, "token_state": token_state}
+
+  def jit_step(self, ctx, state_shardings):
+    from opd_jax.train import mesh as mesh_lib
+    step_cfg = ctx.plan.step_cfg
+    knobs = dict(graphdef=ctx.graphdef, tx=ctx.tx, cfg=step_cfg)
+    extra = ()
+    if self.needs(ctx.plan.cfg).value_head:
+      knobs["value_tx"] = steps_lib.make_value_tx(step_cfg)
+    if step_cfg.cr.coef > 0:
+      knobs["teacher_graphdef"] = ctx.teacher_graphdef
+      extra = (mesh_lib.param_shardings(ctx.plan.teacher, ctx.mesh, ctx.rules),)
+    return steps_lib.jit_step(steps_lib.pg_step, ctx.mesh, state_shardings,
+                              mesh_lib.batch_sharding(ctx.mesh, 2, ctx.rules),
+                              extra_shardings=extra, rules=ctx.rules, **knobs)
+
+  def make_batch(self, ctx, state, host):
+    from opd_jax.train import rollout as rollout_lib
+    knobs = ctx.knobs
+    prompts = _prompts(ctx, host)
+    value_params = state.value["params"] if state.value is not None else None
+    ro = rollout_lib.generate(ctx.graphdef, state.params, ctx.teacher_graphdef,
+                              ctx.teacher_params, prompts["prompt_tokens_BxP"],
+                              prompts["prompt_mask_BxP"],
+                              rollout_lib.rollout_rng(state.rng, state.step), knobs,
+                              reference_params=ctx.reference_params, value_params=value_params)
+    seq_rewards = None
+    if self.verifier_reward:
+      # The documented host round trip of RLVR: responses are decoded and verified on the host
+      # (each process its own rows), then the scores go back as a global array.
+      local = rollout_lib.verify(ctx.tokenizer, ctx.verifier, ro, host["answer_B"])
+      seq_rewards = ctx.to_device({"rewards_B": local})["rewards_B"]
+    batch, token_state, metrics = rollout_lib.advantages(
+        ro, prompts["valid_B"], seq_rewards, state.token_state, knobs, ctx.token_tx)
+    state = state.replace(token_state=token_state)
+    args = (batch, ctx.teacher_params) if ctx.plan.step_cfg.cr.coef > 0 else (batch,)
+    return state, args, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Distill(Recipe):
+  """Direct route (`distill_step`): a divergence between teacher and student distributions on the
+  student's rollouts."""
+
+  def needs(self, cfg) -> Needs:
+    return Needs(teacher=True)
+
+  def validate(self, cfg) -> None:
+    super().validate(cfg)
+    _refuse_unread(cfg, self.name, ("sft", "pg", "credit", "grpo", "rollout.mix_alpha",
+                                    "rollout.token_transforms", "rollout.recompute_old_logp"),
+                   "the direct route reads the distill section")
+
+  def step_config(self, cfg):
+    return cfg.distill
+
+  def rollout_knobs(self, plan):
+    from opd_jax.train import rollout as rollout_lib
+    cfg = plan.cfg
+    return rollout_lib.RolloutKnobs(
+        teacher_reward=False, verifier_reward=False, policy=cfg.rollout.policy,
+        sampler=plan.sampler, group_size=cfg.rollout.group_size,
+        chunk_size=cfg.rollout.chunk_size, score_student=False)
+
+  def jit_step(self, ctx, state_shardings):
+    from opd_jax.train import mesh as mesh_lib
+    return steps_lib.jit_step(
+        steps_lib.distill_step, ctx.mesh, state_shardings,
+        mesh_lib.batch_sharding(ctx.mesh, 2, ctx.rules), rules=ctx.rules,
+        extra_shardings=(mesh_lib.param_shardings(ctx.plan.teacher, ctx.mesh, ctx.rules),),
+        graphdef=ctx.graphdef, teacher_graphdef=ctx.teacher_graphdef, tx=ctx.tx,
+        cfg=ctx.plan.step_cfg)
+
+  def make_batch(self, ctx, state, host):
+    from opd_jax.train import rollout as rollout_lib
+    prompts = _prompts(ctx, host)
+    ro = rollout_lib.generate(ctx.graphdef, state.params, ctx.teacher_graphdef,
+                              ctx.teacher_params, prompts["prompt_tokens_BxP"],
+                              prompts["prompt_mask_BxP"],
+                              rollout_lib.rollout_rng(state.rng, state.step), ctx.knobs)
+    batch, metrics = rollout_lib.distill_batch(ro, prompts["valid_B"])
+    return state, (batch, ctx.teacher_params), metrics
+
+
+RECIPES: dict[str, Recipe] = {
+    "sft": SFT("sft"),
+    "opd": PG("opd", teacher_reward=True, verifier_reward=False),
+    "rlvr": PG("rlvr", teacher_reward=False, verifier_reward=True),
+    "mixed": PG("mixed", teacher_reward=True, verifier_reward=True),
+    "distill": Distill("distill"),
+}
+METHODS = tuple(RECIPES)
+
+
+def get(cfg_or_method) -> Recipe:
+  """The recipe of a TrainConfig (or of a method name)."""
+  method = cfg_or_method if isinstance(cfg_or_method, str) else cfg_or_method.method
+  if method not in RECIPES:
+    raise _config_error(f"config.method={method!r}: expected one of {METHODS}")
+  return RECIPES[method]

@@ -1,0 +1,313 @@
+"""The run plan: a TrainConfig resolved ONCE into everything the loop, `plan` and the study consume.
+
+`resolve(cfg)` reads what the config points at (architectures from config.json / checkpoint
+metadata, the tokenizer) but no weights, and returns a frozen `RunPlan`: the recipe, the student /
+teacher model configs, the padded sequence lengths, the rollout and eval sampler settings, the step
+config with its derived knobs filled in, and the optimizer update count. Nothing downstream
+re-derives a setting; `loop.run`, `plan.spec_from_plan` and the study's evaluation all read the
+plan.
+
+The loaders (`load_model`, `load_tokenizer`, `load_examples`, `make_verifier`) live here too: they
+are the one place a config is turned into objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from opd_jax.data import datasets as datasets_lib
+from opd_jax.data import tasks as tasks_lib
+from opd_jax.data import tokenizer as tokenizer_lib
+from opd_jax.data import verifiers
+from opd_jax.models import hf
+from opd_jax.models import sampler as sampler_lib
+from opd_jax.models import transformer
+from opd_jax.models.config import ModelConfig
+from opd_jax.train import checkpoint as ckpt_lib
+from opd_jax.train import config as config_lib
+from opd_jax.train import mesh as mesh_lib
+from opd_jax.train import recipes as recipes_lib
+from opd_jax.train.config import ModelSpec, TrainConfig
+
+NUMERIC_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat")
+
+# Chat-template tokens around a task prompt with the char-level task tokenizer (`tokenizer.py`).
+_CHAT_SPECIALS = 3
+
+
+# -- models ---------------------------------------------------------------------------------------
+def _numerics(spec: ModelSpec) -> dict:
+  return {f: getattr(spec.model, f) for f in NUMERIC_FIELDS}
+
+
+def checkpoint_model_config(step_dir) -> ModelConfig | None:
+  """The ModelConfig recorded in a checkpoint / snapshot's metadata, or None."""
+  meta_dir = epath.Path(step_dir) / ckpt_lib.META
+  if not meta_dir.is_dir():
+    return None
+  for f in sorted(meta_dir.iterdir()):
+    if f.is_file() and not f.name.startswith("."):
+      try:
+        meta = json.loads(f.read_text())
+      except (ValueError, UnicodeDecodeError):
+        continue
+      if "model_config" in meta:
+        return ckpt_lib.model_config_from_dict(meta["model_config"])
+  return None
+
+
+def spec_model_config(spec: ModelSpec) -> ModelConfig:
+  """The architecture of a model spec without loading weights (hf: config.json when present;
+  checkpoint: its metadata when present; else the spec's own `model`)."""
+  if spec.source == "hf" and (epath.Path(spec.path) / "config.json").is_file():
+    return hf.config_from_hf(spec.path, **_numerics(spec))
+  if spec.source == "checkpoint" and epath.Path(spec.path).exists():
+    meta_cfg = checkpoint_model_config(ckpt_lib.resolve_step_dir(spec.path))
+    if meta_cfg is not None:
+      return meta_cfg.replace(**_numerics(spec))
+  return spec.model
+
+
+def _cast(params, cfg: ModelConfig):
+  dtype = jnp.dtype(cfg.param_dtype)
+  return jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), params)
+
+
+def _check_shapes(cfg: ModelConfig, params, what: str) -> None:
+  want = transformer.abstract_params(cfg)
+  want_paths = {jax.tree_util.keystr(p): x.shape
+                for p, x in jax.tree_util.tree_leaves_with_path(want)}
+  got_paths = {jax.tree_util.keystr(p): tuple(np.shape(x))
+               for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  problems = [f"{k}: missing" for k in want_paths if k not in got_paths]
+  problems += [f"{k}: unexpected" for k in got_paths if k not in want_paths]
+  problems += [f"{k}: shape {got_paths[k]} != expected {v}" for k, v in want_paths.items()
+               if k in got_paths and tuple(got_paths[k]) != tuple(v)]
+  if problems:
+    raise ValueError(f"{what} do not match the model config: " + "; ".join(problems[:8]))
+
+
+def load_model(spec: ModelSpec, mesh, rules, *, params=None, what: str = "student"
+               ) -> tuple[ModelConfig, Any, dict]:
+  """(cfg, graphdef, params) of a model spec, params placed with the mesh's param shardings.
+
+  `params` (in memory) replace the spec's source; their shapes must match the spec's model (for
+  'hf' / 'checkpoint' sources, the architecture recorded there).
+  """
+  if spec.source == "none" and params is None:
+    raise ValueError(f"{what}: source 'none' has no model")
+  cfg = spec.model if spec.source in ("random", "none") else spec_model_config(spec)
+  shardings = mesh_lib.param_shardings(cfg, mesh, rules)
+  graphdef = transformer.graphdef_for(cfg)
+  if params is not None:
+    _check_shapes(cfg, params, f"{what} params passed in memory")
+    params = mesh_lib.reshard(_cast(params, cfg), shardings)
+  elif spec.source == "random":
+    _, params = mesh_lib.init_sharded_params(cfg, mesh, rules, spec.seed)
+  elif spec.source == "hf":
+    _, params = hf.load(spec.path, cfg=cfg, mesh=mesh, rules=rules)
+    params = mesh_lib.reshard(params, shardings)
+  else:
+    params = ckpt_lib.load_params(spec.path, shardings=shardings)
+    _check_shapes(cfg, params, f"{what} checkpoint {spec.path}")
+    params = mesh_lib.reshard(_cast(params, cfg), shardings)
+  return cfg, graphdef, params
+
+
+# -- data -----------------------------------------------------------------------------------------
+def load_tokenizer(cfg: TrainConfig):
+  if cfg.data.tokenizer:
+    return tokenizer_lib.load_tokenizer(cfg.data.tokenizer)
+  return tokenizer_lib.build_task_tokenizer()
+
+
+def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
+  """(train examples, eval examples) of the data config."""
+  d = cfg.data
+  if d.source == "task":
+    train = tasks_lib.generate(d.task, "train", d.train_examples, seed=d.data_seed)
+    evals = tasks_lib.generate(d.task, "eval", d.eval_examples, seed=d.data_seed)
+    return train, evals
+  kw = dict(layout=d.layout, on_error=d.on_error, tokenizer=tokenizer,
+            max_prompt_tokens=d.max_prompt_tokens or None)
+  train, _ = datasets_lib.load_prompt_set(d.path, limit=d.train_examples or None, **kw)
+  evals = []
+  if d.eval_path:
+    evals, _ = datasets_lib.load_prompt_set(d.eval_path, limit=d.eval_examples or None, **kw)
+  return train, evals
+
+
+def make_verifier(cfg: TrainConfig) -> verifiers.Verifier:
+  if cfg.data.verifier == "math":
+    return verifiers.MathVerifier()
+  return verifiers.exact_match
+
+
+def _round8(n: int) -> int:
+  return int(math.ceil(n / 8) * 8)
+
+
+def sequence_lengths(cfg: TrainConfig) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+  """(prompt buckets, SFT buckets, response budget), from the config alone: the buckets given,
+  else for source='task' one bucket fitting the task's longest prompt / prompt + solution (chat
+  specials and EOS included, rounded up to a multiple of 8). Files need explicit buckets and
+  `sampler.max_new_tokens`: a `ConfigError` names the field otherwise."""
+  d = cfg.data
+  bounds = tasks_lib.max_lengths(d.task) if d.source == "task" else None
+
+  def need(field: str):
+    raise config_lib.ConfigError(f"{field}=() / 0 (automatic) needs data.source='task' to size "
+                                 f"it; set {field} for prompt-set files")
+
+  if d.prompt_buckets:
+    prompt = tuple(d.prompt_buckets)
+  elif bounds is not None:
+    prompt = (_round8(bounds[0] + _CHAT_SPECIALS),)
+  else:
+    prompt = None
+  if d.sft_buckets:
+    sft_b = tuple(d.sft_buckets)
+  elif bounds is not None:
+    sft_b = (_round8(bounds[0] + _CHAT_SPECIALS + bounds[1] + 1),)
+  else:
+    sft_b = None
+  if cfg.sampler.max_new_tokens:
+    new = cfg.sampler.max_new_tokens
+  elif bounds is not None:
+    new = bounds[1] + 1  # char-level task tokenizer: one token per character, plus EOS
+  else:
+    new = None
+  recipe = recipes_lib.get(cfg)
+  if recipe.uses_rollouts or (cfg.loop.eval_every and (cfg.data.eval_examples or cfg.data.eval_path)):
+    if prompt is None:
+      need("data.prompt_buckets")
+    if new is None:
+      need("sampler.max_new_tokens")
+  if not recipe.uses_rollouts and sft_b is None:
+    need("data.sft_buckets")
+  return prompt or (), sft_b or (), new or 0
+
+
+def sampler_config(cfg: TrainConfig, eos_id: int, pad_id: int, *, max_new_tokens: int,
+                   greedy: bool = False, temperature: float | None = None
+                   ) -> sampler_lib.SamplerConfig:
+  s = cfg.sampler
+  eos = (eos_id,) + tuple(e for e in s.eos_ids if e != eos_id)
+  return sampler_lib.SamplerConfig(
+      max_new_tokens=max_new_tokens, temperature=s.temperature if temperature is None else
+      temperature, top_k=s.top_k, top_p=s.top_p, greedy=greedy,
+      eos_id=eos if len(eos) > 1 else eos[0], pad_id=pad_id)
+
+
+def subspace_bases_from_config(cfg: TrainConfig):
+  """Bases V_k of W_at - W_origin (`optim.subspace.capture_bases`), or None when disabled."""
+  if not cfg.subspace.at:
+    return None
+  from opd_jax.optim import subspace  # imported only when used
+  origin = ckpt_lib.load_params(cfg.subspace.origin)
+  at = ckpt_lib.load_params(cfg.subspace.at)
+  delta = jax.tree.map(lambda a, b: jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32),
+                       at, origin)
+  return subspace.capture_bases(delta, cfg.subspace.k)
+
+
+# -- the plan -------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """A run, resolved (module docstring). Frozen: one copy of every setting.
+
+  Attributes:
+    cfg: the typed config it was resolved from (for provenance; read settings from here only
+      when the plan has no resolved field for them).
+    recipe: the method's `recipes.Recipe`.
+    student / teacher / reference: model configs (teacher None when the recipe needs none;
+      reference: the frozen initial student for KL-to-reference, else None).
+    prompt_buckets / sft_buckets: padded lengths of rollout prompts / SFT sequences.
+    max_new_tokens: the response budget.
+    rows: global rows of one train step (prompts x group size for rollouts).
+    sampler: the rollout sampler settings (None without rollouts).
+    eval_sampler: the eval sampler settings (None without eval).
+    eval_k: samples per eval prompt.
+    step_cfg: the recipe's step config with derived knobs filled in (pg temperature = the
+      sampling temperature, ...).
+    total_updates: optimizer updates over the run (schedules).
+    eos_id / pad_id: the tokenizer's ids.
+  """
+
+  cfg: TrainConfig
+  recipe: Any
+  student: ModelConfig
+  teacher: ModelConfig | None
+  reference: ModelConfig | None
+  prompt_buckets: tuple[int, ...]
+  sft_buckets: tuple[int, ...]
+  max_new_tokens: int
+  rows: int
+  sampler: sampler_lib.SamplerConfig | None
+  eval_sampler: sampler_lib.SamplerConfig | None
+  eval_k: int
+  step_cfg: Any
+  total_updates: int
+  eos_id: int
+  pad_id: int
+
+  @property
+  def seq_len(self) -> int:
+    """Tokens per train row (the longest bucket)."""
+    if self.recipe.uses_rollouts:
+      return self.prompt_buckets[-1] + self.max_new_tokens
+    return self.sft_buckets[-1]
+
+  @property
+  def has_eval(self) -> bool:
+    return self.eval_sampler is not None
+
+
+def resolve(cfg: TrainConfig, *, tokenizer=None, student: ModelConfig | None = None,
+            teacher: ModelConfig | None = None, shapes_only: bool = False) -> RunPlan:
+  """The `RunPlan` of a config (no weights are read).
+
+  Args:
+    cfg: the typed config.
+    tokenizer: overrides `cfg.data.tokenizer` (its EOS / pad ids go into the sampler settings).
+    student / teacher: architectures known by the caller (in-memory params), else from the specs.
+    shapes_only: for `plan`: no tokenizer is loaded (EOS / pad ids are 0); only shapes matter.
+  """
+  recipe = recipes_lib.get(cfg)
+  recipe.validate(cfg)
+  needs = recipe.needs(cfg)
+  if tokenizer is None and not shapes_only:
+    tokenizer = load_tokenizer(cfg)
+  eos_id = tokenizer.eos_token_id if tokenizer is not None else 0
+  pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
+  prompt_b, sft_b, max_new = sequence_lengths(cfg)
+  student_cfg = student if student is not None else spec_model_config(cfg.student)
+  teacher_cfg = None
+  if needs.teacher:
+    teacher_cfg = teacher if teacher is not None else spec_model_config(cfg.teacher)
+  sampler = None
+  if recipe.uses_rollouts:
+    sampler = sampler_config(cfg, eos_id, pad_id, max_new_tokens=max_new)
+  loop = cfg.loop
+  has_eval = bool(loop.eval_every) and bool(cfg.data.eval_examples if cfg.data.source == "task"
+                                            else cfg.data.eval_path)
+  eval_sampler = None
+  if has_eval:
+    eval_sampler = sampler_config(cfg, eos_id, pad_id, max_new_tokens=max_new,
+                                  greedy=loop.eval_greedy, temperature=loop.eval_temperature)
+  step_cfg = recipe.step_config(cfg)
+  return RunPlan(
+      cfg=cfg, recipe=recipe, student=student_cfg, teacher=teacher_cfg,
+      reference=student_cfg if needs.reference else None, prompt_buckets=prompt_b,
+      sft_buckets=sft_b, max_new_tokens=max_new, rows=recipe.rows(cfg), sampler=sampler,
+      eval_sampler=eval_sampler, eval_k=1 if loop.eval_greedy else loop.eval_k,
+      step_cfg=step_cfg, total_updates=loop.steps * recipe.updates_per_step(cfg),
+      eos_id=eos_id, pad_id=pad_id)
