@@ -30,6 +30,7 @@ from typing import Any, Callable
 from opd_jax.study import config as study_config
 from opd_jax.study import phases as phases_lib
 from opd_jax.study.config import StudyConfig
+from opd_jax.train import checkpoint as ckpt_lib
 
 REPORT_DIR = "report"
 STUDY_JSON = "study_config.json"
@@ -475,7 +476,7 @@ def run(config, workdir, redo=(), check=False, log=print) -> dict:
   import jax
   from opd_jax.train import config as train_config
   study = _as_study(config)
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = ckpt_lib.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   writer = jax.process_index() == 0
   if writer:

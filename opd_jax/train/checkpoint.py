@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
+import os
 from typing import Any, Mapping
 
 import jax
@@ -33,6 +33,16 @@ from opd_jax.models.config import ModelConfig
 from opd_jax.train.state import TrainState
 
 STATE, PARAMS, META = "state", "params", "meta"
+
+
+def as_path(path) -> epath.Path:
+  """A run / checkpoint location as an `epath.Path`. A path with a scheme (gs://bucket/run) is
+  kept exactly as given (`epath.Path.absolute()` would turn it into a local './gs:/bucket/run');
+  a local path is made absolute."""
+  text = os.fspath(path) if not isinstance(path, str) else path
+  if "://" in str(text):
+    return epath.Path(str(text))
+  return epath.Path(os.path.abspath(text))
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict:
@@ -69,7 +79,7 @@ class Checkpointer:
 
   def __init__(self, directory, *, keep: int | None = 3, async_save: bool = True,
                model_cfg: ModelConfig | None = None):
-    self.directory = epath.Path(directory).absolute()
+    self.directory = as_path(directory)
     self.model_cfg = model_cfg
     self.manager = ocp.CheckpointManager(self.directory, options=_options(keep, async_save),
                                          item_names=(STATE, META))
@@ -136,10 +146,10 @@ class Checkpointer:
 
 # -- parameter snapshots --------------------------------------------------------------------------
 def save_snapshot(directory, step: int, params, model_cfg: ModelConfig | None = None,
-                  meta: Mapping[str, Any] | None = None) -> pathlib.Path:
+                  meta: Mapping[str, Any] | None = None) -> epath.Path:
   """Writes the parameters of `step` to `<directory>/<step>/` (kept forever; blocking) and
   returns that path."""
-  root = epath.Path(directory).absolute()
+  root = as_path(directory)
   info = dict(meta or {})
   info["step"] = int(step)
   if model_cfg is not None:
@@ -151,7 +161,7 @@ def save_snapshot(directory, step: int, params, model_cfg: ModelConfig | None = 
     manager.wait_until_finished()
   finally:
     manager.close()
-  return pathlib.Path(root / str(int(step)))
+  return root / str(int(step))
 
 
 def _is_step_dir(path: epath.Path) -> bool:
@@ -164,19 +174,19 @@ def _latest_step_dir(root: epath.Path) -> epath.Path | None:
   return root / str(max(steps)) if steps else None
 
 
-def resolve_step_dir(path) -> pathlib.Path:
+def resolve_step_dir(path) -> epath.Path:
   """A snapshot / checkpoint step directory from a step dir or a root (its latest step)."""
-  p = epath.Path(path).absolute()
+  p = as_path(path)
   if not p.exists():
     raise FileNotFoundError(f"no checkpoint at {str(p)!r}")
   if _is_step_dir(p):
-    return pathlib.Path(p)
+    return p
   latest = _latest_step_dir(p) if p.is_dir() else None
   if latest is None:
     raise ValueError(f"{str(p)!r} is neither a snapshot/checkpoint step directory (with a "
                      f"'{PARAMS}/' or '{STATE}/' subdirectory) nor a root holding numbered step "
                      "directories")
-  return pathlib.Path(latest)
+  return latest
 
 
 def _read_meta(step_dir: epath.Path) -> dict:

@@ -33,7 +33,6 @@ Layout of `workdir`: `config.json`, `metrics.jsonl` (+ `tb/` TensorBoard), `chec
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Mapping
 
@@ -81,10 +80,7 @@ class NonFiniteLossError(RuntimeError):
 def workdir_path(workdir) -> epath.Path:
   """The run directory as an `epath.Path`: a path with a scheme (gs://...) is kept as given (it
   reaches orbax and the writers unchanged); a local one is made absolute."""
-  text = str(workdir)
-  if "://" in text:
-    return epath.Path(text)
-  return epath.Path(os.path.abspath(text))
+  return ckpt_lib.as_path(workdir)
 
 
 def _poison(params):

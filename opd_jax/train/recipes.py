@@ -204,10 +204,16 @@ class SFT(Recipe):
         rules=ctx.rules, graphdef=ctx.graphdef, tx=ctx.tx, cfg=ctx.plan.step_cfg)
 
   def make_batch(self, ctx, state, host):
+    from opd_jax.models import scoring
+    scoring.check_tokens_host(host["tokens_BxT"], ctx.plan.student.vocab_size, host["mask_BxT"])
     return state, (ctx.to_device({k: host[k] for k in steps_lib.SFT_FIELDS}),), {}
 
 
 def _prompts(ctx, host):
+  """Validates this process's prompt rows on the host, then places them as global arrays."""
+  from opd_jax.models import sampler as sampler_lib
+  sampler_lib.check_prompts_host(host["prompt_tokens_BxP"], host["prompt_mask_BxP"],
+                                 ctx.plan.student.vocab_size)
   return ctx.to_device({k: host[k] for k in ("prompt_tokens_BxP", "prompt_mask_BxP", "valid_B")})
 
 
