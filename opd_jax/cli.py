@@ -131,8 +131,8 @@ def _plan(args, overrides) -> int:
     argv = [sys.executable, "-m", "opd_jax.cli"] + list(args.argv)
     return subprocess.run(argv, env=env, check=False).returncode
 
-  from opd_jax.train import loop
   from opd_jax.train import plan as plan_lib
+  from opd_jax.train import run_plan
   shape, axes = mesh_shape, cfg.mesh.axes
   if shape is None:
     shape = cfg.mesh.resolved_shape(args.devices)
@@ -140,7 +140,10 @@ def _plan(args, overrides) -> int:
       shape, axes = None, plan_lib.mesh_lib.AXES  # plan's default: FSDP over every device
       print(f"note: the config's mesh.shape={cfg.mesh.shape} does not cover {args.devices} "
             "devices; planning FSDP over all of them (choose with --mesh)")
-  result = plan_lib.plan(loop.plan_spec(cfg), args.devices, shape, axes=axes)
+  # Every phase of one iteration (sampler, scorers, train step) from abstract shapes: no weights,
+  # no tokenizer are read.
+  result = plan_lib.plan_run(run_plan.resolve(cfg, shapes_only=True), args.devices, shape,
+                             axes=axes)
   if args.json:
     print(json.dumps(result, indent=1, sort_keys=True, default=str))
   return 0

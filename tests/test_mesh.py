@@ -1,5 +1,5 @@
-"""train/mesh.py (mesh, shardings, sharded init, resharding, multi-process helpers) and
-train/plan.py (compile from abstract shapes, per-device memory)."""
+"""train/mesh.py (mesh, shardings, sharded init, resharding, multi-process helpers); `plan` is in
+test_plan.py."""
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +10,7 @@ from jax.sharding import PartitionSpec as P
 from opd_jax.models import config, transformer
 from opd_jax.optim import factory
 from opd_jax.train import mesh as mesh_lib
-from opd_jax.train import plan as plan_lib
 from opd_jax.train import state as state_lib
-from opd_jax.train import steps
 
 CFG = config.tiny(vocab_size=128, n_layers=1)
 
@@ -117,24 +115,6 @@ def test_maybe_initialize_distributed_single_process_and_errors(monkeypatch):
     mesh_lib.maybe_initialize_distributed()
   with pytest.raises(ValueError, match="outside"):
     mesh_lib.maybe_initialize_distributed("127.0.0.1:1", 2, 5)
-
-
-def test_plan_prints_memory_numbers_for_tiny_on_8_devices(capsys):
-  spec = plan_lib.PlanSpec(CFG, step="sft", batch_size=8, seq_len=16,
-                           optim=factory.OptimConfig(lr=1e-2),
-                           step_cfg=steps.SFTStepConfig(micro_batches=2))
-  out = plan_lib.plan(spec, 8, (2, 2, 2))
-  printed = capsys.readouterr().out
-  for word in ("argument", "output", "temp", "generated_code", "total", "per-device"):
-    assert word in printed
-  assert out["n_devices"] == 8 and out["mesh_shape"] == {"data": 2, "fsdp": 2, "tensor": 2}
-  # The arguments hold at least this device's shard of params + Adam moments + the batch.
-  n = CFG.num_params
-  assert out["argument_bytes"] >= 3 * 4 * n / 8
-  assert out["argument_bytes"] <= 3 * 4 * n  # and never the whole replicated state
-  assert out["total_bytes"] > 0 and out["temp_bytes"] > 0
-  with pytest.raises(RuntimeError, match="xla_force_host_platform_device_count=64"):
-    plan_lib.plan(spec, 64, (1, 64, 1), print_fn=None)
 
 
 def test_step_rng_folds_in_step():

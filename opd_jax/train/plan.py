@@ -1,15 +1,40 @@
-"""`plan`: will this train step fit? Lower and compile it for an N-device mesh from abstract shapes.
+"""`plan`: will one training iteration fit? Compile each of its phases for an N-device mesh from
+abstract shapes and add up the per-device memory.
 
-Nothing is allocated: parameters, optimizer state and batch are `jax.ShapeDtypeStruct`s carrying
-their shardings, the step is jitted exactly as in training (`steps.jit_step`), lowered and compiled,
-and XLA's `memory_analysis()` gives the per-device bytes of arguments, outputs, temporaries and
-generated code. The total reported is arguments + outputs + temporaries + code - aliased (the
-donated state is reused for the new state).
+    result = plan_run(run_plan.resolve(cfg, shapes_only=True), n_devices=64)
+
+Nothing is allocated: every weight, optimizer moment, prompt and rollout array is a
+`jax.ShapeDtypeStruct` carrying its sharding; each phase is the very jitted function the loop calls
+(the same recipe, the same knobs), lowered and compiled, and XLA's `memory_analysis()` gives its
+per-device bytes. One iteration of a rollout recipe (`rollout.generate`, then the step) is:
+
+  resident   held for the whole run: the student's TrainState (params in their dtype, optimizer
+             state, the recipe's extra fields: value head, token-transform state, step, rng), the
+             teacher's params in their dtype (when the recipe needs a teacher), the frozen
+             reference params (KL-to-reference). Counted exactly from the shardings.
+  phases     run one after another, each with its own transient memory:
+               sampler            `sampler._sample` of the behaviour policy (prefill + decode loop;
+                                  its KV cache rows x (prompt + max_new - 1) is reported beside it,
+                                  computed analytically)
+               student re-scoring `scoring._token_logprobs` with the student (teacher-sampled
+                                  rollouts, or `rollout.recompute_old_logp`)
+               teacher scoring    `scoring._token_logprobs` with the teacher (OPD rewards)
+               KL_t               `rollout._reverse_kl` (credit estimators that need it)
+               reference scoring  `scoring._token_logprobs` with the frozen reference
+               value head         `rollout._values` (GAE with a learned value head)
+               train step         `recipe.jit_step` (state donated)
+             A phase's transient bytes = XLA's arguments + outputs + temporaries + generated code -
+             aliased (donated) bytes, minus the resident weights it takes as arguments: its
+             temporaries, its outputs and its non-weight inputs (prompts, rollout arrays).
+  total      resident + the largest phase's transient bytes (phases never overlap).
+
+SFT plans only the train step. Not planned: the advantage computation (a few [rows, T] float32
+arrays), eval sampling, host-side data.
 
 N devices must exist: on CPU, fake them with `XLA_FLAGS=--xla_force_host_platform_device_count=N`
 set before jax is imported (the CLI re-executes itself with the flag). CPU numbers are a proxy for
-TPU: same sharding, same shapes, but a different compiler backend (fusion and layout choices, and
-thus temporaries, differ; arguments and outputs are exact).
+TPU: same sharding, same shapes, but a different compiler backend (fusion, layout and buffer
+reuse choices, and thus temporaries, differ; arguments, outputs and the resident bytes are exact).
 """
 
 from __future__ import annotations
@@ -17,100 +42,120 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
+from opd_jax.models import sampler as sampler_lib
+from opd_jax.models import scoring
+from opd_jax.models import sharding as sharding_lib
 from opd_jax.models import transformer
 from opd_jax.models.config import ModelConfig
-from opd_jax.models.sharding import DEFAULT_RULES, Rules, validate_rules
-from opd_jax.optim.factory import OptimConfig, make_optimizer
+from opd_jax.optim.factory import make_optimizer
 from opd_jax.train import mesh as mesh_lib
-from opd_jax.train import steps
 
-STEP_KINDS = ("sft", "pg", "distill")
 _GIB = float(1 << 30)
+XLA_FIELDS = ("argument", "output", "temp", "generated_code", "alias")
+
+# Display names, in the order they are printed.
+RESIDENT_LABELS = {
+    "student_params": "student params",
+    "optimizer_state": "optimizer state",
+    "state_extras": "state extras (step, rng, value head, token state)",
+    "teacher_params": "teacher params",
+    "reference_params": "reference params (frozen initial student)",
+}
+PHASE_LABELS = {
+    "sampler": "sampler",
+    "student_scoring": "student re-scoring",
+    "teacher_scoring": "teacher scoring",
+    "kl": "KL_t (student vs teacher)",
+    "reference_scoring": "reference scoring",
+    "value_head": "value head",
+    "train_step": "train step",
+}
 
 
-@dataclasses.dataclass(frozen=True)
-class PlanSpec:
-  """What to plan: the model, optimizer, step kind and global batch shape.
-
-  Attributes:
-    model: the trained model.
-    optim: the optimizer config.
-    step: 'sft', 'pg' or 'distill'.
-    batch_size: global rows per train step (must divide over the mesh's batch axes).
-    seq_len: tokens per row (prompt + response).
-    step_cfg: the step's config (`SFTStepConfig` / `PGStepConfig` / `DistillStepConfig`; None:
-      defaults).
-    teacher: the teacher model (distill only; default: the student's config).
-    rules: logical -> mesh axis rules.
-    total_steps: optimizer updates (for schedules that need it).
-  """
-
-  model: ModelConfig
-  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-  step: str = "pg"
-  batch_size: int = 8
-  seq_len: int = 512
-  step_cfg: Any = None
-  teacher: ModelConfig | None = None
-  rules: Rules = DEFAULT_RULES
-  total_steps: int = 1000
-
-  def __post_init__(self):
-    if self.step not in STEP_KINDS:
-      raise ValueError(f"PlanSpec.step={self.step!r}; expected one of {STEP_KINDS}")
-    object.__setattr__(self, "rules", validate_rules(self.rules))
+# -- bytes ----------------------------------------------------------------------------------------
+def device_bytes(tree) -> int:
+  """Bytes one device holds of a pytree of sharded `ShapeDtypeStruct`s / arrays (its shard of
+  every leaf; the largest shard when they differ)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    s = getattr(x, "sharding", None)
+    shape = s.shard_shape(x.shape) if s is not None else x.shape
+    total += math.prod(shape) * x.dtype.itemsize  # typed PRNG keys report their key bytes
+  return int(total)
 
 
-def _with_shardings(abstract, shardings):
+def cache_bytes(model: ModelConfig, rows: int, length: int, mesh, rules) -> int:
+  """Per-device bytes of a KV cache (k and v: [layers, rows, length, kv_heads, head_dim] in the
+  compute dtype), sharded by `transformer.CACHE_AXES` under `rules` as the sampler / scorer
+  constrain it."""
+  shape = (model.n_layers, rows, length, model.n_kv_heads, model.head_dim)
+  spec = sharding_lib.logical_to_spec(transformer.CACHE_AXES, rules, mesh.axis_names)
+  shard = NamedSharding(mesh, spec).shard_shape(shape)
+  return 2 * math.prod(shard) * jnp.dtype(model.dtype).itemsize
+
+
+def _human(n: int) -> str:
+  for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    if abs(n) >= size:
+      return f"{n / size:9.2f} {unit}"
+  return f"{n:9d} B  "
+
+
+# -- abstract inputs ------------------------------------------------------------------------------
+def _sharded(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
 
 
-def _abstract_batch(spec: PlanSpec, mesh, teacher: ModelConfig | None) -> dict:
-  b, t = spec.batch_size, spec.seq_len
-  fields = {"tokens_BxT": jnp.int32, "mask_BxT": jnp.bool_, "loss_mask_BxT": jnp.bool_}
-  if spec.step == "pg":
-    fields.update(old_logp_BxT=jnp.float32, adv_BxT=jnp.float32)
-    if spec.step_cfg is not None and spec.step_cfg.kl_coef > 0:
-      fields["ref_logp_BxT"] = jnp.float32
-  return {k: jax.ShapeDtypeStruct((b, t), dt, sharding=mesh_lib.batch_sharding(mesh, 2, spec.rules))
-          for k, dt in fields.items()}
+def _abstract_params(model: ModelConfig, mesh, rules):
+  return _sharded(transformer.abstract_params(model), mesh_lib.param_shardings(model, mesh, rules))
 
 
-def _step_fn_and_knobs(spec: PlanSpec, tx) -> tuple[Callable, dict]:
-  graphdef = transformer.graphdef_for(spec.model)
-  if spec.step == "sft":
-    return steps.sft_step, dict(graphdef=graphdef, tx=tx,
-                                cfg=spec.step_cfg or steps.SFTStepConfig())
-  if spec.step == "pg":
-    return steps.pg_step, dict(graphdef=graphdef, tx=tx, cfg=spec.step_cfg or steps.PGStepConfig())
-  teacher = spec.teacher or spec.model
-  return steps.distill_step, dict(graphdef=graphdef, teacher_graphdef=transformer.graphdef_for(
-      teacher), tx=tx, cfg=spec.step_cfg or steps.DistillStepConfig())
+def _batch(shape, dtype, mesh, rules):
+  return jax.ShapeDtypeStruct(shape, dtype,
+                              sharding=mesh_lib.batch_sharding(mesh, len(shape), rules))
 
 
-def plan(spec: PlanSpec, n_devices: int | None = None, mesh_shape: Sequence[int] | None = None,
-         *, axes: Sequence[str] = mesh_lib.AXES, print_fn: Callable[[str], None] | None = print
-         ) -> dict:
-  """Compiles the train step of `spec` for an `n_devices` mesh of `mesh_shape` (abstractly) and
-  reports per-device memory.
+@dataclasses.dataclass
+class _Phase:
+  """One compiled phase: its XLA numbers and which resident trees it takes as arguments."""
 
-  Args:
-    spec: the model / optimizer / step / batch to plan.
-    n_devices: number of devices (default: all); must not exceed `jax.device_count()`.
-    mesh_shape: devices per mesh axis (one entry may be -1); default (1, n_devices, 1) (FSDP).
-    axes: mesh axis names.
-    print_fn: where the human-readable summary goes (None: silent).
+  name: str
+  model: str
+  lower: Callable[[], Any]
+  resident_args: tuple[str, ...]
+  kv_cache_bytes: int = 0
 
-  Returns:
-    dict with the mesh, parameter count, compile seconds and per-device bytes: argument_bytes,
-    output_bytes, temp_bytes, generated_code_bytes, alias_bytes, total_bytes (and *_gib).
-  """
+
+def _compile(phase: _Phase, resident: dict[str, int]) -> dict:
+  t0 = time.perf_counter()
+  lowered = phase.lower()
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  mem = compiled.memory_analysis()
+  out = {f"{k}_bytes": int(getattr(mem, f"{k}_size_in_bytes", 0) or 0) if mem else 0
+         for k in XLA_FIELDS}
+  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                        + out["generated_code_bytes"] - out["alias_bytes"])
+  weights = sum(resident[k] for k in phase.resident_args)
+  out["resident_args_bytes"] = weights
+  out["transient_bytes"] = out["total_bytes"] - weights
+  out["model"] = phase.model
+  if phase.kv_cache_bytes:
+    out["kv_cache_bytes"] = phase.kv_cache_bytes
+  out["lower_seconds"] = round(t1 - t0, 2)
+  out["compile_seconds"] = round(t2 - t1, 2)
+  return out
+
+
+def _make_mesh(n_devices, mesh_shape, axes, rules):
   available = jax.device_count()
   n = available if n_devices is None else int(n_devices)
   if n > available:
@@ -120,67 +165,232 @@ def plan(spec: PlanSpec, n_devices: int | None = None, mesh_shape: Sequence[int]
         "jax is imported (e.g. re-run the command with that variable; `opd-jax plan` does this "
         "itself).")
   shape = tuple(mesh_shape) if mesh_shape is not None else (1, n, 1)
-  mesh_cfg = mesh_lib.MeshConfig(shape=shape, axes=tuple(axes), rules=spec.rules)
-  mesh = mesh_lib.make_mesh(mesh_cfg, jax.devices()[:n])
-  t0 = time.perf_counter()
+  cfg = mesh_lib.MeshConfig(shape=shape, axes=tuple(axes), rules=rules)
+  return mesh_lib.make_mesh(cfg, jax.devices()[:n])
 
-  abstract_params = transformer.abstract_params(spec.model)
-  p_shard = mesh_lib.param_shardings(spec.model, mesh, spec.rules)
-  tx = make_optimizer(spec.optim, abstract_params, total_steps=spec.total_steps)
-  s_shard = mesh_lib.state_shardings(tx, p_shard, abstract_params)
-  abstract_state = mesh_lib.abstract_state(tx, abstract_params, s_shard)
-  batch = _abstract_batch(spec, mesh, spec.teacher)
-  fn, knobs = _step_fn_and_knobs(spec, tx)
-  extra, extra_shardings = (), ()
-  if spec.step == "distill":
-    teacher = spec.teacher or spec.model
-    t_shard = mesh_lib.param_shardings(teacher, mesh, spec.rules)
-    extra = (_with_shardings(transformer.abstract_params(teacher), t_shard),)
-    extra_shardings = (t_shard,)
-  jitted = steps.jit_step(fn, mesh, s_shard, jax.tree.map(lambda x: x.sharding, batch),
-                          extra_shardings=extra_shardings, rules=spec.rules, **knobs)
-  lowered = jitted.lower(abstract_state, batch, *extra)
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
-  mem = compiled.memory_analysis()
+
+def _step_extra_args(run_plan, teacher_params) -> tuple:
+  """Further positional arguments of the recipe's jitted step: the teacher's params for the
+  direct route and for CR-OPD (as `recipe.make_batch` passes them)."""
+  from opd_jax.train import recipes as recipes_lib
+  takes = (isinstance(run_plan.recipe, recipes_lib.Distill)
+           or getattr(run_plan.step_cfg, "needs_teacher", False))
+  if teacher_params is not None and takes:
+    return (teacher_params,)
+  return ()
+
+
+# -- the plan -------------------------------------------------------------------------------------
+def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] | None = None, *,
+             axes: Sequence[str] = mesh_lib.AXES,
+             print_fn: Callable[[str], None] | None = print) -> dict:
+  """Compiles every phase of one iteration of `run_plan` for an `n_devices` mesh and reports the
+  per-device memory of each component (module docstring).
+
+  Args:
+    run_plan: a `run_plan.RunPlan` (`run_plan.resolve(cfg, shapes_only=True)`).
+    n_devices: number of devices (default: all); must not exceed `jax.device_count()`.
+    mesh_shape: devices per mesh axis (one entry may be -1); default (1, n_devices, 1) (FSDP).
+    axes: mesh axis names.
+    print_fn: where the human-readable breakdown goes (None: silent).
+
+  Returns:
+    dict: method, n_devices, mesh_shape, num_params (student), teacher_num_params, rows,
+    prompt_len, max_new_tokens, seq_len; `resident` {component: bytes}; `phases` {phase: XLA
+    numbers (argument/output/temp/generated_code/alias/total_bytes), resident_args_bytes,
+    transient_bytes, kv_cache_bytes (sampler and scorers), model, lower/compile_seconds};
+    `components` (resident components and each phase's transient bytes, flat); resident_bytes,
+    peak_phase, peak_phase_bytes, total_bytes (= resident_bytes + peak_phase_bytes), *_gib and
+    compile_seconds (all phases).
+  """
+  from opd_jax.train import recipes as recipes_lib
+  from opd_jax.train import rollout as rollout_lib
+
+  cfg = run_plan.cfg
+  recipe = run_plan.recipe
+  rules = sharding_lib.validate_rules(cfg.mesh.rules)
+  mesh = _make_mesh(n_devices, mesh_shape, axes, rules)
+  t_start = time.perf_counter()
+
+  # The student's TrainState, built as the loop builds it.
+  student = run_plan.student
+  graphdef = transformer.graphdef_for(student)
+  abstract_params = transformer.abstract_params(student)
+  p_shard = mesh_lib.param_shardings(student, mesh, rules)
+  tx = make_optimizer(cfg.optim, abstract_params, total_steps=run_plan.total_updates)
+  teacher_graphdef = teacher_params = None
+  if run_plan.teacher is not None:
+    teacher_graphdef = transformer.graphdef_for(run_plan.teacher)
+    teacher_params = _abstract_params(run_plan.teacher, mesh, rules)
+  token_tx = None
+  if recipe.uses_rollouts and cfg.rollout.token_transforms:
+    token_tx = rollout_lib.make_token_transform(cfg.rollout.token_transforms)
+  knobs = recipe.rollout_knobs(run_plan)
+  ctx = recipes_lib.RunContext(plan=run_plan, mesh=mesh, rules=rules, graphdef=graphdef, tx=tx,
+                               teacher_graphdef=teacher_graphdef, token_tx=token_tx, knobs=knobs)
+  extras = jax.eval_shape(lambda: recipe.init_extras(ctx))
+  s_shard = mesh_lib.state_shardings(tx, p_shard, abstract_params, **extras)
+  state = mesh_lib.abstract_state(tx, abstract_params, s_shard, **extras)
+  reference_params = (_abstract_params(run_plan.reference, mesh, rules)
+                      if run_plan.reference is not None else None)
+
+  resident = {"student_params": device_bytes(state.params),
+              "optimizer_state": device_bytes(state.opt_state),
+              "state_extras": device_bytes((state.step, state.rng, state.value,
+                                            state.token_state))}
+  if teacher_params is not None:
+    resident["teacher_params"] = device_bytes(teacher_params)
+  if reference_params is not None:
+    resident["reference_params"] = device_bytes(reference_params)
+  state_args = ("student_params", "optimizer_state", "state_extras")
+
+  phases: list[_Phase] = []
+  rows = run_plan.rows
+  if recipe.uses_rollouts:
+    p_len, n_new = run_plan.prompt_buckets[-1], run_plan.max_new_tokens
+    t_len = p_len + n_new
+    by_teacher = knobs.policy == "teacher"
+    policy_cfg = run_plan.teacher if by_teacher else student
+    policy = ((teacher_graphdef, teacher_params, "teacher_params") if by_teacher else
+              (graphdef, state.params, "student_params"))
+    prompt = _batch((rows, p_len), jnp.int32, mesh, rules)
+    prompt_mask = _batch((rows, p_len), jnp.bool_, mesh, rules)
+    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                               sharding=mesh_lib.replicated(mesh))
+    tokens = _batch((rows, t_len), jnp.int32, mesh, rules)
+    mask = _batch((rows, t_len), jnp.bool_, mesh, rules)
+    temp, static_temp = scoring._temperature_args(run_plan.sampler.temperature)
+    chunk = knobs.chunk_size
+    # The scorer's cache covers the sequence padded to whole chunks.
+    c = min(chunk, t_len)
+    score_len = -(-t_len // c) * c
+
+    def under_mesh(fn):
+      def lower():
+        with jax.set_mesh(mesh):
+          return fn()
+      return lower
+
+    phases.append(_Phase(
+        "sampler", "teacher" if by_teacher else "student",
+        under_mesh(lambda: sampler_lib._sample.lower(
+            policy[0], policy[1], prompt, prompt_mask, rng, cfg=run_plan.sampler, rules=rules)),
+        (policy[2],), cache_bytes(policy_cfg, rows, p_len + n_new - 1, mesh, rules)))
+
+    def scorer(name, model_name, gd, params, model_cfg, arg):
+      return _Phase(name, model_name, under_mesh(lambda: scoring._token_logprobs.lower(
+          gd, params, tokens, mask, temp, static_temperature=static_temp, chunk_size=chunk,
+          rules=rules)), (arg,), cache_bytes(model_cfg, rows, score_len, mesh, rules))
+
+    if knobs.score_student and (by_teacher or knobs.recompute_old_logp):
+      phases.append(scorer("student_scoring", "student", graphdef, state.params, student,
+                           "student_params"))
+    if knobs.uses_teacher_logp and not by_teacher:
+      phases.append(scorer("teacher_scoring", "teacher", teacher_graphdef, teacher_params,
+                           run_plan.teacher, "teacher_params"))
+    if knobs.needs_kl:
+      phases.append(_Phase("kl", "student + teacher", under_mesh(
+          lambda: rollout_lib._reverse_kl.lower(
+              graphdef, state.params, teacher_graphdef, teacher_params, tokens, mask, mask,
+              temperature=run_plan.sampler.temperature, chunk_size=chunk,
+              rules=rules)), ("student_params", "teacher_params")))
+    if knobs.reference:
+      phases.append(scorer("reference_scoring", "reference", graphdef, reference_params,
+                           run_plan.reference, "reference_params"))
+    if knobs.value_head:
+      phases.append(_Phase("value_head", "student", under_mesh(
+          lambda: rollout_lib._values.lower(graphdef, state.params, state.value["params"],
+                                            tokens, mask, rules=rules)),
+          ("student_params",)))
+
+  batch = {k: _batch(v.shape, v.dtype, mesh, rules)
+           for k, v in recipe.abstract_batch(run_plan).items()}
+  extra = _step_extra_args(run_plan, teacher_params)
+  step_fn = recipe.jit_step(ctx, s_shard)
+  phases.append(_Phase("train_step", "student", lambda: step_fn.lower(state, batch, *extra),
+                       state_args + (("teacher_params",) if extra else ())))
+
+  # Student re-scoring and reference scoring run the same function on the same shapes: compile
+  # once.
+  results: dict[str, dict] = {}
+  for ph in phases:
+    if ph.name == "reference_scoring" and "student_scoring" in results:
+      r = dict(results["student_scoring"])
+      r["resident_args_bytes"] = resident["reference_params"]
+      r["transient_bytes"] = r["total_bytes"] - r["resident_args_bytes"]
+      r["model"], r["lower_seconds"], r["compile_seconds"] = ph.model, 0.0, 0.0
+      results[ph.name] = r
+    else:
+      results[ph.name] = _compile(ph, resident)
+
+  resident_bytes = sum(resident.values())
+  peak = max(results, key=lambda k: results[k]["transient_bytes"])
   out = {
-      "step": spec.step,
-      "n_devices": n,
+      "method": cfg.method,
+      "n_devices": mesh.devices.size,
       "mesh_shape": dict(zip(mesh.axis_names, mesh.devices.shape)),
-      "num_params": spec.model.num_params,
-      "batch_size": spec.batch_size,
-      "seq_len": spec.seq_len,
-      "lower_seconds": round(t1 - t0, 2),
-      "compile_seconds": round(t2 - t1, 2),
+      "num_params": student.num_params,
+      "param_dtype": student.param_dtype,
+      "dtype": student.dtype,
+      "teacher_num_params": run_plan.teacher.num_params if run_plan.teacher else None,
+      "teacher_param_dtype": run_plan.teacher.param_dtype if run_plan.teacher else None,
+      "rows": rows,
+      "seq_len": run_plan.seq_len,
+      "prompt_len": run_plan.prompt_buckets[-1] if recipe.uses_rollouts else None,
+      "max_new_tokens": run_plan.max_new_tokens if recipe.uses_rollouts else None,
+      "resident": resident,
+      "phases": results,
+      "components": {**resident, **{k: v["transient_bytes"] for k, v in results.items()}},
+      "resident_bytes": resident_bytes,
+      "peak_phase": peak,
+      "peak_phase_bytes": results[peak]["transient_bytes"],
+      "total_bytes": resident_bytes + results[peak]["transient_bytes"],
+      "compile_seconds": round(sum(r["compile_seconds"] for r in results.values()), 2),
+      "wall_seconds": round(time.perf_counter() - t_start, 2),
   }
-  names = ("argument", "output", "temp", "generated_code", "alias")
-  for name in names:
-    out[f"{name}_bytes"] = int(getattr(mem, f"{name}_size_in_bytes", 0) or 0) if mem else 0
-  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
-                        + out["generated_code_bytes"] - out["alias_bytes"])
-  for name in names + ("total",):
-    out[f"{name}_gib"] = out[f"{name}_bytes"] / _GIB
+  for k in ("resident", "peak_phase", "total"):
+    out[f"{k}_gib"] = out[f"{k}_bytes"] / _GIB
   if print_fn is not None:
     print_fn(format_plan(out))
   return out
 
 
-def _human(n: int) -> str:
-  for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-    if abs(n) >= size:
-      return f"{n / size:10.2f} {unit} ({n:,} bytes)"
-  return f"{n:10d} B"
+def _params_str(n: int) -> str:
+  return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
 
 
 def format_plan(result: dict) -> str:
+  """The human-readable breakdown of a `plan_run` result."""
   mesh = " x ".join(f"{k}={v}" for k, v in result["mesh_shape"].items())
-  lines = [f"plan: {result['step']} step, {result['num_params']:,} params, global batch "
-           f"{result['batch_size']} x {result['seq_len']} tokens, {result['n_devices']} devices "
-           f"({mesh}); compiled in {result['compile_seconds']:.1f} s",
-           "per-device memory (XLA memory analysis):"]
-  for name in ("argument", "output", "temp", "generated_code", "alias"):
-    lines.append(f"  {name:<15} {_human(result[f'{name}_bytes'])}")
-  lines.append(f"  {'total':<15} {_human(result['total_bytes'])}  (argument + output + temp + "
-               "code - alias)")
+  shape = (f"{result['rows']} rows x ({result['prompt_len']} prompt + {result['max_new_tokens']} "
+           f"new) tokens" if result["prompt_len"] is not None else
+           f"{result['rows']} rows x {result['seq_len']} tokens")
+  models = (f"student {_params_str(result['num_params'])} params ({result['param_dtype']} "
+            f"weights, {result['dtype']} compute)")
+  if result["teacher_num_params"]:
+    models += (f", teacher {_params_str(result['teacher_num_params'])} "
+               f"({result['teacher_param_dtype']} weights)")
+  lines = [f"plan: one {result['method']} iteration, {models}; {shape}; {result['n_devices']} "
+           f"devices ({mesh}); {len(result['phases'])} phases compiled in "
+           f"{result['compile_seconds']:.1f} s",
+           "per-device memory:",
+           "  resident (held across the iteration; exact, from the shardings)"]
+  for k, label in RESIDENT_LABELS.items():
+    if k in result["resident"]:
+      lines.append(f"    {label:<48} {_human(result['resident'][k])}")
+  lines.append(f"    {'= resident':<48} {_human(result['resident_bytes'])}")
+  lines.append("  phases (run one after another; XLA memory analysis: temporaries + outputs + "
+               "non-weight inputs)")
+  for k, r in result["phases"].items():
+    label = f"{PHASE_LABELS.get(k, k)} ({r['model']})"
+    lines.append(f"    {label:<48} {_human(r['transient_bytes'])}   temp "
+                 f"{_human(r['temp_bytes']).strip()}, compiled in {r['compile_seconds']:.1f} s")
+    if r.get("kv_cache_bytes"):
+      lines.append(f"      {'of which KV cache (analytic)':<46} {_human(r['kv_cache_bytes'])}")
+  peak = result["peak_phase"]
+  lines.append(f"  total = resident + the largest phase ({PHASE_LABELS.get(peak, peak)}) = "
+               f"{_human(result['resident_bytes']).strip()} + "
+               f"{_human(result['peak_phase_bytes']).strip()} = "
+               f"{_human(result['total_bytes']).strip()} per device "
+               f"({result['total_bytes']:,} bytes)")
   return "\n".join(lines)
