@@ -78,11 +78,17 @@ def test_the_state_carries_what_the_recipe_evolves(tmp_path):
   cfg = cfg.replace(
       rollout=dataclasses.replace(cfg.rollout, token_transforms=(
           ("random_retention", {"rho": 0.5, "seed": 3}),)),
-      loop=dataclasses.replace(cfg.loop, checkpoint_every=1))
+      loop=dataclasses.replace(cfg.loop, checkpoint_every=1, snapshot_steps=(2,)))
   loop.run(cfg, tmp_path, stop_after=1)
   resumed = loop.run(cfg, tmp_path, resume=True)
   straight = loop.run(cfg, tmp_path / "straight")
   assert resumed["resumed_from"] == 1
+  # The value head is exported apart from the policy; the policy snapshot is the model alone.
+  head = ckpt_lib.load_value_head(resumed["snapshots"][2])
+  assert set(head) == {"kernel", "bias"} and np.any(np.asarray(head["kernel"]) != 0)
+  np.testing.assert_array_equal(head["kernel"], ckpt_lib.load_value_head(
+      straight["snapshots"][2])["kernel"])
+  assert "value" not in ckpt_lib.load_params(resumed["snapshots"][2])
   np.testing.assert_array_equal(resumed["metrics"]["value/loss"],
                                 straight["metrics"]["value/loss"])
   np.testing.assert_array_equal(resumed["metrics"]["train/loss"],

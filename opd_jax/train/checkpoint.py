@@ -33,6 +33,7 @@ from opd_jax.models.config import ModelConfig
 from opd_jax.train.state import TrainState
 
 STATE, PARAMS, META = "state", "params", "meta"
+VALUE_HEAD = "value_head"
 
 
 def as_path(path) -> epath.Path:
@@ -146,18 +147,21 @@ class Checkpointer:
 
 # -- parameter snapshots --------------------------------------------------------------------------
 def save_snapshot(directory, step: int, params, model_cfg: ModelConfig | None = None,
-                  meta: Mapping[str, Any] | None = None) -> epath.Path:
+                  meta: Mapping[str, Any] | None = None, *, value_head=None) -> epath.Path:
   """Writes the parameters of `step` to `<directory>/<step>/` (kept forever; blocking) and
-  returns that path."""
+  returns that path. A learned value head (GAE-OPD) is written apart from the policy, as its own
+  item `value_head/` (`load_value_head`): geometry and export read the policy alone."""
   root = as_path(directory)
   info = dict(meta or {})
   info["step"] = int(step)
   if model_cfg is not None:
     info["model_config"] = model_config_to_dict(model_cfg)
-  manager = ocp.CheckpointManager(root, options=_options(None, False), item_names=(PARAMS, META))
+  items = {PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(info)}
+  if value_head is not None:
+    items[VALUE_HEAD] = ocp.args.StandardSave(value_head)
+  manager = ocp.CheckpointManager(root, options=_options(None, False), item_names=tuple(items))
   try:
-    manager.save(int(step), args=ocp.args.Composite(
-        **{PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(info)}), force=True)
+    manager.save(int(step), args=ocp.args.Composite(**items), force=True)
     manager.wait_until_finished()
   finally:
     manager.close()
@@ -251,6 +255,14 @@ def load_params_and_config(path, *, shardings=None) -> tuple[dict, ModelConfig |
         item={PARAMS: abstract}, restore_args={PARAMS: restore_args}, partial_restore=True))
     params = out[PARAMS]
   return params, cfg
+
+
+def load_value_head(path) -> dict | None:
+  """The learned value head saved beside a snapshot's policy (None when the run had none)."""
+  item = resolve_step_dir(path) / VALUE_HEAD
+  if not item.is_dir():
+    return None
+  return ocp.StandardCheckpointer().restore(item, _abstract_from_metadata(item))
 
 
 def load_params(path, *, shardings=None) -> dict:

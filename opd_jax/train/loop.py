@@ -321,9 +321,11 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
     evals.append({"step": s, **result})
     writer.write(s, result)
 
-  def snapshot(s: int, params):
+  def snapshot(s: int, state):
+    value_head = state.value["params"] if state.value is not None else None
     with jax.transfer_guard("allow"):  # orbax's own explicit writes
-      snapshots[s] = str(ckpt_lib.save_snapshot(snap_dir, s, params, plan.student))
+      snapshots[s] = str(ckpt_lib.save_snapshot(snap_dir, s, state.params, plan.student,
+                                                value_head=value_head))
 
   def save(s: int, state):
     with jax.transfer_guard("allow"):
@@ -337,7 +339,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
     with jax.transfer_guard(loop_cfg.transfer_guard):
       if resumed_from is None:
         if 0 in loop_cfg.snapshot_steps:
-          snapshot(0, state.params)
+          snapshot(0, state)
         if do_evals:
           do_eval(0, state.params)
       while step < end:
@@ -357,7 +359,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
         if want_snapshot or want_ckpt or want_eval:
           handle(fetcher.flush())  # this step must be finite before anything of it is saved
         if want_snapshot:
-          snapshot(step, state.params)
+          snapshot(step, state)
         if want_ckpt:
           save(step, state)
           last_ckpt = step
