@@ -21,6 +21,12 @@ import transformers
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 
+# Llama 3.1-style RoPE scaled down to a tiny model: with head_dim 16 and theta 5e5 the wavelengths
+# are 6.3, 32.5, 167, ... so original / high = 16 and original / low = 64 put one frequency in each
+# band (kept, interpolated, divided by `factor`); positions beyond 64 exercise the scaling.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
 
 def hf_config(family: str, *, tied: bool, vocab_size: int = 97, **overrides):
   """A tiny transformers config (2 layers, d=64, 4 heads / 2 kv heads)."""

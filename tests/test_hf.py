@@ -21,6 +21,10 @@ from opd_jax.models.sharding import DEFAULT_RULES, axis_rules, logical_to_spec
 CONFIGS = {
     "qwen3_tied_hd32": mc.tiny(vocab_size=97, family="qwen3", head_dim=32, rope_theta=1e6),
     "qwen2_untied": mc.tiny(vocab_size=97, family="qwen2", tie_embeddings=False, rms_eps=1e-5),
+    "llama3_rope": mc.tiny(vocab_size=97, family="llama", tie_embeddings=False,
+                           rope_type="llama3", rope_factor=32.0, rope_theta=5e5,
+                           rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                           rope_original_max_position=8192, max_position=131072),
     "llama_linear": mc.tiny(vocab_size=97, family="llama", tie_embeddings=False,
                             rope_type="linear", rope_factor=4.0, rope_theta=5e5, n_kv_heads=4,
                             max_position=512),
@@ -98,6 +102,14 @@ def test_config_from_hf_defaults_and_legacy_fields():
   assert (llama.head_dim, llama.n_kv_heads, llama.qk_norm, llama.qkv_bias) == (16, 8, False, False)
   assert (llama.rope_type, llama.rope_factor, llama.rope_theta) == ("linear", 8.0, 5e5)
   assert (llama.param_dtype, llama.dtype) == ("float32", "bfloat16")
+  llama3 = hf.config_from_hf({"model_type": "llama", **base, "max_position_embeddings": 131072,
+                              "rope_scaling": {"rope_type": "llama3", "factor": 32.0,
+                                               "rope_theta": 5e5, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 8192}})
+  assert (llama3.rope_type, llama3.rope_factor, llama3.rope_low_freq_factor,
+          llama3.rope_high_freq_factor, llama3.rope_original_max_position) == (
+              "llama3", 32.0, 1.0, 4.0, 8192)
   qwen3 = hf.config_from_hf({"model_type": "qwen3", **base, "num_key_value_heads": 2})
   assert (qwen3.head_dim, qwen3.n_kv_heads, qwen3.qk_norm) == (128, 2, True)  # transformers default
   assert qwen3.tie_embeddings is False and qwen3.dtype == "float32"
@@ -119,10 +131,9 @@ def test_config_from_hf_defaults_and_legacy_fields():
                                                  "rope_theta": 1e6,
                                                  "original_max_position_embeddings": 4096}},
      r"rope_parameters=.*unsupported rope_type 'yarn'"),
-    ({"model_type": "llama", "rope_parameters": {
-        "rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
-     r"unsupported rope_type 'llama3'"),
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "dynamic", "factor": 2.0,
+                                                 "rope_theta": 5e5}},
+     r"unsupported rope_type 'dynamic'"),
     ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64},
      r"use_sliding_window=True: sliding-window attention is not supported"),
     ({"model_type": "llama", "attention_bias": True}, r"attention_bias=True"),

@@ -13,6 +13,7 @@ import torch
 import hf_fixtures as F
 from opd_jax.models import hf
 from opd_jax.models import transformer as tf
+from opd_jax.models.transformer import rope_frequencies
 
 ATOL = 1e-4
 
@@ -96,3 +97,33 @@ def test_sharded_checkpoints_both_ways(tmp_path):
   tokens, mask = F.padded_batch(seed=4, vocab_size=cfg.vocab_size)
   np.testing.assert_allclose(F.torch_logits(back, tokens, mask)[mask],
                              F.torch_logits(model, tokens, mask)[mask], atol=0, rtol=0)
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+  """Llama 3.1+ RoPE ('llama3'): inverse frequencies equal transformers' own buffer, and logits
+  match at positions up to 2x original_max_position_embeddings (f32, tight)."""
+  model = F.torch_model("llama", tied=False, seed=7, rope_parameters=dict(F.LLAMA3_ROPE),
+                        max_position_embeddings=256)
+  cfg, params = hf.load(F.export(model, tmp_path / "hf"))
+  assert (cfg.rope_type, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+          cfg.rope_original_max_position) == ("llama3", 8.0, 1.0, 4.0, 64)
+  theirs = model.model.rotary_emb.inv_freq.numpy()
+  ours = np.asarray(rope_frequencies(cfg))
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=0)
+  # The three bands are all present: kept, interpolated, divided by the factor.
+  plain = np.asarray(rope_frequencies(cfg.replace(rope_type="default")))
+  ratio = plain / ours
+  assert np.isclose(ratio[0], 1.0) and np.isclose(ratio[-1], 8.0) and 1.5 < ratio[1] < 7.5
+
+  tokens, mask = F.padded_batch(seed=8, vocab_size=cfg.vocab_size, length=130)
+  ref = F.torch_logits(model, tokens, mask)
+  got = _ours(cfg, params, tokens, mask)
+  np.testing.assert_allclose(got[mask], ref[mask], atol=ATOL, rtol=0)
+  # The scaling matters at these positions: without it the logits differ well beyond ATOL.
+  unscaled = _ours(cfg.replace(rope_type="default"), params, tokens, mask)
+  assert np.abs(unscaled[mask] - ref[mask]).max() > 100 * ATOL
+
+  # our save writes the llama3 parameters back; transformers rebuilds the same frequencies.
+  back = _from_pretrained_strict(hf.save(tmp_path / "ours", cfg, params))
+  assert back.config.rope_parameters == F.LLAMA3_ROPE
+  np.testing.assert_array_equal(back.model.rotary_emb.inv_freq.numpy(), theirs)

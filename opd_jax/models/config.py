@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-FAMILIES = ("qwen3", "qwen2", "llama")
-ROPE_TYPES = ("default", "linear")
+FAMILIES = ("qwen3", "qwen2", "llama", "qwen3_moe")
+ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -27,8 +27,12 @@ class ModelConfig:
     head_dim: per-head width (need not equal d_model / n_heads, as in qwen3).
     d_ff: SwiGLU hidden width F.
     rope_theta: RoPE base.
-    rope_type: 'default' or 'linear' (transformers `rope_parameters['rope_type']`).
-    rope_factor: scaling factor for 'linear' RoPE.
+    rope_type: 'default', 'linear' or 'llama3' (transformers `rope_parameters['rope_type']`).
+    rope_factor: scaling factor for 'linear' and 'llama3' RoPE (`rope_parameters['factor']`).
+    rope_low_freq_factor, rope_high_freq_factor, rope_original_max_position: 'llama3' RoPE only
+      (`low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`): wavelengths
+      longer than original / low are divided by `rope_factor`, shorter than original / high are
+      kept, and the band between is interpolated (transformers' `_compute_llama3_parameters`).
     rms_eps: RMSNorm epsilon.
     tie_embeddings: lm_head shares the embedding matrix.
     qk_norm: RMSNorm over head_dim on q and k before RoPE (qwen3).
@@ -52,6 +56,9 @@ class ModelConfig:
   rope_theta: float = 10000.0
   rope_type: str = "default"
   rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
   rms_eps: float = 1e-6
   tie_embeddings: bool = True
   qk_norm: bool = True
@@ -80,6 +87,12 @@ class ModelConfig:
       bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
     if self.head_dim % 2:
       bad("head_dim", "must be even for RoPE")
+    if self.rope_type == "llama3":
+      if not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+        bad("rope_high_freq_factor", "llama3 RoPE needs rope_high_freq_factor > "
+            f"rope_low_freq_factor={self.rope_low_freq_factor} > 0")
+      if self.rope_original_max_position <= 0:
+        bad("rope_original_max_position", "must be positive")
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

@@ -66,7 +66,8 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 # Fields of ModelConfig that define the weights; the rest (dtypes, scan, remat) are free to differ.
 ARCH_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-               "d_ff", "rope_theta", "rope_type", "rope_factor", "rms_eps", "tie_embeddings",
+               "d_ff", "rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor",
+               "rope_high_freq_factor", "rope_original_max_position", "rms_eps", "tie_embeddings",
                "qk_norm", "qkv_bias")
 _MAX_LISTED = 12
 
@@ -145,8 +146,20 @@ def config_from_hf(source, **overrides) -> ModelConfig:
     bad("layer_types", "only 'full_attention' layers are supported")
   rope = dict(getattr(hf, "rope_parameters", None) or {})
   rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type not in ("default", "linear"):
-    bad("rope_parameters", f"unsupported rope_type {rope_type!r}; supported: 'default', 'linear'")
+  if rope_type not in ("default", "linear", "llama3"):
+    bad("rope_parameters", f"unsupported rope_type {rope_type!r}; supported: 'default', "
+        "'linear', 'llama3'")
+  rope_kw = {}
+  if rope_type in ("linear", "llama3"):
+    rope_kw["rope_factor"] = float(rope.get("factor", 1.0))
+  if rope_type == "llama3":
+    absent = [k for k in ("low_freq_factor", "high_freq_factor",
+                          "original_max_position_embeddings") if rope.get(k) is None]
+    if absent:
+      bad("rope_parameters", f"rope_type 'llama3' needs {', '.join(absent)}")
+    rope_kw.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                   rope_high_freq_factor=float(rope["high_freq_factor"]),
+                   rope_original_max_position=int(rope["original_max_position_embeddings"]))
   n_heads = hf.num_attention_heads
   head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
   compute = "bfloat16" if _dtype_name(getattr(hf, "dtype", None)) in ("bfloat16",
@@ -157,8 +170,7 @@ def config_from_hf(source, **overrides) -> ModelConfig:
         n_layers=hf.num_hidden_layers, n_heads=n_heads,
         n_kv_heads=getattr(hf, "num_key_value_heads", None) or n_heads, head_dim=head_dim,
         d_ff=hf.intermediate_size, rope_theta=float(rope.get("rope_theta", 10000.0)),
-        rope_type=rope_type,
-        rope_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
+        rope_type=rope_type, **rope_kw,
         rms_eps=float(hf.rms_norm_eps), tie_embeddings=bool(hf.tie_word_embeddings),
         qk_norm=family == "qwen3", qkv_bias=family == "qwen2",
         max_position=int(hf.max_position_embeddings), param_dtype="float32", dtype=compute)
@@ -182,8 +194,12 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   """
   _check_expressible(cfg)
   rope = {"rope_type": cfg.rope_type, "rope_theta": float(cfg.rope_theta)}
-  if cfg.rope_type == "linear":
+  if cfg.rope_type in ("linear", "llama3"):
     rope["factor"] = float(cfg.rope_factor)
+  if cfg.rope_type == "llama3":
+    rope.update(low_freq_factor=float(cfg.rope_low_freq_factor),
+                high_freq_factor=float(cfg.rope_high_freq_factor),
+                original_max_position_embeddings=int(cfg.rope_original_max_position))
   out = {
       "architectures": [ARCHITECTURES[cfg.family]], "model_type": cfg.family,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,

@@ -35,6 +35,7 @@ over all S slots, causally by slot, masked by `kv_mask_BxS`.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -123,11 +124,27 @@ class Proj(nnx.Module):
 
 
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:
-  """Inverse frequencies [h/2] as transformers computes them (default / linear scaling)."""
+  """Inverse frequencies [h/2] as transformers computes them (default / linear / llama3), float32.
+
+  'llama3' (Llama 3.1+) follows transformers' `_compute_llama3_parameters` op for op in float32:
+  with wavelength w = 2 pi / f, frequencies with w > original / low_freq_factor are divided by
+  `rope_factor`, those with w < original / high_freq_factor are kept, and the band between is
+  (1 - s) f / factor + s f with s = (original / w - low) / (high - low).
+  """
   exponent = jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim
   inv_freq = 1.0 / (cfg.rope_theta ** exponent)
   if cfg.rope_type == "linear":
     inv_freq = inv_freq / cfg.rope_factor
+  elif cfg.rope_type == "llama3":
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_position
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    inv_freq = jnp.where(medium, smoothed, scaled)
   return inv_freq
 
 
