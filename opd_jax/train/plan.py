@@ -371,7 +371,8 @@ def format_plan(result: dict) -> str:
     models += (f", teacher {_params_str(result['teacher_num_params'])} "
                f"({result['teacher_param_dtype']} weights)")
   lines = [f"plan: one {result['method']} iteration, {models}; {shape}; {result['n_devices']} "
-           f"devices ({mesh}); {len(result['phases'])} phases compiled in "
+           f"devices ({mesh}); {len(result['phases'])} phase"
+           f"{'s' if len(result['phases']) > 1 else ''} compiled in "
            f"{result['compile_seconds']:.1f} s",
            "per-device memory:",
            "  resident (held across the iteration; exact, from the shardings)"]
