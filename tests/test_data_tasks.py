@@ -1,11 +1,14 @@
-"""Synthetic tasks: determinism, disjoint splits, traces checked against independent arithmetic."""
+"""Synthetic tasks: determinism, disjoint splits, traces checked against independent arithmetic;
+the code family checked by running its reference solutions in the sandbox."""
 
+import hashlib
+import json
 import re
 
 import pytest
 
 from opd_jax.data import tasks
-from opd_jax.data.verifiers import exact_match
+from opd_jax.data.verifiers import CodeVerifier, TaskVerifier, exact_match
 
 
 def _reference(ex: tasks.Example) -> tuple[str, list[str], str]:
@@ -34,7 +37,7 @@ def _reference(ex: tasks.Example) -> tuple[str, list[str], str]:
   raise AssertionError(f"unrecognised prompt {p!r}")
 
 
-@pytest.mark.parametrize("name", sorted(tasks.PRESETS))
+@pytest.mark.parametrize("name", sorted(tasks.PRESETS))  # the arithmetic families
 def test_demonstrations_match_independent_arithmetic_and_verify(name):
   cfg = tasks.preset(name)
   examples = tasks.generate(cfg, "train", 300, seed=3)
@@ -47,7 +50,7 @@ def test_demonstrations_match_independent_arithmetic_and_verify(name):
     # Corrupted answers fail: wrong final number, missing final answer, trailing garbage.
     wrong = str(int(answer) + 1)
     assert exact_match(ex.solution[:ex.solution.rindex("=") + 1] + wrong, ex.answer).score == 0.0
-    assert exact_match(ex.solution.rsplit("=", 1)[0], ex.answer).reason == "no_final_answer"
+    assert exact_match(ex.solution.rsplit("=", 1)[0], ex.answer).reason == "unparsable"
     assert exact_match(ex.solution + "7", ex.answer).score == 0.0
     families.add(family)
   assert families == set(cfg.families)  # all three families are drawn
@@ -140,3 +143,78 @@ def test_parse_final_answer():
   assert tasks.parse_final_answer("1 =2 =-3 ") == "-3"
   assert tasks.parse_final_answer("=432 x") is None
   assert tasks.parse_final_answer("") is None
+
+
+def test_arithmetic_families_are_bit_identical_to_before_the_code_family():
+  # Digest of the examples generated before the code family existed (same seeds and presets).
+  h = hashlib.sha256()
+  for name in ("easy", "default", "hard"):
+    for split in ("train", "eval"):
+      for e in tasks.generate(tasks.preset(name), split, 300, seed=7):
+        h.update(f"{e.prompt}\x00{e.solution}\x00{e.answer}\x01".encode())
+  assert h.hexdigest() == "dfcd9c5ed5de316c11ef0a3a9a5a14d4ad56541c8a093bd5e9d63ad874b7b3e8"
+  assert "code" not in tasks.TaskConfig().families
+
+
+CODE = tasks.TaskConfig(families=("code",))
+
+
+def test_code_family_is_deterministic_split_and_bounded():
+  a = tasks.generate(CODE, "train", 300, seed=5)
+  assert a == tasks.generate(CODE, "train", 300, seed=5)
+  assert a != tasks.generate(CODE, "train", 300, seed=6)
+  ev = tasks.generate(CODE, "eval", 100, seed=5)
+  assert {e.prompt for e in a}.isdisjoint({e.prompt for e in ev})
+  # A prompt determines its problem: the same prompt always renders the same tests.
+  again = tasks.generate(CODE, "train", 300, seed=6)
+  by_prompt = {e.prompt: e for e in a}
+  assert any(e.prompt in by_prompt for e in again)
+  for e in again:
+    if e.prompt in by_prompt:
+      assert e == by_prompt[e.prompt]
+  pmax, smax = tasks.max_lengths(CODE)
+  many = tasks.generate(CODE, "train", 2000, seed=1, unique=False)
+  assert max(len(e.prompt) for e in many) <= pmax and max(len(e.solution) for e in many) <= smax
+  assert {e.prompt.split(" = ")[1].split()[0] for e in many} >= {"x", "s", "count", "sum",
+                                                                  "largest"}
+  for e in a:
+    spec = json.loads(e.answer)
+    assert tasks.is_code_answer(e.answer) and spec["fn"] == "f"
+    assert len(spec["calls"]) == CODE.code.n_tests
+  assert not tasks.is_code_answer("432")
+  # Enough distinct problems for the default 4096 training examples.
+  assert len(tasks.generate(CODE, "train", 4096, seed=0)) == 4096
+  with pytest.raises(ValueError, match="templates"):
+    tasks.CodeTaskConfig(templates=("nope",))
+  with pytest.raises(ValueError, match="n_tests"):
+    tasks.CodeTaskConfig(n_tests=0)
+
+
+def _mutant(solution: str) -> str:
+  """A plausible wrong solution: the last integer literal of the body off by one."""
+  m = list(re.finditer(r"\d+", solution))[-1]
+  return solution[:m.start()] + str(int(m.group()) + 1) + solution[m.end():]
+
+
+def test_code_reference_solutions_pass_the_sandbox_and_wrong_ones_fail():
+  per_template = {}
+  for e in tasks.generate(CODE, "train", 400, seed=2):
+    per_template.setdefault(re.sub(r"-?\d+", "N", e.prompt), e)  # one example per template
+  examples = list(per_template.values())
+  assert len(examples) == len(tasks.CODE_TEMPLATES)
+  v = CodeVerifier(workers=2)
+  answers = [e.answer for e in examples]
+  good = v.score_many([e.solution for e in examples], answers)
+  assert [r.reason for r in good] == ["pass"] * len(examples), good
+  # Fenced responses (as a chat model writes them) are extracted.
+  fenced = v(f"Sure:\n```python\n{examples[0].solution}\n```\n", answers[0])
+  assert fenced.reason == "pass"
+  bad = v.score_many([_mutant(e.solution) for e in examples], answers)
+  # An off-by-one mutant can still agree on the 5 hidden cases (e.g. 'divisible by k+1' on [0, 20]).
+  assert sum(r.reason == "fail" and r.score == 0.0 for r in bad) >= len(examples) - 1, bad
+  none = v.score_many(["def f(*args):\n  return None\n"] * len(examples), answers)
+  assert [(r.score, r.reason) for r in none] == [(0.0, "fail")] * len(examples)
+  # A mixture: the task verifier routes arithmetic answers to exact_match, code to the sandbox.
+  mixed = tasks.generate(tasks.TaskConfig(families=("addition", "code")), "train", 6, seed=0)
+  tv = TaskVerifier(v)
+  assert [tv(e.solution, e.answer).score for e in mixed] == [1.0] * 6

@@ -14,6 +14,17 @@ Three families, each a short multi-step trace ending in a final answer written a
 Every step of a trace depends only on the prompt and the previous step, so a small decoder can learn
 it; the final answer is `parse_final_answer(solution)` (the integer after the last '=' at the end).
 
+A fourth family, `code`, is not in the default mixture; select it with
+`TaskConfig(families=("code",))` (alone, or mixed with the others):
+
+  code         prompt "f(x) = 3 times x plus 7"     solution "def f(x):\n  return 3*x+7"
+               a small Python function from a one-line description (`CODE_TEMPLATES`, knobs in
+               `CodeTaskConfig`); the answer is a JSON call-test spec `{"fn": "f", "calls": [[args,
+               expected], ...]}` (`code_exec.parse_tests`), checked by running the response in the
+               sandbox (`verifiers.CodeVerifier`; `verifiers.TaskVerifier` for mixtures). The test
+               inputs are drawn from a hash of the prompt, so a prompt still fully determines its
+               problem; expected values are computed here by trusted reference functions.
+
 Determinism: `generate(cfg, split, n, seed=s)` draws from `numpy.random.default_rng([s, split])`, so
 the same arguments give the same examples on every machine.
 
@@ -36,7 +47,9 @@ characters (the char-level task tokenizer gives one token per character plus a f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 import re
 from typing import Callable
 
@@ -103,6 +116,33 @@ class ModChainConfig:
       raise ValueError(f"ModChainConfig.ops must be a non-empty subset of '+-*', got {self.ops!r}")
 
 
+CODE_TEMPLATE_NAMES = ("affine", "clip", "repeat", "count_div", "sum_above", "max_plus")
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeTaskConfig:
+  """Small Python functions (family 'code'): templates drawn uniformly from `templates`, integer
+  parameters in [1, max_param] (clip bounds in [-max_param, max_param]), `n_tests` call tests each.
+  With max_param=50 the six templates hold ~6.5k distinct problems (affine 2500, clip 3825, the
+  one-parameter ones 50 each), enough for 4096 unique training prompts."""
+
+  templates: tuple[str, ...] = CODE_TEMPLATE_NAMES
+  max_param: int = 50
+  n_tests: int = 5
+
+  def __post_init__(self):
+    if not self.templates:
+      raise ValueError("CodeTaskConfig.templates is empty")
+    for t in self.templates:
+      if t not in CODE_TEMPLATE_NAMES:
+        raise ValueError(f"CodeTaskConfig.templates: unknown template {t!r}; "
+                         f"valid: {sorted(CODE_TEMPLATE_NAMES)}")
+    if self.max_param < 2:
+      raise ValueError(f"CodeTaskConfig.max_param must be >= 2, got {self.max_param}")
+    if not 1 <= self.n_tests <= 50:
+      raise ValueError(f"CodeTaskConfig.n_tests must be in [1, 50], got {self.n_tests}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
   """The task mixture. Each example picks a family uniformly from `families`."""
@@ -113,6 +153,7 @@ class TaskConfig:
   mod_chain: ModChainConfig = ModChainConfig()
   eval_fraction: float = 0.1
   split_salt: str = "opd_jax"
+  code: CodeTaskConfig = CodeTaskConfig()
 
   def __post_init__(self):
     if not self.families:
@@ -204,12 +245,113 @@ def _mod_chain_lengths(cfg: TaskConfig) -> tuple[int, int]:
   return w + c.max_ops * (1 + w) + len(str(c.modulus)) + 2, c.max_ops * (w + 1) + 1 + w
 
 
+# -- code: (prompt, solution, reference function, argument kind) per template, from params p --------
+# Argument kinds: 'int' (x in [-20, 20]), 'list' (0-6 ints in [0, 20]), 'str' (0-3 chars of 'abc').
+# Lists are never empty where the function needs an item (max_plus draws 1-6).
+def _tpl_affine(p):
+  a, b = p["a"], p["b"]
+  return (f"f(x) = {a} times x plus {b}", f"def f(x):\n  return {a}*x+{b}",
+          lambda x: a * x + b, "int")
+
+
+def _tpl_clip(p):
+  lo, hi = p["lo"], p["hi"]
+  return (f"f(x) = x clipped to [{lo}, {hi}]", f"def f(x):\n  return min(max(x,{lo}),{hi})",
+          lambda x: min(max(x, lo), hi), "int")
+
+
+def _tpl_repeat(p):
+  k = p["k"]
+  return f"f(s) = s repeated {k} times", f"def f(s):\n  return s*{k}", lambda s: s * k, "str"
+
+
+def _tpl_count_div(p):
+  k = p["k"]
+  return (f"f(xs) = count of items of xs divisible by {k}",
+          f"def f(xs):\n  return sum(1 for v in xs if v%{k}==0)",
+          lambda xs: sum(1 for v in xs if v % k == 0), "list")
+
+
+def _tpl_sum_above(p):
+  k = p["k"]
+  return (f"f(xs) = sum of items of xs above {k}", f"def f(xs):\n  return sum(v for v in xs if v>{k})",
+          lambda xs: sum(v for v in xs if v > k), "list")
+
+
+def _tpl_max_plus(p):
+  k = p["k"]
+  return (f"f(xs) = largest item of xs plus {k}", f"def f(xs):\n  return max(xs)+{k}",
+          lambda xs: max(xs) + k, "list1")
+
+
+CODE_TEMPLATES: dict[str, Callable[[dict], tuple]] = {
+    "affine": _tpl_affine, "clip": _tpl_clip, "repeat": _tpl_repeat, "count_div": _tpl_count_div,
+    "sum_above": _tpl_sum_above, "max_plus": _tpl_max_plus,
+}
+assert tuple(CODE_TEMPLATES) == CODE_TEMPLATE_NAMES
+_TEMPLATE_PARAMS = {"affine": ("a", "b"), "clip": ("lo", "hi"), "repeat": ("k",),
+                    "count_div": ("k",), "sum_above": ("k",), "max_plus": ("k",)}
+
+
+def _code_params(rng: np.random.Generator, m: int) -> dict:
+  lo = int(rng.integers(-m, 1))
+  return {"a": int(rng.integers(1, m + 1)), "b": int(rng.integers(1, m + 1)),
+          "k": int(rng.integers(1, m + 1)), "lo": lo, "hi": int(rng.integers(lo + 1, m + 1))}
+
+
+def _code_arg(rng: np.random.Generator, kind: str):
+  if kind == "int":
+    return int(rng.integers(-20, 21))
+  if kind == "str":
+    return "".join("abc"[int(i)] for i in rng.integers(0, 3, size=int(rng.integers(0, 4))))
+  n = int(rng.integers(1 if kind == "list1" else 0, 7))
+  return [int(v) for v in rng.integers(0, 21, size=n)]
+
+
+def render_code(template: str, params: dict, n_tests: int = 5) -> Example:
+  """The code example of a template and its parameters; tests drawn from a hash of the prompt."""
+  used = _TEMPLATE_PARAMS[template]
+  return _render_code(template, tuple((k, params[k]) for k in used), n_tests)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # rejected duplicates of `generate` are re-rendered often
+def _render_code(template: str, params: tuple, n_tests: int) -> Example:
+  prompt, solution, ref, kind = CODE_TEMPLATES[template](dict(params))
+  seed = int.from_bytes(hashlib.blake2b(f"code\x00{prompt}".encode(), digest_size=8).digest(), "big")
+  rng = np.random.default_rng(seed)
+  calls = []
+  for _ in range(n_tests):
+    arg = _code_arg(rng, kind)
+    calls.append([[arg], ref(arg)])
+  answer = json.dumps({"fn": "f", "calls": calls}, separators=(",", ":"))
+  return Example(prompt=prompt, solution=solution, answer=answer)
+
+
+def _sample_code(rng, cfg: TaskConfig) -> Example:
+  c = cfg.code
+  template = c.templates[int(rng.integers(0, len(c.templates)))]
+  return render_code(template, _code_params(rng, c.max_param), c.n_tests)
+
+
+def _code_lengths(cfg: TaskConfig) -> tuple[int, int]:
+  m = cfg.code.max_param  # widest parameters: the longest prompt and solution of each template
+  widest = {"a": m, "b": m, "k": m, "lo": -m, "hi": m}
+  lens = [CODE_TEMPLATES[t](widest)[:2] for t in cfg.code.templates]
+  return max(len(p) for p, _ in lens), max(len(s) for _, s in lens)
+
+
+def is_code_answer(answer: str) -> bool:
+  """Whether an answer is a code test spec (JSON object) rather than an integer."""
+  return str(answer).lstrip().startswith("{")
+
+
 _Family = tuple[Callable[[np.random.Generator, TaskConfig], Example],
                 Callable[[TaskConfig], tuple[int, int]]]
 FAMILIES: dict[str, _Family] = {
     "addition": (_sample_addition, _addition_lengths),
     "running_sum": (_sample_running_sum, _running_sum_lengths),
     "mod_chain": (_sample_mod_chain, _mod_chain_lengths),
+    "code": (_sample_code, _code_lengths),
 }
 
 PRESETS: dict[str, TaskConfig] = {
