@@ -189,3 +189,32 @@ def test_process_count_cap_counts_only_the_program():
   assert res.status == "exited", res
   assert int(res.stdout) == LIM.max_procs - 1  # the program itself is the first process
   _assert_no_leftovers()
+
+
+@root_only
+def test_other_processes_are_invisible(monkeypatch):
+  monkeypatch.setenv("OPD_SECRET_TOKEN", "hunter2")
+  parent = os.getpid()
+  res = ce.run("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
+               f"print(os.path.exists('/proc/{parent}'))\n", limits=LIM)
+  pids, parent_visible = res.stdout.splitlines()
+  assert len(json.loads(pids)) == 1 and parent_visible == "False", res
+  out = _check(f"print(open('/proc/{parent}/environ').read())\n")
+  assert out.reason == "crash" and "hunter2" not in out.detail
+
+
+def test_closing_its_pipes_does_not_escape_the_clock():
+  src = "import os\nos.close(1)\nos.close(2)\nwhile True:\n  pass\n"
+  t0 = time.monotonic()
+  assert _check(src).reason == "timeout"
+  assert LIM.timeout_s - 0.2 < time.monotonic() - t0 < LIM.timeout_s + 1.0
+  _assert_no_leftovers()
+
+
+def test_rlimits_only_path_runs_and_times_out():
+  # The path taken without root (no namespaces, no uid change): still limits, clock, clean env.
+  res = ce._run_as("import os\nprint(os.environ.get('HOME') == os.getcwd())\n", "", None, LIM, None)
+  assert (res.status, res.stdout.strip()) == ("exited", "True")
+  t0 = time.monotonic()
+  res = ce._run_as("while True:\n  pass\n", "", None, LIM, None)
+  assert res.status == "timeout" and time.monotonic() - t0 < LIM.timeout_s + 1.0

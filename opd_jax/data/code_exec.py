@@ -7,7 +7,8 @@ Test format (the `answer` string of a code example is this JSON; `parse_tests`):
     call tests   {"fn": "f", "calls": [[[arg, ...], expected], ...]}
                  the program is executed once as a module; then for each case the trusted driver
                  calls fn(*args) and writes json.dumps(result) on its own line. A case passes iff
-                 that JSON value equals `expected` (JSON-normalised: tuples compare as lists).
+                 that value == `expected` after a JSON round trip (assert semantics: tuples compare
+                 as lists, 7.0 == 7; a result JSON cannot encode fails the case).
                  An exception inside a call fails that case only.
     stdio tests  {"io": [["stdin text", "expected stdout"], ...]}
                  the program runs once per case with that stdin; a case passes iff its stdout equals
@@ -34,10 +35,12 @@ Containment (`run`), one fresh process per program run:
     network, IPC and UTS namespaces, makes every mount private, bind-mounts its cwd onto itself and
     remounts every other mount read-only (so /tmp, /dev/shm and the repository are read-only for the
     program), then drops to a dedicated unprivileged uid/gid (a fresh one per run, see
-    `_acquire_uid`; no supplementary groups). RLIMIT_NPROC then counts only the program's own processes, so
+    `_acquire_uid`; no supplementary groups), with a fresh /proc mounted hidepid=2 (the program sees
+    only its own processes: not the parent's command line or environment). RLIMIT_NPROC then counts only the program's own processes, so
     a fork bomb stops at `max_procs`; the fresh network namespace has only a down loopback, so no
     connection (not even to 127.0.0.1) can be made.
-  * wall clock: past `timeout_s` the process group is SIGKILLed; afterwards every process still owned
+  * wall clock (counted from the spawn, so it includes ~0.1-0.3 s of interpreter start and sandbox
+    set-up): past `timeout_s` the process group is SIGKILLed; afterwards every process still owned
     by the run's uid (including ones that left the group with setsid / double fork) is SIGKILLed with
     `kill -9 -1` run as that uid, repeated until none is left.
   * stdout / stderr are read up to `max_output_bytes`; past that the program is killed.
@@ -305,7 +308,13 @@ def _run_as(source, stdin, call, limits: Limits, uid: int | None) -> ExecResult:
       proc.stdin.close()
     except (BrokenPipeError, OSError):
       pass
-    out, err, why = _collect(proc, t0 + limits.timeout_s, limits.max_output_bytes)
+    deadline = t0 + limits.timeout_s
+    out, err, why = _collect(proc, deadline, limits.max_output_bytes)
+    if why is None and proc.poll() is None:  # both pipes closed, but the program still runs
+      try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        why = "timeout"
     _kill_group(proc)
     if root:
       _sweep_uid(uid)
@@ -467,8 +476,8 @@ def extract_program(response: str) -> str:
 
 # -- the harness (runs in the sandboxed process; stdlib only) ---------------------------------------
 _CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC, _CLONE_NEWNET = 0x20000, 0x4000000, 0x8000000, 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
-    1, 2, 4, 32, 4096, 16384, 1 << 18)
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
 _PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
 
 
@@ -483,6 +492,10 @@ def _isolate_as_root(cwd: str) -> None:
   ok(libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWUTS), "unshare")
   ok(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
   c = cwd.encode()
+  # A fresh procfs where the program sees only its own uid's processes (not the training process's
+  # command line, nor any other process).
+  ok(libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"hidepid=2"),
+     "mount /proc hidepid=2")
   ok(libc.mount(c, c, None, _MS_BIND, None), "bind cwd")
   ok(libc.mount(None, c, None, _MS_REMOUNT | _MS_BIND | _MS_NOSUID | _MS_NODEV, None), "cwd flags")
   with open("/proc/self/mountinfo") as f:
@@ -577,13 +590,18 @@ def _harness_main() -> None:
   except BaseException:  # noqa: BLE001
     import traceback
     traceback.print_exc()
-    sys.stderr.flush()
+    _flush()
     os._exit(1)
-  try:
-    sys.stdout.flush()
-  except BaseException:  # noqa: BLE001
-    pass
+  _flush()
   os._exit(0)
+
+
+def _flush() -> None:
+  for f in (sys.stdout, sys.stderr):
+    try:
+      f.flush()
+    except BaseException:  # noqa: BLE001 -- a program may have closed or replaced them
+      pass
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--sandbox-harness"]:
