@@ -18,6 +18,7 @@ jax is imported only inside the commands, so `plan` can re-run itself with
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -26,6 +27,9 @@ import sys
 from typing import Sequence
 
 _REEXEC_ENV = "OPD_JAX_PLAN_REEXEC"
+# OS errors that are the user's to fix (paths, permissions, disk space): one line, exit 2.
+_USER_ERRNOS = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EEXIST,
+                errno.ENOTDIR, errno.EISDIR, errno.EDQUOT)
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -61,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="opd-jax", description="On-policy distillation, SFT and RLVR in JAX, with "
       "parameter-space geometry diagnostics. Override any config field with --config.a.b=value.")
+  parser.add_argument("--debug", action="store_true",
+                      help="print the full traceback of user errors too")
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("train", help="train with a config file preset")
@@ -68,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics)")
   p.add_argument("--resume", action="store_true",
                  help="continue from the latest checkpoint in --workdir")
+  p.add_argument("--allow-changes", default="",
+                 help="with --resume: comma-separated config fields you mean to change from the "
+                 "saved run (e.g. optim.lr); any other change is refused")
   _add_distributed_flags(p)
 
   p = sub.add_parser("plan", help="compile the train step for an N-device mesh from abstract "
@@ -105,8 +114,12 @@ def _train(args, overrides) -> int:
   cfg = config_lib.from_config_dict(cd)
   mesh_lib.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   from opd_jax.train import loop
-  summary = loop.run(cfg, args.workdir, resume=args.resume)
+  allow = tuple(f.strip() for f in args.allow_changes.split(",") if f.strip())
+  summary = loop.run(cfg, args.workdir, resume=args.resume, allow_changes=allow)
   print(json.dumps(summary, indent=1, sort_keys=True, default=str))
+  if summary.get("preempted"):
+    print(f"opd-jax train: stopped by {summary['preempted']} after step {summary['step']} with a "
+          f"checkpoint; continue with the same command plus --resume", file=sys.stderr)
   return 0
 
 
@@ -191,11 +204,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   rest, overrides = _split_overrides(argv)
   args = _parser().parse_args(rest)
   args.argv = argv
+  from opd_jax.errors import UserError
   from opd_jax.train.config import ConfigError
   try:
     return _COMMANDS[args.command](args, overrides)
-  except ConfigError as e:
-    print(f"opd-jax {args.command}: config error: {e}", file=sys.stderr)
+  except (UserError, OSError) as e:
+    if args.debug or (isinstance(e, OSError) and e.errno not in _USER_ERRNOS):
+      raise
+    kind = "config error" if isinstance(e, ConfigError) else "error"
+    message = " ".join(str(e).split()) if not isinstance(e, OSError) else (
+        f"{e.strerror}: {e.filename}" if e.filename else str(e))
+    print(f"opd-jax {args.command}: {kind}: {message} (--debug for the traceback)",
+          file=sys.stderr)
     return 2
 
 

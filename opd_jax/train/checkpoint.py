@@ -23,12 +23,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from opd_jax.errors import UserError
 from opd_jax.models.config import ModelConfig
 from opd_jax.train.state import TrainState
 
@@ -59,8 +61,19 @@ def model_config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
 
 
 def _options(keep: int | None, async_save: bool) -> ocp.CheckpointManagerOptions:
+  # Orbax writes each step into a temporary directory and renames it when complete (atomic on a
+  # local filesystem; a commit marker on object stores): a kill mid-write leaves only a temporary
+  # directory, which the next manager removes.
   return ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                      create=True)
+                                      create=True, cleanup_tmp_directories=True)
+
+
+class CheckpointError(UserError, ValueError):
+  """No checkpoint of a run could be read (a user-facing error: names the directory)."""
+
+
+class CorruptCheckpointWarning(UserWarning):
+  """The latest checkpoint could not be read; an earlier one was restored."""
 
 
 class Checkpointer:
@@ -100,6 +113,10 @@ class Checkpointer:
       json.dumps(meta)
     except TypeError as e:
       raise ValueError(f"checkpoint meta for step {step} is not JSON-serialisable: {e}") from e
+    if int(step) in self.manager.all_steps():
+      # Idempotent: a step redone after a resume rewrites its checkpoint (same values).
+      self.manager.wait_until_finished()
+      self.manager.delete(int(step))
     return self.manager.save(int(step), args=ocp.args.Composite(
         **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}), force=force)
 
@@ -116,12 +133,25 @@ class Checkpointer:
     return out[STATE], dict(out[META])
 
   def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict] | None:
-    """(state, meta) of the newest checkpoint, or None when there is none."""
+    """(state, meta) of the newest readable checkpoint, or None when there is none.
+
+    A checkpoint that cannot be read (corrupted or truncated files) is skipped with a
+    `CorruptCheckpointWarning` naming it, and the one before it is tried.
+    """
     self.manager.wait_until_finished()
-    step = self.manager.latest_step()
-    if step is None:
-      return None
-    return self.restore(step, abstract_state)
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        return self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001 - any read failure means: fall back
+        if i + 1 == len(steps):
+          raise CheckpointError(f"no readable checkpoint in {self.directory}: step {step} "
+                                f"failed with {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                                ) from e
+        warnings.warn(f"checkpoint {self.directory / str(step)} is unreadable "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); falling back to "
+                      f"step {steps[i + 1]}", CorruptCheckpointWarning, stacklevel=2)
+    return None
 
   def restore_meta(self, step: int | None = None) -> dict | None:
     step = self.manager.latest_step() if step is None else step
@@ -161,6 +191,8 @@ def save_snapshot(directory, step: int, params, model_cfg: ModelConfig | None = 
     items[VALUE_HEAD] = ocp.args.StandardSave(value_head)
   manager = ocp.CheckpointManager(root, options=_options(None, False), item_names=tuple(items))
   try:
+    if int(step) in manager.all_steps():
+      manager.delete(int(step))  # idempotent: a resumed run rewrites the snapshot it redoes
     manager.save(int(step), args=ocp.args.Composite(**items), force=True)
     manager.wait_until_finished()
   finally:

@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
+import math
 import pathlib
 import sys
 import types
@@ -26,8 +27,10 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
+from opd_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
   """A bad config: unknown key, wrong type, invalid value. The message names the dotted key."""
 
 
@@ -91,6 +94,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
   if tp is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{path}: expected a float, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+      raise ConfigError(f"{path}: {value!r} is not a finite number")
     return float(value)
   if tp is int:
     if isinstance(value, bool) or not isinstance(value, int):

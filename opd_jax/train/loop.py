@@ -32,15 +32,19 @@ Layout of `workdir`: `config.json`, `metrics.jsonl` (+ `tb/` TensorBoard), `chec
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import signal
+import threading
 import time
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from opd_jax import errors
 from opd_jax.data import pipeline as pipeline_lib
 from opd_jax.data import tokenizer as tokenizer_lib
 from opd_jax.data import verifiers
@@ -61,19 +65,20 @@ from opd_jax.train.state import TrainState
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss (or gradient norm) of a step was not finite; the run stopped there."""
+  """The loss, gradient norm, or the state about to be saved was not finite; the run stopped."""
 
   def __init__(self, step: int, metrics: Mapping[str, float], last_checkpoint: int | None,
-               checkpoint_dir: str):
+               checkpoint_dir: str, what: str = "loss"):
     self.step = step
     self.metrics = dict(metrics)
     self.last_checkpoint = last_checkpoint
     where = (f"the last good checkpoint is step {last_checkpoint} in {checkpoint_dir}"
              if last_checkpoint is not None else "no checkpoint was written yet")
+    detail = (f" (train/loss={metrics.get('train/loss')}, train/grad_norm="
+              f"{metrics.get('train/grad_norm')})" if what == "loss" else "")
     super().__init__(
-        f"non-finite loss at step {step} (train/loss={metrics.get('train/loss')}, "
-        f"train/grad_norm={metrics.get('train/grad_norm')}); stopping. Nothing from step {step} "
-        f"was saved; {where} (resume from it with resume=True / --resume after fixing the cause).")
+        f"non-finite {what} at step {step}{detail}; stopping. Nothing from step {step} was "
+        f"saved; {where} (resume from it with resume=True / --resume after fixing the cause).")
 
 
 # -- workdir and resume helpers -------------------------------------------------------------------
@@ -93,6 +98,102 @@ def _poison(params):
 @jax.jit
 def _fold_in(key, data):
   return jax.random.fold_in(key, data)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """True iff every floating-point leaf of `tree` is finite (one fused reduction)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+# Config fields a resume may change freely: they decide what is logged, kept or evaluated, how
+# long the run goes, or how the same computation is laid out on the devices (a checkpoint restores
+# onto another mesh, e.g. 2 processes -> 1), not what the steps compute.
+RESUMABLE_CHANGES = (
+    "mesh.shape", "mesh.axes", "mesh.rules",
+    "loop.steps", "loop.progress", "loop.tensorboard", "loop.log_every", "loop.checkpoint_every",
+    "loop.checkpoint_keep", "loop.eval_every", "loop.eval_batch_size", "loop.snapshot_steps",
+    "loop.transfer_guard", "loop.debug_nan_at_step",
+)
+
+
+def _flatten(d, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = json.loads(json.dumps(v, default=str))  # tuples and lists compare alike
+  return out
+
+
+def config_changes(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:
+  """Dotted config fields whose values differ between a checkpoint's saved config and `current`,
+  less `RESUMABLE_CHANGES`, as 'key: saved -> current'."""
+  old = _flatten(saved)
+  new = _flatten(config_lib.dataclass_to_dict(current))
+  # A field the saved config lacks (added to the code since) counts as its default value.
+  defaults = _flatten({f.name: config_lib.dataclass_to_dict(f.default)
+                       for f in dataclasses.fields(TrainConfig)})
+  old.update({k: defaults[k] for k in new if k not in old and k in defaults})
+  keys = sorted(set(old) | set(new))
+  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys
+          if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+
+
+def _check_provenance(ckpt: ckpt_lib.Checkpointer, cfg: TrainConfig,
+                      allow_changes: Sequence[str]) -> None:
+  meta = ckpt.restore_meta()
+  saved = (meta or {}).get("config")
+  if saved is None:
+    return  # a checkpoint from before configs were recorded: nothing to compare
+  changes = config_changes(saved, cfg)
+  refused = [c for c in changes if c.split(":")[0] not in set(allow_changes)]
+  if refused:
+    raise errors.ResumeConfigError(
+        f"--resume with a config that changes the saved run in {ckpt.directory}: "
+        + "; ".join(refused) + ". Pass allow_changes / --allow-changes "
+        + ",".join(c.split(":")[0] for c in refused) + " if you mean it, or use a fresh workdir")
+
+
+class _StopRequest:
+  """SIGTERM / SIGINT during a run: noted here, acted on at the next step boundary (checkpoint,
+  then return). A second signal restores the previous handler's behaviour."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signal is not None:  # asked twice: stop now
+      signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+      signal.raise_signal(signum)
+      return
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def agreed(self) -> bool:
+    """Whether to stop now; multi-process, every process stops at the same step if any was
+    signalled (a tiny all-gather of the flags, an explicit documented transfer)."""
+    flag = self.signal is not None
+    if jax.process_count() == 1:
+      return flag
+    from jax.experimental import multihost_utils
+    with jax.transfer_guard("allow"):
+      flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
+    return bool(np.asarray(flags).any())
 
 
 def _snapshots_on_disk(snap_dir: epath.Path, written: Mapping[int, str]) -> dict[int, str]:
@@ -152,7 +253,7 @@ def _build_pipelines(plan: RunPlan, tok, train_ex, eval_ex):
 
 def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
         teacher_params=None, subspace_bases=None, tokenizer=None,
-        stop_after: int | None = None) -> dict:
+        stop_after: int | None = None, allow_changes: Sequence[str] = ()) -> dict:
   """Trains `config.method` for `config.loop.steps` steps in `workdir`; returns a summary dict.
 
   Args:
@@ -168,11 +269,17 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
     tokenizer: a tokenizer object (overrides `config.data.tokenizer`).
     stop_after: return after this step (with a checkpoint), as if the job had been stopped there
       (time-boxed jobs, preemption tests); `resume=True` continues to `loop.steps`.
+    allow_changes: dotted config fields a resume may change although they change the
+      computation (anything else that differs from the checkpoint's saved config is refused,
+      naming each field; `RESUMABLE_CHANGES` may always change).
+
+  SIGTERM / SIGINT (preemption, Ctrl-C) stop the run at the next step boundary with a checkpoint;
+  the summary then has 'preempted': the signal's name.
 
   Returns:
     {'step', 'metrics' (last step's), 'eval' (list of eval results with their step), 'workdir',
      'checkpoint_dir', 'snapshots' ({step: path} of every snapshot on disk, also from earlier
-     invocations of a resumed run), 'wall_s', 'steps_per_s', 'resumed_from'}.
+     invocations of a resumed run), 'wall_s', 'steps_per_s', 'resumed_from', 'preempted'}.
   """
   if not isinstance(config, TrainConfig):
     raise TypeError(f"run() needs a TrainConfig (train.config.from_config_dict), got "
@@ -186,12 +293,31 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
   existing = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if (
       ckpt_dir.is_dir()) else []
   if existing and not resume:
-    raise ValueError(f"{ckpt_dir} already holds checkpoints (latest step {existing[-1]}); pass "
-                     "resume=True (--resume) to continue or use a fresh workdir")
-  if primary:
-    (workdir / "config.json").write_text(json.dumps(config_lib.dataclass_to_dict(cfg), indent=1,
-                                                    default=str))
+    raise errors.UserError(f"{ckpt_dir} already holds checkpoints (latest step {existing[-1]}); "
+                           "pass resume=True (--resume) to continue or use a fresh workdir")
+  fresh = not (resume and existing)
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.loop.checkpoint_keep)
+  try:
+    if not fresh:
+      _check_provenance(ckpt, cfg, allow_changes)
+    if primary:
+      # Every segment's config is kept: the first as config.json, each resume beside it.
+      name = "config.json" if fresh else f"config.resume-{existing[-1]}.json"
+      (workdir / name).write_text(json.dumps(config_lib.dataclass_to_dict(cfg), indent=1,
+                                             default=str))
+      if fresh:
+        _truncate_metrics(workdir / "metrics.jsonl", -1)  # rows of an earlier, unsaved start
+    return _run(cfg, workdir, ckpt, fresh, init_params, teacher_params, subspace_bases,
+                tokenizer, stop_after, t_start)
+  finally:
+    ckpt.close()
 
+
+def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fresh: bool,
+         init_params, teacher_params, subspace_bases, tokenizer, stop_after, t_start) -> dict:
+  """`run` after the workdir checks: build everything once, restore or init, loop."""
+  primary = jax.process_index() == 0
+  snap_dir = workdir / "snapshots"
   mesh = mesh_lib.make_mesh(cfg.mesh)
   rules = cfg.mesh.rules
   tok = tokenizer if tokenizer is not None else run_plan.load_tokenizer(cfg)
@@ -200,7 +326,6 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
 
   # Models. A resumed run takes the student from its checkpoint (only the architecture is needed
   # here), unless the recipe keeps the initial student as its frozen reference.
-  fresh = not (resume and existing)
   params = None
   if fresh or needs.reference:
     student_cfg, graphdef, params = run_plan.load_model(cfg.student, mesh, rules,
@@ -217,14 +342,15 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
                                                             params=teacher_params, what="teacher")
     hf.check_tokenizer(t_cfg, tok)
     if t_cfg.vocab_size != student_cfg.vocab_size:
-      raise ValueError(f"teacher vocab_size {t_cfg.vocab_size} != student vocab_size "
+      raise errors.UserError(f"teacher vocab_size {t_cfg.vocab_size} != student vocab_size "
                        f"{student_cfg.vocab_size} (one shared tokenizer is required)")
   plan = run_plan.resolve(cfg, tokenizer=tok, student=student_cfg, teacher=t_cfg)
 
   # Data.
   train_ex, eval_ex = run_plan.load_examples(cfg, tok)
   if not train_ex:
-    raise ValueError("no training examples (data.train_examples / data.path)")
+    raise errors.UserError(f"no training examples in {cfg.data.path or 'the generated task'} "
+                           "(data.train_examples / data.path)")
   train_pipe, eval_pipe = _build_pipelines(plan, tok, train_ex, eval_ex)
   verifier = run_plan.make_verifier(cfg) if (needs.verifier or eval_pipe is not None) else None
 
@@ -249,7 +375,7 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
   s_shardings = mesh_lib.state_shardings(tx, p_shardings, abstract_params, **extras)
   step_fn = recipe.jit_step(ctx, s_shardings)
 
-  ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.loop.checkpoint_keep, model_cfg=student_cfg)
+  ckpt.model_cfg = student_cfg
   iterator = train_pipe.iterator()
   resumed_from = None
   try:
@@ -258,7 +384,8 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
       abstract = mesh_lib.abstract_state(tx, abstract_params, s_shardings, **extras)
       restored = ckpt.restore_latest(abstract)
       if restored is None:
-        raise RuntimeError(f"{ckpt_dir}: checkpoints were listed but none could be restored")
+        raise ckpt_lib.CheckpointError(f"{ckpt.directory}: checkpoints were listed but none "
+                                       "could be restored")
       state, meta = restored
       iterator.set_state(meta["data"])
       resumed_from = int(jax.device_get(state.step))
@@ -274,7 +401,6 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
       return _loop(ctx, recipe, state, iterator, step_fn, ckpt, workdir, snap_dir, eval_pipe,
                    verifier, resumed_from, t_start, stop_after)
   finally:
-    ckpt.close()
     if isinstance(verifier, verifiers.MathVerifier):
       verifier.close()
 
@@ -321,22 +447,32 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
     evals.append({"step": s, **result})
     writer.write(s, result)
 
+  saved_config = config_lib.dataclass_to_dict(cfg)
+
+  def check_finite(s: int, tree, what: str):
+    # Nothing non-finite is ever saved: the guard checks what is about to be written.
+    if not bool(jax.device_get(_all_finite(tree))):
+      raise NonFiniteLossError(s, last, last_ckpt, str(ckpt.directory), what=what)
+
   def snapshot(s: int, state):
     value_head = state.value["params"] if state.value is not None else None
+    check_finite(s, (state.params, value_head), "parameters")
     with jax.transfer_guard("allow"):  # orbax's own explicit writes
       snapshots[s] = str(ckpt_lib.save_snapshot(snap_dir, s, state.params, plan.student,
                                                 value_head=value_head))
 
   def save(s: int, state):
+    check_finite(s, state, "train state (parameters / optimizer state)")
     with jax.transfer_guard("allow"):
-      ckpt.save(s, state, {"data": iterator.get_state()})
+      ckpt.save(s, state, {"data": iterator.get_state(), "config": saved_config})
 
   do_evals = eval_pipe is not None and loop_cfg.eval_every > 0
   step = start
   end = loop_cfg.steps if stop_after is None else min(loop_cfg.steps, stop_after)
   t_loop = time.time()
+  preempted = None
   try:
-    with jax.transfer_guard(loop_cfg.transfer_guard):
+    with jax.transfer_guard(loop_cfg.transfer_guard), _StopRequest() as stop:
       if resumed_from is None:
         if 0 in loop_cfg.snapshot_steps:
           snapshot(0, state)
@@ -365,6 +501,13 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
           last_ckpt = step
         if want_eval:
           do_eval(step, state.params)
+        if step < end and stop.agreed():
+          handle(fetcher.flush())
+          if not want_ckpt:
+            save(step, state)
+            last_ckpt = step
+          preempted = signal.Signals(stop.signal).name if stop.signal else "peer process"
+          break
       handle(fetcher.flush())
   finally:
     writer.close()
@@ -376,7 +519,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
       "checkpoint_dir": str(ckpt.directory), "snapshots": _snapshots_on_disk(snap_dir, snapshots),
       "wall_s": time.time() - t_start,
       "steps_per_s": (step - start) / loop_s if loop_s > 0 and step > start else None,
-      "resumed_from": resumed_from,
+      "resumed_from": resumed_from, "preempted": preempted,
   }
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -172,10 +172,7 @@ def _make_mesh(n_devices, mesh_shape, axes, rules):
 def _step_extra_args(run_plan, teacher_params) -> tuple:
   """Further positional arguments of the recipe's jitted step: the teacher's params for the
   direct route and for CR-OPD (as `recipe.make_batch` passes them)."""
-  from opd_jax.train import recipes as recipes_lib
-  takes = (isinstance(run_plan.recipe, recipes_lib.Distill)
-           or getattr(run_plan.step_cfg, "needs_teacher", False))
-  if teacher_params is not None and takes:
+  if teacher_params is not None and run_plan.recipe.step_takes_teacher(run_plan):
     return (teacher_params,)
   return ()
 

@@ -14,6 +14,7 @@ its pure step.
   step_config(cfg)        the step's config with derived knobs filled in (one copy of each knob)
   rollout_knobs(plan)     the static settings of the rollout phases (`train.rollout`)
   abstract_batch(plan)    ShapeDtypeStructs of the step's batch (for `plan`)
+  step_takes_teacher(plan)  whether the jitted step takes the teacher's params after the batch
   init_extras(ctx)        the recipe's TrainState fields (value head, token-transform state)
   jit_step(ctx, shardings)  the pure step jitted once with explicit shardings
   make_batch(ctx, state, host) -> (state, step_args, metrics)
@@ -161,6 +162,9 @@ class Recipe:
   def abstract_batch(self, plan) -> dict:
     return _batch_fields(plan.rows, plan.seq_len, _SFT_BATCH)
 
+  def step_takes_teacher(self, plan) -> bool:
+    return False
+
   def init_extras(self, ctx) -> dict:
     """The recipe's TrainState fields ({'value': ..., 'token_state': ...}; None when unused)."""
     return {"value": None, "token_state": None}
@@ -230,7 +234,7 @@ class PG(Recipe):
     learned = (self.teacher_reward and cfg.credit.kind == "gae" and cfg.credit.value == "learned")
     return Needs(
         teacher=(self.teacher_reward or cfg.rollout.policy == "teacher"
-                 or cfg.pg.cr.coef > 0),
+                 or cfg.pg.needs_teacher),
         verifier=self.verifier_reward, reference=cfg.pg.kl_coef > 0, value_head=learned)
 
   def validate(self, cfg) -> None:
@@ -257,7 +261,7 @@ class PG(Recipe):
     _refuse_unread(cfg, self.name, tuple(unread), self._why())
     if self.verifier_reward and cfg.rollout.group_size < 2:
       raise _config_error(f"method={self.name!r} needs rollout.group_size >= 2 (GRPO groups)")
-    if cfg.pg.cr.coef > 0 and not self.teacher_reward:
+    if cfg.pg.needs_teacher and not self.teacher_reward:
       raise _config_error(f"config.pg.cr.coef={cfg.pg.cr.coef}: CR-OPD routes the mass of "
                           f"negatively rewarded tokens by the teacher; method={self.name!r} has "
                           "no teacher reward")
@@ -296,6 +300,9 @@ class PG(Recipe):
       fields["returns_BxT"] = jnp.float32
     return _batch_fields(plan.rows, plan.seq_len, fields)
 
+  def step_takes_teacher(self, plan) -> bool:
+    return plan.step_cfg.needs_teacher  # CR-OPD
+
   def init_extras(self, ctx) -> dict:
     cfg = ctx.plan.cfg
     value = None
@@ -313,7 +320,7 @@ class PG(Recipe):
     extra = ()
     if self.needs(ctx.plan.cfg).value_head:
       knobs["value_tx"] = steps_lib.make_value_tx(step_cfg)
-    if step_cfg.cr.coef > 0:
+    if self.step_takes_teacher(ctx.plan):
       knobs["teacher_graphdef"] = ctx.teacher_graphdef
       extra = (mesh_lib.param_shardings(ctx.plan.teacher, ctx.mesh, ctx.rules),)
     return steps_lib.jit_step(steps_lib.pg_step, ctx.mesh, state_shardings,
@@ -339,7 +346,7 @@ class PG(Recipe):
     batch, token_state, metrics = rollout_lib.advantages(
         ro, prompts["valid_B"], seq_rewards, state.token_state, knobs, ctx.token_tx)
     state = state.replace(token_state=token_state)
-    args = (batch, ctx.teacher_params) if ctx.plan.step_cfg.cr.coef > 0 else (batch,)
+    args = (batch, ctx.teacher_params) if self.step_takes_teacher(ctx.plan) else (batch,)
     return state, args, metrics
 
 
@@ -359,6 +366,9 @@ class Distill(Recipe):
 
   def step_config(self, cfg):
     return cfg.distill
+
+  def step_takes_teacher(self, plan) -> bool:
+    return True
 
   def rollout_knobs(self, plan):
     from opd_jax.train import rollout as rollout_lib

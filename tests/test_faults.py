@@ -1,0 +1,281 @@
+"""Nothing lost: a run killed at any point resumes and ends bit-identical to an uninterrupted run;
+nothing non-finite is saved; a resume that changes the computation is refused by name; SIGTERM
+checkpoints at the next step boundary; an unreadable latest checkpoint falls back to the previous
+one; user errors are one line.
+
+Kills are injected in-process at hook points (before a step, inside / after a snapshot write,
+inside / after a checkpoint write), chosen at random with a fixed seed; a kill "inside" a write
+leaves what a SIGKILL would: orbax's temporary directory with part of the files. Two kills are
+real SIGKILLs of a training process, and SIGTERM is sent to a real one.
+"""
+
+import dataclasses
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from opd_jax import cli
+from opd_jax import errors
+from opd_jax.train import checkpoint as ckpt_lib
+from opd_jax.train import config as config_lib
+from opd_jax.train import loop
+from opd_jax.train import metrics as metrics_lib
+from opd_jax.train import recipes
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STEPS = 8
+
+
+def _config(name="sft", overrides=()):
+  base = [f"loop.steps={STEPS}", "loop.batch_size=8", "loop.checkpoint_every=3",
+          "loop.checkpoint_keep=2", "loop.snapshot_steps=(0,2,5,8)"]
+  if name == "opd":
+    base[1] = "loop.batch_size=2"
+  cd = config_lib.load_config(str(ROOT / "configs" / f"{name}.py") + ":smoke",
+                              base + list(overrides))
+  return config_lib.from_config_dict(cd)
+
+
+def _final_params(workdir):
+  return jax.device_get(ckpt_lib.load_params(pathlib.Path(workdir) / "checkpoints"))
+
+
+def _assert_same(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  out = {}
+  for name in ("sft", "opd"):
+    wd = tmp_path_factory.mktemp(f"straight_{name}")
+    loop.run(_config(name), wd)
+    out[name] = (_final_params(wd), {int(p.name) for p in (wd / "snapshots").iterdir()
+                                     if p.name.isdigit()})
+  return out
+
+
+class _Kill(BaseException):
+  """Stands for SIGKILL: not an Exception, so nothing in the library catches it."""
+
+
+EVENTS = ("step", "snapshot_inside", "snapshot_after", "ckpt_inside", "ckpt_after")
+
+
+def _arm(monkeypatch, kind: str, nth: int):
+  """Raises _Kill at the nth occurrence of event `kind`. 'inside' leaves orbax's temporary
+  directory with part of the files, as a kill mid-write does."""
+  count = {"n": 0}
+
+  def hit(event):
+    if event == kind:
+      count["n"] += 1
+      if count["n"] == nth:
+        raise _Kill(f"{kind} #{nth}")
+
+  def partial_write(directory, step):
+    tmp = pathlib.Path(str(directory)) / f"{step}.orbax-checkpoint-tmp-{time.time_ns()}"
+    (tmp / "params").mkdir(parents=True)
+    (tmp / "params" / "_partial").write_bytes(os.urandom(64))
+
+  real_batch = {cls: cls.make_batch for cls in (recipes.SFT, recipes.PG)}
+
+  def wrap_batch(cls):
+    def make_batch(self, ctx, state, host):
+      hit("step")
+      return real_batch[cls](self, ctx, state, host)
+    return make_batch
+
+  for cls in real_batch:
+    monkeypatch.setattr(cls, "make_batch", wrap_batch(cls))
+  real_snapshot = ckpt_lib.save_snapshot
+
+  def save_snapshot(directory, step, *a, **kw):
+    if kind == "snapshot_inside" and count["n"] + 1 == nth:
+      partial_write(directory, step)
+    hit("snapshot_inside")
+    out = real_snapshot(directory, step, *a, **kw)
+    hit("snapshot_after")
+    return out
+
+  monkeypatch.setattr(ckpt_lib, "save_snapshot", save_snapshot)
+  real_save = ckpt_lib.Checkpointer.save
+
+  def save(self, step, *a, **kw):
+    if kind == "ckpt_inside" and count["n"] + 1 == nth:
+      partial_write(self.directory, step)
+    hit("ckpt_inside")
+    out = real_save(self, step, *a, **kw)
+    self.wait_until_finished()
+    hit("ckpt_after")
+    return out
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save)
+
+
+def _kill_points(n: int, seed: int):
+  """n distinct (event, occurrence) pairs over a run of STEPS steps: steps 1..STEPS, the four
+  snapshots, the checkpoints at 3, 6 and the end."""
+  occurrences = {"step": STEPS, "snapshot_inside": 4, "snapshot_after": 4, "ckpt_inside": 3,
+                 "ckpt_after": 3}
+  points = [(k, i) for k in EVENTS for i in range(1, occurrences[k] + 1)]
+  rng = np.random.default_rng(seed)
+  return [points[i] for i in sorted(rng.choice(len(points), size=n, replace=False))]
+
+
+@pytest.mark.parametrize("kind,nth", _kill_points(17, seed=0))
+def test_kill_anywhere_then_resume_is_bit_identical_sft(kind, nth, reference, tmp_path):
+  cfg = _config("sft")
+  with pytest.MonkeyPatch.context() as mp:
+    _arm(mp, kind, nth)
+    with pytest.raises(_Kill):
+      loop.run(cfg, tmp_path)
+  summary = loop.run(cfg, tmp_path, resume=True)
+  assert summary["step"] == STEPS
+  params, snaps = reference["sft"]
+  _assert_same(_final_params(tmp_path), params)
+  assert set(summary["snapshots"]) == snaps
+  rows = [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+          if "train/loss" in r]
+  assert rows == list(range(1, STEPS + 1))  # no step logged twice, none missing
+
+
+@pytest.mark.parametrize("kind,nth", [("step", 5), ("snapshot_after", 2), ("ckpt_inside", 2)])
+def test_kill_anywhere_then_resume_is_bit_identical_opd(kind, nth, reference, tmp_path):
+  cfg = _config("opd")
+  with pytest.MonkeyPatch.context() as mp:
+    _arm(mp, kind, nth)
+    with pytest.raises(_Kill):
+      loop.run(cfg, tmp_path)
+  loop.run(cfg, tmp_path, resume=True)
+  _assert_same(_final_params(tmp_path), reference["opd"][0])
+
+
+def _train_cmd(workdir, *extra):
+  return [sys.executable, "-m", "opd_jax.cli", "train", "--config",
+          str(ROOT / "configs" / "sft.py") + ":smoke", "--workdir", str(workdir),
+          f"--config.loop.steps={STEPS}", "--config.loop.batch_size=8",
+          "--config.loop.checkpoint_every=3", "--config.loop.checkpoint_keep=2",
+          "--config.loop.snapshot_steps=(0,2,5,8)", *extra]
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  return env
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+  t0 = time.time()
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  while time.time() - t0 < timeout:
+    if proc.poll() is not None:
+      return False
+    if path.is_file() and any(r.get("step", 0) >= step for r in metrics_lib.read_jsonl(path)):
+      return True
+    time.sleep(0.05)
+  return False
+
+
+def test_sigkill_and_sigterm_of_a_real_process(reference, tmp_path):
+  """A real SIGKILL, then a SIGTERM: the resume continues, SIGTERM exits 0 with a checkpoint and
+  says how to resume, and the end is bit-identical."""
+  wd = tmp_path / "run"
+  proc = subprocess.Popen(_train_cmd(wd), env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  reached = _wait_for_step(wd, 2, proc)
+  proc.kill()
+  proc.wait()
+  assert reached, proc.stderr.read().decode()[-2000:]
+  proc = subprocess.Popen(_train_cmd(wd, "--resume"), env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  assert _wait_for_step(wd, 4, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=240)
+  err = err.decode()
+  assert proc.returncode == 0, err[-2000:]
+  stopped = int(pathlib.Path(wd / "summary.json").read_text().split('"step": ')[1].split(",")[0])
+  if stopped < STEPS:  # the signal landed before the last step
+    assert "SIGTERM" in err and "--resume" in err, err[-2000:]
+    assert ckpt_lib.Checkpointer(wd / "checkpoints").latest_step() == stopped
+    subprocess.run(_train_cmd(wd, "--resume"), env=_env(), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  _assert_same(_final_params(wd), reference["sft"][0])
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+  """lr=1e39 keeps the loss of step 1 finite (it is computed before the update) but makes the
+  parameters infinite: the guard checks what it saves, so no checkpoint or snapshot of it exists."""
+  cfg = _config("sft", ["optim.lr=1e39", "loop.checkpoint_every=1", "loop.snapshot_steps=(1,)"])
+  with pytest.raises(loop.NonFiniteLossError, match=r"non-finite .* at step 1\b.*no checkpoint"):
+    loop.run(cfg, tmp_path)
+  assert ckpt_lib.Checkpointer(tmp_path / "checkpoints").all_steps() == []
+  assert not (tmp_path / "snapshots" / "1").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_hyperparameters_are_rejected_by_name(value):
+  with pytest.raises(config_lib.ConfigError, match=r"config\.optim\.lr: .* not a finite number"):
+    _config("sft", [f"optim.lr={value}"])
+
+
+def test_resume_refuses_a_changed_computation_naming_each_field(tmp_path):
+  cfg = _config("sft", ["loop.steps=2", "loop.snapshot_steps=()"])
+  loop.run(cfg, tmp_path)
+  changed = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.1),
+                                loop=dataclasses.replace(cfg.loop, steps=3, seed=7))
+  with pytest.raises(errors.ResumeConfigError) as e:
+    loop.run(changed, tmp_path, resume=True)
+  assert "optim.lr: 0.003" in str(e.value) or "optim.lr:" in str(e.value)
+  assert "loop.seed: 0 -> 7" in str(e.value) and "loop.steps" not in str(e.value)
+  other_method = config_lib.from_config_dict(config_lib.load_config(
+      str(ROOT / "configs" / "rlvr.py") + ":smoke", ["loop.steps=3"]))
+  with pytest.raises(errors.ResumeConfigError, match=r"method: 'sft' -> 'rlvr'"):
+    loop.run(other_method, tmp_path, resume=True)
+  # Named changes go through; every segment's config is kept.
+  summary = loop.run(changed, tmp_path, resume=True, allow_changes=("optim.lr", "loop.seed"))
+  assert summary["step"] == 3
+  assert (tmp_path / "config.json").is_file() and (tmp_path / "config.resume-2.json").is_file()
+
+
+def test_unreadable_latest_checkpoint_falls_back_with_a_warning(tmp_path):
+  cfg = _config("sft", ["loop.steps=4", "loop.checkpoint_every=2", "loop.snapshot_steps=()"])
+  loop.run(cfg, tmp_path / "straight")
+  loop.run(cfg, tmp_path / "run")
+  for f in (tmp_path / "run" / "checkpoints" / "4" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "manifest" not in f.name:
+      f.write_bytes(b"\0" * f.stat().st_size)  # zeroed: unreadable
+  longer = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, steps=6))
+  with pytest.warns(ckpt_lib.CorruptCheckpointWarning, match=r"checkpoints/4 is unreadable"):
+    summary = loop.run(longer, tmp_path / "run", resume=True)
+  assert summary["resumed_from"] == 2 and summary["step"] == 6
+
+
+def test_a_fresh_start_replaces_metrics_of_an_unsaved_start(tmp_path):
+  cfg = _config("sft", ["loop.steps=2", "loop.snapshot_steps=()"])
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n')
+  loop.run(cfg, tmp_path)
+  rows = [r for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+  assert [r["step"] for r in rows] == [1, 2] and rows[0]["train/loss"] != 9.0
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+  loop.run(_config("sft", ["loop.steps=1", "loop.snapshot_steps=()"]), tmp_path)
+  argv = ["train", "--config", str(ROOT / "configs" / "sft.py") + ":smoke",
+          "--workdir", str(tmp_path), "--config.loop.steps=1"]
+  assert cli.main(argv) == 2  # checkpoints exist, no --resume
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "already holds checkpoints" in err
+  assert cli.main(argv[:-1] + ["--config.optim.lr=nan"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "optim.lr" in err
+  with pytest.raises(errors.UserError):
+    cli.main(["--debug"] + argv)
