@@ -218,3 +218,16 @@ def test_rlimits_only_path_runs_and_times_out():
   t0 = time.monotonic()
   res = ce._run_as("while True:\n  pass\n", "", None, LIM, None)
   assert res.status == "timeout" and time.monotonic() - t0 < LIM.timeout_s + 1.0
+
+
+@root_only
+def test_concurrent_runs_are_isolated_from_each_other():
+  # Each run has its own uid: a fork bomb next to correct programs does not starve their
+  # RLIMIT_NPROC, and the sweep after one run never touches another.
+  from opd_jax.data import verifiers
+  bomb = "import os\nwhile True:\n  try:\n    os.fork()\n  except OSError:\n    pass\n"
+  good = "import os\nif os.fork() == 0:\n  os._exit(0)\nos.wait()\ndef f(x):\n  return x + 1\n"
+  v = verifiers.CodeVerifier(LIM, workers=4)
+  got = v.score_many([bomb, good, good, "while True: pass\n", good], [json.dumps(ADD1)] * 5)
+  assert [r.reason for r in got] == ["timeout", "pass", "pass", "timeout", "pass"], got
+  _assert_no_leftovers()
