@@ -218,3 +218,18 @@ def test_code_reference_solutions_pass_the_sandbox_and_wrong_ones_fail():
   mixed = tasks.generate(tasks.TaskConfig(families=("addition", "code")), "train", 6, seed=0)
   tv = TaskVerifier(v)
   assert [tv(e.solution, e.answer).score for e in mixed] == [1.0] * 6
+
+
+def test_code_examples_round_trip_through_the_task_tokenizer():
+  # The char-level task tokenizer covers the code family (newlines, brackets, '%', '='), and a
+  # decoded response is the exact program the verifier runs (how OPD / RLVR on code sees it).
+  from opd_jax.data import tokenizer as tokenizer_lib
+  tok = tokenizer_lib.build_task_tokenizer()
+  v = CodeVerifier(workers=2)
+  examples = tasks.generate(CODE, "eval", 6, seed=0)
+  decoded = []
+  for e in examples:
+    ids, mask = tokenizer_lib.encode_example(tok, e.prompt, e.solution)  # raises on unknown chars
+    decoded.append(tokenizer_lib.decode_response(tok, [i for i, m in zip(ids, mask) if m]))
+  assert decoded == [e.solution for e in examples]
+  assert [r.reason for r in v.score_many(decoded, [e.answer for e in examples])] == ["pass"] * 6
