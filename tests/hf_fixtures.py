@@ -7,7 +7,8 @@
 
 Weights are re-drawn at a scale where logits are O(1) and every norm scale / bias differs from its
 default, so a mapping error cannot hide behind ones and zeros. Each family also exercises a config
-detail: qwen3 a head_dim != hidden/heads, qwen2 q/k/v biases, llama linear RoPE scaling.
+detail: qwen3 a head_dim != hidden/heads, qwen2 q/k/v biases, llama linear RoPE scaling, qwen3_moe
+4 experts of width 32, top-2 with renormalised routing weights (`norm_topk_prob`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pathlib
 import numpy as np
 import torch
 import transformers
+from safetensors.numpy import load_file  # noqa: F401 (re-exported for tests)
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 
@@ -37,6 +39,10 @@ def hf_config(family: str, *, tied: bool, vocab_size: int = 97, **overrides):
     kw.update(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
   elif family == "qwen2":
     kw.update(rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+  elif family == "qwen3_moe":
+    kw.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+              num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+              norm_topk_prob=True)
   elif family == "llama":
     kw.update(rms_norm_eps=1e-5,
               rope_parameters={"rope_type": "linear", "rope_theta": 5e5, "factor": 2.0})
@@ -50,8 +56,8 @@ def hf_config(family: str, *, tied: bool, vocab_size: int = 97, **overrides):
 
 @torch.no_grad()
 def randomize_(model, seed: int):
-  """Re-draws every parameter: matrices ~ N(0, 1/fan_in), embeddings ~ N(0, 0.1^2), norm scales
-  ~ 1 + N(0, 0.2^2), biases ~ N(0, 0.2^2)."""
+  """Re-draws every parameter: matrices (and stacked expert matrices [E, out, in]) ~
+  N(0, 1/fan_in), embeddings ~ N(0, 0.1^2), norm scales ~ 1 + N(0, 0.2^2), biases ~ N(0, 0.2^2)."""
   gen = torch.Generator().manual_seed(seed)
   for name, p in model.named_parameters():
     noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
@@ -62,7 +68,7 @@ def randomize_(model, seed: int):
     elif "embed_tokens" in name:
       value = 0.1 * noise
     else:
-      value = noise / math.sqrt(p.shape[1])
+      value = noise / math.sqrt(p.shape[-1])
     p.copy_(value.to(p.dtype))
   return model
 

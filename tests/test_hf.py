@@ -25,6 +25,8 @@ CONFIGS = {
                            rope_type="llama3", rope_factor=32.0, rope_theta=5e5,
                            rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                            rope_original_max_position=8192, max_position=131072),
+    "qwen3_moe": mc.tiny_moe(vocab_size=97, tie_embeddings=False, norm_topk_prob=True,
+                             router_aux_loss_coef=0.01),
     "llama_linear": mc.tiny(vocab_size=97, family="llama", tie_embeddings=False,
                             rope_type="linear", rope_factor=4.0, rope_theta=5e5, n_kv_heads=4,
                             max_position=512),
@@ -124,7 +126,7 @@ def test_config_from_hf_defaults_and_legacy_fields():
 
 @pytest.mark.parametrize("config, match", [
     ({"model_type": "gpt2"}, r"unsupported model_type 'gpt2'; supported model types: qwen3, "
-     r"qwen2, llama"),
+     r"qwen2, llama, qwen3_moe"),
     ({"model_type": "qwen3", "architectures": ["Qwen3ForSequenceClassification"]},
      r"architectures=.*unsupported architecture 'Qwen3ForSequenceClassification'"),
     ({"model_type": "qwen3", "rope_parameters": {"rope_type": "yarn", "factor": 4.0,
@@ -134,6 +136,11 @@ def test_config_from_hf_defaults_and_legacy_fields():
     ({"model_type": "llama", "rope_parameters": {"rope_type": "dynamic", "factor": 2.0,
                                                  "rope_theta": 5e5}},
      r"unsupported rope_type 'dynamic'"),
+    ({"model_type": "qwen3_moe", "decoder_sparse_step": 2},
+     r"decoder_sparse_step=2: only 1 \(a sparse MLP in every layer\) is supported"),
+    ({"model_type": "qwen3_moe", "mlp_only_layers": [0]},
+     r"mlp_only_layers=\[0\]: only \[\] \(a sparse MLP in every layer\)"),
+    ({"model_type": "qwen3_moe", "num_experts": 0}, r"num_experts=0: qwen3_moe without experts"),
     ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64},
      r"use_sliding_window=True: sliding-window attention is not supported"),
     ({"model_type": "llama", "attention_bias": True}, r"attention_bias=True"),
@@ -316,7 +323,8 @@ def test_unsupported_architecture_in_checkpoint(saved, tmp_path):
   def arch(c):
     c["architectures"] = ["Qwen2ForTokenClassification"]
   with pytest.raises(ValueError, match=r"config\.json: architectures=.*'Qwen2ForTokenClassification"
-                     r"'; supported: Qwen3ForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM"):
+                     r"'; supported: Qwen3ForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM, "
+                     r"Qwen3MoeForCausalLM"):
     hf.load(_variant(saved, tmp_path, config_edit=arch))
 
 
@@ -419,3 +427,51 @@ def test_config_object_and_named_file(tmp_path):
   cfg = CONFIGS["qwen2_untied"]
   (tmp_path / "student.json").write_text(json.dumps(hf.config_to_hf(cfg)))
   assert hf.config_from_hf(tmp_path / "student.json") == cfg
+
+
+def test_qwen3_moe_save_load_per_expert_tensors(tmp_path):
+  """qwen3_moe: per-expert tensors on disk (transformers' names), exact round trip, expert-sharded
+  placement on the fake mesh with the ('expert', 'fsdp') rule."""
+  cfg = CONFIGS["qwen3_moe"]
+  params = _random_params(cfg, 9)
+  out = hf.save(tmp_path / "ckpt", cfg, params, max_shard_bytes=30_000)
+  index = json.loads((out / hf.INDEX_FILE).read_text())
+  names = set(index["weight_map"])
+  assert {f"model.layers.1.mlp.experts.{e}.{p}_proj.weight" for e in range(4)
+          for p in ("gate", "up", "down")} <= names
+  assert "model.layers.0.mlp.gate.weight" in names and not any(".mlp.up_proj" in n for n in names)
+  tensors = {}
+  for f in set(index["weight_map"].values()):
+    tensors.update(_tensors(out / f))
+  experts = params["layers"]["mlp"]["experts"]
+  np.testing.assert_array_equal(tensors["model.layers.1.mlp.experts.2.gate_proj.weight"],
+                                experts["gate_proj"]["kernel"][1, 2].T)
+  np.testing.assert_array_equal(tensors["model.layers.0.mlp.experts.3.down_proj.weight"],
+                                experts["down_proj"]["kernel"][0, 3].T)
+  np.testing.assert_array_equal(tensors["model.layers.1.mlp.gate.weight"],
+                                params["layers"]["mlp"]["router"]["kernel"][1].T)
+  cfg2, params2 = hf.load(out)
+  assert cfg2 == cfg
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rules = tuple(r for r in DEFAULT_RULES if r[0] != "expert") + (("expert", "fsdp"),)
+  _, sharded = hf.load(out, mesh=mesh, rules=rules)
+  gate = sharded["layers"]["mlp"]["experts"]["gate_proj"]["kernel"]  # [L, E, D, F]
+  assert gate.sharding.spec == jax.P(None, "fsdp", None, "tensor")
+  assert {s.data.shape for s in gate.addressable_shards} == {(2, 2, 64, 16)}
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               sharded, params)
+  _, default = hf.load(out, mesh=mesh, rules=DEFAULT_RULES)  # expert -> nothing by default
+  assert default["layers"]["mlp"]["experts"]["gate_proj"]["kernel"].sharding.spec == jax.P(
+      None, None, "fsdp", "tensor")
+
+  # A missing expert is named.
+  single = hf.save(tmp_path / "single", cfg, params)
+  t = _tensors(single / hf.SINGLE_FILE)
+  del t["model.layers.0.mlp.experts.3.up_proj.weight"]
+  save_file(t, str(single / hf.SINGLE_FILE), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"missing tensors \(1\): model\.layers\.0\.mlp\.experts\.3"
+                     r"\.up_proj\.weight"):
+    hf.load(single)

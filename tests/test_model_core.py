@@ -74,3 +74,122 @@ def test_dense_custom_vjp_matches_float64_reference(dtype, tol):
   want_dw = np.einsum("btd,btf->df", x64, r64)
   np.testing.assert_allclose(np.asarray(dw), want_dw, atol=scale(want_dw), rtol=0)
   assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32  # cast back to the inputs' dtype
+
+
+# -- mixture of experts ---------------------------------------------------------------------------
+def _np_route(logits, k, norm):
+  """numpy float64 reference of Qwen3's router: softmax, top-k, optional renormalisation."""
+  z = logits.astype(np.float64)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  idx = np.argsort(-p, axis=-1)[..., :k]
+  top = np.take_along_axis(p, idx, -1)
+  if norm:
+    top = top / top.sum(-1, keepdims=True)
+  out = np.zeros_like(p)
+  np.put_along_axis(out, idx, top, -1)
+  return out
+
+
+def _np_load_balancing(logits_LxBxTxE, k, mask=None):
+  """numpy float64 transcription of transformers' `load_balancing_loss_func` (qwen3_moe): per
+  layer, top-k assignment counts and routing probabilities summed over (unmasked) rows; both
+  divided by the total row count over layers; E * sum(f * P)."""
+  n_layers, b, t, e = logits_LxBxTxE.shape
+  w = np.ones(b * t) if mask is None else mask.reshape(-1).astype(np.float64)
+  counts, probs, rows = np.zeros(e), np.zeros(e), 0.0
+  for layer in logits_LxBxTxE.reshape(n_layers, b * t, e).astype(np.float64):
+    p = np.exp(layer - layer.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    sel = np.argsort(-p, axis=-1)[:, :k]
+    np.add.at(counts, sel.reshape(-1), np.repeat(w, k))
+    probs += (p * w[:, None]).sum(0)
+    rows += w.sum()
+  return e * np.sum((counts / rows) * (probs / rows))
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_route_matches_numpy(norm):
+  cfg = mc.tiny_moe(num_experts=6, experts_per_token=3, norm_topk_prob=norm)
+  logits = np.random.default_rng(0).standard_normal((2, 5, 6)).astype(np.float32)
+  got = np.asarray(tf.route(jnp.asarray(logits), cfg))
+  np.testing.assert_allclose(got, _np_route(logits, 3, norm), atol=1e-6, rtol=0)
+  assert np.all((got > 0).sum(-1) == 3)
+
+
+def test_load_balancing_loss_matches_numpy_and_transformers():
+  import torch  # noqa: PLC0415
+  from transformers.models.qwen3_moe import modeling_qwen3_moe  # noqa: PLC0415
+
+  rng = np.random.default_rng(1)
+  logits = (2 * rng.standard_normal((3, 2, 7, 8))).astype(np.float32)
+  mask = np.ones((2, 7), bool)
+  mask[1, :3] = False
+  for m in (None, mask):
+    got = float(tf.load_balancing_loss(jnp.asarray(logits), 2, None if m is None else jnp.asarray(m)))
+    np.testing.assert_allclose(got, _np_load_balancing(logits, 2, m), rtol=1e-5)
+    # transformers' own function on the same logits (a tuple of per-layer [B*T, E] tensors).
+    theirs = modeling_qwen3_moe.load_balancing_loss_func(
+        tuple(torch.from_numpy(x.reshape(-1, 8)) for x in logits), 8, 2,
+        None if m is None else torch.from_numpy(m.astype(np.int64)))
+    np.testing.assert_allclose(got, float(theirs), rtol=1e-5)
+  # Perfect balance gives k (E * E * (k / E) * (1 / E)).
+  assert float(tf.load_balancing_loss(jnp.zeros((1, 1, 4, 8)), 2)) == pytest.approx(2.0)
+
+
+def test_moe_scan_unrolled_remat_cache():
+  """The MoE stack: scan == unrolled, cached decode == full forward, remat gradients == plain
+  gradients (router included), and the parameter count and logical axes."""
+  cfg = mc.tiny_moe(vocab_size=97)
+  graphdef, params = tf.init(cfg, 0)
+  assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params
+  axes = tf.logical_axes(cfg)["layers"]["mlp"]
+  assert axes["router"]["kernel"] == ("layers", "embed", "expert")
+  assert axes["experts"]["down_proj"]["kernel"] == ("layers", "expert", "mlp", "embed")
+  toks = jax.random.randint(jax.random.key(1), (2, 7), 0, 97)
+  full = jax.jit(lambda p, t: tf.forward(graphdef, p, t))(params, toks)
+  unrolled_def = tf.graphdef_for(cfg.replace(scan_layers=False))
+  np.testing.assert_allclose(jax.jit(lambda p, t: tf.forward(unrolled_def, p, t))(params, toks),
+                             full, atol=1e-5)
+
+  @jax.jit
+  def step(params, toks, pos, cache, index, kv_mask):
+    model = tf.merge(graphdef, params)
+    h, cache = model.hidden(toks, positions_BxT=pos, cache=cache, cache_index=index,
+                            kv_mask_BxS=kv_mask)
+    return model.logits(h), cache
+
+  kv_mask = jnp.zeros((2, 10), bool).at[:, :7].set(True)
+  logits, cache = step(params, toks[:, :4], jnp.broadcast_to(jnp.arange(4), (2, 4)),
+                       tf.init_cache(cfg, 2, 10), 0, kv_mask)
+  outs = [logits]
+  for i in range(4, 7):
+    logits, cache = step(params, toks[:, i:i + 1], jnp.full((2, 1), i), cache, i, kv_mask)
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4)
+
+  def loss(graphdef):
+    def f(p):
+      logits, aux = tf.forward_with_aux(graphdef, p, toks)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + 0.01 * aux
+    return jax.jit(jax.grad(f))
+
+  g_plain = loss(graphdef)(params)
+  g_remat = loss(tf.graphdef_for(cfg.replace(remat=True)))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_remat, g_plain)
+  assert float(jnp.abs(g_plain["layers"]["mlp"]["router"]["kernel"]).max()) > 0
+  # A dense model has no router logits and a zero auxiliary loss.
+  dense = mc.tiny(vocab_size=97)
+  dg, dp = tf.init(dense, 0)
+  assert float(tf.forward_with_aux(dg, dp, toks)[1]) == 0.0
+
+
+def test_moe_config_checks():
+  with pytest.raises(ValueError, match="num_experts.*qwen3_moe"):
+    mc.tiny(num_experts=4)
+  with pytest.raises(ValueError, match="experts_per_token"):
+    mc.tiny_moe(experts_per_token=5)
+  with pytest.raises(ValueError, match="family 'qwen3_moe' needs num_experts"):
+    mc.tiny(family="qwen3_moe")
+  with pytest.raises(ValueError, match="rope_high_freq_factor"):
+    mc.tiny(family="llama", rope_type="llama3", rope_low_freq_factor=4.0)

@@ -127,3 +127,89 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
   back = _from_pretrained_strict(hf.save(tmp_path / "ours", cfg, params))
   assert back.config.rope_parameters == F.LLAMA3_ROPE
   np.testing.assert_array_equal(back.model.rotary_emb.inv_freq.numpy(), theirs)
+
+
+# -- qwen3_moe ------------------------------------------------------------------------------------
+def _moe_model(seed, **overrides):
+  return F.torch_model("qwen3_moe", tied=False, seed=seed, **overrides)
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
+def test_qwen3_moe_roundtrip_logits_f32(scan, tmp_path):
+  """transformers Qwen3MoeForCausalLM (per-expert safetensors, as save_pretrained writes them) ->
+  our load -> logits equal to torch's (f32, 1e-4); our save -> from_pretrained strict -> the very
+  same weights."""
+  model = _moe_model(seed=21)
+  directory = F.export(model, tmp_path / "hf")
+  tokens, mask = F.padded_batch(seed=6, vocab_size=model.config.vocab_size, length=12)
+  ref = F.torch_logits(model, tokens, mask)
+  assert np.abs(ref[mask]).max() > 1.0
+  cfg, params = hf.load(directory)
+  assert (cfg.family, cfg.num_experts, cfg.experts_per_token, cfg.moe_d_ff, cfg.norm_topk_prob,
+          cfg.qk_norm) == ("qwen3_moe", 4, 2, 32, True, True)
+  cfg = cfg.replace(scan_layers=scan)
+  ours = _ours(cfg, params, tokens, mask)
+  np.testing.assert_allclose(ours[mask], ref[mask], atol=ATOL, rtol=0)
+  # Layout: the router is transformers' mlp.gate, experts are [L, E, in, out].
+  sd = F.state_dict_numpy(model)
+  np.testing.assert_array_equal(params["layers"]["mlp"]["router"]["kernel"][1],
+                                sd["model.layers.1.mlp.gate.weight"].T)
+  fused = sd["model.layers.0.mlp.experts.gate_up_proj"]  # [E, 2F, D]: gate rows, then up rows
+  np.testing.assert_array_equal(params["layers"]["mlp"]["experts"]["gate_proj"]["kernel"][0],
+                                fused[:, :32].transpose(0, 2, 1))
+  np.testing.assert_array_equal(params["layers"]["mlp"]["experts"]["up_proj"]["kernel"][0],
+                                fused[:, 32:].transpose(0, 2, 1))
+  np.testing.assert_array_equal(params["layers"]["mlp"]["experts"]["down_proj"]["kernel"][1],
+                                sd["model.layers.1.mlp.experts.down_proj"].transpose(0, 2, 1))
+
+  out = hf.save(tmp_path / "ours", cfg, params)
+  written = sorted(F.load_file(str(out / hf.SINGLE_FILE)))
+  assert written == sorted(F.load_file(str(directory / hf.SINGLE_FILE)))  # same tensor names
+  back = _from_pretrained_strict(out)
+  got = F.state_dict_numpy(back)
+  assert sorted(sd) == sorted(got)
+  for name in sd:
+    np.testing.assert_array_equal(got[name], sd[name], err_msg=name)
+
+
+def test_qwen3_moe_bf16_logits(tmp_path):
+  """bfloat16 weights and compute on both sides; loose, and routing-aware.
+
+  Both sides round every matmul output to bf16 (in different orders), so logits of size ~3 differ
+  by ~0.03 (as for the dense qwen3). On top of that, a near-tie between two experts'
+  probabilities can route a token differently under different rounding (transformers bf16 itself
+  flips routes that transformers f32 takes, changing later logits by ~0.5). So: every token's
+  logits are within 0.07 of transformers bf16 *or* of transformers f32 (a legitimate routing),
+  and the median token is within 0.05 of transformers bf16 (a route flip changes every later
+  token of its row through attention, so a fraction-of-tokens bound would be seed luck).
+  """
+  model = _moe_model(seed=22).to(torch.bfloat16)
+  cfg, params = hf.load(F.export(model, tmp_path / "hf"))
+  assert (cfg.param_dtype, cfg.dtype) == ("float32", "bfloat16")
+  tokens, mask = F.padded_batch(seed=7, vocab_size=cfg.vocab_size, length=12)
+  ref = F.torch_logits(model, tokens, mask)[mask]
+  ref32 = F.torch_logits(model.float(), tokens, mask)[mask]  # same (bf16-valued) weights, f32
+  ours = _ours(cfg, params, tokens, mask)[mask]
+  assert np.abs(ref).max() > 1.0
+  err = np.abs(ours - ref).max(-1)
+  err32 = np.abs(ours - ref32).max(-1)
+  tol = 0.07
+  assert np.all(np.minimum(err, err32) < tol), np.round(np.minimum(err, err32), 3)
+  assert np.median(err) < 0.05, np.round(err, 3)
+
+
+def test_qwen3_moe_aux_loss_matches_transformers(tmp_path):
+  """Our forward_with_aux's load-balancing loss == transformers' aux_loss (output_router_logits),
+  padding excluded via the attention mask on both sides."""
+  model = _moe_model(seed=23)
+  cfg, params = hf.load(F.export(model, tmp_path / "hf"))
+  tokens, mask = F.padded_batch(seed=9, vocab_size=cfg.vocab_size, length=10)
+  positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+  with torch.no_grad():
+    out = model(input_ids=torch.as_tensor(tokens.astype(np.int64)),
+                attention_mask=torch.as_tensor(mask.astype(np.int64)),
+                position_ids=torch.as_tensor(positions), output_router_logits=True)
+  logits, aux = jax.jit(tf.forward_with_aux, static_argnums=0)(tf.graphdef_for(cfg), params,
+                                                              tokens, mask)
+  np.testing.assert_allclose(np.asarray(logits)[mask], out.logits.numpy()[mask], atol=ATOL, rtol=0)
+  np.testing.assert_allclose(float(aux), float(out.aux_loss), rtol=1e-5)

@@ -43,6 +43,16 @@ class ModelConfig:
     scan_layers: run the layer stack with `lax.scan` (compile time independent of depth) instead of
       an unrolled Python loop. The parameter layout is stacked ([L, ...]) either way.
     remat: rematerialise each block in the backward pass (training memory).
+    num_experts: 0 for a dense SwiGLU MLP in every block; E > 0 (family 'qwen3_moe' only) for a
+      sparse mixture-of-experts MLP in every block (Qwen3-MoE with `decoder_sparse_step=1` and no
+      `mlp_only_layers`, as in Qwen3-30B-A3B / 235B-A22B). `d_ff` is then unused by the model (it
+      is kept for config.json's `intermediate_size`).
+    experts_per_token: top-k experts per token (`num_experts_per_tok`).
+    moe_d_ff: SwiGLU hidden width of each expert (`moe_intermediate_size`).
+    norm_topk_prob: renormalise the top-k routing probabilities to sum to one (Qwen3's
+      `norm_topk_prob`).
+    router_aux_loss_coef: weight a trainer may give `transformer.load_balancing_loss`
+      (informational: the model never adds it; transformers' `router_aux_loss_coef`).
   """
 
   family: str = "qwen3"
@@ -68,6 +78,11 @@ class ModelConfig:
   dtype: str = "float32"
   scan_layers: bool = True
   remat: bool = False
+  num_experts: int = 0
+  experts_per_token: int = 0
+  moe_d_ff: int = 0
+  norm_topk_prob: bool = False
+  router_aux_loss_coef: float = 0.001
 
   def __post_init__(self):
     def bad(field, why):
@@ -87,6 +102,15 @@ class ModelConfig:
       bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
     if self.head_dim % 2:
       bad("head_dim", "must be even for RoPE")
+    if self.family == "qwen3_moe":
+      if self.num_experts <= 0:
+        bad("num_experts", "family 'qwen3_moe' needs num_experts > 0")
+      if not 0 < self.experts_per_token <= self.num_experts:
+        bad("experts_per_token", f"must be in [1, num_experts={self.num_experts}]")
+      if self.moe_d_ff <= 0:
+        bad("moe_d_ff", "must be positive")
+    elif self.num_experts:
+      bad("num_experts", f"mixture-of-experts MLPs need family 'qwen3_moe' (got {self.family!r})")
     if self.rope_type == "llama3":
       if not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
         bad("rope_high_freq_factor", "llama3 RoPE needs rope_high_freq_factor > "
@@ -98,6 +122,10 @@ class ModelConfig:
     return dataclasses.replace(self, **kw)
 
   @property
+  def is_moe(self) -> bool:
+    return self.num_experts > 0
+
+  @property
   def num_params(self) -> int:
     """Exact parameter count of the model this config builds."""
     d, h, kv, hd, f = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
@@ -106,7 +134,11 @@ class ModelConfig:
       attn += h * hd + 2 * kv * hd
     if self.qk_norm:
       attn += 2 * hd
-    block = attn + 3 * d * f + 2 * d
+    if self.is_moe:
+      mlp = d * self.num_experts + self.num_experts * 3 * d * self.moe_d_ff
+    else:
+      mlp = 3 * d * f
+    block = attn + mlp + 2 * d
     emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
     return self.n_layers * block + emb + d
 
@@ -114,16 +146,23 @@ class ModelConfig:
 def tiny(vocab_size: int = 256, family: str = "qwen3", **kw) -> ModelConfig:
   """A 2-layer model that runs in tests in seconds."""
   base = dict(family=family, vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=4,
-              n_kv_heads=2, head_dim=16, d_ff=128, qk_norm=family == "qwen3",
+              n_kv_heads=2, head_dim=16, d_ff=128, qk_norm=family in ("qwen3", "qwen3_moe"),
               qkv_bias=family == "qwen2")
   base.update(kw)
   return ModelConfig(**base)
 
 
+def tiny_moe(vocab_size: int = 256, **kw) -> ModelConfig:
+  """A 2-layer qwen3_moe model (4 experts of width 32, top-2, renormalised) for tests."""
+  base = dict(num_experts=4, experts_per_token=2, moe_d_ff=32, norm_topk_prob=True)
+  base.update(kw)
+  return tiny(vocab_size=vocab_size, family="qwen3_moe", **base)
+
+
 def small(vocab_size: int = 32768, family: str = "qwen3", **kw) -> ModelConfig:
   """~42M parameters (8 x 512, tied 32k vocabulary): the benchmark preset."""
   base = dict(family=family, vocab_size=vocab_size, d_model=512, n_layers=8, n_heads=8,
-              n_kv_heads=4, head_dim=64, d_ff=1536, qk_norm=family == "qwen3",
+              n_kv_heads=4, head_dim=64, d_ff=1536, qk_norm=family in ("qwen3", "qwen3_moe"),
               qkv_bias=family == "qwen2")
   base.update(kw)
   return ModelConfig(**base)
@@ -153,8 +192,30 @@ def qwen3_32b(**kw) -> ModelConfig:
   return ModelConfig(**base)
 
 
-PRESETS = {"tiny": tiny, "small": small, "qwen3_0_6b": qwen3_0_6b, "qwen3_8b": qwen3_8b,
-           "qwen3_32b": qwen3_32b}
+def qwen3_30b_a3b(**kw) -> ModelConfig:
+  """Qwen3-30B-A3B: 48 layers, 128 experts of width 768, top-8 (renormalised)."""
+  base = dict(family="qwen3_moe", vocab_size=151936, d_model=2048, n_layers=48, n_heads=32,
+              n_kv_heads=4, head_dim=128, d_ff=6144, rope_theta=1e6, tie_embeddings=False,
+              max_position=40960, num_experts=128, experts_per_token=8, moe_d_ff=768,
+              norm_topk_prob=True, dtype="bfloat16", remat=True)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def llama3_2_3b(**kw) -> ModelConfig:
+  """Llama-3.2-3B: tied, llama3 RoPE (factor 32, original 8192)."""
+  base = dict(family="llama", vocab_size=128256, d_model=3072, n_layers=28, n_heads=24,
+              n_kv_heads=8, head_dim=128, d_ff=8192, rope_theta=5e5, rope_type="llama3",
+              rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+              rope_original_max_position=8192, rms_eps=1e-5, tie_embeddings=True,
+              qk_norm=False, max_position=131072, dtype="bfloat16", remat=True)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+PRESETS = {"tiny": tiny, "tiny_moe": tiny_moe, "small": small, "qwen3_0_6b": qwen3_0_6b,
+           "qwen3_8b": qwen3_8b, "qwen3_32b": qwen3_32b, "qwen3_30b_a3b": qwen3_30b_a3b,
+           "llama3_2_3b": llama3_2_3b}
 
 
 def preset(name: str, **kw) -> ModelConfig:

@@ -4,7 +4,7 @@
     cfg, params = load("/ckpt/Qwen3-0.6B", mesh=mesh)        # each tensor placed with its sharding
     save("/out/student", cfg, params, tokenizer=tok)         # loads with AutoModelForCausalLM
 
-Supported `model_type`s: qwen3, qwen2, llama (their `*ForCausalLM` architectures). Weights are read
+Supported `model_type`s: qwen3, qwen2, llama, qwen3_moe (their `*ForCausalLM` architectures). Weights are read
 and written with `safetensors` in numpy form only: never pickle, never `trust_remote_code`.
 
 Name mapping (PyTorch weights are (out, in); our kernels are (in, out), so kernels are transposed;
@@ -15,6 +15,10 @@ per-layer tensors are stacked on a leading `layers` axis)::
     model.layers.{i}.self_attn.{q,k,v}_proj.bias      layers/attn/{q,k,v}_proj/bias       (qwen2)
     model.layers.{i}.self_attn.{q,k}_norm.weight      layers/attn/{q,k}_norm/scale        (qwen3)
     model.layers.{i}.mlp.{gate,up,down}_proj.weight   layers/mlp/{gate,up,down}_proj/kernel (T)
+    model.layers.{i}.mlp.gate.weight                  layers/mlp/router/kernel (T)         (qwen3_moe)
+    model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight
+                                                      layers/mlp/experts/{gate,up,down}_proj/kernel
+                                                      [i, e] (T)                          (qwen3_moe)
     model.layers.{i}.input_layernorm.weight           layers/input_norm/scale
     model.layers.{i}.post_attention_layernorm.weight  layers/post_attn_norm/scale
     model.norm.weight                                 final_norm/scale
@@ -31,6 +35,11 @@ Choices not fixed by transformers:
     rules))`; a mesh axis that does not divide a dimension is dropped for that dimension (that
     dimension is replicated, with a warning) rather than failing.
   * `save` writes tensors in the parameter dtype, `config.json`'s `dtype` says which.
+  * qwen3_moe: experts are per-expert tensors on disk, as transformers 5's `save_pretrained` writes
+    them and as the Qwen3-MoE hub checkpoints hold them (transformers fuses them into
+    `experts.gate_up_proj` [E, 2F, D] / `experts.down_proj` only in memory). Only every-layer-sparse
+    models are supported (`decoder_sparse_step=1`, no `mlp_only_layers`: Qwen3-30B-A3B and
+    Qwen3-235B-A22B); others are rejected by name.
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ from opd_jax.models.sharding import DEFAULT_RULES, current_rules, logical_to_spe
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "llama": "LlamaForCausalLM"}
+                 "llama": "LlamaForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 SUPPORTED = tuple(ARCHITECTURES)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -68,7 +77,8 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 ARCH_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                "d_ff", "rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor",
                "rope_high_freq_factor", "rope_original_max_position", "rms_eps", "tie_embeddings",
-               "qk_norm", "qkv_bias")
+               "qk_norm", "qkv_bias", "num_experts", "experts_per_token", "moe_d_ff",
+               "norm_topk_prob")
 _MAX_LISTED = 12
 
 
@@ -135,7 +145,7 @@ def config_from_hf(source, **overrides) -> ModelConfig:
           f"{', '.join(ARCHITECTURES.values())}")
   if getattr(hf, "hidden_act", "silu") != "silu":
     bad("hidden_act", "only 'silu' (SwiGLU) is supported")
-  if family in ("qwen3", "llama") and getattr(hf, "attention_bias", False):
+  if family in ("qwen3", "llama", "qwen3_moe") and getattr(hf, "attention_bias", False):
     bad("attention_bias", f"{family} with attention biases (incl. o_proj) is not supported")
   if family == "llama" and getattr(hf, "mlp_bias", False):
     bad("mlp_bias", "MLP biases are not supported")
@@ -160,6 +170,20 @@ def config_from_hf(source, **overrides) -> ModelConfig:
     rope_kw.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
                    rope_high_freq_factor=float(rope["high_freq_factor"]),
                    rope_original_max_position=int(rope["original_max_position_embeddings"]))
+  moe_kw = {}
+  if family == "qwen3_moe":
+    if not getattr(hf, "num_experts", 0):
+      bad("num_experts", "qwen3_moe without experts is not supported (use model_type qwen3)")
+    if getattr(hf, "decoder_sparse_step", 1) != 1:
+      bad("decoder_sparse_step", "only 1 (a sparse MLP in every layer) is supported: the stacked "
+          "layer layout needs identical layers")
+    if list(getattr(hf, "mlp_only_layers", None) or []):
+      bad("mlp_only_layers", "only [] (a sparse MLP in every layer) is supported: the stacked "
+          "layer layout needs identical layers")
+    moe_kw = dict(num_experts=int(hf.num_experts), experts_per_token=int(hf.num_experts_per_tok),
+                  moe_d_ff=int(hf.moe_intermediate_size),
+                  norm_topk_prob=bool(hf.norm_topk_prob),
+                  router_aux_loss_coef=float(getattr(hf, "router_aux_loss_coef", 0.001)))
   n_heads = hf.num_attention_heads
   head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
   compute = "bfloat16" if _dtype_name(getattr(hf, "dtype", None)) in ("bfloat16",
@@ -172,15 +196,17 @@ def config_from_hf(source, **overrides) -> ModelConfig:
         d_ff=hf.intermediate_size, rope_theta=float(rope.get("rope_theta", 10000.0)),
         rope_type=rope_type, **rope_kw,
         rms_eps=float(hf.rms_norm_eps), tie_embeddings=bool(hf.tie_word_embeddings),
-        qk_norm=family == "qwen3", qkv_bias=family == "qwen2",
-        max_position=int(hf.max_position_embeddings), param_dtype="float32", dtype=compute)
+        qk_norm=family in ("qwen3", "qwen3_moe"), qkv_bias=family == "qwen2",
+        max_position=int(hf.max_position_embeddings), param_dtype="float32", dtype=compute,
+        **moe_kw)
   except ValueError as e:  # ModelConfig's check names the field; add the source
     raise ValueError(f"{where}: {e}") from e
   return cfg.replace(**overrides) if overrides else cfg
 
 
 def _check_expressible(cfg: ModelConfig) -> None:
-  want = {"qwen3": (True, False), "qwen2": (False, True), "llama": (False, False)}[cfg.family]
+  want = {"qwen3": (True, False), "qwen2": (False, True), "llama": (False, False),
+          "qwen3_moe": (True, False)}[cfg.family]
   if (cfg.qk_norm, cfg.qkv_bias) != want:
     raise ValueError(f"ModelConfig(family={cfg.family!r}, qk_norm={cfg.qk_norm}, "
                      f"qkv_bias={cfg.qkv_bias}) has no transformers equivalent; {cfg.family} "
@@ -210,8 +236,13 @@ def config_to_hf(cfg: ModelConfig) -> dict:
       "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rope,
       "dtype": cfg.param_dtype, "use_cache": True,
   }
-  if cfg.family in ("qwen3", "llama"):
+  if cfg.family in ("qwen3", "llama", "qwen3_moe"):
     out["attention_bias"] = False
+  if cfg.family == "qwen3_moe":
+    out.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+               moe_intermediate_size=cfg.moe_d_ff, norm_topk_prob=cfg.norm_topk_prob,
+               decoder_sparse_step=1, mlp_only_layers=[],
+               router_aux_loss_coef=float(cfg.router_aux_loss_coef), output_router_logits=False)
   if cfg.family == "llama":
     out["mlp_bias"] = False
   else:
@@ -234,7 +265,8 @@ def check_tokenizer(cfg: ModelConfig, tokenizer) -> None:
 # -- parameter <-> tensor-name mapping ------------------------------------------------------------
 class _Spec(NamedTuple):
   path: tuple[str, ...]  # path in the params dict
-  name: str  # HF tensor name; '{i}' marks a per-layer tensor stacked on axis 0
+  name: str  # HF tensor name; '{i}' marks a per-layer tensor stacked on axis 0, '{e}' a
+  # per-expert tensor stacked on the next axis
   transpose: bool  # HF (out, in) vs our (in, out)
   shape: tuple[int, ...]  # our (stacked) shape
 
@@ -242,19 +274,34 @@ class _Spec(NamedTuple):
   def layered(self) -> bool:
     return "{i}" in self.name
 
+  @property
+  def per_expert(self) -> bool:
+    return "{e}" in self.name
+
+  @property
+  def n_stacked(self) -> int:
+    """Leading stacked axes (layers, experts) of our shape that are separate tensors on disk."""
+    return int(self.layered) + int(self.per_expert)
+
   def hf_shape(self) -> tuple[int, ...]:
-    shape = self.shape[1:] if self.layered else self.shape
+    shape = self.shape[self.n_stacked:]
     return tuple(reversed(shape)) if self.transpose else tuple(shape)
 
   def hf_names(self, n_layers: int) -> list[str]:
-    return [self.name.format(i=i) for i in range(n_layers)] if self.layered else [self.name]
+    """Names in storage order (layer-major, then expert)."""
+    if not self.layered:
+      return [self.name]
+    if not self.per_expert:
+      return [self.name.format(i=i) for i in range(n_layers)]
+    return [self.name.format(i=i, e=e) for i in range(n_layers) for e in range(self.shape[1])]
 
 
 _TOP = {("embed", "embedding"): ("model.embed_tokens.weight", False),
         ("final_norm", "scale"): ("model.norm.weight", False),
         ("lm_head", "kernel"): ("lm_head.weight", True)}
 _MODULE = {"attn": "self_attn", "input_norm": "input_layernorm",
-           "post_attn_norm": "post_attention_layernorm"}
+           "post_attn_norm": "post_attention_layernorm", "router": "gate",
+           "experts": "experts.{e}"}
 _LEAF = {"kernel": ("weight", True), "bias": ("bias", False), "scale": ("weight", False)}
 
 
@@ -398,7 +445,11 @@ def _reader(ckpt: _Checkpoint, spec: _Spec, n_layers: int, dtype):
 
   def read(index):
     index = _full_index(index, spec.shape)
-    if spec.layered:
+    if spec.per_expert:
+      experts = range(spec.shape[1])[index[1]]
+      out = np.stack([np.stack([read_one(spec.name.format(i=i, e=e), index[2:]) for e in experts])
+                      for i in range(n_layers)[index[0]]])
+    elif spec.layered:
       blocks = [read_one(spec.name.format(i=i), index[1:]) for i in range(n_layers)[index[0]]]
       out = np.stack(blocks)
     else:
@@ -520,7 +571,10 @@ def _tensors(cfg, params, specs) -> Iterator[tuple[str, np.ndarray]]:
     for p in spec.path:
       leaf = leaf[p]
     host = _to_host(leaf).astype(np_dtype, copy=False)
-    blocks = list(host) if spec.layered else [host]
+    if spec.per_expert:
+      blocks = list(host.reshape((-1,) + host.shape[2:]))
+    else:
+      blocks = list(host) if spec.layered else [host]
     for name, block in zip(spec.hf_names(cfg.n_layers), blocks):
       yield name, np.ascontiguousarray(block.T if spec.transpose else block)
     del host, blocks

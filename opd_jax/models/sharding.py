@@ -16,8 +16,10 @@ from typing import Iterable, Sequence
 import jax
 from jax.sharding import PartitionSpec as P
 
-# Parameter axes.
-PARAM_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm")
+# Parameter axes. `expert` is the stacked-experts axis of mixture-of-experts weights ([E, ...]
+# expert kernels, the router's output axis).
+PARAM_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm",
+              "expert")
 # Activation axes (kept distinct from parameter axes so that e.g. `embed` can be FSDP-sharded in
 # parameters while activations keep their embedding dimension whole).
 ACTIVATION_AXES = ("batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_mlp",
@@ -28,6 +30,10 @@ Rules = tuple[tuple[str, "str | tuple[str, ...] | None"], ...]
 
 # A sensible default for ('data', 'fsdp', 'tensor') meshes: batch over data x fsdp, parameters
 # FSDP-sharded on their embed axis and tensor-parallel on heads / mlp / vocab.
+# `expert` maps to nothing by default: expert kernels [E, D, F] are then sharded exactly like dense
+# MLP kernels (embed over fsdp, mlp over tensor), each expert whole on no device. Expert
+# parallelism is the rule ("expert", "fsdp"): experts are spread over the fsdp axis, and since a
+# mesh axis is used once per array, their embed axis is then replicated (see `logical_to_spec`).
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("length", None),
@@ -40,6 +46,7 @@ DEFAULT_RULES: Rules = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("expert", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),

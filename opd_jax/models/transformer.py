@@ -1,4 +1,4 @@
-"""NNX decoder for the qwen3 / qwen2 / llama families.
+"""NNX decoder for the qwen3 / qwen2 / llama / qwen3_moe families.
 
 Parameters carry logical axis names (see `sharding.py`); layers are stacked on a leading `layers`
 axis and run with `lax.scan` (or unrolled, `cfg.scan_layers=False`) over the same layout.
@@ -17,6 +17,9 @@ Parameter tree (shapes; L layers, D d_model, H heads, K kv heads, h head_dim, F 
     layers/attn/o_proj/kernel        [L, H*h, D]
     layers/attn/{q,k}_norm/scale     [L, h]                                    (qwen3 only)
     layers/mlp/{gate,up}_proj/kernel [L, D, F];  layers/mlp/down_proj/kernel [L, F, D]
+    layers/mlp/router/kernel         [L, D, E]                       (qwen3_moe, instead of
+    layers/mlp/experts/{gate,up}_proj/kernel [L, E, D, Fe]            the dense mlp; E experts
+    layers/mlp/experts/down_proj/kernel      [L, E, Fe, D]            of width Fe = moe_d_ff)
     layers/{input,post_attn}_norm/scale [L, D]
     final_norm/scale                 [D]
     lm_head/kernel                   [D, V]                                    (untied only)
@@ -226,19 +229,95 @@ class MLP(nnx.Module):
     return self.down_proj(hidden)
 
 
+class ExpertProj(nnx.Module):
+  """Stacked expert kernels [E, in, out] (logical axes ('expert', in, out))."""
+
+  def __init__(self, n_experts, d_in, d_out, names, cfg, *, rngs):
+    self.kernel = _param(rngs, (n_experts, d_in, d_out), ("expert",) + tuple(names), cfg)
+
+
+class Experts(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    e, d, f = cfg.num_experts, cfg.d_model, cfg.moe_d_ff
+    self.gate_proj = ExpertProj(e, d, f, ("embed", "mlp"), cfg, rngs=rngs)
+    self.up_proj = ExpertProj(e, d, f, ("embed", "mlp"), cfg, rngs=rngs)
+    self.down_proj = ExpertProj(e, f, d, ("mlp", "embed"), cfg, rngs=rngs)
+
+
+def route(router_logits_BxTxE, cfg: ModelConfig) -> jax.Array:
+  """Dense routing weights [B, T, E] (float32): softmax over experts, the top-k kept (optionally
+  renormalised to sum to one, Qwen3's `norm_topk_prob`), zeros elsewhere."""
+  probs = jax.nn.softmax(router_logits_BxTxE.astype(jnp.float32), axis=-1)
+  top, idx = jax.lax.top_k(probs, cfg.experts_per_token)
+  if cfg.norm_topk_prob:
+    top = top / jnp.sum(top, axis=-1, keepdims=True)
+  onehot = jax.nn.one_hot(idx, cfg.num_experts, dtype=jnp.float32)  # [B, T, k, E]
+  return jnp.einsum("btk,btke->bte", top, onehot)
+
+
+class MoE(nnx.Module):
+  """Qwen3-MoE sparse MLP: router linear -> softmax -> top-k (-> renormalise) -> SwiGLU experts.
+
+  Parameters: `router/kernel` [D, E] (transformers' `mlp.gate`) and `experts/{gate,up,down}_proj/
+  kernel` [E, D, F] / [E, D, F] / [E, F, D], (in, out) per expert.
+
+  Computation is *dense over experts*: every expert runs on every token ([B, T, E, F]
+  intermediates) and the outputs are summed with the routing weights, which are zero outside each
+  token's top-k. The result equals transformers' sparse dispatch (up to summation order), and
+  gradients reach the router through the kept top-k probabilities exactly as in transformers. It
+  costs E / k times the FLOPs of a sparse dispatch: right for correctness, tests and small models
+  on CPU, not an efficient kernel for a 128-expert teacher (a ragged / grouped matmul would be).
+  As in transformers, the router logits are computed in the compute dtype, softmax and top-k in
+  float32, and the routing weights are cast back to the compute dtype.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.router = Proj(cfg.d_model, cfg.num_experts, ("embed", "expert"), cfg, rngs=rngs)
+    self.experts = Experts(cfg, rngs=rngs)
+    self.cfg = cfg
+
+  def __call__(self, x_BxTxD):
+    """(output [B, T, D], router logits [B, T, E] in float32)."""
+    cfg = self.cfg
+    dtype = _dtype(cfg.dtype)
+    x = x_BxTxD.astype(dtype)
+    logits = self.router(x)
+    weights = route(logits, cfg).astype(dtype)
+
+    def mm(spec, a, w):
+      return jnp.einsum(spec, a, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+
+    ex = self.experts
+    gate = mm("btd,edf->btef", x, ex.gate_proj.kernel[...])
+    up = mm("btd,edf->btef", x, ex.up_proj.kernel[...])
+    hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", None, "act_mlp"))
+    # sum_e w_e down_e(h_e) as one contraction over (expert, F) of the weighted hidden states (no
+    # [B, T, E, D] intermediate, and no batched dot: XLA:CPU has no bf16 x bf16 -> f32 one).
+    return (mm("btef,efd->btd", hidden * weights[..., None], ex.down_proj.kernel[...]),
+            logits.astype(jnp.float32))
+
+
 class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.input_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.post_attn_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
+    self.is_moe = cfg.is_moe
 
   def __call__(self, x, positions, kv_mask, cache_kv, cache_index):
+    """(x, new cache, router logits [B, T, E] or None for a dense MLP)."""
     attn_out, new_cache = self.attn(self.input_norm(x), positions, kv_mask, cache_kv, cache_index)
     x = x + attn_out
-    x = x + self.mlp(self.post_attn_norm(x))
-    return constrain(x, ("batch", "length", "act_embed")), new_cache
+    router_logits = None
+    if self.is_moe:
+      mlp_out, router_logits = self.mlp(self.post_attn_norm(x))
+    else:
+      mlp_out = self.mlp(self.post_attn_norm(x))
+    x = x + mlp_out
+    return constrain(x, ("batch", "length", "act_embed")), new_cache, router_logits
 
 
 class Transformer(nnx.Module):
@@ -272,8 +351,12 @@ class Transformer(nnx.Module):
     return unembed(h_BxTxD, self.unembed_matrix(), self.cfg)
 
   def hidden(self, tokens_BxT, mask_BxT=None, positions_BxT=None, *, cache: Cache | None = None,
-             cache_index=0, kv_mask_BxS=None):
-    """Final (normed) hidden states [B, T, D] and the updated cache (None without a cache)."""
+             cache_index=0, kv_mask_BxS=None, return_router_logits: bool = False):
+    """Final (normed) hidden states [B, T, D] and the updated cache (None without a cache).
+
+    With `return_router_logits=True` a third element: the router logits [L, B, T, E] (float32)
+    of a mixture-of-experts model (None for a dense one), for `load_balancing_loss`.
+    """
     cfg = self.cfg
     if mask_BxT is None:
       mask_BxT = jnp.ones(tokens_BxT.shape, bool)
@@ -290,30 +373,69 @@ class Transformer(nnx.Module):
     def body(carry, xs):
       layer_params, layer_cache = xs
       block = nnx.merge(graphdef, layer_params)
-      y, new_cache = block(carry, positions_BxT, kv_mask_BxS, layer_cache, cache_index)
-      return y, new_cache
+      y, new_cache, router_logits = block(carry, positions_BxT, kv_mask_BxS, layer_cache,
+                                          cache_index)
+      return y, (new_cache, router_logits)
 
     if cfg.remat:
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
 
     layer_cache = None if cache is None else (cache["k"], cache["v"])
     if cfg.scan_layers:
-      x, new_cache = jax.lax.scan(body, x, (layer_state, layer_cache))
+      x, (new_cache, router_logits) = jax.lax.scan(body, x, (layer_state, layer_cache))
     else:
       outs = []
       for i in range(cfg.n_layers):
         xs_i = jax.tree.map(lambda a: a[i], (layer_state, layer_cache))
         x, c = body(x, xs_i)
         outs.append(c)
-      new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+      new_cache, router_logits = jax.tree.map(lambda *a: jnp.stack(a), *outs)
     h = self.final_norm(x)
     if cache is not None:
       new_cache = {"k": new_cache[0], "v": new_cache[1]}
+    if return_router_logits:
+      return h, new_cache, router_logits
     return h, new_cache
 
   def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None):
     h, _ = self.hidden(tokens_BxT, mask_BxT, positions_BxT)
     return self.logits(h)
+
+
+def load_balancing_loss(router_logits_LxBxTxE, top_k: int, mask_BxT=None) -> jax.Array:
+  """Switch-Transformer auxiliary load-balancing loss, as transformers' `load_balancing_loss_func`
+  (Qwen3-MoE): E * sum_e f_e P_e, where over all layers and (unmasked) tokens f_e is the mean
+  number of top-k assignments to expert e and P_e the mean routing probability of e.
+
+  Takes the [L, B, T, E] router logits of `Transformer.hidden(..., return_router_logits=True)`;
+  `mask_BxT` (optional) excludes padding. A trainer adds `cfg.router_aux_loss_coef` times this
+  to its loss; nothing in opd_jax does so on its own.
+  """
+  logits = router_logits_LxBxTxE.astype(jnp.float32)
+  n_experts = logits.shape[-1]
+  probs = jax.nn.softmax(logits, axis=-1)
+  _, idx = jax.lax.top_k(probs, top_k)
+  counts = jnp.sum(jax.nn.one_hot(idx, n_experts, dtype=jnp.float32), axis=-2)  # [L, B, T, E]
+  if mask_BxT is None:
+    w = jnp.ones(logits.shape[1:3], jnp.float32)
+  else:
+    w = mask_BxT.astype(jnp.float32)
+  rows = logits.shape[0] * jnp.sum(w)
+  tokens_per_expert = jnp.einsum("lbte,bt->e", counts, w) / rows
+  prob_per_expert = jnp.einsum("lbte,bt->e", probs, w) / rows
+  return n_experts * jnp.sum(tokens_per_expert * prob_per_expert)
+
+
+def forward_with_aux(graphdef, params, tokens_BxT, mask_BxT=None, positions_BxT=None):
+  """(float32 logits [B, T, V], load-balancing loss) of a mixture-of-experts model (the loss is
+  0.0 for a dense one), padding excluded from the loss via `mask_BxT`."""
+  model = merge(graphdef, params)
+  h, _, router_logits = model.hidden(tokens_BxT, mask_BxT, positions_BxT,
+                                     return_router_logits=True)
+  if router_logits is None:
+    return model.logits(h), jnp.zeros((), jnp.float32)
+  return model.logits(h), load_balancing_loss(router_logits, model.cfg.experts_per_token,
+                                              mask_BxT)
 
 
 def unembed(h_BxTxD, w_DxV, cfg: ModelConfig) -> jax.Array:
