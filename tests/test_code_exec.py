@@ -231,3 +231,14 @@ def test_concurrent_runs_are_isolated_from_each_other():
   got = v.score_many([bomb, good, good, "while True: pass\n", good], [json.dumps(ADD1)] * 5)
   assert [r.reason for r in got] == ["timeout", "pass", "pass", "timeout", "pass"], got
   _assert_no_leftovers()
+
+
+def test_ordinary_programs_still_work():
+  # Subprocesses, /dev/null, randomness, threads and files in the cwd are fine inside the sandbox.
+  src = ("import subprocess, random, threading, os\n"
+         "open(os.devnull, 'w').write('x')\n"
+         "out = subprocess.run(['echo', 'hi'], capture_output=True, text=True).stdout.strip()\n"
+         "t = threading.Thread(target=lambda: None); t.start(); t.join()\n"
+         "open('f.txt', 'w').write(out)\n"
+         "def f(x):\n  return x + 1 if open('f.txt').read() == 'hi' else None\n")
+  assert _check(src).reason == "pass"

@@ -498,11 +498,18 @@ def _isolate_as_root(cwd: str) -> None:
      "mount /proc hidepid=2")
   ok(libc.mount(c, c, None, _MS_BIND, None), "bind cwd")
   ok(libc.mount(None, c, None, _MS_REMOUNT | _MS_BIND | _MS_NOSUID | _MS_NODEV, None), "cwd flags")
+  keep = {"nodev": _MS_NODEV, "noexec": _MS_NOEXEC}  # per-mount flags kept as they were
+  points: dict[str, int] = {}
   with open("/proc/self/mountinfo") as f:
-    points = {line.split()[4].replace("\\040", " ") for line in f}
-  for mp in sorted(points - {cwd}, key=len):
+    for line in f:
+      fields = line.split()
+      flags = 0
+      for opt in fields[5].split(","):
+        flags |= keep.get(opt, 0)
+      points[fields[4].replace("\\040", " ")] = flags  # the last (top) mount of a path wins
+  for mp in sorted(set(points) - {cwd}, key=len):
     r = libc.mount(None, mp.encode(), None,
-                   _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, None)
+                   _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | points[mp], None)
     if r != 0 and mp in ("/", "/tmp", "/dev/shm", "/var/tmp", "/run"):
       ok(r, f"read-only {mp}")
   os.chdir(cwd)  # enter the bind mount (the old cwd reference points into the read-only mount)
