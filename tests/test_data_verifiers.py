@@ -192,3 +192,23 @@ def test_code_verifier_reasons_in_a_parallel_batch():
   assert partial("def f(x):\n  return 2\n", tests).score == 0.5
   with pytest.raises(ValueError):
     v("def f(x): return x", "not a test spec")
+
+
+def test_batch_result_select_concat_and_build():
+  a = score_batch_with_reasons(exact_match, ["=1", "=2", "x"], ["1", "1", "1"])
+  b = score_batch_with_reasons(exact_match, ["=3"], ["3"])
+  valid = a.select([True, False, True])
+  assert valid.reasons_B == ("correct", "unparsable") and valid.scores_B.tolist() == [1.0, 0.0]
+  both = verifiers.BatchResult.concat([valid, b])
+  assert both.scores_B.dtype == np.float32 and len(both) == 3
+  assert both.counts() == {"correct": 2, "wrong": 0, "unparsable": 1}
+  with pytest.raises(ValueError, match="mask"):
+    a.select([True])
+  assert verifiers.build("exact_match") is exact_match
+  assert isinstance(verifiers.build("code", workers=1), verifiers.CodeVerifier)
+  tv = verifiers.build("task")
+  assert set(verifiers.reasons_of(tv)) >= {"correct", "pass", "timeout", "compile_error"}
+  for v in (exact_match, tv):
+    verifiers.close_verifier(v)
+  with pytest.raises(ValueError, match="unknown verifier"):
+    verifiers.build("nope")

@@ -27,8 +27,10 @@ Every verification returns a score AND a reason from the verifier's fixed set (`
 Batches: `score_batch(verifier, responses, answers) -> float32 [B]` (the scores only, unchanged);
 `score_batch_with_reasons(...) -> BatchResult` (scores_B, reasons_B, details_B, `counts()`,
 `to_metrics(prefix)` -> {'verifier/correct': n, 'verifier/timeout': n, ...} with every reason of the
-verifier present, zeros included). Verifiers with a `score_many(responses, answers)` method are
-batched through it (parallel), others are called item by item.
+verifier present, zeros included; `select(valid_B)` drops filler rows, `BatchResult.concat` joins
+batches). Verifiers with a `score_many(responses, answers)` method are batched through it
+(parallel), others are called item by item. `build(name, **kw)` makes one by config name
+(`VERIFIER_NAMES`), `close_verifier(v)` releases any of them.
 """
 
 from __future__ import annotations
@@ -106,6 +108,24 @@ class BatchResult:
     """Flat per-reason counts {f'{prefix}/{reason}': float(count)} (additive across processes)."""
     return {f"{prefix}/{r}": float(n) for r, n in self.counts().items()}
 
+  def select(self, mask_B) -> "BatchResult":
+    """The rows where `mask_B` is true (e.g. an eval batch's `valid_B`, dropping filler rows)."""
+    m = np.asarray(mask_B, bool).reshape(-1)
+    if m.shape[0] != len(self):
+      raise ValueError(f"BatchResult.select: mask of {m.shape[0]} rows for {len(self)} rows")
+    pick = lambda xs: tuple(x for x, k in zip(xs, m) if k)  # noqa: E731
+    return BatchResult(self.scores_B[m], pick(self.reasons_B),
+                       pick(self.details_B) if self.details_B else (), self.reason_set)
+
+  @staticmethod
+  def concat(results: Sequence["BatchResult"]) -> "BatchResult":
+    """One result of several batches (reason sets merged in order)."""
+    reason_set = tuple(dict.fromkeys(r for res in results for r in res.reason_set))
+    scores = (np.concatenate([res.scores_B for res in results]) if results
+              else np.zeros((0,), np.float32))
+    return BatchResult(scores.astype(np.float32), sum((res.reasons_B for res in results), ()),
+                       sum((res.details_B or ("",) * len(res) for res in results), ()), reason_set)
+
 
 def score_batch_with_reasons(verifier: Verifier, responses: Sequence[str],
                              answers: Sequence[str]) -> BatchResult:
@@ -123,6 +143,34 @@ def score_batch_with_reasons(verifier: Verifier, responses: Sequence[str],
 def score_batch(verifier: Verifier, responses: Sequence[str], answers: Sequence[str]) -> np.ndarray:
   """Scores of `verifier` over aligned responses and answers, as a float32 [B] array."""
   return score_batch_with_reasons(verifier, responses, answers).scores_B
+
+
+VERIFIER_NAMES = ("exact_match", "math", "code", "task")
+
+
+def build(name: str, **kw) -> Verifier:
+  """A verifier by config name: 'exact_match' (arithmetic tasks), 'math' (`MathVerifier(**kw)`),
+  'code' (`CodeVerifier(**kw)`), 'task' (`TaskVerifier`: arithmetic + code task mixtures; kw go to
+  its CodeVerifier). Release any of them with `close_verifier(v)` (stops MathVerifier's workers; a
+  no-op for the others, which hold no processes between calls)."""
+  if name == "exact_match":
+    if kw:
+      raise ValueError(f"verifier 'exact_match' takes no options, got {sorted(kw)}")
+    return exact_match
+  if name == "math":
+    return MathVerifier(**kw)
+  if name == "code":
+    return CodeVerifier(**kw)
+  if name == "task":
+    return TaskVerifier(CodeVerifier(**kw))
+  raise ValueError(f"unknown verifier {name!r}; valid: {VERIFIER_NAMES}")
+
+
+def close_verifier(verifier) -> None:
+  """Release a verifier's worker processes, if it has any (safe on every verifier)."""
+  close = getattr(verifier, "close", None)
+  if callable(close):
+    close()
 
 
 def _parallel(fn, responses, answers, workers: int) -> list[Reward]:
