@@ -1,6 +1,7 @@
 """The code sandbox: correct / wrong programs, and hostile ones (each contained, none outliving its
-timeout). The strong guarantees (network, filesystem, fork bombs, setsid escapes) need root, which is
-how this project's containers run; without root those tests are skipped (module doc of code_exec)."""
+timeout). The strong guarantees need root (fork bombs, setsid escapes: a dedicated uid) and
+CAP_SYS_ADMIN (network, filesystem, /proc: namespaces), which is how this project's containers run;
+elsewhere those tests are skipped (module doc of code_exec)."""
 
 import json
 import os
@@ -15,7 +16,9 @@ from opd_jax.data import code_exec as ce
 LIM = ce.Limits(timeout_s=1.5, memory_mb=256, max_output_bytes=4096, max_procs=8)
 ADD1 = {"fn": "f", "calls": [[[1], 2], [[5], 6], [[-3], -2]]}
 REPO = pathlib.Path(__file__).resolve().parents[1]
-root_only = pytest.mark.skipif(not ce.is_root(), reason="full isolation needs root")
+LEVEL = ce.isolation()
+full_only = pytest.mark.skipif(LEVEL != "full", reason="needs root with CAP_SYS_ADMIN (namespaces)")
+uid_only = pytest.mark.skipif(LEVEL not in ("full", "uid"), reason="needs root (a dedicated uid)")
 
 
 def _check(src, tests=ADD1, limits=LIM):
@@ -111,7 +114,7 @@ def test_cwd_is_private_empty_and_removed():
   assert not os.path.exists(cwd)
 
 
-@root_only
+@full_only
 def test_writes_outside_the_cwd_do_not_appear():
   target_tmp = f"/tmp/opd_sbx_escape_{uuid.uuid4().hex}"
   target_repo = REPO / f"opd_sbx_escape_{uuid.uuid4().hex}"
@@ -132,7 +135,7 @@ def test_writes_outside_the_cwd_do_not_appear():
   assert out.reason == "crash", out
 
 
-@root_only
+@full_only
 def test_network_is_unreachable():
   import socket
   srv = socket.socket()
@@ -151,7 +154,7 @@ def test_network_is_unreachable():
     srv.close()
 
 
-@root_only
+@uid_only
 def test_runs_as_an_unprivileged_uid():
   res = ce.run("import os\nprint(os.getuid(), os.geteuid(), os.getgroups())\n", limits=LIM)
   uid, euid, groups = res.stdout.split(" ", 2)
@@ -159,7 +162,7 @@ def test_runs_as_an_unprivileged_uid():
   assert _check("print(open('/root/.bashrc').read())\n").reason in ("crash",)
 
 
-@root_only
+@uid_only
 def test_fork_bomb_is_contained():
   src = ("import os\nwhile True:\n  try:\n    os.fork()\n  except OSError:\n    pass\n")
   t0 = time.monotonic()
@@ -169,7 +172,7 @@ def test_fork_bomb_is_contained():
   _assert_no_leftovers()
 
 
-@root_only
+@uid_only
 def test_detached_children_do_not_survive():
   # A child that leaves the process group (setsid) and sleeps: the uid sweep kills it.
   src = ("import os, time\nif os.fork() == 0:\n  os.setsid()\n  if os.fork() == 0:\n"
@@ -179,7 +182,7 @@ def test_detached_children_do_not_survive():
   _assert_no_leftovers()
 
 
-@root_only
+@uid_only
 def test_process_count_cap_counts_only_the_program():
   # As root the program runs under its own uid, so RLIMIT_NPROC caps exactly its processes.
   src = ("import os, time\nn = 0\nfor _ in range(40):\n  try:\n    pid = os.fork()\n"
@@ -191,7 +194,7 @@ def test_process_count_cap_counts_only_the_program():
   _assert_no_leftovers()
 
 
-@root_only
+@full_only
 def test_other_processes_are_invisible(monkeypatch):
   monkeypatch.setenv("OPD_SECRET_TOKEN", "hunter2")
   parent = os.getpid()
@@ -211,6 +214,29 @@ def test_closing_its_pipes_does_not_escape_the_clock():
   _assert_no_leftovers()
 
 
+def test_full_isolation_whenever_the_capabilities_allow_it():
+  with open("/proc/self/status") as f:
+    cap_eff = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+  if ce.is_root() and cap_eff & (1 << 21):  # CAP_SYS_ADMIN: a downgrade would be a bug
+    assert LEVEL == "full"
+
+
+@uid_only
+def test_uid_only_path_still_caps_processes():
+  # The level used as root without namespaces (e.g. default Docker): dedicated uid, exact NPROC.
+  src = ("import os, time\nn = 0\nfor _ in range(40):\n  try:\n    pid = os.fork()\n"
+         "  except OSError:\n    break\n  if pid == 0:\n    time.sleep(30)\n    os._exit(0)\n  n += 1\n"
+         "print(n, os.getuid())\n")
+  uid = ce._acquire_uid()
+  try:
+    res = ce._run_as(src, "", None, LIM, uid, namespaces=False)
+  finally:
+    ce._release_uid(uid)
+  n, got_uid = map(int, res.stdout.split())
+  assert n == LIM.max_procs - 1 and got_uid == uid
+  _assert_no_leftovers()
+
+
 def test_rlimits_only_path_runs_and_times_out():
   # The path taken without root (no namespaces, no uid change): still limits, clock, clean env.
   res = ce._run_as("import os\nprint(os.environ.get('HOME') == os.getcwd())\n", "", None, LIM, None)
@@ -220,7 +246,7 @@ def test_rlimits_only_path_runs_and_times_out():
   assert res.status == "timeout" and time.monotonic() - t0 < LIM.timeout_s + 1.0
 
 
-@root_only
+@uid_only
 def test_concurrent_runs_are_isolated_from_each_other():
   # Each run has its own uid: a fork bomb next to correct programs does not starve their
   # RLIMIT_NPROC, and the sweep after one run never touches another.

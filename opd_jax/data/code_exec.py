@@ -31,19 +31,24 @@ Containment (`run`), one fresh process per program run:
   * limits (setrlimit in the trusted harness before the program runs): RLIMIT_CPU, RLIMIT_AS,
     RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0, RLIMIT_NPROC; PR_SET_NO_NEW_PRIVS (setuid binaries
     cannot raise privileges).
-  * when the parent runs as root (isolation 'full', our containers): the harness unshares mount,
-    network, IPC and UTS namespaces, makes every mount private, bind-mounts its cwd onto itself and
-    remounts every other mount read-only (so /tmp, /dev/shm and the repository are read-only for the
-    program), then drops to a dedicated unprivileged uid/gid (a fresh one per run, see
-    `_acquire_uid`; no supplementary groups), with a fresh /proc mounted hidepid=2 (the program sees
-    only its own processes: not the parent's command line or environment). RLIMIT_NPROC then counts only the program's own processes, so
-    a fork bomb stops at `max_procs`; the fresh network namespace has only a down loopback, so no
-    connection (not even to 127.0.0.1) can be made.
+  * when the parent runs as root with CAP_SYS_ADMIN (isolation 'full', our containers): the
+    harness unshares mount, network, IPC and UTS namespaces, makes every mount private, mounts a
+    fresh /proc with hidepid=2 (the program sees only its own processes: not the parent's command
+    line or environment), bind-mounts its cwd onto itself and remounts every other mount read-only
+    (so /tmp, /dev/shm and the repository are read-only for the program), then drops to a
+    dedicated unprivileged uid/gid (a fresh one per run, `_acquire_uid`; no supplementary groups).
+    RLIMIT_NPROC then counts only the program's own processes, so a fork bomb stops at `max_procs`
+    (as root it would not apply at all); the fresh network namespace has only a down loopback, so
+    no connection (not even to 127.0.0.1) can be made.
   * wall clock (counted from the spawn, so it includes ~0.1-0.3 s of interpreter start and sandbox
     set-up): past `timeout_s` the process group is SIGKILLed; afterwards every process still owned
     by the run's uid (including ones that left the group with setsid / double fork) is SIGKILLed with
     `kill -9 -1` run as that uid, repeated until none is left.
   * stdout / stderr are read up to `max_output_bytes`; past that the program is killed.
+  Root without CAP_SYS_ADMIN (isolation 'uid', e.g. a default Docker container; `isolation()` probes
+  once and warns): the dedicated uid, rlimits (RLIMIT_NPROC exact), group kill and uid sweep apply,
+  but there are no namespaces: the network is reachable and world-writable directories (/tmp,
+  /dev/shm) are writable by the program.
   Not root (isolation 'rlimits'): rlimits, new session, scrubbed env, empty cwd and the wall-clock
   group kill still apply, but there is no network or filesystem isolation, RLIMIT_NPROC counts every
   process of the user (it is set to the user's current count + max_procs), and a process that calls
@@ -142,9 +147,32 @@ def is_root() -> bool:
   return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+_iso_lock = threading.Lock()
+_iso_cache: list[str] = []
+
+
 def isolation() -> str:
-  """'full' (root: namespaces, read-only mounts, dedicated uid) or 'rlimits' (see module doc)."""
-  return "full" if is_root() else "rlimits"
+  """The isolation level programs run under (module doc), probed once per process:
+  'full' (root with CAP_SYS_ADMIN: namespaces, read-only mounts, fresh /proc, dedicated uid),
+  'uid' (root without namespaces, e.g. a default Docker container: dedicated uid and rlimits, but
+  no network or filesystem isolation: a warning is issued), 'rlimits' (not root)."""
+  with _iso_lock:
+    if not _iso_cache:
+      level = "rlimits"
+      if is_root():
+        uid = _acquire_uid()
+        try:
+          res = _run_as("print('ok')", "", None, Limits(timeout_s=60.0), uid, namespaces=True)
+        finally:
+          _release_uid(uid)
+        level = "full" if (res.status, res.stdout.strip()) == ("exited", "ok") else "uid"
+        if level == "uid":
+          import warnings
+          warnings.warn("code_exec: namespaces are unavailable (" + res.stderr.strip()[-200:] +
+                        "); sandboxed programs run without network or filesystem isolation",
+                        RuntimeWarning, stacklevel=2)
+      _iso_cache.append(level)
+    return _iso_cache[0]
 
 
 # -- sandbox uids: a fresh one per run ----------------------------------------------------------
@@ -275,16 +303,18 @@ def run(source: str, *, stdin: str = "", call: tuple[str, Sequence[Sequence[Any]
         limits: Limits = Limits()) -> ExecResult:
   """Run `source` in the sandbox (module doc). With `call=(fn, args_list)` the harness executes the
   module, then writes one JSON line per call: [i, result] or [i, null, "ExceptionName"]."""
-  if not is_root():
+  level = isolation()
+  if level == "rlimits":
     return _run_as(source, stdin, call, limits, None)
   uid = _acquire_uid()
   try:
-    return _run_as(source, stdin, call, limits, uid)
+    return _run_as(source, stdin, call, limits, uid, namespaces=level == "full")
   finally:
     _release_uid(uid)
 
 
-def _run_as(source, stdin, call, limits: Limits, uid: int | None) -> ExecResult:
+def _run_as(source, stdin, call, limits: Limits, uid: int | None, *,
+            namespaces: bool = False) -> ExecResult:
   root = uid is not None
   cwd = tempfile.mkdtemp(prefix="opd_sbx_")
   t0 = time.monotonic()
@@ -294,7 +324,7 @@ def _run_as(source, stdin, call, limits: Limits, uid: int | None) -> ExecResult:
     if root:
       os.chown(cwd, uid, uid)
     nproc = limits.max_procs if root else _user_process_count() + limits.max_procs
-    job = {"source": source, "stdin": stdin, "uid": uid, "cwd": cwd,
+    job = {"source": source, "stdin": stdin, "uid": uid, "cwd": cwd, "namespaces": namespaces,
            "call": [call[0], [list(a) for a in call[1]]] if call else None,
            "limits": {"cpu": limits.cpu_seconds, "as": limits.memory_mb << 20,
                       "fsize": limits.file_size_mb << 20, "nproc": nproc,
@@ -531,7 +561,7 @@ def _harness_main() -> None:
     sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)),
                                  encoding="utf-8")
     uid, lim = job["uid"], job["limits"]
-    if uid is not None:
+    if job["namespaces"]:
       _isolate_as_root(job["cwd"])
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
