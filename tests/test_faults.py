@@ -280,3 +280,19 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
   assert len(err.splitlines()) == 1 and "optim.lr" in err
   with pytest.raises(errors.UserError):
     cli.main(["--debug"] + argv)
+
+
+def test_batch_vs_mesh_is_checked_before_any_model_loads(tmp_path):
+  from opd_jax.train import mesh as mesh_lib
+  from opd_jax.train import run_plan
+  cfg = _config("opd", ["loop.batch_size=3", "rollout.group_size=1", "mesh.shape=(1,-1,1)"])
+  plan = run_plan.resolve(cfg, shapes_only=True)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  with pytest.raises(config_lib.ConfigError, match=r"loop\.batch_size x rollout\.group_size = 3 "
+                     r"rows .* 8 batch shards .*fsdp=8"):
+    run_plan.check_divisible(plan, mesh, cfg.mesh.rules)
+  bad_teacher = _config("opd", ["loop.batch_size=3", "rollout.group_size=1",
+                                "mesh.shape=(1,-1,1)", "teacher.source=checkpoint",
+                                f"teacher.path={tmp_path / 'missing'}"])
+  with pytest.raises(config_lib.ConfigError, match=r"batch shards"):
+    loop.run(bad_teacher, tmp_path / "run")  # refused before the missing teacher is read

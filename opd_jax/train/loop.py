@@ -323,6 +323,8 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
   tok = tokenizer if tokenizer is not None else run_plan.load_tokenizer(cfg)
   recipe = recipes_lib.get(cfg)
   needs = recipe.needs(cfg)
+  # Batch vs mesh before any weights are read (the architectures do not change the row count).
+  run_plan.check_divisible(run_plan.resolve(cfg, tokenizer=tok), mesh, rules)
 
   # Models. A resumed run takes the student from its checkpoint (only the architecture is needed
   # here), unless the recipe keeps the initial student as its frozen reference.

@@ -55,6 +55,7 @@ from opd_jax.models import transformer
 from opd_jax.models.config import ModelConfig
 from opd_jax.optim.factory import make_optimizer
 from opd_jax.train import mesh as mesh_lib
+from opd_jax.train import run_plan as run_plan_lib
 
 _GIB = float(1 << 30)
 XLA_FIELDS = ("argument", "output", "temp", "generated_code", "alias")
@@ -207,6 +208,7 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
   recipe = run_plan.recipe
   rules = sharding_lib.validate_rules(cfg.mesh.rules)
   mesh = _make_mesh(n_devices, mesh_shape, axes, rules)
+  run_plan_lib.check_divisible(run_plan, mesh, rules)
   t_start = time.perf_counter()
 
   # The student's TrainState, built as the loop builds it.

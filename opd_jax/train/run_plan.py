@@ -311,3 +311,39 @@ def resolve(cfg: TrainConfig, *, tokenizer=None, student: ModelConfig | None = N
       eval_sampler=eval_sampler, eval_k=1 if loop.eval_greedy else loop.eval_k,
       step_cfg=step_cfg, total_updates=loop.steps * recipe.updates_per_step(cfg),
       eos_id=eos_id, pad_id=pad_id)
+
+
+def check_divisible(plan: RunPlan, mesh, rules) -> None:
+  """Refuses, naming the config fields and the mesh, a batch that the mesh's batch axes (and the
+  processes, and the step's minibatches x micro-batches) cannot split evenly. Runs before any
+  model is loaded (`loop.run`) and in `plan`."""
+  spec = mesh_lib.batch_sharding(mesh, 2, rules).spec
+  axes = spec[0] if spec else None
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  cfg = plan.cfg
+  what = ("loop.batch_size x rollout.group_size" if plan.recipe.uses_rollouts
+          else "loop.batch_size")
+  mesh_desc = " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
+  if plan.rows % shards:
+    raise config_lib.ConfigError(
+        f"{what} = {plan.rows} rows per step do not split over the {shards} batch shards of the "
+        f"mesh ({mesh_desc}; batch axes {axes}): make it a multiple of {shards}")
+  if plan.rows % jax.process_count():
+    raise config_lib.ConfigError(f"{what} = {plan.rows} rows per step do not split over "
+                                 f"{jax.process_count()} processes")
+  split = getattr(plan.step_cfg, "minibatches", 1) * getattr(plan.step_cfg, "micro_batches", 1)
+  section = "pg" if plan.recipe.uses_rollouts and hasattr(plan.step_cfg, "minibatches") else (
+      "sft" if not plan.recipe.uses_rollouts else "distill")
+  if plan.rows % split:
+    raise config_lib.ConfigError(
+        f"{what} = {plan.rows} rows per step do not split into {section}.minibatches x "
+        f"{section}.micro_batches = {split} equal parts")
+  if plan.has_eval:
+    eval_rows = min(cfg.loop.eval_batch_size,
+                    cfg.data.eval_examples or cfg.loop.eval_batch_size) * plan.eval_k
+    if eval_rows % shards:
+      raise config_lib.ConfigError(
+          f"eval batches of loop.eval_batch_size x eval k = {eval_rows} rows do not split over "
+          f"the {shards} batch shards of the mesh ({mesh_desc})")
+
