@@ -110,3 +110,75 @@ def test_bad_layouts_and_sources_are_named():
     matrices.resolve_params("/nonexistent/checkpoint")
   with pytest.raises(ValueError, match="types"):
     matrices.named_matrices({"w": np.zeros((4, 6))}, types=("attention",))
+
+
+def test_moe_expert_leaves_split_per_expert():
+  """qwen3_moe params: the router is one [D, E] matrix per layer; each [L, E, in, out] expert leaf
+  gives L * E named (in, out) matrices, layer-major, with their layer and expert."""
+  cfg = config.tiny_moe(vocab_size=96)  # 2 layers, 4 experts of width 32, d_model 64
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype),
+                        transformer.abstract_params(cfg))
+  ms = matrices.named_matrices(params)
+  by = {m.name: m for m in ms}
+  types = [m.module_type for m in ms]
+  assert {t: types.count(t) for t in ("router", "expert_gate", "expert_up", "expert_down")} == {
+      "router": 2, "expert_gate": 8, "expert_up": 8, "expert_down": 8}
+  assert "gate" not in types and "up" not in types
+  m = by["layers.1.mlp.experts.2.gate_proj"]
+  assert (m.module_type, m.layer, m.expert, m.shape) == ("expert_gate", 1, 2, (64, 32))
+  leaf = params["layers"]["mlp"]["experts"]["gate_proj"]["kernel"]
+  np.testing.assert_array_equal(m.array, leaf[1, 2])
+  assert np.shares_memory(m.array, leaf)
+  d = by["layers.0.mlp.experts.3.down_proj"]
+  assert d.side_dims() == {"input": 32, "output": 64} and d.expert == 3 and d.layer == 0
+  np.testing.assert_array_equal(
+      d.array, params["layers"]["mlp"]["experts"]["down_proj"]["kernel"][0, 3])
+  r = by["layers.1.mlp.router"]
+  assert (r.module_type, r.shape, r.expert) == ("router", (64, 4), None)
+  # Groups: one per leaf; batches are the flattened (layer, expert) members in name order.
+  g = next(g for g in matrices.matrix_groups(params) if g.module_type == "expert_up")
+  assert g.count == 8 and g.shape == (64, 32)
+  assert [(g.member_layer(i), g.member_expert(i)) for i in (0, 3, 4, 7)] == [
+      (0, 0), (0, 3), (1, 0), (1, 3)]
+  batch = g.batch(3, 6)
+  want = params["layers"]["mlp"]["experts"]["up_proj"]["kernel"]
+  for j, i in enumerate(range(3, 6)):
+    np.testing.assert_array_equal(batch[j], want[i // 4, i % 4])
+    assert g.names[i] == f"layers.{i // 4}.mlp.experts.{i % 4}.up_proj"
+  assert [m.name for m in matrices.named_matrices(params, types=("router",))] == [
+      "layers.0.mlp.router", "layers.1.mlp.router"]
+  # An unstacked [E, in, out] experts leaf (a single layer) works too; a 3-D stacked one does not.
+  single = {"experts": {"gate_proj": {"kernel": np.zeros((3, 5, 7))}}}
+  names = [(m.name, m.layer, m.expert, m.shape) for m in matrices.named_matrices(single)]
+  assert names == [(f"experts.{e}.gate_proj", None, e, (5, 7)) for e in range(3)]
+  with pytest.raises(ValueError, match="layers/mlp/experts/up_proj/kernel.*stacked experts"):
+    matrices.named_matrices({"layers": {"mlp": {"experts": {"up_proj": {
+        "kernel": np.zeros((2, 4, 6))}}}}})
+
+
+def test_moe_endpoint_per_expert_and_per_type(tmp_path):
+  """Endpoint metrics on two tiny qwen3_moe trees: one entry per expert matrix, per-type
+  aggregates for router / expert_*, and the per-expert sparsity equal to a numpy count."""
+  from opd_jax.geometry import endpoint  # noqa: PLC0415
+
+  cfg = config.tiny_moe(vocab_size=96)
+  rng = np.random.default_rng(1)
+  p0 = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype),
+                    transformer.abstract_params(cfg))
+  p1 = jax.tree.map(lambda a: np.where(rng.random(a.shape) < 0.3, a + 0.1, a).astype(a.dtype), p0)
+  # Expert 1 of layer 0 is untouched in up_proj: its sparsity must be exactly 1.
+  p1["layers"]["mlp"]["experts"]["up_proj"]["kernel"][0, 1] = p0["layers"]["mlp"]["experts"][
+      "up_proj"]["kernel"][0, 1]
+  ep = endpoint.endpoint_metrics(p0, p1, endpoint.EndpointConfig(k=8, mask_rank=4, progress=False))
+  per = ep["matrices"]
+  assert per["layers.0.mlp.experts.1.up_proj"]["sparsity"] == 1.0
+  for name in ("layers.1.mlp.experts.2.down_proj", "layers.0.mlp.router"):
+    m0 = {m.name: m for m in matrices.named_matrices(p0)}[name].array
+    m1 = {m.name: m for m in matrices.named_matrices(p1)}[name].array
+    assert per[name]["changed"] == int(np.sum(m0 != m1))
+  down = per["layers.1.mlp.experts.2.down_proj"]
+  assert (down["type"], down["layer"]) == ("expert_down", 1)
+  by_type = ep["by_type"]
+  assert {"router", "expert_gate", "expert_up", "expert_down"} <= set(by_type)
+  assert by_type["expert_gate"]["n_matrices"] == 8 and by_type["router"]["n_matrices"] == 2

@@ -338,7 +338,7 @@ def _finish(work: _Work, cfg: EndpointConfig, keep_sigma: str | None):
       changed += np.asarray(_changed_count(a0, a1))
   results, kept = {}, None
   for i, name in enumerate(names):
-    d = dict(type=g0.module_type, layer=(work.start + i) if g0.stacked else None,
+    d = dict(type=g0.module_type, layer=g0.member_layer(work.start + i),
              shape=[int(shape[0]), int(shape[1])], n=int(n), changed=int(changed[i]),
              sparsity=1.0 - float(changed[i]) / n, density=float(changed[i]) / n)
     if cfg.angles:

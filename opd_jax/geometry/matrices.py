@@ -21,7 +21,16 @@ Layout (see `opd_jax/models/transformer.py`): stacked `[L, ...]` kernels are spl
   down        layers/mlp/down_proj/kernel[l]         [F, D]
   embed       embed/embedding                        [V, D]  (as stored; see below)
   lm_head     lm_head/kernel (untied only)           [D, V]
+  router      layers/mlp/router/kernel[l]            [D, E]   (mixture of experts, qwen3_moe)
+  expert_gate layers/mlp/experts/gate_proj/kernel    [D, Fe]  one matrix per (layer l, expert e)
+  expert_up   layers/mlp/experts/up_proj/kernel      [D, Fe]  of the [L, E, in, out] leaf,
+  expert_down layers/mlp/experts/down_proj/kernel    [Fe, D]  named layers.l.mlp.experts.e.*_proj
   ==========  =====================================  ====================================
+
+Expert leaves are stacked on two axes ([L, E, in, out]; [E, in, out] outside `layers`): their
+group has L * E members, layer-major (member i is layer i // E, expert i % E; see
+`MatrixGroup.member_layer` / `member_expert`), so every per-matrix metric is per expert and the
+per-type aggregates (expert_gate, expert_up, expert_down, router) pool the experts of all layers.
 
 The embedding is taken **as stored, [V, D]**, read as (in, out) like every other leaf: as an
 input layer it maps a one-hot token (V) to a hidden vector (D), so its "input side" is the
@@ -43,14 +52,19 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-MATRIX_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head")
+MATRIX_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "router",
+                "expert_gate", "expert_up", "expert_down")
+EXPERT_TYPES = ("expert_gate", "expert_up", "expert_down")
 VECTOR_TYPES = ("norm", "bias")
 SIDES = ("input", "output")
 ATTENTION_TYPES = ("q", "k", "v", "o")
 
 # module name in our params -> module type
 _MODULE_TYPE = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
-                "up_proj": "up", "down_proj": "down", "embed": "embed", "lm_head": "lm_head"}
+                "up_proj": "up", "down_proj": "down", "embed": "embed", "lm_head": "lm_head",
+                "router": "router"}
+# module name under an `experts` module -> module type (stacked [E, in, out] kernels)
+_EXPERT_TYPE = {"gate_proj": "expert_gate", "up_proj": "expert_up", "down_proj": "expert_down"}
 _MATRIX_LEAVES = ("kernel", "embedding")
 
 
@@ -93,15 +107,17 @@ class Matrix:
   layer: int | None
   path: tuple[str, ...]
   leaf: Any = dataclasses.field(repr=False)
+  expert: int | None = None  # expert index of a stacked-experts leaf
 
   @property
   def array(self):
-    return self.leaf if self.layer is None else self.leaf[self.layer]
+    a = self.leaf if self.layer is None else self.leaf[self.layer]
+    return a if self.expert is None else a[self.expert]
 
   @property
   def shape(self) -> tuple[int, ...]:
     s = tuple(self.leaf.shape)
-    return s if self.layer is None else s[1:]
+    return s[(self.layer is not None) + (self.expert is not None):]
 
   @property
   def size(self) -> int:
@@ -125,19 +141,40 @@ class MatrixGroup:
   leaf: Any = dataclasses.field(repr=False)
   stacked: bool
   names: tuple[str, ...]
+  # Expert leaves: how many experts the leaf stacks (after the layer axis, if `layered`).
+  n_experts: int | None = None
+  layered: bool = True
+
+  @property
+  def n_lead(self) -> int:
+    """Leading stacked axes of the leaf (0, 1 or 2)."""
+    if self.n_experts is not None:
+      return 1 + int(self.layered)
+    return int(self.stacked)
 
   @property
   def shape(self) -> tuple[int, ...]:
     """Shape of one member."""
-    s = tuple(self.leaf.shape)
-    return s[1:] if self.stacked else s
+    return tuple(self.leaf.shape)[self.n_lead:]
 
   @property
   def count(self) -> int:
     return len(self.names)
 
+  def member_layer(self, i: int) -> int | None:
+    """The layer of member i (None for an unstacked leaf)."""
+    if self.n_experts is not None:
+      return i // self.n_experts if self.layered else None
+    return i if self.stacked else None
+
+  def member_expert(self, i: int) -> int | None:
+    """The expert of member i (None outside stacked-experts leaves)."""
+    return None if self.n_experts is None else i % self.n_experts
+
   def batch(self, start: int, stop: int):
-    """Members [start, stop) stacked on a leading axis (a view for numpy leaves)."""
+    """Members [start, stop) stacked on a leading axis (a view for contiguous numpy leaves)."""
+    if self.n_lead == 2:
+      return self.leaf.reshape((-1,) + self.shape)[start:stop]
     if self.stacked:
       return self.leaf[start:stop]
     if (start, stop) != (0, 1):
@@ -147,7 +184,8 @@ class MatrixGroup:
   def members(self) -> list[Matrix]:
     if not self.stacked:
       return [Matrix(self.names[0], self.module_type, None, self.path, self.leaf)]
-    return [Matrix(n, self.module_type, i, self.path, self.leaf) for i, n in enumerate(self.names)]
+    return [Matrix(n, self.module_type, self.member_layer(i), self.path, self.leaf,
+                   self.member_expert(i)) for i, n in enumerate(self.names)]
 
 
 def _key_str(k) -> str:
@@ -173,6 +211,12 @@ def _classify(path: tuple[str, ...], leaf) -> tuple[str, bool]:
   ndim = len(leaf.shape)
   if path[-1] in _MATRIX_LEAVES:
     module = path[-2] if len(path) >= 2 else ""
+    if len(path) >= 3 and path[-3] == "experts" and module in _EXPERT_TYPE:
+      want = 4 if stacked else 3
+      if ndim != want:
+        raise ValueError(f"params leaf {where!r} has shape {tuple(leaf.shape)}: expected "
+                         f"{'stacked experts [L, E, in, out]' if stacked else '[E, in, out]'}")
+      return _EXPERT_TYPE[module], stacked
     if module not in _MODULE_TYPE:
       raise ValueError(f"params leaf {where!r}: unknown module {module!r}; expected one of "
                        f"{sorted(_MODULE_TYPE)} (our layout, see opd_jax/models/transformer.py; "
@@ -192,10 +236,14 @@ def _classify(path: tuple[str, ...], leaf) -> tuple[str, bool]:
                    "'embedding', 'scale' or 'bias'; see opd_jax/models/transformer.py)")
 
 
-def _name(path: tuple[str, ...], layer: int | None, module_type: str) -> str:
+def _name(path: tuple[str, ...], layer: int | None, module_type: str,
+          expert: int | None = None) -> str:
   parts = list(path)
   if module_type in MATRIX_TYPES:
     parts = parts[:-1]  # drop 'kernel' / 'embedding'
+  if expert is not None:  # ... experts.<e>.gate_proj
+    at = len(parts) - 1 - parts[::-1].index("experts")
+    parts = parts[:at + 1] + [str(expert)] + parts[at + 1:]
   if layer is not None:
     parts = [parts[0], str(layer)] + parts[1:]
   return ".".join(parts)
@@ -223,6 +271,13 @@ def matrix_groups(params, *, include_1d: bool = False, types: Sequence[str] | No
     if mtype in VECTOR_TYPES and not include_1d:
       continue
     if types is not None and mtype not in types:
+      continue
+    if mtype in EXPERT_TYPES:
+      n_layers, n_experts = (leaf.shape[0], leaf.shape[1]) if stacked else (None, leaf.shape[0])
+      layers = range(n_layers) if stacked else [None]
+      names = tuple(_name(path, l, mtype, e) for l in layers for e in range(n_experts))
+      groups.append(MatrixGroup(mtype, path, leaf, True, names, n_experts=int(n_experts),
+                                layered=stacked))
       continue
     layers = range(leaf.shape[0]) if stacked else [None]
     names = tuple(_name(path, l, mtype) for l in layers)

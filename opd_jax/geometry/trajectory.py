@@ -166,7 +166,7 @@ def trajectory_metrics(params_0, snapshots: Sequence[Any], steps: Sequence[float
   if not names:
     raise ValueError(f"trajectory_metrics: params_0 has no matrices of types {modules}")
   types = {n: g.module_type for g in groups0 for n in g.names}
-  layers = {n: (i if g.stacked else None) for g in groups0 for i, n in enumerate(g.names)}
+  layers = {n: g.member_layer(i) for g in groups0 for i, n in enumerate(g.names)}
   reduced = []
   with linalg.float64(), tqdm(total=n_snap * len(names), desc="trajectory", unit="matrix",
                               disable=not cfg.progress) as bar:
