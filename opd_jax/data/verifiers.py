@@ -326,6 +326,7 @@ class MathVerifier:
     self._all: set[_Worker] = set()
     self._lock = threading.Lock()
     self._closed = False
+    self._started = False
 
   def _take(self) -> _Worker:
     w = self._idle.get()
@@ -340,6 +341,7 @@ class MathVerifier:
       raise
     with self._lock:
       self._all.add(w)
+      self._started = True
     return w
 
   def _discard(self, w: _Worker) -> None:
@@ -350,7 +352,12 @@ class MathVerifier:
   def __call__(self, response: str, answer: str) -> Reward:
     if self._closed:
       raise RuntimeError("MathVerifier is closed")
-    w = self._take()
+    try:
+      w = self._take()
+    except RuntimeError as e:
+      if not self._started:
+        raise  # the very first start failed: a setup problem (package missing, memory cap too low)
+      return Reward(0.0, "worker_error", f"worker restart failed: {e}"[:200])
     back: _Worker | None = w
     try:
       t0 = time.monotonic()
