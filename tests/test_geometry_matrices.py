@@ -182,3 +182,50 @@ def test_moe_endpoint_per_expert_and_per_type(tmp_path):
   by_type = ep["by_type"]
   assert {"router", "expert_gate", "expert_up", "expert_down"} <= set(by_type)
   assert by_type["expert_gate"]["n_matrices"] == 8 and by_type["router"]["n_matrices"] == 2
+
+
+def test_diagnose_two_transformers_qwen3_moe_checkpoints(tmp_path):
+  """`geometry.report.diagnose` on two Qwen3MoeForCausalLM checkpoint dirs written by transformers
+  (per-expert safetensors): per-expert metrics and per-type aggregates land in metrics.json and
+  summary.md; counts equal a numpy count on the torch weights."""
+  import json  # noqa: PLC0415
+
+  import hf_fixtures as F  # noqa: PLC0415
+  from opd_jax.geometry import endpoint, report  # noqa: PLC0415
+
+  base = F.torch_model("qwen3_moe", tied=False, seed=31)
+  F.export(base, tmp_path / "base")
+  router0 = base.model.layers[0].mlp.gate.weight.detach().clone()
+  gen = torch.Generator().manual_seed(0)
+  with torch.no_grad():  # tune: gate rows of layer 1 / expert 2 (fused [E, 2F, D]), layer 0 router
+    fused = base.model.layers[1].mlp.experts.gate_up_proj
+    hit = torch.rand(fused[2, :32].shape, generator=gen) < 0.25
+    fused[2, :32] += 0.05 * hit
+    router = base.model.layers[0].mlp.gate.weight
+    router += 0.01 * torch.randn(router.shape, generator=gen)
+  F.export(base, tmp_path / "tuned")
+  # "changed" means changed at bfloat16 precision (endpoint's definition), counted by torch here.
+  router_changed = int((router0.bfloat16() != router.detach().bfloat16()).sum())
+  assert 200 < router_changed < 64 * 4
+  cfg = report.DiagnoseConfig(endpoint=endpoint.EndpointConfig(k=8, mask_rank=4, progress=False),
+                              figures=False)
+  result = report.diagnose(tmp_path / "base", tmp_path / "tuned", out_dir=tmp_path / "out",
+                           cfg=cfg)
+  saved = json.loads((tmp_path / "out" / "metrics.json").read_text())["endpoint"]
+  per, by_type = saved["matrices"], saved["by_type"]
+  assert sum(n.startswith("layers.") and ".experts." in n for n in per) == 2 * 4 * 3
+  changed = per["layers.1.mlp.experts.2.gate_proj"]
+  assert (changed["type"], changed["layer"], changed["shape"]) == ("expert_gate", 1, [64, 32])
+  assert changed["changed"] == int(hit.sum())
+  assert per["layers.0.mlp.router"]["changed"] == router_changed
+  for name, d in per.items():
+    if ".experts." in name and name != "layers.1.mlp.experts.2.gate_proj":
+      assert d["sparsity"] == 1.0, name
+  assert by_type["expert_gate"]["n_matrices"] == 8
+  assert by_type["expert_gate"]["n_changed"] == int(hit.sum())
+  assert by_type["expert_up"]["n_changed"] == 0
+  assert by_type["router"]["n_changed"] == router_changed
+  assert result["overall"]["n_changed"] == int(hit.sum()) + router_changed
+  summary = (tmp_path / "out" / "summary.md").read_text()
+  for t in ("router", "expert_gate", "expert_up", "expert_down"):
+    assert f"| {t} |" in summary
