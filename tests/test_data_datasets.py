@@ -9,6 +9,7 @@ import pytest
 
 from opd_jax.data import datasets as D
 from opd_jax.data.tokenizer import build_task_tokenizer
+from opd_jax.errors import UserError
 
 FIX = pathlib.Path(__file__).resolve().parent / "fixtures"
 MALFORMED = FIX / "malformed_dapo.jsonl"
@@ -113,7 +114,11 @@ def test_skip_mode_counts_reasons_and_keeps_every_valid_row():
   assert report.skipped == want
   assert (report.rows, report.kept, report.num_skipped) == (12, 3, 9)  # the blank line is no row
   assert "skipped 9" in report.summary() and "bad_json: 1" in report.summary()
-  assert report.examples[0].startswith(f"{MALFORMED}:2:")
+  assert report.samples["bad_json"] == [
+      f"{MALFORMED}:2: field '<row>': bad_json: Expecting property name enclosed in double quotes "
+      "at column 70"]
+  assert [m.split(": field")[0] for m in report.samples["missing_field"]] == [
+      f"{MALFORMED}:3", f"{MALFORMED}:12"]
 
   ex, report = D.load_prompt_set(FIX / "malformed_dapo.parquet", on_error="skip",
                                  max_prompt_chars=MAX_CHARS)
@@ -175,3 +180,185 @@ def test_custom_layout_and_bad_arguments(tmp_path):
     D.load_prompt_set(tmp_path / "absent.jsonl")
   with pytest.raises(ValueError, match="needs a tokenizer"):
     D.load_prompt_set(path, layout, max_prompt_tokens=10)
+
+
+# -- one bad byte costs one row; every kind of bad row is skipped, counted and located --------------
+BAD_ROWS = FIX / "bad_rows_dapo.jsonl"
+# (line, field, reason, detail) of every bad line of bad_rows_dapo.jsonl (see make_fixtures.py).
+BAD_CASES = [
+    (2, "<row>", "bad_utf8", "invalid UTF-8 byte(s) 0xff at byte 237 of the line"),
+    (4, "<row>", "bad_json", "Expecting ',' delimiter at column 51"),
+    (5, "reward_model.ground_truth", "missing_field", "key 'reward_model' missing or null"),
+    (6, "reward_model.ground_truth", "wrong_type", "expected str or int or float, got dict"),
+    (7, "prompt.0.content", "untokenizable",
+     "character 'é' (U+00E9) at offset 184 is not in the tokenizer's vocabulary (encodes to <unk>)"),
+    (8, "prompt.0.content", "untokenizable",
+     "'<eos>' at offset 190 spells the special token '<eos>' (id 1)"),
+    (9, "prompt.0.content", "bad_utf8", "lone surrogate U+D800 at offset 188"),
+    (10, "prompt.0.content", "prompt_too_long", "2257 tokens (chat template applied) > "
+     "max_prompt_tokens=500"),
+    (11, "<row>", "bad_utf8", "invalid UTF-8 byte(s) 0xc0 at byte 391 of the line"),
+    (13, "reward_model.ground_truth", "wrong_type", "expected a finite number, got nan"),
+    (14, "<row>", "bad_utf8", "invalid UTF-8 byte(s) 0xe282 at byte 35 of the line (unexpected end"),
+]
+BAD_VALID_LINES = (1, 3, 12)
+
+
+@pytest.fixture(scope="module")
+def task_tok():
+  return build_task_tokenizer()
+
+
+def _bad_lines():
+  return BAD_ROWS.read_bytes().split(b"\n")
+
+
+def test_skip_survives_bad_bytes_and_counts_every_reason_with_samples(task_tok):
+  ex, report = D.load_prompt_set(BAD_ROWS, on_error="skip", tokenizer=task_tok,
+                                 max_prompt_tokens=500)
+  lines = _bad_lines()
+  want = [_expected_dapo(json.loads(lines[n - 1])) for n in BAD_VALID_LINES]
+  assert [(e.prompt, e.answer) for e in ex] == want
+  counts = {}
+  for _, _, reason, _ in BAD_CASES:
+    counts[reason] = counts.get(reason, 0) + 1
+  assert report.skipped == counts
+  assert (report.rows, report.kept, report.num_skipped, report.duplicates) == (14, 3, 11, 0)
+  for line, field, reason, detail in BAD_CASES:
+    msgs = [m for m in report.samples[reason] if m.startswith(f"{BAD_ROWS}:{line}: ")]
+    assert msgs == [f"{BAD_ROWS}:{line}: field {field!r}: {reason}: {msgs[0].split(': ', 3)[3]}"]
+    assert detail in msgs[0] and "\n" not in msgs[0]
+  m = report.to_metrics()
+  assert m["data/skipped/bad_utf8"] == 4 and m["data/skipped/untokenizable"] == 2
+  assert m["data/skipped/no_boxed_answer"] == 0 and m["data/skipped/total"] == 11
+  assert (m["data/rows"], m["data/kept"], m["data/dedup/duplicates"]) == (14, 3, 0)
+  assert set(m) == ({f"data/skipped/{r}" for r in D.REASONS} |
+                    {"data/rows", "data/kept", "data/skipped/total", "data/dedup/duplicates",
+                     "data/dedup/conflicting_answers"})
+  assert all(k.startswith("data/eval/") for k in report.to_metrics("data/eval"))
+  json.dumps(report.to_dict())  # the summary can carry it
+  # Without a tokenizer the untokenizable / token-limit checks do not apply.
+  ex, report = D.load_prompt_set(BAD_ROWS, on_error="skip")
+  assert report.kept == 6 and "untokenizable" not in report.skipped
+
+
+@pytest.mark.parametrize("line,field,reason,detail", BAD_CASES)
+def test_each_bad_row_errors_in_one_line_naming_file_line_field_reason(tmp_path, task_tok, line,
+                                                                      field, reason, detail):
+  lines = _bad_lines()
+  keep = set(BAD_VALID_LINES) | {line}
+  path = tmp_path / "case.jsonl"
+  path.write_bytes(b"\n".join(t if i + 1 in keep else b"" for i, t in enumerate(lines)))
+  with pytest.raises(D.MalformedRowError) as e:
+    D.load_prompt_set(path, tokenizer=task_tok, max_prompt_tokens=500)
+  msg = str(e.value)
+  assert msg.startswith(f"{path}:{line}: field {field!r}: {reason}: "), msg
+  assert detail in msg and "\n" not in msg
+  assert isinstance(e.value, UserError)
+
+
+def test_bad_utf8_in_parquet_costs_one_row_and_names_the_column(task_tok):
+  path = FIX / "bad_utf8_flat.parquet"
+  layout = D.Layout(prompt="problem", answer="answer")
+  ex, report = D.load_prompt_set(path, layout, on_error="skip", tokenizer=task_tok)
+  assert [(e.prompt, e.answer) for e in ex] == [("What is 6 times 7?", "42"),
+                                                ("What is 9 minus 4?", "5")]
+  assert report.skipped == {"bad_utf8": 2} and report.duplicates == 1
+  assert [m.split(": bad_utf8")[0] for m in report.samples["bad_utf8"]] == [
+      f"{path}:row 1: field 'problem'", f"{path}:row 3: field 'answer'"]
+  with pytest.raises(D.MalformedRowError,
+                     match=r"bad_utf8_flat.parquet:row 1: field 'problem': bad_utf8: invalid UTF-8 "
+                           r"byte\(s\) 0xfe at byte 7"):
+    D.load_prompt_set(path, layout)
+
+
+def test_bom_crlf_and_a_lone_carriage_return(tmp_path):
+  rows = [json.dumps(r) for r in (
+      {"q": "a\rb", "a": "1"}, {"q": "c", "a": "2"})]
+  path = tmp_path / "bom.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + rows[0].encode() + b"\r\n" + rows[1].encode() + b"\r\n")
+  ex, _ = D.load_prompt_set(path, D.Layout(prompt="q", answer="a"))
+  assert [(e.prompt, e.answer) for e in ex] == [("a\rb", "1"), ("c", "2")]
+  # A raw (unescaped) \r inside a line does not split it: line numbers count \n only.
+  path.write_bytes(b'{"q": "x", "a": "1"}\r{"q"\n' + rows[1].encode() + b"\n{bad\n")
+  with pytest.raises(D.MalformedRowError, match=rf"^{path}:1: field '<row>': bad_json"):
+    D.load_prompt_set(path, D.Layout(prompt="q", answer="a"))
+  _, report = D.load_prompt_set(path, D.Layout(prompt="q", answer="a"), on_error="skip")
+  assert [m.split(": field")[0] for m in report.samples["bad_json"]] == [f"{path}:1", f"{path}:3"]
+
+
+def test_empty_files_and_files_without_usable_rows_raise_naming_the_file(tmp_path):
+  for name, content in (("zero.jsonl", b""), ("blank.jsonl", b"\n  \n\n")):
+    path = tmp_path / name
+    path.write_bytes(content)
+    for on_error in ("error", "skip"):
+      with pytest.raises(D.PromptSetError, match=rf"^{path}: prompt set (is empty|has no rows)"):
+        D.load_prompt_set(path, on_error=on_error)
+  empty = tmp_path / "empty.parquet"
+  pq.write_table(pq.read_table(FIX / "dapo_math_17k_sample.parquet").slice(0, 0), empty)
+  with pytest.raises(D.PromptSetError, match=rf"^{empty}: prompt set has no rows"):
+    D.load_prompt_set(empty)
+  bad = tmp_path / "all_bad.jsonl"
+  bad.write_bytes(b"{oops\n\xff\n")
+  with pytest.raises(D.PromptSetError) as e:
+    D.load_prompt_set(bad, on_error="skip")
+  assert str(e.value) == (f"{bad}: no usable rows: all 2 skipped (bad_json: 1, bad_utf8: 1); "
+                          f"first: {bad}:1: field '<row>': bad_json: Expecting property name "
+                          "enclosed in double quotes at column 2")
+  assert isinstance(e.value, UserError)
+  junk = tmp_path / "junk.parquet"
+  junk.write_bytes(b"not parquet at all")
+  with pytest.raises(D.PromptSetError, match=rf"^{junk}: not a readable Parquet file: "):
+    D.load_prompt_set(junk)
+
+
+# -- deduplication -------------------------------------------------------------------------------
+REPEATED = ("repeated_dapo.jsonl", "repeated_dapo.parquet")
+
+
+@pytest.mark.parametrize("name", REPEATED)
+def test_repeated_prompts_are_deduplicated_keeping_the_first(name):
+  path = FIX / name
+  ex, report = D.load_prompt_set(path)
+  base = [json.loads(line) for line in _raw_lines(FIX / "dapo_math_17k_sample.jsonl") if line][:4]
+  want = [_expected_dapo(r) for r in base]
+  want.append((want[0][0].upper(), want[0][1]))  # case is preserved: not a duplicate
+  assert [(e.prompt, e.answer) for e in ex] == want
+  # 4 prompts x 7 repeats + a whitespace variant + a conflicting answer.
+  assert (report.rows, report.kept, report.duplicates, report.conflicting_answers) == (35, 5, 30, 1)
+  first = (lambda i: f"{path}:{i + 1}") if name.endswith(".jsonl") else (
+      lambda i: f"{path}:row {i}")
+  assert report.duplicate_samples[0] == f"{first(4)}: duplicate of {first(0)}"
+  assert report.conflict_samples == [f"{first(34)}: duplicate of {first(2)}: answer '35' != "
+                                     "kept '12'"]
+  m = report.to_metrics()
+  assert (m["data/dedup/duplicates"], m["data/dedup/conflicting_answers"]) == (30, 1)
+  assert "removed 30 duplicate prompts (1 with a conflicting answer)" in report.summary()
+  ex, report = D.load_prompt_set(path, dedup=False)
+  assert (len(ex), report.duplicates) == (35, 0)
+  ex, report = D.load_prompt_set(path, limit=3)  # limit counts unique examples
+  assert [e.prompt for e in ex] == [w[0] for w in want[:3]] and report.rows == 3
+
+
+def test_normalize_prompt_collapses_whitespace_and_keeps_case():
+  assert D.normalize_prompt("  What  is\t2+2?\n\n Answer:\u00a0x ") == "What is 2+2? Answer: x"
+  assert D.normalize_prompt("ABC") != D.normalize_prompt("abc")
+
+
+def test_dedup_ignores_malformed_rows_and_tokenizes_each_distinct_prompt_once(tmp_path, task_tok,
+                                                                              monkeypatch):
+  layout = D.Layout(prompt="q", answer="a")
+  rows = [{"q": "caf\u00e9", "a": "1"}, {"q": "caf\u00e9", "a": "1"}, {"q": "ok", "a": "2"},
+          {"q": "ok", "a": 3}, {"q": "ok", "a": None}]
+  path = tmp_path / "d.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  from opd_jax.data import tokenizer as T
+  calls = []
+  real = T.find_untokenizable
+  monkeypatch.setattr(T, "find_untokenizable", lambda tok, text: calls.append(text) or real(
+      tok, text))
+  ex, report = D.load_prompt_set(path, layout, on_error="skip", tokenizer=task_tok)
+  assert [(e.prompt, e.answer) for e in ex] == [("ok", "2")]
+  assert report.skipped == {"untokenizable": 2, "missing_field": 1}
+  assert (report.duplicates, report.conflicting_answers) == (1, 1)
+  assert calls == ["caf\u00e9", "ok"]

@@ -8,40 +8,69 @@ objects and lists (`prompt.0.content`, `reward_model.ground_truth`). Built-in la
   math           prompt = `problem`; solution = `solution`; answer = the content of the LAST
                  `\\boxed{...}` (or `\\fbox{...}`) in the solution, braces balanced.
 
-Malformed rows. Each row either becomes an Example or is malformed for exactly one reason:
+Reading. JSONL files are read as bytes and decoded line by line (a UTF-8 BOM on line 1 is
+dropped), so one bad byte costs one row; Parquet files are read in record batches, and a batch that
+fails to decode is re-read row by row. Blank JSONL lines are not rows and are ignored.
+
+Malformed rows. Each row either becomes an Example or is malformed for exactly one reason
+(checked in this order):
+  bad_utf8         the line (JSONL) or a string column (Parquet) is not valid UTF-8, or a field
+                   holds a lone surrogate (a JSON \\ud800 escape) that no tokenizer can take
   bad_json         the line is not valid JSON (JSONL only)
   not_an_object    the row is not a JSON object
   missing_field    a path component is absent (or null)
-  wrong_type       the prompt/solution is not a string, or the answer is not a string or a number
+  wrong_type       the prompt/solution is not a string, or the answer is not a string or a finite
+                   number
   empty_prompt     the prompt is empty or whitespace
   empty_answer     the answer is empty or whitespace
   no_boxed_answer  (answer_from_boxed layouts) the solution has no \\boxed{...}
+  untokenizable    (with a tokenizer) the prompt, or the layout's solution, encodes to a special
+                   token: a character/word the tokenizer maps to <unk>, or the spelling of a
+                   control token such as '<eos>' / '<|im_end|>'. The precise rule, for the char-level
+                   task tokenizer and for HF tokenizers, is `tokenizer.find_untokenizable`'s.
   prompt_too_long  longer than `max_prompt_chars` characters of prompt text, or than
                    `max_prompt_tokens` tokens of the chat-formatted prompt (needs a tokenizer); the
                    message says which limit was hit
-With `on_error='error'` (default) the first malformed row raises `MalformedRowError` naming the
-file, the line (JSONL: 1-based line number; Parquet: 'row N', the 0-based row index), the field path
-and the reason. With `on_error='skip'` malformed rows are skipped and counted per reason in the
-returned `LoadReport` (also logged once at the end). Blank JSONL lines are not rows and are ignored.
+With `on_error='error'` (default) the first malformed row raises `MalformedRowError` (a
+`UserError`), one line: `FILE:LINE: field 'PATH': REASON: detail` (JSONL: 1-based line number;
+Parquet: 'row N', the 0-based row index). With `on_error='skip'` malformed rows are skipped and
+counted per reason in the returned `LoadReport`, which keeps up to 5 such messages per reason
+(logged once at the end). Either way a file with no rows, or with no usable row, raises
+`PromptSetError` naming the file.
+
+Deduplication (`dedup=True`, the default). Public prompt sets repeat prompts (verl's dapo-math-17k
+parquet holds each prompt ~100 times, aime-2024 each problem 32 times), which over-weights them in
+training and shrinks eval standard errors. Two rows are duplicates iff their prompts are equal after
+`normalize_prompt`: every run of whitespace (`str.isspace`: spaces, tabs, newlines, NBSP, ...)
+becomes one space and leading/trailing whitespace is dropped; case, punctuation and Unicode form
+are preserved (no NFC / lowercasing). The first occurrence (its answer and solution) is kept; every
+later one is removed and counted in `LoadReport.duplicates`, and those whose answer (as loaded,
+stripped) differs from the kept one are also counted in `LoadReport.conflicting_answers` (a subset
+of `duplicates`; up to 5 `file:line` samples each). Only valid rows take part: a malformed row is
+skipped for its reason, never counted as a duplicate. `limit` counts kept (unique) examples.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from typing import Any, Iterator
 
 from opd_jax.data.tasks import Example
+from opd_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("error", "skip")
-REASONS = ("bad_json", "not_an_object", "missing_field", "wrong_type", "empty_prompt",
-           "empty_answer", "no_boxed_answer", "prompt_too_long")
+REASONS = ("bad_utf8", "bad_json", "not_an_object", "missing_field", "wrong_type", "empty_prompt",
+           "empty_answer", "no_boxed_answer", "untokenizable", "prompt_too_long")
+MAX_SAMPLES = 5  # file:line samples kept per skip reason / per dedup counter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,33 +90,93 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-class MalformedRowError(ValueError):
-  """A row that cannot be turned into an Example; `location`, `field`, `reason` say why."""
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
+
+
+class PromptSetError(UserError, ValueError):
+  """A prompt set (or a request for one) that cannot be used; the message names the file."""
+
+
+class PromptSetNotFoundError(UserError, FileNotFoundError):
+  """The prompt-set file does not exist."""
+
+
+class MalformedRowError(PromptSetError):
+  """A row that cannot be turned into an Example; `location` (FILE:LINE or FILE:row N), `field`,
+  `reason` (one of REASONS) and `detail` say why. The message is one line."""
 
   def __init__(self, location: str, field: str, reason: str, detail: str):
-    self.location, self.field, self.reason, self.detail = location, field, reason, detail
-    super().__init__(f"{location}: field {field!r}: {reason}: {detail}")
+    self.location, self.field, self.reason = location, field, reason
+    self.detail = _one_line(detail)
+    super().__init__(f"{location}: field {field!r}: {reason}: {self.detail}")
 
 
 @dataclasses.dataclass
 class LoadReport:
-  """What `load_prompt_set` read: rows seen, kept, and skipped per reason (with a few examples)."""
+  """What `load_prompt_set` read: rows seen, kept, skipped per reason, duplicates removed.
+
+  rows: rows read (blank JSONL lines are not rows; reading stops once `limit` examples are kept).
+  kept: examples returned. rows == kept + num_skipped + duplicates.
+  skipped: reason -> count (only reasons that occurred). samples: reason -> up to 5 one-line
+  messages `FILE:LINE: field 'PATH': REASON: detail`, in file order.
+  duplicates: rows removed by deduplication (0 with dedup=False); conflicting_answers: those of
+  them whose answer differed from the kept first occurrence. duplicate_samples /
+  conflict_samples: up to 5 `FILE:LINE: duplicate of FILE:LINE[: answer ... != ...]`.
+  """
 
   path: str
+  dedup: bool = True
   rows: int = 0
   kept: int = 0
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)
-  examples: list[str] = dataclasses.field(default_factory=list)  # first few skip messages
+  samples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  duplicates: int = 0
+  conflicting_answers: int = 0
+  duplicate_samples: list[str] = dataclasses.field(default_factory=list)
+  conflict_samples: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def num_skipped(self) -> int:
     return sum(self.skipped.values())
 
+  def _skip(self, e: MalformedRowError) -> None:
+    self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
+    kept = self.samples.setdefault(e.reason, [])
+    if len(kept) < MAX_SAMPLES:
+      kept.append(str(e))
+
+  def to_metrics(self, prefix: str = "data") -> dict[str, int]:
+    """Flat counters with stable keys (every reason, zeros included): `{prefix}/rows`,
+    `{prefix}/kept`, `{prefix}/skipped/total`, `{prefix}/skipped/<reason>` (e.g.
+    `data/skipped/bad_utf8`), `{prefix}/dedup/duplicates`, `{prefix}/dedup/conflicting_answers`.
+    Use another prefix per file (e.g. 'data/eval')."""
+    out = {f"{prefix}/rows": self.rows, f"{prefix}/kept": self.kept,
+           f"{prefix}/skipped/total": self.num_skipped}
+    for reason in REASONS:
+      out[f"{prefix}/skipped/{reason}"] = self.skipped.get(reason, 0)
+    out[f"{prefix}/dedup/duplicates"] = self.duplicates
+    out[f"{prefix}/dedup/conflicting_answers"] = self.conflicting_answers
+    return out
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-serialisable: every field (counts and samples), for a run summary."""
+    return dataclasses.asdict(self)
+
   def summary(self) -> str:
     s = f"{self.path}: {self.rows} rows, kept {self.kept}, skipped {self.num_skipped}"
     if self.skipped:
       s += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) + ")"
+    if self.duplicates:
+      s += f", removed {self.duplicates} duplicate prompts"
+      if self.conflicting_answers:
+        s += f" ({self.conflicting_answers} with a conflicting answer)"
     return s
+
+
+def normalize_prompt(prompt: str) -> str:
+  """The deduplication key: whitespace runs collapsed to one space, ends stripped, case kept."""
+  return " ".join(prompt.split())
 
 
 class _Missing(Exception):
@@ -128,29 +217,96 @@ def last_boxed(text: str) -> str | None:
   return None
 
 
-def _rows(path: str) -> Iterator[tuple[str, Any]]:
-  """(location, parsed row or a MalformedRowError) for every row of a .jsonl or .parquet file."""
-  if path.endswith(".parquet"):
-    import pyarrow.parquet as pq
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
-      yield f"{path}:row {i}", row
-    return
-  if not path.endswith(".jsonl"):
-    raise ValueError(f"{path}: unsupported prompt-set format; expected .jsonl (JSON lines) or "
-                     ".parquet")
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
-      if not line.strip():
+def _utf8_detail(e: UnicodeDecodeError, where: str) -> str:
+  bad = e.object[e.start:e.end]
+  return f"invalid UTF-8 byte(s) 0x{bad.hex()} at byte {e.start} of {where} ({e.reason})"
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, start=1):
+      if n == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+      if not raw.strip():
         continue
       loc = f"{path}:{n}"
       try:
+        line = raw.rstrip(b"\r\n").decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield loc, MalformedRowError(loc, "<row>", "bad_utf8", _utf8_detail(e, "the line"))
+        continue
+      try:
         yield loc, json.loads(line)
       except json.JSONDecodeError as e:
-        yield loc, MalformedRowError(loc, "<row>", "bad_json", f"{e.msg} at column {e.colno}")
+        yield loc, MalformedRowError(loc, "<row>", "bad_json", f"{e.msg} at column {e.pos + 1}")
+      except RecursionError:
+        yield loc, MalformedRowError(loc, "<row>", "bad_json", "nested too deeply")
 
 
-def _example(loc: str, row: Any, layout: Layout, max_prompt_chars: int | None,
-             max_prompt_tokens: int | None, tokenizer) -> Example:
+def _parquet_rows(path: str) -> Iterator[tuple[str, Any]]:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  try:
+    pf = pq.ParquetFile(path)
+  except (pa.ArrowException, OSError) as e:
+    raise PromptSetError(f"{path}: not a readable Parquet file: {_one_line(e)}") from None
+  i = 0
+  batches = pf.iter_batches(batch_size=4096)
+  while True:
+    try:
+      batch = next(batches)
+    except StopIteration:
+      return
+    except (pa.ArrowException, OSError) as e:
+      raise PromptSetError(f"{path}: unreadable Parquet data after row {i}: "
+                           f"{_one_line(e)}") from None
+    try:
+      rows = batch.to_pylist()
+    except UnicodeDecodeError:
+      rows = None
+    if rows is not None:
+      for row in rows:
+        yield f"{path}:row {i}", row
+        i += 1
+      continue
+    for j in range(batch.num_rows):  # this batch has a bad string: find the rows, and the columns
+      loc, one = f"{path}:row {i}", batch.slice(j, 1)
+      try:
+        row = one.to_pylist()[0]
+      except UnicodeDecodeError as e:
+        field, err = "<row>", e
+        for name, col in zip(one.schema.names, one.columns):
+          try:
+            col.to_pylist()
+          except UnicodeDecodeError as ce:
+            field, err = name, ce
+            break
+        row = MalformedRowError(loc, field, "bad_utf8", _utf8_detail(err, "the value"))
+      yield loc, row
+      i += 1
+
+
+def _rows(path: str) -> Iterator[tuple[str, Any]]:
+  """(location, parsed row or a MalformedRowError) for every row of a .jsonl or .parquet file."""
+  if path.endswith(".parquet"):
+    return _parquet_rows(path)
+  if path.endswith(".jsonl"):
+    return _jsonl_rows(path)
+  raise PromptSetError(f"{path}: unsupported prompt-set format; expected .jsonl (JSON lines) or "
+                       ".parquet")
+
+
+def _check_utf8(loc: str, field: str, text: str) -> None:
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise MalformedRowError(loc, field, "bad_utf8",
+                            f"lone surrogate U+{ord(text[e.start]):04X} at offset {e.start} (an "
+                            "unpaired \\u escape)") from None
+
+
+def _example(loc: str, row: Any, layout: Layout, max_prompt_chars: int | None) -> Example:
+  """Field checks that need no tokenizer (all reasons up to no_boxed_answer, and the char limit)."""
   if isinstance(row, MalformedRowError):
     raise row
   if not isinstance(row, dict):
@@ -164,6 +320,10 @@ def _example(loc: str, row: Any, layout: Layout, max_prompt_chars: int | None,
     if not isinstance(v, types) or isinstance(v, bool):
       want = " or ".join(t.__name__ for t in types)
       raise MalformedRowError(loc, field, "wrong_type", f"expected {want}, got {type(v).__name__}")
+    if isinstance(v, float) and not math.isfinite(v):
+      raise MalformedRowError(loc, field, "wrong_type", f"expected a finite number, got {v}")
+    if isinstance(v, str):
+      _check_utf8(loc, field, v)
     return v
 
   prompt = get(layout.prompt, (str,))
@@ -182,54 +342,115 @@ def _example(loc: str, row: Any, layout: Layout, max_prompt_chars: int | None,
   if max_prompt_chars is not None and len(prompt) > max_prompt_chars:
     raise MalformedRowError(loc, layout.prompt, "prompt_too_long",
                             f"{len(prompt)} characters > max_prompt_chars={max_prompt_chars}")
-  if max_prompt_tokens is not None:
-    from opd_jax.data.tokenizer import encode_prompt
-    n = len(encode_prompt(tokenizer, prompt))
-    if n > max_prompt_tokens:
-      raise MalformedRowError(loc, layout.prompt, "prompt_too_long",
-                              f"{n} tokens (chat template applied) > max_prompt_tokens="
-                              f"{max_prompt_tokens}")
   return Example(prompt=prompt, solution=solution, answer=answer.strip())
+
+
+class _TokenChecks:
+  """untokenizable / prompt_too_long checks, cached by exact text (prompt sets repeat prompts)."""
+
+  def __init__(self, tokenizer, max_prompt_tokens: int | None):
+    self.tok, self.max_tokens = tokenizer, max_prompt_tokens
+    self._problem: dict[str, str | None] = {}
+    self._length: dict[str, int] = {}
+
+  def _untokenizable(self, text: str) -> str | None:
+    if text not in self._problem:
+      from opd_jax.data.tokenizer import find_untokenizable
+      self._problem[text] = find_untokenizable(self.tok, text)
+    return self._problem[text]
+
+  def __call__(self, loc: str, ex: Example, layout: Layout) -> None:
+    if self.tok is None:
+      return
+    for field, text in ((layout.prompt, ex.prompt), (layout.solution, ex.solution)):
+      if field and text:
+        problem = self._untokenizable(text)
+        if problem:
+          raise MalformedRowError(loc, field, "untokenizable", problem)
+    if self.max_tokens is not None:
+      if ex.prompt not in self._length:
+        from opd_jax.data.tokenizer import prompt_text
+        self._length[ex.prompt] = len(self.tok.encode(prompt_text(self.tok, ex.prompt),
+                                                      add_special_tokens=False))
+      n = self._length[ex.prompt]
+      if n > self.max_tokens:
+        raise MalformedRowError(loc, layout.prompt, "prompt_too_long",
+                                f"{n} tokens (chat template applied) > max_prompt_tokens="
+                                f"{self.max_tokens}")
 
 
 def load_prompt_set(path: str | os.PathLike, layout: str | Layout = "dapo_math_17k", *,
                     on_error: str = "error", max_prompt_chars: int | None = None,
                     max_prompt_tokens: int | None = None, tokenizer=None,
-                    limit: int | None = None) -> tuple[list[Example], LoadReport]:
+                    limit: int | None = None, dedup: bool = True
+                    ) -> tuple[list[Example], LoadReport]:
   """Read a prompt set. Returns (examples in file order, report). See the module docstring.
 
   layout: a name in LAYOUTS or a Layout with your own field paths.
-  max_prompt_tokens: counts tokens of the chat-formatted prompt; requires `tokenizer`.
-  limit: stop after this many kept examples.
+  on_error: 'error' (raise MalformedRowError at the first malformed row) or 'skip' (count it).
+  tokenizer: enables the untokenizable check (prompt and the layout's solution) and
+    max_prompt_tokens, which counts tokens of the chat-formatted prompt.
+  limit: stop after this many kept examples (after deduplication).
+  dedup: drop later rows whose normalised prompt repeats an earlier kept one.
+  Raises PromptSetError (a UserError) for a bad argument, an unreadable / empty file, or a file
+  with no usable row; PromptSetNotFoundError if the file does not exist.
   """
   path = os.fspath(path)
   if on_error not in ON_ERROR:
-    raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    raise PromptSetError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
   if isinstance(layout, str):
     if layout not in LAYOUTS:
-      raise ValueError(f"unknown prompt-set layout {layout!r}; valid: {sorted(LAYOUTS)}")
+      raise PromptSetError(f"unknown prompt-set layout {layout!r}; valid: {sorted(LAYOUTS)}")
     layout = LAYOUTS[layout]
   if max_prompt_tokens is not None and tokenizer is None:
-    raise ValueError("max_prompt_tokens needs a tokenizer")
+    raise PromptSetError("max_prompt_tokens needs a tokenizer")
+  if limit is not None and limit < 1:
+    raise PromptSetError(f"limit must be >= 1 (or None for all), got {limit}")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"prompt set {path!r} does not exist")
-  report = LoadReport(path=path)
-  skipped: collections.Counter = collections.Counter()
+    raise PromptSetNotFoundError(f"prompt set {path!r} does not exist")
+  rows = _rows(path)
+  if os.path.getsize(path) == 0:
+    raise PromptSetError(f"{path}: prompt set is empty (0 bytes)")
+  report = LoadReport(path=path, dedup=dedup)
+  token_checks = _TokenChecks(tokenizer, max_prompt_tokens)
+  first: dict[str, tuple[str, str]] = {}  # normalised prompt -> (location, answer) of the kept row
   out: list[Example] = []
-  for loc, row in _rows(path):
+  for loc, row in rows:
     if limit is not None and len(out) >= limit:
       break
     report.rows += 1
     try:
-      out.append(_example(loc, row, layout, max_prompt_chars, max_prompt_tokens, tokenizer))
+      ex = _example(loc, row, layout, max_prompt_chars)
+      key = normalize_prompt(ex.prompt) if dedup else None
+      if key is not None and key in first:
+        first_loc, first_answer = first[key]
+        report.duplicates += 1
+        if len(report.duplicate_samples) < MAX_SAMPLES:
+          report.duplicate_samples.append(f"{loc}: duplicate of {first_loc}")
+        if ex.answer != first_answer:
+          report.conflicting_answers += 1
+          if len(report.conflict_samples) < MAX_SAMPLES:
+            report.conflict_samples.append(
+                f"{loc}: duplicate of {first_loc}: answer {_one_line(repr(ex.answer))[:80]} != "
+                f"kept {_one_line(repr(first_answer))[:80]}")
+        continue
+      token_checks(loc, ex, layout)
     except MalformedRowError as e:
       if on_error == "error":
         raise
-      skipped[e.reason] += 1
-      if len(report.examples) < 5:
-        report.examples.append(str(e))
+      report._skip(e)
+      continue
+    if key is not None:
+      first[key] = (loc, ex.answer)
+    out.append(ex)
   report.kept = len(out)
-  report.skipped = dict(skipped)
-  if skipped:
+  if report.rows == 0:
+    raise PromptSetError(f"{path}: prompt set has no rows (only blank lines, or an empty table)")
+  if not out:
+    why = ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped.items()))
+    sample = next(iter(report.samples.values()))[0]
+    raise PromptSetError(f"{path}: no usable rows: all {report.rows} skipped ({why}); first: "
+                         f"{sample}")
+  if report.skipped or report.duplicates:
     log.warning("%s", report.summary())
   return out, report

@@ -14,6 +14,19 @@ Any Hugging Face tokenizer directory (e.g. a Qwen3 checkpoint's) is loaded with 
 with the generation prompt added; a response is tokenized separately and followed by EOS, which is
 exactly the token sequence the sampler produces (prompt ids, then generated ids ending in EOS).
 
+Untokenizable text (`find_untokenizable`). A prompt or response is untokenizable iff encoding it
+ALONE (no chat template, `add_special_tokens=False`) yields a special-token id
+(`tok.all_special_ids`, <unk> included):
+  * <unk>: a character outside the vocabulary (char-level task tokenizer: any character not in its
+    alphabet, e.g. 'é' or a carriage return; tab and newline are in the default alphabet) or a
+    word (an HF tokenizer with an unk token: WordPiece, SentencePiece without byte fallback);
+  * any other special id: the text spells a control token ('<eos>', '<|im_end|>', ...) that would
+    be read as structure, not as text.
+Byte-level tokenizers (Qwen, Llama 3, GPT-2) have no <unk> and encode every string, so for them only
+the second case applies. Decode round-trips are deliberately not compared: normalising tokenizers
+(NFKC, lowercasing, prefix spaces) legitimately do not round-trip. The answer is the offending span,
+its character offset and the token it became, so a loader can say where it is.
+
 Teacher and student must share one tokenizer (opd_jax does not do cross-tokenizer distillation):
 `check_same_tokenizer` raises on any difference in vocabulary or special ids.
 """
@@ -108,10 +121,49 @@ def check_same_tokenizer(teacher: PreTrainedTokenizerBase,
                      "cross-tokenizer distillation):\n  " + "\n  ".join(problems))
 
 
+def _special_ids(tok: PreTrainedTokenizerBase) -> set[int]:
+  ids = set(tok.all_special_ids)
+  if tok.unk_token_id is not None:
+    ids.add(tok.unk_token_id)
+  return ids
+
+
+def _short(text: str, n: int = 40) -> str:
+  return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def find_untokenizable(tok: PreTrainedTokenizerBase, text: str) -> str | None:
+  """None if `text` is tokenizable (see the module docstring), else a one-line description of the
+  first offending span: what it is, its 0-based character offset, the token it encodes to."""
+  special = _special_ids(tok)
+  try:
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+  except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
+    ids, offsets = tok.encode(text, add_special_tokens=False), None
+  for k, i in enumerate(ids):
+    if i not in special:
+      continue
+    name = tok.convert_ids_to_tokens(int(i))
+    if offsets is None:
+      return f"token {k} encodes to the special token {name!r} (id {i})"
+    a, b = offsets[k]
+    span = text[a:b]
+    if i == tok.unk_token_id and span != tok.unk_token:
+      what = (f"character {span!r} (U+{ord(span):04X})" if len(span) == 1 else f"text {_short(span)}")
+      return f"{what} at offset {a} is not in the tokenizer's vocabulary (encodes to {name})"
+    return f"{_short(span)} at offset {a} spells the special token {name!r} (id {i})"
+  return None
+
+
 def _check_known(tok: PreTrainedTokenizerBase, ids: Sequence[int], text: str, what: str) -> None:
+  """Raise ValueError if `text` (whose encoding contains `ids`) is untokenizable. Cheap unless
+  an <unk> id is present or the text contains a special token's spelling."""
   unk = tok.unk_token_id
-  if unk is not None and unk in ids and tok.unk_token not in text:
-    raise ValueError(f"{what} contains characters the tokenizer cannot encode (<unk>): {text!r}")
+  if (unk is not None and unk in ids) or any(s and s in text for s in tok.all_special_tokens):
+    problem = find_untokenizable(tok, text)
+    if problem:
+      raise ValueError(f"{what} contains text the tokenizer cannot encode: {problem}")
 
 
 def prompt_text(tok: PreTrainedTokenizerBase, prompt: str) -> str:
