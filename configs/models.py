@@ -10,9 +10,11 @@ Presets:
   tiny       = smoke's shape (`models.config.tiny`), the CPU tutorial student.
   tiny_teacher 4 x 128: a teacher a bit bigger than the tiny student.
   small      8 x 512 (`models.config.small`), vocab 128 for the tasks.
+  tiny_moe   = tiny with a qwen3_moe MLP (4 experts of width 32, top-2, renormalised).
   qwen3_0_6b, qwen3_8b, qwen3_32b  the Qwen3 shapes (loaded from local HF checkpoints: the
              architecture then comes from config.json, these presets only set the numerics:
              bf16 compute, f32 master weights, remat).
+  qwen3_30b_a3b  the MoE teacher (128 experts, top-8); llama3_2_3b  Llama-3.2-3B (llama3 RoPE).
 """
 
 from opd_jax.models import config as model_config
@@ -25,10 +27,13 @@ _MODELS = {
     "tiny": lambda: model_config.tiny(vocab_size=TASK_VOCAB),
     "tiny_teacher": lambda: model_config.tiny(vocab_size=TASK_VOCAB, d_model=128, n_layers=4,
                                               n_heads=4, n_kv_heads=2, head_dim=32, d_ff=256),
+    "tiny_moe": lambda: model_config.tiny_moe(vocab_size=TASK_VOCAB),
     "small": lambda: model_config.small(vocab_size=TASK_VOCAB),
     "qwen3_0_6b": lambda: model_config.qwen3_0_6b(dtype="bfloat16", remat=True),
     "qwen3_8b": model_config.qwen3_8b,
     "qwen3_32b": model_config.qwen3_32b,
+    "qwen3_30b_a3b": model_config.qwen3_30b_a3b,
+    "llama3_2_3b": model_config.llama3_2_3b,
 }
 
 _MESHES = {
