@@ -463,6 +463,15 @@ def test_qwen3_moe_save_load_per_expert_tensors(tmp_path):
   assert {s.data.shape for s in gate.addressable_shards} == {(2, 2, 64, 16)}
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                sharded, params)
+  # The MoE forward (and its load-balancing loss) on the mesh with experts over fsdp == one device.
+  tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, cfg.vocab_size)
+  mask = jnp.ones((4, 8), bool).at[1, :3].set(False)
+  fwd = jax.jit(tf.forward_with_aux, static_argnums=0)
+  single = fwd(tf.graphdef_for(cfg), params, tokens, mask)
+  with jax.set_mesh(mesh), axis_rules(rules):
+    on_mesh = fwd(tf.graphdef_for(cfg), sharded, tokens, mask)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5,
+                                                       rtol=1e-5), on_mesh, single)
   _, default = hf.load(out, mesh=mesh, rules=DEFAULT_RULES)  # expert -> nothing by default
   assert default["layers"]["mlp"]["experts"]["gate_proj"]["kernel"].sharding.spec == jax.P(
       None, None, "fsdp", "tensor")

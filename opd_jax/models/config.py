@@ -1,4 +1,4 @@
-"""Model configuration for the decoder families opd_jax supports (qwen3, qwen2, llama).
+"""Model configuration for the decoder families opd_jax supports (qwen3, qwen2, llama, qwen3_moe).
 
 A `ModelConfig` is a frozen dataclass: hashable, so it can be a static argument of a jitted function.
 Presets are plain functions returning configs; `hf.py` converts to and from `config.json`.
@@ -18,7 +18,8 @@ class ModelConfig:
   """Hyperparameters of a decoder-only transformer.
 
   Attributes:
-    family: 'qwen3' (qk-norm, no qkv bias), 'qwen2' (qkv bias), or 'llama'.
+    family: 'qwen3' (qk-norm, no qkv bias), 'qwen2' (qkv bias), 'llama', or 'qwen3_moe' (qwen3
+      attention with a sparse mixture-of-experts MLP; see num_experts).
     vocab_size: number of token ids (embedding rows).
     d_model: residual width D.
     n_layers: number of decoder blocks L.
