@@ -126,7 +126,8 @@ def test_load_balancing_loss_matches_numpy_and_transformers():
   mask = np.ones((2, 7), bool)
   mask[1, :3] = False
   for m in (None, mask):
-    got = float(tf.load_balancing_loss(jnp.asarray(logits), 2, None if m is None else jnp.asarray(m)))
+    got = float(tf.load_balancing_loss(jnp.asarray(logits), 2,
+                                       None if m is None else jnp.asarray(m)))
     np.testing.assert_allclose(got, _np_load_balancing(logits, 2, m), rtol=1e-5)
     # transformers' own function on the same logits (a tuple of per-layer [B*T, E] tensors).
     theirs = modeling_qwen3_moe.load_balancing_loss_func(

@@ -1,4 +1,5 @@
-"""Model configuration for the decoder families opd_jax supports (qwen3, qwen2, llama, qwen3_moe).
+"""Model configuration for the decoder families opd_jax supports (qwen3, qwen2, llama and
+qwen3_moe).
 
 A `ModelConfig` is a frozen dataclass: hashable, so it can be a static argument of a jitted function.
 Presets are plain functions returning configs; `hf.py` converts to and from `config.json`.

@@ -4,8 +4,9 @@
     cfg, params = load("/ckpt/Qwen3-0.6B", mesh=mesh)        # each tensor placed with its sharding
     save("/out/student", cfg, params, tokenizer=tok)         # loads with AutoModelForCausalLM
 
-Supported `model_type`s: qwen3, qwen2, llama, qwen3_moe (their `*ForCausalLM` architectures). Weights are read
-and written with `safetensors` in numpy form only: never pickle, never `trust_remote_code`.
+Supported `model_type`s: qwen3, qwen2, llama, qwen3_moe (their `*ForCausalLM` architectures).
+Weights are read and written with `safetensors` in numpy form only: never pickle, never
+`trust_remote_code`.
 
 Name mapping (PyTorch weights are (out, in); our kernels are (in, out), so kernels are transposed;
 per-layer tensors are stacked on a leading `layers` axis)::
@@ -15,10 +16,9 @@ per-layer tensors are stacked on a leading `layers` axis)::
     model.layers.{i}.self_attn.{q,k,v}_proj.bias      layers/attn/{q,k,v}_proj/bias       (qwen2)
     model.layers.{i}.self_attn.{q,k}_norm.weight      layers/attn/{q,k}_norm/scale        (qwen3)
     model.layers.{i}.mlp.{gate,up,down}_proj.weight   layers/mlp/{gate,up,down}_proj/kernel (T)
-    model.layers.{i}.mlp.gate.weight                  layers/mlp/router/kernel (T)         (qwen3_moe)
+    model.layers.{i}.mlp.gate.weight                  layers/mlp/router/kernel (T)     (qwen3_moe)
     model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight
-                                                      layers/mlp/experts/{gate,up,down}_proj/kernel
-                                                      [i, e] (T)                          (qwen3_moe)
+                                       layers/mlp/experts/{gate,up,down}_proj/kernel[i, e] (T)
     model.layers.{i}.input_layernorm.weight           layers/input_norm/scale
     model.layers.{i}.post_attention_layernorm.weight  layers/post_attn_norm/scale
     model.norm.weight                                 final_norm/scale
