@@ -182,7 +182,7 @@ def test_custom_layout_and_bad_arguments(tmp_path):
     D.load_prompt_set(path, layout, max_prompt_tokens=10)
 
 
-# -- one bad byte costs one row; every kind of bad row is skipped, counted and located --------------
+# -- one bad byte costs one row; every kind of bad row is skipped, counted and located -----------
 BAD_ROWS = FIX / "bad_rows_dapo.jsonl"
 # (line, field, reason, detail) of every bad line of bad_rows_dapo.jsonl (see make_fixtures.py).
 BAD_CASES = [
@@ -191,7 +191,8 @@ BAD_CASES = [
     (5, "reward_model.ground_truth", "missing_field", "key 'reward_model' missing or null"),
     (6, "reward_model.ground_truth", "wrong_type", "expected str or int or float, got dict"),
     (7, "prompt.0.content", "untokenizable",
-     "character 'é' (U+00E9) at offset 184 is not in the tokenizer's vocabulary (encodes to <unk>)"),
+     "character 'é' (U+00E9) at offset 184 is not in the tokenizer's vocabulary "
+     "(encodes to <unk>)"),
     (8, "prompt.0.content", "untokenizable",
      "'<eos>' at offset 190 spells the special token '<eos>' (id 1)"),
     (9, "prompt.0.content", "bad_utf8", "lone surrogate U+D800 at offset 188"),
@@ -199,7 +200,7 @@ BAD_CASES = [
      "max_prompt_tokens=500"),
     (11, "<row>", "bad_utf8", "invalid UTF-8 byte(s) 0xc0 at byte 391 of the line"),
     (13, "reward_model.ground_truth", "wrong_type", "expected a finite number, got nan"),
-    (14, "<row>", "bad_utf8", "invalid UTF-8 byte(s) 0xe282 at byte 35 of the line (unexpected end"),
+    (14, "<row>", "bad_utf8", "invalid UTF-8 byte(s) 0xe282 at byte 35 of the line (unexpected"),
 ]
 BAD_VALID_LINES = (1, 3, 12)
 

@@ -126,3 +126,41 @@ def test_load_any_local_hf_tokenizer(tmp_path):
                                   eos_token="a")
   with pytest.raises(ValueError, match="no chat template"):
     T.encode_prompt(plain, "a")
+
+
+def test_untokenizable_rule_for_the_task_tokenizer(tok):
+  assert T.find_untokenizable(tok, "What is 12 + 30?\n\tok") is None
+  assert T.find_untokenizable(tok, "le caf\u00e9") == (
+      "character '\u00e9' (U+00E9) at offset 6 is not in the tokenizer's vocabulary "
+      "(encodes to <unk>)")
+  assert T.find_untokenizable(tok, "a\r\n").startswith("character '\\r' (U+000D) at offset 1 ")
+  # Spelling a control token (even <unk> itself) is untokenizable: it would be read as structure.
+  for special in T.SPECIAL_TOKENS:
+    assert T.find_untokenizable(tok, f"x {special}") == (
+        f"'{special}' at offset 2 spells the special token '{special}' "
+        f"(id {T.SPECIAL_TOKENS.index(special)})")
+  with pytest.raises(ValueError, match="cannot encode: '<eos>' at offset 3 spells"):
+    T.encode_prompt(tok, "hi <eos>")
+  with pytest.raises(ValueError, match="response contains text the tokenizer cannot encode"):
+    T.encode_response(tok, "1<|user|>")
+
+
+def test_untokenizable_rule_for_hf_tokenizers(tmp_path):
+  # Byte-level BPE (Qwen-like): every string encodes; only special-token spellings are rejected,
+  # including specials transformers does not name (<|im_start|>, <|endoftext|>).
+  _qwen_like_tokenizer(tmp_path)
+  qwen = T.load_tokenizer(tmp_path)
+  assert T.find_untokenizable(qwen, "caf\u00e9 \u2192 \U0001F600 \r\n") is None
+  assert T.find_untokenizable(qwen, "ab<|im_start|>") == (
+      "'<|im_start|>' at offset 2 spells the special token '<|im_start|>' (id 1)")
+  assert "<|endoftext|>" in T.find_untokenizable(qwen, "<|endoftext|>")
+  with pytest.raises(ValueError, match="<|im_end|>"):
+    T.encode_prompt(qwen, "stop<|im_end|>now")
+  # A word-level tokenizer with an unk token: the unknown word is located.
+  wl = Tokenizer(models.WordLevel({"<u>": 0, "</s>": 1, "what": 2, "is": 3, "two": 4},
+                                  unk_token="<u>"))
+  wl.pre_tokenizer = pre_tokenizers.Whitespace()
+  word = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="<u>", eos_token="</s>")
+  assert T.find_untokenizable(word, "what is two") is None
+  assert T.find_untokenizable(word, "what is three") == (
+      "text 'three' at offset 8 is not in the tokenizer's vocabulary (encodes to <u>)")

@@ -26,8 +26,9 @@ Malformed rows. Each row either becomes an Example or is malformed for exactly o
   no_boxed_answer  (answer_from_boxed layouts) the solution has no \\boxed{...}
   untokenizable    (with a tokenizer) the prompt, or the layout's solution, encodes to a special
                    token: a character/word the tokenizer maps to <unk>, or the spelling of a
-                   control token such as '<eos>' / '<|im_end|>'. The precise rule, for the char-level
-                   task tokenizer and for HF tokenizers, is `tokenizer.find_untokenizable`'s.
+                   control token such as '<eos>' / '<|im_end|>'. The precise rule, for the
+                   char-level task tokenizer and for HF tokenizers, is
+                   `tokenizer.find_untokenizable`'s.
   prompt_too_long  longer than `max_prompt_chars` characters of prompt text, or than
                    `max_prompt_tokens` tokens of the chat-formatted prompt (needs a tokenizer); the
                    message says which limit was hit

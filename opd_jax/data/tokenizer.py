@@ -15,8 +15,8 @@ with the generation prompt added; a response is tokenized separately and followe
 exactly the token sequence the sampler produces (prompt ids, then generated ids ending in EOS).
 
 Untokenizable text (`find_untokenizable`). A prompt or response is untokenizable iff encoding it
-ALONE (no chat template, `add_special_tokens=False`) yields a special-token id
-(`tok.all_special_ids`, <unk> included):
+ALONE (no chat template, `add_special_tokens=False`) yields the id of a special token
+(`control_tokens`: the named special tokens, <unk> included, and every added token marked special):
   * <unk>: a character outside the vocabulary (char-level task tokenizer: any character not in its
     alphabet, e.g. 'é' or a carriage return; tab and newline are in the default alphabet) or a
     word (an HF tokenizer with an unk token: WordPiece, SentencePiece without byte fallback);
@@ -121,11 +121,17 @@ def check_same_tokenizer(teacher: PreTrainedTokenizerBase,
                      "cross-tokenizer distillation):\n  " + "\n  ".join(problems))
 
 
-def _special_ids(tok: PreTrainedTokenizerBase) -> set[int]:
-  ids = set(tok.all_special_ids)
+def control_tokens(tok: PreTrainedTokenizerBase) -> dict[int, str]:
+  """id -> text of every special token: the named ones (`all_special_ids`, <unk> included) and
+  every added token marked special (e.g. Qwen's <|im_start|>, which transformers need not name).
+  Added tokens not marked special (Qwen3's <think>) are ordinary text."""
+  out = {int(i): t for i, t in zip(tok.all_special_ids, tok.all_special_tokens)}
+  for i, added in tok.added_tokens_decoder.items():
+    if added.special:
+      out[int(i)] = added.content
   if tok.unk_token_id is not None:
-    ids.add(tok.unk_token_id)
-  return ids
+    out[int(tok.unk_token_id)] = tok.unk_token
+  return out
 
 
 def _short(text: str, n: int = 40) -> str:
@@ -135,7 +141,7 @@ def _short(text: str, n: int = 40) -> str:
 def find_untokenizable(tok: PreTrainedTokenizerBase, text: str) -> str | None:
   """None if `text` is tokenizable (see the module docstring), else a one-line description of the
   first offending span: what it is, its 0-based character offset, the token it encodes to."""
-  special = _special_ids(tok)
+  special = control_tokens(tok)
   try:
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -144,13 +150,14 @@ def find_untokenizable(tok: PreTrainedTokenizerBase, text: str) -> str | None:
   for k, i in enumerate(ids):
     if i not in special:
       continue
-    name = tok.convert_ids_to_tokens(int(i))
+    name = special[i]
     if offsets is None:
       return f"token {k} encodes to the special token {name!r} (id {i})"
     a, b = offsets[k]
     span = text[a:b]
     if i == tok.unk_token_id and span != tok.unk_token:
-      what = (f"character {span!r} (U+{ord(span):04X})" if len(span) == 1 else f"text {_short(span)}")
+      what = (f"character {span!r} (U+{ord(span):04X})" if len(span) == 1
+              else f"text {_short(span)}")
       return f"{what} at offset {a} is not in the tokenizer's vocabulary (encodes to {name})"
     return f"{_short(span)} at offset {a} spells the special token {name!r} (id {i})"
   return None
@@ -160,7 +167,7 @@ def _check_known(tok: PreTrainedTokenizerBase, ids: Sequence[int], text: str, wh
   """Raise ValueError if `text` (whose encoding contains `ids`) is untokenizable. Cheap unless
   an <unk> id is present or the text contains a special token's spelling."""
   unk = tok.unk_token_id
-  if (unk is not None and unk in ids) or any(s and s in text for s in tok.all_special_tokens):
+  if (unk is not None and unk in ids) or any(t and t in text for t in control_tokens(tok).values()):
     problem = find_untokenizable(tok, text)
     if problem:
       raise ValueError(f"{what} contains text the tokenizer cannot encode: {problem}")
