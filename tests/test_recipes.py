@@ -22,9 +22,10 @@ TWO_STEPS = ["loop.steps=2", "loop.batch_size=4", "loop.checkpoint_every=0",
 CASES = {
     # name: (config file:preset, overrides, metrics that must be present)
     "sft": ("sft.py:smoke", ["loop.eval_every=2", "data.eval_examples=8"],
-            ["train/loss", "eval/accuracy"]),
+            ["train/loss", "eval/accuracy", "eval/verifier/wrong"]),
     "opd": ("opd.py:smoke", [], ["opd/teacher_gap", "rollout/adv_mean"]),
-    "rlvr_kl_k3": ("rlvr.py:smoke", ["pg.kl_coef=0.1"], ["rlvr/reward_mean", "pg/kl_ref"]),
+    "rlvr_kl_k3": ("rlvr.py:smoke", ["pg.kl_coef=0.1"],
+                   ["rlvr/reward_mean", "pg/kl_ref", "verifier/correct", "verifier/unparsable"]),
     "mixed": ("opd.py:smoke", ["method=mixed", "rollout.mix_alpha=0.25"],
               ["rlvr/reward_mean", "opd/teacher_gap"]),
     "distill": ("opd.py:distill_smoke", [], ["distill/reverse_kl", "rollout/response_len"]),
@@ -66,6 +67,9 @@ def test_recipe_runs_two_steps_with_no_hidden_transfer(name, tmp_path):
   if name == "kl_k1_ppo_epochs":
     assert train[-1]["train/updates"] == 4
     assert train[-1]["pg/kl_ref"] != 0.0  # the policy moved away from the frozen reference
+  if name == "rlvr_kl_k3":  # every rollout row has exactly one reason
+    last = train[-1]
+    assert sum(last[f"verifier/{r}"] for r in ("correct", "wrong", "unparsable")) == 32
   if name == "gae_learned_value":
     # The head starts at zero and learns: step 2's rollout values are no longer all zero.
     assert train[0]["value/old_mean"] == 0.0 and train[1]["value/old_mean"] != 0.0

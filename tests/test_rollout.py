@@ -235,10 +235,13 @@ def test_verify_decodes_the_responses_and_scores_them():
     loss_mask[i, p:len(row)] = True
   ro = rollout.Rollout(jnp.asarray(tokens), jnp.asarray(tokens > 0), jnp.asarray(loss_mask),
                        None, None, None, None)
-  got = rollout.verify(tok, verifiers.exact_match, ro, answers)
-  want = [verifiers.exact_match(r, a).score for r, a in zip(responses, answers)]
-  np.testing.assert_array_equal(got, np.asarray(want, np.float32))
+  got, reason_ids = rollout.verify(tok, verifiers.exact_match, ro, answers)
+  want = [verifiers.exact_match(r, a) for r, a in zip(responses, answers)]
+  np.testing.assert_array_equal(got, np.asarray([w.score for w in want], np.float32))
   assert list(got) == [1.0, 0.0, 0.0, 1.0]
+  reasons = verifiers.reasons_of(verifiers.exact_match)
+  assert [reasons[i] for i in reason_ids] == [w.reason for w in want] == [
+      "correct", "wrong", "unparsable", "correct"]
 
 
 def test_evaluate_computes_avg_at_k_and_pass_at_k(models, prompts):

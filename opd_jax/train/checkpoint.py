@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import warnings
 from typing import Any, Mapping
@@ -36,6 +37,17 @@ from opd_jax.train.state import TrainState
 
 STATE, PARAMS, META = "state", "params", "meta"
 VALUE_HEAD = "value_head"
+
+
+class _QuietMissingMetadata(logging.Filter):
+  """Orbax warns 'Metadata file does not exist' on every load of a checkpoint written without its
+  optional metadata file (ours): expected, so not shown."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
+logging.getLogger("absl").addFilter(_QuietMissingMetadata())
 
 
 def as_path(path) -> epath.Path:

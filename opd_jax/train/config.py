@@ -138,9 +138,10 @@ def dataclass_from_dict(cls: type, value: Any, path: str = "config") -> Any:
   try:
     return cls(**kwargs)
   except (ValueError, TypeError) as e:
-    if isinstance(e, ConfigError):
-      raise
-    raise ConfigError(f"{path}: {e}") from e
+    if isinstance(e, ConfigError) and str(e).startswith(("config.", "method=")):
+      raise  # already names its dotted key
+    raise ConfigError(f"{path}: {e}") from e  # e.g. 'config.teacher: ModelSpec.path=...'
+
 
 
 def dataclass_to_dict(obj: Any) -> Any:
@@ -284,7 +285,7 @@ from opd_jax.train.steps import DistillStepConfig, PGStepConfig, SFTStepConfig  
 
 MODEL_SOURCES = ("random", "hf", "checkpoint", "none")
 DATA_SOURCES = ("task", "file")
-VERIFIERS = ("exact_match", "math")
+from opd_jax.data.verifiers import VERIFIER_NAMES as VERIFIERS  # noqa: E402
 ROLLOUT_POLICIES = ("student", "teacher")
 
 
@@ -336,7 +337,11 @@ class DataConfig:
     on_error: malformed rows: 'error' or 'skip'.
     max_prompt_tokens: drop/raise on longer chat-formatted prompts (0: no limit).
     tokenizer: a local Hugging Face tokenizer directory; '' builds the task's char-level tokenizer.
-    verifier: 'exact_match' (the synthetic tasks) or 'math' (math-verify, boxed answers).
+    verifier: 'exact_match' (the arithmetic tasks), 'math' (math-verify, boxed answers; a pool
+      of memory-capped workers), 'code' (programs run in the `data.code_exec` sandbox against the
+      answer's tests) or 'task' (arithmetic + code task mixtures).
+    verifier_timeout_s: wall-clock bound of one check ('math') or one program run ('code',
+      'task'); a check past it scores 0 with reason 'timeout'.
     prompt_buckets: padded prompt lengths of rollout batches; () = one bucket fitting the longest
       prompt (rounded up to a multiple of 8).
     sft_buckets: padded sequence lengths of SFT batches; () = as above for prompt + solution.
@@ -355,6 +360,7 @@ class DataConfig:
   max_prompt_tokens: int = 0
   tokenizer: str = ""
   verifier: str = "exact_match"
+  verifier_timeout_s: float = 5.0
   prompt_buckets: tuple[int, ...] = ()
   sft_buckets: tuple[int, ...] = ()
   shuffle: bool = True
@@ -366,6 +372,8 @@ class DataConfig:
       _bad(self, "path", "source='file' needs the prompt-set path")
     if self.verifier not in VERIFIERS:
       _bad(self, "verifier", f"expected one of {VERIFIERS}")
+    if not self.verifier_timeout_s > 0:
+      _bad(self, "verifier_timeout_s", "must be > 0")
     if self.train_examples < 0 or self.eval_examples < 0:
       _bad(self, "train_examples", "train_examples and eval_examples must be >= 0")
 

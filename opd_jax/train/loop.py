@@ -403,8 +403,7 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
       return _loop(ctx, recipe, state, iterator, step_fn, ckpt, workdir, snap_dir, eval_pipe,
                    verifier, resumed_from, t_start, stop_after)
   finally:
-    if isinstance(verifier, verifiers.MathVerifier):
-      verifier.close()
+    verifiers.close_verifier(verifier)
 
 
 def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step_fn, ckpt,

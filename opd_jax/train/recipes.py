@@ -213,6 +213,14 @@ class SFT(Recipe):
     return state, (ctx.to_device({k: host[k] for k in steps_lib.SFT_FIELDS}),), {}
 
 
+def verifier_reasons(cfg) -> tuple[str, ...]:
+  """The reason set of the config's verifier (static: it names the per-reason metrics)."""
+  from opd_jax.data import verifiers
+  return {"exact_match": verifiers.MATCH_REASONS, "math": verifiers.MathVerifier.REASONS,
+          "code": verifiers.CodeVerifier.REASONS,
+          "task": verifiers.TaskVerifier.REASONS}[cfg.data.verifier]
+
+
 def _prompts(ctx, host):
   """Validates this process's prompt rows on the host, then places them as global arrays."""
   from opd_jax.models import sampler as sampler_lib
@@ -289,7 +297,8 @@ class PG(Recipe):
         grpo_eps=cfg.grpo.eps, ddof=cfg.grpo.ddof,
         mix_alpha=cfg.rollout.mix_alpha if self.teacher_reward and self.verifier_reward else None,
         chunk_size=cfg.rollout.chunk_size, recompute_old_logp=cfg.rollout.recompute_old_logp,
-        reference=needs.reference, value_head=needs.value_head)
+        reference=needs.reference, value_head=needs.value_head,
+        verifier_reasons=verifier_reasons(cfg) if self.verifier_reward else ())
 
   def abstract_batch(self, plan) -> dict:
     fields = dict(_SFT_BATCH, old_logp_BxT=jnp.float32, adv_BxT=jnp.float32)
@@ -341,10 +350,14 @@ class PG(Recipe):
     if self.verifier_reward:
       # The documented host round trip of RLVR: responses are decoded and verified on the host
       # (each process its own rows), then the scores go back as a global array.
-      local = rollout_lib.verify(ctx.tokenizer, ctx.verifier, ro, host["answer_B"])
-      seq_rewards = ctx.to_device({"rewards_B": local})["rewards_B"]
+      scores, reason_ids = rollout_lib.verify(ctx.tokenizer, ctx.verifier, ro, host["answer_B"])
+      dev = ctx.to_device({"rewards_B": scores, "reason_ids_B": reason_ids})
+      seq_rewards, reason_ids = dev["rewards_B"], dev["reason_ids_B"]
+    else:
+      reason_ids = None
     batch, token_state, metrics = rollout_lib.advantages(
-        ro, prompts["valid_B"], seq_rewards, state.token_state, knobs, ctx.token_tx)
+        ro, prompts["valid_B"], seq_rewards, state.token_state, knobs, ctx.token_tx,
+        reason_ids_B=reason_ids)
     state = state.replace(token_state=token_state)
     args = (batch, ctx.teacher_params) if self.step_takes_teacher(ctx.plan) else (batch,)
     return state, args, metrics

@@ -101,6 +101,8 @@ class RolloutKnobs:
     reference: score the rollout with the frozen initial student (ref_logp_BxT, KL-to-reference).
     value_head: evaluate the learned value head on the rollout (GAE-OPD with value='learned').
     score_student: old_logp is needed (PG); the direct route needs tokens and masks only.
+    verifier_reasons: the verifier's fixed reason set (`verifiers.reasons_of`): per-reason counts
+      of the step's rollouts are logged as `verifier/<reason>`.
   """
 
   teacher_reward: bool = True
@@ -118,6 +120,7 @@ class RolloutKnobs:
   reference: bool = False
   value_head: bool = False
   score_student: bool = True
+  verifier_reasons: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.teacher_reward and self.verifier_reward and self.mix_alpha is None:
@@ -259,8 +262,8 @@ def _ends_with_eos(rollout: Rollout, eos_ids) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("knobs", "token_tx", "rules"))
-def _advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, *, knobs: RolloutKnobs,
-                token_tx, rules):
+def _advantages(rollout: Rollout, valid_B, seq_rewards_B, reason_ids_B, token_state, *,
+                knobs: RolloutKnobs, token_tx, rules):
   with sharding.axis_rules(rules):
     loss_mask = rollout.loss_mask_BxT & valid_B[:, None]
     metrics = {
@@ -285,6 +288,10 @@ def _advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, *, knobs:
                                               knobs.normalize_std, knobs.grpo_eps,
                                               ddof=knobs.ddof)
       metrics.update(m)
+      if reason_ids_B is not None:  # counted over every process's rows, in jit
+        for i, reason in enumerate(knobs.verifier_reasons):
+          metrics[f"verifier/{reason}"] = jnp.sum((reason_ids_B == i) & valid_B).astype(
+              jnp.float32)
       adv_rlvr = rlvr.broadcast_to_tokens(adv_B, loss_mask)
       if not knobs.uses_teacher_logp:
         loss_mask = loss_mask & keep_B[:, None]  # zero-variance groups are skipped
@@ -308,13 +315,16 @@ def _advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, *, knobs:
 
 
 def advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, knobs: RolloutKnobs,
-               token_tx: optax.GradientTransformationExtraArgs | None = None):
+               token_tx: optax.GradientTransformationExtraArgs | None = None, *,
+               reason_ids_B=None):
   """The `pg_step` batch, the new token-transform state and rollout metrics.
 
   Args:
     rollout: `generate`'s output.
     valid_B: bool [B], False on filler rows (they leave the loss mask).
     seq_rewards_B: float32 [B] verifier scores (rlvr / mixed; `verify`), else None.
+    reason_ids_B: int32 [B] index of each row's verifier reason in `knobs.verifier_reasons`
+      (optional; gives the `verifier/<reason>` counts).
     token_state: state of `token_tx` (None without transforms).
     knobs: the rollout knobs.
     token_tx: token transforms over the OPD rewards (`make_token_transform`), or None.
@@ -322,8 +332,8 @@ def advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, knobs: Rol
   if knobs.uses_verifier and seq_rewards_B is None:
     raise ValueError("a rollout with verifier rewards needs seq_rewards_B")
   if not knobs.uses_verifier:
-    seq_rewards_B = None
-  return _advantages(rollout, valid_B, seq_rewards_B, token_state, knobs=knobs,
+    seq_rewards_B = reason_ids_B = None
+  return _advantages(rollout, valid_B, seq_rewards_B, reason_ids_B, token_state, knobs=knobs,
                      token_tx=token_tx, rules=sharding.current_rules())
 
 
@@ -355,11 +365,14 @@ def decode_responses(tokenizer, tokens_BxT: np.ndarray, loss_mask_BxT: np.ndarra
 
 
 def verify(tokenizer, verifier: verifiers.Verifier, rollout: Rollout, answers_B: Sequence[str]
-           ) -> np.ndarray:
-  """float32 [B_local] verifier scores of this process's rows (host side; blocks on the rollout)."""
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """(float32 scores, int32 reason ids) [B_local] of this process's rows (host side; blocks on
+  the rollout). Reason ids index `verifiers.reasons_of(verifier)` (-1: a reason outside it)."""
   texts = decode_responses(tokenizer, local_rows(rollout.tokens_BxT),
                            local_rows(rollout.loss_mask_BxT))
-  return verifiers.score_batch(verifier, texts, list(answers_B))
+  res = verifiers.score_batch_with_reasons(verifier, texts, list(answers_B))
+  index = {r: i for i, r in enumerate(verifiers.reasons_of(verifier))}
+  return res.scores_B, np.asarray([index.get(r, -1) for r in res.reasons_B], np.int32)
 
 
 @jax.jit
@@ -379,6 +392,8 @@ def evaluate(graphdef, params, batches, tokenizer, verifier: verifiers.Verifier,
   """
   score_sum = pass_sum = len_sum = 0.0
   n_prompts = 0
+  reasons = verifiers.reasons_of(verifier)
+  reason_counts = np.zeros(len(reasons), np.float64)
   for i, batch in enumerate(batches):
     dev = to_device({"prompt_tokens_BxP": batch["prompt_tokens_BxP"],
                      "prompt_mask_BxP": batch["prompt_mask_BxP"]})
@@ -387,18 +402,25 @@ def evaluate(graphdef, params, batches, tokenizer, verifier: verifiers.Verifier,
                              key, sampler_cfg)
     tokens, loss_mask = local_rows(out.tokens_BxT), local_rows(out.loss_mask_BxT)
     texts = decode_responses(tokenizer, tokens, loss_mask)
-    scores = verifiers.score_batch(verifier, texts, list(batch["answer_B"]))
+    res = verifiers.score_batch_with_reasons(verifier, texts, list(batch["answer_B"]))
+    scores = res.scores_B
     valid = np.asarray(batch["valid_B"], bool)
+    counts = res.select(valid).counts()
+    reason_counts += np.asarray([counts.get(r, 0) for r in reasons], np.float64)
     per_prompt = scores.reshape(-1, k)
     valid_p = valid.reshape(-1, k)[:, 0]
     score_sum += float(per_prompt.mean(axis=1)[valid_p].sum())
     pass_sum += float((per_prompt.max(axis=1) > 0)[valid_p].sum())
     len_sum += float(loss_mask.sum(axis=1).reshape(-1, k).mean(axis=1)[valid_p].sum())
     n_prompts += int(valid_p.sum())
-  totals = np.asarray([score_sum, pass_sum, len_sum, n_prompts], np.float64)
+  totals = np.concatenate([np.asarray([score_sum, pass_sum, len_sum, n_prompts], np.float64),
+                           reason_counts])
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
+    with jax.transfer_guard("allow"):  # the documented all-gather of eval sums
+      totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
   n = max(totals[3], 1.0)
-  return {"eval/accuracy": float(totals[0] / n), "eval/pass_at_k": float(totals[1] / n),
-          "eval/response_len": float(totals[2] / n), "eval/prompts": float(totals[3])}
+  out = {"eval/accuracy": float(totals[0] / n), "eval/pass_at_k": float(totals[1] / n),
+         "eval/response_len": float(totals[2] / n), "eval/prompts": float(totals[3])}
+  out.update({f"eval/verifier/{r}": float(c) for r, c in zip(reasons, totals[4:])})
+  return out

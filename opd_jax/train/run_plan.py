@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from opd_jax import errors
 from opd_jax.data import datasets as datasets_lib
 from opd_jax.data import tasks as tasks_lib
 from opd_jax.data import tokenizer as tokenizer_lib
@@ -103,7 +104,13 @@ def load_model(spec: ModelSpec, mesh, rules, *, params=None, what: str = "studen
   'hf' / 'checkpoint' sources, the architecture recorded there).
   """
   if spec.source == "none" and params is None:
-    raise ValueError(f"{what}: source 'none' has no model")
+    raise errors.UserError(f"{what}: source 'none' has no model")
+  if params is None and spec.source in ("hf", "checkpoint") and not epath.Path(spec.path).exists():
+    hint = (" (the tiny presets read checkpoints made by other runs: `opd-jax train --config "
+            "configs/sft.py:tiny --workdir runs/sft_tiny` makes runs/sft_tiny/checkpoints)"
+            if spec.source == "checkpoint" else "")
+    raise errors.UserError(f"{what}: no {'Hugging Face checkpoint' if spec.source == 'hf' else 'checkpoint'} "
+                           f"at {spec.path!r} ({what}.source={spec.source!r}){hint}")
   cfg = spec.model if spec.source in ("random", "none") else spec_model_config(spec)
   shardings = mesh_lib.param_shardings(cfg, mesh, rules)
   graphdef = transformer.graphdef_for(cfg)
@@ -146,9 +153,14 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
 
 
 def make_verifier(cfg: TrainConfig) -> verifiers.Verifier:
-  if cfg.data.verifier == "math":
-    return verifiers.MathVerifier()
-  return verifiers.exact_match
+  """The data config's verifier (release it with `verifiers.close_verifier`)."""
+  d = cfg.data
+  if d.verifier == "math":
+    return verifiers.build("math", timeout_s=d.verifier_timeout_s)
+  if d.verifier in ("code", "task"):
+    from opd_jax.data import code_exec
+    return verifiers.build(d.verifier, limits=code_exec.Limits(timeout_s=d.verifier_timeout_s))
+  return verifiers.build(d.verifier)
 
 
 def _round8(n: int) -> int:
