@@ -158,6 +158,22 @@ def test_too_long_example_is_an_error_naming_its_index():
     P.rollout_pipeline_from_ids(ids, answers, cfg, pad_id=PAD, shard_index=0, shard_count=1)
 
 
+def test_untokenizable_example_is_an_error_naming_its_index():
+  tok = build_task_tokenizer()
+  ex = [tasks.Example(prompt=f"what is {i}?", solution=f"{i}", answer=f"{i}") for i in range(4)]
+  cfg = P.PipelineConfig(global_batch_size=2, bucket_lengths=(32,))
+  bad = list(ex)
+  bad[2] = tasks.Example(prompt="caf\u00e9?", solution="1", answer="1")
+  with pytest.raises(ValueError, match=r"^rollout pipeline: example 2: prompt contains text the "
+                                       r"tokenizer cannot encode: character 'é'"):
+    P.rollout_pipeline(bad, tok, cfg, shard_index=0, shard_count=1)
+  bad[2] = tasks.Example(prompt="fine", solution="ends <eos>", answer="1")
+  with pytest.raises(ValueError, match=r"^sft pipeline: example 2: response contains text the "
+                                       r"tokenizer cannot encode: '<eos>' at offset 5"):
+    P.sft_pipeline(bad, tok, cfg, shard_index=0, shard_count=1)
+  assert P.rollout_pipeline(ex, tok, cfg, shard_index=0, shard_count=1).num_examples == 4
+
+
 @pytest.mark.parametrize("kind", ["rollout", "sft"])
 def test_restored_iterator_continues_exactly(kind):
   ids, answers = _random_prompts(30, seed=2)

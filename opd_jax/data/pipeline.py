@@ -42,7 +42,7 @@ import grain
 import numpy as np
 
 from opd_jax.data.tasks import Example
-from opd_jax.data.tokenizer import encode_example, encode_prompts
+from opd_jax.data.tokenizer import encode_example, encode_prompt, encode_prompts
 
 Batch = dict[str, np.ndarray]
 
@@ -282,7 +282,15 @@ def sft_pipeline_from_ids(seqs: Sequence[Sequence[int]], loss_masks: Sequence[Se
 def rollout_pipeline(examples: Sequence[Example], tokenizer, cfg: PipelineConfig, *,
                      shard_index: int | None = None, shard_count: int | None = None) -> Pipeline:
   """Rollout prompts: each example's chat-formatted prompt, left-padded, group_size times."""
-  ids = encode_prompts(tokenizer, [e.prompt for e in examples])
+  try:
+    ids = encode_prompts(tokenizer, [e.prompt for e in examples])
+  except ValueError:  # name the example
+    for i, e in enumerate(examples):
+      try:
+        encode_prompt(tokenizer, e.prompt)
+      except ValueError as err:
+        raise ValueError(f"rollout pipeline: example {i}: {err}") from None
+    raise
   return rollout_pipeline_from_ids(ids, [e.answer for e in examples], cfg,
                                    pad_id=tokenizer.pad_token_id, shard_index=shard_index,
                                    shard_count=shard_count)
@@ -296,7 +304,12 @@ def sft_pipeline(examples: Sequence[Example], tokenizer, cfg: PipelineConfig, *,
   for i, e in enumerate(examples):
     if not e.solution:
       raise ValueError(f"sft pipeline: example {i} has no solution (prompt {e.prompt[:60]!r})")
-  pairs = [encode_example(tokenizer, e.prompt, e.solution) for e in examples]
+  pairs = []
+  for i, e in enumerate(examples):
+    try:
+      pairs.append(encode_example(tokenizer, e.prompt, e.solution))
+    except ValueError as err:
+      raise ValueError(f"sft pipeline: example {i}: {err}") from None
   return sft_pipeline_from_ids([p[0] for p in pairs], [p[1] for p in pairs], cfg,
                                pad_id=tokenizer.pad_token_id, shard_index=shard_index,
                                shard_count=shard_count)
