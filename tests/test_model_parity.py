@@ -134,8 +134,9 @@ def _moe_model(seed, **overrides):
   return F.torch_model("qwen3_moe", tied=False, seed=seed, **overrides)
 
 
-@pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
-def test_qwen3_moe_roundtrip_logits_f32(scan, tmp_path):
+@pytest.mark.parametrize("scan, impl", [(True, "dense"), (False, "dense"), (True, "ragged")],
+                         ids=["scan", "unrolled", "ragged"])
+def test_qwen3_moe_roundtrip_logits_f32(scan, impl, tmp_path):
   """transformers Qwen3MoeForCausalLM (per-expert safetensors, as save_pretrained writes them) ->
   our load -> logits equal to torch's (f32, 1e-4); our save -> from_pretrained strict -> the very
   same weights."""
@@ -147,7 +148,7 @@ def test_qwen3_moe_roundtrip_logits_f32(scan, tmp_path):
   cfg, params = hf.load(directory)
   assert (cfg.family, cfg.num_experts, cfg.experts_per_token, cfg.moe_d_ff, cfg.norm_topk_prob,
           cfg.qk_norm) == ("qwen3_moe", 4, 2, 32, True, True)
-  cfg = cfg.replace(scan_layers=scan)
+  cfg = cfg.replace(scan_layers=scan, moe_impl=impl)
   ours = _ours(cfg, params, tokens, mask)
   np.testing.assert_allclose(ours[mask], ref[mask], atol=ATOL, rtol=0)
   # Layout: the router is transformers' mlp.gate, experts are [L, E, in, out].

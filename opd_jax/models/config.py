@@ -12,6 +12,7 @@ import dataclasses
 FAMILIES = ("qwen3", "qwen2", "llama", "qwen3_moe")
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
+MOE_IMPLS = ("dense", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,11 @@ class ModelConfig:
       `norm_topk_prob`).
     router_aux_loss_coef: weight a trainer may give `transformer.load_balancing_loss`
       (informational: the model never adds it; transformers' `router_aux_loss_coef`).
+    moe_impl: how the experts run (the same function either way; not an architecture field):
+      'dense' runs every expert on every token and weights the outputs by the (zero outside the
+      top-k) routing weights: E / k times the FLOPs, but plain einsums that shard like the dense
+      MLP; 'ragged' sorts the N * k (token, expert) pairs by expert and runs grouped matmuls
+      (`jax.lax.ragged_dot`): top-k FLOPs only, for single-device / replicated-expert use.
   """
 
   family: str = "qwen3"
@@ -85,6 +91,7 @@ class ModelConfig:
   moe_d_ff: int = 0
   norm_topk_prob: bool = False
   router_aux_loss_coef: float = 0.001
+  moe_impl: str = "dense"
 
   def __post_init__(self):
     def bad(field, why):
@@ -111,6 +118,8 @@ class ModelConfig:
         bad("experts_per_token", f"must be in [1, num_experts={self.num_experts}]")
       if self.moe_d_ff <= 0:
         bad("moe_d_ff", "must be positive")
+      if self.moe_impl not in MOE_IMPLS:
+        bad("moe_impl", f"expected one of {MOE_IMPLS}")
     elif self.num_experts:
       bad("num_experts", f"mixture-of-experts MLPs need family 'qwen3_moe' (got {self.family!r})")
     if self.rope_type == "llama3":

@@ -245,13 +245,20 @@ class Experts(nnx.Module):
     self.down_proj = ExpertProj(e, f, d, ("mlp", "embed"), cfg, rngs=rngs)
 
 
-def route(router_logits_BxTxE, cfg: ModelConfig) -> jax.Array:
-  """Dense routing weights [B, T, E] (float32): softmax over experts, the top-k kept (optionally
-  renormalised to sum to one, Qwen3's `norm_topk_prob`), zeros elsewhere."""
-  probs = jax.nn.softmax(router_logits_BxTxE.astype(jnp.float32), axis=-1)
+def route_top_k(router_logits, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """(weights [..., k] float32, expert ids [..., k]): softmax over experts, the top-k kept
+  (optionally renormalised to sum to one, Qwen3's `norm_topk_prob`)."""
+  probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
   top, idx = jax.lax.top_k(probs, cfg.experts_per_token)
   if cfg.norm_topk_prob:
     top = top / jnp.sum(top, axis=-1, keepdims=True)
+  return top, idx
+
+
+def route(router_logits_BxTxE, cfg: ModelConfig) -> jax.Array:
+  """Dense routing weights [B, T, E] (float32): `route_top_k`'s weights at their experts, zeros
+  elsewhere."""
+  top, idx = route_top_k(router_logits_BxTxE, cfg)
   onehot = jax.nn.one_hot(idx, cfg.num_experts, dtype=jnp.float32)  # [B, T, k, E]
   return jnp.einsum("btk,btke->bte", top, onehot)
 
@@ -262,12 +269,15 @@ class MoE(nnx.Module):
   Parameters: `router/kernel` [D, E] (transformers' `mlp.gate`) and `experts/{gate,up,down}_proj/
   kernel` [E, D, F] / [E, D, F] / [E, F, D], (in, out) per expert.
 
-  Computation is *dense over experts*: every expert runs on every token ([B, T, E, F]
-  intermediates) and the outputs are summed with the routing weights, which are zero outside each
-  token's top-k. The result equals transformers' sparse dispatch (up to summation order), and
-  gradients reach the router through the kept top-k probabilities exactly as in transformers. It
-  costs E / k times the FLOPs of a sparse dispatch: right for correctness, tests and small models
-  on CPU, not an efficient kernel for a 128-expert teacher (a ragged / grouped matmul would be).
+  `cfg.moe_impl='dense'` (default) computes *densely over experts*: every expert runs on every
+  token ([B, T, E, F] intermediates) and the outputs are summed with the routing weights, which
+  are zero outside each token's top-k. The result equals transformers' sparse dispatch (up to
+  summation order), and gradients reach the router through the kept top-k probabilities exactly
+  as in transformers. It costs E / k times the FLOPs of a sparse dispatch: right for correctness,
+  tests, small models and meshes (plain einsums that shard like the dense MLP), not an efficient
+  kernel for a 128-expert teacher. `cfg.moe_impl='ragged'` is the sparse dispatch: the B T k
+  (token, expert) pairs sorted by expert, grouped matmuls (`jax.lax.ragged_dot`), outputs
+  scattered back with their weights; same function, top-k FLOPs (tested equal to 'dense').
   As in transformers, the router logits are computed in the compute dtype, softmax and top-k in
   float32, and the routing weights are cast back to the compute dtype.
   """
@@ -289,6 +299,8 @@ class MoE(nnx.Module):
       return jnp.einsum(spec, a, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
 
     ex = self.experts
+    if cfg.moe_impl == "ragged":
+      return self._ragged(x, logits), logits.astype(jnp.float32)
     gate = mm("btd,edf->btef", x, ex.gate_proj.kernel[...])
     up = mm("btd,edf->btef", x, ex.up_proj.kernel[...])
     hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", None, "act_mlp"))
@@ -296,6 +308,30 @@ class MoE(nnx.Module):
     # [B, T, E, D] intermediate, and no batched dot: XLA:CPU has no bf16 x bf16 -> f32 one).
     return (mm("btef,efd->btd", hidden * weights[..., None], ex.down_proj.kernel[...]),
             logits.astype(jnp.float32))
+
+  def _ragged(self, x_BxTxD, logits_BxTxE):
+    """Sparse dispatch: sort the (token, expert) pairs by expert, grouped matmuls, scatter back."""
+    cfg, ex = self.cfg, self.experts
+    dtype = x_BxTxD.dtype
+    b, t, d = x_BxTxD.shape
+    k = cfg.experts_per_token
+    top, idx = route_top_k(logits_BxTxE, cfg)  # [B, T, k]
+    flat_expert = idx.reshape(-1)  # [N k], pair p = token p // k
+    order = jnp.argsort(flat_expert, stable=True)
+    token = order // k
+    group_sizes = jnp.bincount(flat_expert, length=cfg.num_experts).astype(jnp.int32)
+    xs = x_BxTxD.reshape(b * t, d)[token]  # [N k, D], grouped by expert
+    weight = top.reshape(-1)[order].astype(dtype)
+
+    def gmm(a, w):
+      return jax.lax.ragged_dot(a, w.astype(dtype), group_sizes,
+                                preferred_element_type=jnp.float32).astype(dtype)
+
+    hidden = jax.nn.silu(gmm(xs, ex.gate_proj.kernel[...])) * gmm(xs, ex.up_proj.kernel[...])
+    out = jax.lax.ragged_dot(hidden * weight[:, None], ex.down_proj.kernel[...].astype(dtype),
+                             group_sizes, preferred_element_type=jnp.float32)
+    y = jnp.zeros((b * t, d), jnp.float32).at[token].add(out)
+    return y.reshape(b, t, d).astype(dtype)
 
 
 class Block(nnx.Module):
