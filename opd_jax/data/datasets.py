@@ -56,6 +56,7 @@ from __future__ import annotations
 import codecs
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -184,15 +185,23 @@ class _Missing(Exception):
   pass
 
 
+_INDEX = re.compile(r"-?[0-9]+")
+
+
+@functools.lru_cache(maxsize=64)
+def _parts(path: str) -> tuple[str, ...]:
+  return tuple(path.split("."))
+
+
 def _resolve(row: Any, path: str) -> Any:
   cur = row
-  for part in path.split("."):
+  for part in _parts(path):
     if isinstance(cur, dict):
       if part not in cur or cur[part] is None:
         raise _Missing(f"key {part!r} missing or null")
       cur = cur[part]
     elif isinstance(cur, (list, tuple)):
-      if not re.fullmatch(r"-?\d+", part):
+      if not _INDEX.fullmatch(part):
         raise _Missing(f"{part!r} is not a list index (value is a list of {len(cur)})")
       i = int(part)
       if not -len(cur) <= i < len(cur):
@@ -244,15 +253,18 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
         yield loc, MalformedRowError(loc, "<row>", "bad_json", "nested too deeply")
 
 
-def _parquet_rows(path: str) -> Iterator[tuple[str, Any]]:
+def _parquet_rows(path: str, columns: set[str]) -> Iterator[tuple[str, Any]]:
+  """Rows of the top-level `columns` the layout reads (all columns if none of them exists), so a
+  bad value in a column the layout does not read costs nothing."""
   import pyarrow as pa
   import pyarrow.parquet as pq
   try:
     pf = pq.ParquetFile(path)
   except (pa.ArrowException, OSError) as e:
     raise PromptSetError(f"{path}: not a readable Parquet file: {_one_line(e)}") from None
+  read = [n for n in pf.schema_arrow.names if n in columns] or None
   i = 0
-  batches = pf.iter_batches(batch_size=4096)
+  batches = pf.iter_batches(batch_size=4096, columns=read)
   while True:
     try:
       batch = next(batches)
@@ -287,10 +299,11 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, Any]]:
       i += 1
 
 
-def _rows(path: str) -> Iterator[tuple[str, Any]]:
+def _rows(path: str, layout: Layout) -> Iterator[tuple[str, Any]]:
   """(location, parsed row or a MalformedRowError) for every row of a .jsonl or .parquet file."""
   if path.endswith(".parquet"):
-    return _parquet_rows(path)
+    paths = (layout.prompt, layout.answer, layout.solution)
+    return _parquet_rows(path, {p.split(".")[0] for p in paths if p})
   if path.endswith(".jsonl"):
     return _jsonl_rows(path)
   raise PromptSetError(f"{path}: unsupported prompt-set format; expected .jsonl (JSON lines) or "
@@ -347,37 +360,48 @@ def _example(loc: str, row: Any, layout: Layout, max_prompt_chars: int | None) -
 
 
 class _TokenChecks:
-  """untokenizable / prompt_too_long checks, cached by exact text (prompt sets repeat prompts)."""
+  """untokenizable / prompt_too_long checks, cached by exact text (prompt sets repeat prompts).
+
+  One encode per distinct prompt in the common case: the chat-formatted prompt's ids (needed for
+  max_prompt_tokens) hold no <unk> and the prompt contains no control-token spelling => tokenizable;
+  otherwise `find_untokenizable` encodes the prompt alone to decide and locate."""
 
   def __init__(self, tokenizer, max_prompt_tokens: int | None):
     self.tok, self.max_tokens = tokenizer, max_prompt_tokens
     self._problem: dict[str, str | None] = {}
     self._length: dict[str, int] = {}
+    if tokenizer is not None:
+      from opd_jax.data import tokenizer as tokenizer_lib
+      self._lib = tokenizer_lib
+      self._controls = [t for t in tokenizer_lib.control_tokens(tokenizer).values() if t]
 
-  def _untokenizable(self, text: str) -> str | None:
+  def _untokenizable(self, text: str, ids: list[int] | None = None) -> str | None:
     if text not in self._problem:
-      from opd_jax.data.tokenizer import find_untokenizable
-      self._problem[text] = find_untokenizable(self.tok, text)
+      unk = self.tok.unk_token_id
+      if (ids is not None and (unk is None or unk not in ids)
+          and not any(t in text for t in self._controls)):
+        self._problem[text] = None
+      else:
+        self._problem[text] = self._lib.find_untokenizable(self.tok, text)
     return self._problem[text]
 
   def __call__(self, loc: str, ex: Example, layout: Layout) -> None:
     if self.tok is None:
       return
+    ids = None
+    if self.max_tokens is not None and ex.prompt not in self._length:
+      ids = self.tok.encode(self._lib.prompt_text(self.tok, ex.prompt), add_special_tokens=False)
+      self._length[ex.prompt] = len(ids)
     for field, text in ((layout.prompt, ex.prompt), (layout.solution, ex.solution)):
       if field and text:
-        problem = self._untokenizable(text)
+        problem = self._untokenizable(text, ids if field == layout.prompt else None)
         if problem:
           raise MalformedRowError(loc, field, "untokenizable", problem)
-    if self.max_tokens is not None:
-      if ex.prompt not in self._length:
-        from opd_jax.data.tokenizer import prompt_text
-        self._length[ex.prompt] = len(self.tok.encode(prompt_text(self.tok, ex.prompt),
-                                                      add_special_tokens=False))
-      n = self._length[ex.prompt]
-      if n > self.max_tokens:
-        raise MalformedRowError(loc, layout.prompt, "prompt_too_long",
-                                f"{n} tokens (chat template applied) > max_prompt_tokens="
-                                f"{self.max_tokens}")
+    n = self._length.get(ex.prompt)
+    if self.max_tokens is not None and n > self.max_tokens:
+      raise MalformedRowError(loc, layout.prompt, "prompt_too_long",
+                              f"{n} tokens (chat template applied) > max_prompt_tokens="
+                              f"{self.max_tokens}")
 
 
 def load_prompt_set(path: str | os.PathLike, layout: str | Layout = "dapo_math_17k", *,
@@ -409,12 +433,13 @@ def load_prompt_set(path: str | os.PathLike, layout: str | Layout = "dapo_math_1
     raise PromptSetError(f"limit must be >= 1 (or None for all), got {limit}")
   if not os.path.isfile(path):
     raise PromptSetNotFoundError(f"prompt set {path!r} does not exist")
-  rows = _rows(path)
+  rows = _rows(path, layout)
   if os.path.getsize(path) == 0:
     raise PromptSetError(f"{path}: prompt set is empty (0 bytes)")
   report = LoadReport(path=path, dedup=dedup)
   token_checks = _TokenChecks(tokenizer, max_prompt_tokens)
   first: dict[str, tuple[str, str]] = {}  # normalised prompt -> (location, answer) of the kept row
+  keys: dict[str, str] = {}  # prompt -> normalised prompt (prompt sets repeat prompts verbatim)
   out: list[Example] = []
   for loc, row in rows:
     if limit is not None and len(out) >= limit:
@@ -422,7 +447,11 @@ def load_prompt_set(path: str | os.PathLike, layout: str | Layout = "dapo_math_1
     report.rows += 1
     try:
       ex = _example(loc, row, layout, max_prompt_chars)
-      key = normalize_prompt(ex.prompt) if dedup else None
+      key = None
+      if dedup:
+        key = keys.get(ex.prompt)
+        if key is None:
+          key = keys[ex.prompt] = normalize_prompt(ex.prompt)
       if key is not None and key in first:
         first_loc, first_answer = first[key]
         report.duplicates += 1
