@@ -271,6 +271,10 @@ def test_bad_utf8_in_parquet_costs_one_row_and_names_the_column(task_tok):
                      match=r"bad_utf8_flat.parquet:row 1: field 'problem': bad_utf8: invalid UTF-8 "
                            r"byte\(s\) 0xfe at byte 7"):
     D.load_prompt_set(path, layout)
+  # Only the columns the layout reads are decoded: a bad value elsewhere costs nothing.
+  ex, report = D.load_prompt_set(path, D.Layout(prompt="answer", answer="answer"),
+                                 on_error="skip")
+  assert report.skipped == {"bad_utf8": 1} and report.kept == 3
 
 
 def test_bom_crlf_and_a_lone_carriage_return(tmp_path):
