@@ -64,6 +64,13 @@ def test_recipe_runs_two_steps_with_no_hidden_transfer(name, tmp_path):
     assert key in keys, (key, sorted(keys))
   train = [r for r in rows if "train/loss" in r]
   assert len(train) == 2 and all(np.isfinite(r["train/loss"]) for r in train)
+  # Where the time went: the split adds up to the step's wall time; throughput and MFU.
+  for r in train:
+    parts = sum(v for k, v in r.items() if k.startswith("time/") and k != "time/step_s")
+    assert parts == pytest.approx(r["time/step_s"], rel=1e-6)
+    assert r["time/update_s"] > 0 and r["perf/mfu"] > 0 and r["perf/processed_tokens_per_s"] > 0
+  if CASES[name][0] != "sft.py:smoke":
+    assert train[-1]["time/sample_s"] > 0 and train[-1]["perf/generated_tokens_per_s"] > 0
   if name == "kl_k1_ppo_epochs":
     assert train[-1]["train/updates"] == 4
     assert train[-1]["pg/kl_ref"] != 0.0  # the policy moved away from the frozen reference

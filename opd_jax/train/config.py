@@ -467,6 +467,9 @@ class LoopConfig:
     debug_nan_at_step: test hook: the loss of this step is made NaN (the run must stop there).
     transfer_guard: `jax.transfer_guard` level of the step loop: 'allow', 'log' or 'disallow'
       (every host <-> device copy in the loop is explicit; 'disallow' proves it).
+    time_phases: log where each step's time goes (`time/*`: sampling, scoring, verification,
+      advantages, the update, data, other), tokens per second and MFU (`perf/*`), measured by
+      a watcher thread without blocking the loop (`train.timing`).
   """
 
   steps: int = 100
@@ -485,6 +488,7 @@ class LoopConfig:
   tensorboard: bool = True
   debug_nan_at_step: int = -1
   transfer_guard: str = "allow"
+  time_phases: bool = True
 
   def __post_init__(self):
     if self.transfer_guard not in ("allow", "log", "disallow"):

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from opd_jax import compile_cache
 from opd_jax import errors
 from opd_jax.data import pipeline as pipeline_lib
 from opd_jax.data import tokenizer as tokenizer_lib
@@ -59,6 +60,7 @@ from opd_jax.train import metrics as metrics_lib
 from opd_jax.train import recipes as recipes_lib
 from opd_jax.train import rollout as rollout_lib
 from opd_jax.train import run_plan
+from opd_jax.train import timing
 from opd_jax.train.config import TrainConfig
 from opd_jax.train.run_plan import RunPlan
 from opd_jax.train.state import TrainState
@@ -285,6 +287,7 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
     raise TypeError(f"run() needs a TrainConfig (train.config.from_config_dict), got "
                     f"{type(config).__name__}")
   t_start = time.time()
+  compile_cache.enable()
   cfg = config
   workdir = workdir_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -372,6 +375,7 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
       reference_params=params if needs.reference else None,
       verifier=verifier if needs.verifier else None, tokenizer=tok, token_tx=token_tx,
       knobs=recipe.rollout_knobs(plan),
+      clock=timing.PhaseClock() if cfg.loop.time_phases else timing.NullClock(),
       to_device=lambda b: mesh_lib.global_batch(b, mesh, rules))
   extras = recipe.init_extras(ctx)
   s_shardings = mesh_lib.state_shardings(tx, p_shardings, abstract_params, **extras)
@@ -404,6 +408,7 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
                    verifier, resumed_from, t_start, stop_after)
   finally:
     verifiers.close_verifier(verifier)
+    ctx.clock.close()
 
 
 def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step_fn, ckpt,
@@ -422,21 +427,33 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
   fetcher = metrics_lib.LateFetcher()
   start = int(jax.device_get(state.step))
   progress = metrics_lib.Progress(loop_cfg.steps, initial=start, enabled=loop_cfg.progress,
-                                  show=("train/loss", "opd/teacher_gap", "rlvr/reward_mean"))
+                                  show=("train/loss", "opd/teacher_gap", "rlvr/reward_mean",
+                                        "time/step_s", "perf/mfu"))
   eval_rng = _fold_in(jax.random.key(loop_cfg.seed), jax.device_put(np.uint32(0xE7A1)))
   poison = jax.jit(_poison)
   evals: list[dict] = []
   snapshots: dict[int, str] = {}
   last: dict[str, float] = {}
   last_ckpt = ckpt.latest_step()
+  peak, peak_source = timing.peak_flops() if loop_cfg.time_phases else (0.0, "")
+  step_flops = timing.iteration_flops(plan)
+  first_step_s = None
 
   def handle(ready):
-    nonlocal last
+    nonlocal last, first_step_s
     if ready is None:
       return
     s, m = ready
     if m.get("train/loss_finite", 1.0) < 1.0:
       raise NonFiniteLossError(s, m, last_ckpt, str(ckpt.directory))
+    times = ctx.clock.times(s)
+    if times:
+      tokens = {"processed": float(plan.rows * plan.seq_len)}
+      if "rollout/response_len" in m:
+        tokens["generated"] = m["rollout/response_len"] * plan.rows
+      m = {**m, **times, **timing.throughput(times, tokens, step_flops, peak)}
+    if first_step_s is None:
+      first_step_s = time.time() - t_start
     last = m
     if s % loop_cfg.log_every == 0 or s == loop_cfg.steps:
       writer.write(s, m)
@@ -480,12 +497,16 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
         if do_evals:
           do_eval(0, state.params)
       while step < end:
+        ctx.clock.start(step + 1)
+        t_data = time.perf_counter()
         host = next(iterator)
+        ctx.clock.host("data", t_data)
         state, args, rollout_metrics = recipe.make_batch(ctx, state, host)
         if loop_cfg.debug_nan_at_step == step + 1:
           state = state.replace(params=poison(state.params))
         state, step_metrics = step_fn(state, *args)
         step += 1
+        ctx.clock.finish(step, step_metrics)
         handle(fetcher.push(step, {**step_metrics, **rollout_metrics}))
         progress.update(1, last)
 
@@ -521,6 +542,8 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
       "wall_s": time.time() - t_start,
       "steps_per_s": (step - start) / loop_s if loop_s > 0 and step > start else None,
       "resumed_from": resumed_from, "preempted": preempted,
+      "first_step_s": first_step_s, "peak_flops": peak, "peak_flops_source": peak_source,
+      "model_flops_per_step": step_flops,
   }
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

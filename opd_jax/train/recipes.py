@@ -27,6 +27,7 @@ method. Adding a method means adding one entry to `RECIPES`.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, ClassVar, Mapping
 
 import jax
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax.train import steps as steps_lib
+from opd_jax.train import timing
 
 
 def _config_error(msg: str):
@@ -74,6 +76,7 @@ class RunContext:
     tokenizer: decodes responses for the verifier.
     token_tx: token transforms over the OPD rewards (None without).
     knobs: the recipe's rollout knobs (`rollout_knobs(plan)`; None for SFT).
+    clock: the loop's `timing.PhaseClock` (told when each phase is dispatched).
     to_device: host numpy batch (this process's rows) -> global device arrays.
   """
 
@@ -89,6 +92,7 @@ class RunContext:
   tokenizer: Any = None
   token_tx: Any = None
   knobs: Any = None
+  clock: Any = dataclasses.field(default_factory=timing.NullClock)
   to_device: Callable[[Mapping[str, np.ndarray]], dict] | None = None
 
 
@@ -345,19 +349,23 @@ class PG(Recipe):
                               ctx.teacher_params, prompts["prompt_tokens_BxP"],
                               prompts["prompt_mask_BxP"],
                               rollout_lib.rollout_rng(state.rng, state.step), knobs,
-                              reference_params=ctx.reference_params, value_params=value_params)
+                              reference_params=ctx.reference_params, value_params=value_params,
+                              clock=ctx.clock)
     seq_rewards = None
     if self.verifier_reward:
+      t0 = time.perf_counter()
       # The documented host round trip of RLVR: responses are decoded and verified on the host
       # (each process its own rows), then the scores go back as a global array.
       scores, reason_ids = rollout_lib.verify(ctx.tokenizer, ctx.verifier, ro, host["answer_B"])
       dev = ctx.to_device({"rewards_B": scores, "reason_ids_B": reason_ids})
       seq_rewards, reason_ids = dev["rewards_B"], dev["reason_ids_B"]
+      ctx.clock.host("verify", t0)
     else:
       reason_ids = None
     batch, token_state, metrics = rollout_lib.advantages(
         ro, prompts["valid_B"], seq_rewards, state.token_state, knobs, ctx.token_tx,
         reason_ids_B=reason_ids)
+    ctx.clock.device("advantages", batch)
     state = state.replace(token_state=token_state)
     args = (batch, ctx.teacher_params) if self.step_takes_teacher(ctx.plan) else (batch,)
     return state, args, metrics
@@ -406,7 +414,8 @@ class Distill(Recipe):
     ro = rollout_lib.generate(ctx.graphdef, state.params, ctx.teacher_graphdef,
                               ctx.teacher_params, prompts["prompt_tokens_BxP"],
                               prompts["prompt_mask_BxP"],
-                              rollout_lib.rollout_rng(state.rng, state.step), ctx.knobs)
+                              rollout_lib.rollout_rng(state.rng, state.step), ctx.knobs,
+                              clock=ctx.clock)
     batch, metrics = rollout_lib.distill_batch(ro, prompts["valid_B"])
     return state, (batch, ctx.teacher_params), metrics
 

@@ -192,13 +192,14 @@ def _values(student_graphdef, student_params, value_params, tokens_BxT, mask_BxT
 
 def generate(student_graphdef, student_params, teacher_graphdef, teacher_params, prompt_BxP,
              prompt_mask_BxP, rng, knobs: RolloutKnobs, *, reference_params=None,
-             value_params=None) -> Rollout:
+             value_params=None, clock=None) -> Rollout:
   """Samples with the behaviour policy and scores the rollout (module docstring).
 
   Runs under the caller's mesh (`jax.set_mesh`) and axis rules (`sharding.axis_rules`); teacher
   arguments may be None when the rollout does not use a teacher. `reference_params` (the frozen
   initial student) give `ref_logp_BxT` when `knobs.reference`; `value_params` (the learned value
-  head) give `values_BxT` when `knobs.value_head`. The pieces are separately jitted module-level
+  head) give `values_BxT` when `knobs.value_head`. `clock` (`timing.PhaseClock`) is told when
+  each phase is dispatched (it never blocks here). The pieces are separately jitted module-level
   functions (`sampler.sample`, `scoring.token_logprobs`, the chunked KL), each compiled once per
   shape and shared by every recipe that uses the same sampler settings.
   """
@@ -214,7 +215,11 @@ def generate(student_graphdef, student_params, teacher_graphdef, teacher_params,
     raise ValueError("rollout with knobs.value_head needs value_params")
   gd, params = ((teacher_graphdef, teacher_params) if by_teacher else
                 (student_graphdef, student_params))
+  if clock is None:
+    from opd_jax.train.timing import NullClock
+    clock = NullClock()
   out = sampler_lib.sample(gd, params, prompt_BxP, prompt_mask_BxP, rng, knobs.sampler)
+  clock.device("sample", out)
   tokens, mask, loss_mask = out.tokens_BxT, out.mask_BxT, out.loss_mask_BxT
   temperature = knobs.sampler.temperature
 
@@ -226,20 +231,27 @@ def generate(student_graphdef, student_params, teacher_graphdef, teacher_params,
 
   old_logp = None
   if knobs.score_student:
-    old_logp = (score(student_graphdef, student_params)
-                if by_teacher or knobs.recompute_old_logp else out.logp_BxT)
+    if by_teacher or knobs.recompute_old_logp:
+      old_logp = score(student_graphdef, student_params)
+      clock.device("student_score", old_logp)
+    else:
+      old_logp = out.logp_BxT
   teacher_logp = kl = ref_logp = values = None
   if knobs.uses_teacher_logp:
     teacher_logp = out.logp_BxT if by_teacher else score(teacher_graphdef, teacher_params)
+    clock.device("teacher_score", teacher_logp)
   if knobs.needs_kl:
     kl = _reverse_kl(student_graphdef, student_params, teacher_graphdef, teacher_params, tokens,
                      mask, loss_mask, temperature=temperature, chunk_size=knobs.chunk_size,
                      rules=sharding.current_rules())
+    clock.device("teacher_score", kl)
   if knobs.reference:
     ref_logp = score(student_graphdef, reference_params)
+    clock.device("reference_score", ref_logp)
   if knobs.value_head:
     values = _values(student_graphdef, student_params, value_params, tokens, mask,
                      rules=sharding.current_rules())
+    clock.device("value_head", values)
   return Rollout(tokens, mask, loss_mask, out.lengths_B, old_logp, teacher_logp, kl, ref_logp,
                  values)
 
