@@ -296,3 +296,20 @@ def test_batch_vs_mesh_is_checked_before_any_model_loads(tmp_path):
                                 f"teacher.path={tmp_path / 'missing'}"])
   with pytest.raises(config_lib.ConfigError, match=r"batch shards"):
     loop.run(bad_teacher, tmp_path / "run")  # refused before the missing teacher is read
+
+
+def test_data_report_reaches_the_run(tmp_path):
+  """A prompt file with repeated prompts and a bad row: the run skips, dedups and reports."""
+  src = ROOT / "tests" / "fixtures" / "repeated_dapo.jsonl"
+  path = tmp_path / "prompts.jsonl"
+  path.write_bytes(src.read_bytes() + b'{"prompt": [{"content": "bad \xff byte", "role": "user"}]}\n')
+  cfg = _config("opd", ["loop.steps=1", "loop.snapshot_steps=()", "loop.checkpoint_every=0",
+                        "rollout.group_size=2", "data.source=file", f"data.path={path}",
+                        "data.on_error=skip", "data.prompt_buckets=(512,)",
+                        "sampler.max_new_tokens=4", "data.train_examples=0"])
+  summary = loop.run(cfg, tmp_path / "run")
+  report = summary["data"]["train"]
+  assert report["skipped"]["bad_utf8"] == 1 and report["duplicates"] > 0
+  assert report["samples"]["bad_utf8"][0].startswith(f"{path}:")
+  rows = metrics_lib.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  assert rows[0]["data/skipped/bad_utf8"] == 1.0 and rows[0]["data/dedup/duplicates"] > 0

@@ -330,11 +330,16 @@ class DataConfig:
       prompt set such as dapo-math-17k, `data.datasets`).
     task: task families and difficulty (source='task').
     train_examples / eval_examples: how many task problems to generate for each split (disjoint by
-      construction), or the cap on rows read from the files (0: all rows).
+      construction), or the cap on kept (deduplicated) examples of the files (0: all).
     data_seed: generation seed of the task problems.
     path / eval_path: prompt-set files (source='file'); without eval_path there is no eval split.
     layout: prompt-set layout name (`data.datasets.LAYOUTS`).
-    on_error: malformed rows: 'error' or 'skip'.
+    on_error: malformed rows of prompt-set files: 'error' (one line naming file:line:field and
+      the reason) or 'skip' (skipped and counted per reason: bad_utf8, bad_json, not_an_object,
+      missing_field, wrong_type, empty_prompt, empty_answer, no_boxed_answer, untokenizable,
+      prompt_too_long; up to 5 file:line samples each in the run summary's 'data').
+    dedup: drop repeated prompts of prompt-set files (whitespace-normalised; the first one and
+      its answer are kept; counted in the summary).
     max_prompt_tokens: drop/raise on longer chat-formatted prompts (0: no limit).
     tokenizer: a local Hugging Face tokenizer directory; '' builds the task's char-level tokenizer.
     verifier: 'exact_match' (the arithmetic tasks), 'math' (math-verify, boxed answers; a pool
@@ -357,6 +362,7 @@ class DataConfig:
   eval_path: str = ""
   layout: str = "dapo_math_17k"
   on_error: str = "error"
+  dedup: bool = True
   max_prompt_tokens: int = 0
   tokenizer: str = ""
   verifier: str = "exact_match"

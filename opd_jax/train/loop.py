@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import sys
 import threading
 import time
 from typing import Any, Mapping, Sequence
@@ -352,7 +353,10 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
   plan = run_plan.resolve(cfg, tokenizer=tok, student=student_cfg, teacher=t_cfg)
 
   # Data.
-  train_ex, eval_ex = run_plan.load_examples(cfg, tok)
+  train_ex, eval_ex, data_reports = run_plan.load_examples_with_reports(cfg, tok)
+  for split, report in data_reports.items():
+    if primary:
+      print(f"data ({split}): {report.summary()}", file=sys.stderr, flush=True)
   if not train_ex:
     raise errors.UserError(f"no training examples in {cfg.data.path or 'the generated task'} "
                            "(data.train_examples / data.path)")
@@ -405,7 +409,7 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
     # above stays outside: nnx's abstract evaluation must not pick up the context mesh).
     with jax.set_mesh(mesh), sharding.axis_rules(rules):
       return _loop(ctx, recipe, state, iterator, step_fn, ckpt, workdir, snap_dir, eval_pipe,
-                   verifier, resumed_from, t_start, stop_after)
+                   verifier, resumed_from, t_start, stop_after, data_reports)
   finally:
     verifiers.close_verifier(verifier)
     ctx.clock.close()
@@ -413,7 +417,8 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
 
 def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step_fn, ckpt,
           workdir: epath.Path, snap_dir: epath.Path, eval_pipe, verifier,
-          resumed_from: int | None, t_start: float, stop_after: int | None) -> dict:
+          resumed_from: int | None, t_start: float, stop_after: int | None,
+          data_reports: Mapping[str, Any]) -> dict:
   """Dispatch (recipe batch -> jitted step), fetch metrics one step late, save.
 
   The step loop runs under `jax.transfer_guard(loop.transfer_guard)`: every host <-> device copy
@@ -485,6 +490,10 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
       ckpt.save(s, state, {"data": iterator.get_state(), "config": saved_config})
 
   do_evals = eval_pipe is not None and loop_cfg.eval_every > 0
+  if data_reports:  # what the loaders read, kept and skipped: once, at the run's first step
+    writer.write(start, {k: float(v) for split, r in data_reports.items()
+                         for k, v in r.to_metrics("data" if split == "train"
+                                                  else f"data/{split}").items()})
   step = start
   end = loop_cfg.steps if stop_after is None else min(loop_cfg.steps, stop_after)
   t_loop = time.time()
@@ -544,6 +553,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
       "resumed_from": resumed_from, "preempted": preempted,
       "first_step_s": first_step_s, "peak_flops": peak, "peak_flops_source": peak_source,
       "model_flops_per_step": step_flops,
+      "data": {split: r.to_dict() for split, r in data_reports.items()},
   }
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -136,19 +136,28 @@ def load_tokenizer(cfg: TrainConfig):
   return tokenizer_lib.build_task_tokenizer()
 
 
-def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
-  """(train examples, eval examples) of the data config."""
+def load_examples_with_reports(cfg: TrainConfig, tokenizer) -> tuple[list, list, dict]:
+  """(train examples, eval examples, {'train': LoadReport, 'eval': LoadReport}) of the data
+  config; the reports are empty for generated tasks."""
   d = cfg.data
   if d.source == "task":
     train = tasks_lib.generate(d.task, "train", d.train_examples, seed=d.data_seed)
     evals = tasks_lib.generate(d.task, "eval", d.eval_examples, seed=d.data_seed)
-    return train, evals
+    return train, evals, {}
   kw = dict(layout=d.layout, on_error=d.on_error, tokenizer=tokenizer,
-            max_prompt_tokens=d.max_prompt_tokens or None)
-  train, _ = datasets_lib.load_prompt_set(d.path, limit=d.train_examples or None, **kw)
+            max_prompt_tokens=d.max_prompt_tokens or None, dedup=d.dedup)
+  train, report = datasets_lib.load_prompt_set(d.path, limit=d.train_examples or None, **kw)
+  reports = {"train": report}
   evals = []
   if d.eval_path:
-    evals, _ = datasets_lib.load_prompt_set(d.eval_path, limit=d.eval_examples or None, **kw)
+    evals, reports["eval"] = datasets_lib.load_prompt_set(d.eval_path,
+                                                          limit=d.eval_examples or None, **kw)
+  return train, evals, reports
+
+
+def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
+  """(train examples, eval examples) of the data config."""
+  train, evals, _ = load_examples_with_reports(cfg, tokenizer)
   return train, evals
 
 
