@@ -22,6 +22,10 @@ Presets:
             `configs/sft.py:tiny` at runs/sft_tiny/checkpoints (train that first).
   distill_smoke / distill  the direct route (reverse KL on the student's rollouts) on the smoke /
             tiny shapes.
+  moe_teacher_smoke  `smoke` with a tiny qwen3_moe teacher (4 experts, top-2).
+  code_smoke `smoke` on the embedded code task (sandboxed code verifier at eval).
+  qwen3_8b_moe_teacher  the paper's MoE-teacher run: Qwen3-30B-A3B (local HF checkpoint) distilled
+            into Qwen3-8B with the `qwen3_8b` settings.
   offpolicy the off-policy control on top of `tiny`: the teacher samples, the student scores the
             rollouts for old_logp, clipping effectively off (eps = 1.0).
   qwen3_8b  the paper's OPD (paper_facts section 4): Qwen3-8B student (after SFT) and Qwen3-32B
@@ -90,11 +94,32 @@ def _distill(c):
   _as_distill(c)
 
 
+def _moe_teacher_smoke(c):
+  """`smoke` with a tiny qwen3_moe teacher (the paper's MoE-teacher variant, CPU-sized)."""
+  _smoke(c)
+  c.teacher = models.spec("tiny_moe", seed=1)
+
+
+def _code_smoke(c):
+  """`smoke` on the embedded code task: programs checked in the sandbox at eval."""
+  _smoke(c)
+  c.data.task.families = ("code",)
+  c.data.prompt_buckets = ()  # sized from the code task's bounds
+  c.data.verifier = "code"
+  c.data.verifier_timeout_s = 2.0
+
+
 def _offpolicy(c):
   _tiny(c)
   c.rollout.policy = "teacher"
   c.pg.pg.eps_low = 1.0
   c.pg.pg.eps_high = 1.0
+
+
+def _qwen3_8b_moe_teacher(c):
+  """The paper's MoE-teacher robustness run: Qwen3-30B-A3B distilled into Qwen3-8B."""
+  _qwen3_8b(c)
+  c.teacher = models.spec("qwen3_30b_a3b", source="hf", path="checkpoints/Qwen3-30B-A3B")
 
 
 def _qwen3_8b(c):
@@ -124,7 +149,9 @@ def _qwen3_8b(c):
 
 
 PRESETS = {"smoke": _smoke, "tiny": _tiny, "distill_smoke": _distill_smoke, "distill": _distill,
-           "offpolicy": _offpolicy, "qwen3_8b": _qwen3_8b}
+           "moe_teacher_smoke": _moe_teacher_smoke, "code_smoke": _code_smoke,
+           "offpolicy": _offpolicy, "qwen3_8b": _qwen3_8b,
+           "qwen3_8b_moe_teacher": _qwen3_8b_moe_teacher}
 
 
 def get_config(arg: str = "tiny"):

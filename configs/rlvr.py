@@ -8,6 +8,7 @@ Presets:
   smoke     tests: the smoke task (mod-5 chains) from the SFT smoke checkpoint (warm start:
             --config.student.source=checkpoint --config.student.path=RUN/checkpoints; by default a
             random init, whose rewards are ~all 0). < 1 min on CPU.
+  code_smoke `smoke` on the embedded code task (programs run in the `data.code_exec` sandbox).
   tiny      the CPU tutorial: warm start from `configs/sft.py:tiny` (runs/sft_tiny/checkpoints).
   qwen3_8b  the paper's RLVR (paper_facts section 4): Qwen3-8B (after SFT), dapo-math-17k, lr 1e-6
             constant, Adam(0.9, 0.98, eps 1e-15), global batch 512 prompts (DAPO's convention)
@@ -37,6 +38,15 @@ def _smoke(c):
   c.loop.checkpoint_every = 10
   c.loop.progress = False
   c.loop.tensorboard = False
+
+
+def _code_smoke(c):
+  """`smoke` on the embedded code task: GRPO on the sandboxed code verifier's pass / fail."""
+  _smoke(c)
+  c.data.task.families = ("code",)
+  c.data.prompt_buckets = ()  # sized from the code task's bounds
+  c.data.verifier = "code"
+  c.data.verifier_timeout_s = 2.0
 
 
 def _tiny(c):
@@ -79,7 +89,7 @@ def _qwen3_8b(c):
   c.loop.snapshot_steps = (0, 127, 255, 383, 511, 639, 767, 895, 1023)
 
 
-PRESETS = {"smoke": _smoke, "tiny": _tiny, "qwen3_8b": _qwen3_8b}
+PRESETS = {"smoke": _smoke, "code_smoke": _code_smoke, "tiny": _tiny, "qwen3_8b": _qwen3_8b}
 
 
 def get_config(arg: str = "tiny"):

@@ -5,9 +5,10 @@ phase when it dispatches it (`clock.device(name, outputs)`) or when it finishes 
 (`clock.host(name, t0, t1)`), and a watcher thread waits for the device outputs in order and
 stamps when each became ready. A step's wall time is from the previous step's end (the readiness
 of its update) to its own end; each phase's time is its interval clipped to that window (a device
-phase starts when it was dispatched or when the previous phase finished, whichever is later; where
-intervals overlap, the time counts once, for the phase that started first), and `time/other_s`
-is the rest (dispatch and Python glue), so the split adds up to the wall time by construction. No host <-> device copy is added: the watcher only waits for readiness.
+phase starts when it was dispatched or when the previous phase finished, whichever is later; a host
+phase counts only its time outside the device phases, so time spent waiting on the device counts
+for the device phase), and `time/other_s` is the rest (dispatch and Python glue): the split adds
+up to the wall time. No host <-> device copy is added: the watcher only waits for readiness.
 
 FLOPs are model FLOPs, counted from shapes (`model_flops`): 2 N per token for a forward pass
 (N = matmul parameters, the unembedding included, the embedding lookup not), 6 N for forward +
@@ -152,22 +153,23 @@ class PhaseClock:
     begin = rec.started if self._last_end is None else max(self._last_end, rec.started)
     end = rec.end
     self._last_end = end
-    # Intervals: device phases from dispatch (or the previous device phase's end) to ready; host
-    # phases as measured. Swept in start order, each instant counts once, for the phase that
-    # started first (a host phase waiting on the device, e.g. verify on the sampler, counts only
-    # its own part).
-    intervals = []
+    # Device phases run one after another: each from its dispatch (or the previous device
+    # phase's end) to its readiness. Host phases (main thread, one after another) count only
+    # their time outside the device phases: a host phase waiting on the device (verify on the
+    # sampler) is the device's time.
+    out: dict[str, float] = {}
+    device_spans = []
     prev_ready = begin
     for name, dispatched, ready in rec.device:
-      intervals.append((max(dispatched, prev_ready), ready, name))
+      start, stop = max(dispatched, prev_ready, begin), min(ready, end)
+      out[f"time/{name}_s"] = out.get(f"time/{name}_s", 0.0) + max(0.0, stop - start)
+      if stop > start:
+        device_spans.append((start, stop))
       prev_ready = max(prev_ready, ready)
-    intervals += [(t0, t1, name) for name, t0, t1 in rec.host]
-    out: dict[str, float] = {}
-    cursor = begin
-    for start, stop, name in sorted(intervals, key=lambda x: x[0]):
-      part = max(0.0, min(stop, end) - max(start, cursor))
-      out[f"time/{name}_s"] = out.get(f"time/{name}_s", 0.0) + part
-      cursor = max(cursor, min(stop, end))
+    for name, t0, t1 in rec.host:
+      start, stop = max(t0, begin), min(t1, end)
+      busy = sum(max(0.0, min(stop, b) - max(start, a)) for a, b in device_spans)
+      out[f"time/{name}_s"] = out.get(f"time/{name}_s", 0.0) + max(0.0, stop - start - busy)
     wall = max(end - begin, 1e-9)
     out["time/step_s"] = wall
     out["time/other_s"] = max(0.0, wall - sum(v for k, v in out.items() if k != "time/step_s"))
