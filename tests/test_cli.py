@@ -30,8 +30,11 @@ def test_train_then_resume_through_the_cli(tmp_path, capsys):
   assert summary["step"] == 3 and summary["resumed_from"] == 2
   steps = [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")]
   assert steps == [1, 2, 3]
-  saved = json.loads((tmp_path / "config.json").read_text())
-  assert saved["loop"]["steps"] == 3 and saved["method"] == "sft"
+  # Every segment's config is kept: the first run's, and the resume's beside it.
+  first = json.loads((tmp_path / "config.json").read_text())
+  resumed = json.loads((tmp_path / "config.resume-2.json").read_text())
+  assert first["loop"]["steps"] == 2 and resumed["loop"]["steps"] == 3
+  assert resumed["method"] == "sft"
 
 
 def test_config_typo_is_a_clear_error(tmp_path, capsys):

@@ -189,8 +189,11 @@ def test_principal_angles_known_angles_small_and_near_90():
   with linalg.float64():
     got = np.asarray(linalg.principal_angles(jnp.asarray(q0), jnp.asarray(q1)))
   np.testing.assert_allclose(got, np.degrees(theta), atol=1e-9, rtol=0)
+  # scipy as a second reference: its small angles are accurate to a few 1e-6 degrees only, and
+  # that varies with the BLAS / CPU (3.7e-6 deg for the 1e-7 deg angle on an AMD EPYC machine);
+  # the exact angles above are the tight check.
   ref = np.sort(np.degrees(scipy.linalg.subspace_angles(q0, q1)))
-  np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
+  np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
 
 
 def _decaying(rng, m, n, decay=0.7, noise=1e-3):

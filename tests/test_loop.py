@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from opd_jax import errors
 from opd_jax.train import checkpoint as ckpt_lib
 from opd_jax.train import config as config_lib
 from opd_jax.train import loop
@@ -127,7 +128,7 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
   # The previous checkpoint is restorable: resuming without the fault finishes the run (and a
   # used workdir is never silently restarted).
   fixed = smoke("sft", ["loop.steps=6", "loop.checkpoint_every=2"])
-  with pytest.raises(ValueError, match="already holds checkpoints"):
+  with pytest.raises(errors.UserError, match="already holds checkpoints"):
     loop.run(fixed, tmp_path)
   done = loop.run(fixed, tmp_path, resume=True)
   assert done["resumed_from"] == 2 and done["step"] == 6

@@ -434,7 +434,10 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
   progress = metrics_lib.Progress(loop_cfg.steps, initial=start, enabled=loop_cfg.progress,
                                   show=("train/loss", "opd/teacher_gap", "rlvr/reward_mean",
                                         "time/step_s", "perf/mfu"))
-  eval_rng = _fold_in(jax.random.key(loop_cfg.seed), jax.device_put(np.uint32(0xE7A1)))
+  # Keys and the step numbers folded into them live replicated on the mesh (no implicit copies).
+  replicated = mesh_lib.replicated(ctx.mesh)
+  eval_rng = _fold_in(jax.device_put(jax.random.key(loop_cfg.seed), replicated),
+                      jax.device_put(np.uint32(0xE7A1), replicated))
   poison = jax.jit(_poison)
   evals: list[dict] = []
   snapshots: dict[int, str] = {}
@@ -466,7 +469,8 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
   def do_eval(s: int, params):
     result = rollout_lib.evaluate(
         ctx.graphdef, params, eval_pipe.iterator(), ctx.tokenizer, verifier, plan.eval_sampler,
-        _fold_in(eval_rng, jax.device_put(np.uint32(s))), plan.eval_k, ctx.to_device)
+        _fold_in(eval_rng, jax.device_put(np.uint32(s), replicated)), plan.eval_k,
+        ctx.to_device)
     evals.append({"step": s, **result})
     writer.write(s, result)
 

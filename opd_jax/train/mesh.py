@@ -284,7 +284,10 @@ def global_batch(local_batch: Mapping[str, Any], mesh: jax.sharding.Mesh,
       raise ValueError(f"global_batch: field {name!r} has dtype {x.dtype}; only numeric/bool "
                        "arrays can be sent to devices (keep strings such as answers on the host)")
     sharding = batch_sharding(mesh, x.ndim, rules)
-    out[name] = jax.make_array_from_process_local_data(sharding, x)
+    # THE host -> device transfer point of the step loop (explicit; allowed under the loop's
+    # transfer guard, which multi-process JAX would otherwise apply to this call too).
+    with jax.transfer_guard_host_to_device("allow"):
+      out[name] = jax.make_array_from_process_local_data(sharding, x)
   return out
 
 

@@ -266,8 +266,8 @@ class PG(Recipe):
       unread += ["rollout.mix_alpha"]
     if cfg.pg.kl_coef == 0:
       unread += ["pg.kl_kind"]
-    if cfg.rollout.policy == "teacher":
-      unread += ["rollout.recompute_old_logp"]  # the student always re-scores teacher samples
+    # (rollout.recompute_old_logp with policy='teacher' is consistent, not refused: the student
+    # always re-scores the teacher's samples.)
     if not self.needs(cfg).value_head:
       unread += ["pg.value_coef", "pg.value_lr"]
     _refuse_unread(cfg, self.name, tuple(unread), self._why())

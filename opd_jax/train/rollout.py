@@ -409,7 +409,7 @@ def evaluate(graphdef, params, batches, tokenizer, verifier: verifiers.Verifier,
   for i, batch in enumerate(batches):
     dev = to_device({"prompt_tokens_BxP": batch["prompt_tokens_BxP"],
                      "prompt_mask_BxP": batch["prompt_mask_BxP"]})
-    key = _fold_in(rng, jax.device_put(np.uint32(i)))
+    key = _fold_in(rng, jax.device_put(np.uint32(i), rng.sharding))
     out = sampler_lib.sample(graphdef, params, dev["prompt_tokens_BxP"], dev["prompt_mask_BxP"],
                              key, sampler_cfg)
     tokens, loss_mask = local_rows(out.tokens_BxT), local_rows(out.loss_mask_BxT)
