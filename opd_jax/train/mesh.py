@@ -291,6 +291,21 @@ def global_batch(local_batch: Mapping[str, Any], mesh: jax.sharding.Mesh,
   return out
 
 
+_SYNCS: dict[str, int] = {}
+
+
+def sync_processes(name: str, timeout_s: float = 1800.0) -> None:
+  """A coordination-service barrier among all processes (no-op for one). Call it before a host
+  collective that may follow an uneven compile (gloo gives up on a peer after 30 s); every process
+  must call it the same number of times with the same name."""
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost as ocp_multihost
+  n = _SYNCS.get(name, 0)
+  _SYNCS[name] = n + 1
+  ocp_multihost.get_barrier_sync_fn()(key=f"opd_jax_{name}_{n}", timeout_ms=int(timeout_s * 1000))
+
+
 def process_rows(global_batch_size: int) -> slice:
   """The slice of a global batch this process should load (contiguous, in process order)."""
   n = jax.process_count()

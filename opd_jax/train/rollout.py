@@ -429,6 +429,9 @@ def evaluate(graphdef, params, batches, tokenizer, verifier: verifiers.Verifier,
                            reason_counts])
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
+    from opd_jax.train import mesh as mesh_lib
+    mesh_lib.sync_processes("eval")  # peers may still be compiling the eval sampler
     with jax.transfer_guard("allow"):  # the documented all-gather of eval sums
       totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
   n = max(totals[3], 1.0)
