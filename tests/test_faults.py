@@ -324,3 +324,27 @@ def test_data_report_reaches_the_run(tmp_path):
   assert report["samples"]["bad_utf8"][0].startswith(f"{path}:")
   rows = metrics_lib.read_jsonl(tmp_path / "run" / "metrics.jsonl")
   assert rows[0]["data/skipped/bad_utf8"] == 1.0 and rows[0]["data/dedup/duplicates"] > 0
+
+
+def test_diagnose_checks_every_input_before_computing(tmp_path, capsys):
+  from opd_jax.geometry import report
+  from opd_jax.models import config as model_config
+  from opd_jax.models import transformer
+  cfg = model_config.tiny(vocab_size=64, n_layers=1)
+  _, p0 = transformer.init(cfg, 0)
+  _, p1 = transformer.init(cfg, 1)
+  ckpt_lib.save_snapshot(tmp_path / "s", 0, p0, cfg)
+  poisoned = jax.tree.map(lambda x: x, p1)
+  poisoned["final_norm"] = jax.tree.map(lambda x: x * np.nan, poisoned["final_norm"])
+  ckpt_lib.save_snapshot(tmp_path / "s", 1, poisoned, cfg)
+  out = tmp_path / "out"
+  with pytest.raises(errors.UserError, match=r"--snapshots: .*missing.* does not exist"):
+    report.diagnose(tmp_path / "s" / "0", p1, [tmp_path / "missing"], out)
+  with pytest.raises(errors.UserError, match=r"--tuned .*final_norm.* non-finite"):
+    report.diagnose(tmp_path / "s" / "0", tmp_path / "s" / "1", [], out)
+  assert not out.exists()  # nothing computed, nothing written
+  argv = ["diagnose", "--base", str(tmp_path / "s" / "0"), "--tuned", str(tmp_path / "nope"),
+          "--out", str(out)]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "--tuned" in err and "does not exist" in err

@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from opd_jax import errors
 from opd_jax.geometry import endpoint as endpoint_lib
 from opd_jax.geometry import matrices
 from opd_jax.geometry import trajectory as trajectory_lib
@@ -316,6 +317,35 @@ def _same_source(a, b) -> bool:
   return pathlib.Path(a).resolve() == pathlib.Path(b).resolve()
 
 
+def _check_inputs(base, tuned, snapshots, p0, p1) -> None:
+  """Everything `diagnose` will read is checked before anything is computed: every path exists,
+  base and tuned have the same tensors with the same shapes, and every value is finite. Raises a
+  `UserError` naming the input and the tensor."""
+  for what, src in [("--snapshots", s) for s in snapshots]:
+    if not isinstance(src, Mapping) and not pathlib.Path(src).exists():
+      raise errors.UserError(f"{what}: {str(src)!r} does not exist")
+  import jax  # the params trees are nested dicts of arrays
+  leaves0 = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(p0)}
+  leaves1 = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(p1)}
+  only = sorted(set(leaves0) ^ set(leaves1))
+  if only:
+    raise errors.UserError(f"--base {matrices.describe_source(base)} and --tuned "
+                           f"{matrices.describe_source(tuned)} hold different tensors: "
+                           f"{only[:4]} (not the same architecture)")
+  for name, a in leaves0.items():
+    b = leaves1[name]
+    if tuple(np.shape(a)) != tuple(np.shape(b)):
+      raise errors.UserError(f"tensor {name}: shape {tuple(np.shape(a))} in --base but "
+                             f"{tuple(np.shape(b))} in --tuned")
+    for flag, src, x in (("--base", base, a), ("--tuned", tuned, b)):
+      arr = np.asarray(x)
+      if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16":
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr.astype(np.float32))))
+        if bad:
+          raise errors.UserError(f"{flag} {matrices.describe_source(src)}: tensor {name} has "
+                                 f"{bad} non-finite values (NaN / inf); nothing was computed")
+
+
 def diagnose(base, tuned, snapshots: Sequence[Any] = (), out_dir="diagnostics",
              cfg: DiagnoseConfig | None = None) -> dict:
   """Endpoint diagnostics base -> tuned (and the trajectory over `snapshots`), written to
@@ -327,9 +357,13 @@ def diagnose(base, tuned, snapshots: Sequence[Any] = (), out_dir="diagnostics",
   """
   cfg = cfg or DiagnoseConfig()
   out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  for what, src in (("--base", base), ("--tuned", tuned)):
+    if not isinstance(src, Mapping) and not pathlib.Path(src).exists():
+      raise errors.UserError(f"{what}: {str(src)!r} does not exist")
   p0 = matrices.resolve_params(base)
   p1 = matrices.resolve_params(tuned)
+  _check_inputs(base, tuned, list(snapshots), p0, p1)
+  out_dir.mkdir(parents=True, exist_ok=True)
   ep = endpoint_lib.endpoint_metrics(p0, p1, cfg.endpoint)
   traj = None
   points = list(snapshots)
