@@ -84,3 +84,12 @@ def paper_rollouts(c) -> None:
   c.sampler.temperature = 1.0
   c.sampler.eos_ids = (151643, 151645)  # <|endoftext|>, <|im_end|>
   c.rollout.group_size = 8
+
+
+def code_task(c) -> None:
+  """The embedded code task on a smoke-sized run: code prompts (buckets sized from the task's
+  bounds) and the sandboxed code verifier with a short per-program timeout."""
+  c.data.task.families = ("code",)
+  c.data.prompt_buckets = ()
+  c.data.verifier = "code"
+  c.data.verifier_timeout_s = 2.0

@@ -103,10 +103,7 @@ def _moe_teacher_smoke(c):
 def _code_smoke(c):
   """`smoke` on the embedded code task: programs checked in the sandbox at eval."""
   _smoke(c)
-  c.data.task.families = ("code",)
-  c.data.prompt_buckets = ()  # sized from the code task's bounds
-  c.data.verifier = "code"
-  c.data.verifier_timeout_s = 2.0
+  models.code_task(c)
 
 
 def _offpolicy(c):

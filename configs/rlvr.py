@@ -43,10 +43,7 @@ def _smoke(c):
 def _code_smoke(c):
   """`smoke` on the embedded code task: GRPO on the sandboxed code verifier's pass / fail."""
   _smoke(c)
-  c.data.task.families = ("code",)
-  c.data.prompt_buckets = ()  # sized from the code task's bounds
-  c.data.verifier = "code"
-  c.data.verifier_timeout_s = 2.0
+  models.code_task(c)
 
 
 def _tiny(c):

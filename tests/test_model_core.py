@@ -10,6 +10,20 @@ from opd_jax.models import transformer as tf
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
+
+def _cached_decode_step(graphdef):
+  """A jitted decode step with the KV cache: (params, toks, pos, cache, index, kv_mask) ->
+  (logits, cache)."""
+
+  @jax.jit
+  def step(params, toks, pos, cache, index, kv_mask):
+    model = tf.merge(graphdef, params)
+    h, cache = model.hidden(toks, positions_BxT=pos, cache=cache, cache_index=index,
+                            kv_mask_BxS=kv_mask)
+    return model.logits(h), cache
+
+  return step
+
 def test_scan_equals_unrolled_and_cache_equals_full(family):
   cfg = mc.tiny(vocab_size=97, family=family, tie_embeddings=family != "llama")
   graphdef, params = tf.init(cfg, 0)
@@ -20,12 +34,7 @@ def test_scan_equals_unrolled_and_cache_equals_full(family):
   unrolled = jax.jit(lambda p, t: tf.forward(unrolled_def, p, t))(params, toks)
   np.testing.assert_allclose(full, unrolled, atol=1e-5)
 
-  @jax.jit
-  def step(params, toks, pos, cache, index, kv_mask):
-    model = tf.merge(graphdef, params)
-    h, cache = model.hidden(toks, positions_BxT=pos, cache=cache, cache_index=index,
-                            kv_mask_BxS=kv_mask)
-    return model.logits(h), cache
+  step = _cached_decode_step(graphdef)
 
   kv_mask = jnp.zeros((2, 10), bool).at[:, :7].set(True)
   pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
@@ -153,12 +162,7 @@ def test_moe_scan_unrolled_remat_cache():
   np.testing.assert_allclose(jax.jit(lambda p, t: tf.forward(unrolled_def, p, t))(params, toks),
                              full, atol=1e-5)
 
-  @jax.jit
-  def step(params, toks, pos, cache, index, kv_mask):
-    model = tf.merge(graphdef, params)
-    h, cache = model.hidden(toks, positions_BxT=pos, cache=cache, cache_index=index,
-                            kv_mask_BxS=kv_mask)
-    return model.logits(h), cache
+  step = _cached_decode_step(graphdef)
 
   kv_mask = jnp.zeros((2, 10), bool).at[:, :7].set(True)
   logits, cache = step(params, toks[:, :4], jnp.broadcast_to(jnp.arange(4), (2, 4)),
