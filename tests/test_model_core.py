@@ -9,8 +9,6 @@ from opd_jax.models import config as mc
 from opd_jax.models import transformer as tf
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
-
 def _cached_decode_step(graphdef):
   """A jitted decode step with the KV cache: (params, toks, pos, cache, index, kv_mask) ->
   (logits, cache)."""
@@ -24,6 +22,8 @@ def _cached_decode_step(graphdef):
 
   return step
 
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
 def test_scan_equals_unrolled_and_cache_equals_full(family):
   cfg = mc.tiny(vocab_size=97, family=family, tie_embeddings=family != "llama")
   graphdef, params = tf.init(cfg, 0)
