@@ -225,9 +225,7 @@ def iteration_flops(plan) -> float:
     total += fwd_s
   if knobs.value_head:
     total += fwd_s
-  updates = plan.recipe.updates_per_step(plan.cfg)
-  passes = getattr(plan.step_cfg, "epochs", 1)
-  del updates  # minibatches split the rows: epochs x the whole batch is processed
+  passes = getattr(plan.step_cfg, "epochs", 1)  # minibatches split the rows: epochs x all rows
   total += passes * model_flops(student, rows, seq, backward=True)
   if plan.recipe.step_takes_teacher(plan):
     total += passes * fwd_t  # the teacher's forward inside the step (direct route, CR-OPD)
