@@ -226,6 +226,18 @@ def test_finite_pipeline_stops_and_infinite_one_does_not():
   assert (counts == 10).all()  # 100 draws over 10 epochs
 
 
+def test_infinite_pipeline_with_global_batch_one():
+  # grain's len() of an infinite stream cut into batches of 1 overflows an index-sized int; the
+  # iterator must not ask it (an OPD run with one prompt x G samples per step).
+  ids, answers = _random_prompts(3)
+  inf = P.rollout_pipeline_from_ids(ids, answers, P.PipelineConfig(1, (32,), group_size=8),
+                                    pad_id=PAD, shard_index=0, shard_count=1)
+  it = inf.iterator()
+  rows = [next(it)["example_idx_B"] for _ in range(6)]
+  assert all(len(r) == 8 and (r == r[0]).all() for r in rows)
+  assert np.bincount([r[0] for r in rows], minlength=3).tolist() == [2, 2, 2]
+
+
 def test_default_shard_is_the_jax_process_and_config_errors():
   ids, answers = _random_prompts(8)
   pl = P.rollout_pipeline_from_ids(ids, answers, P.PipelineConfig(4, (32,)), pad_id=PAD)

@@ -93,7 +93,10 @@ class BatchIterator:
     return self
 
   def __next__(self) -> Batch:
-    if self.step >= len(self._pipeline.batches):
+    # An infinite stream's len() is sys.maxsize-sized and overflows at global batch 1: ask
+    # num_steps (None = infinite) instead.
+    total = self._pipeline.num_steps
+    if total is not None and self.step >= total:
       raise StopIteration
     batch = self._pipeline.batches[self.step]
     self.step += 1
