@@ -293,6 +293,40 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     cli.main(["--debug"] + argv)
 
 
+def test_disk_full_is_one_line_and_the_run_resumes_exactly(reference, tmp_path, monkeypatch,
+                                                           capsys):
+  """A full disk during a checkpoint write (as tensorstore reports it from orbax's writer) ends
+  the run with one line and exit 2; after space is freed, --resume ends bit-identical."""
+  import orbax.checkpoint as ocp
+  real_save = ocp.CheckpointManager.save
+  calls = {"n": 0}
+
+  def save(self, step, *a, **kw):
+    if pathlib.Path(str(self.directory)).name == "checkpoints":
+      calls["n"] += 1
+      if calls["n"] == 2:
+        raise ValueError(f'RESOURCE_EXHAUSTED: Failed writing: "{self.directory}/{step}.orbax-'
+                         'checkpoint-tmp/state/d/0": Failed to write 1507 bytes to file 7: No space '
+                         "left on device [os_error_code='28']")
+    return real_save(self, step, *a, **kw)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  argv = ["train", "--config", str(ROOT / "configs" / "sft.py") + ":smoke", "--workdir",
+          str(tmp_path), f"--config.loop.steps={STEPS}", "--config.loop.batch_size=8",
+          "--config.loop.checkpoint_every=3", "--config.loop.checkpoint_keep=2",
+          "--config.loop.snapshot_steps=(0,2,5,8)", "--config.loop.progress=false"]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  assert "no space left on device" in err and str(tmp_path / "checkpoints") in err
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)   # space freed
+  assert cli.main(argv + ["--resume"]) == 0
+  _assert_same(_final_params(tmp_path), reference["sft"][0])
+  chained = ValueError("write failed")
+  chained.__cause__ = OSError(28, "No space left on device")
+  assert ckpt_lib._is_disk_full(chained) and not ckpt_lib._is_disk_full(ValueError("bad shape"))
+
+
 def test_batch_vs_mesh_is_checked_before_any_model_loads(tmp_path):
   from opd_jax.train import mesh as mesh_lib
   from opd_jax.train import run_plan

@@ -20,7 +20,9 @@ latest step), and returns the parameters as single-device arrays (or with given 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -39,6 +41,15 @@ STATE, PARAMS, META = "state", "params", "meta"
 VALUE_HEAD = "value_head"
 
 
+class _QuietDiskFull(logging.Filter):
+  """Orbax logs a traceback from its writer threads when a write fails; a full disk is re-raised
+  as one `DiskFullError` line by the caller, so its tracebacks are not shown."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (_is_disk_full(exc) or any(t in record.getMessage() for t in _DISK_FULL_TEXT))
+
+
 class _QuietMissingMetadata(logging.Filter):
   """Orbax warns 'Metadata file does not exist' on every load of a checkpoint written without its
   optional metadata file (ours): expected, so not shown."""
@@ -48,6 +59,7 @@ class _QuietMissingMetadata(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_QuietMissingMetadata())
+logging.getLogger("absl").addFilter(_QuietDiskFull())
 
 
 def as_path(path) -> epath.Path:
@@ -78,6 +90,47 @@ def _options(keep: int | None, async_save: bool) -> ocp.CheckpointManagerOptions
   # directory, which the next manager removes.
   return ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                       create=True, cleanup_tmp_directories=True)
+
+
+# How a full disk (or quota) reaches us: an OSError from Python code, or tensorstore's
+# RESOURCE_EXHAUSTED ValueError from orbax's writer threads, whose text carries the OS error.
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded",
+                   *(f"os_error_code='{n}'" for n in _DISK_FULL_ERRNOS))
+
+
+class DiskFullError(UserError):
+  """A checkpoint or snapshot write ran out of disk space (the previous checkpoint is intact)."""
+
+  errno = errno.ENOSPC
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+  seen = 0
+  while e is not None and seen < 8:   # the error itself or what it was raised from
+    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+      return True
+    if any(t in str(e) for t in _DISK_FULL_TEXT):
+      return True
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return False
+
+
+@contextlib.contextmanager
+def _disk_full_is_a_user_error(directory, what: str):
+  """Turns a full disk during a write into one line naming the directory (orbax's own error is a
+  150-line traceback from its writer thread). The write's temporary directory is left for the
+  next start to remove; the checkpoints before it are complete, so `--resume` continues."""
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
+    if not _is_disk_full(e):
+      raise
+    raise DiskFullError(f"no space left on device while writing the {what} in "
+                        f"{directory}; free space (or pass another --workdir) and run again with "
+                        "--resume: it continues from the last complete checkpoint") from e
 
 
 class CheckpointError(UserError, ValueError):
@@ -125,12 +178,13 @@ class Checkpointer:
       json.dumps(meta)
     except TypeError as e:
       raise ValueError(f"checkpoint meta for step {step} is not JSON-serialisable: {e}") from e
-    if int(step) in self.manager.all_steps():
-      # Idempotent: a step redone after a resume rewrites its checkpoint (same values).
-      self.manager.wait_until_finished()
-      self.manager.delete(int(step))
-    return self.manager.save(int(step), args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}), force=force)
+    with _disk_full_is_a_user_error(self.directory, f"checkpoints (at step {step})"):
+      if int(step) in self.manager.all_steps():
+        # Idempotent: a step redone after a resume rewrites its checkpoint (same values).
+        self.manager.wait_until_finished()
+        self.manager.delete(int(step))
+      return self.manager.save(int(step), args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}), force=force)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -173,12 +227,15 @@ class Checkpointer:
     return dict(out[META])
 
   def wait_until_finished(self):
-    self.manager.wait_until_finished()
+    with _disk_full_is_a_user_error(self.directory, "checkpoints"):
+      self.manager.wait_until_finished()
 
   def close(self):
     """Waits for pending writes and releases the manager."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait_until_finished()
+    finally:
+      self.manager.close()
 
   def __enter__(self):
     return self
@@ -203,10 +260,11 @@ def save_snapshot(directory, step: int, params, model_cfg: ModelConfig | None = 
     items[VALUE_HEAD] = ocp.args.StandardSave(value_head)
   manager = ocp.CheckpointManager(root, options=_options(None, False), item_names=tuple(items))
   try:
-    if int(step) in manager.all_steps():
-      manager.delete(int(step))  # idempotent: a resumed run rewrites the snapshot it redoes
-    manager.save(int(step), args=ocp.args.Composite(**items), force=True)
-    manager.wait_until_finished()
+    with _disk_full_is_a_user_error(root, f"parameter snapshot of step {step}"):
+      if int(step) in manager.all_steps():
+        manager.delete(int(step))  # idempotent: a resumed run rewrites the snapshot it redoes
+      manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+      manager.wait_until_finished()
   finally:
     manager.close()
   return root / str(int(step))
