@@ -367,3 +367,137 @@ def test_dedup_ignores_malformed_rows_and_tokenizes_each_distinct_prompt_once(tm
   assert report.skipped == {"untokenizable": 2, "missing_field": 1}
   assert (report.duplicates, report.conflicting_answers) == (1, 1)
   assert calls == ["caf\u00e9", "ok"]
+
+
+# -- code layouts ---------------------------------------------------------------------------------
+CODE_FILES = {"deepcoder": ("deepcoder_sample", 3), "livecodebench": ("livecodebench_sample", 4)}
+
+# Per kept example of each code fixture (file order): (a correct program, a wrong one), as the
+# model would answer (fenced). See tests/fixtures/make_code_fixtures.py.
+_FENCE = "Here it is.\n```python\n{}\n```\n"
+CODE_SOLUTIONS = {
+    "deepcoder": [
+        ("a, b = map(int, input().split())\nprint(a + b)",
+         "a, b = map(int, input().split())\nprint(a - b)"),
+        ("def double_all(xs):\n    return [2 * x for x in xs]",
+         "def double_all(xs):\n    return xs"),
+        ("input()\nprint(max(map(int, input().split())))",
+         "input()\nprint(min(map(int, input().split())))"),
+        ("def count_vowels(s):\n    return sum(c in 'aeiou' for c in s)",
+         "def count_vowels(s):\n    return len(s)"),
+    ],
+    "livecodebench": [
+        ("n = int(input())\nprint(sum(i * i for i in range(1, n + 1)))",
+         "n = int(input())\nprint(n * n)"),
+        ("from typing import List\nclass Solution:\n    def kLargestSum(self, nums: List[int], k: int)"
+         " -> int:\n        return sum(sorted(nums)[-k:])",
+         "class Solution:\n    def kLargestSum(self, nums, k):\n        return max(nums)"),
+        ("w = input().strip()\nprint(w, w)", "w = input().strip()\nprint(w + w)"),
+    ],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(CODE_FILES))
+def test_code_layouts_read_jsonl_and_parquet_alike_and_skip_the_malformed_row(layout):
+  name, bad_line = CODE_FILES[layout]
+  loaded = {}
+  for ext in ("jsonl", "parquet"):
+    ex, report = D.load_prompt_set(FIX / f"{name}.{ext}", layout, on_error="skip")
+    assert report.skipped == {"bad_tests": 1}
+    assert report.kept == len(CODE_SOLUTIONS[layout])
+    sample = report.samples["bad_tests"][0]
+    where = f":{bad_line}:" if ext == "jsonl" else f":row {bad_line - 1}:"
+    assert where in sample and "\n" not in sample
+    assert report.to_metrics()["data/skipped/bad_tests"] == 1
+    loaded[ext] = [(e.prompt, e.answer) for e in ex]
+  assert loaded["jsonl"] == loaded["parquet"]
+  for prompt, answer in loaded["jsonl"]:
+    assert "```python" in prompt
+    spec = json.loads(answer)
+    assert ("io" in spec) != ("calls" in spec)
+  with pytest.raises(D.MalformedRowError) as e:
+    D.load_prompt_set(FIX / f"{name}.jsonl", layout)
+  assert e.value.reason == "bad_tests" and f"{name}.jsonl:{bad_line}: field " in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_code_layouts_answers_score_correct_1_and_wrong_0_through_the_sandbox():
+  from opd_jax.data import verifiers
+  responses, answers, want = [], [], []
+  for layout, (name, _) in sorted(CODE_FILES.items()):
+    ex, _ = D.load_prompt_set(FIX / f"{name}.jsonl", layout, on_error="skip")
+    for e, (good, bad) in zip(ex, CODE_SOLUTIONS[layout], strict=True):
+      responses += [_FENCE.format(good), _FENCE.format(bad)]
+      answers += [e.answer, e.answer]
+      want += [(1.0, "pass"), (0.0, "fail")]
+  with verifiers.CodeVerifier(workers=2) as v:
+    got = [(r.score, r.reason) for r in v.score_many(responses, answers)]
+  assert got == want
+
+
+def test_functional_prompts_name_the_function_or_the_solution_method():
+  ex, _ = D.load_prompt_set(FIX / "livecodebench_sample.jsonl", "livecodebench", on_error="skip")
+  assert "`Solution.kLargestSum`" in ex[1].prompt and "class Solution:" in ex[1].prompt
+  assert "standard input" in ex[0].prompt
+  ex, _ = D.load_prompt_set(FIX / "deepcoder_sample.parquet", "deepcoder", on_error="skip")
+  assert "`double_all`" in ex[1].prompt
+
+
+def _lcb_compressed(obj) -> str:
+  import base64
+  import pickle
+  import zlib
+  return base64.b64encode(zlib.compress(pickle.dumps(obj))).decode()
+
+
+BAD_CODE_ROWS = [
+    ("deepcoder", {"problem": "p", "tests": "[]"}, "tests", "no test cases"),
+    ("deepcoder", {"problem": "p", "tests": json.dumps({"inputs": ["1"], "outputs": []})},
+     "tests", "1 inputs but 0 outputs"),
+    ("deepcoder", {"problem": "p", "tests": json.dumps({"inputs": ["1"]})}, "tests",
+     "expected lists 'inputs' and 'outputs'"),
+    ("deepcoder", {"problem": "p", "tests": json.dumps({"inputs": [1], "outputs": ["1"]})},
+     "tests", "case 0: stdin/stdout must be text"),
+    ("deepcoder", {"problem": "p", "tests": json.dumps(
+        {"fn_name": "not valid", "inputs": [[1]], "outputs": [[1]]})}, "tests",
+     "is not an identifier"),
+    ("deepcoder", {"problem": "p", "tests": json.dumps(
+        {"fn_name": "f", "inputs": [1], "outputs": [1]})}, "tests",
+     "call arguments must be a list"),
+    ("deepcoder", {"problem": "p", "tests": json.dumps(
+        [{"input": "1", "output": "1"}, {"input": [1], "output": [1], "fn_name": "f"}])},
+     "tests", "mixes stdin and function-call cases"),
+    ("deepcoder", {"problem": "p", "tests": json.dumps([{"input": "1"}])}, "tests",
+     "case 0: expected an object with 'input' and 'output'"),
+    ("deepcoder", {"problem": "p", "tests": 7}, "tests", "expected str or list or dict"),
+    ("livecodebench", {"question_content": "q", "public_test_cases": json.dumps(
+        [{"input": "[1", "output": "1", "testtype": "functional"}]),
+                       "metadata": json.dumps({"func_name": "f"})},
+     "public_test_cases", "input line is not JSON"),
+    ("livecodebench", {"question_content": "q", "public_test_cases": "[]",
+                       "private_test_cases": "bm90IHpsaWI="}, "private_test_cases",
+     "neither JSON nor LiveCodeBench's base64/zlib/pickle form"),
+    ("livecodebench", {"question_content": "q", "public_test_cases": "[]",
+                       "private_test_cases": _lcb_compressed(print)}, "private_test_cases",
+     "refusing global builtins.print"),
+    ("livecodebench", {"question_content": "q", "public_test_cases": json.dumps(
+        [{"input": "1", "output": "1", "testtype": "stdin"}]), "metadata": "[1]"},
+     "public_test_cases", None),  # a valid row: metadata is only read for functional tests
+]
+
+
+@pytest.mark.parametrize("layout,row,field,detail", BAD_CODE_ROWS)
+def test_malformed_code_tests_are_one_line_errors_naming_the_field(tmp_path, layout, row, field,
+                                                                   detail):
+  path = tmp_path / "rows.jsonl"
+  path.write_text("\n" + json.dumps(row) + "\n")
+  if detail is None:
+    ex, _ = D.load_prompt_set(path, layout)
+    assert len(ex) == 1
+    return
+  with pytest.raises(D.MalformedRowError) as e:
+    D.load_prompt_set(path, layout)
+  msg = str(e.value)
+  assert e.value.reason == "bad_tests" or detail.startswith("expected str")
+  assert "\n" not in msg and msg.startswith(f"{path}:2: field {field!r}: ")
+  assert detail in msg, msg

@@ -6,7 +6,9 @@ Test format (the `answer` string of a code example is this JSON; `parse_tests`):
 
     call tests   {"fn": "f", "calls": [[[arg, ...], expected], ...]}
                  the program is executed once as a module; then for each case the trusted driver
-                 calls fn(*args) and writes json.dumps(result) on its own line. A case passes iff
+                 calls fn(*args) (fn not defined at module level: the method of one instance
+                 `Solution()` of the program's `Solution` class, the LeetCode / LiveCodeBench
+                 convention) and writes json.dumps(result) on its own line. A case passes iff
                  that value == `expected` after a JSON round trip (assert semantics: tuples compare
                  as lists, 7.0 == 7; a result JSON cannot encode fails the case).
                  An exception inside a call fails that case only.
@@ -607,6 +609,9 @@ def _harness_main() -> None:
     exec(code, module)  # noqa: S102 -- the sandboxed program
     if call:
       fn = module.get(call[0])
+      if fn is None and isinstance(module.get("Solution"), type):
+        # LeetCode-style programs (LiveCodeBench functional tests): a method of `Solution`.
+        fn = getattr(module["Solution"](), call[0], None)
       if not callable(fn):
         sys.stderr.write(f"crash: the program defines no function {call[0]!r}\n")
         sys.stderr.flush()

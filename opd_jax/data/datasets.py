@@ -7,6 +7,33 @@ objects and lists (`prompt.0.content`, `reward_model.ground_truth`). Built-in la
                  `reward_model.ground_truth`; no worked solution (Example.solution = '').
   math           prompt = `problem`; solution = `solution`; answer = the content of the LAST
                  `\\boxed{...}` (or `\\fbox{...}`) in the solution, braces balanced.
+  deepcoder      DeepCoder-Preview-Dataset rows: prompt = `problem` plus a fixed instruction;
+                 answer = the `code_exec` test spec (JSON) converted from `tests` (below).
+  livecodebench  LiveCodeBench code-generation rows: prompt = `question_content` (with the
+                 `starter_code`, if any) plus a fixed instruction; answer = the test spec converted
+                 from `public_test_cases` + `private_test_cases` (below).
+
+Code layouts (`Layout.code_tests`). The answer of a code example is the JSON test spec that
+`data.code_exec` runs (`{"io": [[stdin, stdout], ...]}` or `{"fn": name, "calls": [[args,
+expected], ...]}`), so the `code` verifier scores it. Accepted test formats:
+  deepcoder `tests` (a JSON string, or already a list / object):
+    * TACO / APPS: {"inputs": [...], "outputs": [...], "fn_name"?: name}: stdin/stdout strings
+      (a list of lines is joined with newlines), or with `fn_name` argument lists and return
+      values; a return value stored as a one-element list is unwrapped (the APPS convention);
+    * PrimeIntellect / LiveCodeBench style: a list of {"input", "output"} cases, stdin/stdout
+      unless the case has `fn_name`, `type: "function_call"` or `testtype: "functional"`; the
+      function name comes from the case's `fn_name`, else the row's `fn_name` or
+      `metadata.func_name`.
+  livecodebench `public_test_cases` / `private_test_cases` (JSON strings or lists; private
+    tests may also be LiveCodeBench's compressed form, base64(zlib(pickle(json string))), read by
+    an unpickler that refuses every global, so it can only yield plain data): lists of
+    {"input", "output", "testtype": "stdin" | "functional"}; `metadata` (a JSON string or object)
+    holds `func_name` for functional tests.
+  Functional inputs / outputs given as text (LiveCodeBench) are one JSON value per input line (the
+  arguments, in order) and one JSON value (the return value). A function name not defined at
+  module level is looked up as a method of the program's `Solution` class (LeetCode style;
+  `code_exec`). The instruction added to the prompt asks for one ```python block (stdin/stdout
+  or the named function).
 
 Reading. JSONL files are read as bytes and decoded line by line (a UTF-8 BOM on line 1 is
 dropped), so one bad byte costs one row; Parquet files are read in record batches, and a batch that
@@ -24,6 +51,8 @@ Malformed rows. Each row either becomes an Example or is malformed for exactly o
   empty_prompt     the prompt is empty or whitespace
   empty_answer     the answer is empty or whitespace
   no_boxed_answer  (answer_from_boxed layouts) the solution has no \\boxed{...}
+  bad_tests        (code layouts) the tests are not valid JSON, hold no case, or a case has the
+                   wrong shape or types (the detail says which case and why)
   untokenizable    (with a tokenizer) the prompt, or the layout's solution, encodes to a special
                    token: a character/word the tokenizer maps to <unk>, or the spelling of a
                    control token such as '<eos>' / '<|im_end|>'. The precise rule, for the
@@ -53,15 +82,19 @@ skipped for its reason, never counted as a duplicate. `limit` counts kept (uniqu
 
 from __future__ import annotations
 
+import base64
 import codecs
 import collections
 import dataclasses
 import functools
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import re
+import zlib
 from typing import Any, Iterator
 
 from opd_jax.data.tasks import Example
@@ -71,7 +104,7 @@ log = logging.getLogger(__name__)
 
 ON_ERROR = ("error", "skip")
 REASONS = ("bad_utf8", "bad_json", "not_an_object", "missing_field", "wrong_type", "empty_prompt",
-           "empty_answer", "no_boxed_answer", "untokenizable", "prompt_too_long")
+           "empty_answer", "no_boxed_answer", "bad_tests", "untokenizable", "prompt_too_long")
 MAX_SAMPLES = 5  # file:line samples kept per skip reason / per dedup counter
 
 
@@ -83,12 +116,26 @@ class Layout:
   answer: str
   solution: str | None = None
   answer_from_boxed: bool = False  # answer path holds a solution; take its last \boxed{} content
+  # Code layouts: the name of the converter (CODE_TESTS) that turns the row's tests (at `answer`
+  # and the `reads` fields) into a code_exec test spec, and other top-level fields it reads.
+  code_tests: str | None = None
+  reads: tuple[str, ...] = ()
+
+  def columns(self) -> set[str]:
+    """Top-level fields the layout reads (Parquet reads only these columns)."""
+    paths = (self.prompt, self.answer, self.solution) + tuple(self.reads)
+    return {p.split(".")[0] for p in paths if p}
 
 
 LAYOUTS: dict[str, Layout] = {
     "dapo_math_17k": Layout(prompt="prompt.0.content", answer="reward_model.ground_truth"),
     "math": Layout(prompt="problem", answer="solution", solution="solution",
                    answer_from_boxed=True),
+    "deepcoder": Layout(prompt="problem", answer="tests", code_tests="deepcoder",
+                        reads=("fn_name", "metadata")),
+    "livecodebench": Layout(prompt="question_content", answer="public_test_cases",
+                            code_tests="livecodebench",
+                            reads=("private_test_cases", "metadata", "starter_code")),
 }
 
 
@@ -302,8 +349,7 @@ def _parquet_rows(path: str, columns: set[str]) -> Iterator[tuple[str, Any]]:
 def _rows(path: str, layout: Layout) -> Iterator[tuple[str, Any]]:
   """(location, parsed row or a MalformedRowError) for every row of a .jsonl or .parquet file."""
   if path.endswith(".parquet"):
-    paths = (layout.prompt, layout.answer, layout.solution)
-    return _parquet_rows(path, {p.split(".")[0] for p in paths if p})
+    return _parquet_rows(path, layout.columns())
   if path.endswith(".jsonl"):
     return _jsonl_rows(path)
   raise PromptSetError(f"{path}: unsupported prompt-set format; expected .jsonl (JSON lines) or "
@@ -344,7 +390,9 @@ def _example(loc: str, row: Any, layout: Layout, max_prompt_chars: int | None) -
   if not prompt.strip():
     raise MalformedRowError(loc, layout.prompt, "empty_prompt", "prompt is empty")
   solution = get(layout.solution, (str,)) if layout.solution else ""
-  if layout.answer_from_boxed:
+  if layout.code_tests:
+    prompt, answer = CODE_TESTS[layout.code_tests](loc, row, layout, prompt, get)
+  elif layout.answer_from_boxed:
     answer = last_boxed(get(layout.answer, (str,)))
     if answer is None:
       raise MalformedRowError(loc, layout.answer, "no_boxed_answer", "no \\boxed{...} found")
@@ -357,6 +405,211 @@ def _example(loc: str, row: Any, layout: Layout, max_prompt_chars: int | None) -
     raise MalformedRowError(loc, layout.prompt, "prompt_too_long",
                             f"{len(prompt)} characters > max_prompt_chars={max_prompt_chars}")
   return Example(prompt=prompt, solution=solution, answer=answer.strip())
+
+
+# -- code layouts: tests -> code_exec test spec -----------------------------------------------------
+_STDIN_INSTRUCTION = ("\n\nWrite a Python 3 program that reads the input from standard input and "
+                      "prints the answer to standard output. Give the whole program in one "
+                      "```python code block.")
+_CALL_INSTRUCTION = ("\n\nWrite a Python 3 solution that defines `{fn}` (it is called with each "
+                     "test's arguments and its return value is checked). Give the code in one "
+                     "```python code block.")
+_STARTER = "\n\nStart from this code:\n```python\n{code}\n```"
+_MAX_PRIVATE_TESTS_BYTES = 1 << 30  # decompressed size cap of LiveCodeBench's compressed tests
+
+
+def _code_prompt(problem: str, fn: str | None, starter: str = "") -> str:
+  text = problem.rstrip()
+  if starter.strip():
+    text += _STARTER.format(code=starter.rstrip())
+  if fn and re.search(r"^class Solution\b", starter, re.M):
+    fn = f"Solution.{fn}"
+  return text + (_CALL_INSTRUCTION.format(fn=fn) if fn else _STDIN_INSTRUCTION)
+
+
+def _optional(row: dict, path: str) -> Any:
+  try:
+    return _resolve(row, path)
+  except _Missing:
+    return None
+
+
+def _json_field(loc: str, field: str, value: Any) -> Any:
+  """A field that holds JSON text or already-parsed JSON."""
+  if isinstance(value, str):
+    try:
+      return json.loads(value)
+    except json.JSONDecodeError as e:
+      raise MalformedRowError(loc, field, "bad_tests",
+                              f"not valid JSON: {e.msg} at column {e.pos + 1}") from None
+    except RecursionError:
+      raise MalformedRowError(loc, field, "bad_tests", "JSON nested too deeply") from None
+  return value
+
+
+class _NoGlobals(pickle.Unpickler):
+  """Unpickles plain data only: any class or function reference is refused, so loading cannot run
+  code (`pickle` docs, "Restricting Globals")."""
+
+  def find_class(self, module, name):
+    raise pickle.UnpicklingError(f"refusing global {module}.{name}")
+
+
+def _lcb_private(loc: str, field: str, value: Any) -> Any:
+  """LiveCodeBench private tests: JSON text / a list, or base64(zlib(pickle(JSON text)))."""
+  if not isinstance(value, str) or value.lstrip()[:1] in ("[", "{", ""):
+    return _json_field(loc, field, value)
+  try:
+    raw = zlib.decompressobj().decompress(base64.b64decode(value, validate=True),
+                                          _MAX_PRIVATE_TESTS_BYTES)
+    text = _NoGlobals(io.BytesIO(raw)).load()
+  except (ValueError, zlib.error, pickle.UnpicklingError, EOFError) as e:
+    raise MalformedRowError(loc, field, "bad_tests",
+                            "neither JSON nor LiveCodeBench's base64/zlib/pickle form: "
+                            f"{type(e).__name__}: {e}") from None
+  if isinstance(text, bytes):
+    text = text.decode("utf-8", "replace")
+  if not isinstance(text, str):
+    raise MalformedRowError(loc, field, "bad_tests",
+                            f"compressed tests hold a {type(text).__name__}, expected JSON text")
+  return _json_field(loc, field, text)
+
+
+def _lines_text(loc: str, field: str, what: str, v: Any) -> str:
+  if isinstance(v, list) and all(isinstance(x, str) for x in v):
+    return "\n".join(v)
+  if not isinstance(v, str):
+    raise MalformedRowError(loc, field, "bad_tests",
+                            f"{what}: stdin/stdout must be text, got {type(v).__name__}")
+  return v
+
+
+def _call_args(loc: str, field: str, what: str, v: Any) -> list:
+  if isinstance(v, str):  # one JSON value per line (LiveCodeBench)
+    try:
+      return [json.loads(line) for line in v.split("\n") if line.strip()]
+    except json.JSONDecodeError as e:
+      raise MalformedRowError(loc, field, "bad_tests",
+                              f"{what}: input line is not JSON: {e.msg}") from None
+  if not isinstance(v, list):
+    raise MalformedRowError(loc, field, "bad_tests",
+                            f"{what}: call arguments must be a list, got {type(v).__name__}")
+  return v
+
+
+def _call_expected(loc: str, field: str, what: str, v: Any) -> Any:
+  if isinstance(v, str):  # one JSON value (LiveCodeBench)
+    try:
+      return json.loads(v)
+    except json.JSONDecodeError as e:
+      raise MalformedRowError(loc, field, "bad_tests",
+                              f"{what}: output is not JSON: {e.msg}") from None
+  if isinstance(v, list) and len(v) == 1:  # APPS / TACO store a return value as [value]
+    return v[0]
+  return v
+
+
+def _spec(loc: str, field: str, fn: str | None, cases: list[tuple[Any, Any]]) -> str:
+  """The code_exec test spec (JSON text) of (input, output) cases; checked by code_exec."""
+  from opd_jax.data import code_exec
+  if not cases:
+    raise MalformedRowError(loc, field, "bad_tests", "no test cases")
+  if fn is not None:
+    if not isinstance(fn, str) or not fn.isidentifier():
+      raise MalformedRowError(loc, field, "bad_tests", f"function name {fn!r} is not an identifier")
+    spec = {"fn": fn, "calls": [[_call_args(loc, field, f"case {i}", a),
+                                 _call_expected(loc, field, f"case {i}", b)]
+                                for i, (a, b) in enumerate(cases)]}
+  else:
+    spec = {"io": [[_lines_text(loc, field, f"case {i}", a), _lines_text(loc, field, f"case {i}", b)]
+                   for i, (a, b) in enumerate(cases)]}
+  try:
+    text = json.dumps(spec)
+    code_exec.parse_tests(text)
+  except (ValueError, TypeError) as e:
+    raise MalformedRowError(loc, field, "bad_tests", str(e)) from None
+  return text
+
+
+def _meta_func_name(loc: str, row: dict, layout_field: str = "metadata") -> str | None:
+  meta = _optional(row, layout_field)
+  if meta is None:
+    return None
+  meta = _json_field(loc, layout_field, meta)
+  if not isinstance(meta, dict):
+    raise MalformedRowError(loc, layout_field, "bad_tests",
+                            f"expected an object, got {type(meta).__name__}")
+  name = meta.get("func_name")
+  return name or None
+
+
+def _case_list(loc: str, field: str, cases: Any, row: dict) -> tuple[str | None, list]:
+  """(function name or None, [(input, output)]) of a list of {input, output, ...} cases."""
+  if not isinstance(cases, list):
+    raise MalformedRowError(loc, field, "bad_tests",
+                            f"expected a list of test cases, got {type(cases).__name__}")
+  kinds, out, fn = set(), [], None
+  for i, c in enumerate(cases):
+    if not isinstance(c, dict) or "input" not in c or "output" not in c:
+      raise MalformedRowError(loc, field, "bad_tests",
+                              f"case {i}: expected an object with 'input' and 'output'")
+    call = bool(c.get("fn_name")) or c.get("type") == "function_call" or (
+        c.get("testtype") == "functional")
+    kinds.add(call)
+    if call:
+      fn = fn or c.get("fn_name")
+    out.append((c["input"], c["output"]))
+  if len(kinds) > 1:
+    raise MalformedRowError(loc, field, "bad_tests", "mixes stdin and function-call cases")
+  if kinds == {True}:
+    fn = fn or _optional(row, "fn_name") or _meta_func_name(loc, row)
+    if not fn:
+      raise MalformedRowError(loc, field, "bad_tests",
+                              "function-call cases but no function name (fn_name / "
+                              "metadata.func_name)")
+    return fn, out
+  return None, out
+
+
+def _deepcoder_tests(loc: str, row: dict, layout: Layout, prompt: str, get) -> tuple[str, str]:
+  field = layout.answer
+  tests = _json_field(loc, field, get(field, (str, list, dict)))
+  if isinstance(tests, dict):
+    inputs, outputs = tests.get("inputs"), tests.get("outputs")
+    if not isinstance(inputs, list) or not isinstance(outputs, list):
+      raise MalformedRowError(loc, field, "bad_tests",
+                              "expected lists 'inputs' and 'outputs' (or a list of cases)")
+    if len(inputs) != len(outputs):
+      raise MalformedRowError(loc, field, "bad_tests",
+                              f"{len(inputs)} inputs but {len(outputs)} outputs")
+    fn = tests.get("fn_name") or _optional(row, "fn_name") or None
+    cases = list(zip(inputs, outputs))
+  else:
+    fn, cases = _case_list(loc, field, tests, row)
+  return _code_prompt(prompt, fn), _spec(loc, field, fn, cases)
+
+
+def _livecodebench_tests(loc: str, row: dict, layout: Layout, prompt: str, get
+                         ) -> tuple[str, str]:
+  field = layout.answer
+  public = _json_field(loc, field, get(field, (str, list)))
+  private = _optional(row, "private_test_cases")
+  fn, cases = _case_list(loc, field, public, row)
+  if private not in (None, "", []):
+    pfn, pcases = _case_list(loc, "private_test_cases",
+                             _lcb_private(loc, "private_test_cases", private), row)
+    if bool(pfn) != bool(fn) and cases and pcases:
+      raise MalformedRowError(loc, "private_test_cases", "bad_tests",
+                              "private and public tests differ in kind (stdin vs functional)")
+    fn, cases = fn or pfn, cases + pcases
+  starter = _optional(row, "starter_code")
+  if starter is not None and not isinstance(starter, str):
+    raise MalformedRowError(loc, "starter_code", "wrong_type",
+                            f"expected str, got {type(starter).__name__}")
+  return _code_prompt(prompt, fn, starter or ""), _spec(loc, field, fn, cases)
+
+
+CODE_TESTS = {"deepcoder": _deepcoder_tests, "livecodebench": _livecodebench_tests}
 
 
 class _TokenChecks:

@@ -336,8 +336,9 @@ class DataConfig:
     layout: prompt-set layout name (`data.datasets.LAYOUTS`).
     on_error: malformed rows of prompt-set files: 'error' (one line naming file:line:field and
       the reason) or 'skip' (skipped and counted per reason: bad_utf8, bad_json, not_an_object,
-      missing_field, wrong_type, empty_prompt, empty_answer, no_boxed_answer, untokenizable,
-      prompt_too_long; up to 5 file:line samples each in the run summary's 'data').
+      missing_field, wrong_type, empty_prompt, empty_answer, no_boxed_answer, bad_tests,
+      untokenizable, prompt_too_long; up to 5 file:line samples each in the run summary's
+      'data').
     dedup: drop repeated prompts of prompt-set files (whitespace-normalised; the first one and
       its answer are kept; counted in the summary).
     max_prompt_tokens: drop/raise on longer chat-formatted prompts (0: no limit).
