@@ -85,6 +85,11 @@ def test_progress_reports_rate_and_shows_chosen_metrics(capsys):
     p.update(1, {"train/loss": 0.5, "other": 1.0})
   assert p.rate is not None and p.rate > 0
   assert p.eta_s == pytest.approx(5 / p.rate, rel=0.5)
-  p.close()
+  p.show_metrics({"train/loss": 0.5, "other": 1.0}, refresh=True)
   err = capsys.readouterr().err
   assert "5/10" in err and "loss=0.5" in err and "other" not in err
+  # metrics fetched one step late carry the step they were computed at
+  p.update(1, {"train/loss": 0.25}, step=5)
+  p.close()
+  assert "6/10" in capsys.readouterr().err.split("\r")[-1]
+  assert p._bar.postfix == "at=5, loss=0.25"

@@ -442,13 +442,14 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
   evals: list[dict] = []
   snapshots: dict[int, str] = {}
   last: dict[str, float] = {}
+  last_step: int | None = None   # the step `last` belongs to (metrics arrive one step late)
   last_ckpt = ckpt.latest_step()
   peak, peak_source = timing.peak_flops() if loop_cfg.time_phases else (0.0, "")
   step_flops = timing.iteration_flops(plan)
   first_step_s = None
 
   def handle(ready):
-    nonlocal last, first_step_s
+    nonlocal last, last_step, first_step_s
     if ready is None:
       return
     s, m = ready
@@ -462,7 +463,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
       m = {**m, **times, **timing.throughput(times, tokens, step_flops, peak)}
     if first_step_s is None:
       first_step_s = time.time() - t_start
-    last = m
+    last, last_step = m, s
     if s % loop_cfg.log_every == 0 or s == loop_cfg.steps:
       writer.write(s, m)
 
@@ -521,7 +522,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
         step += 1
         ctx.clock.finish(step, step_metrics)
         handle(fetcher.push(step, {**step_metrics, **rollout_metrics}))
-        progress.update(1, last)
+        progress.update(1, last, last_step)
 
         want_snapshot = step in loop_cfg.snapshot_steps
         want_ckpt = ((loop_cfg.checkpoint_every and step % loop_cfg.checkpoint_every == 0)
@@ -544,6 +545,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
           preempted = signal.Signals(stop.signal).name if stop.signal else "peer process"
           break
       handle(fetcher.flush())
+      progress.show_metrics(last, last_step, refresh=True)
   finally:
     writer.close()
     progress.close()

@@ -151,7 +151,12 @@ class MetricsWriter:
 
 
 class Progress:
-  """A tqdm bar over training steps with rate and ETA, showing a few chosen metrics."""
+  """A tqdm bar over training steps with rate and ETA, showing a few chosen metrics.
+
+  Metrics are fetched one step late (no device sync in the step), so the bar labels them with the
+  step they belong to (`at=N`) instead of passing step N-1's loss off as step N's; `show_metrics`
+  puts the final step's metrics on the bar once they are fetched.
+  """
 
   def __init__(self, total: int, initial: int = 0, *, show: tuple[str, ...] = ("train/loss",),
                enabled: bool = True, desc: str = "train"):
@@ -162,11 +167,19 @@ class Progress:
     self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
                      disable=not enabled or jax.process_index() != 0)
 
-  def update(self, n: int = 1, metrics: Mapping[str, float] | None = None):
-    if metrics:
-      post = {k.split("/")[-1]: f"{metrics[k]:.4g}" for k in self._show if k in metrics}
-      if post:
-        self._bar.set_postfix(post, refresh=False)
+  def show_metrics(self, metrics: Mapping[str, float] | None, step: int | None = None,
+                   *, refresh: bool = False):
+    """Shows the chosen metrics (those present), labelled with their step when given."""
+    post = {k.split("/")[-1]: f"{metrics[k]:.4g}" for k in self._show if k in (metrics or {})}
+    if post and step is not None:
+      post = {"at": str(step), **post}
+    if post:
+      self._bar.set_postfix(post, refresh=refresh)
+
+  def update(self, n: int = 1, metrics: Mapping[str, float] | None = None,
+             step: int | None = None):
+    """Advances the bar by n steps; `metrics` (of step `step`, if known) go on the bar."""
+    self.show_metrics(metrics, step)
     self._bar.update(n)
     self._done += n
 
