@@ -74,20 +74,71 @@ def test_save_load_roundtrip_and_same_tokenizer_check(tok, tmp_path):
     T.load_tokenizer(tmp_path / "missing")
 
 
-def test_check_same_tokenizer_reports_vocab_and_special_mismatches(tok):
+def _one_line_mismatch(teacher, student) -> str:
+  from opd_jax.errors import UserError
+  with pytest.raises(T.TokenizerMismatchError) as e:
+    T.check_same_tokenizer(teacher, student, where="t/ vs s/")
+  msg = str(e.value)
+  assert isinstance(e.value, UserError) and "\n" not in msg and "(t/ vs s/)" in msg
+  return msg
+
+
+def test_check_same_tokenizer_names_the_first_differing_token_and_its_ids(tok):
+  assert T.tokenizer_difference(tok, T.build_task_tokenizer()) is None
+  # A smaller alphabet: ids agree up to the first missing character.
   other = T.build_task_tokenizer(alphabet="0123456789+=: ")
-  with pytest.raises(ValueError, match="vocabulary size") as e:
-    T.check_same_tokenizer(tok, other)
-  assert "cross-tokenizer" in str(e.value)
-  # Same vocabulary, different pad id.
+  first = T.DEFAULT_ALPHABET.index("a")  # '0'..'9' come first, then 'a'
+  assert first == 10
+  msg = _one_line_mismatch(tok, other)
+  assert f"vocabulary differs at id {7 + first}: token 'a' has teacher id {7 + first}" in msg
+  assert "student id absent (student's id 17 is '+')" in msg, msg
+  # Same vocabulary, different pad token.
   swapped = T.build_task_tokenizer()
   swapped.pad_token = T.EOS
-  with pytest.raises(ValueError, match="pad_token_id: teacher 0 != student 1"):
-    T.check_same_tokenizer(tok, swapped)
-  # Same size, one entry renumbered.
-  perm = T.build_task_tokenizer(alphabet=T.DEFAULT_ALPHABET[1:] + T.DEFAULT_ALPHABET[0])
-  with pytest.raises(ValueError, match="differing vocabulary entries"):
-    T.check_same_tokenizer(tok, perm)
+  assert "pad token differs: teacher '<pad>' (id 0) vs student '<eos>' (id 1)" in (
+      _one_line_mismatch(tok, swapped))
+  # Same size, two characters exchanged: the first one named with both ids.
+  alpha = T.DEFAULT_ALPHABET
+  perm = T.build_task_tokenizer(alphabet=alpha[1] + alpha[0] + alpha[2:])
+  msg = _one_line_mismatch(tok, perm)
+  assert f"vocabulary differs at id 7: token {alpha[0]!r} has teacher id 7, student id 8" in msg
+  # Same vocabulary; a chat-template control token is ordinary text on one side.
+  from tokenizers import Regex, Tokenizer, decoders, models as tk_models, pre_tokenizers as pre
+  from transformers import PreTrainedTokenizerFast
+  chars = list(dict.fromkeys(T.DEFAULT_ALPHABET))
+  backend = Tokenizer(tk_models.WordLevel(
+      vocab={t: i for i, t in enumerate(list(T.SPECIAL_TOKENS) + chars)}, unk_token=T.UNK))
+  backend.pre_tokenizer = pre.Split(Regex(r"[\s\S]"), behavior="isolated")
+  backend.decoder = decoders.Fuse()
+  backend.add_special_tokens(list(T.SPECIAL_TOKENS[:-1]))
+  backend.add_tokens([T.SYSTEM])
+  no_ctl = PreTrainedTokenizerFast(
+      tokenizer_object=backend, pad_token=T.PAD, eos_token=T.EOS, bos_token=T.BOS,
+      unk_token=T.UNK, additional_special_tokens=[T.USER, T.ASSISTANT])
+  assert no_ctl.get_vocab() == tok.get_vocab()
+  msg = _one_line_mismatch(tok, no_ctl)
+  assert ("control token '<|system|>' differs: teacher id 6 vs student id 6 (not a control "
+          "token)") in msg, msg
+
+
+def test_tokenizer_difference_against_a_reference_on_random_vocabularies():
+  """Random alphabets and swaps vs a direct reference: the lowest id whose token differs."""
+  rng = np.random.default_rng(0)
+  base = list(T.DEFAULT_ALPHABET)
+  for _ in range(20):
+    a = list(base)
+    i, j = sorted(rng.choice(len(a), 2, replace=False))
+    b = list(a)
+    b[i], b[j] = b[j], b[i]
+    if rng.random() < 0.5:
+      b = b[:int(rng.integers(j + 1, len(b) + 1))]  # and maybe a shorter alphabet
+    ta, tb = T.build_task_tokenizer("".join(a)), T.build_task_tokenizer("".join(b))
+    va, vb = ta.get_vocab(), tb.get_vocab()
+    ids = sorted(set(va.values()) | set(vb.values()))
+    inv_a, inv_b = {v: k for k, v in va.items()}, {v: k for k, v in vb.items()}
+    first = next(k for k in ids if inv_a.get(k) != inv_b.get(k))
+    diff = T.tokenizer_difference(ta, tb)
+    assert diff.startswith(f"vocabulary differs at id {first}: token {inv_a[first]!r} ")
 
 
 def _qwen_like_tokenizer(path):
@@ -164,3 +215,29 @@ def test_untokenizable_rule_for_hf_tokenizers(tmp_path):
   assert T.find_untokenizable(word, "what is two") is None
   assert T.find_untokenizable(word, "what is three") == (
       "text 'three' at offset 8 is not in the tokenizer's vocabulary (encodes to <u>)")
+
+
+def test_run_plan_refuses_a_teacher_whose_own_tokenizer_differs(tok, tmp_path):
+  """`run_plan.resolve` compares a Hugging Face teacher's own tokenizer with the run's."""
+  import pathlib
+
+  from opd_jax.train import config as config_lib
+  from opd_jax.train import run_plan
+  root = pathlib.Path(__file__).resolve().parent.parent
+  same, other = tmp_path / "same", tmp_path / "other"
+  tok.save_pretrained(same)
+  T.build_task_tokenizer(alphabet="0123456789+=: ").save_pretrained(other)
+
+  def cfg(path):
+    return config_lib.from_config_dict(config_lib.load_config(
+        str(root / "configs" / "opd.py") + ":smoke",
+        ["teacher.source=hf", f"teacher.path={path}"]))
+
+  assert run_plan.teacher_tokenizer_dir(cfg(same)) == str(same)
+  run_plan.resolve(cfg(same))  # the task tokenizer, saved: identical
+  with pytest.raises(T.TokenizerMismatchError, match=r"teacher\.path=.*other vs data\.tokenizer="
+                     r".*vocabulary differs at id 17: token '\+' has teacher id 17, student id "
+                     f"{7 + T.DEFAULT_ALPHABET.index('+')}"):
+    run_plan.resolve(cfg(other))
+  run_plan.resolve(cfg(other), shapes_only=True)  # `plan` reads no tokenizer
+  assert run_plan.teacher_tokenizer_dir(cfg(tmp_path)) is None  # no tokenizer files there

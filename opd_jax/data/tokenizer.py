@@ -28,7 +28,8 @@ the second case applies. Decode round-trips are deliberately not compared: norma
 its character offset and the token it became, so a loader can say where it is.
 
 Teacher and student must share one tokenizer (opd_jax does not do cross-tokenizer distillation):
-`check_same_tokenizer` raises on any difference in vocabulary or special ids.
+`check_same_tokenizer` raises a one-line `TokenizerMismatchError` naming the first differing token
+(special tokens, chat-template control tokens, then the vocabulary, by id) and its ids on both sides.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from typing import Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from opd_jax.errors import UserError
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
@@ -98,27 +101,67 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
   return tok
 
 
-def check_same_tokenizer(teacher: PreTrainedTokenizerBase,
-                         student: PreTrainedTokenizerBase) -> None:
-  """Raise ValueError naming the first differences if the two tokenizers differ in vocabulary
-  (including added tokens) or special-token ids (cross-tokenizer distillation is not supported)."""
-  problems = []
-  for name in ("eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id"):
-    a, b = getattr(teacher, name), getattr(student, name)
-    if a != b:
-      problems.append(f"{name}: teacher {a} != student {b}")
-  va, vb = teacher.get_vocab(), student.get_vocab()
-  if len(va) != len(vb):
-    problems.append(f"vocabulary size: teacher {len(va)} != student {len(vb)}")
-  diff = sorted((set(va.items()) ^ set(vb.items())), key=lambda kv: kv[1])
-  if diff:
-    shown = []
-    for tok, _ in diff[:5]:
-      shown.append(f"{tok!r}: teacher {va.get(tok)} vs student {vb.get(tok)}")
-    problems.append(f"{len(diff)} differing vocabulary entries, e.g. " + "; ".join(shown))
-  if problems:
-    raise ValueError("teacher and student tokenizers differ (opd_jax does not support "
-                     "cross-tokenizer distillation):\n  " + "\n  ".join(problems))
+class TokenizerMismatchError(UserError, ValueError):
+  """Teacher and student tokenizers differ (one line naming the first difference)."""
+
+
+_SPECIAL_NAMES = ("eos", "pad", "bos", "unk")
+
+
+def tokenizer_difference(teacher: PreTrainedTokenizerBase,
+                         student: PreTrainedTokenizerBase) -> str | None:
+  """The first difference between two tokenizers as one line, or None if they are identical for
+  distillation: the same vocabulary (every token -> id, added tokens included), the same named
+  special tokens (eos / pad / bos / unk: token and id) and the same control tokens (`control_tokens`:
+  the chat template's <|im_start|> / <|im_end|> and every other added token marked special).
+
+  Checked in that order: special tokens first (a different EOS or pad silently corrupts masks),
+  then the control tokens by id, then the vocabulary by id (the lowest id whose token differs).
+  A token is named with its id on both sides ('absent' where one side lacks it)."""
+  def id_in(vocab, token):
+    i = vocab.get(token)
+    return "absent" if i is None else str(i)
+
+  for name in _SPECIAL_NAMES:
+    t_tok, s_tok = getattr(teacher, f"{name}_token"), getattr(student, f"{name}_token")
+    t_id, s_id = getattr(teacher, f"{name}_token_id"), getattr(student, f"{name}_token_id")
+    if (t_tok, t_id) != (s_tok, s_id):
+      return (f"{name} token differs: teacher {t_tok!r} (id {t_id}) vs student {s_tok!r} "
+              f"(id {s_id})")
+  t_ctl, s_ctl = control_tokens(teacher), control_tokens(student)
+  for i in sorted(set(t_ctl) | set(s_ctl)):
+    if t_ctl.get(i) != s_ctl.get(i):
+      t, s = t_ctl.get(i), s_ctl.get(i)
+      name = t if t is not None else s
+      t_note = "" if t is not None else " (not a control token)"
+      s_note = "" if s is not None else " (not a control token)"
+      return (f"control token {name!r} differs: teacher id {id_in(teacher.get_vocab(), name)}"
+              f"{t_note} vs student id {id_in(student.get_vocab(), name)}{s_note}")
+  tv, sv = teacher.get_vocab(), student.get_vocab()
+  if tv != sv:
+    t_by_id = {i: t for t, i in tv.items()}
+    s_by_id = {i: t for t, i in sv.items()}
+    for i in sorted(set(t_by_id) | set(s_by_id)):
+      t, s = t_by_id.get(i), s_by_id.get(i)
+      if t != s:
+        name = t if t is not None else s
+        return (f"vocabulary differs at id {i}: token {name!r} has teacher id "
+                f"{id_in(tv, name)}, student id {id_in(sv, name)}"
+                + (f" (student's id {i} is {s!r})" if t is not None and s is not None else "")
+                + f"; vocabulary sizes {len(tv)} / {len(sv)}")
+  return None
+
+
+def check_same_tokenizer(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase,
+                         where: str = "") -> None:
+  """Raise `TokenizerMismatchError` (one line, naming the first differing token and its ids;
+  `tokenizer_difference`) unless the tokenizers are identical for distillation (opd_jax does not
+  do cross-tokenizer distillation). `where` names the tokenizers' sources in the message."""
+  diff = tokenizer_difference(teacher, student)
+  if diff is not None:
+    raise TokenizerMismatchError(
+        f"teacher and student tokenizers differ{f' ({where})' if where else ''}: {diff} "
+        "(cross-tokenizer distillation is not supported: use one tokenizer for both)")
 
 
 def control_tokens(tok: PreTrainedTokenizerBase) -> dict[int, str]:

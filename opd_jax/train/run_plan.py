@@ -136,6 +136,32 @@ def load_tokenizer(cfg: TrainConfig):
   return tokenizer_lib.build_task_tokenizer()
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def teacher_tokenizer_dir(cfg: TrainConfig) -> str | None:
+  """The teacher's own tokenizer directory (a Hugging Face teacher whose directory holds tokenizer
+  files), or None (a checkpoint / random teacher uses the run's tokenizer)."""
+  t = cfg.teacher
+  if t.source != "hf" or not t.path:
+    return None
+  d = epath.Path(t.path)
+  return t.path if any((d / f).is_file() for f in _TOKENIZER_FILES) else None
+
+
+def check_teacher_tokenizer(cfg: TrainConfig, tokenizer) -> None:
+  """Refuses (`tokenizer.TokenizerMismatchError`, one line naming the first differing token and
+  its ids) a teacher whose own tokenizer differs from the run's (`data.tokenizer`) in vocabulary
+  or special / chat-template control tokens."""
+  path = teacher_tokenizer_dir(cfg)
+  if path is None or tokenizer is None or (cfg.data.tokenizer and
+                                           epath.Path(cfg.data.tokenizer) == epath.Path(path)):
+    return
+  student_src = cfg.data.tokenizer or "the task's char-level tokenizer (data.tokenizer='')"
+  tokenizer_lib.check_same_tokenizer(tokenizer_lib.load_tokenizer(path), tokenizer,
+                                     where=f"teacher.path={path} vs data.tokenizer={student_src}")
+
+
 def load_examples_with_reports(cfg: TrainConfig, tokenizer) -> tuple[list, list, dict]:
   """(train examples, eval examples, {'train': LoadReport, 'eval': LoadReport}) of the data
   config; the reports are empty for generated tasks."""
@@ -314,6 +340,8 @@ def resolve(cfg: TrainConfig, *, tokenizer=None, student: ModelConfig | None = N
   teacher_cfg = None
   if needs.teacher:
     teacher_cfg = teacher if teacher is not None else spec_model_config(cfg.teacher)
+    if not shapes_only:
+      check_teacher_tokenizer(cfg, tokenizer)
   sampler = None
   if recipe.uses_rollouts:
     sampler = sampler_config(cfg, eos_id, pad_id, max_new_tokens=max_new)
