@@ -221,3 +221,44 @@ def test_resuming_a_finished_run_is_a_no_op_that_lists_its_snapshots(tmp_path, s
   assert again["resumed_from"] == 2 and again["step"] == 2
   assert again["snapshots"] == first["snapshots"]
   assert [r["step"] for r in rows_of(again)] == [1, 2]
+
+
+def test_several_named_eval_sets_log_avg_pass_and_standard_errors_per_set(tmp_path):
+  """Two prompt-set files as data.eval_sets beside the generated eval split: every eval logs each
+  set under eval/<name>/ (avg@k, pass@k and their SEs over the distinct problems: set 'rep'
+  repeats each problem 3 times and is deduplicated), and the unnamed split keeps its names."""
+  import json
+
+  from opd_jax.data import tasks
+  base = smoke("sft")
+  problems = tasks.generate(base.data.task, "eval", 6, seed=123)
+
+  def write(name, rows):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": e.prompt}],
+                                        "reward_model": {"ground_truth": e.answer}}) + "\n"
+                            for e in rows))
+    return str(path)
+
+  sets = (("plain", write("plain", problems[:4]), ""),
+          ("rep", write("rep", [e for e in problems[3:] for _ in range(3)]), "dapo_math_17k"))
+  cfg = smoke("sft", ["loop.steps=2", "loop.eval_every=2", "loop.checkpoint_every=0",
+                      "data.eval_examples=4", "loop.eval_greedy=false", "loop.eval_k=2",
+                      f"data.eval_sets={sets!r}"])
+  summary = loop.run(cfg, tmp_path / "run")
+  assert [e["step"] for e in summary["eval"]] == [0, 2]
+  rows = metrics_lib.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  logged = [r for r in rows if "eval/accuracy" in r]
+  assert [r["step"] for r in logged] == [0, 2]
+  for r in logged:
+    assert r["eval/prompts"] == 4 and "eval/avg@2_se" in r
+    for name, distinct in (("plain", 4), ("rep", 3)):
+      p = f"eval/{name}/"
+      assert r[p + "prompts"] == distinct
+      assert r[p + "avg@2"] == pytest.approx(r[p + "accuracy"], abs=1e-12)
+      for key in ("avg@2", "pass@2"):
+        assert 0.0 <= r[p + key] <= 1.0 and r[p + key + "_se"] >= 0.0
+      assert r[p + "pass@2"] <= r[p + "pass_at_k"] + 1e-12
+  data = next(r for r in rows if "data/eval/rep/dedup/duplicates" in r)
+  assert data["data/eval/rep/dedup/duplicates"] == 6 and data["data/eval/plain/kept"] == 4
+  assert summary["data"]["eval/rep"]["kept"] == 3

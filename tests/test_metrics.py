@@ -93,3 +93,53 @@ def test_progress_reports_rate_and_shows_chosen_metrics(capsys):
   p.close()
   assert "6/10" in capsys.readouterr().err.split("\r")[-1]
   assert p._bar.postfix == "at=5, loss=0.25"
+
+
+def _reference_eval(scores_PxN, k):
+  """float64 reference: per-problem values, then mean and SE = std(ddof=1) / sqrt(P) over the
+  problems; pass@k by the binomial formula 1 - C(n-c, k) / C(n, k) with exact integers."""
+  from math import comb
+  s = np.asarray(scores_PxN, np.float64)
+  n = s.shape[1]
+  avg = s.mean(axis=1)
+  c = (s >= 1.0).sum(axis=1)
+  pas = np.asarray([1.0 - comb(n - ci, k) / comb(n, k) for ci in c], np.float64)
+  se = lambda v: float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+  return avg.mean(), se(avg), pas.mean(), se(pas)
+
+
+def test_pass_at_k_matches_the_binomial_formula_on_random_counts():
+  from math import comb
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    n = int(rng.integers(1, 40))
+    k = int(rng.integers(1, n + 1))
+    c = rng.integers(0, n + 1, size=7)
+    want = np.asarray([1.0 - comb(n - ci, k) / comb(n, k) for ci in c])
+    np.testing.assert_allclose(metrics_lib.pass_at_k(n, c, k), want, rtol=1e-12, atol=1e-15)
+    assert metrics_lib.pass_at_k(n, int(c[0]), k) == pytest.approx(want[0], abs=1e-15)
+  assert metrics_lib.pass_at_k(8, 0, 8) == 0.0 and metrics_lib.pass_at_k(8, 1, 8) == 1.0
+  assert metrics_lib.pass_at_k(8, 2, 1) == pytest.approx(0.25)
+  with pytest.raises(ValueError):
+    metrics_lib.pass_at_k(4, 1, 5)
+
+
+def test_eval_summary_matches_a_float64_reference_over_distinct_problems():
+  """Random scores (binary and partial credit) split into random batches and summed, as the
+  loop does across batches and processes, vs per-problem means and SEs in float64."""
+  rng = np.random.default_rng(1)
+  for trial in range(30):
+    p, n = int(rng.integers(1, 50)), int(rng.integers(1, 9))
+    k = int(rng.integers(1, n + 1))
+    scores = (rng.random((p, n)) < rng.random((p, 1))).astype(np.float64)
+    if trial % 3 == 0:
+      scores = np.where(rng.random((p, n)) < 0.3, rng.random((p, n)), scores)  # partial credit
+    cuts = np.sort(rng.integers(0, p + 1, size=3))
+    stats = sum(metrics_lib.problem_stats(part, k) for part in np.split(scores, cuts))
+    got = metrics_lib.eval_summary(stats, n, k)
+    avg, avg_se, pas, pas_se = _reference_eval(scores, k)
+    assert got["problems"] == p
+    np.testing.assert_allclose([got[f"avg@{n}"], got[f"avg@{n}_se"], got[f"pass@{k}"],
+                                got[f"pass@{k}_se"]], [avg, avg_se, pas, pas_se],
+                               rtol=1e-9, atol=1e-12)
+  assert metrics_lib.eval_summary(np.zeros(metrics_lib.EVAL_STATS), 4, 4)["avg@4"] == 0.0

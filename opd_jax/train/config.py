@@ -20,6 +20,7 @@ import difflib
 import importlib.util
 import math
 import pathlib
+import re
 import sys
 import types
 import typing
@@ -333,6 +334,12 @@ class DataConfig:
       construction), or the cap on kept (deduplicated) examples of the files (0: all).
     data_seed: generation seed of the task problems.
     path / eval_path: prompt-set files (source='file'); without eval_path there is no eval split.
+    eval_sets: more eval sets, each evaluated at every eval: a tuple of (name, path, layout)
+      triples (layout '' = `layout`), e.g. --config.data.eval_sets="(('aime24', 'a.jsonl',
+      'math'), ('lcb', 'lcb.jsonl', 'livecodebench'))". Each is loaded like `eval_path`
+      (dedup, on_error, max_prompt_tokens, `eval_examples` cap) with any data source, and logs
+      `eval/<name>/...`: accuracy, pass_at_k, response_len, prompts, avg@k, pass@k and their
+      standard errors over the distinct problems (avg@k_se, pass@k_se; k the number).
     layout: prompt-set layout name (`data.datasets.LAYOUTS`).
     on_error: malformed rows of prompt-set files: 'error' (one line naming file:line:field and
       the reason) or 'skip' (skipped and counted per reason: bad_utf8, bad_json, not_an_object,
@@ -361,6 +368,7 @@ class DataConfig:
   data_seed: int = 0
   path: str = ""
   eval_path: str = ""
+  eval_sets: tuple[tuple[str, ...], ...] = ()
   layout: str = "dapo_math_17k"
   on_error: str = "error"
   dedup: bool = True
@@ -383,6 +391,19 @@ class DataConfig:
       _bad(self, "verifier_timeout_s", "must be > 0")
     if self.train_examples < 0 or self.eval_examples < 0:
       _bad(self, "train_examples", "train_examples and eval_examples must be >= 0")
+    names = set()
+    for i, entry in enumerate(self.eval_sets):
+      if (not isinstance(entry, (tuple, list)) or len(entry) != 3
+          or not all(isinstance(x, str) for x in entry)):
+        _bad(self, "eval_sets", f"entry {i} must be a (name, path, layout) triple of strings "
+             "(layout '' = data.layout)")
+      name, path, _ = entry
+      if not re.fullmatch(r"[A-Za-z0-9_.@-]+", name) or name in names:
+        _bad(self, "eval_sets", f"entry {i}: name {name!r} must be unique and made of letters, "
+             "digits, '_', '.', '@', '-' (it becomes the metric prefix eval/<name>/)")
+      if not path:
+        _bad(self, "eval_sets", f"entry {i} ({name!r}) has no path")
+      names.add(name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,7 +118,7 @@ RESUMABLE_CHANGES = (
     "mesh.shape", "mesh.axes", "mesh.rules",
     "loop.steps", "loop.progress", "loop.tensorboard", "loop.log_every", "loop.checkpoint_every",
     "loop.checkpoint_keep", "loop.eval_every", "loop.eval_batch_size", "loop.snapshot_steps",
-    "loop.transfer_guard", "loop.debug_nan_at_step",
+    "loop.transfer_guard", "loop.debug_nan_at_step", "data.eval_sets",
 )
 
 
@@ -243,15 +243,18 @@ def _build_pipelines(plan: RunPlan, tok, train_ex, eval_ex):
         [p[0] for p in pairs], [p[1] for p in pairs], pipeline_lib.PipelineConfig(
             global_batch_size=loop_cfg.batch_size, bucket_lengths=plan.sft_buckets,
             seed=loop_cfg.seed, shuffle=cfg.data.shuffle), pad_id=plan.pad_id)
-  evals = None
-  if plan.has_eval and eval_ex:
-    evals = pipeline_lib.rollout_pipeline_from_ids(
-        tokenizer_lib.encode_prompts(tok, [e.prompt for e in eval_ex]),
-        [e.answer for e in eval_ex], pipeline_lib.PipelineConfig(
-            global_batch_size=min(loop_cfg.eval_batch_size, len(eval_ex)),
-            bucket_lengths=plan.prompt_buckets, group_size=plan.eval_k, shuffle=False,
-            num_epochs=1), pad_id=plan.pad_id)
+  evals = _eval_pipeline(plan, tok, eval_ex) if plan.has_eval and eval_ex else None
   return train, evals
+
+
+def _eval_pipeline(plan: RunPlan, tok, eval_ex):
+  """One pass over an eval set: each prompt repeated eval_k times in consecutive rows."""
+  return pipeline_lib.rollout_pipeline_from_ids(
+      tokenizer_lib.encode_prompts(tok, [e.prompt for e in eval_ex]),
+      [e.answer for e in eval_ex], pipeline_lib.PipelineConfig(
+          global_batch_size=min(plan.cfg.loop.eval_batch_size, len(eval_ex)),
+          bucket_lengths=plan.prompt_buckets, group_size=plan.eval_k, shuffle=False,
+          num_epochs=1), pad_id=plan.pad_id)
 
 
 def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
@@ -354,6 +357,9 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
 
   # Data.
   train_ex, eval_ex, data_reports = run_plan.load_examples_with_reports(cfg, tok)
+  named_evals = run_plan.load_eval_sets(cfg, tok) if plan.has_eval else []
+  for name, _, report in named_evals:
+    data_reports[f"eval/{name}"] = report
   for split, report in data_reports.items():
     if primary:
       print(f"data ({split}): {report.summary()}", file=sys.stderr, flush=True)
@@ -361,7 +367,10 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
     raise errors.UserError(f"no training examples in {cfg.data.path or 'the generated task'} "
                            "(data.train_examples / data.path)")
   train_pipe, eval_pipe = _build_pipelines(plan, tok, train_ex, eval_ex)
-  verifier = run_plan.make_verifier(cfg) if (needs.verifier or eval_pipe is not None) else None
+  # ('', pipeline) is the unnamed eval split (eval/...), then data.eval_sets (eval/<name>/...).
+  eval_pipes = ([("", eval_pipe)] if eval_pipe is not None else []) + [
+      (name, _eval_pipeline(plan, tok, ex)) for name, ex, _ in named_evals]
+  verifier = run_plan.make_verifier(cfg) if (needs.verifier or eval_pipes) else None
 
   # Optimizer, context, state.
   p_shardings = mesh_lib.param_shardings(student_cfg, mesh, rules)
@@ -408,7 +417,7 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
     # Everything that runs on the devices from here on sees the mesh and the axis rules (set-up
     # above stays outside: nnx's abstract evaluation must not pick up the context mesh).
     with jax.set_mesh(mesh), sharding.axis_rules(rules):
-      return _loop(ctx, recipe, state, iterator, step_fn, ckpt, workdir, snap_dir, eval_pipe,
+      return _loop(ctx, recipe, state, iterator, step_fn, ckpt, workdir, snap_dir, eval_pipes,
                    verifier, resumed_from, t_start, stop_after, data_reports)
   finally:
     verifiers.close_verifier(verifier)
@@ -416,7 +425,7 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
 
 
 def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step_fn, ckpt,
-          workdir: epath.Path, snap_dir: epath.Path, eval_pipe, verifier,
+          workdir: epath.Path, snap_dir: epath.Path, eval_pipes, verifier,
           resumed_from: int | None, t_start: float, stop_after: int | None,
           data_reports: Mapping[str, Any]) -> dict:
   """Dispatch (recipe batch -> jitted step), fetch metrics one step late, save.
@@ -468,10 +477,15 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
       writer.write(s, m)
 
   def do_eval(s: int, params):
-    result = rollout_lib.evaluate(
-        ctx.graphdef, params, eval_pipe.iterator(), ctx.tokenizer, verifier, plan.eval_sampler,
-        _fold_in(eval_rng, jax.device_put(np.uint32(s), replicated)), plan.eval_k,
-        ctx.to_device)
+    # Every eval set, in config order (all processes alike: `evaluate` all-gathers per set).
+    result = {}
+    key = _fold_in(eval_rng, jax.device_put(np.uint32(s), replicated))
+    for i, (name, pipe) in enumerate(eval_pipes):
+      set_key = key if i == 0 else _fold_in(key, jax.device_put(np.uint32(i), replicated))
+      out = rollout_lib.evaluate(ctx.graphdef, params, pipe.iterator(), ctx.tokenizer, verifier,
+                                 plan.eval_sampler, set_key, plan.eval_k, ctx.to_device)
+      result.update(out if not name else
+                    {f"eval/{name}/{k.removeprefix('eval/')}": v for k, v in out.items()})
     evals.append({"step": s, **result})
     writer.write(s, result)
 
@@ -494,7 +508,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
     with jax.transfer_guard("allow"):
       ckpt.save(s, state, {"data": iterator.get_state(), "config": saved_config})
 
-  do_evals = eval_pipe is not None and loop_cfg.eval_every > 0
+  do_evals = bool(eval_pipes) and loop_cfg.eval_every > 0
   if data_reports:  # what the loaders read, kept and skipped: once, at the run's first step
     writer.write(start, {k: float(v) for split, r in data_reports.items()
                          for k, v in r.to_metrics("data" if split == "train"

@@ -81,6 +81,65 @@ def _json_value(v: float):
   return v if math.isfinite(v) else str(v)  # JSON has no NaN/inf: write them as strings
 
 
+# -- eval statistics over distinct problems ----------------------------------------------------------
+# Sufficient statistics of one eval set, additive over batches and processes (all-gathered as one
+# float64 vector): [problems, sum avg, sum avg^2, sum pass, sum pass^2].
+EVAL_STATS = 5
+
+
+def pass_at_k(n: int, c, k: int):
+  """The unbiased pass@k estimator (Chen et al. 2021, Codex): 1 - C(n-c, k) / C(n, k), the
+  probability that k of the n samples, drawn without replacement, include a correct one; `c` (a
+  number or an array) correct samples out of n. Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i),
+  which is exact in float64 and never forms a large binomial."""
+  if not 1 <= k <= n:
+    raise ValueError(f"pass@k needs 1 <= k <= n, got k={k}, n={n}")
+  c = np.asarray(c, np.int64)
+  if np.any((c < 0) | (c > n)):
+    raise ValueError(f"correct counts must lie in [0, {n}]")
+  i = np.arange(1, n + 1, dtype=np.float64)
+  # term i contributes (1 - k/i) when i > n - c; 1 otherwise.
+  factors = np.where(i[None, :] > (n - c.reshape(-1))[:, None], 1.0 - k / i[None, :], 1.0)
+  out = 1.0 - np.prod(factors, axis=1)
+  return out.reshape(c.shape) if c.ndim else float(out[0])
+
+
+def problem_stats(scores_PxN: np.ndarray, k: int) -> np.ndarray:
+  """EVAL_STATS sufficient statistics of P problems with N samples each (scores in [0, 1]; a
+  sample is correct iff its score >= 1): per problem avg = mean score over its N samples and
+  pass = pass_at_k(N, correct, k)."""
+  s = np.asarray(scores_PxN, np.float64)
+  if s.ndim != 2:
+    raise ValueError(f"scores must be [problems, samples], got shape {s.shape}")
+  if s.shape[0] == 0:
+    return np.zeros(EVAL_STATS, np.float64)
+  avg = s.mean(axis=1)
+  passed = pass_at_k(s.shape[1], (s >= 1.0).sum(axis=1), k)
+  return np.asarray([s.shape[0], avg.sum(), (avg * avg).sum(), passed.sum(),
+                     (passed * passed).sum()], np.float64)
+
+
+def _mean_se(n: float, total: float, total_sq: float) -> tuple[float, float]:
+  if n < 1:
+    return 0.0, 0.0
+  mean = total / n
+  if n < 2:
+    return mean, 0.0
+  var = max(total_sq - n * mean * mean, 0.0) / (n - 1)  # sample variance over problems
+  return mean, math.sqrt(var / n)
+
+
+def eval_summary(stats: np.ndarray, n: int, k: int) -> dict[str, float]:
+  """avg@n, pass@k and their standard errors over the distinct problems (sample standard
+  deviation of the per-problem values / sqrt(problems); 0 with fewer than 2 problems), from
+  summed `problem_stats`. Keys: 'avg@N', 'avg@N_se', 'pass@K', 'pass@K_se', 'problems'."""
+  stats = np.asarray(stats, np.float64)
+  avg, avg_se = _mean_se(stats[0], stats[1], stats[2])
+  pas, pas_se = _mean_se(stats[0], stats[3], stats[4])
+  return {f"avg@{n}": avg, f"avg@{n}_se": avg_se, f"pass@{k}": pas, f"pass@{k}_se": pas_se,
+          "problems": float(stats[0])}
+
+
 class JsonlWriter:
   """Appends {"step": s, ...metrics} lines to a file (resumed runs keep appending)."""
 

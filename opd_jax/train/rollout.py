@@ -55,6 +55,7 @@ from opd_jax.objectives import log_ratio
 from opd_jax.objectives import reduce
 from opd_jax.objectives import rlvr
 from opd_jax.optim import tokens as tokens_lib
+from opd_jax.train import metrics as metrics_lib
 
 # -- token transforms: ONE table, name -> factory(**kwargs) ---------------------------------------
 TOKEN_TRANSFORMS: dict[str, Callable[..., optax.GradientTransformation]] = {
@@ -399,11 +400,15 @@ def evaluate(graphdef, params, batches, tokenizer, verifier: verifiers.Verifier,
              ) -> dict[str, float]:
   """Verifier accuracy over an eval pipeline's batches (each prompt repeated k times in
   consecutive rows, `group_size=k`): `eval/accuracy` = avg@k (mean over prompts of the mean score
-  of their k samples), `eval/pass_at_k` (any of the k correct), `eval/response_len`, `eval/prompts`.
+  of their k samples), `eval/pass_at_k` (any of the k samples scores > 0), `eval/response_len`,
+  `eval/prompts`; and `eval/avg@k`, `eval/pass@k` (the unbiased estimator; a sample is correct
+  iff it scores 1) with their standard errors over the distinct prompts `eval/avg@k_se`,
+  `eval/pass@k_se` (`metrics.eval_summary`; k the number, e.g. `eval/avg@8`).
   Multi-process: every process scores its rows; the sums are combined across processes.
   """
   score_sum = pass_sum = len_sum = 0.0
   n_prompts = 0
+  stats = np.zeros(metrics_lib.EVAL_STATS, np.float64)
   reasons = verifiers.reasons_of(verifier)
   reason_counts = np.zeros(len(reasons), np.float64)
   for i, batch in enumerate(batches):
@@ -425,8 +430,9 @@ def evaluate(graphdef, params, batches, tokenizer, verifier: verifiers.Verifier,
     pass_sum += float((per_prompt.max(axis=1) > 0)[valid_p].sum())
     len_sum += float(loss_mask.sum(axis=1).reshape(-1, k).mean(axis=1)[valid_p].sum())
     n_prompts += int(valid_p.sum())
+    stats += metrics_lib.problem_stats(per_prompt[valid_p], k)
   totals = np.concatenate([np.asarray([score_sum, pass_sum, len_sum, n_prompts], np.float64),
-                           reason_counts])
+                           stats, reason_counts])
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
@@ -437,5 +443,8 @@ def evaluate(graphdef, params, batches, tokenizer, verifier: verifiers.Verifier,
   n = max(totals[3], 1.0)
   out = {"eval/accuracy": float(totals[0] / n), "eval/pass_at_k": float(totals[1] / n),
          "eval/response_len": float(totals[2] / n), "eval/prompts": float(totals[3])}
-  out.update({f"eval/verifier/{r}": float(c) for r, c in zip(reasons, totals[4:])})
+  out.update({f"eval/{name}": v for name, v in metrics_lib.eval_summary(
+      totals[4:4 + metrics_lib.EVAL_STATS], k, k).items() if name != "problems"})
+  out.update({f"eval/verifier/{r}": float(c)
+              for r, c in zip(reasons, totals[4 + metrics_lib.EVAL_STATS:])})
   return out

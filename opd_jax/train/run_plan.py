@@ -181,6 +181,21 @@ def load_examples_with_reports(cfg: TrainConfig, tokenizer) -> tuple[list, list,
   return train, evals, reports
 
 
+def load_eval_sets(cfg: TrainConfig, tokenizer) -> list[tuple[str, list, Any]]:
+  """[(name, examples, LoadReport)] of `data.eval_sets`, in config order: each file read like
+  `data.eval_path` (its own layout, or `data.layout` for ''; dedup, on_error, max_prompt_tokens
+  and the `data.eval_examples` cap of the data config)."""
+  d = cfg.data
+  out = []
+  for name, path, layout in d.eval_sets:
+    examples, report = datasets_lib.load_prompt_set(
+        path, layout=layout or d.layout, on_error=d.on_error, tokenizer=tokenizer,
+        max_prompt_tokens=d.max_prompt_tokens or None, dedup=d.dedup,
+        limit=d.eval_examples or None)
+    out.append((name, examples, report))
+  return out
+
+
 def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
   """(train examples, eval examples) of the data config."""
   train, evals, _ = load_examples_with_reports(cfg, tokenizer)
@@ -233,7 +248,8 @@ def sequence_lengths(cfg: TrainConfig) -> tuple[tuple[int, ...], tuple[int, ...]
   else:
     new = None
   recipe = recipes_lib.get(cfg)
-  if recipe.uses_rollouts or (cfg.loop.eval_every and (cfg.data.eval_examples or cfg.data.eval_path)):
+  if recipe.uses_rollouts or (cfg.loop.eval_every and (cfg.data.eval_examples or cfg.data.eval_path
+                                                       or cfg.data.eval_sets)):
     if prompt is None:
       need("data.prompt_buckets")
     if new is None:
@@ -346,8 +362,9 @@ def resolve(cfg: TrainConfig, *, tokenizer=None, student: ModelConfig | None = N
   if recipe.uses_rollouts:
     sampler = sampler_config(cfg, eos_id, pad_id, max_new_tokens=max_new)
   loop = cfg.loop
-  has_eval = bool(loop.eval_every) and bool(cfg.data.eval_examples if cfg.data.source == "task"
-                                            else cfg.data.eval_path)
+  has_eval = bool(loop.eval_every) and bool(
+      (cfg.data.eval_examples if cfg.data.source == "task" else cfg.data.eval_path)
+      or cfg.data.eval_sets)
   eval_sampler = None
   if has_eval:
     eval_sampler = sampler_config(cfg, eos_id, pad_id, max_new_tokens=max_new,
