@@ -86,6 +86,25 @@ def paper_rollouts(c) -> None:
   c.rollout.group_size = 8
 
 
+def paper_code_rollouts(c) -> None:
+  """The paper's code-domain variant (paper_facts section 5: DeepCoder training data, evaluated on
+  LiveCodeBench v5): `paper_rollouts` with DeepCoder prompts (local JSONL / Parquet of
+  DeepCoder-Preview-Dataset rows, layout 'deepcoder'), LiveCodeBench v5 as the named eval set
+  'lcb_v5' (layout 'livecodebench'; rows already filtered to the v5 window), the sandboxed code
+  verifier (6 s per program run), and longer prompts (up to 2,048 tokens: problem statements with
+  examples and starter code). The paths are placeholders to override. The paper does not state
+  the code run's response budget or verifier limits: the math run's 4,096 new tokens are kept."""
+  paper_rollouts(c)
+  c.data.path = "data/deepcoder_train.jsonl"
+  c.data.layout = "deepcoder"
+  c.data.eval_path = ""
+  c.data.eval_sets = (("lcb_v5", "data/livecodebench_v5.jsonl", "livecodebench"),)
+  c.data.verifier = "code"
+  c.data.verifier_timeout_s = 6.0
+  c.data.max_prompt_tokens = 2048
+  c.data.prompt_buckets = (512, 1024, 2048)
+
+
 def code_task(c) -> None:
   """The embedded code task on a smoke-sized run: code prompts (buckets sized from the task's
   bounds) and the sandboxed code verifier with a short per-program timeout."""

@@ -26,6 +26,10 @@ Presets:
   code_smoke `smoke` on the embedded code task (sandboxed code verifier at eval).
   qwen3_8b_moe_teacher  the paper's MoE-teacher run: Qwen3-30B-A3B (local HF checkpoint) distilled
             into Qwen3-8B with the `qwen3_8b` settings.
+  qwen3_8b_code  the paper's code-domain run: the `qwen3_8b` settings on DeepCoder prompts,
+            evaluated on LiveCodeBench v5 (eval set 'lcb_v5': eval/lcb_v5/avg@8, pass@8 and their
+            standard errors) with the sandboxed code verifier (`models.paper_code_rollouts`; set
+            --config.data.path and --config.data.eval_sets to your local files).
   offpolicy the off-policy control on top of `tiny`: the teacher samples, the student scores the
             rollouts for old_logp, clipping effectively off (eps = 1.0).
   qwen3_8b  the paper's OPD (paper_facts section 4): Qwen3-8B student (after SFT) and Qwen3-32B
@@ -119,6 +123,12 @@ def _qwen3_8b_moe_teacher(c):
   c.teacher = models.spec("qwen3_30b_a3b", source="hf", path="checkpoints/Qwen3-30B-A3B")
 
 
+def _qwen3_8b_code(c):
+  """The paper's code-domain run: Qwen3-32B -> Qwen3-8B on DeepCoder, LiveCodeBench v5 eval."""
+  _qwen3_8b(c)
+  models.paper_code_rollouts(c)
+
+
 def _qwen3_8b(c):
   c.student = models.spec("qwen3_8b", source="hf", path="checkpoints/Qwen3-8B-SFT")
   c.teacher = models.spec("qwen3_32b", source="hf", path="checkpoints/Qwen3-32B")
@@ -148,7 +158,7 @@ def _qwen3_8b(c):
 PRESETS = {"smoke": _smoke, "tiny": _tiny, "distill_smoke": _distill_smoke, "distill": _distill,
            "moe_teacher_smoke": _moe_teacher_smoke, "code_smoke": _code_smoke,
            "offpolicy": _offpolicy, "qwen3_8b": _qwen3_8b,
-           "qwen3_8b_moe_teacher": _qwen3_8b_moe_teacher}
+           "qwen3_8b_moe_teacher": _qwen3_8b_moe_teacher, "qwen3_8b_code": _qwen3_8b_code}
 
 
 def get_config(arg: str = "tiny"):

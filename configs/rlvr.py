@@ -14,6 +14,9 @@ Presets:
             constant, Adam(0.9, 0.98, eps 1e-15), global batch 512 prompts (DAPO's convention)
             x 8 samples (G is not stated in the paper), 1023 steps, bf16 compute, FSDP over every
             chip, one optimizer update per rollout batch.
+  qwen3_8b_code  `qwen3_8b` on the code domain the paper's OPD code run uses (DeepCoder prompts,
+            LiveCodeBench v5 eval set 'lcb_v5', sandboxed code verifier;
+            `models.paper_code_rollouts`): the RLVR counterpart (not a run the paper reports).
 """
 
 from configs import models
@@ -86,7 +89,13 @@ def _qwen3_8b(c):
   c.loop.snapshot_steps = (0, 127, 255, 383, 511, 639, 767, 895, 1023)
 
 
-PRESETS = {"smoke": _smoke, "code_smoke": _code_smoke, "tiny": _tiny, "qwen3_8b": _qwen3_8b}
+def _qwen3_8b_code(c):
+  _qwen3_8b(c)
+  models.paper_code_rollouts(c)
+
+
+PRESETS = {"smoke": _smoke, "code_smoke": _code_smoke, "tiny": _tiny, "qwen3_8b": _qwen3_8b,
+           "qwen3_8b_code": _qwen3_8b_code}
 
 
 def get_config(arg: str = "tiny"):

@@ -9,8 +9,9 @@ from opd_jax.train import config as config_lib
 from opd_jax.train.config import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CONFIGS = {"sft": ("smoke", "tiny", "qwen3_8b"), "opd": ("smoke", "tiny", "offpolicy", "qwen3_8b"),
-           "rlvr": ("smoke", "tiny", "qwen3_8b")}
+CONFIGS = {"sft": ("smoke", "tiny", "qwen3_8b"),
+           "opd": ("smoke", "tiny", "offpolicy", "qwen3_8b", "qwen3_8b_code"),
+           "rlvr": ("smoke", "tiny", "qwen3_8b", "qwen3_8b_code")}
 
 
 def load(name, preset, overrides=()):
@@ -167,3 +168,33 @@ def test_default_config_covers_every_field():
   assert isinstance(cd, ml_collections.ConfigDict)
   names = {f for f in config_lib.TrainConfig.__dataclass_fields__}
   assert set(cd.keys()) == names
+
+
+@pytest.mark.parametrize("name", ["opd", "rlvr"])
+def test_qwen3_8b_code_presets_are_the_paper_settings_on_deepcoder_with_a_livecodebench_eval(name):
+  """The code-domain variant: the qwen3_8b settings, DeepCoder prompts, LiveCodeBench v5 as the
+  named eval set, the sandboxed code verifier; it resolves to a run plan (shapes only)."""
+  from opd_jax.data import datasets
+  from opd_jax.train import run_plan
+  base = config_lib.from_config_dict(load(name, "qwen3_8b"))
+  code = config_lib.from_config_dict(load(name, "qwen3_8b_code"))
+  for field in ("optim", "pg", "loop", "rollout", "student", "teacher", "mesh"):
+    assert getattr(code, field) == getattr(base, field), field
+  d = code.data
+  assert (d.source, d.layout, d.verifier, d.eval_path) == ("file", "deepcoder", "code", "")
+  assert [(n, lay) for n, _, lay in d.eval_sets] == [("lcb_v5", "livecodebench")]
+  assert d.layout in datasets.LAYOUTS and d.eval_sets[0][2] in datasets.LAYOUTS
+  assert d.max_prompt_tokens == d.prompt_buckets[-1] == 2048
+  plan = run_plan.resolve(code, shapes_only=True)
+  assert plan.has_eval and plan.eval_k == 8 and plan.prompt_buckets == (512, 1024, 2048)
+  assert plan.max_new_tokens == 4096 and plan.student.n_layers == 36
+  assert (plan.teacher is not None) == (name == "opd")
+  # The placeholders are overridable, and a malformed eval_sets entry is refused by field.
+  cfg = config_lib.from_config_dict(load(name, "qwen3_8b_code", [
+      "data.path=/d/train.parquet",
+      "data.eval_sets=(('lcb', '/d/lcb.jsonl', 'livecodebench'), ('hidden', '/d/h.jsonl', ''))"]))
+  assert cfg.data.path == "/d/train.parquet" and len(cfg.data.eval_sets) == 2
+  with pytest.raises(ConfigError,
+                     match=r"DataConfig\.eval_sets=.*entry 1: name 'lcb' must be unique"):
+    config_lib.from_config_dict(load(name, "qwen3_8b_code", [
+        "data.eval_sets=(('lcb', 'a.jsonl', ''), ('lcb', 'b.jsonl', ''))"]))
