@@ -389,8 +389,9 @@ CODE_SOLUTIONS = {
     "livecodebench": [
         ("n = int(input())\nprint(sum(i * i for i in range(1, n + 1)))",
          "n = int(input())\nprint(n * n)"),
-        ("from typing import List\nclass Solution:\n    def kLargestSum(self, nums: List[int], k: int)"
-         " -> int:\n        return sum(sorted(nums)[-k:])",
+        ("from typing import List\nclass Solution:\n"
+         "    def kLargestSum(self, nums: List[int], k: int) -> int:\n"
+         "        return sum(sorted(nums)[-k:])",
          "class Solution:\n    def kLargestSum(self, nums, k):\n        return max(nums)"),
         ("w = input().strip()\nprint(w, w)", "w = input().strip()\nprint(w + w)"),
     ],

@@ -407,7 +407,7 @@ def _example(loc: str, row: Any, layout: Layout, max_prompt_chars: int | None) -
   return Example(prompt=prompt, solution=solution, answer=answer.strip())
 
 
-# -- code layouts: tests -> code_exec test spec -----------------------------------------------------
+# -- code layouts: tests -> code_exec test spec ---------------------------------------------
 _STDIN_INSTRUCTION = ("\n\nWrite a Python 3 program that reads the input from standard input and "
                       "prints the answer to standard output. Give the whole program in one "
                       "```python code block.")
@@ -521,8 +521,8 @@ def _spec(loc: str, field: str, fn: str | None, cases: list[tuple[Any, Any]]) ->
                                  _call_expected(loc, field, f"case {i}", b)]
                                 for i, (a, b) in enumerate(cases)]}
   else:
-    spec = {"io": [[_lines_text(loc, field, f"case {i}", a), _lines_text(loc, field, f"case {i}", b)]
-                   for i, (a, b) in enumerate(cases)]}
+    spec = {"io": [[_lines_text(loc, field, f"case {i}", a),
+                    _lines_text(loc, field, f"case {i}", b)] for i, (a, b) in enumerate(cases)]}
   try:
     text = json.dumps(spec)
     code_exec.parse_tests(text)

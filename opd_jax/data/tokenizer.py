@@ -29,7 +29,8 @@ its character offset and the token it became, so a loader can say where it is.
 
 Teacher and student must share one tokenizer (opd_jax does not do cross-tokenizer distillation):
 `check_same_tokenizer` raises a one-line `TokenizerMismatchError` naming the first differing token
-(special tokens, chat-template control tokens, then the vocabulary, by id) and its ids on both sides.
+(special tokens, chat-template control tokens, then the vocabulary, by id) and its ids on both
+sides.
 """
 
 from __future__ import annotations
@@ -111,13 +112,12 @@ _SPECIAL_NAMES = ("eos", "pad", "bos", "unk")
 def tokenizer_difference(teacher: PreTrainedTokenizerBase,
                          student: PreTrainedTokenizerBase) -> str | None:
   """The first difference between two tokenizers as one line, or None if they are identical for
-  distillation: the same vocabulary (every token -> id, added tokens included), the same named
-  special tokens (eos / pad / bos / unk: token and id) and the same control tokens (`control_tokens`:
-  the chat template's <|im_start|> / <|im_end|> and every other added token marked special).
-
-  Checked in that order: special tokens first (a different EOS or pad silently corrupts masks),
-  then the control tokens by id, then the vocabulary by id (the lowest id whose token differs).
-  A token is named with its id on both sides ('absent' where one side lacks it)."""
+  distillation. Checked in this order: the named special tokens (eos / pad / bos / unk: token and
+  id; a different EOS or pad silently corrupts masks), the control tokens by id
+  (`control_tokens`: the chat template's <|im_start|> / <|im_end|> and every other added token
+  marked special), then the vocabulary (every token -> id, added tokens included) by id: the
+  lowest id whose token differs. A token is named with its id on both sides ('absent' where one
+  side lacks it)."""
   def id_in(vocab, token):
     i = vocab.get(token)
     return "absent" if i is None else str(i)

@@ -81,7 +81,7 @@ def _json_value(v: float):
   return v if math.isfinite(v) else str(v)  # JSON has no NaN/inf: write them as strings
 
 
-# -- eval statistics over distinct problems ----------------------------------------------------------
+# -- eval statistics over distinct problems ------------------------------------------------
 # Sufficient statistics of one eval set, additive over batches and processes (all-gathered as one
 # float64 vector): [problems, sum avg, sum avg^2, sum pass, sum pass^2].
 EVAL_STATS = 5
