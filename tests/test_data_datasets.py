@@ -484,6 +484,12 @@ BAD_CODE_ROWS = [
     ("livecodebench", {"question_content": "q", "public_test_cases": json.dumps(
         [{"input": "1", "output": "1", "testtype": "stdin"}]), "metadata": "[1]"},
      "public_test_cases", None),  # a valid row: metadata is only read for functional tests
+    ("deepcoder", {"problem": "p", "tests": json.dumps(  # DeepCoder's lcbv5 rows: per-case name
+        [{"input": "[1, 2]", "output": "3", "testtype": "functional",
+          "metadata": json.dumps({"func_name": "add"})}])}, "tests", None),
+    ("deepcoder", {"problem": "p", "tests": json.dumps(
+        [{"input": "1", "output": "1", "testtype": "functional", "metadata": "[]"}])},
+     "tests", "case 0: metadata must be an object"),
 ]
 
 
@@ -494,7 +500,8 @@ def test_malformed_code_tests_are_one_line_errors_naming_the_field(tmp_path, lay
   path.write_text("\n" + json.dumps(row) + "\n")
   if detail is None:
     ex, _ = D.load_prompt_set(path, layout)
-    assert len(ex) == 1
+    spec = json.loads(ex[0].answer)
+    assert spec in ({"io": [["1", "1"]]}, {"fn": "add", "calls": [[[[1, 2]], 3]]}), spec
     return
   with pytest.raises(D.MalformedRowError) as e:
     D.load_prompt_set(path, layout)

@@ -22,8 +22,8 @@ expected], ...]}`), so the `code` verifier scores it. Accepted test formats:
       values; a return value stored as a one-element list is unwrapped (the APPS convention);
     * PrimeIntellect / LiveCodeBench style: a list of {"input", "output"} cases, stdin/stdout
       unless the case has `fn_name`, `type: "function_call"` or `testtype: "functional"`; the
-      function name comes from the case's `fn_name`, else the row's `fn_name` or
-      `metadata.func_name`.
+      function name comes from the case's `fn_name` or `metadata.func_name`, else the row's
+      `fn_name` or `metadata.func_name` (metadata: an object or JSON text).
   livecodebench `public_test_cases` / `private_test_cases` (JSON strings or lists; private
     tests may also be LiveCodeBench's compressed form, base64(zlib(pickle(json string))), read by
     an unpickler that refuses every global, so it can only yield plain data): lists of
@@ -543,6 +543,17 @@ def _meta_func_name(loc: str, row: dict, layout_field: str = "metadata") -> str 
   return name or None
 
 
+def _case_func_name(loc: str, field: str, i: int, meta: Any) -> str | None:
+  """`func_name` of a case's own metadata (an object or JSON text; DeepCoder's lcbv5 rows)."""
+  if meta in (None, ""):
+    return None
+  meta = _json_field(loc, field, meta)
+  if not isinstance(meta, dict):
+    raise MalformedRowError(loc, field, "bad_tests",
+                            f"case {i}: metadata must be an object, got {type(meta).__name__}")
+  return meta.get("func_name") or None
+
+
 def _case_list(loc: str, field: str, cases: Any, row: dict) -> tuple[str | None, list]:
   """(function name or None, [(input, output)]) of a list of {input, output, ...} cases."""
   if not isinstance(cases, list):
@@ -557,7 +568,7 @@ def _case_list(loc: str, field: str, cases: Any, row: dict) -> tuple[str | None,
         c.get("testtype") == "functional")
     kinds.add(call)
     if call:
-      fn = fn or c.get("fn_name")
+      fn = fn or c.get("fn_name") or _case_func_name(loc, field, i, c.get("metadata"))
     out.append((c["input"], c["output"]))
   if len(kinds) > 1:
     raise MalformedRowError(loc, field, "bad_tests", "mixes stdin and function-call cases")
