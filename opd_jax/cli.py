@@ -30,6 +30,13 @@ _REEXEC_ENV = "OPD_JAX_PLAN_REEXEC"
 # OS errors that are the user's to fix (paths, permissions, disk space): one line, exit 2.
 _USER_ERRNOS = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EEXIST,
                 errno.ENOTDIR, errno.EISDIR, errno.EDQUOT)
+# The same kinds raised by our own checks with a message only (no errno): a missing path, ...
+_USER_OS_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
+                   FileExistsError)
+
+
+def _is_user_os_error(e: OSError) -> bool:
+  return e.errno in _USER_ERRNOS or isinstance(e, _USER_OS_ERRORS)
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -209,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return _COMMANDS[args.command](args, overrides)
   except (UserError, OSError) as e:
-    if args.debug or (isinstance(e, OSError) and e.errno not in _USER_ERRNOS):
+    if args.debug or (isinstance(e, OSError) and not _is_user_os_error(e)):
       raise
     kind = "config error" if isinstance(e, ConfigError) else "error"
     message = " ".join(str(e).split()) if not isinstance(e, OSError) else (

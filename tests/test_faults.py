@@ -291,6 +291,23 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
   assert len(err.splitlines()) == 1 and "optim.lr" in err
   with pytest.raises(errors.UserError):
     cli.main(["--debug"] + argv)
+  # more of a new user's mistakes: an unknown preset, a mesh larger than the machine, a missing
+  # tokenizer directory, a directory that holds no checkpoint
+  fresh = ["--workdir", str(tmp_path / "fresh"), "--config.loop.steps=1"]
+  cases = [(["train", "--config", "configs/opd.py:smok"] + fresh, "unknown preset 'smok'"),
+           (["train", "--config", "configs/opd.py:smoke", "--config.mesh.shape=(16,1,1)"] + fresh,
+            "needs 16 devices but only 8 exist"),
+           (["train", "--config", "configs/opd.py:smoke",
+             f"--config.data.tokenizer={tmp_path / 'no_tok'}"] + fresh, "is not a directory"),
+           (["diagnose", "--base", str(tmp_path / "empty"), "--tuned", str(tmp_path / "empty"),
+             "--out", str(tmp_path / "diag")], "is neither a snapshot"),
+           (["diagnose", "--base", str(tmp_path), "--tuned", str(tmp_path), "--out",
+             str(tmp_path / "diag")], "unsupported model_type")]   # a run dir: config.json
+  (tmp_path / "empty").mkdir()
+  for case, want in cases:
+    assert cli.main(case) == 2, case
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and want in err, (case, err)
 
 
 def test_disk_full_is_one_line_and_the_run_resumes_exactly(reference, tmp_path, monkeypatch,

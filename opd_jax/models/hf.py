@@ -61,9 +61,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from opd_jax.errors import UserError
 from opd_jax.models import transformer
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.sharding import DEFAULT_RULES, current_rules, logical_to_spec
+
+
+class HFCheckpointError(UserError, ValueError):
+  """A Hugging Face checkpoint directory we cannot read as asked (names the file and field)."""
+
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +107,10 @@ def _hf_config(source) -> tuple[Any, str]:
     try:
       raw = json.loads(file.read_text())
     except json.JSONDecodeError as e:
-      raise ValueError(f"{file}: not valid JSON ({e})") from e
+      raise HFCheckpointError(f"{file}: not valid JSON ({e})") from e
   model_type = raw.get("model_type")
   if model_type not in SUPPORTED:
-    raise ValueError(f"{where}: unsupported model_type {model_type!r}; supported model types: "
+    raise HFCheckpointError(f"{where}: unsupported model_type {model_type!r}; supported model types: "
                      f"{', '.join(SUPPORTED)}")
   if is_config:
     return source, where
@@ -116,7 +122,7 @@ def _hf_config(source) -> tuple[Any, str]:
       hf = transformers.AutoConfig.for_model(
           model_type, **{k: v for k, v in raw.items() if k != "model_type"})
   except Exception as e:  # transformers' validation errors name the field; keep them, add where.
-    raise ValueError(f"{where}: transformers rejected the config: {e}") from e
+    raise HFCheckpointError(f"{where}: transformers rejected the config: {e}") from e
   return hf, where
 
 
@@ -136,7 +142,7 @@ def config_from_hf(source, **overrides) -> ModelConfig:
   family = hf.model_type
 
   def bad(field, why):
-    raise ValueError(f"{where}: {field}={getattr(hf, field, None)!r}: {why}")
+    raise HFCheckpointError(f"{where}: {field}={getattr(hf, field, None)!r}: {why}")
 
   archs = getattr(hf, "architectures", None) or []
   for arch in archs:
@@ -200,7 +206,7 @@ def config_from_hf(source, **overrides) -> ModelConfig:
         max_position=int(hf.max_position_embeddings), param_dtype="float32", dtype=compute,
         **moe_kw)
   except ValueError as e:  # ModelConfig's check names the field; add the source
-    raise ValueError(f"{where}: {e}") from e
+    raise HFCheckpointError(f"{where}: {e}") from e
   return cfg.replace(**overrides) if overrides else cfg
 
 
@@ -257,7 +263,7 @@ def check_tokenizer(cfg: ModelConfig, tokenizer) -> None:
   """
   n = len(tokenizer)
   if n > cfg.vocab_size:
-    raise ValueError(f"tokenizer/vocab mismatch: len(tokenizer)={n} (incl. added tokens) > "
+    raise HFCheckpointError(f"tokenizer/vocab mismatch: len(tokenizer)={n} (incl. added tokens) > "
                      f"model vocab_size={cfg.vocab_size}; token ids >= {cfg.vocab_size} have "
                      f"no embedding")
 
@@ -345,7 +351,7 @@ class _Checkpoint:
       try:
         weight_map = json.loads(index.read_text())["weight_map"]
       except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from e
+        raise HFCheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from e
       files = {}
       for name, file in weight_map.items():
         files.setdefault(file, []).append(name)
@@ -368,7 +374,7 @@ class _Checkpoint:
       if listed is not None:
         absent = sorted(set(listed) - present)
         if absent:
-          raise ValueError(f"{index} lists tensors that {file} does not contain: "
+          raise HFCheckpointError(f"{index} lists tensors that {file} does not contain: "
                            f"{_listing(absent)}")
       for name in (present if listed is None else listed):
         self.where[name] = file
@@ -417,14 +423,14 @@ def _validate(ckpt: _Checkpoint, cfg: ModelConfig, specs: tuple[_Spec, ...]) -> 
     problems.append(f"non-float tensors {_listing(bad_dtype)}")
   if problems:
     arch = ", ".join(f"{f}={getattr(cfg, f)!r}" for f in ARCH_FIELDS)
-    raise ValueError(f"checkpoint {ckpt.dir} does not match ModelConfig({arch}):\n  " +
+    raise HFCheckpointError(f"checkpoint {ckpt.dir} does not match ModelConfig({arch}):\n  " +
                      "\n  ".join(problems))
   if cfg.tie_embeddings and "lm_head.weight" in present:
     emb, head = ckpt.slice("model.embed_tokens.weight"), ckpt.slice("lm_head.weight")
     for start in range(0, cfg.vocab_size, 8192):  # chunked: never two full copies in memory
       rows = (slice(start, min(start + 8192, cfg.vocab_size)),)
       if not np.array_equal(emb[rows], head[rows]):
-        raise ValueError(f"{ckpt.file_of('lm_head.weight')}: tie_word_embeddings=True but "
+        raise HFCheckpointError(f"{ckpt.file_of('lm_head.weight')}: tie_word_embeddings=True but "
                          "lm_head.weight differs from model.embed_tokens.weight (e.g. rows "
                          f"{rows[0].start}:{rows[0].stop}); set tie_word_embeddings=false")
 
@@ -479,7 +485,7 @@ def _same_architecture(cfg: ModelConfig, file_cfg: ModelConfig, where) -> None:
   diff = [f"{f}: given {getattr(cfg, f)!r}, config.json {getattr(file_cfg, f)!r}"
           for f in ARCH_FIELDS if getattr(cfg, f) != getattr(file_cfg, f)]
   if diff:
-    raise ValueError(f"cfg disagrees with {where}/config.json on " + "; ".join(diff))
+    raise HFCheckpointError(f"cfg disagrees with {where}/config.json on " + "; ".join(diff))
 
 
 def load(directory, *, cfg: ModelConfig | None = None, mesh: jax.sharding.Mesh | None = None,

@@ -289,7 +289,7 @@ def resolve_step_dir(path) -> epath.Path:
     return p
   latest = _latest_step_dir(p) if p.is_dir() else None
   if latest is None:
-    raise ValueError(f"{str(p)!r} is neither a snapshot/checkpoint step directory (with a "
+    raise CheckpointError(f"{str(p)!r} is neither a snapshot/checkpoint step directory (with a "
                      f"'{PARAMS}/' or '{STATE}/' subdirectory) nor a root holding numbered step "
                      "directories")
   return latest

@@ -262,7 +262,10 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   get_config = getattr(module, "get_config", None)
   if get_config is None:
     raise ConfigError(f"config file {path_str!r} defines no get_config(arg)")
-  cd = get_config(arg) if arg else get_config()
+  try:
+    cd = get_config(arg) if arg else get_config()
+  except (ValueError, KeyError) as e:   # an unknown preset or a bad preset argument
+    raise ConfigError(str(e) if path_str in str(e) else f"{spec}: {e}") from e
   if not isinstance(cd, ml_collections.ConfigDict):
     raise ConfigError(f"{path_str}: get_config({arg!r}) returned {type(cd).__name__}, expected "
                       "an ml_collections.ConfigDict")
@@ -340,7 +343,10 @@ class DataConfig:
       (dedup, on_error, max_prompt_tokens, `eval_examples` cap) with any data source, and logs
       `eval/<name>/...`: accuracy, pass_at_k, response_len, prompts, avg@k, pass@k and their
       standard errors over the distinct problems (avg@k_se, pass@k_se; k the number).
-    layout: prompt-set layout name (`data.datasets.LAYOUTS`).
+    layout: prompt-set layout name (`data.datasets.LAYOUTS`), or for method='sft' a chat layout
+      (`data.chat.LAYOUTS`: 'dolci_think', 'messages': rows of `messages` rendered with the chat
+      template, the loss on every assistant turn; rows longer than the largest sft bucket are
+      malformed ('too_long')).
     on_error: malformed rows of prompt-set files: 'error' (one line naming file:line:field and
       the reason) or 'skip' (skipped and counted per reason: bad_utf8, bad_json, not_an_object,
       missing_field, wrong_type, empty_prompt, empty_answer, no_boxed_answer, bad_tests,
@@ -359,6 +365,9 @@ class DataConfig:
       prompt (rounded up to a multiple of 8).
     sft_buckets: padded sequence lengths of SFT batches; () = as above for prompt + solution.
     shuffle: shuffle the training stream (seeded by `loop.seed`).
+    pack: method='sft' only: pack several examples per row of the largest sft bucket (greedy
+      first-fit in stream order, `data.pipeline`); attention never crosses examples and positions
+      restart, so the loss equals the unpacked one; `loop.batch_size` then counts packed rows.
   """
 
   source: str = "task"
@@ -379,6 +388,7 @@ class DataConfig:
   prompt_buckets: tuple[int, ...] = ()
   sft_buckets: tuple[int, ...] = ()
   shuffle: bool = True
+  pack: bool = False
 
   def __post_init__(self):
     if self.source not in DATA_SOURCES:

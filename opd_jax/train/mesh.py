@@ -27,6 +27,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from opd_jax.errors import UserError
 from opd_jax.models import transformer
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.sharding import DEFAULT_RULES, Rules, logical_to_spec, validate_rules
@@ -74,6 +75,10 @@ class MeshConfig:
     return tuple(n_devices // known if s == -1 else s for s in self.shape)
 
 
+class MeshError(UserError, ValueError):
+  """A mesh that the devices at hand cannot form (names the shape and the device count)."""
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A mesh with Auto axis types (NNX models fail under the default Explicit types).
 
@@ -84,11 +89,11 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> j
   shape = cfg.resolved_shape(len(all_devices))
   n = math.prod(shape)
   if n > len(all_devices):
-    raise ValueError(
-        f"MeshConfig.shape={cfg.shape} needs {n} devices but only {len(all_devices)} exist. On "
+    raise MeshError(
+        f"mesh.shape={cfg.shape} needs {n} devices but only {len(all_devices)} exist. On "
         "CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported.")
   if n < len(all_devices) and jax.process_count() > 1 and devices is None:
-    raise ValueError(f"MeshConfig.shape={cfg.shape} covers {n} of {len(all_devices)} devices; a "
+    raise MeshError(f"mesh.shape={cfg.shape} covers {n} of {len(all_devices)} devices; a "
                      "multi-process mesh must use every device")
   return jax.make_mesh(shape, cfg.axes, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
                        devices=all_devices[:n])

@@ -24,7 +24,9 @@ import numpy as np
 from etils import epath
 
 from opd_jax import errors
+from opd_jax.data import chat as chat_lib
 from opd_jax.data import datasets as datasets_lib
+from opd_jax.data import pipeline as pipeline_lib
 from opd_jax.data import tasks as tasks_lib
 from opd_jax.data import tokenizer as tokenizer_lib
 from opd_jax.data import verifiers
@@ -108,7 +110,7 @@ def load_model(spec: ModelSpec, mesh, rules, *, params=None, what: str = "studen
   if params is None and spec.source in ("hf", "checkpoint") and not epath.Path(spec.path).exists():
     hint = (" (the tiny presets read checkpoints made by other runs: `opd-jax train --config "
             "configs/sft.py:tiny --workdir runs/sft_tiny` makes runs/sft_tiny/checkpoints)"
-            if spec.source == "checkpoint" else "")
+            if spec.source == "checkpoint" and str(spec.path).startswith("runs/sft_tiny") else "")
     raise errors.UserError(f"{what}: no {'Hugging Face checkpoint' if spec.source == 'hf' else 'checkpoint'} "
                            f"at {spec.path!r} ({what}.source={spec.source!r}){hint}")
   cfg = spec.model if spec.source in ("random", "none") else spec_model_config(spec)
@@ -170,6 +172,12 @@ def load_examples_with_reports(cfg: TrainConfig, tokenizer) -> tuple[list, list,
     train = tasks_lib.generate(d.task, "train", d.train_examples, seed=d.data_seed)
     evals = tasks_lib.generate(d.task, "eval", d.eval_examples, seed=d.data_seed)
     return train, evals, {}
+  if d.layout in chat_lib.LAYOUTS and not recipes_lib.get(cfg).uses_rollouts:  # chat-format SFT
+    _, sft_b, _ = sequence_lengths(cfg)
+    train, report = chat_lib.load_chat_set(
+        d.path, d.layout, on_error=d.on_error, tokenizer=tokenizer, max_tokens=sft_b[-1],
+        limit=d.train_examples or None, dedup=d.dedup)
+    return train, [], {"train": report}
   kw = dict(layout=d.layout, on_error=d.on_error, tokenizer=tokenizer,
             max_prompt_tokens=d.max_prompt_tokens or None, dedup=d.dedup)
   train, report = datasets_lib.load_prompt_set(d.path, limit=d.train_examples or None, **kw)
@@ -200,6 +208,27 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
   """(train examples, eval examples) of the data config."""
   train, evals, _ = load_examples_with_reports(cfg, tokenizer)
   return train, evals
+
+
+def sft_train_pipeline(plan: "RunPlan", tokenizer, examples) -> pipeline_lib.Pipeline:
+  """The SFT training pipeline of the plan (this process's rows): demonstrations
+  (`tasks.Example`: chat prompt + solution + EOS) or conversations (`chat.ChatExample`: every
+  assistant turn), in the plan's sft buckets, packed when `data.pack`."""
+  cfg = plan.cfg
+  pairs = []
+  for i, e in enumerate(examples):
+    try:
+      if isinstance(e, chat_lib.ChatExample):
+        pairs.append(chat_lib.encode_chat(tokenizer, e))
+      else:
+        pairs.append(tokenizer_lib.encode_example(tokenizer, e.prompt, e.solution))
+    except ValueError as err:
+      raise errors.UserError(f"SFT example {i}: {err}") from None
+  return pipeline_lib.sft_pipeline_from_ids(
+      [p[0] for p in pairs], [p[1] for p in pairs], pipeline_lib.PipelineConfig(
+          global_batch_size=cfg.loop.batch_size, bucket_lengths=plan.sft_buckets,
+          seed=cfg.loop.seed, shuffle=cfg.data.shuffle, pack=cfg.data.pack),
+      pad_id=plan.pad_id)
 
 
 def make_verifier(cfg: TrainConfig) -> verifiers.Verifier:
