@@ -10,6 +10,11 @@ here, once. A position whose predecessor is padding (t = 0, the first real token
 row) has no context, so it gets logp 0 (and a zero hidden state in `shifted_hidden`), as do
 positions where `mask_BxT` is False.
 
+Packed rows: every function takes an optional `segment_ids_BxT` (0 = padding, 1.. = the sequence
+within the row; see `transformer.py`). Attention then stays within a segment, positions restart,
+and the first token of each segment has no context (logp 0, zero hidden state), exactly as if each
+segment were scored alone. Without segment ids nothing changes.
+
 Temperature divides the logits before the log-softmax (log-softmax(logits / temperature)). A
 Python-number temperature is a static argument of the jitted scorers (no transfer per call).
 
@@ -84,11 +89,21 @@ def _temperature_args(temperature):
   return None, float(temperature)
 
 
-def _valid_BxT(mask_BxT) -> jax.Array:
-  """Positions with a real token whose predecessor is also real (t = 0 is never valid)."""
+def _valid_BxT(mask_BxT, segment_ids_BxT=None) -> jax.Array:
+  """Positions with a real token whose predecessor is also real (t = 0 is never valid) and, in
+  packed rows, of the same segment."""
   mask_BxT = mask_BxT.astype(bool)
   prev = jnp.pad(mask_BxT[:, :-1], ((0, 0), (1, 0)))
+  if segment_ids_BxT is not None:
+    seg = jnp.asarray(segment_ids_BxT)
+    prev = prev & jnp.pad(seg[:, 1:] == seg[:, :-1], ((0, 0), (1, 0)))
   return mask_BxT & prev
+
+
+def _check_segments(tokens_BxT, segment_ids_BxT):
+  if segment_ids_BxT is not None and jnp.shape(segment_ids_BxT) != jnp.shape(tokens_BxT):
+    raise ValueError(f"segment_ids_BxT shape {jnp.shape(segment_ids_BxT)} != tokens_BxT shape "
+                     f"{jnp.shape(tokens_BxT)}")
 
 
 def _pad_to(x, length, value=0):
@@ -134,17 +149,22 @@ def unembed_fn(graphdef, params) -> LogitsFn:
   return lambda h_BxCxD: transformer.unembed(h_BxCxD, w_DxV, cfg)
 
 
-def shifted_hidden(graphdef, params, tokens_BxT, mask_BxT) -> jax.Array:
+def shifted_hidden(graphdef, params, tokens_BxT, mask_BxT, segment_ids_BxT=None) -> jax.Array:
   """Final-normed hidden states aligned with the tokens they predict.
 
   h[:, t] is the hidden state at t - 1 (which predicts token t); h[:, 0] = 0, and h[:, t] = 0
-  wherever token t - 1 is padding. One ordinary forward pass (differentiable).
+  wherever token t - 1 is padding (or, in packed rows, of another segment). One ordinary forward
+  pass (differentiable).
   """
   _check_batch(tokens_BxT, mask_BxT)
+  _check_segments(tokens_BxT, segment_ids_BxT)
   model = transformer.merge(graphdef, params)
   mask_BxT = jnp.asarray(mask_BxT).astype(bool)
-  h, _ = model.hidden(tokens_BxT, mask_BxT)
+  h, _ = model.hidden(tokens_BxT, mask_BxT, segment_ids_BxT=segment_ids_BxT)
   prev_real = jnp.pad(mask_BxT[:, :-1], ((0, 0), (1, 0)))
+  if segment_ids_BxT is not None:
+    seg = jnp.asarray(segment_ids_BxT)
+    prev_real = prev_real & jnp.pad(seg[:, 1:] == seg[:, :-1], ((0, 0), (1, 0)))
   h_prev = jnp.pad(h[:, :-1], ((0, 0), (1, 0), (0, 0)))
   return jnp.where(prev_real[..., None], h_prev, jnp.zeros((), h.dtype))
 
@@ -181,7 +201,7 @@ def logprobs_from_hidden(h_BxTxD, logits_fn: LogitsFn, tokens_BxT, *, temperatur
 
 
 # -- the scoring route (chunked forward through the KV cache) -------------------------------------
-def _chunked_scan(model, tokens_BxT, mask_BxT, chunk_size, per_chunk):
+def _chunked_scan(model, tokens_BxT, mask_BxT, chunk_size, per_chunk, segment_ids_BxT=None):
   """Runs the forward pass in sequence chunks through a KV cache; `per_chunk(h_pred, toks)` gets
   the predicting hidden states [B, c, D] of each chunk's tokens [B, c]. Returns the stacked
   per-chunk outputs converted back to [B, T, ...]."""
@@ -191,50 +211,59 @@ def _chunked_scan(model, tokens_BxT, mask_BxT, chunk_size, per_chunk):
   n = -(-t // c)
   tokens_p = _pad_to(jnp.asarray(tokens_BxT, jnp.int32), n * c)
   mask_p = _pad_to(jnp.asarray(mask_BxT).astype(bool), n * c, False)
-  pos_p = transformer.default_positions(mask_p)
+  if segment_ids_BxT is None:
+    pos_p = transformer.default_positions(mask_p)
+    seg_p = None
+  else:
+    seg_p = _pad_to(jnp.asarray(segment_ids_BxT, jnp.int32), n * c)
+    pos_p = transformer.segment_positions(seg_p)
   cache = transformer.init_cache(cfg, b, n * c)
   cache = jax.tree.map(lambda a: sharding.constrain(a, transformer.CACHE_AXES), cache)
   h0 = jnp.zeros((b, cfg.d_model), jnp.dtype(cfg.dtype))
 
   def body(carry, xs):
     cache, h_last = carry
-    tok_c, pos_c, start = xs
+    tok_c, pos_c, start = xs[:3]
+    seg_kw = {} if seg_p is None else dict(segment_ids_BxT=xs[3], kv_segment_ids_BxS=seg_p)
     h, cache = model.hidden(tok_c, positions_BxT=pos_c, cache=cache, cache_index=start,
-                            kv_mask_BxS=mask_p)
+                            kv_mask_BxS=mask_p, **seg_kw)
     h_pred = jnp.concatenate([h_last[:, None], h[:, :-1]], axis=1)
     return (cache, h[:, -1]), per_chunk(h_pred, tok_c)
 
   xs = (_to_chunks(tokens_p, n, c), _to_chunks(pos_p, n, c), jnp.arange(n, dtype=jnp.int32) * c)
+  if seg_p is not None:
+    xs = xs + (_to_chunks(seg_p, n, c),)
   _, out = jax.lax.scan(body, (cache, h0), xs)
   return jax.tree.map(lambda a: _from_chunks(a, t), out)
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
                    static_argnames=("static_temperature", "chunk_size", "rules"))
-def _token_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature, *, static_temperature,
-                    chunk_size, rules):
+def _token_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature,
+                    segment_ids_BxT=None, *, static_temperature, chunk_size, rules):
   if temperature is None:
     temperature = static_temperature
   with sharding.axis_rules(rules):
     model = transformer.merge(graphdef, params)
     logits_fn = unembed_fn(graphdef, params)
     per_chunk = functools.partial(_chunk_logp, logits_fn, temperature)
-    logp = _chunked_scan(model, tokens_BxT, mask_BxT, chunk_size, per_chunk)
-    return jnp.where(_valid_BxT(mask_BxT), logp, 0.0)
+    logp = _chunked_scan(model, tokens_BxT, mask_BxT, chunk_size, per_chunk, segment_ids_BxT)
+    return jnp.where(_valid_BxT(mask_BxT, segment_ids_BxT), logp, 0.0)
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
                    static_argnames=("static_temperature", "k", "chunk_size", "rules"))
-def _topk_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature, *, static_temperature, k,
-                   chunk_size, rules):
+def _topk_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature,
+                   segment_ids_BxT=None, *, static_temperature, k, chunk_size, rules):
   if temperature is None:
     temperature = static_temperature
   with sharding.axis_rules(rules):
     model = transformer.merge(graphdef, params)
     logits_fn = unembed_fn(graphdef, params)
     per_chunk = lambda h, _: _chunk_topk(logits_fn, temperature, k, h)  # noqa: E731
-    ids, logp = _chunked_scan(model, tokens_BxT, mask_BxT, chunk_size, per_chunk)
-    valid = _valid_BxT(mask_BxT)[..., None]
+    ids, logp = _chunked_scan(model, tokens_BxT, mask_BxT, chunk_size, per_chunk,
+                              segment_ids_BxT)
+    valid = _valid_BxT(mask_BxT, segment_ids_BxT)[..., None]
     return jnp.where(valid, ids, 0), jnp.where(valid, logp, 0.0)
 
 
@@ -243,36 +272,40 @@ def _vocab_size(params) -> int:
 
 
 def token_logprobs(graphdef, params, tokens_BxT, mask_BxT, *, temperature=1.0,
-                   chunk_size: int = DEFAULT_CHUNK) -> jax.Array:
+                   chunk_size: int = DEFAULT_CHUNK, segment_ids_BxT=None) -> jax.Array:
   """Aligned float32 log-probs [B, T] of `tokens_BxT` under the model (scoring route).
 
   Zero at t = 0, where `mask_BxT` is False, and where the previous token is padding. The forward
   pass runs in chunks of `chunk_size` positions through the KV cache (see the module docstring);
   axis rules installed with `sharding.axis_rules` are honoured (batch over the data axes).
+  `segment_ids_BxT`: packed rows (module docstring); the first token of each segment gets 0.
   """
   _check_batch(tokens_BxT, mask_BxT, _vocab_size(params))
+  _check_segments(tokens_BxT, segment_ids_BxT)
   if chunk_size <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
   temp, static_temp = _temperature_args(temperature)
-  return _token_logprobs(graphdef, params, tokens_BxT, mask_BxT, temp,
+  return _token_logprobs(graphdef, params, tokens_BxT, mask_BxT, temp, segment_ids_BxT,
                          static_temperature=static_temp, chunk_size=chunk_size,
                          rules=sharding.current_rules())
 
 
 def topk_logprobs(graphdef, params, tokens_BxT, mask_BxT, k: int, *, temperature=1.0,
-                  chunk_size: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
+                  chunk_size: int = DEFAULT_CHUNK, segment_ids_BxT=None
+                  ) -> tuple[jax.Array, jax.Array]:
   """Aligned top-k of the predicting distribution: (ids_BxTxK int32, logp_BxTxK float32).
 
   Position t holds the k most likely ids for token t (descending) and their full-vocabulary
   log-probs (log-softmax(logits / temperature), not renormalised over the k). Both are zero at
-  invalid positions (t = 0, padding, first token after padding).
+  invalid positions (t = 0, padding, first token after padding or of a segment).
   """
   _check_batch(tokens_BxT, mask_BxT, _vocab_size(params))
+  _check_segments(tokens_BxT, segment_ids_BxT)
   if k <= 0:
     raise ValueError(f"k must be positive, got {k}")
   if chunk_size <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
   temp, static_temp = _temperature_args(temperature)
-  return _topk_logprobs(graphdef, params, tokens_BxT, mask_BxT, temp,
+  return _topk_logprobs(graphdef, params, tokens_BxT, mask_BxT, temp, segment_ids_BxT,
                         static_temperature=static_temp, k=k, chunk_size=chunk_size,
                         rules=sharding.current_rules())

@@ -30,6 +30,14 @@ Padding and positions: a sequence may be padded anywhere (left-padded prompts, r
 EOS). `mask_BxT` marks real tokens; positions default to `cumsum(mask) - 1`, so a left-padded
 prompt gets the same RoPE positions as the unpadded one. Padded keys are never attended to.
 
+Packed sequences: `segment_ids_BxT` (int, 0 = padding, 1.. = the sequence within the row) makes
+attention block-diagonal (a query attends only to earlier keys of its own segment), positions
+restart at 0 at each segment's first token (`segment_positions`), and the mask defaults to
+`segment_ids_BxT > 0`. Each segment then gets exactly the hidden states it would get alone,
+unpadded. Without segment ids nothing changes (not one extra operation). With a KV cache,
+`kv_segment_ids_BxS` gives the segment of every cache slot (the scoring route knows the whole
+sequence up front).
+
 KV cache: `init_cache(cfg, B, S)` gives {'k', 'v'} of shape [L, B, S, K, h]. `hidden(...,
 cache=, cache_index=)` writes the T new keys at slots [cache_index, cache_index + T) and attends
 over all S slots, causally by slot, masked by `kv_mask_BxS`.
@@ -177,7 +185,9 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
     self.cfg = cfg
 
-  def __call__(self, x_BxTxD, positions_BxT, kv_mask_BxS, cache_kv, cache_index):
+  def __call__(self, x_BxTxD, positions_BxT, kv_mask_BxS, cache_kv, cache_index, segments=None):
+    """`segments`: None, or (query segment ids [B, T], key segment ids [B, S]); a query then
+    attends only to keys of its own segment."""
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     h, k, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -204,6 +214,9 @@ class Attention(nnx.Module):
     s = keys.shape[1]
     allowed_TxS = jnp.arange(s)[None, :] <= q_slot[:, None]
     allowed = allowed_TxS[None] & kv_mask_BxS[:, None, :]  # [B, T, S]
+    if segments is not None:
+      q_seg_BxT, kv_seg_BxS = segments
+      allowed = allowed & (q_seg_BxT[:, :, None] == kv_seg_BxS[:, None, :])
 
     g = h // k
     qg = q.reshape(b, t, k, g, hd)
@@ -343,9 +356,10 @@ class Block(nnx.Module):
     self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
     self.is_moe = cfg.is_moe
 
-  def __call__(self, x, positions, kv_mask, cache_kv, cache_index):
+  def __call__(self, x, positions, kv_mask, cache_kv, cache_index, segments=None):
     """(x, new cache, router logits [B, T, E] or None for a dense MLP)."""
-    attn_out, new_cache = self.attn(self.input_norm(x), positions, kv_mask, cache_kv, cache_index)
+    attn_out, new_cache = self.attn(self.input_norm(x), positions, kv_mask, cache_kv, cache_index,
+                                    segments)
     x = x + attn_out
     router_logits = None
     if self.is_moe:
@@ -387,13 +401,33 @@ class Transformer(nnx.Module):
     return unembed(h_BxTxD, self.unembed_matrix(), self.cfg)
 
   def hidden(self, tokens_BxT, mask_BxT=None, positions_BxT=None, *, cache: Cache | None = None,
-             cache_index=0, kv_mask_BxS=None, return_router_logits: bool = False):
+             cache_index=0, kv_mask_BxS=None, return_router_logits: bool = False,
+             segment_ids_BxT=None, kv_segment_ids_BxS=None):
     """Final (normed) hidden states [B, T, D] and the updated cache (None without a cache).
 
     With `return_router_logits=True` a third element: the router logits [L, B, T, E] (float32)
     of a mixture-of-experts model (None for a dense one), for `load_balancing_loss`.
+    `segment_ids_BxT` packs several sequences per row (module docstring); with a cache it needs
+    `kv_segment_ids_BxS`, the segment of every cache slot.
     """
     cfg = self.cfg
+    segments = None
+    if segment_ids_BxT is not None:
+      segment_ids_BxT = jnp.asarray(segment_ids_BxT, jnp.int32)
+      if segment_ids_BxT.shape != tokens_BxT.shape:
+        raise ValueError(f"segment_ids_BxT shape {segment_ids_BxT.shape} != tokens_BxT shape "
+                         f"{tokens_BxT.shape}")
+      if cache is None:
+        kv_segment_ids_BxS = segment_ids_BxT
+      elif kv_segment_ids_BxS is None:
+        raise ValueError("hidden: segment_ids_BxT with a cache needs kv_segment_ids_BxS")
+      segments = (segment_ids_BxT, jnp.asarray(kv_segment_ids_BxS, jnp.int32))
+      if mask_BxT is None:
+        mask_BxT = segment_ids_BxT > 0
+      if positions_BxT is None:
+        positions_BxT = segment_positions(segment_ids_BxT)
+    elif kv_segment_ids_BxS is not None:
+      raise ValueError("hidden: kv_segment_ids_BxS without segment_ids_BxT")
     if mask_BxT is None:
       mask_BxT = jnp.ones(tokens_BxT.shape, bool)
     mask_BxT = mask_BxT.astype(bool)
@@ -410,7 +444,7 @@ class Transformer(nnx.Module):
       layer_params, layer_cache = xs
       block = nnx.merge(graphdef, layer_params)
       y, new_cache, router_logits = block(carry, positions_BxT, kv_mask_BxS, layer_cache,
-                                          cache_index)
+                                          cache_index, segments)
       return y, (new_cache, router_logits)
 
     if cfg.remat:
@@ -433,8 +467,8 @@ class Transformer(nnx.Module):
       return h, new_cache, router_logits
     return h, new_cache
 
-  def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None):
-    h, _ = self.hidden(tokens_BxT, mask_BxT, positions_BxT)
+  def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None, segment_ids_BxT=None):
+    h, _ = self.hidden(tokens_BxT, mask_BxT, positions_BxT, segment_ids_BxT=segment_ids_BxT)
     return self.logits(h)
 
 
@@ -462,12 +496,15 @@ def load_balancing_loss(router_logits_LxBxTxE, top_k: int, mask_BxT=None) -> jax
   return n_experts * jnp.sum(tokens_per_expert * prob_per_expert)
 
 
-def forward_with_aux(graphdef, params, tokens_BxT, mask_BxT=None, positions_BxT=None):
+def forward_with_aux(graphdef, params, tokens_BxT, mask_BxT=None, positions_BxT=None,
+                     segment_ids_BxT=None):
   """(float32 logits [B, T, V], load-balancing loss) of a mixture-of-experts model (the loss is
-  0.0 for a dense one), padding excluded from the loss via `mask_BxT`."""
+  0.0 for a dense one), padding excluded from the loss via `mask_BxT` (or `segment_ids_BxT`)."""
   model = merge(graphdef, params)
+  if mask_BxT is None and segment_ids_BxT is not None:
+    mask_BxT = jnp.asarray(segment_ids_BxT) > 0
   h, _, router_logits = model.hidden(tokens_BxT, mask_BxT, positions_BxT,
-                                     return_router_logits=True)
+                                     return_router_logits=True, segment_ids_BxT=segment_ids_BxT)
   if router_logits is None:
     return model.logits(h), jnp.zeros((), jnp.float32)
   return model.logits(h), load_balancing_loss(router_logits, model.cfg.experts_per_token,
@@ -482,6 +519,17 @@ def unembed(h_BxTxD, w_DxV, cfg: ModelConfig) -> jax.Array:
 def default_positions(mask_BxT) -> jax.Array:
   """RoPE positions that skip padding: cumsum(mask) - 1, clipped at 0."""
   return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def segment_positions(segment_ids_BxT) -> jax.Array:
+  """RoPE positions of packed rows: t minus the index of the first token of t's segment (a run
+  of equal ids), so every segment starts at 0; padding (id 0) gets positions too, never read."""
+  seg = jnp.asarray(segment_ids_BxT, jnp.int32)
+  t = jnp.arange(seg.shape[-1], dtype=jnp.int32)
+  starts = jnp.concatenate([jnp.ones(seg.shape[:-1] + (1,), bool), seg[..., 1:] != seg[..., :-1]],
+                           axis=-1)
+  first = jax.lax.cummax(jnp.where(starts, t, 0), axis=seg.ndim - 1)
+  return t - first
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
@@ -545,6 +593,7 @@ def merge(graphdef: nnx.GraphDef, params: Params) -> Transformer:
   return nnx.merge(graphdef, params)
 
 
-def forward(graphdef, params, tokens_BxT, mask_BxT=None, positions_BxT=None) -> jax.Array:
+def forward(graphdef, params, tokens_BxT, mask_BxT=None, positions_BxT=None,
+            segment_ids_BxT=None) -> jax.Array:
   """float32 logits [B, T, V] (small vocabularies; see `scoring.py` for large ones)."""
-  return merge(graphdef, params)(tokens_BxT, mask_BxT, positions_BxT)
+  return merge(graphdef, params)(tokens_BxT, mask_BxT, positions_BxT, segment_ids_BxT)
