@@ -25,6 +25,23 @@ Batches (dicts of numpy arrays):
   sft:     tokens_BxT int32, mask_BxT bool, loss_mask_BxT bool (response + EOS only), all
            RIGHT-padded; example_idx_B int32, valid_B bool; B = GB / P.
 
+Packing (SFT, `PipelineConfig(pack=True)`). Several examples share a row. The global stream (the
+same shuffled, epoch-repeated index stream as above) is packed greedily in stream order: each
+example goes into the FIRST of the step's `global_batch_size` rows whose remaining room (the largest
+bucket minus the tokens already in it) fits it; the first example that fits no row closes the step
+and opens the next one. So global step s holds a contiguous run of stream positions, every row
+holds at most the largest bucket's tokens, and the packing depends on the stream and the lengths
+only, never on the number of processes: process p takes the p-th contiguous slice of GB / P rows
+of the step. The step's length is the smallest bucket fitting its fullest row. The plan is computed
+lazily in step order and memoised (a resume at step s packs steps < s once). A finite stream's last
+step may leave rows empty (`valid_B` False, all masks False). Packed batches:
+  sft packed: tokens_BxT int32, mask_BxT bool, loss_mask_BxT bool (each example's own loss mask),
+           segment_ids_BxT int32 (0 = padding, k = the k-th example of the row, 1-based, in
+           stream order), example_idx_BxT int32 (the example index of each token, -1 on padding),
+           valid_B bool (the row holds an example); examples are left-aligned back to back, the
+           padding trails. Feed segment_ids_BxT to the model: attention stays within an example
+           and its positions restart at 0.
+
 Resume. `BatchIterator.get_state()` is a small JSON-serialisable dict (the next global step and a
 fingerprint of the data and order-affecting config); `set_state` on an iterator of an identically
 built pipeline continues with exactly the batches the original would have produced (also on another
@@ -56,6 +73,8 @@ class PipelineConfig:
   group_size: rollout only: rows per prompt (GRPO's G); the emitted batch has GB / P * G rows.
   seed: shuffle seed (0 <= seed < 2**32). shuffle: False keeps file / generation order.
   num_epochs: None = infinite stream; otherwise that many passes, padded to whole batches.
+  pack: SFT only: pack several examples per row (module docstring); global_batch_size then
+    counts packed rows.
   """
 
   global_batch_size: int
@@ -64,6 +83,7 @@ class PipelineConfig:
   seed: int = 0
   shuffle: bool = True
   num_epochs: int | None = None
+  pack: bool = False
 
   def __post_init__(self):
     def bad(field, why):
@@ -105,7 +125,7 @@ class BatchIterator:
   @property
   def epoch(self) -> float:
     """Epochs consumed so far (global examples drawn / dataset size)."""
-    return self.step * self._pipeline.config.global_batch_size / self._pipeline.num_examples
+    return self._pipeline.examples_before(self.step) / self._pipeline.num_examples
 
   def get_state(self) -> dict[str, Any]:
     return {"step": self.step, "fingerprint": dict(self._pipeline.fingerprint)}
@@ -133,11 +153,18 @@ class Pipeline:
   shard_index: int
   shard_count: int
   fingerprint: dict[str, Any]
+  packer: "_Packer | None" = None
 
   @property
   def num_steps(self) -> int | None:
     """Global steps in the pipeline (None if infinite)."""
     return None if self.config.num_epochs is None else len(self.batches)
+
+  def examples_before(self, step: int) -> int:
+    """Global stream positions (examples, fillers excluded when packing) before `step`."""
+    if self.packer is not None:
+      return self.packer.start(step)
+    return step * self.config.global_batch_size
 
   def iterator(self) -> BatchIterator:
     return BatchIterator(self)
@@ -158,12 +185,77 @@ def _bucket(length: int, buckets: tuple[int, ...]) -> int:
   return buckets[int(np.searchsorted(buckets, length))]
 
 
-def _global_indices(n: int, cfg: PipelineConfig) -> grain.MapDataset:
-  """Global batches of example indices (-1 = filler), as a MapDataset of int64 [GB] arrays."""
+def _stream(n: int, cfg: PipelineConfig) -> grain.MapDataset:
+  """The global stream of example indices: shuffled per epoch (if asked), repeated."""
   order = grain.MapDataset.range(n)
   if cfg.shuffle:
     order = order.shuffle(seed=cfg.seed)
-  order = order.repeat(cfg.num_epochs)
+  return order.repeat(cfg.num_epochs)
+
+
+# Steps of an infinite packed pipeline: any index is a valid step (len() must stay an ssize_t).
+_INFINITE_STEPS = 2**62
+
+
+class _Packer:
+  """Greedy first-fit packing of the global stream into steps of `rows` rows of `capacity`
+  tokens (module docstring). `start(s)` is the stream position of step s's first example; steps
+  are packed in order and their starts memoised, so any step is reachable at the cost of packing
+  the earlier ones once."""
+
+  def __init__(self, stream: grain.MapDataset, total: int | None, lengths: np.ndarray, rows: int,
+               capacity: int):
+    self._stream, self._total, self._lengths = stream, total, lengths
+    self._rows, self._capacity = rows, capacity
+    self._starts = [0]
+    self._last: tuple[int, list[list[int]]] | None = None
+
+  def _pack(self, pos: int) -> tuple[list[list[int]], int]:
+    room = np.full(self._rows, self._capacity, np.int64)
+    rows: list[list[int]] = [[] for _ in range(self._rows)]
+    while self._total is None or pos < self._total:
+      ex = int(self._stream[pos])
+      fits = np.flatnonzero(room >= self._lengths[ex])
+      if not len(fits):
+        break
+      r = int(fits[0])
+      rows[r].append(ex)
+      room[r] -= self._lengths[ex]
+      pos += 1
+    return rows, pos
+
+  def _extend(self, step: int) -> None:
+    while len(self._starts) <= step:
+      s = len(self._starts) - 1
+      rows, nxt = self._pack(self._starts[s])
+      self._last = (s, rows)
+      self._starts.append(nxt)
+
+  def start(self, step: int) -> int:
+    self._extend(step)
+    return self._starts[step]
+
+  def rows(self, step: int) -> list[list[int]]:
+    """Example indices of each of the step's global rows, in stream order."""
+    self._extend(step)
+    if self._last is not None and self._last[0] == step:
+      return self._last[1]
+    rows, nxt = self._pack(self._starts[step])
+    if step + 1 == len(self._starts):
+      self._starts.append(nxt)
+    self._last = (step, rows)
+    return rows
+
+  def num_steps(self) -> int:
+    """Steps of a finite stream (packs it all once)."""
+    while self._starts[-1] < self._total:
+      self._extend(len(self._starts))
+    return len(self._starts) - 1
+
+
+def _global_indices(n: int, cfg: PipelineConfig) -> grain.MapDataset:
+  """Global batches of example indices (-1 = filler), as a MapDataset of int64 [GB] arrays."""
+  order = _stream(n, cfg)
   if cfg.num_epochs is not None:
     total = len(order)
     padded = -(-total // cfg.global_batch_size) * cfg.global_batch_size
@@ -200,6 +292,15 @@ def _build(seqs: Sequence[np.ndarray], cfg: PipelineConfig, what: str,
                  **{k: (list(v) if isinstance(v, tuple) else v)
                     for k, v in dataclasses.asdict(cfg).items()}}
   local = gb // n_proc
+  if cfg.pack:
+    stream = _stream(len(seqs), cfg)
+    total = None if cfg.num_epochs is None else len(stream)
+    packer = _Packer(stream, total, lengths, gb, cfg.bucket_lengths[-1])
+    steps = packer.num_steps() if cfg.num_epochs is not None else _INFINITE_STEPS
+    batches = grain.MapDataset.range(steps).map(
+        lambda s: collate(packer.rows(s), lo=p * local, hi=(p + 1) * local, lengths=lengths))
+    return Pipeline(batches=batches, config=cfg, num_examples=len(seqs), shard_index=p,
+                    shard_count=n_proc, fingerprint=fingerprint, packer=packer)
   batches = _global_indices(len(seqs), cfg).map(
       functools.partial(collate, lo=p * local, hi=(p + 1) * local, lengths=lengths))
   return Pipeline(batches=batches, config=cfg, num_examples=len(seqs), shard_index=p,
@@ -251,10 +352,38 @@ def _collate_sft(global_idx, *, lo, hi, lengths, seqs, loss_masks, cfg: Pipeline
           "example_idx_B": idx.astype(np.int32), "valid_B": valid}
 
 
+def _collate_sft_packed(rows_global: list[list[int]], *, lo, hi, lengths, seqs, loss_masks,
+                        cfg: PipelineConfig, pad_id: int) -> Batch:
+  fill = max(int(sum(lengths[i] for i in r)) for r in rows_global)
+  tlen = _bucket(max(fill, 1), cfg.bucket_lengths)
+  rows = rows_global[lo:hi]
+  b = len(rows)
+  tokens = np.full((b, tlen), pad_id, np.int32)
+  mask = np.zeros((b, tlen), bool)
+  loss_mask = np.zeros((b, tlen), bool)
+  segment_ids = np.zeros((b, tlen), np.int32)
+  example_idx = np.full((b, tlen), -1, np.int32)
+  for r, members in enumerate(rows):
+    o = 0
+    for k, i in enumerate(members):
+      n = len(seqs[i])
+      tokens[r, o:o + n] = seqs[i]
+      mask[r, o:o + n] = True
+      loss_mask[r, o:o + n] = loss_masks[i]
+      segment_ids[r, o:o + n] = k + 1
+      example_idx[r, o:o + n] = i
+      o += n
+  return {"tokens_BxT": tokens, "mask_BxT": mask, "loss_mask_BxT": loss_mask,
+          "segment_ids_BxT": segment_ids, "example_idx_BxT": example_idx,
+          "valid_B": np.asarray([bool(m) for m in rows], bool)}
+
+
 def rollout_pipeline_from_ids(prompt_ids: Sequence[Sequence[int]], answers: Sequence[str],
                               cfg: PipelineConfig, *, pad_id: int, shard_index: int | None = None,
                               shard_count: int | None = None) -> Pipeline:
   """Rollout pipeline over already-tokenised prompts (chat template applied)."""
+  if cfg.pack:
+    raise ValueError("rollout pipeline: PipelineConfig.pack=True packs SFT examples only")
   if len(prompt_ids) != len(answers):
     raise ValueError(f"rollout pipeline: {len(prompt_ids)} prompts but {len(answers)} answers")
   prompts = [np.asarray(p, np.int32) for p in prompt_ids]
@@ -277,7 +406,8 @@ def sft_pipeline_from_ids(seqs: Sequence[Sequence[int]], loss_masks: Sequence[Se
     if s.shape != m.shape:
       raise ValueError(f"sft pipeline: example {i} has {len(s)} tokens but a loss mask of "
                        f"length {len(m)}")
-  collate = functools.partial(_collate_sft, seqs=arrs, loss_masks=masks, cfg=cfg, pad_id=pad_id)
+  collate = functools.partial(_collate_sft_packed if cfg.pack else _collate_sft, seqs=arrs,
+                              loss_masks=masks, cfg=cfg, pad_id=pad_id)
   extra = b"".join(m.tobytes() for m in masks) + str(pad_id).encode()
   return _build(arrs, cfg, "sft", collate, shard_index, shard_count, extra)
 
