@@ -238,11 +238,7 @@ def _build_pipelines(plan: RunPlan, tok, train_ex, eval_ex):
             group_size=cfg.rollout.group_size, seed=loop_cfg.seed, shuffle=cfg.data.shuffle),
         pad_id=plan.pad_id)
   else:
-    pairs = [tokenizer_lib.encode_example(tok, e.prompt, e.solution) for e in train_ex]
-    train = pipeline_lib.sft_pipeline_from_ids(
-        [p[0] for p in pairs], [p[1] for p in pairs], pipeline_lib.PipelineConfig(
-            global_batch_size=loop_cfg.batch_size, bucket_lengths=plan.sft_buckets,
-            seed=loop_cfg.seed, shuffle=cfg.data.shuffle), pad_id=plan.pad_id)
+    train = run_plan.sft_train_pipeline(plan, tok, train_ex)
   evals = _eval_pipeline(plan, tok, eval_ex) if plan.has_eval and eval_ex else None
   return train, evals
 

@@ -150,6 +150,9 @@ class Recipe:
           "teacher.source to 'random', 'hf' or 'checkpoint' (or pass teacher_params to loop.run)")
     if not needs.teacher:
       _refuse_unread(cfg, self.name, ("teacher",), "it uses no teacher")
+    if self.uses_rollouts:
+      _refuse_unread(cfg, self.name, ("data.pack",), "only method='sft' packs examples; "
+                     "rollout prompts are not packed")
 
   def rows(self, cfg) -> int:
     return cfg.loop.batch_size * (cfg.rollout.group_size if self.uses_rollouts else 1)
@@ -190,11 +193,19 @@ class SFT(Recipe):
     return Needs()
 
   def validate(self, cfg) -> None:
+    from opd_jax.data import chat
     super().validate(cfg)
-    if cfg.data.source == "file" and cfg.data.layout != "math":
+    is_chat = cfg.data.source == "file" and cfg.data.layout in chat.LAYOUTS
+    if cfg.data.source == "file" and cfg.data.layout != "math" and not is_chat:
       raise _config_error(f"method='sft' needs worked solutions; data.layout="
-                          f"{cfg.data.layout!r} has none (use source='task' or a layout with a "
-                          "solution field)")
+                          f"{cfg.data.layout!r} has none (use source='task', the 'math' layout or "
+                          f"a chat layout {sorted(chat.LAYOUTS)})")
+    if is_chat:
+      _refuse_unread(cfg, self.name, ("data.max_prompt_tokens",),
+                     "chat rows are limited by the largest data.sft_buckets")
+      if cfg.data.eval_path:
+        raise _config_error(f"config.data.eval_path={cfg.data.eval_path!r}: chat layout "
+                            f"{cfg.data.layout!r} rows carry no answers to verify; remove it")
     unread = ("rollout", "pg", "distill", "credit", "grpo")
     if not cfg.loop.eval_every:
       unread += ("sampler",)
@@ -203,6 +214,12 @@ class SFT(Recipe):
 
   def step_config(self, cfg):
     return cfg.sft
+
+  def abstract_batch(self, plan) -> dict:
+    fields = dict(_SFT_BATCH)
+    if plan.cfg.data.pack:
+      fields["segment_ids_BxT"] = jnp.int32
+    return _batch_fields(plan.rows, plan.seq_len, fields)
 
   def jit_step(self, ctx, state_shardings):
     from opd_jax.train import mesh as mesh_lib
@@ -214,7 +231,8 @@ class SFT(Recipe):
   def make_batch(self, ctx, state, host):
     from opd_jax.models import scoring
     scoring.check_tokens_host(host["tokens_BxT"], ctx.plan.student.vocab_size, host["mask_BxT"])
-    return state, (ctx.to_device({k: host[k] for k in steps_lib.SFT_FIELDS}),), {}
+    fields = steps_lib.SFT_FIELDS + (("segment_ids_BxT",) if ctx.plan.cfg.data.pack else ())
+    return state, (ctx.to_device({k: host[k] for k in fields}),), {}
 
 
 def verifier_reasons(cfg) -> tuple[str, ...]:

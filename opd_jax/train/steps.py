@@ -373,7 +373,8 @@ def _apply(params, opt_state, tx: optax.GradientTransformation, loss_fn: Callabl
 
 
 def _student_logp(graphdef, params, mb: Batch, temperature: float, chunk_size: int) -> jax.Array:
-  h = scoring.shifted_hidden(graphdef, params, mb["tokens_BxT"], mb["mask_BxT"])
+  h = scoring.shifted_hidden(graphdef, params, mb["tokens_BxT"], mb["mask_BxT"],
+                             mb.get("segment_ids_BxT"))
   return scoring.logprobs_from_hidden(h, scoring.unembed_fn(graphdef, params), mb["tokens_BxT"],
                                       temperature=temperature, chunk_size=chunk_size)
 
@@ -398,20 +399,23 @@ def _teacher(teacher_graphdef, teacher_params, mb: Batch):
 # -- steps ----------------------------------------------------------------------------------------
 def sft_step(state: TrainState, batch: Batch, *, graphdef, tx: optax.GradientTransformation,
              cfg: SFTStepConfig = SFTStepConfig(), model_cfg=None) -> tuple[TrainState, Metrics]:
-  """One SFT update: token NLL on `loss_mask_BxT` (batch: tokens_BxT, mask_BxT, loss_mask_BxT).
+  """One SFT update: token NLL on `loss_mask_BxT` (batch: tokens_BxT, mask_BxT, loss_mask_BxT,
+  and `segment_ids_BxT` for packed rows: attention within each example, positions restarting,
+  sequence-level modes per example; see `objectives.sft`).
 
   `model_cfg` is accepted for symmetry with the loop's call sites and is not needed (the graphdef
   carries the model config).
   """
   del model_cfg
-  _check_batch(batch, SFT_FIELDS, "sft_step")
+  fields = SFT_FIELDS + (("segment_ids_BxT",) if "segment_ids_BxT" in batch else ())
+  _check_batch(batch, fields, "sft_step")
 
   def loss_fn(params, mb):
     logp = _student_logp(graphdef, params, mb, 1.0, cfg.chunk_size)
-    s, d, m = sft.sft_loss(logp, mb["loss_mask_BxT"], cfg.mode)
+    s, d, m = sft.sft_loss(logp, mb["loss_mask_BxT"], cfg.mode, mb.get("segment_ids_BxT"))
     return s, (d, {}, m)
 
-  fields = {k: batch[k] for k in SFT_FIELDS}
+  fields = {k: batch[k] for k in fields}
   params, opt_state, _, metrics = _apply(state.params, state.opt_state, tx, loss_fn, fields,
                                          cfg.micro_batches, graphdef)
   return _finish(state, params, opt_state, metrics, 1)
