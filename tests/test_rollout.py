@@ -282,3 +282,10 @@ def test_evaluate_computes_avg_at_k_and_pass_at_k(models, prompts):
   np.testing.assert_allclose(got["eval/accuracy"], scores.mean())
   np.testing.assert_allclose(got["eval/pass_at_k"], (scores.max(1) > 0).mean())
   np.testing.assert_allclose(got["eval/response_len"], lengths.mean())
+  # avg@k / pass@k with standard errors over the 3 valid prompts (float64 reference).
+  per = scores.mean(1)
+  passed = (scores >= 1).any(1).astype(np.float64)  # pass@k with k = n samples: any correct
+  np.testing.assert_allclose([got["eval/avg@2"], got["eval/avg@2_se"], got["eval/pass@2"],
+                              got["eval/pass@2_se"]],
+                             [per.mean(), per.std(ddof=1) / np.sqrt(3), passed.mean(),
+                              passed.std(ddof=1) / np.sqrt(3)], rtol=1e-12, atol=1e-12)
