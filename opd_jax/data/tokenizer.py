@@ -40,7 +40,7 @@ import string
 from typing import Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from opd_jax.errors import UserError
 
@@ -94,6 +94,9 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"load_tokenizer: {path!r} is not a directory")
+  # Imported here: transformers' auto classes import torch (seconds) when it is installed, which a
+  # run on the embedded task tokenizer never needs.
+  from transformers import AutoTokenizer
   tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
   if tok.eos_token_id is None:
     raise ValueError(f"load_tokenizer: tokenizer in {path!r} defines no eos_token")
