@@ -545,3 +545,73 @@ def test_value_head_and_cr_opd_on_8_devices_compile_once():
   assert step.trace_count == 1
   sharded, _ = step(sharded, _put_batch(_value_batch(1), (2, 2, 2)), teacher)
   assert step.trace_count == 1 and int(sharded.step) == int(_host_state().step) + 2
+
+
+# -- the MoE load-balancing loss ------------------------------------------------------------------
+def _moe_batch(vocab, b=4, t=10, seed=3):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (b, t)).astype(np.int32)
+  mask = np.ones((b, t), bool)
+  mask[1, 7:] = False
+  mask[3, 5:] = False
+  loss_mask = mask & (np.arange(t) >= 3)
+  return {"tokens_BxT": tokens, "mask_BxT": mask, "loss_mask_BxT": loss_mask}
+
+
+def _moe_reference_loss(params, graphdef, batch, coef, n_micro):
+  """Full-logits NLL token mean + coef x load-balancing loss, each micro-batch's aux weighted by
+  its target count (the documented convention), written from `forward_with_aux`. Returns (loss,
+  the weighted aux)."""
+  total, count, aux_sum = 0.0, 0.0, 0.0
+  for i in range(n_micro):
+    mb = {k: v[i::n_micro] for k, v in batch.items()}
+    logits, aux = transformer.forward_with_aux(graphdef, params, mb["tokens_BxT"],
+                                               mb["mask_BxT"])
+    ls = jax.nn.log_softmax(logits, axis=-1)
+    logp = jnp.take_along_axis(ls[:, :-1], mb["tokens_BxT"][:, 1:, None], axis=-1)[..., 0]
+    target = mb["loss_mask_BxT"][:, 1:]
+    d = target.sum()
+    total = total + jnp.sum(jnp.where(target, -logp, 0.0)) + coef * aux * d
+    aux_sum = aux_sum + aux * d
+    count = count + d
+  return total / count, aux_sum / count
+
+
+_moe_reference = jax.jit(jax.value_and_grad(_moe_reference_loss, has_aux=True),
+                         static_argnums=(1, 4))
+
+
+@pytest.mark.parametrize("coef", [0.5, 0.0])
+def test_moe_student_step_adds_the_load_balancing_loss(coef):
+  cfg = config.tiny_moe(vocab_size=61, router_aux_loss_coef=coef)
+  graphdef, params = transformer.init(cfg, 0)
+  batch = _moe_batch(cfg.vocab_size)
+  tx = optax.sgd(1.0)  # new params = params - grad
+  step = jax.jit(functools.partial(steps.sft_step, graphdef=graphdef, tx=tx,
+                                   cfg=steps.SFTStepConfig(micro_batches=2)))
+  new, metrics = step(state_lib.create_state(params, tx, 0), batch)
+  # (The reference takes the coef as an argument: one compile serves both cases.)
+  ref_gd = transformer.graphdef_for(cfg.replace(router_aux_loss_coef=0.0))
+  (loss, aux), grads = _moe_reference(params, ref_gd, batch, jnp.float32(coef), 2)
+  np.testing.assert_allclose(float(metrics["train/loss"]), float(loss), rtol=1e-5)
+  want = jax.tree.map(lambda p, g: p - g, params, grads)
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=0)
+  if coef == 0:  # off: no aux term, no metric (the plain objective's step)
+    assert "loss/router_aux" not in metrics
+    return
+  np.testing.assert_allclose(float(metrics["loss/router_aux"]), float(aux), rtol=1e-5)
+  # The aux gradient is really there: it moves the router kernels.
+  _, plain = _moe_reference(params, ref_gd, batch, jnp.float32(0.0), 2)
+  router = lambda t: np.asarray(t["layers"]["mlp"]["router"]["kernel"])  # noqa: E731
+  assert np.abs(router(grads) - router(plain)).max() > 1e-4
+  # PG and distill steps carry the same term (shapes only: the same helper adds it).
+  pg_batch = dict(batch, old_logp_BxT=np.zeros(batch["mask_BxT"].shape, np.float32),
+                  adv_BxT=np.ones(batch["mask_BxT"].shape, np.float32))
+  state = state_lib.create_state(params, tx, 0)
+  _, pg_m = jax.eval_shape(functools.partial(steps.pg_step, graphdef=graphdef, tx=tx), state,
+                           pg_batch)
+  _, d_m = jax.eval_shape(functools.partial(steps.distill_step, graphdef=graphdef,
+                                            teacher_graphdef=graphdef, tx=tx), state, batch,
+                          params)
+  assert "loss/router_aux" in pg_m and "loss/router_aux" in d_m

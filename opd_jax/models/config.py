@@ -54,8 +54,11 @@ class ModelConfig:
     moe_d_ff: SwiGLU hidden width of each expert (`moe_intermediate_size`).
     norm_topk_prob: renormalise the top-k routing probabilities to sum to one (Qwen3's
       `norm_topk_prob`).
-    router_aux_loss_coef: weight a trainer may give `transformer.load_balancing_loss`
-      (informational: the model never adds it; transformers' `router_aux_loss_coef`).
+    router_aux_loss_coef: weight of `transformer.load_balancing_loss` (transformers'
+      `router_aux_loss_coef`): training an MoE student (`train.steps`: SFT, PG, distill) adds
+      coef x the loss over the real tokens of each micro-batch to the objective and reports it as
+      `loss/router_aux`; 0 turns it off (the step is then exactly the dense-objective one). The
+      model's forward pass itself never adds it.
     moe_impl: how the experts run (the same function either way; not an architecture field):
       'dense' runs every expert on every token and weights the outputs by the (zero outside the
       top-k) routing weights: E / k times the FLOPs, but plain einsums that shard like the dense

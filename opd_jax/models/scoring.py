@@ -149,24 +149,29 @@ def unembed_fn(graphdef, params) -> LogitsFn:
   return lambda h_BxCxD: transformer.unembed(h_BxCxD, w_DxV, cfg)
 
 
-def shifted_hidden(graphdef, params, tokens_BxT, mask_BxT, segment_ids_BxT=None) -> jax.Array:
+def shifted_hidden(graphdef, params, tokens_BxT, mask_BxT, segment_ids_BxT=None, *,
+                   return_router_logits: bool = False):
   """Final-normed hidden states aligned with the tokens they predict.
 
   h[:, t] is the hidden state at t - 1 (which predicts token t); h[:, 0] = 0, and h[:, t] = 0
   wherever token t - 1 is padding (or, in packed rows, of another segment). One ordinary forward
-  pass (differentiable).
+  pass (differentiable). With `return_router_logits=True` returns (h, router logits [L, B, T, E]
+  of a mixture-of-experts model, unshifted, or None for a dense one) for
+  `transformer.load_balancing_loss`.
   """
   _check_batch(tokens_BxT, mask_BxT)
   _check_segments(tokens_BxT, segment_ids_BxT)
   model = transformer.merge(graphdef, params)
   mask_BxT = jnp.asarray(mask_BxT).astype(bool)
-  h, _ = model.hidden(tokens_BxT, mask_BxT, segment_ids_BxT=segment_ids_BxT)
+  h, _, router_logits = model.hidden(tokens_BxT, mask_BxT, segment_ids_BxT=segment_ids_BxT,
+                                     return_router_logits=True)
   prev_real = jnp.pad(mask_BxT[:, :-1], ((0, 0), (1, 0)))
   if segment_ids_BxT is not None:
     seg = jnp.asarray(segment_ids_BxT)
     prev_real = prev_real & jnp.pad(seg[:, 1:] == seg[:, :-1], ((0, 0), (1, 0)))
   h_prev = jnp.pad(h[:, :-1], ((0, 0), (1, 0), (0, 0)))
-  return jnp.where(prev_real[..., None], h_prev, jnp.zeros((), h.dtype))
+  h_prev = jnp.where(prev_real[..., None], h_prev, jnp.zeros((), h.dtype))
+  return (h_prev, router_logits) if return_router_logits else h_prev
 
 
 def logprobs_from_hidden(h_BxTxD, logits_fn: LogitsFn, tokens_BxT, *, temperature=1.0,

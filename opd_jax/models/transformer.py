@@ -478,8 +478,8 @@ def load_balancing_loss(router_logits_LxBxTxE, top_k: int, mask_BxT=None) -> jax
   number of top-k assignments to expert e and P_e the mean routing probability of e.
 
   Takes the [L, B, T, E] router logits of `Transformer.hidden(..., return_router_logits=True)`;
-  `mask_BxT` (optional) excludes padding. A trainer adds `cfg.router_aux_loss_coef` times this
-  to its loss; nothing in opd_jax does so on its own.
+  `mask_BxT` (optional) excludes padding. The train steps (`train.steps`) add
+  `cfg.router_aux_loss_coef` times this to an MoE student's loss; the forward pass never does.
   """
   logits = router_logits_LxBxTxE.astype(jnp.float32)
   n_experts = logits.shape[-1]

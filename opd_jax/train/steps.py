@@ -24,6 +24,12 @@ update, then averaged over the updates of a pg_step). `train/loss` is the whole 
 loss (with pg_step's options: + KL-to-reference + CR-OPD + value_coef * value loss);
 `train/grad_norm` is the policy's.
 
+A mixture-of-experts student with `router_aux_loss_coef > 0` (`models.config`) adds that coef
+times `transformer.load_balancing_loss` (router logits of the real tokens, `mask_BxT`) to every
+step's loss: each micro-batch adds coef x aux x its denominator to its loss sum, so the update's
+loss gains coef x aux (the denominator-weighted mean over micro-batches); `loss/router_aux`
+reports aux the same way. A dense student or coef 0 leaves the steps exactly as they were.
+
 `pg_step` options (see `PGStepConfig`): a learned value head (GAE-OPD; `state.value` holds its
 params and Adam state, `init_value` / `make_value_tx` create them; metrics `value/loss` (exact
 sum / denominator per update), `value/mse`, `value/mean`, `value/grad_norm`) and the CR-OPD
@@ -372,11 +378,37 @@ def _apply(params, opt_state, tx: optax.GradientTransformation, loss_fn: Callabl
   return params, opt_state, value, out
 
 
-def _student_logp(graphdef, params, mb: Batch, temperature: float, chunk_size: int) -> jax.Array:
-  h = scoring.shifted_hidden(graphdef, params, mb["tokens_BxT"], mb["mask_BxT"],
-                             mb.get("segment_ids_BxT"))
+def _student_hidden(graphdef, params, mb: Batch):
+  """(shifted hidden states, load-balancing loss or None) of the student on a micro-batch.
+
+  The loss (`transformer.load_balancing_loss` over the real tokens, `mask_BxT`) is computed only
+  for a mixture-of-experts student with `router_aux_loss_coef > 0`; otherwise it is None and the
+  forward pass is the plain one.
+  """
+  cfg = transformer.merge(graphdef, params).cfg
+  args = (graphdef, params, mb["tokens_BxT"], mb["mask_BxT"], mb.get("segment_ids_BxT"))
+  if not (cfg.is_moe and cfg.router_aux_loss_coef > 0):
+    return scoring.shifted_hidden(*args), None
+  h, router_logits = scoring.shifted_hidden(*args, return_router_logits=True)
+  return h, transformer.load_balancing_loss(router_logits, cfg.experts_per_token, mb["mask_BxT"])
+
+
+def _add_router_aux(graphdef, params, loss_sum, denom, parts: dict, aux):
+  """loss_sum + coef * aux * denom (so the update's loss, sum / denominator, gains coef * aux;
+  with micro-batches, the denominator-weighted mean of their aux); `parts['loss/router_aux']`
+  reports aux the same way. Identity when `aux` is None."""
+  if aux is None:
+    return loss_sum
+  coef = transformer.merge(graphdef, params).cfg.router_aux_loss_coef
+  parts["loss/router_aux"] = aux * denom
+  return loss_sum + coef * aux * denom
+
+
+def _student_logp(graphdef, params, mb: Batch, temperature: float, chunk_size: int):
+  """(aligned log-probs [B, T], load-balancing loss or None; see `_student_hidden`)."""
+  h, aux = _student_hidden(graphdef, params, mb)
   return scoring.logprobs_from_hidden(h, scoring.unembed_fn(graphdef, params), mb["tokens_BxT"],
-                                      temperature=temperature, chunk_size=chunk_size)
+                                      temperature=temperature, chunk_size=chunk_size), aux
 
 
 def _finish(state: TrainState, params, opt_state, metrics: Metrics, updates: int, value=None
@@ -411,9 +443,11 @@ def sft_step(state: TrainState, batch: Batch, *, graphdef, tx: optax.GradientTra
   _check_batch(batch, fields, "sft_step")
 
   def loss_fn(params, mb):
-    logp = _student_logp(graphdef, params, mb, 1.0, cfg.chunk_size)
+    logp, aux = _student_logp(graphdef, params, mb, 1.0, cfg.chunk_size)
     s, d, m = sft.sft_loss(logp, mb["loss_mask_BxT"], cfg.mode, mb.get("segment_ids_BxT"))
-    return s, (d, {}, m)
+    parts = {}
+    s = _add_router_aux(graphdef, params, s, d, parts, aux)
+    return s, (d, parts, m)
 
   fields = {k: batch[k] for k in fields}
   params, opt_state, _, metrics = _apply(state.params, state.opt_state, tx, loss_fn, fields,
@@ -473,7 +507,7 @@ def pg_step(state: TrainState, batch: Batch, teacher_params=None, *, graphdef,
   def loss_fn(wrt, mb):
     params, value_params = wrt if cfg.needs_returns else (wrt, None)
     tokens, loss_mask = mb["tokens_BxT"], mb["loss_mask_BxT"]
-    h = scoring.shifted_hidden(graphdef, params, tokens, mb["mask_BxT"])
+    h, aux = _student_hidden(graphdef, params, mb)
     student_fn = scoring.unembed_fn(graphdef, params)
     logp = scoring.logprobs_from_hidden(h, student_fn, tokens, temperature=cfg.temperature,
                                         chunk_size=cfg.chunk_size)
@@ -496,6 +530,7 @@ def pg_step(state: TrainState, batch: Batch, teacher_params=None, *, graphdef,
       s = s + cfg.value_coef * v_sum
       parts["value/loss"] = v_sum
       m.update(v_m)
+    s = _add_router_aux(graphdef, params, s, d, parts, aux)
     return s, (d, parts, m)
 
   def update(carry, mb):
@@ -545,14 +580,16 @@ def distill_step(state: TrainState, batch: Batch, teacher_params, *, graphdef, t
   dcfg = cfg.distill
 
   def loss_fn(params, mb):
-    h = scoring.shifted_hidden(graphdef, params, mb["tokens_BxT"], mb["mask_BxT"])
+    h, aux = _student_hidden(graphdef, params, mb)
     student_fn = scoring.unembed_fn(graphdef, params)
     if topk:
       teacher = distill.TopK(mb["teacher_ids_BxTxK"], mb["teacher_logp_BxTxK"])
     else:
       teacher = _teacher(teacher_graphdef, teacher_params, mb)
     s, d, m = distill.divergence_loss(student_fn, h, teacher, mb["loss_mask_BxT"], dcfg)
-    return s, (d, {}, m)
+    parts = {}
+    s = _add_router_aux(graphdef, params, s, d, parts, aux)
+    return s, (d, parts, m)
 
   params, opt_state, _, metrics = _apply(state.params, state.opt_state, tx, loss_fn, data,
                                          cfg.micro_batches, graphdef)
