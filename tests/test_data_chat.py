@@ -115,7 +115,7 @@ def test_parquet_and_jsonl_fixtures_agree():
   assert a == b
 
 
-def test_malformed_rows_raise_one_line_or_are_counted():
+def test_malformed_rows_raise_one_line_or_are_counted(tmp_path):
   tok = T.build_task_tokenizer()
   path = FIXTURES / "malformed_chat.jsonl"
   with pytest.raises(datasets.MalformedRowError) as err:
@@ -134,6 +134,16 @@ def test_malformed_rows_raise_one_line_or_are_counted():
   metrics = report.to_metrics()
   assert metrics["data/skipped/bad_role"] == 1 and metrics["data/skipped/total"] == 10
   assert all("\n" not in s for v in report.samples.values() for s in v)
+  # A character outside the task tokenizer's alphabet (<unk>), in an assistant turn.
+  unk = tmp_path / "unk.jsonl"
+  unk.write_text(json.dumps({"messages": [{"role": "user", "content": "Coffee?"},
+                                          {"role": "assistant", "content": "un caf\u00e9"}]})
+                 + "\n" + json.dumps(_rows()[0]) + "\n")
+  kept, report = chat.load_chat_set(unk, tokenizer=tok, on_error="skip")
+  assert len(kept) == 1 and report.skipped == {"untokenizable": 1}
+  assert report.samples["untokenizable"][0].startswith(
+      f"{unk}:1: field 'messages.1.content': untokenizable: character '\u00e9' (U+00E9) at "
+      "offset 6")
 
 
 def test_template_mismatch_too_long_and_dedup(tmp_path):

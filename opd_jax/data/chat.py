@@ -4,10 +4,10 @@ assistant turns only.
 Layouts. A `ChatLayout` names the field holding the conversation (a dotted path, as in
 `datasets.Layout`); built in:
 
-  dolci_think  `messages`: a list of {"role": "system" | "user" | "assistant", "content": str}, as in
-               allenai's Dolci-Think SFT files (`{"id": ..., "messages": [{"role": "system", ...},
-               {"role": "user", ...}, {"role": "assistant", "content": "<think>...</think>
-               answer"}]}`); other keys of a row or of a message are ignored.
+  dolci_think  `messages`: a list of {"role": "system" | "user" | "assistant", "content": str},
+               as in allenai's Dolci-Think SFT files (`{"id": ..., "messages": [{"role":
+               "system", ...}, {"role": "user", ...}, {"role": "assistant", "content":
+               "<think>...</think> answer"}]}`); other keys of a row or of a message are ignored.
   messages     the same field under a generic name.
 
 Rendering (`render_chat`). The whole conversation is rendered once by the chat template
@@ -290,16 +290,26 @@ def load_chat_set(path: str | os.PathLike, layout: str | ChatLayout = "dolci_thi
 
 def _tokenized(loc: str, example: ChatExample, layout: ChatLayout, tok, max_tokens: int | None,
                problems: dict[str, str | None]) -> ChatExample:
+  """untokenizable / template_mismatch / too_long, and the rendering. A content is searched for
+  its problem (`find_untokenizable`, one more encode) only when it spells a control token, the
+  rendering holds <unk>, or the template failed; contents repeat, so the answer is cached."""
+  try:
+    ids, mask = render_chat(tok, example.messages)
+    failure = None
+  except ChatTemplateError as e:
+    ids, mask, failure = None, None, e
+  controls = [t for t in tokenizer_lib.control_tokens(tok).values() if t]
+  unk_seen = ids is None or (tok.unk_token_id is not None and tok.unk_token_id in set(ids))
   for i, m in enumerate(example.messages):
+    if not (unk_seen or any(t in m.content for t in controls)):
+      continue
     if m.content not in problems:
       problems[m.content] = tokenizer_lib.find_untokenizable(tok, m.content)
     if problems[m.content]:
       raise MalformedRowError(loc, f"{layout.messages}.{i}.content", "untokenizable",
                               problems[m.content])
-  try:
-    ids, mask = render_chat(tok, example.messages)
-  except ChatTemplateError as e:
-    raise MalformedRowError(loc, layout.messages, "template_mismatch", str(e)) from None
+  if failure is not None:
+    raise MalformedRowError(loc, layout.messages, "template_mismatch", str(failure))
   if max_tokens is not None and len(ids) > max_tokens:
     raise MalformedRowError(loc, layout.messages, "too_long",
                             f"{len(ids)} tokens (chat template applied) > {max_tokens}")
