@@ -182,6 +182,19 @@ def test_verdicts_computed_from_data():
   assert missing["sparsity_order"] == verdicts.HOLDS
 
 
+def test_controls_switched_off_leave_their_claims_missing_and_the_report_renders(tmp_path):
+  r = synthetic_results()
+  r["controls"] = {"sparsify": [], "offpolicy": [], "mixing": {}}   # every control off
+  for run in ("ctrl_offpolicy", "mix_0.75"):
+    r["trajectory"].pop(run, None)
+  got = {v["id"]: v["verdict"] for v in verdicts.compute_verdicts(r)}
+  for cid in ("offpolicy_matches", "offpolicy_norm", "mixing_opd_dominant", "sparsify_unchanged"):
+    assert got[cid] == verdicts.MISSING, cid
+  assert got["sparsity_order"] == verdicts.HOLDS
+  reporting.render(r, tmp_path)
+  assert "missing: controls/offpolicy" in (tmp_path / "report.md").read_text()
+
+
 def test_trajectory_distance_matches_reference():
   r = synthetic_results()
   a = np.asarray(r["trajectory"]["ctrl_topkl_25"]["stable_rank"])

@@ -205,7 +205,10 @@ def _v_offpolicy(r):
 
 
 def _v_offpolicy_norm(r):
-  run = list(_get(r, "controls", "offpolicy"))[0]
+  runs = list(_get(r, "controls", "offpolicy"))
+  if not runs:   # the control switched off (`controls.offpolicy=False`)
+    raise _Missing("controls/offpolicy")
+  run = runs[0]
   off = float(_trajectory(r, run, "frobenius")[1][-1])
   opd = float(_trajectory(r, "opd", "frobenius")[1][-1])
   return off > opd, f"||dW||_F off-policy {_fmt(off)} vs OPD {_fmt(opd)} (x{off / opd:.2f})"
