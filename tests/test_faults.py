@@ -222,7 +222,7 @@ def test_sigkill_and_sigterm_of_a_real_process(reference, tmp_path):
   _assert_same(_final_params(wd), reference["sft"][0])
 
 
-def test_non_finite_state_is_never_saved(tmp_path):
+def test_non_finite_state_is_never_saved(tmp_path, capsys):
   """lr=1e39 keeps the loss of step 1 finite (it is computed before the update) but makes the
   parameters infinite: the guard checks what it saves, so no checkpoint or snapshot of it exists."""
   cfg = _config("sft", ["optim.lr=1e39", "loop.checkpoint_every=1", "loop.snapshot_steps=(1,)"])
@@ -230,6 +230,13 @@ def test_non_finite_state_is_never_saved(tmp_path):
     loop.run(cfg, tmp_path)
   assert ckpt_lib.Checkpointer(tmp_path / "checkpoints").all_steps() == []
   assert not (tmp_path / "snapshots" / "1").exists()
+  # from the command line: one line naming the step, exit 2
+  argv = ["train", "--config", str(ROOT / "configs" / "sft.py") + ":smoke", "--workdir",
+          str(tmp_path / "cli"), "--config.optim.lr=1e39", "--config.loop.steps=2",
+          "--config.loop.checkpoint_every=1", "--config.loop.batch_size=8"]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "non-finite" in err[0] and "step 1" in err[0], err
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

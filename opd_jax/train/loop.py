@@ -51,6 +51,7 @@ from opd_jax.data import pipeline as pipeline_lib
 from opd_jax.data import tokenizer as tokenizer_lib
 from opd_jax.data import verifiers
 from opd_jax.models import hf
+from opd_jax.models import lora as lora_lib
 from opd_jax.models import sharding
 from opd_jax.models import transformer
 from opd_jax.optim import factory
@@ -67,8 +68,10 @@ from opd_jax.train.run_plan import RunPlan
 from opd_jax.train.state import TrainState
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss, gradient norm, or the state about to be saved was not finite; the run stopped."""
+class NonFiniteLossError(errors.UserError, RuntimeError):
+  """The loss, gradient norm, or the state about to be saved was not finite; the run stopped.
+  A user error for the CLI (one line, exit 2): its message names the step and the checkpoint to
+  resume from, and the usual cause is a setting (learning rate, data)."""
 
   def __init__(self, step: int, metrics: Mapping[str, float], last_checkpoint: int | None,
                checkpoint_dir: str, what: str = "loss"):
@@ -92,9 +95,11 @@ def workdir_path(workdir) -> epath.Path:
 
 
 def _poison(params):
-  """debug_nan_at_step: multiplies the final-norm scale by NaN (the loss becomes NaN)."""
+  """debug_nan_at_step: multiplies the final-norm scale (with adapters: every adapter) by NaN
+  (the loss becomes NaN)."""
   params = dict(params)
-  params["final_norm"] = jax.tree.map(lambda x: x * jnp.nan, params["final_norm"])
+  key = "final_norm" if "final_norm" in params else next(iter(params))
+  params[key] = jax.tree.map(lambda x: x * jnp.nan, params[key])
   return params
 
 
@@ -371,6 +376,13 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
   # Optimizer, context, state.
   p_shardings = mesh_lib.param_shardings(student_cfg, mesh, rules)
   abstract_params = transformer.abstract_params(student_cfg)
+  # Adapters (lora.rank > 0): the state's params (and the optimizer) are the adapters'; the base
+  # rides along frozen in `state.frozen`.
+  lora_cfg, frozen = cfg.lora, {}
+  if lora_cfg.enabled:
+    frozen = {"abstract": abstract_params, "shardings": p_shardings}
+    abstract_params = lora_lib.abstract_adapters(student_cfg, lora_cfg)
+    p_shardings = mesh_lib.adapter_shardings(student_cfg, lora_cfg, mesh, rules)
   if subspace_bases is None:
     subspace_bases = run_plan.subspace_bases_from_config(cfg)
   context = {} if subspace_bases is None else {"subspace_bases": subspace_bases}
@@ -385,9 +397,11 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
       verifier=verifier if needs.verifier else None, tokenizer=tok, token_tx=token_tx,
       knobs=recipe.rollout_knobs(plan),
       clock=timing.PhaseClock() if cfg.loop.time_phases else timing.NullClock(),
-      to_device=lambda b: mesh_lib.global_batch(b, mesh, rules))
+      to_device=lambda b: mesh_lib.global_batch(b, mesh, rules),
+      merge=mesh_lib.jit_merge(lora_cfg, frozen["shardings"]) if frozen else None)
   extras = recipe.init_extras(ctx)
-  s_shardings = mesh_lib.state_shardings(tx, p_shardings, abstract_params, **extras)
+  s_shardings = mesh_lib.state_shardings(tx, p_shardings, abstract_params, **extras,
+                                         frozen_shardings=frozen.get("shardings"))
   step_fn = recipe.jit_step(ctx, s_shardings)
 
   ckpt.model_cfg = student_cfg
@@ -396,7 +410,8 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
   try:
     restored = None
     if not fresh:
-      abstract = mesh_lib.abstract_state(tx, abstract_params, s_shardings, **extras)
+      abstract = mesh_lib.abstract_state(tx, abstract_params, s_shardings, **extras,
+                                         frozen=frozen.get("abstract"))
       restored = ckpt.restore_latest(abstract)
       if restored is None:
         raise ckpt_lib.CheckpointError(f"{ckpt.directory}: checkpoints were listed but none "
@@ -407,7 +422,13 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
       if primary:
         _truncate_metrics(workdir / "metrics.jsonl", resumed_from)
     else:
-      state = mesh_lib.init_sharded_state(params, tx, cfg.loop.seed, s_shardings, **extras)
+      trained, base = params, None
+      if frozen:
+        trained, base = mesh_lib.init_adapters(params, lora_cfg, s_shardings.params,
+                                               s_shardings.frozen)
+      state = mesh_lib.init_sharded_state(trained, tx, cfg.loop.seed, s_shardings, **extras,
+                                          frozen=base)
+      del trained, base
     if not needs.reference:
       del params
     # Everything that runs on the devices from here on sees the mesh and the axis rules (set-up
@@ -494,9 +515,10 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
 
   def snapshot(s: int, state):
     value_head = state.value["params"] if state.value is not None else None
-    check_finite(s, (state.params, value_head), "parameters")
+    params = recipes_lib.policy_params(ctx, state)  # merged full params with adapters
+    check_finite(s, (params, value_head), "parameters")
     with jax.transfer_guard("allow"):  # orbax's own explicit writes
-      snapshots[s] = str(ckpt_lib.save_snapshot(snap_dir, s, state.params, plan.student,
+      snapshots[s] = str(ckpt_lib.save_snapshot(snap_dir, s, params, plan.student,
                                                 value_head=value_head))
 
   def save(s: int, state):
@@ -519,7 +541,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
         if 0 in loop_cfg.snapshot_steps:
           snapshot(0, state)
         if do_evals:
-          do_eval(0, state.params)
+          do_eval(0, recipes_lib.policy_params(ctx, state))
       while step < end:
         ctx.clock.start(step + 1)
         t_data = time.perf_counter()
@@ -546,7 +568,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
           save(step, state)
           last_ckpt = step
         if want_eval:
-          do_eval(step, state.params)
+          do_eval(step, recipes_lib.policy_params(ctx, state))
         if step < end and stop.agreed():
           handle(fetcher.flush())
           if not want_ckpt:
