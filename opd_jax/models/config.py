@@ -64,6 +64,15 @@ class ModelConfig:
       top-k) routing weights: E / k times the FLOPs, but plain einsums that shard like the dense
       MLP; 'ragged' sorts the N * k (token, expert) pairs by expert and runs grouped matmuls
       (`jax.lax.ragged_dot`): top-k FLOPs only, for single-device / replicated-expert use.
+    attention_block: block size of the blocked (flash-style) causal attention of full-sequence
+      forwards (training, `shifted_hidden`): sequences longer than this run in query / key blocks
+      of this many positions with an online softmax, causal blocks above the diagonal skipped,
+      so attention memory is linear in T (`attention.flash_attention`); sequences up to this
+      length, or any length with 0, use the one-shot [B, H, T, T] reference. Not an architecture
+      field: the same function either way.
+    cache_block: bucket width (slots) of attention over a KV cache (decode, prefill, chunked
+      scoring): queries attend over the cache prefix that can be filled, rounded up to whole
+      buckets, never the empty tail (`attention.cached_attention`); 0 = always the whole cache.
   """
 
   family: str = "qwen3"
@@ -95,6 +104,8 @@ class ModelConfig:
   norm_topk_prob: bool = False
   router_aux_loss_coef: float = 0.001
   moe_impl: str = "dense"
+  attention_block: int = 512
+  cache_block: int = 256
 
   def __post_init__(self):
     def bad(field, why):
@@ -112,6 +123,9 @@ class ModelConfig:
         bad(f, "must be positive")
     if self.n_heads % self.n_kv_heads:
       bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
+    for f in ("attention_block", "cache_block"):
+      if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
+        bad(f, "must be an int >= 0 (0 = off)")
     if self.head_dim % 2:
       bad("head_dim", "must be even for RoPE")
     if self.family == "qwen3_moe":

@@ -40,7 +40,12 @@ sequence up front).
 
 KV cache: `init_cache(cfg, B, S)` gives {'k', 'v'} of shape [L, B, S, K, h]. `hidden(...,
 cache=, cache_index=)` writes the T new keys at slots [cache_index, cache_index + T) and attends
-over all S slots, causally by slot, masked by `kv_mask_BxS`.
+causally by slot, masked by `kv_mask_BxS`, over the cache prefix that can be filled (slots below
+cache_index + T, rounded up to a bucket of `cfg.cache_block` slots), never the empty tail.
+
+Attention math lives in `attention.py`: without a cache, sequences longer than
+`cfg.attention_block` use blocked (flash-style) causal attention, linear in T in memory; shorter
+ones the one-shot reference. Both give the same outputs on every real query.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opd_jax.models import attention
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.sharding import constrain
 
@@ -201,31 +207,18 @@ class Attention(nnx.Module):
     kk = apply_rope(kk, positions_BxT, inv_freq)
     q = constrain(q, ("batch", "length", "act_heads", None))
 
+    q_seg, kv_seg = segments if segments is not None else (None, None)
     if cache_kv is None:
-      keys, values = kk, v
-      q_slot = jnp.arange(t)
+      out = attention.causal_attention(q, kk, v, kv_mask_BxS, q_seg, block=cfg.attention_block)
       new_cache = None
     else:
       ck, cv = cache_kv
       keys = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, cache_index, 0, 0))
       values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-      q_slot = cache_index + jnp.arange(t)
       new_cache = (keys, values)
-    s = keys.shape[1]
-    allowed_TxS = jnp.arange(s)[None, :] <= q_slot[:, None]
-    allowed = allowed_TxS[None] & kv_mask_BxS[:, None, :]  # [B, T, S]
-    if segments is not None:
-      q_seg_BxT, kv_seg_BxS = segments
-      allowed = allowed & (q_seg_BxT[:, :, None] == kv_seg_BxS[:, None, :])
-
-    g = h // k
-    qg = q.reshape(b, t, k, g, hd)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg.astype(jnp.float32),
-                        keys.astype(jnp.float32)) * (hd ** -0.5)
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(jnp.float32))
-    out = out.reshape(b, t, h * hd).astype(x_BxTxD.dtype)
+      out = attention.cached_attention(q, keys, values, cache_index, kv_mask_BxS, q_seg, kv_seg,
+                                       block=cfg.cache_block)
+    out = out.astype(x_BxTxD.dtype)
     return self.o_proj(out), new_cache
 
 

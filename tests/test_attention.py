@@ -1,0 +1,253 @@
+"""Attention paths vs a float64 numpy reference: blocked (flash) causal attention with padding,
+segments, GQA and block sizes that do not divide T (values and gradients), the model with
+blocking on vs off, memory without a [B, H, T, T] buffer, and cache attention over filled
+buckets (values, greedy decode tokens and log-probs)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opd_jax.models import attention
+from opd_jax.models import config as mc
+from opd_jax.models import sharding
+from opd_jax.models import transformer as tf
+
+
+def _numpy_attention(q_BxTxHxh, k_BxSxKxh, v_BxSxKxh, allowed_BxTxS):
+  """float64 attention head by head; rows with no allowed key are NaN (unspecified)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q_BxTxHxh, k_BxSxKxh, v_BxSxKxh))
+  allowed = np.asarray(allowed_BxTxS)
+  b, t, h, hd = q.shape
+  g = h // k.shape[2]
+  out = np.full((b, t, h, hd), np.nan)
+  for bi in range(b):
+    for hi in range(h):
+      scores = q[bi, :, hi] @ k[bi, :, hi // g].T / np.sqrt(hd)
+      for ti in range(t):
+        keep = allowed[bi, ti]
+        if keep.any():
+          w = np.exp(scores[ti, keep] - scores[ti, keep].max())
+          out[bi, ti, hi] = (w / w.sum()) @ v[bi, keep, hi // g]
+  return out.reshape(b, t, h * hd)
+
+
+def _numpy_allowed(t, s, q_slot0, kv_mask_BxS, q_seg_BxT=None, kv_seg_BxS=None):
+  allowed = np.arange(s)[None, :] <= (q_slot0 + np.arange(t))[:, None]
+  allowed = allowed[None] & np.asarray(kv_mask_BxS)[:, None, :]
+  if q_seg_BxT is not None:
+    allowed &= np.asarray(q_seg_BxT)[:, :, None] == np.asarray(kv_seg_BxS)[:, None, :]
+  return allowed
+
+
+def _inputs(t, h=4, k=2, hd=8, seed=0, dtype=jnp.float32):
+  """q, k, v for 3 rows; mask: left-padded row 0, right-padded row 1, full row 2; segments:
+  the same padding, row 2 packed as three segments (one of a single token)."""
+  rng = np.random.default_rng(seed)
+  b = 3
+  q = jnp.asarray(rng.standard_normal((b, t, h, hd)), dtype)
+  kk = jnp.asarray(rng.standard_normal((b, t, k, hd)), dtype)
+  v = jnp.asarray(rng.standard_normal((b, t, k, hd)), dtype)
+  seg = np.ones((b, t), np.int32)
+  seg[0, :5] = 0
+  seg[1, t - 4:] = 0
+  seg[2, 7:] = 2
+  seg[2, 8:] = 3
+  return q, kk, v, seg > 0, seg
+
+
+def _real_rows(allowed_BxTxS):
+  return np.asarray(allowed_BxTxS).any(-1)[..., None]
+
+
+@functools.partial(jax.jit, static_argnames=("block", "use_segments"))
+def _flash_value_and_grads(q, kk, v, mask, seg, w, *, block, use_segments):
+  def loss(q, kk, v):
+    out = attention.flash_attention(q, kk, v, mask, seg if use_segments else None, block=block)
+    return jnp.sum(out * w), out
+  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, kk, v)
+  return out, grads
+
+
+@jax.jit
+def _reference_grads(q, kk, v, allowed, w):
+  return jax.grad(lambda q, kk, v: jnp.sum(attention.reference_attention(q, kk, v, allowed) * w),
+                  argnums=(0, 1, 2))(q, kk, v)
+
+
+@pytest.mark.parametrize("use_segments", [False, True])
+def test_flash_equals_float64_reference_values_and_grads(use_segments):
+  t = 21
+  q, kk, v, mask, seg = _inputs(t)
+  seg_or_none = seg if use_segments else None
+  allowed = _numpy_allowed(t, t, 0, mask, seg_or_none, seg_or_none)
+  expected = _numpy_attention(q, kk, v, allowed)
+  real = _real_rows(allowed)
+  # Gradients weight only rows with an allowed key (the others are padding, unspecified).
+  w = jnp.asarray(np.random.default_rng(1).standard_normal(expected.shape) * real, jnp.float32)
+  ref_grads = _reference_grads(q, kk, v, jnp.asarray(allowed), w)
+  ref_out = attention.reference_attention(q, kk, v, jnp.asarray(allowed))
+  np.testing.assert_allclose(np.where(real, ref_out, 0), np.where(real, expected, 0), atol=1e-5)
+  # None divides 21 (16 leaves one partial block); the two cases share the block sizes out.
+  for block in ((8,) if use_segments else (5, 16)):
+    out, grads = _flash_value_and_grads(q, kk, v, jnp.asarray(mask), jnp.asarray(seg), w,
+                                        block=block, use_segments=use_segments)
+    np.testing.assert_allclose(np.where(real, out, 0), np.where(real, expected, 0), atol=1e-5)
+    assert np.all(np.isfinite(out))
+    for g, g_ref in zip(grads, ref_grads):
+      np.testing.assert_allclose(g, g_ref, atol=2e-5, rtol=1e-5)
+
+
+def test_flash_bfloat16_inputs_and_causal_attention_dispatch():
+  t = 21
+  q, kk, v, mask, seg = _inputs(t, seed=3, dtype=jnp.bfloat16)
+  allowed = _numpy_allowed(t, t, 0, mask, seg, seg)
+  expected = _numpy_attention(q, kk, v, allowed)  # of the bfloat16-rounded inputs
+  real = _real_rows(allowed)
+  out = jax.jit(functools.partial(attention.causal_attention, block=8))(
+      q, kk, v, jnp.asarray(mask), jnp.asarray(seg))
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(np.where(real, out, 0), np.where(real, expected, 0), atol=1e-5)
+  # T <= block: the one-shot reference itself.
+  short = attention.causal_attention(q, kk, v, jnp.asarray(mask), jnp.asarray(seg), block=32)
+  ref = attention.reference_attention(q, kk, v, jnp.asarray(allowed))
+  np.testing.assert_array_equal(short, ref)
+
+
+def _model_loss(graphdef, params, toks, seg):
+  logits = tf.forward(graphdef, params, toks, segment_ids_BxT=seg)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(logp[:, :-1], toks[:, 1:, None], axis=-1)[..., 0]
+  # Next-token pairs within one segment (a padding position has no specified output).
+  same = (seg[:, :-1] > 0) & (seg[:, 1:] == seg[:, :-1])
+  return -jnp.sum(picked * same), logits
+
+
+@pytest.mark.parametrize("dtype,tol,grads", [("float32", 1e-5, True), ("bfloat16", 3e-2, False)])
+def test_model_blocking_on_vs_off_same_logits_and_grads(dtype, tol, grads):
+  on = mc.tiny(vocab_size=61, attention_block=8, dtype=dtype, remat=True)
+  off = on.replace(attention_block=0)
+  graphdef_on, params = tf.init(on, 0)
+  graphdef_off = tf.graphdef_for(off)
+  t = 21
+  seg = jnp.asarray(_inputs(t)[4])
+  toks = jax.random.randint(jax.random.key(4), (3, t), 0, 61)
+  if grads:
+    run = jax.jit(jax.value_and_grad(_model_loss, argnums=1, has_aux=True), static_argnums=0)
+  else:
+    run = jax.jit(lambda gd, p, toks, seg: (_model_loss(gd, p, toks, seg), None),
+                  static_argnums=0)
+  (loss_on, logits_on), grads_on = run(graphdef_on, params, toks, seg)
+  (loss_off, logits_off), grads_off = run(graphdef_off, params, toks, seg)
+  real = np.asarray(seg > 0)[..., None]
+  np.testing.assert_allclose(np.where(real, logits_on, 0), np.where(real, logits_off, 0),
+                             atol=tol, rtol=tol)
+  np.testing.assert_allclose(loss_on, loss_off, rtol=tol)
+  for g_on, g_off in zip(jax.tree.leaves(grads_on), jax.tree.leaves(grads_off)):
+    np.testing.assert_allclose(g_on, g_off, atol=tol, rtol=tol)
+
+
+def test_no_full_score_buffer_in_forward_or_backward():
+  b, t, h, hd, block = 2, 2048, 4, 16, 128
+  full_scores_bytes = b * h * t * t * 4
+  q = jax.ShapeDtypeStruct((b, t, h, hd), jnp.float32)
+  kv = jax.ShapeDtypeStruct((b, t, 2, hd), jnp.float32)
+  mask = jax.ShapeDtypeStruct((b, t), jnp.bool_)
+
+  def grad_fn(impl):
+    return jax.jit(jax.grad(lambda q, k, v, m: jnp.sum(impl(q, k, v, m) ** 2), argnums=(0, 1, 2)))
+
+  flash = grad_fn(functools.partial(attention.flash_attention, block=block))
+  reference = grad_fn(functools.partial(attention.causal_attention, block=0))
+  flash_temp = flash.lower(q, kv, kv, mask).compile().memory_analysis().temp_size_in_bytes
+  ref_temp = reference.lower(q, kv, kv, mask).compile().memory_analysis().temp_size_in_bytes
+  assert ref_temp >= full_scores_bytes  # the measurement sees the [B, H, T, T] scores
+  assert flash_temp < full_scores_bytes / 16, (flash_temp, full_scores_bytes)
+
+
+def test_flash_sharded_on_fake_mesh_equals_single_device():
+  t = 21
+  q, kk, v, mask, seg = _inputs(t, h=4, k=2, seed=5)
+  q, kk, v, mask, seg = (jnp.concatenate([x, x[::-1]], 0) for x in (q, kk, v, mask, seg))
+  fn = jax.jit(lambda *a: attention.flash_attention(*a, block=8))
+  single = fn(q, kk, v, mask, seg)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh), sharding.axis_rules(sharding.DEFAULT_RULES):
+    sharded = fn(q, kk, v, mask, seg)
+  np.testing.assert_allclose(sharded, single, atol=1e-6)
+
+
+# -- attention over a KV cache --------------------------------------------------------------------
+def test_bucket_lengths():
+  assert attention.bucket_lengths(50, 8) == (8, 16, 24, 32, 40, 48, 50)
+  lengths = attention.bucket_lengths(1000, 8)
+  assert len(lengths) <= attention._MAX_BUCKETS and lengths[-1] == 1000
+  assert all(n % 8 == 0 for n in lengths[:-1]) and list(lengths) == sorted(set(lengths))
+
+
+def test_cached_attention_equals_float64_reference_at_every_index():
+  s, t = 30, 3
+  q, kk, v, _, _ = _inputs(s, seed=6)
+  kv_mask = np.ones((3, s), bool)
+  kv_mask[0, :4] = False  # a left-padded prompt
+  seg = np.ones((3, s), np.int32)
+  seg[2, 10:] = 2
+  fn = jax.jit(lambda i, q_seg: attention.cached_attention(
+      q[:, :t], kk, v, i, jnp.asarray(kv_mask), q_seg, jnp.asarray(seg), block=8))
+  for index in (0, 6, 8, 15, s - t):
+    q_seg = jnp.asarray(seg[:, index:index + t])
+    allowed = _numpy_allowed(t, s, index, kv_mask, q_seg, seg)
+    expected = _numpy_attention(q[:, :t], kk, v, allowed)
+    real = _real_rows(allowed)
+    outs = [fn(index, q_seg)]
+    if index in (0, 15):  # a Python index picks its bucket at trace time
+      outs.append(attention.cached_attention(q[:, :t], kk, v, index, jnp.asarray(kv_mask), q_seg,
+                                             jnp.asarray(seg), block=8))
+    for out in outs:
+      np.testing.assert_allclose(np.where(real, out, 0), np.where(real, expected, 0), atol=1e-5)
+  # A traced index compiles one branch per bucket length and runs only the selected one.
+  jaxpr = str(jax.make_jaxpr(lambda i: attention.cached_attention(
+      q[:, :1], kk, v, i, jnp.asarray(kv_mask), block=8))(3))
+  assert "cond[" in jaxpr and jaxpr.count("branches") >= 1
+
+
+def _greedy_decode(graphdef, params, prompt_BxP, n_new):
+  """Prefill + n_new greedy steps through the KV cache: (tokens [B, n_new], log-probs)."""
+
+  @jax.jit
+  def run(params, prompt):
+    model = tf.merge(graphdef, params)
+    b, p = prompt.shape
+    cache = tf.init_cache(model.cfg, b, p + n_new)
+    kv_mask = jnp.ones((b, p + n_new), bool)
+    h, cache = model.hidden(prompt, cache=cache, cache_index=0, kv_mask_BxS=kv_mask)
+    logits = model.logits(h[:, -1])
+
+    def body(carry, i):
+      logits, cache = carry
+      logp = jax.nn.log_softmax(logits, axis=-1)
+      tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      h, cache = model.hidden(tok[:, None], positions_BxT=jnp.full((b, 1), p + i),
+                              cache=cache, cache_index=p + i, kv_mask_BxS=kv_mask)
+      return (model.logits(h[:, 0]), cache), (tok, jnp.take_along_axis(logp, tok[:, None], 1)[:, 0])
+
+    _, (toks, logps) = jax.lax.scan(body, (logits, cache), jnp.arange(n_new))
+    return toks.T, logps.T
+
+  return run(params, prompt_BxP)
+
+
+def test_decode_over_filled_buckets_same_greedy_tokens_and_logprobs():
+  bucketed = mc.tiny(vocab_size=53, cache_block=4)
+  whole = bucketed.replace(cache_block=0)
+  graphdef, params = tf.init(bucketed, 7)
+  # Sharpen the distribution so that greedy choices are far from ties.
+  params = jax.tree.map(lambda x: x * 3.0, params)
+  prompt = jax.random.randint(jax.random.key(8), (2, 5), 0, 53)
+  toks, logps = _greedy_decode(graphdef, params, prompt, 10)
+  toks_ref, logps_ref = _greedy_decode(tf.graphdef_for(whole), params, prompt, 10)
+  np.testing.assert_array_equal(toks, toks_ref)
+  np.testing.assert_allclose(logps, logps_ref, atol=1e-5)
