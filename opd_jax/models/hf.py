@@ -668,3 +668,80 @@ def save(directory, cfg: ModelConfig, params, tokenizer=None, *,
     from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices(f"opd_jax.hf.save:{target}")
   return target
+
+
+# -- adapters in the PEFT layout ------------------------------------------------------------------
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_tensors(cfg: ModelConfig, adapters) -> Iterator[tuple[str, np.ndarray]]:
+  """(PEFT name, tensor) of every adapter matrix, e.g.
+  `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` = a[i].T ([r, in]) and
+  `...lora_B.weight` = b[i].T ([out, r]) (`models.lora`: K_eff = K + scale a @ b is PEFT's
+  W + scale B @ A for W = K.T)."""
+  from opd_jax.models import lora  # noqa: PLC0415
+  by_path = {spec.path: spec for spec in _specs(cfg)}
+  np_dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+  for path, module in lora.adapter_modules(adapters):
+    spec = by_path.get(path + ("kernel",))
+    if spec is None or spec.per_expert or not spec.transpose:
+      raise ValueError(f"adapters at {'/'.join(path)}: not an adaptable kernel of {cfg.family}")
+    for part, peft in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+      host = _to_host(module[part]).astype(np_dtype, copy=False)
+      blocks = list(host) if spec.layered else [host]
+      for name, block in zip(spec.hf_names(cfg.n_layers), blocks):
+        module_i = name.removesuffix(".weight")
+        yield (f"{PEFT_PREFIX}{module_i}.{peft}.weight",
+               np.ascontiguousarray(block.T))
+
+
+def peft_config(cfg: ModelConfig, adapters, lora_cfg, base_model_name_or_path: str = "") -> dict:
+  """The `adapter_config.json` of `adapters` (PEFT's LoraConfig fields: r, lora_alpha,
+  target_modules as module-name suffixes, no dropout, no bias). `init_lora_weights` is true
+  whatever `lora_cfg.init` was: the saved weights are plain LoRA factors relative to the base they
+  were trained on (for PiSSA, the residual base), which PEFT must not re-initialise on load."""
+  from opd_jax.models import lora  # noqa: PLC0415
+  by_path = {spec.path: spec for spec in _specs(cfg)}
+  modules = sorted({by_path[p + ("kernel",)].name.removesuffix(".weight").rsplit(".", 1)[-1]
+                    for p, _ in lora.adapter_modules(adapters)})
+  return {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model_name_or_path or None,
+      "r": int(lora_cfg.rank), "lora_alpha": float(lora_cfg.alpha), "lora_dropout": 0.0,
+      "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+      "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+      "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+      "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+  }
+
+
+def save_peft_adapter(directory, cfg: ModelConfig, adapters, lora_cfg, *,
+                      base_model_name_or_path: str = "", overwrite: bool = False
+                      ) -> pathlib.Path:
+  """Writes `adapter_config.json` + `adapter_model.safetensors` that
+  `peft.PeftModel.from_pretrained(base, directory)` loads onto the transformers model of the
+  base the adapters were trained on (`save(..., base)`: for PiSSA the residual base,
+  `TrainState.frozen`). Atomic like `save`; with several processes all must call it (gathering
+  is a collective), process 0 writes. The merged model is `save(dir, cfg, lora.merge(base,
+  adapters, lora_cfg.scale))`."""
+  target = pathlib.Path(directory).absolute()
+  if target.exists() and any(target.iterdir()) and not overwrite:
+    raise FileExistsError(f"{target} exists and is not empty (pass overwrite=True to replace it)")
+  tensors = dict(peft_tensors(cfg, adapters))
+  config = peft_config(cfg, adapters, lora_cfg, base_model_name_or_path)
+  if jax.process_index() == 0:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+      save_file(tensors, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+      (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+      _replace_dir(tmp, target)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(f"opd_jax.hf.save_peft_adapter:{target}")
+  return target

@@ -39,6 +39,7 @@ from opd_jax.train.state import TrainState
 
 STATE, PARAMS, META = "state", "params", "meta"
 VALUE_HEAD = "value_head"
+FROZEN = "frozen"  # the frozen base of an adapter run (TrainState.frozen)
 
 
 class _QuietDiskFull(logging.Filter):
@@ -345,17 +346,36 @@ def load_params_and_config(path, *, shardings=None) -> tuple[dict, ModelConfig |
     if PARAMS not in tree:
       raise ValueError(f"checkpoint {str(item)!r} holds no '{PARAMS}' entry (keys: {list(tree)})")
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=default), tree[PARAMS])
-    if shardings is not None:
-      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract, shardings)
+
+    def abstract_of(sub):
+      return jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=default), sub)
+
+    # An adapter run (LoRA / PiSSA) saves the adapters as params and the base as 'frozen': the
+    # policy is their merge (scale alpha / r from the run config in the checkpoint's meta).
+    adapters = FROZEN in tree
+    items = {PARAMS: abstract_of(tree[PARAMS])}
+    if adapters:
+      items[FROZEN] = abstract_of(tree[FROZEN])
+    elif shardings is not None:
+      items[PARAMS] = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), items[PARAMS],
+          shardings)
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding,
                                                                global_shape=a.shape,
-                                                               dtype=a.dtype), abstract)
+                                                               dtype=a.dtype), items)
     out = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
-        item={PARAMS: abstract}, restore_args={PARAMS: restore_args}, partial_restore=True))
+        item=items, restore_args=restore_args, partial_restore=True))
     params = out[PARAMS]
+    if adapters:
+      from opd_jax.models import lora  # noqa: PLC0415
+      lora_cfg = (meta.get("config") or {}).get("lora")
+      if not lora_cfg or not lora_cfg.get("rank"):
+        raise CheckpointError(f"checkpoint {str(item)!r} holds adapters but its meta has no "
+                              "config.lora (rank, alpha) to merge them with")
+      params = lora.merge(out[FROZEN], params, float(lora_cfg["alpha"]) / int(lora_cfg["rank"]))
+      if shardings is not None:
+        params = jax.device_put(params, shardings)
   return params, cfg
 
 

@@ -281,6 +281,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 from opd_jax.data.pipeline import PipelineConfig  # noqa: E402
 from opd_jax.data.tasks import TaskConfig  # noqa: E402
 from opd_jax.models.config import ModelConfig  # noqa: E402
+from opd_jax.models.lora import LoraConfig  # noqa: E402
 from opd_jax.objectives.log_ratio import CreditConfig  # noqa: E402
 from opd_jax.objectives.rlvr import GRPOConfig  # noqa: E402
 from opd_jax.optim.factory import OptimConfig  # noqa: E402
@@ -580,6 +581,9 @@ class TrainConfig:
     mixed    A = alpha A_OPD + (1 - alpha) A_RLVR (`rollout.mix_alpha`)
     distill  direct route: a divergence between teacher and student distributions on the student's
              rollouts (`distill`)
+
+  Any method trains LoRA / PiSSA adapters instead of the full parameters with `lora.rank > 0`
+  (`models.lora.LoraConfig`).
   """
 
   method: str = "opd"
@@ -597,6 +601,7 @@ class TrainConfig:
   grpo: GRPOConfig = GRPOConfig()
   loop: LoopConfig = LoopConfig()
   subspace: SubspaceConfig = SubspaceConfig()
+  lora: LoraConfig = LoraConfig()
 
   def __post_init__(self):
     from opd_jax.train import recipes  # the method's rules live in its recipe

@@ -177,25 +177,31 @@ def opt_state_shardings(tx: optax.GradientTransformation, params_shardings, abst
 
 
 def state_shardings(tx: optax.GradientTransformation, params_shardings, abstract_params, *,
-                    value: Any = None, token_state: Any = None) -> TrainState:
+                    value: Any = None, token_state: Any = None, frozen_shardings: Any = None
+                    ) -> TrainState:
   """A TrainState of shardings: params as given, optimizer state mirroring them, the rest
   (step, rng, the value head and the token-transform state: small) replicated. `value` /
-  `token_state` are the recipe's extra fields (arrays or abstract), None when unused."""
+  `token_state` are the recipe's extra fields (arrays or abstract), None when unused. With
+  adapters, `params_shardings` / `abstract_params` are the adapters' (`adapter_shardings`,
+  `lora.abstract_adapters`) and `frozen_shardings` the base parameters' (`param_shardings`)."""
   leaves = jax.tree.leaves(params_shardings)
   rep = replicated(leaves[0].mesh)
   return TrainState(step=rep, params=params_shardings,
                     opt_state=opt_state_shardings(tx, params_shardings, abstract_params), rng=rep,
                     value=jax.tree.map(lambda _: rep, value),
-                    token_state=jax.tree.map(lambda _: rep, token_state))
+                    token_state=jax.tree.map(lambda _: rep, token_state),
+                    frozen=frozen_shardings)
 
 
 def abstract_state(tx: optax.GradientTransformation, abstract_params, shardings: TrainState | None
-                   = None, *, value: Any = None, token_state: Any = None) -> TrainState:
+                   = None, *, value: Any = None, token_state: Any = None, frozen: Any = None
+                   ) -> TrainState:
   """ShapeDtypeStructs of the TrainState (with `shardings` attached when given): the target for
-  `checkpoint.restore_latest` and for `plan`. `value` / `token_state` as in `state_shardings`."""
+  `checkpoint.restore_latest` and for `plan`. `value` / `token_state` as in `state_shardings`;
+  `frozen` the abstract base parameters of an adapter run (else None)."""
   abstract = jax.eval_shape(
-      lambda p, v, t: create_state(p, tx, 0, value=v, token_state=t), abstract_params, value,
-      token_state)
+      lambda p, v, t, f: create_state(p, tx, 0, value=v, token_state=t, frozen=f),
+      abstract_params, value, token_state, frozen)
   if shardings is None:
     return abstract
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -224,19 +230,47 @@ def init_sharded_params(model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
 
 
 def init_sharded_state(params, tx: optax.GradientTransformation, seed: int,
-                       shardings: TrainState, *, value: Any = None, token_state: Any = None
-                       ) -> TrainState:
+                       shardings: TrainState, *, value: Any = None, token_state: Any = None,
+                       frozen: Any = None) -> TrainState:
   """`create_state` under jit with `out_shardings`: the optimizer state is created sharded.
 
   `params` should already carry `shardings.params` (e.g. from `init_sharded_params`, `hf.load(...,
   mesh=)` or `reshard`); they are copied, not donated. `value` / `token_state` (the recipe's extra
-  fields, small host or device pytrees) are placed replicated.
+  fields, small host or device pytrees) are placed replicated. `frozen`: the base parameters of
+  an adapter run (`init_adapters`), laid out as `shardings.frozen`.
   """
-  fn = jax.jit(lambda p, v, t: create_state(p, tx, seed, value=v, token_state=t),
-               in_shardings=(shardings.params, shardings.value, shardings.token_state),
+  fn = jax.jit(lambda p, v, t, f: create_state(p, tx, seed, value=v, token_state=t, frozen=f),
+               in_shardings=(shardings.params, shardings.value, shardings.token_state,
+                             shardings.frozen),
                out_shardings=shardings)
   return fn(params, jax.device_put(value, shardings.value),
-            jax.device_put(token_state, shardings.token_state))
+            jax.device_put(token_state, shardings.token_state), frozen)
+
+
+# -- adapters (LoRA / PiSSA, `models.lora`) -------------------------------------------------------
+def adapter_shardings(model_cfg: ModelConfig, lora_cfg, mesh: jax.sharding.Mesh,
+                      rules: Iterable[Sequence] = DEFAULT_RULES) -> dict:
+  """NamedShardings of the adapters: each adapted kernel's logical axes, the rank unsharded."""
+  from opd_jax.models import lora
+  return logical_shardings(lora.abstract_adapters(model_cfg, lora_cfg),
+                           lora.logical_axes(model_cfg, lora_cfg), mesh, rules)
+
+
+def init_adapters(params, lora_cfg, adapter_shardings_, base_shardings):
+  """(adapters, base) of `lora.init`, jitted and placed (`params` is not donated: it may stay in
+  use as the frozen reference policy)."""
+  from opd_jax.models import lora
+  fn = jax.jit(lambda p: lora.init(p, lora_cfg),
+               out_shardings=(adapter_shardings_, base_shardings))
+  return fn(params)
+
+
+def jit_merge(lora_cfg, base_shardings) -> Callable:
+  """(base, adapters) -> merged full params laid out like the base (`lora.merge`, jitted): the
+  policy the sampler, eval and snapshots read."""
+  from opd_jax.models import lora
+  return jax.jit(lambda base, adapters: lora.merge(base, adapters, lora_cfg.scale),
+                 out_shardings=base_shardings)
 
 
 def reshard(tree, shardings):

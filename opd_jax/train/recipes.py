@@ -20,6 +20,10 @@ its pure step.
   make_batch(ctx, state, host) -> (state, step_args, metrics)
                           host numpy batch -> device step inputs (the rollout for PG / distill)
 
+Every recipe runs with LoRA / PiSSA adapters (`lora.rank > 0`, `models.lora`): the state's params
+are then the adapters and `state.frozen` the base; the steps take `lora_scale` (`_lora_knobs`),
+and the rollout, eval and snapshots read the merged policy (`policy_params`).
+
 Off-policy training is a rollout policy of the PG recipes (`rollout.policy='teacher'`), not a
 method. Adding a method means adding one entry to `RECIPES`.
 """
@@ -78,6 +82,7 @@ class RunContext:
     knobs: the recipe's rollout knobs (`rollout_knobs(plan)`; None for SFT).
     clock: the loop's `timing.PhaseClock` (told when each phase is dispatched).
     to_device: host numpy batch (this process's rows) -> global device arrays.
+    merge: with adapters, (base, adapters) -> merged full params (`mesh.jit_merge`), else None.
   """
 
   plan: Any
@@ -94,6 +99,46 @@ class RunContext:
   knobs: Any = None
   clock: Any = dataclasses.field(default_factory=timing.NullClock)
   to_device: Callable[[Mapping[str, np.ndarray]], dict] | None = None
+  merge: Callable | None = None
+
+
+def policy_params(ctx: RunContext, state):
+  """The student's full parameters: `state.params`, or with adapters the merged base + adapters
+  (what the sampler, eval and snapshots read)."""
+  if state.frozen is None:
+    return state.params
+  return ctx.merge(state.frozen, state.params)
+
+
+def _lora_knobs(ctx: RunContext) -> dict:
+  """The steps' adapter knob ({'lora_scale': alpha / r} with adapters, else none)."""
+  lora_cfg = ctx.plan.cfg.lora
+  return {"lora_scale": lora_cfg.scale} if lora_cfg.enabled else {}
+
+
+# Optimizer transforms that read parameter names or full-matrix shapes: not meaningful on the
+# adapter tree (`optim.factory.TRANSFORMS`).
+_FULL_MATRIX_TRANSFORMS = ("subspace_projection", "freeze")
+
+
+def _validate_lora(cfg) -> None:
+  """Adapter settings: refused when unread (rank 0) or combined with full-matrix options."""
+  from opd_jax.models import lora
+  if not cfg.lora.enabled:
+    default = lora.LoraConfig()
+    for f in dataclasses.fields(lora.LoraConfig):
+      if f.name != "rank" and getattr(cfg.lora, f.name) != getattr(default, f.name):
+        raise _config_error(f"config.lora.{f.name}={getattr(cfg.lora, f.name)!r} has no effect "
+                            "with lora.rank=0 (no adapters); set lora.rank or remove the override")
+    return
+  why = (f"with lora.rank={cfg.lora.rank} the optimizer updates the adapters, not the full "
+         "matrices it constrains; remove it or set lora.rank=0")
+  for t in cfg.optim.transforms:
+    if t.name in _FULL_MATRIX_TRANSFORMS:
+      raise _config_error(f"config.optim.transforms has {t.name!r}: {why}")
+  for name in ("origin", "at"):
+    if getattr(cfg.subspace, name):
+      raise _config_error(f"config.subspace.{name}={getattr(cfg.subspace, name)!r}: {why}")
 
 
 # -- config rules shared by the recipes -----------------------------------------------------------
@@ -143,6 +188,7 @@ class Recipe:
     raise NotImplementedError
 
   def validate(self, cfg) -> None:
+    _validate_lora(cfg)
     needs = self.needs(cfg)
     if needs.teacher and cfg.teacher.source == "none":
       raise _config_error(
@@ -226,7 +272,8 @@ class SFT(Recipe):
     return steps_lib.jit_step(
         steps_lib.sft_step, ctx.mesh, state_shardings, mesh_lib.batch_sharding(ctx.mesh, 2,
                                                                               ctx.rules),
-        rules=ctx.rules, graphdef=ctx.graphdef, tx=ctx.tx, cfg=ctx.plan.step_cfg)
+        rules=ctx.rules, graphdef=ctx.graphdef, tx=ctx.tx, cfg=ctx.plan.step_cfg,
+        **_lora_knobs(ctx))
 
   def make_batch(self, ctx, state, host):
     from opd_jax.models import scoring
@@ -347,7 +394,7 @@ class PG(Recipe):
   def jit_step(self, ctx, state_shardings):
     from opd_jax.train import mesh as mesh_lib
     step_cfg = ctx.plan.step_cfg
-    knobs = dict(graphdef=ctx.graphdef, tx=ctx.tx, cfg=step_cfg)
+    knobs = dict(graphdef=ctx.graphdef, tx=ctx.tx, cfg=step_cfg, **_lora_knobs(ctx))
     extra = ()
     if self.needs(ctx.plan.cfg).value_head:
       knobs["value_tx"] = steps_lib.make_value_tx(step_cfg)
@@ -363,7 +410,7 @@ class PG(Recipe):
     knobs = ctx.knobs
     prompts = _prompts(ctx, host)
     value_params = state.value["params"] if state.value is not None else None
-    ro = rollout_lib.generate(ctx.graphdef, state.params, ctx.teacher_graphdef,
+    ro = rollout_lib.generate(ctx.graphdef, policy_params(ctx, state), ctx.teacher_graphdef,
                               ctx.teacher_params, prompts["prompt_tokens_BxP"],
                               prompts["prompt_mask_BxP"],
                               rollout_lib.rollout_rng(state.rng, state.step), knobs,
@@ -424,12 +471,12 @@ class Distill(Recipe):
         mesh_lib.batch_sharding(ctx.mesh, 2, ctx.rules), rules=ctx.rules,
         extra_shardings=(mesh_lib.param_shardings(ctx.plan.teacher, ctx.mesh, ctx.rules),),
         graphdef=ctx.graphdef, teacher_graphdef=ctx.teacher_graphdef, tx=ctx.tx,
-        cfg=ctx.plan.step_cfg)
+        cfg=ctx.plan.step_cfg, **_lora_knobs(ctx))
 
   def make_batch(self, ctx, state, host):
     from opd_jax.train import rollout as rollout_lib
     prompts = _prompts(ctx, host)
-    ro = rollout_lib.generate(ctx.graphdef, state.params, ctx.teacher_graphdef,
+    ro = rollout_lib.generate(ctx.graphdef, policy_params(ctx, state), ctx.teacher_graphdef,
                               ctx.teacher_params, prompts["prompt_tokens_BxP"],
                               prompts["prompt_mask_BxP"],
                               rollout_lib.rollout_rng(state.rng, state.step), ctx.knobs,

@@ -4,7 +4,10 @@
 snapshots and the per-step RNG all read `state.step`), the parameters (a plain nested dict, see
 `opd_jax.models.transformer`), the optax state, a typed PRNG key, and what a recipe adds: the
 learned value head of GAE-OPD (`value`: its parameters and their own optax state) and the state of
-the token transforms (`token_state`). Fields a run does not use are None (an empty pytree node),
+the token transforms (`token_state`), and with LoRA / PiSSA adapters (`models.lora`) the frozen
+base parameters (`frozen`; `params` then holds only the adapters, so the optimizer state holds
+moments for the adapters only, and the steps differentiate the adapters through
+`lora.merge(frozen, params, scale)`). Fields a run does not use are None (an empty pytree node),
 so orbax saves exactly what the run evolves. The key is never split and
 carried; a step draws its randomness from `step_rng(state)` = `fold_in(state.rng, state.step)`, so a
 resumed run reproduces the same random numbers without saving any extra RNG state.
@@ -38,6 +41,8 @@ class TrainState:
     value: the learned value head, {'params': {...}, 'opt_state': ...} (GAE-OPD with
       value='learned'), else None. Trained by `pg_step`, exported apart from the policy.
     token_state: the token transforms' optax state (`rollout.token_transforms`), else None.
+    frozen: with adapters (`lora.rank > 0`), the frozen base params (the PiSSA residual for
+      init='pissa'); never updated by a step. None without adapters.
   """
 
   step: jax.Array
@@ -46,6 +51,7 @@ class TrainState:
   rng: jax.Array
   value: Any = None
   token_state: Any = None
+  frozen: Any = None
 
   def __repr__(self) -> str:  # arrays summarised, not printed
     return summarize(self)
@@ -74,7 +80,8 @@ def summarize(state: TrainState) -> str:
       lambda p, x: f"  {jax.tree_util.keystr(p)}: {_leaf_summary(x)}", state.params)
   extra = "".join(
       f", {name}={sum(int(getattr(x, 'size', 0)) for x in jax.tree.leaves(tree)):,} values"
-      for name, tree in (("value", state.value), ("token_state", state.token_state))
+      for name, tree in (("value", state.value), ("token_state", state.token_state),
+                         ("frozen", state.frozen))
       if tree is not None)
   lines = [f"TrainState(step={step}, params={n_params:,} values, opt_state={n_opt:,} values, "
            f"rng={_leaf_summary(state.rng)}{extra})"]
@@ -83,9 +90,10 @@ def summarize(state: TrainState) -> str:
 
 
 def create_state(params: Params, tx: optax.GradientTransformation, seed: int | jax.Array, *,
-                 value: Any = None, token_state: Any = None) -> TrainState:
+                 value: Any = None, token_state: Any = None, frozen: Any = None) -> TrainState:
   """A fresh state at step 0: `tx.init(params)` and the key `jax.random.key(seed)`, plus the
-  recipe's extra fields (`value`, `token_state`) as given.
+  recipe's extra fields (`value`, `token_state`) and the frozen base of adapters (`frozen`) as
+  given.
 
   `seed` may also be a typed key. Works under `jax.jit` (use `mesh.state_shardings` as
   `out_shardings` to create the optimizer state directly sharded) and under `jax.eval_shape`.
@@ -95,7 +103,7 @@ def create_state(params: Params, tx: optax.GradientTransformation, seed: int | j
   else:
     rng = jax.random.key(seed)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=rng, value=value, token_state=token_state)
+                    rng=rng, value=value, token_state=token_state, frozen=frozen)
 
 
 def step_rng(state: TrainState) -> jax.Array:

@@ -36,6 +36,12 @@ sum / denominator per update), `value/mse`, `value/mean`, `value/grad_norm`) and
 routing term (`CRTermConfig`; teacher params as an extra positional argument; metrics `cr/loss`,
 `cr/active_frac`, `cr/set_size`). `PGStepConfig.needs_teacher` / `needs_reference` /
 `needs_returns` / `batch_fields` say what a configuration needs.
+
+Adapters (LoRA / PiSSA, `models.lora`): when `state.frozen` holds the base parameters,
+`state.params` holds only the adapters; every step then differentiates the adapters through
+`lora.merge(state.frozen, adapters, lora_scale)` (the knob `lora_scale` = alpha / r), updates
+only them (the optimizer state was created for them alone), and returns `state.frozen` as it
+came in. Every metric keeps its meaning (`train/grad_norm` is the adapters' gradient norm).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import jax.numpy as jnp
 import optax
 from orbax.checkpoint import multihost as ocp_multihost
 
+from opd_jax.models import lora
 from opd_jax.models import scoring
 from opd_jax.models import sharding
 from opd_jax.models import transformer
@@ -300,6 +307,43 @@ def _param_constrain(tree, graphdef):
   return jax.tree.map(one, tree, logical)
 
 
+class _Adapters:
+  """Adapters -> full params with a frozen base (`lora.merge`), and the gradient layout."""
+
+  def __init__(self, base, scale: float):
+    self.base, self.scale = base, scale
+
+  def __call__(self, adapters):
+    return lora.merge(self.base, adapters, self.scale)
+
+  def constrain(self, tree, graphdef):
+    """Constrains an adapter-shaped tree to the adapters' logical layout (`lora.logical_axes`:
+    the adapted kernel's axes, rank unsharded); identity without rules or a mesh in context."""
+    rules = sharding.current_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh is None or mesh.empty:
+      return tree
+    kernels = _logical_axes(transformer.merge(graphdef, self.base).cfg)
+    out: dict = {}
+    for path, module in lora.adapter_modules(tree):
+      axes = lora.adapter_logical_axes(lora._get(kernels, path + ("kernel",)))
+      lora._set(out, path, {
+          k: jax.lax.with_sharding_constraint(x, mesh_lib.fit_spec(
+              x.shape, sharding.logical_to_spec(axes[k], rules, mesh.axis_names), mesh))
+          for k, x in module.items()})
+    return out
+
+
+def _adapters(state: TrainState, lora_scale: float | None) -> "_Adapters | None":
+  """The merge of an adapter state (`state.frozen` set), else None."""
+  if state.frozen is None:
+    return None
+  if lora_scale is None:
+    raise ValueError("the state holds adapters (state.frozen is set) but the step was given no "
+                     "lora_scale (alpha / r)")
+  return _Adapters(state.frozen, lora_scale)
+
+
 def _accumulate(loss_fn: Callable, wrt, batch: Batch, n_micro: int, constrain: Callable):
   """Sum of gradients of loss sums over micro-batches.
 
@@ -332,20 +376,31 @@ def _accumulate(loss_fn: Callable, wrt, batch: Batch, n_micro: int, constrain: C
 
 
 def _apply(params, opt_state, tx: optax.GradientTransformation, loss_fn: Callable, batch: Batch,
-           n_micro: int, graphdef, value=None, value_tx: optax.GradientTransformation | None = None):
+           n_micro: int, graphdef, value=None, value_tx: optax.GradientTransformation | None = None,
+           adapters: _Adapters | None = None):
   """One optimizer update from (possibly micro-batched) gradients; returns metrics too.
 
   Without a value head (`value` None) `loss_fn` takes the policy params. With one (`value` =
   {'params', 'opt_state'}) it takes the pair (policy params, value params); both gradients come
   from the one loss (sum / denominator), the policy's go through `tx`, the value head's through
-  `value_tx`. Returns (params, opt_state, value, metrics).
+  `value_tx`. With `adapters`, `params` are the adapters and `loss_fn` still receives full
+  params (the merge is inside the differentiated function). Returns (params, opt_state, value,
+  metrics).
   """
+  param_constrain = lambda g: _param_constrain(g, graphdef)  # noqa: E731
+  if adapters is not None:
+    param_constrain = lambda g: adapters.constrain(g, graphdef)  # noqa: E731
+    inner = loss_fn
+    if value is None:
+      loss_fn = lambda w, mb: inner(adapters(w), mb)  # noqa: E731
+    else:
+      loss_fn = lambda w, mb: inner((adapters(w[0]), w[1]), mb)  # noqa: E731
   if value is None:
     wrt = params
-    constrain = lambda g: _param_constrain(g, graphdef)  # noqa: E731
+    constrain = param_constrain
   else:
     wrt = (params, value["params"])
-    constrain = lambda g: (_param_constrain(g[0], graphdef), g[1])  # noqa: E731
+    constrain = lambda g: (param_constrain(g[0]), g[1])  # noqa: E731
   grads, loss_sum, denom, parts, metrics = _accumulate(loss_fn, wrt, batch, n_micro, constrain)
   scale = jnp.where(denom > 0, 1.0 / jnp.maximum(denom, 1e-30), 0.0)
   grads = constrain(jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, wrt))
@@ -430,7 +485,8 @@ def _teacher(teacher_graphdef, teacher_params, mb: Batch):
 
 # -- steps ----------------------------------------------------------------------------------------
 def sft_step(state: TrainState, batch: Batch, *, graphdef, tx: optax.GradientTransformation,
-             cfg: SFTStepConfig = SFTStepConfig(), model_cfg=None) -> tuple[TrainState, Metrics]:
+             cfg: SFTStepConfig = SFTStepConfig(), model_cfg=None,
+             lora_scale: float | None = None) -> tuple[TrainState, Metrics]:
   """One SFT update: token NLL on `loss_mask_BxT` (batch: tokens_BxT, mask_BxT, loss_mask_BxT,
   and `segment_ids_BxT` for packed rows: attention within each example, positions restarting,
   sequence-level modes per example; see `objectives.sft`).
@@ -451,14 +507,15 @@ def sft_step(state: TrainState, batch: Batch, *, graphdef, tx: optax.GradientTra
 
   fields = {k: batch[k] for k in fields}
   params, opt_state, _, metrics = _apply(state.params, state.opt_state, tx, loss_fn, fields,
-                                         cfg.micro_batches, graphdef)
+                                         cfg.micro_batches, graphdef,
+                                         adapters=_adapters(state, lora_scale))
   return _finish(state, params, opt_state, metrics, 1)
 
 
 def pg_step(state: TrainState, batch: Batch, teacher_params=None, *, graphdef,
             tx: optax.GradientTransformation, cfg: PGStepConfig = PGStepConfig(),
-            teacher_graphdef=None, value_tx: optax.GradientTransformation | None = None
-            ) -> tuple[TrainState, Metrics]:
+            teacher_graphdef=None, value_tx: optax.GradientTransformation | None = None,
+            lora_scale: float | None = None) -> tuple[TrainState, Metrics]:
   """`epochs` x `minibatches` policy-gradient updates on one rollout batch.
 
   Batch (`cfg.batch_fields`): tokens_BxT, mask_BxT, loss_mask_BxT, old_logp_BxT (behaviour
@@ -503,6 +560,7 @@ def pg_step(state: TrainState, batch: Batch, teacher_params=None, *, graphdef,
     value_tx = make_value_tx(cfg)
   cr_cfg = cfg.cr_opd_config if cfg.needs_teacher else None
   rng = step_rng(state)
+  adapters = _adapters(state, lora_scale)
 
   def loss_fn(wrt, mb):
     params, value_params = wrt if cfg.needs_returns else (wrt, None)
@@ -536,7 +594,8 @@ def pg_step(state: TrainState, batch: Batch, teacher_params=None, *, graphdef,
   def update(carry, mb):
     params, opt_state, value = carry
     params, opt_state, value, metrics = _apply(params, opt_state, tx, loss_fn, mb,
-                                               cfg.micro_batches, graphdef, value, value_tx)
+                                               cfg.micro_batches, graphdef, value, value_tx,
+                                               adapters)
     return (params, opt_state, value), metrics
 
   def epoch(carry, e):
@@ -563,8 +622,8 @@ def pg_step(state: TrainState, batch: Batch, teacher_params=None, *, graphdef,
 
 
 def distill_step(state: TrainState, batch: Batch, teacher_params, *, graphdef, teacher_graphdef,
-                 tx: optax.GradientTransformation, cfg: DistillStepConfig = DistillStepConfig()
-                 ) -> tuple[TrainState, Metrics]:
+                 tx: optax.GradientTransformation, cfg: DistillStepConfig = DistillStepConfig(),
+                 lora_scale: float | None = None) -> tuple[TrainState, Metrics]:
   """One direct-route update: a divergence between full (or top-k) teacher and student
   distributions on the rollout's response positions (`objectives.distill.divergence_loss`).
 
@@ -592,7 +651,8 @@ def distill_step(state: TrainState, batch: Batch, teacher_params, *, graphdef, t
     return s, (d, parts, m)
 
   params, opt_state, _, metrics = _apply(state.params, state.opt_state, tx, loss_fn, data,
-                                         cfg.micro_batches, graphdef)
+                                         cfg.micro_batches, graphdef,
+                                         adapters=_adapters(state, lora_scale))
   return _finish(state, params, opt_state, metrics, 1)
 
 
