@@ -1,0 +1,179 @@
+"""Live geometry: what the update since the origin looks like, computed inside the training loop.
+
+Every `every` steps the loop calls one jitted function on the parameters as they are on the
+devices (sharded like the model; nothing is copied to the host):
+
+  geometry/density               bf16-visible density of W_t - W_0 over every parameter (the
+                                 paper's update density: changed bf16 codes / all entries)
+  geometry/density/<type>        the same per module type (q, k, v, o, gate, up, down, embed, ...)
+  geometry/frobenius/<type>      ||dW_t||_F, mean over the layers, attention matrices (q, k, v, o)
+  geometry/stable_rank/<type>    ||dW_t||_F^2 / ||dW_t||_2^2, mean over the layers
+  geometry/sim_k/<type>          Sim_K = (1/K) ||V_K(prev)^T V_K(t)||_F^2, mean over the layers:
+                                 how much of the input-side top-K subspace of dW survives since the
+                                 previous monitor point (absent at the first point of a process)
+
+`V_K` is the input side's top-K singular subspace (a Flax kernel is (in, out), so these are the
+kernel's LEFT singular vectors: the paper's right ones of W). Spectral quantities are randomized
+and fixed-cost, so the monitor compiles once and costs the same at every point: the spectral norm
+by `power_iters` power iterations, V_K by `subspace_iters` subspace iterations on K + oversample
+columns followed by a Rayleigh-Ritz step. They are estimates (the after-the-fact `trajectory`
+diagnostics compute them to convergence in float64); the tests check them against numpy's SVD on
+matrices with the spectral decay real updates have.
+
+The previous point's bases (`LiveBases`) are carried by the loop on the devices; a resumed run
+starts without them (its first point reports no Sim_K).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax.geometry import linalg
+from opd_jax.geometry import matrices
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveGeometryConfig:
+  """every: steps between monitor points (0 = off). k: Sim_K's K (clipped to the smaller side of
+  each matrix). power_iters / subspace_iters / oversample: the randomized estimators' cost."""
+
+  every: int = 0
+  k: int = 16
+  power_iters: int = 16
+  subspace_iters: int = 4
+  oversample: int = 8
+  seed: int = 0
+
+  def __post_init__(self):
+    for f in ("every", "k", "power_iters", "subspace_iters", "oversample"):
+      if getattr(self, f) < (0 if f in ("every", "oversample") else 1):
+        raise ValueError(f"LiveGeometryConfig.{f}={getattr(self, f)!r}: must be "
+                         f"{'>= 0' if f in ('every', 'oversample') else '>= 1'}")
+
+  @property
+  def enabled(self) -> bool:
+    return self.every > 0
+
+
+class LiveBases(NamedTuple):
+  """The previous point's V_K per attention group ('/'-joined param path -> [N, in, K]) and
+  whether they hold a real point yet (a scalar bool)."""
+
+  bases: Mapping[str, jax.Array]
+  valid: jax.Array
+
+
+def _attention_groups(params):
+  return [g for g in matrices.matrix_groups(params) if g.module_type in matrices.ATTENTION_TYPES]
+
+
+def _k(shape, k: int) -> int:
+  return max(1, min(k, *shape))
+
+
+def init_bases(params, cfg: LiveGeometryConfig) -> LiveBases:
+  """Empty bases (valid=False) shaped for `params` (arrays or ShapeDtypeStructs)."""
+  bases = {}
+  for g in _attention_groups(params):
+    n_in = g.shape[0]
+    bases["/".join(g.path)] = jnp.zeros((g.count, n_in, _k(g.shape, cfg.k)), jnp.float32)
+  return LiveBases(bases, jnp.zeros((), bool))
+
+
+def _spectral_norm(d_NxIxO, iters: int, seed: int):
+  """||d||_2 per member by power iteration on d^T d from a fixed Gaussian start."""
+  x = jnp.asarray(np.random.default_rng(seed).standard_normal(d_NxIxO.shape[-1]), jnp.float32)
+  x = jnp.broadcast_to(x, d_NxIxO.shape[:1] + x.shape)
+
+  def body(_, x):
+    y = jnp.einsum("nio,no->ni", d_NxIxO, x)
+    x = jnp.einsum("nio,ni->no", d_NxIxO, y)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
+
+  x = jax.lax.fori_loop(0, iters, body, x)
+  return jnp.linalg.norm(jnp.einsum("nio,no->ni", d_NxIxO, x), axis=-1)
+
+
+def _input_subspace(d_NxIxO, k: int, iters: int, oversample: int, seed: int):
+  """Top-k left singular vectors [N, in, k] of each member (subspace iteration + Rayleigh-Ritz)."""
+  n_in, n_out = d_NxIxO.shape[1:]
+  b = min(k + oversample, n_in, n_out)
+  omega = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((n_out, b)), jnp.float32)
+  q = linalg._orth(jnp.einsum("nio,ob->nib", d_NxIxO, omega))
+
+  def body(_, q):
+    return linalg._orth(jnp.einsum("nio,njo,njb->nib", d_NxIxO, d_NxIxO, q))
+
+  q = jax.lax.fori_loop(0, iters, body, q)
+  small_NxBxO = jnp.einsum("nib,nio->nbo", q, d_NxIxO)
+  u_small = jnp.linalg.svd(small_NxBxO, full_matrices=False)[0]   # [N, b, b], descending
+  return jnp.einsum("nib,nbk->nik", q, u_small[:, :, :k])
+
+
+def _live(origin, params, prev: LiveBases, *, cfg: LiveGeometryConfig):
+  metrics: dict[str, jax.Array] = {}
+  changed_by_type: dict[str, jax.Array] = {}
+  total_by_type: dict[str, int] = {}
+  groups0 = {g.path: g for g in matrices.matrix_groups(origin, include_1d=True)}
+  for g in matrices.matrix_groups(params, include_1d=True):
+    g0 = groups0[g.path]
+    n = jnp.sum(linalg.bf16_changed(g0.leaf, g.leaf), dtype=jnp.int32)
+    changed_by_type[g.module_type] = changed_by_type.get(g.module_type, 0) + n
+    total_by_type[g.module_type] = total_by_type.get(g.module_type, 0) + int(np.prod(g.leaf.shape))
+  total = sum(total_by_type.values())
+  metrics["geometry/density"] = sum(changed_by_type.values()).astype(jnp.float32) / total
+  for t, n in changed_by_type.items():
+    metrics[f"geometry/density/{t}"] = n.astype(jnp.float32) / total_by_type[t]
+
+  new_bases = {}
+  per_type: dict[str, dict[str, list]] = {}
+  for g in _attention_groups(params):
+    key = "/".join(g.path)
+    d = (g.leaf.astype(jnp.float32) - groups0[g.path].leaf.astype(jnp.float32)).reshape(
+        (g.count,) + g.shape)
+    frob = jnp.sqrt(jnp.sum(d * d, axis=(1, 2)))
+    s1 = _spectral_norm(d, cfg.power_iters, cfg.seed)
+    stable = jnp.where(s1 > 0, frob**2 / jnp.maximum(s1, 1e-30)**2, jnp.nan)
+    v = _input_subspace(d, _k(g.shape, cfg.k), cfg.subspace_iters, cfg.oversample, cfg.seed)
+    sim = linalg.subspace_similarity(prev.bases[key], v)
+    new_bases[key] = v
+    acc = per_type.setdefault(g.module_type, {"frobenius": [], "stable_rank": [], "sim_k": []})
+    acc["frobenius"].append(frob)
+    acc["stable_rank"].append(stable)
+    acc["sim_k"].append(sim)
+  for t, acc in per_type.items():
+    for name, parts in acc.items():
+      value = jnp.mean(jnp.concatenate(parts))
+      if name == "sim_k":
+        value = jnp.where(prev.valid, value, jnp.nan)
+      metrics[f"geometry/{name}/{t}"] = value
+  return metrics, LiveBases(new_bases, jnp.ones((), bool))
+
+
+def make_monitor(cfg: LiveGeometryConfig, *, param_shardings=None, replicated=None):
+  """The jitted monitor `(origin, params, prev) -> (metrics, bases)`: compiled once per run.
+
+  With shardings (the loop's), origin and params stay where the model keeps them and the
+  metrics / bases come back replicated; without them, JAX places everything.
+  """
+  fn = functools.partial(_live, cfg=cfg)
+  if param_shardings is None:
+    return jax.jit(fn)
+  return jax.jit(fn, in_shardings=(param_shardings, param_shardings, replicated),
+                 out_shardings=replicated, donate_argnums=(2,))
+
+
+def to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """Fetched metrics as floats, dropping the NaN Sim_K of a first point."""
+  out = {}
+  for k, v in metrics.items():
+    f = float(v)
+    if not (k.startswith("geometry/sim_k/") and np.isnan(f)):
+      out[k] = f
+  return out

@@ -1,0 +1,141 @@
+"""geometry/live.py (the in-loop monitor) against float64 numpy: bf16-visible density (overall and
+per module type), Frobenius norm, stable rank and Sim_K of the attention updates; sharded on a
+fake 8-device mesh and compiled once."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import geometry_reference as ref
+from opd_jax.geometry import live, matrices
+
+K = 4
+CFG = live.LiveGeometryConfig(every=1, k=K, power_iters=30, subspace_iters=6, oversample=6)
+
+
+def _base(rng, d=32, layers=2):
+  n = lambda *s: (0.05 * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
+  return {"embed": {"embedding": n(64, d)},
+          "layers": {"attn": {"q_proj": {"kernel": n(layers, d, d)},
+                              "k_proj": {"kernel": n(layers, d, 16)},
+                              "v_proj": {"kernel": n(layers, d, 16)},
+                              "o_proj": {"kernel": n(layers, d, d)}},
+                     "mlp": {"up_proj": {"kernel": n(layers, d, 48)}},
+                     "input_norm": {"scale": np.ones((layers, d), np.float32)}}}
+
+
+def _moved(rng, p0, scale):
+  """p0 + a decaying-spectrum update on the attention kernels (rank 8, singular values 0.5^i:
+  the shape real updates have) + sparse small noise elsewhere (some of it below a bf16 ulp)."""
+  out = jax.tree.map(np.copy, p0)
+  for mod in out["layers"]["attn"].values():
+    w = mod["kernel"]
+    lead, (m, n) = w.shape[:1], w.shape[1:]
+    a = np.linalg.qr(rng.standard_normal(lead + (m, 8)))[0]
+    b = np.linalg.qr(rng.standard_normal(lead + (n, 8)))[0]
+    mod["kernel"] = (w + scale * (a * 0.5 ** np.arange(8)) @ np.swapaxes(b, -1, -2)).astype(
+        np.float32)
+  for path in (("embed", "embedding"), ("layers", "mlp", "up_proj", "kernel")):
+    leaf = out
+    for p in path[:-1]:
+      leaf = leaf[p]
+    w = leaf[path[-1]]
+    mask = rng.random(w.shape) < 0.3
+    leaf[path[-1]] = (w + mask * w * rng.choice([1e-4, 1e-1], w.shape)).astype(np.float32)
+  return out
+
+
+def _reference(p0, p1, prev_p1=None):
+  """float64 numpy: density overall / per type; per attention type the layer means of
+  ||dW||_F, stable rank and Sim_K against prev_p1's update."""
+  out, changed, total = {}, {}, {}
+  for m0, m1 in zip(matrices.named_matrices(p0, include_1d=True),
+                    matrices.named_matrices(p1, include_1d=True)):
+    c = ref.relative_changed(np.asarray(m0.array), np.asarray(m1.array))
+    changed[m0.module_type] = changed.get(m0.module_type, 0) + int(c.sum())
+    total[m0.module_type] = total.get(m0.module_type, 0) + c.size
+  out["geometry/density"] = sum(changed.values()) / sum(total.values())
+  for t in changed:
+    out[f"geometry/density/{t}"] = changed[t] / total[t]
+  prev = ({m.name: m for m in matrices.named_matrices(prev_p1, types=matrices.ATTENTION_TYPES)}
+          if prev_p1 is not None else None)
+  acc = {}
+  for m0, m1 in zip(matrices.named_matrices(p0, types=matrices.ATTENTION_TYPES),
+                    matrices.named_matrices(p1, types=matrices.ATTENTION_TYPES)):
+    d = np.asarray(m1.array, np.float64) - np.asarray(m0.array, np.float64)
+    u, s, _ = np.linalg.svd(d, full_matrices=False)
+    row = acc.setdefault(m0.module_type, {"frobenius": [], "stable_rank": [], "sim_k": []})
+    row["frobenius"].append(np.sqrt((d * d).sum()))
+    row["stable_rank"].append((s ** 2).sum() / s[0] ** 2)
+    if prev is not None:
+      dp = np.asarray(prev[m0.name].array, np.float64) - np.asarray(m0.array, np.float64)
+      up = np.linalg.svd(dp, full_matrices=False)[0]
+      k = min(K, *d.shape)
+      row["sim_k"].append(np.sum((up[:, :k].T @ u[:, :k]) ** 2) / k)
+  for t, row in acc.items():
+    for name, vals in row.items():
+      if vals:
+        out[f"geometry/{name}/{t}"] = float(np.mean(vals))
+  return out
+
+
+def _assert_close(got, want):
+  assert set(want) <= set(got), sorted(set(want) - set(got))
+  for k, v in want.items():
+    tol = 1e-6 if k.startswith("geometry/density") else 1e-4   # counts exact; f32 ratio
+    np.testing.assert_allclose(got[k], v, rtol=tol, atol=1e-6, err_msg=k)
+
+
+def test_live_metrics_match_float64_numpy_and_sim_k_needs_a_previous_point():
+  rng = np.random.default_rng(0)
+  p0 = _base(rng)
+  p1 = _moved(rng, p0, 0.05)
+  p2 = _moved(np.random.default_rng(1), p0, 0.07)
+  monitor = live.make_monitor(CFG)
+  m1, bases = monitor(p0, p1, live.init_bases(p0, CFG))
+  got1 = live.to_host(m1)
+  assert not any(k.startswith("geometry/sim_k/") for k in got1)   # no previous point yet
+  _assert_close(got1, _reference(p0, p1))
+  assert 0 < got1["geometry/density/embed"] < 0.3 < got1["geometry/density/q"]
+  m2, _ = monitor(p0, p2, bases)
+  _assert_close(live.to_host(m2), _reference(p0, p2, prev_p1=p1))
+  m3, _ = monitor(p0, p1, bases)   # the same update as the previous point: Sim_K = 1
+  got3 = live.to_host(m3)
+  for t in matrices.ATTENTION_TYPES:
+    assert got3[f"geometry/sim_k/{t}"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_sharded_on_a_fake_8_device_mesh_and_compiled_once():
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rng = np.random.default_rng(2)
+  p0 = _base(rng)
+  specs = {"embed": {"embedding": P("tensor", "fsdp")},
+           "layers": {"attn": {k: {"kernel": P(None, "fsdp", "tensor")}
+                               for k in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                      "mlp": {"up_proj": {"kernel": P(None, "fsdp", "tensor")}},
+                      "input_norm": {"scale": P(None, "fsdp")}}}
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                           is_leaf=lambda x: isinstance(x, P))
+  replicated = NamedSharding(mesh, P())
+  monitor = live.make_monitor(CFG, param_shardings=shardings, replicated=replicated)
+  origin = jax.device_put(p0, shardings)
+  bases = jax.device_put(live.init_bases(p0, CFG), replicated)
+  updates = [_moved(np.random.default_rng(10 + i), p0, 0.05) for i in range(2)]
+  plain = live.make_monitor(CFG)
+  prev = live.init_bases(p0, CFG)
+  for p in updates:
+    metrics, bases = monitor(origin, jax.device_put(p, shardings), bases)
+    want, prev = plain(p0, p, prev)
+    got = live.to_host(metrics)
+    assert set(got) == set(live.to_host(want))
+    for k, v in live.to_host(want).items():
+      np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+  assert monitor._cache_size() == 1   # the second point reuses the first one's executable
+
+
+def test_config_is_checked_by_name():
+  with pytest.raises(ValueError, match=r"LiveGeometryConfig\.k=0"):
+    live.LiveGeometryConfig(k=0)
+  assert not live.LiveGeometryConfig().enabled and live.LiveGeometryConfig(every=5).enabled
