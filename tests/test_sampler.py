@@ -100,7 +100,7 @@ def test_logp_equal_scoring_eos_structure_and_no_recompile():
   cfg, graphdef, params = _sharp_tiny(61, seed=3)
   prompt, pmask = _prompts(61, [5, 2, 8, 1], seed=4)
   scfg = sampler.SamplerConfig(12, temperature=temperature, eos_id=(7, 11, 13), pad_id=0)
-  out = sampler.sample(graphdef, params, prompt, pmask, jax.random.key(0), scfg)
+  out = sampler.sample(graphdef, params, prompt, pmask, jax.random.key(2), scfg)
   _check_structure(out, prompt, pmask, scfg)
   lengths = np.asarray(out.lengths_B)
   assert lengths.min() < scfg.max_new_tokens, "no row hit EOS: the test lost its point"
@@ -296,3 +296,94 @@ def test_sample_makes_no_host_device_transfer_on_device_inputs():
     jax.block_until_ready(out)
   for a, b in zip(out, ref):
     np.testing.assert_array_equal(a, b)
+
+
+def _grouped_prompts(vocab, lengths, g, seed):
+  """Left-padded prompts, each repeated g times in consecutive rows (the rollout layout)."""
+  toks, mask = _prompts(vocab, lengths, seed=seed)
+  return np.repeat(toks, g, 0), np.repeat(mask, g, 0)
+
+
+def test_buckets_are_bounded_powers_of_two():
+  assert sampler.buckets(64, "static", 1) == (64,)
+  assert sampler.buckets(64, "compact", 8) == (64, 32, 16, 8)
+  assert sampler.buckets(24, "compact", 1) == (24, 16, 8, 4, 2, 1)
+  assert sampler.buckets(24, "compact", 1, shards=4) == (24, 16, 8, 4)
+  assert sampler.buckets(8, "compact", 8) == (8,)
+  assert sampler.buckets(1, "compact", 1) == (1,)
+
+
+def test_compact_and_shared_prefill_equal_static():
+  """Compacted decoding (finished rows leave the batch) and the shared prefill of a group's
+  prompt give the static sampler's tokens and log-probs on the same key (with top-k / top-p:
+  the truncation runs per row too)."""
+  g = 3
+  cfg, graphdef, params = _sharp_tiny(61, seed=3)
+  prompt, pmask = _grouped_prompts(61, [5, 2, 8, 1], g, seed=4)
+  kw = dict(temperature=0.8, top_k=6, top_p=0.9, eos_id=(7, 11, 13, 17, 19), pad_id=0)
+  key = jax.random.key(1)
+  static = sampler.sample(graphdef, params, prompt, pmask, key,
+                          sampler.SamplerConfig(16, mode="static", **kw))
+  _check_structure(static, prompt, pmask, sampler.SamplerConfig(16, **kw))
+  lengths = np.asarray(static.lengths_B)
+  # Rows end at spread-out steps, so the loop moves through every bucket (12 -> 8 -> 4).
+  assert sampler.buckets(12, "compact", 4) == (12, 8, 4)
+  # 8 rows finished before the longest one: it decoded on in the 4-row bucket.
+  assert np.sort(lengths)[7] < lengths.max(), lengths
+  compact = sampler.sample(graphdef, params, prompt, pmask, key,
+                           sampler.SamplerConfig(16, mode="compact", min_bucket=4, **kw))
+  for a, b in zip(compact, static):
+    np.testing.assert_array_equal(a, b)   # the same computation per row, bit for bit
+  shared = sampler.sample(graphdef, params, prompt, pmask, key, sampler.SamplerConfig(
+      16, mode="compact", min_bucket=4, group_size=g, **kw))
+  np.testing.assert_array_equal(shared.tokens_BxT, static.tokens_BxT)
+  np.testing.assert_array_equal(shared.mask_BxT, static.mask_BxT)
+  np.testing.assert_array_equal(shared.lengths_B, static.lengths_B)
+  # The prefill at a third of the batch may round its matmuls differently.
+  np.testing.assert_allclose(shared.logp_BxT, static.logp_BxT, atol=1e-5)
+  # The samples of one group differ (each row draws from its own key).
+  toks = np.asarray(static.tokens_BxT).reshape(4, g, -1)
+  assert any(not np.array_equal(t[0], t[1]) for t in toks)
+
+
+def test_compact_shared_on_fake_mesh_equals_static_single_device():
+  g = 2
+  cfg, graphdef, params = _sharp_tiny(96, seed=2)
+  prompt, pmask = _grouped_prompts(96, [3, 5, 1, 4], g, seed=10)
+  kw = dict(temperature=1.0, eos_id=(5, 9), pad_id=0)
+  key = jax.random.key(1)
+  single = sampler.sample(graphdef, params, prompt, pmask, key,
+                          sampler.SamplerConfig(10, mode="static", **kw))
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rules = sharding.DEFAULT_RULES
+  with jax.set_mesh(mesh), sharding.axis_rules(rules):
+    assert sampler._batch_shards() == 4
+    out = sampler.sample(graphdef, params, prompt, pmask, key, sampler.SamplerConfig(
+        10, mode="compact", min_bucket=1, group_size=g, **kw))
+  assert out.tokens_BxT.sharding.spec[0] == ("data", "fsdp")
+  np.testing.assert_array_equal(out.tokens_BxT, single.tokens_BxT)
+  np.testing.assert_array_equal(out.lengths_B, single.lengths_B)
+  np.testing.assert_allclose(out.logp_BxT, single.logp_BxT, atol=1e-5)
+
+
+def test_group_and_mode_settings_name_the_problem():
+  with pytest.raises(ValueError, match="mode"):
+    sampler.SamplerConfig(4, eos_id=1, pad_id=0, mode="continuous")
+  with pytest.raises(ValueError, match="group_size"):
+    sampler.SamplerConfig(4, eos_id=1, pad_id=0, group_size=0)
+  with pytest.raises(ValueError, match="min_bucket"):
+    sampler.SamplerConfig(4, eos_id=1, pad_id=0, min_bucket=0)
+  toks, mask = _grouped_prompts(50, [2, 3], 2, seed=0)
+  sampler.check_prompts_host(toks, mask, group_size=2)
+  with pytest.raises(ValueError, match="does not divide the batch of 4 rows"):
+    sampler.check_prompts_host(toks, mask, group_size=3)
+  bad = toks.copy()
+  bad[3, -1] = (bad[3, -1] % 49) + 1
+  with pytest.raises(ValueError, match=r"groups \[1\] do not repeat one prompt"):
+    sampler.check_prompts_host(bad, mask, group_size=2)
+  cfg = mc.tiny(vocab_size=50)
+  graphdef, params = tf.init(cfg, 0)
+  with pytest.raises(ValueError, match="group_size=3 does not divide the batch of 4 rows"):
+    sampler.sample(graphdef, params, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(0),
+                   sampler.SamplerConfig(4, eos_id=1, pad_id=0, group_size=3))

@@ -21,8 +21,16 @@ Outputs (`SampleOutput`, T = P + max_new_tokens):
 
 Sampling order per step (as in transformers): logits / temperature -> top-k -> top-p (the smallest
 set of most likely tokens whose probability reaches top_p; the most likely token is always kept;
-ties at the threshold are kept) -> categorical draw with `jax.random.fold_in(rng, step)`.
-Sequences stop independently at EOS; the loop exits as soon as every row has stopped.
+ties at the threshold are kept) -> categorical draw with row b's own key
+`fold_in(fold_in(rng, step), b)` (`row_keys`). Sequences stop independently at EOS; the loop exits
+as soon as every row has stopped.
+
+Work per call: with `group_size` g > 1 each distinct prompt is prefilled once and its cache rows
+repeated for its g samples. With `mode='compact'` (the default) finished rows stop costing decode:
+the loop runs over the whole batch until the running rows fit the next smaller power of two, then
+moves them (tokens, cache rows, masks) into that smaller batch, and so on down to `min_bucket`
+(and a multiple of the mesh's batch shards); one compiled loop per bucket size, all in the one
+jitted call. Per-row results do not depend on the mode, the buckets or the group sharing.
 
 Sharding: with a mesh and rules in context (`jax.set_mesh(mesh)`, `sharding.axis_rules(rules)`),
 the batch dimension of the cache, logits and token buffers is constrained to the `batch` logical
@@ -47,6 +55,9 @@ from opd_jax.models import sharding
 from opd_jax.models import transformer
 
 
+MODES = ("compact", "static")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """Decoding settings (hashable: a static argument of the jitted sampler).
@@ -59,6 +70,17 @@ class SamplerConfig:
     greedy: argmax decoding (temperature / top-k / top-p do not change the choice).
     eos_id: end-of-sequence id, or a tuple of ids (e.g. Qwen's <|im_end|> and <|endoftext|>).
     pad_id: written after EOS and over prompt padding.
+    group_size: rows per prompt: rows g*i .. g*i + g - 1 must hold the same prompt (the rollout
+      layout, `data.pipeline`); each distinct prompt is prefilled once and its KV cache shared
+      by its g samples. 1 = every row prefilled on its own. Must divide the batch.
+    mode: 'compact' (finished rows stop costing decode: the loop runs at the batch size, then
+      at each smaller power of two >= min_bucket once the running rows fit it, moving them
+      there) or
+      'static' (every row decodes until the last one finishes; the baseline). Both give the
+      same tokens and log-probs (each row draws from its own key, `row_keys`).
+    min_bucket: 'compact' only: the smallest bucket (a decode step below ~8 rows costs about
+      the same as at 8 on CPU, where reading the weights bounds it; every bucket is one more
+      compiled loop).
   """
 
   max_new_tokens: int
@@ -68,6 +90,9 @@ class SamplerConfig:
   greedy: bool = False
   eos_id: int | tuple[int, ...] = dataclasses.field(kw_only=True)
   pad_id: int = dataclasses.field(kw_only=True)
+  group_size: int = dataclasses.field(default=1, kw_only=True)
+  mode: str = dataclasses.field(default="compact", kw_only=True)
+  min_bucket: int = dataclasses.field(default=8, kw_only=True)
 
   def __post_init__(self):
     def bad(field, why):
@@ -88,6 +113,12 @@ class SamplerConfig:
       bad("eos_id", "must be a non-negative int or a non-empty tuple of them")
     if not isinstance(self.pad_id, (int, np.integer)) or self.pad_id < 0:
       bad("pad_id", "must be a non-negative int")
+    if not isinstance(self.group_size, (int, np.integer)) or self.group_size < 1:
+      bad("group_size", "must be an int >= 1")
+    if self.mode not in MODES:
+      bad("mode", f"must be one of {MODES}")
+    if not isinstance(self.min_bucket, (int, np.integer)) or self.min_bucket < 1:
+      bad("min_bucket", "must be an int >= 1")
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
@@ -144,29 +175,87 @@ def filter_logits(logits_BxV, top_k: int, top_p: float) -> jax.Array:
   return jnp.where(logits_BxV < threshold_B[:, None], neg_inf, logits_BxV)
 
 
-def choose(logits_BxV, key, cfg: SamplerConfig):
-  """Next tokens [B] int32 and their log-probs under log_softmax(logits / temperature)."""
+def choose(logits_BxV, keys_B, cfg: SamplerConfig):
+  """Next tokens [B] int32 and their log-probs under log_softmax(logits / temperature).
+
+  `keys_B`: one key per row (`row_keys`); row b draws with `jax.random.categorical(keys_B[b],
+  ...)` over its own logits, so its token does not depend on the other rows. Greedy ignores it.
+  """
   scaled = logits_BxV.astype(jnp.float32) / cfg.temperature
   if cfg.greedy:
     tok = jnp.argmax(scaled, axis=-1)
   else:
-    tok = jax.random.categorical(key, filter_logits(scaled, cfg.top_k, cfg.top_p), axis=-1)
+    # top-k / top-p are static settings: disabled, `filter_logits` returns its input (no sort).
+    tok = jax.vmap(jax.random.categorical)(keys_B, filter_logits(scaled, cfg.top_k, cfg.top_p))
   tok = tok.astype(jnp.int32)
-  logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]
-  return tok, logp
+  # log_softmax at the chosen token only: x[tok] - max - log(sum(exp(x - max))), the same
+  # operations (hence the same float result) as log_softmax(x)[tok] without its [B, V] output.
+  mx = jax.lax.stop_gradient(jnp.max(scaled, axis=-1))
+  lse = jnp.log(jnp.sum(jnp.exp(scaled - mx[:, None]), axis=-1))
+  picked = jnp.take_along_axis(scaled, tok[:, None], axis=-1)[:, 0]
+  return tok, (picked - mx) - lse
 
 
 # -- the loop -------------------------------------------------------------------------------------
-class _LoopState(NamedTuple):
-  step: jax.Array          # index of the next new token to write
+class _Rows(NamedTuple):
+  """Per-row decode state of one batch bucket (rows in any order; `row_B` says which)."""
+  row_B: jax.Array         # original row index of each bucket row
   last_B: jax.Array        # token written at step - 1
-  tokens_BxN: jax.Array
-  logp_BxN: jax.Array
   done_B: jax.Array
+  prompt_len_B: jax.Array  # position of the first new token
+  kv_mask_BxS: jax.Array
   cache: dict
 
 
+class _LoopState(NamedTuple):
+  step: jax.Array          # index of the next new token to write (shared by every row)
+  rows: _Rows
+  tokens_BxN: jax.Array    # indexed by original row
+  logp_BxN: jax.Array
+
+
 _TRACES = {"sample": 0}   # incremented when `_sample` is traced (tests assert no recompilation)
+_CACHE_BATCH_AXIS = transformer.CACHE_AXES.index("batch")
+
+
+def row_keys(rng, step, row_B):
+  """The draw key of each row at `step`: fold_in(fold_in(rng, step), original row index).
+
+  A row's tokens depend on its own index only, never on the batch it is decoded in, so
+  compacted and static decoding (and shared and unshared prefill) draw the same tokens.
+  """
+  return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(rng, step), row_B)
+
+
+def _batch_shards() -> int:
+  """Devices the `batch` logical axis is split over in the current mesh (1 without one)."""
+  rules = sharding.current_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh is None or mesh.empty:
+    return 1
+  spec = sharding.logical_to_spec(("batch",), rules, mesh.axis_names)[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
+def buckets(batch: int, mode: str, min_bucket: int = 1, shards: int = 1) -> tuple[int, ...]:
+  """Batch sizes the decode loop runs at: (batch,) for 'static'; for 'compact' the batch, then
+  every smaller power of two >= min_bucket that is a multiple of `shards` (one compiled loop
+  each: at most log2(batch / min_bucket) + 1)."""
+  out = [batch]
+  if mode == "compact":
+    b = 1 << ((batch - 1).bit_length() - 1) if batch > 1 else 0
+    while b >= max(shards, min_bucket, 1) and b % max(shards, 1) == 0:
+      out.append(b)
+      b //= 2
+  return tuple(out)
+
+
+def _take_rows(rows: _Rows, idx_K) -> _Rows:
+  return _Rows(row_B=rows.row_B[idx_K], last_B=rows.last_B[idx_K], done_B=rows.done_B[idx_K],
+               prompt_len_B=rows.prompt_len_B[idx_K], kv_mask_BxS=rows.kv_mask_BxS[idx_K],
+               cache=jax.tree.map(lambda a: jnp.take(a, idx_K, axis=_CACHE_BATCH_AXIS),
+                                  rows.cache))
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("cfg", "rules"))
@@ -180,6 +269,9 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
         raise ValueError(f"SamplerConfig.{name}={getattr(cfg, name)!r} is outside the model's "
                          f"vocabulary of {vocab}")
     b, p = prompt_BxP.shape
+    g = cfg.group_size
+    if b % g:
+      raise ValueError(f"SamplerConfig.group_size={g} does not divide the batch of {b} rows")
     n = cfg.max_new_tokens
     batch = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
     prompt_mask_BxP = batch(prompt_mask_BxP.astype(bool))
@@ -187,36 +279,67 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
     prompt_len_B = jnp.sum(prompt_mask_BxP, axis=1, dtype=jnp.int32)
     eos = jnp.asarray(cfg.eos_ids, jnp.int32)
 
-    logits, cache, kv_mask = prefill(model, prompt_BxP, prompt_mask_BxP, p + n - 1)
-    tok, logp = choose(logits, jax.random.fold_in(rng, 0), cfg)
+    if g == 1:
+      logits, cache, kv_mask = prefill(model, prompt_BxP, prompt_mask_BxP, p + n - 1)
+    else:
+      # Rows g*i .. g*i + g - 1 hold the same prompt: prefill each distinct prompt once and
+      # repeat its logits, cache rows and mask for the group's g samples.
+      logits, cache, kv_mask = prefill(model, prompt_BxP[::g], prompt_mask_BxP[::g], p + n - 1)
+      logits = batch(jnp.repeat(logits, g, axis=0))
+      kv_mask = batch(jnp.repeat(kv_mask, g, axis=0))
+      cache = jax.tree.map(lambda a: sharding.constrain(
+          jnp.repeat(a, g, axis=_CACHE_BATCH_AXIS), transformer.CACHE_AXES), cache)
+    row_B = jnp.arange(b, dtype=jnp.int32)
+    tok, logp = choose(logits, row_keys(rng, 0, row_B), cfg)
     state = _LoopState(
-        step=jnp.int32(1), last_B=tok,
+        step=jnp.int32(1),
+        rows=_Rows(row_B=row_B, last_B=tok, done_B=jnp.isin(tok, eos),
+                   prompt_len_B=prompt_len_B, kv_mask_BxS=kv_mask, cache=cache),
         tokens_BxN=batch(jnp.full((b, n), cfg.pad_id, jnp.int32).at[:, 0].set(tok)),
-        logp_BxN=batch(jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp)),
-        done_B=jnp.isin(tok, eos), cache=cache)
+        logp_BxN=batch(jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp)))
 
-    def cond(s: _LoopState):
-      return (s.step < n) & ~jnp.all(s.done_B)
+    def body(s: _LoopState, in_order: bool):
+      r = s.rows
+      logits, cache = decode_step(model, r.last_B, r.prompt_len_B + s.step - 1, p + s.step - 1,
+                                  r.cache, r.kv_mask_BxS)
+      tok, logp = choose(batch(logits), row_keys(rng, s.step, r.row_B), cfg)
+      tok = jnp.where(r.done_B, cfg.pad_id, tok)
+      logp = jnp.where(r.done_B, 0.0, logp)
+      if in_order:   # the bucket is the whole batch in its original order
+        tokens = jax.lax.dynamic_update_slice(s.tokens_BxN, tok[:, None], (0, s.step))
+        logps = jax.lax.dynamic_update_slice(s.logp_BxN, logp[:, None], (0, s.step))
+      else:          # distinct original rows: a scatter of one token per row
+        tokens = s.tokens_BxN.at[r.row_B, s.step].set(tok, unique_indices=True)
+        logps = s.logp_BxN.at[r.row_B, s.step].set(logp, unique_indices=True)
+      return _LoopState(step=s.step + 1, tokens_BxN=tokens, logp_BxN=logps,
+                        rows=r._replace(last_B=tok, done_B=r.done_B | jnp.isin(tok, eos),
+                                        cache=cache))
 
-    def body(s: _LoopState):
-      logits, cache = decode_step(model, s.last_B, prompt_len_B + s.step - 1, p + s.step - 1,
-                                  s.cache, kv_mask)
-      tok, logp = choose(batch(logits), jax.random.fold_in(rng, s.step), cfg)
-      tok = jnp.where(s.done_B, cfg.pad_id, tok)
-      logp = jnp.where(s.done_B, 0.0, logp)
-      return _LoopState(
-          step=s.step + 1, last_B=tok,
-          tokens_BxN=jax.lax.dynamic_update_slice(s.tokens_BxN, tok[:, None], (0, s.step)),
-          logp_BxN=jax.lax.dynamic_update_slice(s.logp_BxN, logp[:, None], (0, s.step)),
-          done_B=s.done_B | jnp.isin(tok, eos), cache=cache)
+    # 'static': one loop over the whole batch until every row is done. 'compact': a loop per
+    # bucket size; a bucket's loop stops once its running rows fit the next bucket, and the
+    # running rows (finished ones fill any spare slots) move there with their cache rows.
+    # (n == 1: the prefill drew every token; no loop.)
+    sizes = buckets(b, cfg.mode, cfg.min_bucket, _batch_shards()) if n > 1 else ()
+    for i, size in enumerate(sizes):
+      nxt = sizes[i + 1] if i + 1 < len(sizes) else 0
 
-    final = jax.lax.while_loop(cond, body, state)
-    is_eos = jnp.isin(final.tokens_BxN, eos)
+      def cond(s: _LoopState, nxt=nxt):
+        running = ~s.rows.done_B
+        go = (s.step < n) & jnp.any(running)
+        return go & (jnp.sum(running, dtype=jnp.int32) > nxt) if nxt else go
+
+      state = jax.lax.while_loop(cond, functools.partial(body, in_order=i == 0), state)
+      if nxt:
+        # Stable: running rows first, in their current order.
+        order = jnp.argsort(state.rows.done_B, stable=True)[:nxt]
+        state = state._replace(rows=_take_rows(state.rows, order))
+
+    is_eos = jnp.isin(state.tokens_BxN, eos)
     # A token is real iff no EOS came strictly before it.
     eos_before = jnp.cumsum(is_eos, axis=1) - is_eos
     resp_mask = eos_before == 0
     lengths = jnp.sum(resp_mask, axis=1, dtype=jnp.int32)
-    tokens = jnp.concatenate([prompt_BxP, jnp.where(resp_mask, final.tokens_BxN, cfg.pad_id)], 1)
+    tokens = jnp.concatenate([prompt_BxP, jnp.where(resp_mask, state.tokens_BxN, cfg.pad_id)], 1)
     no_prompt = jnp.zeros((b, p), bool)
     return SampleOutput(
         tokens_BxT=tokens,
@@ -224,7 +347,7 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
         loss_mask_BxT=jnp.concatenate([no_prompt, resp_mask], axis=1),
         lengths_B=lengths,
         logp_BxT=jnp.concatenate([jnp.zeros((b, p), jnp.float32),
-                                  jnp.where(resp_mask, final.logp_BxN, 0.0)], axis=1))
+                                  jnp.where(resp_mask, state.logp_BxN, 0.0)], axis=1))
 
 
 def _check_prompt_shapes(prompt_BxP, prompt_mask_BxP):
@@ -239,11 +362,12 @@ def _check_prompt_shapes(prompt_BxP, prompt_mask_BxP):
 
 
 def check_prompts_host(prompt_BxP: np.ndarray, prompt_mask_BxP: np.ndarray,
-                       vocab_size: int | None = None) -> None:
+                       vocab_size: int | None = None, group_size: int = 1) -> None:
   """Validates a host (numpy) prompt batch before it is put on devices.
 
   Shapes, left padding with at least one real token per row, and (with `vocab_size`) token ids
-  of the real positions in [0, vocab_size). Raises ValueError naming the problem. The data
+  of the real positions in [0, vocab_size), and (with `group_size` g > 1) that rows
+  g*i .. g*i + g - 1 hold the same prompt. Raises ValueError naming the problem. The data
   pipeline / loop calls this on its process-local numpy batch; `sample` itself only checks
   values when it is handed numpy arrays (it never fetches device arrays).
   """
@@ -260,12 +384,21 @@ def check_prompts_host(prompt_BxP: np.ndarray, prompt_mask_BxP: np.ndarray,
     if toks.size and (toks.min() < 0 or toks.max() >= vocab_size):
       raise ValueError(f"prompt_BxP has ids in [{toks.min()}, {toks.max()}], outside the "
                        f"model's vocabulary [0, {vocab_size})")
+  if group_size > 1:
+    b = mask.shape[0]
+    if b % group_size:
+      raise ValueError(f"group_size={group_size} does not divide the batch of {b} rows")
+    real = np.where(mask, np.asarray(prompt_BxP), -1).reshape(b // group_size, group_size, -1)
+    bad_groups = np.flatnonzero(np.any(real != real[:, :1], axis=(1, 2)))
+    if bad_groups.size:
+      raise ValueError(f"group_size={group_size}: groups {bad_groups[:8].tolist()} do not repeat "
+                       "one prompt in their consecutive rows (a shared prefill needs them equal)")
 
 
-def _check_prompts(prompt_BxP, prompt_mask_BxP):
+def _check_prompts(prompt_BxP, prompt_mask_BxP, group_size=1):
   """Shape checks always; value checks only for numpy inputs (never a device fetch)."""
   if isinstance(prompt_BxP, np.ndarray) and isinstance(prompt_mask_BxP, np.ndarray):
-    check_prompts_host(prompt_BxP, prompt_mask_BxP)
+    check_prompts_host(prompt_BxP, prompt_mask_BxP, group_size=group_size)
   else:
     _check_prompt_shapes(prompt_BxP, prompt_mask_BxP)
 
@@ -281,6 +414,6 @@ def sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplerConfi
   """
   if not isinstance(cfg, SamplerConfig):
     raise TypeError(f"cfg must be a SamplerConfig, got {type(cfg).__name__}")
-  _check_prompts(prompt_BxP, prompt_mask_BxP)
+  _check_prompts(prompt_BxP, prompt_mask_BxP, cfg.group_size)
   return _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg=cfg,
                  rules=sharding.current_rules())
