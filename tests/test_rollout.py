@@ -83,6 +83,28 @@ def test_generate_on_policy_matches_sampler_scorer_and_float64_kl(models, prompt
   np.testing.assert_allclose(ro.kl_BxT, want_kl, atol=2e-5, rtol=1e-4)
 
 
+def test_generate_shares_the_prefill_of_each_group(models, prompts, monkeypatch):
+  """With group_size G the rollout samples with the shared-prefill sampler (each prompt's G rows
+  repeat it): the unshared sampler's tokens on the same key."""
+  sgd, sp, tgd, tp = models
+  g = 2
+  rows = np.repeat(np.arange(B // g), g)
+  toks, mask = (jnp.asarray(np.asarray(a)[rows]) for a in prompts)
+  assert rollout.grouped_sampler(SAMPLER, 1) is SAMPLER
+  seen = []
+  real_sample = sampler_lib.sample
+  monkeypatch.setattr(sampler_lib, "sample",
+                      lambda *a: seen.append(a[-1]) or real_sample(*a))
+  rng = jax.random.key(3)
+  ro = rollout.generate(sgd, sp, tgd, tp, toks, mask, rng,
+                        rollout.RolloutKnobs(sampler=SAMPLER, group_size=g))
+  assert [c.group_size for c in seen] == [g]
+  ref = real_sample(sgd, sp, toks, mask, rng, SAMPLER)
+  np.testing.assert_array_equal(ro.tokens_BxT, ref.tokens_BxT)
+  np.testing.assert_array_equal(ro.loss_mask_BxT, ref.loss_mask_BxT)
+  np.testing.assert_allclose(ro.old_logp_BxT, ref.logp_BxT, atol=1e-5)
+
+
 def test_generate_off_policy_samples_with_the_teacher_and_scores_with_the_student(models, prompts):
   sgd, sp, tgd, tp = models
   knobs = rollout.RolloutKnobs(policy="teacher", sampler=SAMPLER)
@@ -289,3 +311,18 @@ def test_evaluate_computes_avg_at_k_and_pass_at_k(models, prompts):
                               got["eval/pass@2_se"]],
                              [per.mean(), per.std(ddof=1) / np.sqrt(3), passed.mean(),
                               passed.std(ddof=1) / np.sqrt(3)], rtol=1e-12, atol=1e-12)
+
+
+def test_run_plan_samplers_share_prefill_per_group_and_read_the_mode():
+  from opd_jax.train import config as config_lib
+  from opd_jax.train import run_plan
+  cfg = config_lib.from_config_dict(config_lib.load_config(
+      "configs/opd.py", ["rollout.group_size=4", "sampler.mode=static", "loop.eval_greedy=False",
+                         "loop.eval_k=2"]))
+  plan = run_plan.resolve(cfg)
+  assert (plan.sampler.group_size, plan.sampler.mode) == (4, "static")
+  assert plan.eval_sampler.group_size == plan.eval_k == 2
+  assert run_plan.resolve(config_lib.from_config_dict(config_lib.load_config(
+      "configs/opd.py"))).sampler.mode == "compact"
+  with pytest.raises(config_lib.ConfigError, match="mode"):
+    config_lib.from_config_dict(config_lib.load_config("configs/opd.py", ["sampler.mode=fast"]))

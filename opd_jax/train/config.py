@@ -427,6 +427,10 @@ class SamplingConfig:
       (the ratio is exactly 1 on the first update).
     top_k / top_p: truncation (0 / 1.0 = off).
     eos_ids: extra end-of-sequence ids besides the tokenizer's EOS (e.g. Qwen's <|endoftext|>).
+    mode: 'compact' (finished rows leave the decode batch: power-of-two buckets) or 'static'
+      (every row decodes until the last one ends; the baseline). Same tokens either way
+      (`models.sampler.SamplerConfig.mode`). The G samples of a prompt share its prefill in
+      both (`rollout.group_size`, `loop.eval_k`).
   """
 
   max_new_tokens: int = 0
@@ -434,12 +438,15 @@ class SamplingConfig:
   top_k: int = 0
   top_p: float = 1.0
   eos_ids: tuple[int, ...] = ()
+  mode: str = "compact"
 
   def __post_init__(self):
     if self.max_new_tokens < 0:
       _bad(self, "max_new_tokens", "must be >= 0 (0 = automatic for tasks)")
     if not self.temperature > 0:
       _bad(self, "temperature", "must be > 0")
+    if self.mode not in ("compact", "static"):
+      _bad(self, "mode", "must be 'compact' or 'static'")
 
 
 @dataclasses.dataclass(frozen=True)

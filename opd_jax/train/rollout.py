@@ -219,7 +219,8 @@ def generate(student_graphdef, student_params, teacher_graphdef, teacher_params,
   if clock is None:
     from opd_jax.train.timing import NullClock
     clock = NullClock()
-  out = sampler_lib.sample(gd, params, prompt_BxP, prompt_mask_BxP, rng, knobs.sampler)
+  out = sampler_lib.sample(gd, params, prompt_BxP, prompt_mask_BxP, rng,
+                           grouped_sampler(knobs.sampler, knobs.group_size))
   clock.device("sample", out)
   tokens, mask, loss_mask = out.tokens_BxT, out.mask_BxT, out.loss_mask_BxT
   temperature = knobs.sampler.temperature
@@ -388,6 +389,15 @@ def verify(tokenizer, verifier: verifiers.Verifier, rollout: Rollout, answers_B:
   return res.scores_B, np.asarray([index.get(r, -1) for r in res.reasons_B], np.int32)
 
 
+def grouped_sampler(cfg: sampler_lib.SamplerConfig, group_size: int
+                    ) -> sampler_lib.SamplerConfig:
+  """The sampler settings for batches of `group_size` consecutive rows per prompt: each prompt
+  is prefilled once and its cache shared by its samples (same tokens as unshared prefill)."""
+  if group_size > 1 and cfg.group_size != group_size:
+    return dataclasses.replace(cfg, group_size=group_size)
+  return cfg
+
+
 @jax.jit
 def _fold_in(key, data):
   return jax.random.fold_in(key, data)
@@ -416,7 +426,7 @@ def evaluate(graphdef, params, batches, tokenizer, verifier: verifiers.Verifier,
                      "prompt_mask_BxP": batch["prompt_mask_BxP"]})
     key = _fold_in(rng, jax.device_put(np.uint32(i), rng.sharding))
     out = sampler_lib.sample(graphdef, params, dev["prompt_tokens_BxP"], dev["prompt_mask_BxP"],
-                             key, sampler_cfg)
+                             key, grouped_sampler(sampler_cfg, k))
     tokens, loss_mask = local_rows(out.tokens_BxT), local_rows(out.loss_mask_BxT)
     texts = decode_responses(tokenizer, tokens, loss_mask)
     res = verifiers.score_batch_with_reasons(verifier, texts, list(batch["answer_B"]))

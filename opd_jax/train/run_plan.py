@@ -289,14 +289,17 @@ def sequence_lengths(cfg: TrainConfig) -> tuple[tuple[int, ...], tuple[int, ...]
 
 
 def sampler_config(cfg: TrainConfig, eos_id: int, pad_id: int, *, max_new_tokens: int,
-                   greedy: bool = False, temperature: float | None = None
+                   greedy: bool = False, temperature: float | None = None, group_size: int = 1
                    ) -> sampler_lib.SamplerConfig:
+  """`group_size`: rows per prompt of the batches it samples (the G samples of a prompt share
+  its prefill)."""
   s = cfg.sampler
   eos = (eos_id,) + tuple(e for e in s.eos_ids if e != eos_id)
   return sampler_lib.SamplerConfig(
       max_new_tokens=max_new_tokens, temperature=s.temperature if temperature is None else
       temperature, top_k=s.top_k, top_p=s.top_p, greedy=greedy,
-      eos_id=eos if len(eos) > 1 else eos[0], pad_id=pad_id)
+      eos_id=eos if len(eos) > 1 else eos[0], pad_id=pad_id, group_size=group_size,
+      mode=s.mode)
 
 
 def subspace_bases_from_config(cfg: TrainConfig):
@@ -389,21 +392,24 @@ def resolve(cfg: TrainConfig, *, tokenizer=None, student: ModelConfig | None = N
       check_teacher_tokenizer(cfg, tokenizer)
   sampler = None
   if recipe.uses_rollouts:
-    sampler = sampler_config(cfg, eos_id, pad_id, max_new_tokens=max_new)
+    sampler = sampler_config(cfg, eos_id, pad_id, max_new_tokens=max_new,
+                             group_size=cfg.rollout.group_size)
   loop = cfg.loop
   has_eval = bool(loop.eval_every) and bool(
       (cfg.data.eval_examples if cfg.data.source == "task" else cfg.data.eval_path)
       or cfg.data.eval_sets)
   eval_sampler = None
+  eval_k = 1 if loop.eval_greedy else loop.eval_k
   if has_eval:
     eval_sampler = sampler_config(cfg, eos_id, pad_id, max_new_tokens=max_new,
-                                  greedy=loop.eval_greedy, temperature=loop.eval_temperature)
+                                  greedy=loop.eval_greedy, temperature=loop.eval_temperature,
+                                  group_size=eval_k)
   step_cfg = recipe.step_config(cfg)
   return RunPlan(
       cfg=cfg, recipe=recipe, student=student_cfg, teacher=teacher_cfg,
       reference=student_cfg if needs.reference else None, prompt_buckets=prompt_b,
       sft_buckets=sft_b, max_new_tokens=max_new, rows=recipe.rows(cfg), sampler=sampler,
-      eval_sampler=eval_sampler, eval_k=1 if loop.eval_greedy else loop.eval_k,
+      eval_sampler=eval_sampler, eval_k=eval_k,
       step_cfg=step_cfg, total_updates=loop.steps * recipe.updates_per_step(cfg),
       eos_id=eos_id, pad_id=pad_id)
 
