@@ -5,6 +5,7 @@ resume, snapshots holding merged params, config refusals, and PEFT parity of the
 
 import json
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from opd_jax.optim import factory
 from opd_jax.train import checkpoint as ckpt_lib
 from opd_jax.train import config as config_lib
 from opd_jax.train import loop
+from opd_jax.train import mesh as mesh_lib
 from opd_jax.train import metrics as metrics_lib
 from opd_jax.train import state as state_lib
 from opd_jax.train import steps
@@ -121,6 +123,19 @@ def test_targets_are_a_regex_over_the_matrix_names():
     lora.target_paths(params, lora.LoraConfig(rank=65, targets="q_proj"))
 
 
+def test_adapters_shard_like_the_kernels_they_adapt():
+  from jax.sharding import PartitionSpec as P
+  cfg = model_config.tiny()
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 4, 2)))
+  shard = mesh_lib.adapter_shardings(cfg, lora.LoraConfig(rank=4), mesh)
+  q, down = shard["layers"]["attn"]["q_proj"], shard["layers"]["mlp"]["down_proj"]
+  # q kernel (layers, embed -> fsdp, heads -> tensor); down kernel (layers, mlp -> tensor,
+  # embed -> fsdp); the rank axis is never sharded.
+  assert (q["lora_a"].spec, q["lora_b"].spec) == (P(None, "fsdp", None), P(None, None, "tensor"))
+  assert (down["lora_a"].spec, down["lora_b"].spec) == (P(None, "tensor", None),
+                                                        P(None, None, "fsdp"))
+
+
 # -- the adapted forward and its gradient against independent references --------------------------
 def test_merged_forward_and_adapter_gradient_match_float64_references():
   cfg, graphdef, params = _model(seed=2)
@@ -175,9 +190,17 @@ def test_a_step_moves_only_the_adapters_and_adam_holds_adapter_moments_only():
   before = jax.tree.map(np.asarray, (state.params, state.frozen))
   tokens, mask = _batch(cfg, seed=4, b=4, t=8)
   batch = {"tokens_BxT": tokens, "mask_BxT": mask, "loss_mask_BxT": mask}
-  step = jax.jit(lambda s, b: steps.sft_step(s, b, graphdef=graphdef, tx=tx,
-                                             lora_scale=lc.scale))
-  new, metrics = step(state, batch)
+  # Jitted as the loop does, on an FSDP x tensor mesh of the 8 fake devices, with two
+  # micro-batches (the adapter-gradient accumulator is laid out like the adapters).
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 4, 2)))
+  s_shard = mesh_lib.state_shardings(tx, mesh_lib.adapter_shardings(cfg, lc, mesh), adapters,
+                                     frozen_shardings=mesh_lib.param_shardings(cfg, mesh))
+  step = steps.jit_step(steps.sft_step, mesh, s_shard, mesh_lib.batch_sharding(mesh, 2),
+                        graphdef=graphdef, tx=tx, lora_scale=lc.scale,
+                        cfg=steps.SFTStepConfig(micro_batches=2))
+  new, metrics = step(jax.device_put(state, s_shard), batch)
+  q_a = new.params["layers"]["attn"]["q_proj"]["lora_a"]
+  assert q_a.sharding.spec == s_shard.params["layers"]["attn"]["q_proj"]["lora_a"].spec
   assert np.isfinite(float(metrics["train/loss"])) and float(metrics["train/grad_norm"]) > 0
   for x, y in zip(jax.tree.leaves(new.frozen), jax.tree.leaves(before[1])):
     np.testing.assert_array_equal(np.asarray(x), y)  # the base is bit-identical
@@ -189,7 +212,8 @@ def test_a_step_moves_only_the_adapters_and_adam_holds_adapter_moments_only():
     np.testing.assert_array_equal(np.asarray(module["lora_a"]), old["lora_a"])
   assert jax.tree.structure(new.params) == jax.tree.structure(adapters)
   with pytest.raises(ValueError, match="lora_scale"):
-    steps.sft_step(state, batch, graphdef=graphdef, tx=tx)
+    steps.sft_step(state_lib.create_state(adapters, tx, 0, frozen=base), batch,
+                   graphdef=graphdef, tx=tx)
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -245,12 +269,12 @@ def test_sft_with_adapters_snapshots_merged_params_and_resumes_exactly(tmp_path)
   assert moved["layers"]["attn"]["q_proj"]["kernel"] and not moved["embed"]["embedding"]
   for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(snap0)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  # Resume: stop after step 1, continue from its checkpoint: bit-identical adapters at step 2.
-  resumed_dir = tmp_path / "resumed"
-  loop.run(cfg, resumed_dir, stop_after=1)
-  out = loop.run(cfg, resumed_dir, resume=True)
+  # Resume: drop checkpoint 2, continue from checkpoint 1: bit-identical adapters and base at
+  # step 2.
+  shutil.rmtree(ckpt_dir / "2")
+  out = loop.run(cfg, tmp_path / "straight", resume=True)
   assert out["resumed_from"] == 1 and out["step"] == 2
-  again = ocp.PyTreeCheckpointer().restore(resumed_dir / "checkpoints" / "2" / ckpt_lib.STATE)
+  again = ocp.PyTreeCheckpointer().restore(item)
   for x, y in zip(jax.tree.leaves((again["params"], again["frozen"])),
                   jax.tree.leaves((adapters, base))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -353,7 +353,7 @@ def load_params_and_config(path, *, shardings=None) -> tuple[dict, ModelConfig |
 
     # An adapter run (LoRA / PiSSA) saves the adapters as params and the base as 'frozen': the
     # policy is their merge (scale alpha / r from the run config in the checkpoint's meta).
-    adapters = FROZEN in tree
+    adapters = bool(jax.tree.leaves(tree.get(FROZEN)))  # (a non-adapter state saves None)
     items = {PARAMS: abstract_of(tree[PARAMS])}
     if adapters:
       items[FROZEN] = abstract_of(tree[FROZEN])
