@@ -181,6 +181,16 @@ def test_flash_sharded_on_fake_mesh_equals_single_device():
 
 
 # -- attention over a KV cache --------------------------------------------------------------------
+def test_flash_block_evens_out_blocks():
+  assert attention.flash_block(256, 512) == 256 and attention.flash_block(4096, 0) == 4096
+  assert attention.flash_block(4096, 512) == 512
+  for t, block in ((600, 512), (513, 512), (1000, 512), (21, 8), (21, 5), (4097, 512)):
+    b = attention.flash_block(t, block)
+    assert b <= block and -(-t // b) == -(-t // block), (t, block, b)  # as many blocks
+    assert b % 8 == 0 or b == block
+  assert attention.flash_block(600, 512) == 304  # 2 x 304, not 512 + a mostly padded 512
+
+
 def test_bucket_lengths():
   assert attention.bucket_lengths(50, 8) == (8, 16, 24, 32, 40, 48, 50)
   lengths = attention.bucket_lengths(1000, 8)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from opd_jax import cli
+from opd_jax.models import attention
 from opd_jax.train import config as config_lib
 from opd_jax.train import mesh as mesh_lib
 from opd_jax.train import plan as plan_lib
@@ -111,6 +112,39 @@ def test_sampler_holds_at_least_its_kv_cache(opd):
   sampler = out["phases"]["sampler"]
   assert sampler["kv_cache_bytes"] == analytic
   assert sampler["temp_bytes"] >= analytic and sampler["transient_bytes"] >= analytic
+
+
+def test_attention_score_blocks_follow_the_blocked_attention(opd):
+  rp, out = opd
+  m = rp.student
+  per_block = lambda q, k: rp.rows * m.n_heads * q * k * 4 // (MESH[0] * MESH[1])  # noqa: E731
+  t = rp.seq_len
+  q = attention.flash_block(t, m.attention_block)
+  assert out["phases"]["train_step"]["attention_scores_bytes"] == per_block(q, q)
+  p_len = rp.prompt_buckets[-1]
+  cache_len = p_len + rp.max_new_tokens - 1
+  prefill = plan_lib.attention_score_shape(m, p_len, p_len, cache_len=cache_len)
+  assert prefill[0] == p_len and p_len <= prefill[1] <= cache_len
+  assert out["phases"]["sampler"]["attention_scores_bytes"] == per_block(*prefill)
+  # Long training sequences: one block x block pair, not T x T; short ones: the one-shot scores.
+  cfg = m.replace(attention_block=512, cache_block=256)
+  assert plan_lib.attention_score_shape(cfg, 4096, 4096) == (512, 512)
+  assert plan_lib.attention_score_shape(cfg, 256, 256) == (256, 256)
+  assert plan_lib.attention_score_shape(cfg, 600, 600) == (304, 304)  # 2 even blocks
+  assert plan_lib.attention_score_shape(cfg.replace(attention_block=0), 4096, 4096) == (4096,
+                                                                                        4096)
+  # Through a cache: the bucket that covers the last query (5000 slots: 20 blocks of 256 -> 10
+  # buckets of 512), never the whole cache unless the queries reach its end.
+  assert plan_lib.attention_score_shape(cfg, 1, 5000, cache_len=5000, q_start=300) == (1, 512)
+  assert plan_lib.attention_score_shape(cfg, 64, 5000, cache_len=5000, q_start=4936) == (64,
+                                                                                         5000)
+  assert plan_lib.attention_score_shape(cfg.replace(cache_block=0), 1, 5000, cache_len=5000,
+                                        q_start=300) == (1, 5000)
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(2, 2, 2)), jax.devices()[:8])
+  rules = mesh_lib.MeshConfig().rules
+  # batch over data x fsdp (4 ways), heads over tensor (2 ways).
+  assert plan_lib.attention_score_bytes(cfg, 64, 512, 512, mesh, rules) == (
+      64 * cfg.n_heads * 512 * 512 * 4 // 8)
 
 
 def test_every_rollout_phase_when_the_config_asks_for_it():

@@ -9,7 +9,7 @@ always run in float32, as in the reference.
 * `reference_attention`: the whole [B, K, G, T, S] score tensor at once, masked by `allowed`
   (the model's original attention, kept as the reference path and used for short sequences).
 * `causal_attention` (training and scoring forwards without a cache, T = S): above `block`
-  positions it runs `flash_attention`: queries and keys in blocks of `block`, an online softmax
+  positions it runs `flash_attention` (blocks evened out by `flash_block`): queries and keys in blocks of `block`, an online softmax
   (running max and sum in float32), key blocks above the diagonal never computed (the loop over
   key blocks stops at the query block), padding and segment masks applied per block pair. A
   custom VJP recomputes each block's probabilities from the saved log-sum-exp in the backward
@@ -230,16 +230,27 @@ def flash_attention(q_BxTxHxh, k_BxTxKxh, v_BxTxKxh, kv_mask_BxT, segment_ids_Bx
   return out_BxPxKxGxh[:, :t].reshape(b, t, h * hd)
 
 
+def flash_block(t: int, block: int) -> int:
+  """The block `causal_attention` uses for T positions under the knob `block` (0 = none, the
+  one-shot reference): as many blocks as `block` needs, evened out (rounded up to a multiple of
+  8, at most `block`) so that the last one is not mostly padding; T itself when T <= block."""
+  if block <= 0 or t <= block:
+    return t
+  n = -(-t // block)
+  return min(block, -(-(-(-t // n)) // 8) * 8)
+
+
 def causal_attention(q_BxTxHxh, k_BxTxKxh, v_BxTxKxh, kv_mask_BxT, segment_ids_BxT=None, *,
                      block: int):
   """Causal self-attention of a full sequence: the reference for T <= block (or block <= 0),
-  `flash_attention` above."""
+  `flash_attention` with `flash_block(T, block)` above."""
   t = q_BxTxHxh.shape[1]
-  if block <= 0 or t <= block:
+  blk = flash_block(t, block)
+  if blk >= t:
     allowed = allowed_mask(jnp.arange(t), kv_mask_BxT, segment_ids_BxT, segment_ids_BxT)
     return reference_attention(q_BxTxHxh, k_BxTxKxh, v_BxTxKxh, allowed)
   return flash_attention(q_BxTxHxh, k_BxTxKxh, v_BxTxKxh, kv_mask_BxT, segment_ids_BxT,
-                         block=block)
+                         block=blk)
 
 
 # -- attention over a KV cache --------------------------------------------------------------------

@@ -28,6 +28,12 @@ per-device bytes. One iteration of a rollout recipe (`rollout.generate`, then th
              temporaries, its outputs and its non-weight inputs (prompts, rollout arrays).
   total      resident + the largest phase's transient bytes (phases never overlap).
 
+Beside each phase, analytic: `kv_cache_bytes` (sampler and scorers) and `attention_scores_bytes`,
+the float32 scores one layer holds at once (`attention_score_shape`): one block x block pair of
+the blocked attention when the train sequence is longer than the model's `attention_block`
+(never [rows, H, T, T]), the prompt against its cache bucket for the sampler's prefill, the last
+chunk against the bucketed cache for a scorer. Both are included in the XLA numbers, not added.
+
 SFT plans only the train step. Not planned: the advantage computation (a few [rows, T] float32
 arrays), eval sampling, host-side data.
 
@@ -48,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from opd_jax.models import attention as attention_lib
 from opd_jax.models import sampler as sampler_lib
 from opd_jax.models import scoring
 from opd_jax.models import sharding as sharding_lib
@@ -101,6 +108,34 @@ def cache_bytes(model: ModelConfig, rows: int, length: int, mesh, rules) -> int:
   return 2 * math.prod(shard) * jnp.dtype(model.dtype).itemsize
 
 
+def attention_score_shape(model: ModelConfig, q_len: int, k_len: int, *, cache_len: int = 0,
+                          q_start: int = 0) -> tuple[int, int]:
+  """(queries, keys) of the largest attention-score block one layer holds at once.
+
+  Without a cache (`cache_len` 0: training, `shifted_hidden`) a sequence longer than
+  `model.attention_block` runs blocked (`attention.flash_attention`): one block x block pair at a
+  time; otherwise the one-shot q_len x k_len scores. Through a cache of `cache_len` slots,
+  `q_len` queries starting at slot `q_start` attend over the smallest cache bucket that covers
+  slot q_start + q_len - 1 (`attention.cached_attention`)."""
+  if not cache_len:
+    block = attention_lib.flash_block(q_len, model.attention_block)
+    return (block, block) if block < q_len else (q_len, k_len)
+  need = q_start + q_len
+  if model.cache_block <= 0 or cache_len <= model.cache_block:
+    return q_len, cache_len
+  lengths = attention_lib.bucket_lengths(cache_len, model.cache_block)
+  return q_len, next((n for n in lengths if n >= need), cache_len)
+
+
+def attention_score_bytes(model: ModelConfig, rows: int, q_len: int, k_len: int, mesh,
+                          rules) -> int:
+  """Per-device bytes of one float32 score block [rows, n_heads, q_len, k_len], sharded on the
+  batch and heads axes as the attention activations are."""
+  shape = (rows, model.n_heads, q_len, k_len)
+  spec = sharding_lib.logical_to_spec(("batch", "act_heads", None, None), rules, mesh.axis_names)
+  return 4 * math.prod(NamedSharding(mesh, spec).shard_shape(shape))
+
+
 def _human(n: int) -> str:
   for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
     if abs(n) >= size:
@@ -132,6 +167,7 @@ class _Phase:
   lower: Callable[[], Any]
   resident_args: tuple[str, ...]
   kv_cache_bytes: int = 0
+  attention_scores_bytes: int = 0
 
 
 def _compile(phase: _Phase, resident: dict[str, int]) -> dict:
@@ -151,6 +187,8 @@ def _compile(phase: _Phase, resident: dict[str, int]) -> dict:
   out["model"] = phase.model
   if phase.kv_cache_bytes:
     out["kv_cache_bytes"] = phase.kv_cache_bytes
+  if phase.attention_scores_bytes:
+    out["attention_scores_bytes"] = phase.attention_scores_bytes
   out["lower_seconds"] = round(t1 - t0, 2)
   out["compile_seconds"] = round(t2 - t1, 2)
   return out
@@ -245,6 +283,11 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
 
   phases: list[_Phase] = []
   rows = run_plan.rows
+
+  def scores(model_cfg, q_len, k_len, **kw):
+    return attention_score_bytes(model_cfg, rows, *attention_score_shape(model_cfg, q_len, k_len,
+                                                                         **kw), mesh, rules)
+
   if recipe.uses_rollouts:
     p_len, n_new = run_plan.prompt_buckets[-1], run_plan.max_new_tokens
     t_len = p_len + n_new
@@ -274,12 +317,16 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
         "sampler", "teacher" if by_teacher else "student",
         under_mesh(lambda: sampler_lib._sample.lower(
             policy[0], policy[1], prompt, prompt_mask, rng, cfg=run_plan.sampler, rules=rules)),
-        (policy[2],), cache_bytes(policy_cfg, rows, p_len + n_new - 1, mesh, rules)))
+        (policy[2],), cache_bytes(policy_cfg, rows, p_len + n_new - 1, mesh, rules),
+        # The prefill's scores: the prompt against the cache bucket that covers it.
+        scores(policy_cfg, p_len, p_len, cache_len=p_len + n_new - 1)))
 
     def scorer(name, model_name, gd, params, model_cfg, arg):
+      # The last chunk's scores: c queries against the whole (bucketed) cache.
       return _Phase(name, model_name, under_mesh(lambda: scoring._token_logprobs.lower(
           gd, params, tokens, mask, temp, static_temperature=static_temp, chunk_size=chunk,
-          rules=rules)), (arg,), cache_bytes(model_cfg, rows, score_len, mesh, rules))
+          rules=rules)), (arg,), cache_bytes(model_cfg, rows, score_len, mesh, rules),
+          scores(model_cfg, c, score_len, cache_len=score_len, q_start=score_len - c))
 
     if knobs.score_student and (by_teacher or knobs.recompute_old_logp):
       phases.append(scorer("student_scoring", "student", graphdef, state.params, student,
@@ -307,7 +354,8 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
   extra = _step_extra_args(run_plan, teacher_params)
   step_fn = recipe.jit_step(ctx, s_shard)
   phases.append(_Phase("train_step", "student", lambda: step_fn.lower(state, batch, *extra),
-                       state_args + (("teacher_params",) if extra else ())))
+                       state_args + (("teacher_params",) if extra else ()),
+                       attention_scores_bytes=scores(student, run_plan.seq_len, run_plan.seq_len)))
 
   # Student re-scoring and reference scoring run the same function on the same shapes: compile
   # once.
@@ -387,6 +435,9 @@ def format_plan(result: dict) -> str:
                  f"{_human(r['temp_bytes']).strip()}, compiled in {r['compile_seconds']:.1f} s")
     if r.get("kv_cache_bytes"):
       lines.append(f"      {'of which KV cache (analytic)':<46} {_human(r['kv_cache_bytes'])}")
+    if r.get("attention_scores_bytes"):
+      lines.append(f"      {'one layer attention-score block (analytic)':<46} "
+                   f"{_human(r['attention_scores_bytes'])}")
   peak = result["peak_phase"]
   lines.append(f"  total = resident + the largest phase ({PHASE_LABELS.get(peak, peak)}) = "
                f"{_human(result['resident_bytes']).strip()} + "
