@@ -211,9 +211,12 @@ def test_a_step_moves_only_the_adapters_and_adam_holds_adapter_moments_only():
     assert np.any(np.asarray(module["lora_b"]) != old["lora_b"]), path
     np.testing.assert_array_equal(np.asarray(module["lora_a"]), old["lora_a"])
   assert jax.tree.structure(new.params) == jax.tree.structure(adapters)
-  with pytest.raises(ValueError, match="lora_scale"):
+  with pytest.raises(ValueError, match="no lora_scale"):
     steps.sft_step(state_lib.create_state(adapters, tx, 0, frozen=base), batch,
                    graphdef=graphdef, tx=tx)
+  with pytest.raises(ValueError, match="holds no frozen base"):
+    steps.sft_step(state_lib.create_state(params, tx, 0), batch, graphdef=graphdef, tx=tx,
+                   lora_scale=lc.scale)
 
 
 # -- config ---------------------------------------------------------------------------------------

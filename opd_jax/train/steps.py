@@ -337,6 +337,10 @@ class _Adapters:
 def _adapters(state: TrainState, lora_scale: float | None) -> "_Adapters | None":
   """The merge of an adapter state (`state.frozen` set), else None."""
   if state.frozen is None:
+    if lora_scale is not None:  # e.g. a state built without `frozen` for an adapter config
+      raise ValueError(f"the step was given lora_scale={lora_scale} (adapters) but the state "
+                       "holds no frozen base (state.frozen is None): build it with "
+                       "create_state(adapters, tx, seed, frozen=base)")
     return None
   if lora_scale is None:
     raise ValueError("the state holds adapters (state.frozen is set) but the step was given no "
