@@ -9,7 +9,14 @@ new tokens, no early EOS: the EOS id is one neither model emits, checked) at bat
 
 Throughput = generated tokens / wall time of one whole generate call (prefill + decode, as the
 caller sees it), best of `--repeats` calls. opd_jax's first call (tracing + XLA compilation) is
-reported separately as `compile_s_b{B}` and excluded. The last line of stdout is one JSON object.
+reported separately as `compile_s_b{B}` and excluded. The last line of stdout is one JSON object
+(with `cpu_model`, /proc/cpuinfo's model name, and `xla_flags`).
+
+bfloat16 weights (`--no-bf16` skips it): the same weights cast to bfloat16 (bfloat16 matmul
+inputs, float32 accumulation; norms / softmax in float32) decode the same prompts; reported
+beside the float32 numbers as `opd_bf16_tok_s_b{B}`, `ratio_vs_hf_bf16_b{B}` (against
+transformers in float32) and `same_tokens_frac_bf16_b{B}` (agreement with opd_jax float32 greedy
+tokens; bfloat16 rounding changes some argmaxes).
 """
 
 from __future__ import annotations
@@ -31,6 +38,17 @@ from opd_jax.models import sampler
 from opd_jax.models import transformer as tf
 
 
+def cpu_model() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.processor() or "unknown"
+
+
 def _best_time(fn, repeats):
   best = float("inf")
   out = None
@@ -48,6 +66,7 @@ def main(argv=None):
   parser.add_argument("--prompt-len", type=int, default=None)
   parser.add_argument("--new-tokens", type=int, default=None)
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16-weights mode")
   args = parser.parse_args(argv)
   prompt_len = args.prompt_len or (16 if args.quick else 32)
   new_tokens = args.new_tokens or (24 if args.quick else 64)
@@ -68,7 +87,14 @@ def main(argv=None):
   result = {"preset": "small", "num_params": cfg.num_params, "dtype": "float32",
             "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
             "quick": args.quick, "jax_backend": jax.default_backend(),
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  print(f"cpu: {result['cpu_model']}; XLA_FLAGS={result['xla_flags']!r}", file=sys.stderr)
+  bf16 = None
+  if not args.no_bf16:
+    cfg16 = mc.small(param_dtype="bfloat16", dtype="bfloat16")
+    graphdef16 = tf.init(cfg16, 0)[0]
+    bf16 = (graphdef16, jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), params))
   with tempfile.TemporaryDirectory() as tmp:
     directory = hf.save(pathlib.Path(tmp) / "small", cfg, params)
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -108,6 +134,19 @@ def main(argv=None):
     print(f"batch {b}: opd_jax {opd_tps:.1f} tok/s, transformers {hf_tps:.1f} tok/s, "
           f"ratio {opd_tps / hf_tps:.2f}, compile {result[f'compile_s_b{b}']:.1f}s, "
           f"identical tokens {same:.3f}", file=sys.stderr, flush=True)
+    if bf16 is not None:
+      run16 = lambda: jax.block_until_ready(  # noqa: E731
+          sampler.sample(*bf16, prompt, mask, key, scfg))  # noqa: B023
+      run16()   # compile
+      s16, out16 = _best_time(run16, repeats)
+      n16 = int(np.asarray(out16.lengths_B).sum())   # bfloat16 may emit the EOS id
+      same16 = np.mean(np.asarray(out16.tokens_BxT[:, prompt_len:]) ==
+                       np.asarray(out.tokens_BxT[:, prompt_len:]))
+      result[f"opd_bf16_tok_s_b{b}"] = round(n16 / s16, 1)
+      result[f"ratio_vs_hf_bf16_b{b}"] = round(n16 / s16 / hf_tps, 3)
+      result[f"same_tokens_frac_bf16_b{b}"] = round(float(same16), 4)
+      print(f"batch {b}: opd_jax bfloat16 weights {n16 / s16:.1f} tok/s", file=sys.stderr,
+            flush=True)
   print(json.dumps(result))
 
 

@@ -290,7 +290,12 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
       cache = jax.tree.map(lambda a: sharding.constrain(
           jnp.repeat(a, g, axis=_CACHE_BATCH_AXIS), transformer.CACHE_AXES), cache)
     row_B = jnp.arange(b, dtype=jnp.int32)
-    tok, logp = choose(logits, row_keys(rng, 0, row_B), cfg)
+
+    def keys(step, rows_B):
+      # Greedy decoding draws nothing: no per-row keys are derived.
+      return None if cfg.greedy else row_keys(rng, step, rows_B)
+
+    tok, logp = choose(logits, keys(0, row_B), cfg)
     state = _LoopState(
         step=jnp.int32(1),
         rows=_Rows(row_B=row_B, last_B=tok, done_B=jnp.isin(tok, eos),
@@ -302,7 +307,7 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
       r = s.rows
       logits, cache = decode_step(model, r.last_B, r.prompt_len_B + s.step - 1, p + s.step - 1,
                                   r.cache, r.kv_mask_BxS)
-      tok, logp = choose(batch(logits), row_keys(rng, s.step, r.row_B), cfg)
+      tok, logp = choose(batch(logits), keys(s.step, r.row_B), cfg)
       tok = jnp.where(r.done_B, cfg.pad_id, tok)
       logp = jnp.where(r.done_B, 0.0, logp)
       if in_order:   # the bucket is the whole batch in its original order
