@@ -272,6 +272,16 @@ def test_sft_with_adapters_snapshots_merged_params_and_resumes_exactly(tmp_path)
   assert moved["layers"]["attn"]["q_proj"]["kernel"] and not moved["embed"]["embedding"]
   for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(snap0)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Export for Hugging Face / PEFT: the base, the adapter, and the merged model.
+  paths = ckpt_lib.export_adapters(ckpt_dir / "2", tmp_path / "export")
+  _, merged_hf = hf.load(paths["merged"])
+  _, base_hf = hf.load(paths["base"])
+  for x, y in zip(jax.tree.leaves((merged_hf, base_hf)), jax.tree.leaves((merged, base))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  peft_meta = json.loads((pathlib.Path(paths["adapter"]) / hf.PEFT_CONFIG_FILE).read_text())
+  assert (peft_meta["r"], peft_meta["lora_alpha"]) == (cfg.lora.rank, cfg.lora.alpha)
+  with pytest.raises(ckpt_lib.CheckpointError, match="not a checkpoint of an adapter run"):
+    ckpt_lib.export_adapters(straight["snapshots"][2], tmp_path / "nope")
   # Resume: drop checkpoint 2, continue from checkpoint 1: bit-identical adapters and base at
   # step 2.
   shutil.rmtree(ckpt_dir / "2")

@@ -26,6 +26,7 @@ import errno
 import json
 import logging
 import os
+import pathlib
 import warnings
 from typing import Any, Mapping
 
@@ -390,3 +391,47 @@ def load_value_head(path) -> dict | None:
 def load_params(path, *, shardings=None) -> dict:
   """The parameters from a snapshot / checkpoint step dir or root (see `load_params_and_config`)."""
   return load_params_and_config(path, shardings=shardings)[0]
+
+
+def export_adapters(path, out_dir, *, tokenizer=None, overwrite: bool = False) -> dict[str, str]:
+  """Exports an adapter run's checkpoint (LoRA / PiSSA: `TrainState.params` the adapters,
+  `TrainState.frozen` the base) for Hugging Face and PEFT.
+
+  Writes `<out_dir>/base` (the frozen base as a transformers checkpoint: for PiSSA the residual
+  base the adapter belongs to), `<out_dir>/adapter` (`adapter_config.json` +
+  `adapter_model.safetensors`: `peft.PeftModel.from_pretrained(<base model>, <adapter>)`), and
+  `<out_dir>/merged` (base + adapters as one transformers checkpoint). Returns {'base', 'adapter',
+  'merged'} paths. Single process (the arrays are restored onto the first local device).
+  """
+  from opd_jax.models import hf, lora  # noqa: PLC0415
+  step_dir = epath.Path(resolve_step_dir(path))
+  meta = _read_meta(step_dir)
+  run = (meta.get("config") or {}).get("lora") or {}
+  if not (step_dir / STATE).is_dir() or not run.get("rank"):
+    raise CheckpointError(f"{str(step_dir)!r} is not a checkpoint of an adapter run (lora.rank > "
+                          "0); export a full-parameter run with models.hf.save")
+  if "model_config" not in meta:
+    raise CheckpointError(f"{str(step_dir)!r}: its meta has no model_config")
+  cfg = model_config_from_dict(meta["model_config"])
+  lora_cfg = lora.LoraConfig(**run)
+  tree = ocp.PyTreeCheckpointer().metadata(step_dir / STATE)
+  tree = getattr(tree, "item_metadata", tree)
+  tree = getattr(tree, "tree", tree)
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  items = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                                          sharding=default), tree[k])
+           for k in (PARAMS, FROZEN)}
+  out = ocp.PyTreeCheckpointer().restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+      item=items, restore_args=jax.tree.map(
+          lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                         dtype=a.dtype), items), partial_restore=True))
+  adapters, base = out[PARAMS], out[FROZEN]
+  root = pathlib.Path(str(out_dir))
+  written = {
+      "base": hf.save(root / "base", cfg, base, tokenizer, overwrite=overwrite),
+      "adapter": hf.save_peft_adapter(root / "adapter", cfg, adapters, lora_cfg,
+                                      overwrite=overwrite),
+      "merged": hf.save(root / "merged", cfg, lora.merge(base, adapters, lora_cfg.scale),
+                        tokenizer, overwrite=overwrite),
+  }
+  return {k: str(v) for k, v in written.items()}
