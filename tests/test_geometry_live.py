@@ -94,11 +94,12 @@ def test_live_metrics_match_float64_numpy_and_sim_k_needs_a_previous_point():
   p2 = _moved(np.random.default_rng(1), p0, 0.07)
   monitor = live.make_monitor(CFG)
   m1, bases = monitor(p0, p1, live.init_bases(p0, CFG))
+  bases = jax.tree.map(np.asarray, bases)   # kept on the host: the monitor donates its input
   got1 = live.to_host(m1)
   assert not any(k.startswith("geometry/sim_k/") for k in got1)   # no previous point yet
   _assert_close(got1, _reference(p0, p1))
   assert 0 < got1["geometry/density/embed"] < 0.3 < got1["geometry/density/q"]
-  m2, _ = monitor(p0, p2, bases)
+  m2, _ = monitor(p0, p2, jax.tree.map(np.asarray, bases))
   _assert_close(live.to_host(m2), _reference(p0, p2, prev_p1=p1))
   m3, _ = monitor(p0, p1, bases)   # the same update as the previous point: Sim_K = 1
   got3 = live.to_host(m3)
@@ -119,7 +120,7 @@ def test_sharded_on_a_fake_8_device_mesh_and_compiled_once():
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                            is_leaf=lambda x: isinstance(x, P))
   replicated = NamedSharding(mesh, P())
-  monitor = live.make_monitor(CFG, param_shardings=shardings, replicated=replicated)
+  monitor = live.make_monitor(CFG, replicated=replicated)
   origin = jax.device_put(p0, shardings)
   bases = jax.device_put(live.init_bases(p0, CFG), replicated)
   updates = [_moved(np.random.default_rng(10 + i), p0, 0.05) for i in range(2)]

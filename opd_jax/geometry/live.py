@@ -156,17 +156,16 @@ def _live(origin, params, prev: LiveBases, *, cfg: LiveGeometryConfig):
   return metrics, LiveBases(new_bases, jnp.ones((), bool))
 
 
-def make_monitor(cfg: LiveGeometryConfig, *, param_shardings=None, replicated=None):
+def make_monitor(cfg: LiveGeometryConfig, *, replicated=None):
   """The jitted monitor `(origin, params, prev) -> (metrics, bases)`: compiled once per run.
 
-  With shardings (the loop's), origin and params stay where the model keeps them and the
-  metrics / bases come back replicated; without them, JAX places everything.
+  origin and params stay where the model keeps them (the computation follows their shardings);
+  with `replicated` (the loop's), the metrics and bases come back replicated. `prev` is donated.
   """
   fn = functools.partial(_live, cfg=cfg)
-  if param_shardings is None:
-    return jax.jit(fn)
-  return jax.jit(fn, in_shardings=(param_shardings, param_shardings, replicated),
-                 out_shardings=replicated, donate_argnums=(2,))
+  if replicated is None:
+    return jax.jit(fn, donate_argnums=(2,))
+  return jax.jit(fn, out_shardings=replicated, donate_argnums=(2,))
 
 
 def to_host(metrics: Mapping[str, Any]) -> dict[str, float]:

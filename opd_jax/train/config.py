@@ -280,6 +280,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 # CLI uses before anything heavy is needed).
 from opd_jax.data.pipeline import PipelineConfig  # noqa: E402
 from opd_jax.data.tasks import TaskConfig  # noqa: E402
+from opd_jax.geometry.live import LiveGeometryConfig  # noqa: E402
 from opd_jax.models.config import ModelConfig  # noqa: E402
 from opd_jax.models.lora import LoraConfig  # noqa: E402
 from opd_jax.objectives.log_ratio import CreditConfig  # noqa: E402
@@ -590,7 +591,8 @@ class TrainConfig:
              rollouts (`distill`)
 
   Any method trains LoRA / PiSSA adapters instead of the full parameters with `lora.rank > 0`
-  (`models.lora.LoraConfig`).
+  (`models.lora.LoraConfig`). `geometry.every > 0` logs the update's geometry live every that
+  many steps (`geometry/*`: density, ||dW||_F, stable rank, Sim_K; `geometry.live`).
   """
 
   method: str = "opd"
@@ -609,6 +611,7 @@ class TrainConfig:
   loop: LoopConfig = LoopConfig()
   subspace: SubspaceConfig = SubspaceConfig()
   lora: LoraConfig = LoraConfig()
+  geometry: LiveGeometryConfig = LiveGeometryConfig()
 
   def __post_init__(self):
     from opd_jax.train import recipes  # the method's rules live in its recipe

@@ -50,6 +50,7 @@ from opd_jax import errors
 from opd_jax.data import pipeline as pipeline_lib
 from opd_jax.data import tokenizer as tokenizer_lib
 from opd_jax.data import verifiers
+from opd_jax.geometry import live as live_lib
 from opd_jax.models import hf
 from opd_jax.models import lora as lora_lib
 from opd_jax.models import sharding
@@ -429,13 +430,19 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
       state = mesh_lib.init_sharded_state(trained, tx, cfg.loop.seed, s_shardings, **extras,
                                           frozen=base)
       del trained, base
+    # The live geometry monitor measures the update from the initial student (a resumed run
+    # loads it again: the spec's weights, or the caller's init_params).
+    origin = None
+    if cfg.geometry.enabled:
+      origin = params if params is not None else run_plan.load_model(
+          cfg.student, mesh, rules, params=init_params)[2]
     if not needs.reference:
       del params
     # Everything that runs on the devices from here on sees the mesh and the axis rules (set-up
     # above stays outside: nnx's abstract evaluation must not pick up the context mesh).
     with jax.set_mesh(mesh), sharding.axis_rules(rules):
       return _loop(ctx, recipe, state, iterator, step_fn, ckpt, workdir, snap_dir, eval_pipes,
-                   verifier, resumed_from, t_start, stop_after, data_reports)
+                   verifier, resumed_from, t_start, stop_after, data_reports, origin)
   finally:
     verifiers.close_verifier(verifier)
     ctx.clock.close()
@@ -444,7 +451,7 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
 def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step_fn, ckpt,
           workdir: epath.Path, snap_dir: epath.Path, eval_pipes, verifier,
           resumed_from: int | None, t_start: float, stop_after: int | None,
-          data_reports: Mapping[str, Any]) -> dict:
+          data_reports: Mapping[str, Any], origin=None) -> dict:
   """Dispatch (recipe batch -> jitted step), fetch metrics one step late, save.
 
   The step loop runs under `jax.transfer_guard(loop.transfer_guard)`: every host <-> device copy
@@ -465,6 +472,11 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
   eval_rng = _fold_in(jax.device_put(jax.random.key(loop_cfg.seed), replicated),
                       jax.device_put(np.uint32(0xE7A1), replicated))
   poison = jax.jit(_poison)
+  geo = cfg.geometry
+  monitor = geo_bases = None
+  if origin is not None:   # live geometry (`geometry.every`), on the devices, fetched one step late
+    monitor = live_lib.make_monitor(geo, replicated=replicated)
+    geo_bases = jax.device_put(live_lib.init_bases(origin, geo), replicated)
   evals: list[dict] = []
   snapshots: dict[int, str] = {}
   last: dict[str, float] = {}
@@ -479,6 +491,8 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
     if ready is None:
       return
     s, m = ready
+    # Sim_K has no previous point at a process's first monitor point (NaN): not a metric.
+    m = {k: v for k, v in m.items() if not (k.startswith("geometry/sim_k/") and v != v)}
     if m.get("train/loss_finite", 1.0) < 1.0:
       raise NonFiniteLossError(s, m, last_ckpt, str(ckpt.directory))
     times = ctx.clock.times(s)
@@ -552,6 +566,10 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
           state = state.replace(params=poison(state.params))
         state, step_metrics = step_fn(state, *args)
         step += 1
+        if monitor is not None and step % geo.every == 0:
+          geo_metrics, geo_bases = monitor(origin, recipes_lib.policy_params(ctx, state),
+                                           geo_bases)
+          step_metrics = {**step_metrics, **geo_metrics}
         ctx.clock.finish(step, step_metrics)
         handle(fetcher.push(step, {**step_metrics, **rollout_metrics}))
         progress.update(1, last, last_step)
