@@ -30,6 +30,9 @@ Presets:
             evaluated on LiveCodeBench v5 (eval set 'lcb_v5': eval/lcb_v5/avg@8, pass@8 and their
             standard errors) with the sandboxed code verifier (`models.paper_code_rollouts`; set
             --config.data.path and --config.data.eval_sets to your local files).
+  lora_tiny / pissa_tiny  `tiny` training rank-16 adapters (alpha 32) on every attention and MLP
+            projection, LoRA- or PiSSA-initialised (`models.lora`); same learning rate as `tiny`
+            (not tuned for adapters). Any preset takes adapters with --config.lora.rank=R.
   offpolicy the off-policy control on top of `tiny`: the teacher samples, the student scores the
             rollouts for old_logp, clipping effectively off (eps = 1.0).
   qwen3_8b  the paper's OPD (paper_facts section 4): Qwen3-8B student (after SFT) and Qwen3-32B
@@ -110,6 +113,17 @@ def _code_smoke(c):
   models.code_task(c)
 
 
+def _lora_tiny(c, init="lora"):
+  _tiny(c)
+  c.lora.rank = 16
+  c.lora.alpha = 32.0
+  c.lora.init = init
+
+
+def _pissa_tiny(c):
+  _lora_tiny(c, init="pissa")
+
+
 def _offpolicy(c):
   _tiny(c)
   c.rollout.policy = "teacher"
@@ -157,7 +171,8 @@ def _qwen3_8b(c):
 
 PRESETS = {"smoke": _smoke, "tiny": _tiny, "distill_smoke": _distill_smoke, "distill": _distill,
            "moe_teacher_smoke": _moe_teacher_smoke, "code_smoke": _code_smoke,
-           "offpolicy": _offpolicy, "qwen3_8b": _qwen3_8b,
+           "offpolicy": _offpolicy, "lora_tiny": _lora_tiny, "pissa_tiny": _pissa_tiny,
+           "qwen3_8b": _qwen3_8b,
            "qwen3_8b_moe_teacher": _qwen3_8b_moe_teacher, "qwen3_8b_code": _qwen3_8b_code}
 
 

@@ -237,6 +237,10 @@ def test_config_refuses_what_adapters_would_ignore():
   with pytest.raises(config_lib.ConfigError, match="init"):
     _cfg("sft.py:smoke", ["lora.rank=4", "lora.init=dora"])
   assert _cfg("sft.py:smoke", ["lora.rank=4", "lora.init=pissa"]).lora.scale == 4.0
+  for preset, init in (("lora_tiny", "lora"), ("pissa_tiny", "pissa")):
+    cfg = _cfg(f"opd.py:{preset}", [])
+    assert (cfg.lora.rank, cfg.lora.scale, cfg.lora.init) == (16, 2.0, init)
+    assert config_lib.from_config_dict(config_lib.to_config_dict(cfg)) == cfg
 
 
 # -- every recipe through the loop ----------------------------------------------------------------
