@@ -2,10 +2,14 @@
 
 Prints progress to stderr and ONE JSON object as the last line of stdout. FLOPs are counted
 analytically as model FLOPs: 6 x (matmul parameters, the unembedding included) x tokens, plus
-attention 6 x 2 x T x (H x head_dim) per token and layer (the model computes the full T x T
-scores, masked, so all of them are counted). Recomputation is not counted (with
+causal attention counted once, MaxText's convention: QK^T and PV over the unmasked half of the
+T x T scores, 6 x 2 x (T / 2) x (H x head_dim) per token and layer (masked scores, and the
+blocks the blocked attention skips, are not useful work). Recomputation is not counted (with
 `--chunk` below the sequence length the log-softmax blocks are rematerialised in the backward
-pass; the default single block is not). XLA's own `cost_analysis()` count is reported
+pass, with `--remat` every block's forward, with the blocked attention each score block; the
+default single chunk is not). `peak_rss_bytes` is the process's peak resident memory
+(`resource.getrusage(...).ru_maxrss`, the whole run: both steps and the matmul peak), and
+`{sft,pg}_xla_temp_bytes` XLA's temporary buffers of each compiled step. XLA's own `cost_analysis()` count is reported
 alongside (it counts a loop body once, so it undercounts the scanned layers). The peak is a jitted loop of 2048 x 2048 matmuls in the same dtype, measured in the
 same run: before and after all steps (`matmul_peak_flops_per_s`, the larger of the two), and
 around every timed step (`*_fraction_of_adjacent_peak_*`: each step's FLOP/s over the larger of
@@ -14,7 +18,14 @@ shared machine). `fraction_of_peak` = the smaller of the sft / pg medians of the
 fractions.
 
     python bench/train_step.py [--batch 8] [--seq 256] [--iters 3] [--dtype float32]
-                               [--chunk N (default: seq, one chunk)] [--quick]
+                               [--chunk N (default: seq, one chunk)] [--remat]
+                               [--attention-block N (default: the preset's; 0 = one-shot)]
+                               [--steps sft,pg] [--quick] [--long]
+
+`--long` is the long-sequence memory check: batch 8 x 4096, one timed iteration of the SFT step,
+`--remat`, log-softmax chunks of 256 (the [8, 4096, 32k] logits would be 4 GiB alone), blocked
+attention; its `peak_rss_bytes` is the number to hold under 4 GiB. Compare the attention paths at
+one length with `--attention-block 0` (the one-shot reference) against the default.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import resource
 import sys
 import time
 
@@ -72,7 +84,8 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
   d, h, kv, hd, f, v = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
                         cfg.vocab_size)
   matmul_params = cfg.n_layers * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f) + d * v
-  attention = cfg.n_layers * 2 * 2 * seq_len * h * hd  # QK^T and PV, forward
+  # QK^T and PV, forward, over the causal (unmasked) half of the T x T scores.
+  attention = cfg.n_layers * 2 * 2 * (seq_len / 2) * h * hd
   return 3.0 * (2.0 * matmul_params + attention)
 
 
@@ -107,6 +120,7 @@ def time_step(kind: str, cfg, batch_size: int, seq_len: int, iters: int, peak_dt
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
+  mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -130,6 +144,7 @@ def time_step(kind: str, cfg, batch_size: int, seq_len: int, iters: int, peak_dt
           "model_flops": flops, "flops_per_s": flops / best, "xla_flops": xla_flops,
           "xla_flops_per_s": xla_flops / best, "compile_seconds": compile_s,
           "trace_count": step.trace_count, "loss": float(metrics["train/loss"]),
+          "xla_temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem else 0,
           "fraction_of_adjacent_peak_median": float(np.median(fractions)),
           "fraction_of_adjacent_peak_best": float(max(fractions))}
 
@@ -144,18 +159,37 @@ def main(argv=None):
                       help="sequence chunk of the log-softmax (the step configs' chunk_size); "
                            "default 0 = the whole sequence in one chunk, which fits easily at the "
                            "small preset's 32k vocabulary and is the fastest setting on CPU")
+  parser.add_argument("--remat", action="store_true",
+                      help="rematerialise each block in the backward pass (long sequences)")
+  parser.add_argument("--attention-block", type=int, default=None,
+                      help="ModelConfig.attention_block (default: the preset's; 0 = the one-shot "
+                           "[B, H, T, T] reference attention at every length)")
+  parser.add_argument("--steps", default="sft,pg", help="which steps to time (comma-separated)")
   parser.add_argument("--quick", action="store_true", help="batch 4 x 128, 2 iterations")
+  parser.add_argument("--long", action="store_true",
+                      help="batch 8 x 4096, 1 iteration, SFT only, --remat, chunk 256: the peak "
+                           "RSS check of the blocked attention")
   args = parser.parse_args(argv)
   if args.quick:
     args.batch, args.seq, args.iters = 4, 128, 2
+  if args.long:
+    args.batch, args.seq, args.iters, args.remat, args.steps = 8, 4096, 1, True, "sft"
+    args.chunk = args.chunk or 256
   args.chunk = args.chunk or args.seq
-  cfg = model_config.small(dtype=args.dtype)
+  kinds = tuple(k for k in args.steps.split(",") if k)
+  if not kinds or set(kinds) - {"sft", "pg"}:
+    parser.error(f"--steps must name sft and/or pg, got {args.steps!r}")
+  overrides = {"remat": args.remat}
+  if args.attention_block is not None:
+    overrides["attention_block"] = args.attention_block
+  cfg = model_config.small(dtype=args.dtype, **overrides)
   dtype = jnp.dtype(args.dtype)
-  log(f"small preset: {cfg.num_params:,} params; batch {args.batch} x {args.seq}; {args.dtype}")
+  log(f"small preset: {cfg.num_params:,} params; batch {args.batch} x {args.seq}; {args.dtype}; "
+      f"attention_block {cfg.attention_block}; remat {cfg.remat}")
   peak_before = matmul_peak(dtype)
   log(f"matmul peak: {peak_before / 1e9:.1f} GFLOP/s")
   results = {}
-  for kind in ("sft", "pg"):
+  for kind in kinds:
     results[kind] = time_step(kind, cfg, args.batch, args.seq, args.iters, dtype, args.chunk)
     r = results[kind]
     log(f"{kind}_step: {r['step_seconds']:.3f} s, {r['flops_per_s'] / 1e9:.1f} GFLOP/s "
@@ -165,6 +199,8 @@ def main(argv=None):
   out = {
       "preset": "small", "num_params": cfg.num_params, "dtype": args.dtype,
       "batch": args.batch, "seq_len": args.seq, "chunk_size": args.chunk,
+      "attention_block": cfg.attention_block, "remat": cfg.remat,
+      "attention_flops": "causal, counted once (half of T x T)",
       "devices": jax.device_count(),
       "backend": jax.default_backend(),
       "matmul_peak_flops_per_s": peak,
@@ -175,7 +211,10 @@ def main(argv=None):
       out[f"{kind}_{k}"] = v
     out[f"{kind}_fraction_of_run_peak"] = r["flops_per_s"] / peak
     out[f"{kind}_fraction_of_peak"] = r["fraction_of_adjacent_peak_median"]
-  out["fraction_of_peak"] = min(out["sft_fraction_of_peak"], out["pg_fraction_of_peak"])
+  out["fraction_of_peak"] = min(out[f"{kind}_fraction_of_peak"] for kind in kinds)
+  # ru_maxrss is in KiB on Linux.
+  out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  out["peak_rss_gib"] = out["peak_rss_bytes"] / float(1 << 30)
   print(json.dumps(out))
 
 
