@@ -62,7 +62,7 @@ def _randomize(adapters, seed):
 
 
 def _kernels(tree, paths):
-  return {p: np.asarray(lora._get(tree, p), np.float64) for p in paths}
+  return {p: np.asarray(lora.get_in(tree, p), np.float64) for p in paths}
 
 
 # -- init parity ----------------------------------------------------------------------------------
@@ -91,10 +91,10 @@ def test_pissa_init_keeps_the_top_singular_part_in_the_adapters():
   paths = lora.target_paths(params, lc)
   assert len(paths) == 7  # q k v o gate up down
   for path in paths:
-    w = np.asarray(lora._get(params, path), np.float64)
-    module = lora._get(adapters, path[:-1])
+    w = np.asarray(lora.get_in(params, path), np.float64)
+    module = lora.get_in(adapters, path[:-1])
     a, b = (np.asarray(module[k], np.float64) for k in ("lora_a", "lora_b"))
-    res = np.asarray(lora._get(base, path), np.float64)
+    res = np.asarray(lora.get_in(base, path), np.float64)
     # The residual plus the adapter is the base kernel (round-off only) ...
     np.testing.assert_allclose(res + lc.scale * a @ b, w, atol=2e-6, rtol=0)
     # ... and the adapter is the rank-r truncated SVD of the kernel (float64 numpy reference).
@@ -146,13 +146,13 @@ def test_merged_forward_and_adapter_gradient_match_float64_references():
   merged = _merge(base, adapters, lc.scale)
   rng = np.random.default_rng(0)
   for path in paths:
-    module = {k: np.asarray(v, np.float64) for k, v in lora._get(adapters, path[:-1]).items()}
-    k = np.asarray(lora._get(base, path), np.float64)
+    module = {k: np.asarray(v, np.float64) for k, v in lora.get_in(adapters, path[:-1]).items()}
+    k = np.asarray(lora.get_in(base, path), np.float64)
     # One layer's output: x @ K_eff against the unmerged form x @ K + s (x @ a) @ b.
     x = rng.normal(size=(5, k.shape[-2]))
     for layer in range(cfg.n_layers):
       want = x @ k[layer] + lc.scale * (x @ module["lora_a"][layer]) @ module["lora_b"][layer]
-      got = x @ np.asarray(lora._get(merged, path), np.float64)[layer]
+      got = x @ np.asarray(lora.get_in(merged, path), np.float64)[layer]
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   # The gradient w.r.t. (a, b) through the merge is the chain rule of the full-kernel gradient:
   # dL/da = s dL/dK b^T, dL/db = s a^T dL/dK.
@@ -164,9 +164,9 @@ def test_merged_forward_and_adapter_gradient_match_float64_references():
   g_full = jax.jit(jax.grad(loss_full))(merged)
   g_ad = jax.jit(jax.grad(lambda ad: loss_full(lora.merge(base, ad, lc.scale))))(adapters)
   for path in paths:
-    dk = np.asarray(lora._get(g_full, path), np.float64)
-    module = {k: np.asarray(v, np.float64) for k, v in lora._get(adapters, path[:-1]).items()}
-    got = lora._get(g_ad, path[:-1])
+    dk = np.asarray(lora.get_in(g_full, path), np.float64)
+    module = {k: np.asarray(v, np.float64) for k, v in lora.get_in(adapters, path[:-1]).items()}
+    got = lora.get_in(g_ad, path[:-1])
     np.testing.assert_allclose(np.asarray(got["lora_a"]),
                                lc.scale * dk @ np.swapaxes(module["lora_b"], -1, -2),
                                rtol=1e-4, atol=1e-6)
@@ -207,7 +207,7 @@ def test_a_step_moves_only_the_adapters_and_adam_holds_adapter_moments_only():
   # From b = 0, the first gradient reaches b only (dL/da = s dL/dK b^T = 0): every b moved, every
   # a is unchanged.
   for path, module in lora.adapter_modules(new.params):
-    old = lora._get(before[0], path)
+    old = lora.get_in(before[0], path)
     assert np.any(np.asarray(module["lora_b"]) != old["lora_b"]), path
     np.testing.assert_array_equal(np.asarray(module["lora_a"]), old["lora_a"])
   assert jax.tree.structure(new.params) == jax.tree.structure(adapters)
@@ -298,11 +298,13 @@ def test_sft_with_adapters_snapshots_merged_params_and_resumes_exactly(tmp_path)
 
 
 @pytest.mark.parametrize("spec,overrides,keys", [
-    ("opd.py:smoke", ["lora.init=pissa", "lora.targets=q_proj|v_proj|down_proj"],
-     ["opd/teacher_gap"]),
+    # With a learned value head (GAE-OPD): the policy's adapters and the head train together.
+    ("opd.py:smoke", ["lora.init=pissa", "lora.targets=q_proj|v_proj|down_proj",
+                      "credit.kind=gae", "credit.value=learned"],
+     ["opd/teacher_gap", "value/loss"]),
     ("rlvr.py:smoke", ["pg.kl_coef=0.1"], ["rlvr/reward_mean", "pg/kl_ref"]),
     ("opd.py:distill_smoke", ["lora.init=pissa"], ["distill/reverse_kl"]),
-], ids=["opd_pissa", "rlvr_lora_kl", "distill_pissa"])
+], ids=["opd_pissa_gae_value", "rlvr_lora_kl", "distill_pissa"])
 def test_pg_and_distill_recipes_train_adapters(spec, overrides, keys, tmp_path):
   cfg = _cfg(spec, TWO_STEPS + overrides)
   summary = loop.run(cfg, tmp_path)

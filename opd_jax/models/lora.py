@@ -109,13 +109,15 @@ class LoraConfig:
 
 
 # -- tree helpers ---------------------------------------------------------------------------------
-def _get(tree, path):
+def get_in(tree, path):
+  """`tree[path[0]][path[1]]...`."""
   for p in path:
     tree = tree[p]
   return tree
 
 
-def _set(tree: dict, path, value) -> None:
+def set_in(tree: dict, path, value) -> None:
+  """Sets `tree[path[0]]...[path[-1]] = value`, creating intermediate dicts."""
   for p in path[:-1]:
     tree = tree.setdefault(p, {})
   tree[path[-1]] = value
@@ -164,7 +166,7 @@ def target_paths(params, cfg: LoraConfig) -> tuple[tuple[str, ...], ...]:
     raise LoraTargetError(f"lora.targets={cfg.targets!r} matches none of the model's matrices "
                           f"(names look like {names[:4]})")
   for path in out:
-    shape = _get(params, path).shape
+    shape = get_in(params, path).shape
     if cfg.rank > min(shape[-2:]):
       raise LoraTargetError(f"lora.rank={cfg.rank} exceeds min(in, out)={min(shape[-2:])} of "
                             f"{'/'.join(path)} {tuple(shape)}")
@@ -182,9 +184,9 @@ def abstract_adapters(model_cfg, cfg: LoraConfig) -> Params:
   abstract = transformer.abstract_params(model_cfg)
   tree: dict = {}
   for path in target_paths(abstract, cfg):
-    kernel = _get(abstract, path)
+    kernel = get_in(abstract, path)
     a_shape, b_shape = _shapes(kernel.shape, cfg.rank)
-    _set(tree, path[:-1], {"lora_a": jax.ShapeDtypeStruct(a_shape, kernel.dtype),
+    set_in(tree, path[:-1], {"lora_a": jax.ShapeDtypeStruct(a_shape, kernel.dtype),
                            "lora_b": jax.ShapeDtypeStruct(b_shape, kernel.dtype)})
   return tree
 
@@ -201,7 +203,7 @@ def logical_axes(model_cfg, cfg: LoraConfig) -> Params:
   kernels = transformer.logical_axes(model_cfg)
   tree: dict = {}
   for path in target_paths(transformer.abstract_params(model_cfg), cfg):
-    _set(tree, path[:-1], adapter_logical_axes(_get(kernels, path)))
+    set_in(tree, path[:-1], adapter_logical_axes(get_in(kernels, path)))
   return tree
 
 
@@ -231,7 +233,7 @@ def init(params: Params, cfg: LoraConfig) -> tuple[Params, Params]:
   adapters: dict = {}
   base = _copy_dicts(params)
   for i, path in enumerate(target_paths(params, cfg)):
-    kernel = _get(params, path)
+    kernel = get_in(params, path)
     if cfg.init == "lora":
       a_shape, b_shape = _shapes(kernel.shape, cfg.rank)
       bound = 1.0 / float(kernel.shape[-2]) ** 0.5
@@ -239,8 +241,8 @@ def init(params: Params, cfg: LoraConfig) -> tuple[Params, Params]:
       a, b = a.astype(kernel.dtype), jnp.zeros(b_shape, kernel.dtype)
     else:
       a, b, residual = pissa_factors(kernel, cfg.rank, cfg.scale)
-      _set(base, path, residual)
-    _set(adapters, path[:-1], {"lora_a": a, "lora_b": b})
+      set_in(base, path, residual)
+    set_in(adapters, path[:-1], {"lora_a": a, "lora_b": b})
   return adapters, base
 
 
@@ -256,8 +258,8 @@ def merge(base: Params, adapters: Params, scale: float) -> Params:
   `adapters`; the other leaves are `base`'s)."""
   out = _copy_dicts(base)
   for path, module in adapter_modules(adapters):
-    kernel = _get(base, path + ("kernel",))
-    _set(out, path + ("kernel",),
+    kernel = get_in(base, path + ("kernel",))
+    set_in(out, path + ("kernel",),
          (kernel.astype(jnp.float32) + delta(module, scale)).astype(kernel.dtype))
   return out
 

@@ -326,8 +326,8 @@ class _Adapters:
     kernels = _logical_axes(transformer.merge(graphdef, self.base).cfg)
     out: dict = {}
     for path, module in lora.adapter_modules(tree):
-      axes = lora.adapter_logical_axes(lora._get(kernels, path + ("kernel",)))
-      lora._set(out, path, {
+      axes = lora.adapter_logical_axes(lora.get_in(kernels, path + ("kernel",)))
+      lora.set_in(out, path, {
           k: jax.lax.with_sharding_constraint(x, mesh_lib.fit_spec(
               x.shape, sharding.logical_to_spec(axes[k], rules, mesh.axis_names), mesh))
           for k, x in module.items()})
