@@ -324,8 +324,8 @@ def test_peft_loads_our_adapter_export_with_the_same_logits(tmp_path):
   cfg, params = hf.load(F.export(model, tmp_path / "hf"))
   lc = lora.LoraConfig(rank=4, alpha=8.0, init="pissa",
                        targets="q_proj|v_proj|o_proj|down_proj|lm_head")
-  adapters, base = _init(params, lc)
-  adapters = _randomize(adapters, 7)  # as if trained
+  initial, base = _init(params, lc)
+  adapters = _randomize(initial, 7)  # as if trained
   merged = _merge(base, adapters, lc.scale)
   tokens, mask = F.padded_batch(seed=3, vocab_size=cfg.vocab_size)
   ours = np.asarray(_forward(tf.graphdef_for(cfg), merged, tokens, mask))
@@ -348,6 +348,14 @@ def test_peft_loads_our_adapter_export_with_the_same_logits(tmp_path):
   got = F.torch_logits(peft_model, tokens, mask)
   assert np.abs(ours[mask]).max() > 1.0
   np.testing.assert_allclose(got[mask], ours[mask], atol=1e-4, rtol=0)
+  # The PiSSA update converted to a rank-2r LoRA adapter on the ORIGINAL base (the checkpoint the
+  # run started from): PEFT on that base gives the same logits too.
+  converted, conv_cfg = lora.pissa_to_lora(adapters, initial, lc)
+  assert (conv_cfg.rank, conv_cfg.scale) == (8, lc.scale)
+  conv_dir = hf.save_peft_adapter(tmp_path / "converted", cfg, converted, conv_cfg)
+  on_original = peft.PeftModel.from_pretrained(F.load_torch(tmp_path / "hf"), str(conv_dir))
+  np.testing.assert_allclose(F.torch_logits(on_original.eval(), tokens, mask)[mask], ours[mask],
+                             atol=1e-4, rtol=0)
   # The merged export is a plain transformers checkpoint with the same logits.
   merged_model = F.load_torch(hf.save(tmp_path / "merged", cfg, merged))
   np.testing.assert_allclose(F.torch_logits(merged_model, tokens, mask)[mask], ours[mask],

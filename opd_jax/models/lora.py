@@ -264,6 +264,23 @@ def merge(base: Params, adapters: Params, scale: float) -> Params:
   return out
 
 
+def pissa_to_lora(adapters: Params, initial: Params, cfg: LoraConfig
+                  ) -> tuple[Params, LoraConfig]:
+  """A PiSSA run's update as a plain LoRA adapter on the ORIGINAL base (PEFT's PiSSA conversion).
+
+  With K_res = K - s a0 b0 (`initial` = the adapters at init), K_res + s a b = K + s (a b - a0 b0)
+  = K + s [a, -a0] @ [b; b0]: rank 2r, and alpha 2 alpha keeps the scale s. Returns (adapters of
+  rank 2r, their LoraConfig).
+  """
+  out: dict = {}
+  for path, module in adapter_modules(adapters):
+    init_module = get_in(initial, path)
+    set_in(out, path, {
+        "lora_a": jnp.concatenate([module["lora_a"], -init_module["lora_a"]], axis=-1),
+        "lora_b": jnp.concatenate([module["lora_b"], init_module["lora_b"]], axis=-2)})
+  return out, dataclasses.replace(cfg, rank=2 * cfg.rank, alpha=2 * cfg.alpha, init="lora")
+
+
 def count(tree) -> int:
   """Number of array elements in a tree."""
   return sum(int(x.size) for x in jax.tree.leaves(tree))
