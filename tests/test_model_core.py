@@ -46,6 +46,27 @@ def test_scan_equals_unrolled_and_cache_equals_full(family):
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4)
 
 
+def test_blocked_forward_equals_bucketed_cached_decode():
+  # Full forward through the blocked attention (19 > 8 positions: 3 blocks of 8, the last
+  # partial) vs prefill + one-token decode steps over cache buckets of 4 slots.
+  cfg = mc.tiny(vocab_size=97, attention_block=8, cache_block=4)
+  graphdef, params = tf.init(cfg, 5)
+  t, p = 19, 5
+  toks = jax.random.randint(jax.random.key(6), (2, t), 0, 97)
+  mask = jnp.ones((2, t), bool).at[1, :3].set(False)  # row 1 left-padded
+  full = jax.jit(lambda p_, t_, m: tf.forward(graphdef, p_, t_, m))(params, toks, mask)
+  pos = tf.default_positions(mask)
+  step = _cached_decode_step(graphdef)
+  logits, cache = step(params, toks[:, :p], pos[:, :p], tf.init_cache(cfg, 2, t), 0, mask)
+  outs = [logits]
+  for i in range(p, t):
+    logits, cache = step(params, toks[:, i:i + 1], pos[:, i:i + 1], cache, i, mask)
+    outs.append(logits)
+  real = np.asarray(mask)[..., None]
+  np.testing.assert_allclose(np.where(real, jnp.concatenate(outs, 1), 0),
+                             np.where(real, full, 0), atol=1e-4)
+
+
 def test_left_padding_is_invisible():
   cfg = mc.tiny(vocab_size=50)
   graphdef, params = tf.init(cfg, 3)
