@@ -341,8 +341,9 @@ def test_peft_loads_our_adapter_export_with_the_same_logits(tmp_path):
     b1 = f.get_tensor("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight")
   assert "base_model.model.lm_head.lora_B.weight" in names
   assert len(names) == 2 * (4 * cfg.n_layers + 1)
-  np.testing.assert_array_equal(a0, np.asarray(adapters["layers"]["attn"]["q_proj"]["lora_a"][0]).T)
-  np.testing.assert_array_equal(b1, np.asarray(adapters["layers"]["mlp"]["down_proj"]["lora_b"][1]).T)
+  layers = adapters["layers"]
+  np.testing.assert_array_equal(a0, np.asarray(layers["attn"]["q_proj"]["lora_a"][0]).T)
+  np.testing.assert_array_equal(b1, np.asarray(layers["mlp"]["down_proj"]["lora_b"][1]).T)
 
   peft_model = peft.PeftModel.from_pretrained(F.load_torch(base_dir), str(adapter_dir)).eval()
   got = F.torch_logits(peft_model, tokens, mask)
