@@ -9,9 +9,10 @@ exported with `hf.save` for transformers (torch CPU, float32).
 
 Synthetic EOS distribution: a random-init model's next-token distribution is close to uniform, so
 the EOS set is `--eos-count` token ids: a response stops at each step with probability about
-eos_count / vocab (1 / 64 by default: a geometric length distribution with mean ~64, long-tailed;
-some rows run to the budget), as a policy's response lengths spread from a few tokens to the
-budget. The measured length distribution is printed and reported (`lengths_*`).
+eos_count / vocab (1 / 64 by default, budget 256: a geometric length distribution with mean ~64,
+long-tailed, ~2% of rows run to the budget; `--quick`: 4 prompts x 8, 1 / 16, budget 64), as a
+policy's response lengths spread from a few tokens to the budget. The measured length
+distribution is printed and reported (`lengths_*`).
 
 Useful tokens = response tokens up to and including EOS (what training consumes). Reported as
 useful tokens per second of one whole sampling call (prefill + decode, best of `--repeats`;
@@ -68,7 +69,7 @@ def _best_time(fn, repeats):
 def _length_stats(lengths, budget):
   lengths = np.asarray(lengths)
   return {"mean": round(float(lengths.mean()), 2), "median": float(np.median(lengths)),
-          "p90": float(np.percentile(lengths, 90)), "min": int(lengths.min()),
+          "p90": round(float(np.percentile(lengths, 90)), 1), "min": int(lengths.min()),
           "max": int(lengths.max()), "at_budget_frac": round(float(np.mean(lengths >= budget)), 4)}
 
 
@@ -85,7 +86,7 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--no-hf", action="store_true", help="skip transformers generate")
   args = parser.parse_args(argv)
-  n_prompts = args.prompts or (2 if args.quick else 8)
+  n_prompts = args.prompts or (4 if args.quick else 8)
   prompt_len = args.prompt_len or (16 if args.quick else 32)
   max_new = args.max_new or (64 if args.quick else 256)
   repeats = args.repeats or (1 if args.quick else 2)
@@ -93,7 +94,7 @@ def main(argv=None):
 
   cfg = mc.small()
   vocab = cfg.vocab_size
-  eos_count = args.eos_count or vocab // 64
+  eos_count = args.eos_count or vocab // (16 if args.quick else 64)
   graphdef, params = tf.init(cfg, 0)
   rng = np.random.default_rng(0)
   pad_id = 0
