@@ -1,6 +1,7 @@
 """Study: phase framework (fake phases), verdicts/check/report on synthetic results, smoke study."""
 
 import json
+import math
 import pathlib
 
 import numpy as np
@@ -343,6 +344,9 @@ def test_smoke_study_report_structure(smoke_study):
     assert len(t["stable_rank"]) == len(t["steps"]) == 2 and t["progress"][-1] == 1.0, run
   assert set(results["accuracy"]) >= {"teacher", "base", "anchor", "opd", "rlvr", "sft",
                                       "opd_rank16", "sft_rank16"}
+  for run, a in results["accuracy"].items():
+    # the standard error of avg@k over distinct prompts: at most the binomial bound
+    assert 0 <= a["stderr"] <= math.sqrt(a["acc"] * (1 - a["acc"]) / (a["n"] - 1)) + 1e-6, run
   # Every verdict is computed (none missing at smoke scale), and recomputing gives the same.
   assert {v["verdict"] for v in results["verdicts"]} <= {verdicts.HOLDS, verdicts.FAILS}
   assert [v["verdict"] for v in verdicts.compute_verdicts(results)] == [

@@ -36,7 +36,7 @@ from opd_jax.train.mesh import MeshConfig
 
 RUN_SECTIONS = ("teacher_train", "base_train", "anchor", "opd", "rlvr", "sft")
 RUN_KEYS = ("method", "optim", "sampler", "rollout", "sft", "pg", "distill", "credit", "grpo",
-            "loop", "data")
+            "loop", "data", "lora", "geometry")
 STUDY_LOOP_KEYS = ("eval_every", "eval_k", "eval_greedy", "eval_temperature", "eval_batch_size",
                    "snapshot_steps")
 SPARSIFY_KINDS = {"top_kl": "top_kl_retention", "random": "random_retention"}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import sys
@@ -192,9 +191,9 @@ def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver):
 def evaluate(cfg, model_spec, ev: study_config.EvalConfig) -> dict:
   """avg@k of a model on the eval split of `cfg.data` (the study's one accuracy protocol).
 
-  Returns {acc, pass_at_k, response_len, n, k, stderr}; `stderr` is the binomial bound
-  sqrt(acc (1 - acc) / n) on the standard error of avg@k over n prompts (the variance of a
-  prompt's mean score over k samples is at most acc (1 - acc)).
+  Returns {acc, pass_at_k, response_len, n, k, stderr}; `stderr` is the standard error of avg@k
+  over the n distinct prompts (the sample standard deviation of the per-prompt mean scores /
+  sqrt(n): problems are the unit, not samples; `metrics.eval_summary`).
   """
   import jax
   from opd_jax.data import pipeline as pipeline_lib
@@ -230,7 +229,7 @@ def evaluate(cfg, model_spec, ev: study_config.EvalConfig) -> dict:
   acc, n = float(res["eval/accuracy"]), int(res["eval/prompts"])
   return {"acc": acc, "pass_at_k": float(res["eval/pass_at_k"]),
           "response_len": float(res["eval/response_len"]), "n": n, "k": k,
-          "stderr": math.sqrt(max(acc * (1 - acc), 0.0) / max(n, 1))}
+          "stderr": float(res[f"eval/avg@{k}_se"])}
 
 
 # -- phase functions --------------------------------------------------------------------------------
