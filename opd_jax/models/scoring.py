@@ -26,8 +26,8 @@ Two ways in:
     over the sequence in chunks of `chunk_size` positions through the KV cache, and each chunk's
     hidden states are unembedded and reduced at once. Neither the [B, T, V] logits nor the
     [B, H, T, T] attention scores of a full-length forward are ever materialised: peak memory is
-    the params + the KV cache + one [B, chunk, V] logits block + one chunk's [B, H, chunk, T]
-    attention scores. Differentiable, but the backward
+    the params + the KV cache + one [B, chunk, V] logits block + one chunk's [B, H, chunk, S]
+    attention scores, S the filled cache prefix rounded up to `ModelConfig.cache_block`. Differentiable, but the backward
     pass of this path keeps one cache per chunk: inside a loss use the next route.
   * `shifted_hidden` + `logprobs_from_hidden` (inside a loss): one ordinary forward pass, then the
     unembedding + log-softmax in sequence chunks, each rematerialised in the backward pass
