@@ -173,6 +173,12 @@ def test_plan_needs_the_devices_it_names(opd):
     plan_lib.plan_run(rp, 64, (1, 64, 1), print_fn=None)
 
 
+def test_adapter_configs_are_refused_by_name(capsys):
+  code = cli.main(["plan", "--config", "configs/opd.py:lora_tiny", "--devices", "8"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and "lora.rank=16" in err[0], err
+
+
 # -- the command ----------------------------------------------------------------------------------
 def test_cli_plan_prints_the_breakdown_and_json(capsys):
   code = cli.main(["plan", "--config", SFT_SMOKE, "--devices", "8", "--mesh", "2,2,2", "--json"])

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from opd_jax import errors
 from opd_jax.models import attention as attention_lib
 from opd_jax.models import sampler as sampler_lib
 from opd_jax.models import scoring
@@ -244,6 +245,10 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
 
   cfg = run_plan.cfg
   recipe = run_plan.recipe
+  if cfg.lora.enabled:   # the state would be the adapters + a frozen base; not modelled here yet
+    raise errors.UserError(f"plan: lora.rank={cfg.lora.rank} (adapters) is not planned yet; plan "
+                           "the full-parameter run (--config.lora.rank=0) for an estimate (an "
+                           "adapter step holds the base and a merged copy of it)")
   rules = sharding_lib.validate_rules(cfg.mesh.rules)
   mesh = _make_mesh(n_devices, mesh_shape, axes, rules)
   run_plan_lib.check_divisible(run_plan, mesh, rules)
