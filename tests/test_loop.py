@@ -299,3 +299,21 @@ def test_live_geometry_is_logged_every_n_steps_and_matches_the_saved_weights(tmp
   rows = {r["step"]: r for r in rows_of(resumed)}
   assert "geometry/density" in rows[6] and "geometry/sim_k/q" not in rows[6]
   assert rows[6]["geometry/frobenius/q"] > rows[4]["geometry/frobenius/q"] * 0.5
+
+
+def test_opd_on_deepcoder_rows_with_a_livecodebench_eval_set(tmp_path):
+  """The code domain from files: DeepCoder-layout training rows and a LiveCodeBench eval set
+  (the fixtures, one malformed row each: skipped and counted), the sandboxed code verifier."""
+  fx = ROOT / "tests" / "fixtures"
+  cfg = smoke("opd", ["data.source=file", "data.layout=deepcoder",
+                      f"data.path={fx / 'deepcoder_sample.jsonl'}", "data.on_error=skip",
+                      f"data.eval_sets=(('lcb', '{fx / 'livecodebench_sample.parquet'}', "
+                      "'livecodebench'),)", "sampler.max_new_tokens=8", "loop.steps=1",
+                      "loop.eval_every=1", "loop.batch_size=2", "data.train_examples=0",
+                      "data.eval_examples=0", "data.prompt_buckets=(1024,)",
+                      "loop.snapshot_steps=()"], preset="code_smoke")
+  summary = loop.run(cfg, tmp_path)
+  assert summary["data"]["train"]["skipped"] == {"bad_tests": 1}
+  assert summary["data"]["eval/lcb"]["skipped"] == {"bad_tests": 1}
+  final = summary["eval"][-1]
+  assert final["eval/lcb/prompts"] == 3 and 0 <= final["eval/lcb/avg@1"] <= 1
