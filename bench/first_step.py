@@ -104,23 +104,14 @@ def _child(code: str, method: str, env: dict) -> float:
     return result["first_step_end"] - t_launch
 
 
-def _cpu_model() -> str:
-  try:
-    for line in open("/proc/cpuinfo", encoding="utf-8"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown"
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="SFT only")
   p.add_argument("--repeats", type=int, default=1, help="warm / TRL measurements (best of)")
   args = p.parse_args(argv)
-  print(f"cpu: {_cpu_model()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", file=sys.stderr)
-  result = {"cpu": _cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  from opd_jax.train import timing  # the parent only times its children: jax imported here
+  print(f"cpu: {timing.cpu_model()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", file=sys.stderr)
+  result = {"cpu": timing.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
   for method in ("sft",) if args.quick else ("sft", "opd"):
     with tempfile.TemporaryDirectory() as cache:
       env = dict(os.environ, OPD_JAX_CACHE_DIR=cache, JAX_PLATFORMS="cpu",

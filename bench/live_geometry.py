@@ -25,18 +25,9 @@ from opd_jax.models import config as mc
 from opd_jax.train import config as C
 from opd_jax.train import loop
 from opd_jax.train import metrics as metrics_lib
+from opd_jax.train import timing
 
 WARMUP = 3
-
-
-def _cpu_model() -> str:
-  try:
-    for line in open("/proc/cpuinfo", encoding="utf-8"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown"
 
 
 def _mean_step_s(steps: int, every: int) -> float:
@@ -61,13 +52,13 @@ def main(argv=None) -> int:
   p.add_argument("--quick", action="store_true", help="12 steps, 1 repeat")
   args = p.parse_args(argv)
   steps, repeats = (12, 1) if args.quick else (args.steps, args.repeats)
-  print(f"cpu: {_cpu_model()}", file=sys.stderr)
+  print(f"cpu: {timing.cpu_model()}", file=sys.stderr)
   off, on = [], []
   for _ in range(repeats):
     off.append(_mean_step_s(steps, 0))
     on.append(_mean_step_s(steps, args.every))
     print(f"off {off[-1]:.4f} s/step, every={args.every}: {on[-1]:.4f} s/step", file=sys.stderr)
-  result = {"cpu_model": _cpu_model(), "every": args.every, "steps": steps,
+  result = {"cpu_model": timing.cpu_model(), "every": args.every, "steps": steps,
             "step_s_off": round(min(off), 5), "step_s_on": round(min(on), 5),
             "overhead_fraction": round(min(on) / min(off) - 1, 4)}
   print(json.dumps(result))

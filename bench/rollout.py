@@ -44,17 +44,7 @@ from opd_jax.models import config as mc
 from opd_jax.models import hf
 from opd_jax.models import sampler
 from opd_jax.models import transformer as tf
-
-
-def cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  import platform
-  return platform.processor() or "unknown"
+from opd_jax.train import timing
 
 
 def _best_time(fn, repeats):
@@ -115,7 +105,7 @@ def main(argv=None):
             "eos_stop_prob_uniform": round(eos_count / vocab, 5), "temperature": 1.0,
             "repeats": repeats, "quick": args.quick,
             "buckets": list(sampler.buckets(b, "compact", args.min_bucket)),
-            "cpu_model": cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "cpu_model": timing.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "jax_backend": jax.default_backend(), "cpu_count": os.cpu_count()}
   print(f"cpu: {result['cpu_model']}; XLA_FLAGS={result['xla_flags']!r}", file=sys.stderr)
 

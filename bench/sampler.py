@@ -36,17 +36,7 @@ from opd_jax.models import config as mc
 from opd_jax.models import hf
 from opd_jax.models import sampler
 from opd_jax.models import transformer as tf
-
-
-def cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  import platform
-  return platform.processor() or "unknown"
+from opd_jax.train import timing
 
 
 def _best_time(fn, repeats):
@@ -88,7 +78,7 @@ def main(argv=None):
             "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
             "quick": args.quick, "jax_backend": jax.default_backend(),
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "cpu_model": cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "cpu_model": timing.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
   print(f"cpu: {result['cpu_model']}; XLA_FLAGS={result['xla_flags']!r}", file=sys.stderr)
   bf16 = None
   if not args.no_bf16:

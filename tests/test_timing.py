@@ -82,3 +82,9 @@ def test_throughput_and_mfu():
   peak, source = timing.peak_flops()
   assert peak > 1e8 and "measured" in source
   assert np.isfinite(peak)
+
+
+def test_cpu_model_is_the_first_model_name_of_proc_cpuinfo():
+  want = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+               if line.startswith("model name")), None)
+  assert timing.cpu_model() == want and want

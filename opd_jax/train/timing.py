@@ -75,6 +75,20 @@ def measured_peak_flops(n: int = 1024, repeats: int = 5) -> float:
   return 2.0 * n**3 / best
 
 
+def cpu_model() -> str:
+  """The host CPU's model name (/proc/cpuinfo), printed with every benchmark result: a speedup
+  measured on one CPU model need not hold on another."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform  # noqa: PLC0415
+  return platform.processor() or "unknown"
+
+
 def peak_flops() -> tuple[float, str]:
   """(peak FLOP/s of all local devices together, where the figure comes from)."""
   dev = jax.local_devices()[0]
