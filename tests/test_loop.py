@@ -317,3 +317,10 @@ def test_opd_on_deepcoder_rows_with_a_livecodebench_eval_set(tmp_path):
   assert summary["data"]["eval/lcb"]["skipped"] == {"bad_tests": 1}
   final = summary["eval"][-1]
   assert final["eval/lcb/prompts"] == 3 and 0 <= final["eval/lcb/avg@1"] <= 1
+
+
+def test_live_geometry_is_refused_on_several_processes():
+  cfg = smoke("sft", ["geometry.every=2"])
+  loop.check_single_process_features(cfg, 1)
+  with pytest.raises(errors.UserError, match=r"geometry\.every=2: .* one process only"):
+    loop.check_single_process_features(cfg, 2)

@@ -322,6 +322,16 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
     ckpt.close()
 
 
+def check_single_process_features(cfg: TrainConfig, n_processes: int) -> None:
+  """Refuses, by name, what does not run on several processes yet."""
+  if cfg.geometry.enabled and n_processes > 1:
+    # Seen on 2 CPU processes: the run stalls at the first monitor point, every process waiting
+    # in a cross-process collective. Refused until that is understood.
+    raise errors.UserError(f"geometry.every={cfg.geometry.every}: the live geometry monitor runs "
+                           f"on one process only for now ({n_processes} here); set "
+                           "--config.geometry.every=0 and diagnose the snapshots instead")
+
+
 def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fresh: bool,
          init_params, teacher_params, subspace_bases, tokenizer, stop_after, t_start) -> dict:
   """`run` after the workdir checks: build everything once, restore or init, loop."""
@@ -332,6 +342,7 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
   tok = tokenizer if tokenizer is not None else run_plan.load_tokenizer(cfg)
   recipe = recipes_lib.get(cfg)
   needs = recipe.needs(cfg)
+  check_single_process_features(cfg, jax.process_count())
   # Batch vs mesh before any weights are read (the architectures do not change the row count).
   run_plan.check_divisible(run_plan.resolve(cfg, tokenizer=tok), mesh, rules)
 
