@@ -7,6 +7,8 @@ crash never leaves a half-written checkpoint that looks valid)::
     <checkpoint root>/<step>/meta/    JSON: data-iterator state, config, step, model_config
     <snapshot root>/<step>/params/    the parameters only                            (StandardSave)
     <snapshot root>/<step>/meta/      JSON: step, model_config
+    <snapshot root>/<step>/delta/     a delta snapshot instead of params/: the exact change from
+                                      the previous snapshot (`train.snapshot_delta`)
 
 Rolling checkpoints (`Checkpointer`) are asynchronous and keep the newest `keep`; snapshots
 (`save_snapshot`, for trajectory diagnostics) are kept forever and written synchronously. Every
@@ -39,6 +41,8 @@ from opd_jax.models.config import ModelConfig
 from opd_jax.train.state import TrainState
 
 STATE, PARAMS, META = "state", "params", "meta"
+DELTA = "delta"  # a delta snapshot's item (train.snapshot_delta)
+SNAPSHOT_FORMATS = ("full", "delta")
 VALUE_HEAD = "value_head"
 FROZEN = "frozen"  # the frozen base of an adapter run (TrainState.frozen)
 
@@ -248,10 +252,19 @@ class Checkpointer:
 
 # -- parameter snapshots --------------------------------------------------------------------------
 def save_snapshot(directory, step: int, params, model_cfg: ModelConfig | None = None,
-                  meta: Mapping[str, Any] | None = None, *, value_head=None) -> epath.Path:
+                  meta: Mapping[str, Any] | None = None, *, value_head=None,
+                  snapshot_format: str = "full") -> epath.Path:
   """Writes the parameters of `step` to `<directory>/<step>/` (kept forever; blocking) and
   returns that path. A learned value head (GAE-OPD) is written apart from the policy, as its own
-  item `value_head/` (`load_value_head`): geometry and export read the policy alone."""
+  item `value_head/` (`load_value_head`): geometry and export read the policy alone.
+
+  `snapshot_format='delta'` stores the exact change from the previous snapshot in `directory`
+  (`train.snapshot_delta.save`); `load_params` reads either kind."""
+  if snapshot_format not in SNAPSHOT_FORMATS:
+    raise ValueError(f"snapshot_format={snapshot_format!r}: expected one of {SNAPSHOT_FORMATS}")
+  if snapshot_format == "delta":
+    from opd_jax.train import snapshot_delta  # noqa: PLC0415 - it imports this module
+    return snapshot_delta.save(directory, step, params, model_cfg, meta, value_head=value_head)
   root = as_path(directory)
   info = dict(meta or {})
   info["step"] = int(step)
@@ -272,8 +285,14 @@ def save_snapshot(directory, step: int, params, model_cfg: ModelConfig | None = 
   return root / str(int(step))
 
 
+def is_snapshot_dir(path) -> bool:
+  """Whether `path` is a parameter snapshot step directory (full: params/; delta: delta/)."""
+  path = epath.Path(path)
+  return (path / PARAMS).is_dir() or (path / DELTA).is_dir()
+
+
 def _is_step_dir(path: epath.Path) -> bool:
-  return (path / PARAMS).is_dir() or (path / STATE).is_dir()
+  return is_snapshot_dir(path) or (path / STATE).is_dir()
 
 
 def _latest_step_dir(root: epath.Path) -> epath.Path | None:

@@ -507,6 +507,8 @@ class LoopConfig:
     eval_batch_size: eval prompts per sampler call.
     snapshot_steps: steps after which the parameters are saved for trajectory diagnostics (kept
       apart from the rolling checkpoints; step 0 = the initial parameters).
+    snapshot_format: how snapshots are stored: 'full' (each one complete) or 'delta' (the exact
+      change from the previous snapshot, anchored on full ones: `train.snapshot_delta`).
     checkpoint_every: rolling checkpoint every this many steps (0: only at the end).
     checkpoint_keep: rolling checkpoints kept.
     log_every: write metrics every this many steps.
@@ -528,6 +530,7 @@ class LoopConfig:
   eval_temperature: float = 1.0
   eval_batch_size: int = 64
   snapshot_steps: tuple[int, ...] = ()
+  snapshot_format: str = "full"
   checkpoint_every: int = 0
   checkpoint_keep: int = 2
   log_every: int = 1
@@ -550,6 +553,8 @@ class LoopConfig:
     bad = [s for s in self.snapshot_steps if not 0 <= s <= self.steps]
     if bad:
       _bad(self, "snapshot_steps", f"steps {bad} are outside [0, steps={self.steps}]")
+    if self.snapshot_format not in ("full", "delta"):
+      _bad(self, "snapshot_format", "expected 'full' or 'delta'")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,7 +124,7 @@ RESUMABLE_CHANGES = (
     "mesh.shape", "mesh.axes", "mesh.rules",
     "loop.steps", "loop.progress", "loop.tensorboard", "loop.log_every", "loop.checkpoint_every",
     "loop.checkpoint_keep", "loop.eval_every", "loop.eval_batch_size", "loop.snapshot_steps",
-    "loop.transfer_guard", "loop.debug_nan_at_step", "data.eval_sets",
+    "loop.transfer_guard", "loop.debug_nan_at_step", "data.eval_sets", "loop.snapshot_format",
 )
 
 
@@ -210,7 +210,7 @@ def _snapshots_on_disk(snap_dir: epath.Path, written: Mapping[int, str]) -> dict
   found = dict(written)
   if snap_dir.is_dir():
     for p in snap_dir.iterdir():
-      if p.name.isdigit() and (p / ckpt_lib.PARAMS).is_dir():
+      if p.name.isdigit() and ckpt_lib.is_snapshot_dir(p):
         found.setdefault(int(p.name), str(p))
   return dict(sorted(found.items()))
 
@@ -544,7 +544,8 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
     check_finite(s, (params, value_head), "parameters")
     with jax.transfer_guard("allow"):  # orbax's own explicit writes
       snapshots[s] = str(ckpt_lib.save_snapshot(snap_dir, s, params, plan.student,
-                                                value_head=value_head))
+                                                value_head=value_head,
+                                                snapshot_format=loop_cfg.snapshot_format))
 
   def save(s: int, state):
     check_finite(s, state, "train state (parameters / optimizer state)")
