@@ -18,6 +18,10 @@ OPD/RLVR lr, cosine to 0.1 x peak with 10% warmup for SFT, constant for OPD/RLVR
 (0.9, 0.95) for SFT and (0.9, 0.98) for OPD/RLVR, eps 1e-15 for RLVR, weight decay 0.1. The report
 writes every chosen value (its Settings section).
 
+Seeds: every preset but smoke (2) repeats OPD, RLVR, SFT and both rank-16 arms over 3 seeds
+(`seeds`, e.g. `--config.seeds=(0,1,2,3,4)`); verdicts need >= 2 seeds to resolve anything
+that varies with the seed (`opd_jax/study/verdicts.py`).
+
 Sections (see `opd_jax/study/config.py`): shared `student`, `teacher`, `mesh`, `data`, `eval`,
 `snapshots`; run sections `teacher_train`, `base_train`, `anchor`, `opd`, `rlvr`, `sft` (the
 method-specific parts of a TrainConfig); `rank16`, `controls`, `diagnostics`, `thresholds`.
@@ -32,14 +36,17 @@ from opd_jax.study import config as study_config
 from opd_jax.train import config as train_config
 from opd_jax.train.mesh import MeshConfig
 
-_SHARED = ("student", "teacher", "mesh", "data", "subspace")
+# TrainConfig sections a run section does not carry: the shared ones, the rank-16 subspace (set by
+# the study), and multi-teacher routing (the study has one teacher).
+_NOT_IN_SECTIONS = ("student", "teacher", "mesh", "data", "subspace", "teachers")
 
 
 def _section(method: str) -> ml_collections.ConfigDict:
   """A run section: every method-specific TrainConfig field with its default."""
   c = train_config.default_config(method)
-  for key in _SHARED:
-    del c[key]
+  for key in _NOT_IN_SECTIONS:
+    if key in c:
+      del c[key]
   for key in study_config.STUDY_LOOP_KEYS:
     del c.loop[key]
   return c
@@ -65,6 +72,8 @@ def _optim(c, *, lr, sft: bool, steps_hint=None, rlvr=False):
 def _base(name: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = name
+  # The noise model: OPD, RLVR, SFT and both rank-16 arms run once per seed from the same anchor.
+  c.seeds = (0, 1, 2)
   c.mesh = train_config.dataclass_to_dict(MeshConfig())
   c.eval = train_config.dataclass_to_dict(study_config.EvalConfig())
   c.snapshots = 5
@@ -113,6 +122,7 @@ def _smoke():
   c.eval.k = 2
   c.eval.batch_size = 16
   c.snapshots = 2
+  c.seeds = (0, 1)   # two seeds: the per-seed runs and the across-seed statistics end to end
   # Smoke checks structure, not results: runs share every setting that enters a compiled program
   # (one constant-lr SFT optimizer, one PG optimizer and clip range for OPD and RLVR), so the
   # whole study compiles few distinct steps.

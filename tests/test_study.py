@@ -3,6 +3,7 @@
 import json
 import math
 import pathlib
+import statistics
 
 import numpy as np
 import pytest
@@ -110,12 +111,13 @@ def test_phase_graph_validation():
 
 
 # -- verdicts, check and report on synthetic results -----------------------------------------------
-def _traj(rng, sr, steps=(2, 4, 6, 8, 10), frob_scale=1.0):
+def _traj(rng, sr, steps=(2, 4, 6, 8, 10), frob_scale=1.0, sim0=None):
   n = len(steps)
+  sim0 = rng.uniform(0.2, 0.9) if sim0 is None else sim0
   return {"steps": list(steps), "progress": [s / steps[-1] for s in steps],
           "stable_rank": list(sr),
           "frobenius": list(frob_scale * np.cumsum(rng.uniform(0.5, 1.0, n))),
-          "hill": list(rng.uniform(1, 3, n)), "sim_k": list(np.linspace(rng.uniform(0.2, 0.9), 1, n))}
+          "hill": list(rng.uniform(1, 3, n)), "sim_k": list(np.linspace(sim0, 1, n))}
 
 
 def _endpoint(rng, sparsity, angle, nss, principal, lowmag):
@@ -130,19 +132,38 @@ def _endpoint(rng, sparsity, angle, nss, principal, lowmag):
           "principal_overlap": principal, "low_mag_overlap": lowmag, "baseline": 0.5}
 
 
-def synthetic_results(seed=0, paper_like=True):
+SEED_FAMILIES = ("opd", "rlvr", "sft", "opd_rank16", "sft_rank16")
+
+
+def _seed_run(family, i):
+  return family if i == 0 else f"{family}_seed{i}"
+
+
+def synthetic_results(seed=0, paper_like=True, n_seeds=3, noise=0.002):
+  """A results dict shaped like the study's, with `n_seeds` seeds of every seeded run family; each
+  seed perturbs the per-seed quantities by relative noise `noise` (small: every paper claim holds
+  beyond 2 standard errors when `paper_like`)."""
   rng = np.random.default_rng(seed)
+  jit = lambda x: float(x * (1 + noise * rng.standard_normal()))  # noqa: E731
   acc = lambda a: {"acc": a, "stderr": 0.01, "n": 200, "k": 4}  # noqa: E731
   r = {"preset": "synthetic", "thresholds": {"teacher_min": 0.9, "base_min": 0.1, "base_max": 0.7},
        "settings": {"opd": {"lr": 1e-4, "steps": 10}, "teacher": {"model": {"d_model": 128}}},
-       "accuracy": {"teacher": acc(0.95), "base": acc(0.3), "anchor": acc(0.5), "opd": acc(0.6),
-                    "rlvr": acc(0.58), "sft": acc(0.52), "opd_rank16": acc(0.6),
-                    "sft_rank16": acc(0.40)}}
-  r["endpoint"] = {"sft": _endpoint(rng, 0.08, 12.0, 1e-3, 0.6, 0.32),
-                   "opd": _endpoint(rng, 0.52, 1.0, 1e-4, 0.45, 0.54),
-                   "rlvr": _endpoint(rng, 0.77, 0.4, 1e-5, 0.40, 0.73)}
-  r["trajectory"] = {"sft": _traj(rng, [3, 4, 5, 6, 7]), "opd": _traj(rng, [4, 4.2, 4.1, 4.3, 4.2]),
-                     "rlvr": _traj(rng, [8, 7, 6, 5, 4])}
+       "accuracy": {"teacher": acc(0.95), "base": acc(0.3), "anchor": acc(0.5)}, "trajectory": {}}
+  accs = {"opd": 0.6, "rlvr": 0.58, "sft": 0.52, "opd_rank16": 0.6, "sft_rank16": 0.40}
+  srs = {"sft": [3, 4, 5, 6, 7], "opd": [4, 4.2, 4.1, 4.3, 4.2], "rlvr": [8, 7, 6, 5, 4]}
+  eps = {"opd": (0.52, 1.0, 1e-4, 0.45, 0.54), "rlvr": (0.77, 0.4, 1e-5, 0.40, 0.73)}
+  runs = {f: [_seed_run(f, i) for i in range(n_seeds)] for f in SEED_FAMILIES}
+  r["seeds"] = {"values": list(range(n_seeds)), "runs": runs, "fixed_endpoints": ["sft"]}
+  r["endpoint_seeds"] = {"sft": [_endpoint(rng, 0.08, 12.0, 1e-3, 0.6, 0.32)]}
+  for f in SEED_FAMILIES:
+    for run in runs[f]:
+      r["accuracy"][run] = acc(jit(accs[f]))
+      if f in srs:
+        r["trajectory"][run] = _traj(rng, [jit(x) for x in srs[f]],
+                                     sim0=jit(0.9 if f == "opd" else 0.4))
+      if f in eps:
+        r["endpoint_seeds"].setdefault(f, []).append(_endpoint(rng, *[jit(x) for x in eps[f]]))
+  r["endpoint"] = {m: dict(e[0]) for m, e in r["endpoint_seeds"].items()}
   ctrl = {"ctrl_topkl_25": [4.1, 4.3, 4.2, 4.4, 4.3], "ctrl_random_50": [3.9, 4.0, 4.2, 4.1, 4.0],
           "ctrl_offpolicy": [4.0, 4.1, 4.3, 4.2, 4.1], "mix_0.75": [4.2, 4.2, 4.0, 4.3, 4.3],
           "mix_0.01": [8, 7.2, 6.1, 5, 4.2]}
@@ -150,19 +171,21 @@ def synthetic_results(seed=0, paper_like=True):
     r["trajectory"][run] = _traj(rng, sr, frob_scale=1.5 if run == "ctrl_offpolicy" else 1.0)
     r["accuracy"][run] = acc(float(rng.uniform(0.5, 0.6)))
   r["trajectory"]["ctrl_offpolicy"]["frobenius"][-1] = 2 * r["trajectory"]["opd"]["frobenius"][-1]
-  r["rank16"] = {"opd": {"plain_run": "opd", "projected_run": "opd_rank16", "resume_step": 2,
-                         "k": 16, "where": "gradient"},
-                 "sft": {"plain_run": "sft", "projected_run": "sft_rank16", "resume_step": 2,
-                         "k": 16, "where": "gradient"}}
+  r["rank16"] = {m: {"plain_run": m, "projected_run": f"{m}_rank16", "plain_runs": runs[m],
+                     "projected_runs": runs[f"{m}_rank16"], "resume_step": 2, "k": 16,
+                     "where": "gradient"} for m in ("opd", "sft")}
   r["controls"] = {"sparsify": ["ctrl_topkl_25", "ctrl_random_50"], "offpolicy": ["ctrl_offpolicy"],
                    "mixing": {"mix_0.75": 0.75, "mix_0.01": 0.01}}
   r["phases"] = {"task": {"wall_s": 1.0, "status": "ran"}, "teacher": {"wall_s": 60.0,
                                                                         "status": "ran"}}
   if not paper_like:  # flip the orderings
-    for m, s in (("sft", 0.8), ("opd", 0.5), ("rlvr", 0.1)):
-      r["endpoint"][m]["sparsity"] = s
-    r["accuracy"]["sft_rank16"] = acc(0.52)
-    r["trajectory"]["opd"]["stable_rank"] = [1, 3, 9, 27, 81]
+    for m, sp in (("sft", 0.8), ("opd", 0.5), ("rlvr", 0.1)):
+      for e in r["endpoint_seeds"][m]:
+        e["sparsity"] = jit(sp)
+    for run in runs["sft_rank16"]:
+      r["accuracy"][run] = acc(jit(0.58))
+    for i, run in enumerate(runs["opd"]):
+      r["trajectory"][run]["stable_rank"] = [jit(x) for x in (1, 3, 9, 27, 81)]
   return r
 
 
@@ -219,12 +242,23 @@ def test_trajectory_distance_matches_reference():
 def test_check_names_the_failed_threshold(field, value, name):
   r = synthetic_results()
   assert verdicts.check(r) == []
-  d = r
-  for k in field[:-1]:
-    d = d[k]
-  d[field[-1]] = value
+  section, family, key = field
+  for run in verdicts.seed_runs(r, family):   # every seed of a seeded run
+    r[section][run][key] = value
   fails = verdicts.check(r)
   assert len(fails) == 1 and fails[0].startswith(name), fails
+
+
+def test_check_compares_the_mean_over_seeds_with_the_anchor():
+  r = synthetic_results()
+  runs = verdicts.seed_runs(r, "opd")
+  r["accuracy"][runs[1]]["acc"] = 0.45            # one seed below the anchor (0.5) ...
+  mean = np.mean([r["accuracy"][x]["acc"] for x in runs])
+  assert mean > 0.5 and verdicts.check(r) == []   # ... the mean above it: passes
+  r["accuracy"][runs[2]]["acc"] = 0.3
+  assert np.mean([r["accuracy"][x]["acc"] for x in runs]) < 0.5
+  fails = verdicts.check(r)
+  assert len(fails) == 1 and fails[0].startswith("opd_above_anchor"), fails
 
 
 def test_report_renders_every_section_and_figure(tmp_path):
@@ -242,6 +276,128 @@ def test_report_renders_every_section_and_figure(tmp_path):
   for v in saved["verdicts"]:
     assert v["ours"] in md or v["ours"].replace("|", "\\|") in md
   assert "51.6%" in md and "Run summary" in md and "`0.0001`" in md
+
+
+# -- the noise model -------------------------------------------------------------------------------
+def _ref_se(values):
+  """Standard error of the mean across seeds, from the standard library (n - 1 in the variance)."""
+  return statistics.stdev(values) / math.sqrt(len(values))
+
+
+def test_estimate_and_ordering_rule_match_a_reference():
+  rng = np.random.default_rng(7)
+  seen = set()
+  for _ in range(300):
+    n_a, n_b = (int(x) for x in rng.integers(2, 6, size=2))
+    a = list(rng.normal(rng.normal(), rng.uniform(0.01, 1.0), n_a))
+    b = list(rng.normal(rng.normal(), rng.uniform(0.01, 1.0), n_b))
+    ea, eb = verdicts.estimate(a), verdicts.estimate(b)
+    assert ea.mean == pytest.approx(statistics.fmean(a)) and ea.n == n_a
+    assert ea.se == pytest.approx(_ref_se(a))
+    d = statistics.fmean(b) - statistics.fmean(a)
+    se_d = math.sqrt(_ref_se(a) ** 2 + _ref_se(b) ** 2)
+    want = (verdicts.HOLDS if d > 2 * se_d else verdicts.FAILS if -d > 2 * se_d
+            else verdicts.UNRESOLVED)
+    assert verdicts.less(ea, eb) == want
+    seen.add(want)
+    lo, hi = sorted(rng.normal(size=2))
+    low, high = ea.mean - 2 * ea.se, ea.mean + 2 * ea.se
+    want_band = (verdicts.HOLDS if lo <= low and high <= hi else
+                 verdicts.FAILS if high < lo or low > hi else verdicts.UNRESOLVED)
+    assert verdicts.within(ea, lo, hi) == want_band
+    seen.add(want_band)
+  assert seen == {verdicts.HOLDS, verdicts.FAILS, verdicts.UNRESOLVED}
+
+
+def test_accuracy_se_combines_seeds_and_problems():
+  rng = np.random.default_rng(3)
+  accs, ses = rng.uniform(0.3, 0.7, 4), rng.uniform(0.01, 0.04, 4)
+  e = verdicts.accuracy_estimate([{"acc": a, "stderr": s} for a, s in zip(accs, ses)])
+  assert e.mean == pytest.approx(statistics.fmean(accs))
+  assert e.se == pytest.approx(math.sqrt(_ref_se(list(accs)) ** 2 + statistics.fmean(ses) ** 2))
+  # A run measured once by design (the anchor) keeps only its problem standard error.
+  fixed = verdicts.accuracy_estimate([{"acc": 0.5, "stderr": 0.02}], fixed=True)
+  assert (fixed.mean, fixed.se, fixed.fixed) == (0.5, pytest.approx(0.02), True)
+  # One seed of a run that varies with the seed: the seed spread is unknown.
+  assert math.isinf(verdicts.accuracy_estimate([{"acc": 0.5, "stderr": 0.02}]).se)
+
+
+def test_one_seed_leaves_every_seed_dependent_comparison_unresolved():
+  one = verdicts.estimate([0.1])
+  far = verdicts.estimate([0.9, 0.91, 0.92])
+  assert math.isinf(one.se) and verdicts.less(one, far) == verdicts.UNRESOLVED
+  assert verdicts.within(one, 0.0, 1.0) == verdicts.UNRESOLVED
+  # Quantities fixed by the shared runs (SE 0 on both sides) are decided by strict comparison.
+  f1, f2 = verdicts.estimate([0.1], fixed=True), verdicts.estimate([0.2], fixed=True)
+  assert verdicts.less(f1, f2) == verdicts.HOLDS and verdicts.less(f2, f1) == verdicts.FAILS
+  assert verdicts.less(f1, f1) == verdicts.UNRESOLVED
+  got = {v["id"]: v["verdict"] for v in verdicts.compute_verdicts(synthetic_results(n_seeds=1))}
+  # The SFT endpoint (base -> anchor) is fixed: its band is decided; everything else needs spread.
+  assert got.pop("sft_sparsity_band") == verdicts.HOLDS
+  assert set(got.values()) == {verdicts.UNRESOLVED}, got
+
+
+def test_seeds_that_disagree_give_not_resolved(tmp_path):
+  r = synthetic_results()
+  opd, rlvr = r["endpoint_seeds"]["opd"], r["endpoint_seeds"]["rlvr"]
+  for e, sp in zip(opd, (0.30, 0.60, 0.90)):
+    e["sparsity"] = sp
+  for e, sp in zip(rlvr, (0.55, 0.95, 0.60)):
+    e["sparsity"] = sp
+  # On the first seed alone the ordering looks strict (8% < 30% < 55%); across seeds OPD and RLVR
+  # overlap: the chain is not resolved, while SFT < OPD still holds beyond 2 SE.
+  v = {x["id"]: x for x in verdicts.compute_verdicts(r)}["sparsity_order"]
+  assert v["verdict"] == verdicts.UNRESOLVED and v["rule"] == "order"
+  assert "SFT<OPD: holds" in v["ours"] and "OPD<RLVR: not resolved" in v["ours"]
+  out = reporting.render(r, tmp_path)
+  md = (tmp_path / "report.md").read_text()
+  assert f"**NOT RESOLVED**: {paper.CLAIMS[0].text}" in md and v["ours"] in md
+  assert out["aggregate"]["endpoint"]["opd"]["sparsity"]["se"] == pytest.approx(
+      _ref_se([0.30, 0.60, 0.90]))
+  # Reversed beyond noise: does not hold.
+  for e, sp in zip(rlvr, (0.10, 0.11, 0.12)):
+    e["sparsity"] = sp
+  v = {x["id"]: x for x in verdicts.compute_verdicts(r)}["sparsity_order"]
+  assert v["verdict"] == verdicts.FAILS and "OPD<RLVR: does not hold" in v["ours"]
+  # Rank-16 OPD: seeds of the projected arm that disagree (one far below the plain arm).
+  for run, a in zip(verdicts.seed_runs(r, "opd_rank16"), (0.62, 0.35, 0.60)):
+    r["accuracy"][run]["acc"] = a
+  got = {x["id"]: x["verdict"] for x in verdicts.compute_verdicts(r)}
+  assert got["rank16_opd_keeps"] == verdicts.UNRESOLVED
+  # ... and seeds that agree on a loss beyond noise: does not hold.
+  for run, a in zip(verdicts.seed_runs(r, "opd_rank16"), (0.45, 0.46, 0.44)):
+    r["accuracy"][run]["acc"] = a
+  got = {x["id"]: x["verdict"] for x in verdicts.compute_verdicts(r)}
+  assert got["rank16_opd_keeps"] == verdicts.FAILS
+
+
+def test_report_states_the_noise_rule_and_stores_aggregates(tmp_path):
+  r = synthetic_results()
+  out = reporting.render(r, tmp_path)
+  md = (tmp_path / "report.md").read_text()
+  assert "## Noise model" in md and "Seeds: 0, 1, 2 (3 seeds)" in md
+  for text in verdicts.RULES.values():
+    assert text in md
+  for v in out["verdicts"]:
+    assert v["rule"] in verdicts.RULES, v
+    assert f"Ours: {v['ours']}. Rule: {v['rule_text']}." in md, v["id"]
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["noise_model"]["z"] == 2 and saved["noise_model"]["seeds"] == [0, 1, 2]
+  agg = saved["aggregate"]
+  rl = [e["sparsity"] for e in r["endpoint_seeds"]["rlvr"]]
+  assert agg["endpoint"]["rlvr"]["sparsity"]["mean"] == pytest.approx(statistics.fmean(rl))
+  assert agg["endpoint"]["rlvr"]["sparsity"]["se"] == pytest.approx(_ref_se(rl))
+  assert agg["endpoint"]["sft"]["sparsity"]["se"] == 0 and agg["endpoint"]["sft"]["sparsity"][
+      "fixed"]
+  accs = [r["accuracy"][x]["acc"] for x in verdicts.seed_runs(r, "opd")]
+  assert agg["accuracy"]["opd"]["se"] == pytest.approx(math.sqrt(_ref_se(accs) ** 2 + 0.01 ** 2))
+  fr = [r["trajectory"][x]["frobenius"][-1] for x in verdicts.seed_runs(r, "sft")]
+  assert agg["trajectory"]["sft"]["frobenius_last"]["mean"] == pytest.approx(statistics.fmean(fr))
+  # One seed: the unknown spread is stored as null and the report says why nothing resolves.
+  one = reporting.render(synthetic_results(n_seeds=1), tmp_path / "one")
+  assert one["aggregate"]["endpoint"]["opd"]["sparsity"]["se"] is None
+  assert "each comparison that needs it is NOT RESOLVED" in (tmp_path / "one" / "report.md"
+                                                             ).read_text()
 
 
 # -- study config and composition (no training) ------------------------------------------------------
@@ -298,6 +454,34 @@ def test_composed_controls_differ_from_opd_only_where_they_should():
   assert cfg["rlvr"].optim.eps == 1e-15 and cfg["rlvr"].optim.b2 == 0.98
 
 
+def test_seeded_runs_differ_only_in_their_seed():
+  from opd_jax.study import runs
+  from opd_jax.train.config import ConfigError
+  study = _load("tiny", ["seeds=(4,7,9)"])
+  specs = {s.name: s for s in runs.run_specs(study)}
+  cfg = {n: runs.compose_run(study, s, runs._symbolic) for n, s in specs.items()}
+  for fam in SEED_FAMILIES:
+    assert cfg[fam].loop.seed == 4 and specs[fam].family == fam
+    for seed in (7, 9):
+      other = cfg[f"{fam}_seed{seed}"]
+      assert other.loop.seed == seed and specs[f"{fam}_seed{seed}"].family == fam
+      if fam.endswith("_rank16"):   # resumes from its own seed's run, in that run's subspace
+        plain = fam[:-len("_rank16")]
+        assert other.student.path == f"@{plain}_seed{seed}:first"
+        assert other.subspace.at == f"@{plain}_seed{seed}:first"
+        assert other.subspace.origin == "@anchor:final"
+      else:
+        assert other.student.path == "@anchor:final"
+        assert other.replace(loop=cfg[fam].loop) == cfg[fam]
+  # Runs outside the seeded families run once, with their sections' loop.seed.
+  assert {s.family for s in specs.values() if s.seed is None} == {None}
+  assert cfg["ctrl_offpolicy"].loop.seed == cfg["anchor"].loop.seed == 0
+  assert sum(s.seed is not None for s in specs.values()) == 3 * len(SEED_FAMILIES)
+  assert _load("tiny", ["seeds=(0,)"]).seeds == (0,)
+  with pytest.raises(ConfigError, match="seeds"):
+    _load("tiny", ["seeds=(1,1)"])
+
+
 def test_study_config_errors_name_the_key():
   from opd_jax.train.config import ConfigError
   with pytest.raises(ConfigError, match="opd.optim.lrr"):
@@ -347,8 +531,24 @@ def test_smoke_study_report_structure(smoke_study):
   for run, a in results["accuracy"].items():
     # the standard error of avg@k over distinct prompts: at most the binomial bound
     assert 0 <= a["stderr"] <= math.sqrt(a["acc"] * (1 - a["acc"]) / (a["n"] - 1)) + 1e-6, run
+  # Two seeds of every seeded run, from the same anchor, differing in loop.seed only.
+  assert results["seeds"]["values"] == [0, 1]
+  assert results["seeds"]["runs"] == {f: [f, f"{f}_seed1"] for f in SEED_FAMILIES}
+  for f in SEED_FAMILIES:
+    assert results["settings"]["derived_runs"][f"{f}_seed1"]["loop.seed"] == 1, f
+    assert results["settings"]["runs"].get(f, {"loop.seed": 0})["loop.seed"] == 0
+    assert f"{f}_seed1" in results["accuracy"]
+  assert results["settings"]["derived_runs"]["opd_seed1"].keys() == {"loop.seed"}
+  assert [e["run"] for e in results["endpoint_seeds"]["opd"]] == ["opd", "opd_seed1"]
+  assert len(results["endpoint_seeds"]["sft"]) == 1 and results["seeds"]["fixed_endpoints"] == [
+      "sft"]
+  assert trajs["opd"]["frobenius"] != trajs["opd_seed1"]["frobenius"]  # the seeds differ
+  agg = results["aggregate"]
+  assert agg["endpoint"]["opd"]["sparsity"]["n"] == 2 and agg["accuracy"]["rlvr"]["n"] == 2
+  assert "## Noise model" in md and "Seeds: 0, 1 (2 seeds)" in md
   # Every verdict is computed (none missing at smoke scale), and recomputing gives the same.
-  assert {v["verdict"] for v in results["verdicts"]} <= {verdicts.HOLDS, verdicts.FAILS}
+  assert {v["verdict"] for v in results["verdicts"]} <= {verdicts.HOLDS, verdicts.FAILS,
+                                                         verdicts.UNRESOLVED}
   assert [v["verdict"] for v in verdicts.compute_verdicts(results)] == [
       v["verdict"] for v in results["verdicts"]]
   assert results["failed_thresholds"] == verdicts.check(results)

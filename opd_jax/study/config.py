@@ -12,7 +12,15 @@ A study config file (`configs/study.py`) returns a locked ConfigDict that mirror
     a randomly initialised teacher; unused when the teacher is loaded), `base_train` (SFT from
     scratch that makes the base student; unused when the student is loaded), `anchor` (SFT of the
     base: the paper's SFT geometry is base -> anchor), `opd`, `rlvr`, `sft` (from the anchor);
-  * study sections: `rank16`, `controls`, `diagnostics`, `thresholds`.
+  * study sections: `seeds`, `rank16`, `controls`, `diagnostics`, `thresholds`.
+
+Seeds (the noise model): `seeds` is a tuple of seeds, or a count n meaning (0, ..., n-1). The
+seeded runs (OPD, RLVR, SFT and both rank-16 arms, `SEEDED_RUNS`) run once per seed from the same
+anchor, each with `loop.seed` set to the seed (it seeds the training data order and the train-state
+RNG that draws every rollout sample); the task's problems (`data.data_seed`) and the eval protocol
+stay fixed. The first seed's runs keep the plain names (`opd`, ...), the others are named
+`<run>_seed<s>`. The teacher, base, anchor and the controls run once and keep their sections'
+`loop.seed`.
 
 `compose(...)` builds a run's TrainConfig = the run section + the shared sections + the models it
 starts from, strictly (an unknown key names its dotted path, e.g. `opd.optim.lrr`). Loop fields the
@@ -41,6 +49,8 @@ STUDY_LOOP_KEYS = ("eval_every", "eval_k", "eval_greedy", "eval_temperature", "e
                    "snapshot_steps")
 SPARSIFY_KINDS = {"top_kl": "top_kl_retention", "random": "random_retention"}
 PROJECTION_POSITIONS = ("pre", "post")
+# Runs repeated once per seed (from the same anchor): the three methods and the rank-16 arms.
+SEEDED_RUNS = ("opd", "rlvr", "sft", "opd_rank16", "sft_rank16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +201,7 @@ class StudyConfig:
   """Everything the study needs (see the module docstring)."""
 
   preset: str = "custom"
+  seeds: tuple[int, ...] | int = (0, 1, 2)
   student: ModelSpec = ModelSpec()
   teacher: ModelSpec = ModelSpec()
   mesh: MeshConfig = MeshConfig()
@@ -211,6 +222,10 @@ class StudyConfig:
   thresholds: Thresholds = Thresholds()
 
   def __post_init__(self):
+    seeds = seed_values(self.seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+      raise ConfigError(f"StudyConfig.seeds={self.seeds!r}: expected a count >= 1 or distinct "
+                        "seeds")
     if self.snapshots < 1:
       raise ConfigError(f"StudyConfig.snapshots={self.snapshots}: must be >= 1")
     if self.teacher.source == "none" or self.student.source == "none":
@@ -226,6 +241,18 @@ class StudyConfig:
       if study_keys:
         raise ConfigError(f"'{name}.loop' sets {sorted(study_keys)}, which the study sets itself "
                           "(use the top-level 'eval' and 'snapshots' sections)")
+
+
+def seed_values(seeds: tuple[int, ...] | int) -> tuple[int, ...]:
+  """The seeds of `StudyConfig.seeds`: a count n is (0, ..., n-1), a tuple is itself."""
+  if isinstance(seeds, int) and not isinstance(seeds, bool):
+    return tuple(range(seeds))
+  return tuple(int(s) for s in seeds)
+
+
+def seeded_name(run: str, seeds: tuple[int, ...], seed: int) -> str:
+  """The run name of `run` under `seed`: the first seed keeps the plain name."""
+  return run if seed == seeds[0] else f"{run}_seed{seed}"
 
 
 def from_config_dict(cd: Any) -> StudyConfig:
@@ -286,7 +313,7 @@ def set_in(d: dict, path: str, value) -> None:
 def study_sections(study: StudyConfig) -> Mapping[str, Any]:
   """The study-level settings written into the report."""
   out = {}
-  for f in ("preset", "snapshots", "eval", "teacher_target", "base_target", "rank16", "controls",
-            "diagnostics", "thresholds"):
+  for f in ("preset", "seeds", "snapshots", "eval", "teacher_target", "base_target", "rank16",
+            "controls", "diagnostics", "thresholds"):
     out[f] = train_config.dataclass_to_dict(getattr(study, f))
   return out

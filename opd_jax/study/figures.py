@@ -153,18 +153,45 @@ _TRAJ = [("stable_rank", "stable rank of dW_t"), ("frobenius", "||dW_t||_F"),
          ("hill", "Hill tail estimate"), ("sim_k", "Sim_16(t, t_end)")]
 
 
+def _seed_runs(results: dict, family: str) -> list[str]:
+  """Every seed's run of a seeded family (the first seed's run first)."""
+  return list(results.get("seeds", {}).get("runs", {}).get(family) or [family])
+
+
+def _later_seed_runs(results: dict) -> set[str]:
+  """The runs of every seed after the first (figures draw them with their family)."""
+  return {r for runs in results.get("seeds", {}).get("runs", {}).values() for r in runs[1:]}
+
+
+def _acc_bar(results: dict, run: str) -> tuple[float, float, list[float]]:
+  """(mean over seeds, its SE under the noise model, per-seed values) of a run's accuracy; a run
+  measured on one seed shows its standard error over problems."""
+  from opd_jax.study import verdicts
+  acc = results["accuracy"]
+  runs = [r for r in _seed_runs(results, run) if r in acc]
+  est = verdicts.accuracy_estimate([acc[r] for r in runs])
+  se = est.se if np.isfinite(est.se) else float(acc[run].get("stderr", 0.0))
+  return est.mean, se, [float(acc[r]["acc"]) for r in runs]
+
+
 def fig_trajectories(results: dict, path):
   methods = _methods(results, "trajectory")
   if not methods:
     return None
   fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+  traj = results["trajectory"]
   for ax, (key, name) in zip(axes, _TRAJ):
     for m in methods:
-      t = results["trajectory"][m]
+      t = traj[m]
       ax.plot(t["progress"], t[key], "o-", color=color(m), label=label(m))
+      for other in _seed_runs(results, m)[1:]:   # the other seeds, thin
+        if other in traj:
+          ax.plot(traj[other]["progress"], traj[other][key], "-", lw=0.8, alpha=0.5,
+                  color=color(m))
     ax.set(xlabel="training progress (fraction of steps)", ylabel=name, title=name)
     ax.legend()
-  fig.suptitle("Trajectories of the cumulative update on q, k, v, o (mean over matrices)")
+  fig.suptitle("Trajectories of the cumulative update on q, k, v, o (mean over matrices; thin: "
+               "other seeds)")
   return _save(fig, path)
 
 
@@ -180,13 +207,16 @@ def fig_rank16(results: dict, path):
   k = r16[methods[0]]["k"]
   for j, (which, hatch, lab) in enumerate([("plain_run", None, "plain"),
                                            ("projected_run", "//", f"rank-{k} projected")]):
-    vals = [acc[r16[m][which]]["acc"] for m in methods]
-    errs = [acc[r16[m][which]].get("stderr", 0.0) for m in methods]
-    ax.bar(x + (j - 0.5) * 0.38, vals, 0.38, yerr=errs, capsize=3, hatch=hatch,
+    bars = [_acc_bar(results, r16[m][which]) for m in methods]
+    xs = x + (j - 0.5) * 0.38
+    ax.bar(xs, [b[0] for b in bars], 0.38, yerr=[b[1] for b in bars], capsize=3, hatch=hatch,
            color=[color(m) for m in methods], edgecolor="k", label=lab)
+    for xi, b in zip(xs, bars):
+      ax.plot([xi] * len(b[2]), b[2], "k.", ms=4)
   ax.set_xticks(x, [label(m) for m in methods])
   ax.set_ylabel("eval accuracy (avg@k)")
-  ax.set_title(f"Plain vs rank-{k} projected training (resumed at ~20%)")
+  ax.set_title(f"Plain vs rank-{k} projected (resumed at ~20%)\nmean over seeds +- SE; dots: "
+               "seeds", fontsize=9)
   ax.legend()
   return _save(fig, path)
 
@@ -229,12 +259,15 @@ def fig_accuracy(results: dict, path):
   acc = results.get("accuracy", {})
   if not acc:
     return None
-  runs = list(acc)
+  later = _later_seed_runs(results)
+  runs = [r for r in acc if r not in later]
   fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(runs) + 2), 4.2))
-  vals = [acc[r]["acc"] for r in runs]
-  errs = [acc[r].get("stderr", 0.0) for r in runs]
-  ax.bar(range(len(runs)), vals, yerr=errs, capsize=3,
+  bars = [_acc_bar(results, r) for r in runs]
+  ax.bar(range(len(runs)), [b[0] for b in bars], yerr=[b[1] for b in bars], capsize=3,
          color=[color(r, results) for r in runs], edgecolor="k")
+  for i, b in enumerate(bars):
+    if len(b[2]) > 1:
+      ax.plot([i] * len(b[2]), b[2], "k.", ms=4)
   for bar, r in zip(ax.patches, runs):
     if r.endswith("_rank16"):
       bar.set_hatch("//")
@@ -249,7 +282,8 @@ def fig_accuracy(results: dict, path):
                label="anchor accuracy")
   ax.set_ylim(0, 1.05)
   ax.set_ylabel("eval accuracy (avg@k)")
-  ax.set_title("Accuracy of every run on the eval split")
+  ax.set_title("Accuracy on the eval split (seeded runs: mean over seeds +- SE, dots: seeds)",
+               fontsize=9)
   ax.legend(fontsize=8)
   return _save(fig, path)
 

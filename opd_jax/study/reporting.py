@@ -5,7 +5,10 @@ Results schema (everything optional except where `verdicts.check` needs it)::
     preset: str                         # the study preset
     settings: {section: {key: value}}   # every chosen value (models, optimizers, steps, eval, ...)
     thresholds: {teacher_min, base_min, base_max}
-    accuracy: {run: {acc, stderr, n, k}}            # avg@k on the eval split
+    accuracy: {run: {acc, stderr, n, k}}            # avg@k on the eval split, every run
+    seeds: {values: [seed], runs: {family: [run]},  # the seeded run families (first seed first)
+            fixed_endpoints: [method]}              # endpoints measured once (no seed spread)
+    endpoint_seeds: {sft|opd|rlvr: [endpoint entry per seed]}
     endpoint: {sft|opd|rlvr: {origin, sparsity, sparsity_per_type: {type: f}, density,
                max_angle_deg (representative matrix), max_angle_mean_deg, rep_matrix,
                angle_curve_deg: [...], max_angle_per_matrix: {name: f}, nss (mean over matrices),
@@ -15,8 +18,10 @@ Results schema (everything optional except where `verdicts.check` needs it)::
     controls: {sparsify: [run], offpolicy: [run], mixing: {run: alpha}}
     phases: {phase: {wall_s, status}}
 
-`render(results, out_dir)` adds `verdicts` (computed by `verdicts.compute_verdicts`) and `failed_
-thresholds` (by `verdicts.check`), writes the figures, `report.md` and `results.json`.
+`endpoint` holds the first seed's entries (figures draw them); tables print the estimates over
+seeds. `render(results, out_dir)` adds `verdicts` (computed by `verdicts.compute_verdicts`),
+`aggregate` (mean and SE across seeds, `verdicts.aggregate`), `noise_model` (seeds, z, rules) and
+`failed_thresholds` (by `verdicts.check`), writes the figures, `report.md` and `results.json`.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ _FIGS_BY_SECTION = {
 }
 REQUIRED_FIGURES = tuple(f for fs in _FIGS_BY_SECTION.values() for f in fs)
 _MARK = {verdicts.HOLDS: "HOLDS", verdicts.FAILS: "DOES NOT HOLD",
-         verdicts.MISSING: "NOT MEASURED"}
+         verdicts.UNRESOLVED: "NOT RESOLVED", verdicts.MISSING: "NOT MEASURED"}
 
 
 def _pct(x):
@@ -67,8 +72,9 @@ def _verdict_lines(vs, section):
   out = []
   for v in vs:
     if v["section"] == section:
+      rule = f" Rule: {v['rule_text']}." if v.get("rule_text") else ""
       out.append(f"- **{_MARK[v['verdict']]}**: {v['claim']}. Paper: {v['paper']}. "
-                 f"Ours: {v['ours']}.")
+                 f"Ours: {v['ours']}.{rule}")
   return "\n".join(out)
 
 
@@ -81,12 +87,27 @@ def _flatten(d, prefix=""):
       yield key, v
 
 
+def _est(fn, *args, pct=False):
+  """An estimate's text, or 'n/a' when its data is absent."""
+  try:
+    return fn(*args).text(pct)
+  except verdicts._Missing:
+    return "n/a"
+
+
 def _section_accuracy(r):
   acc = r.get("accuracy", {})
   rows = [(run, f"{a['acc']:.3f}", f"{a.get('stderr', 0):.3f}", a.get("n", "?"), a.get("k", "?"))
           for run, a in acc.items()]
   th = r.get("thresholds", {})
-  lines = [_table(["run", "accuracy", "std. error", "eval problems", "samples k"], rows)]
+  lines = [_table(["run", "accuracy", "std. error (over problems)", "eval problems", "samples k"],
+                  rows)]
+  fams = list(r.get("seeds", {}).get("runs", {}))
+  if fams:
+    lines.append("\nAcross seeds (mean +- SE; SE = sqrt(SE_seeds^2 + SE_problems^2)):\n")
+    lines.append(_table(["run", "seeds", "accuracy"],
+                        [(f, len(verdicts.seed_runs(r, f)), _est(verdicts.acc_estimate, r, f))
+                         for f in fams]))
   if th:
     lines.append(f"\nAcceptance thresholds: teacher >= {th.get('teacher_min')}, base in "
                  f"[{th.get('base_min')}, {th.get('base_max')}], OPD and RLVR above the anchor.")
@@ -107,10 +128,12 @@ def _section_table1(r):
   rows = []
   for m in methods:
     e = ep[m]
-    rows.append([m.upper(), e.get("origin", ""), _pct(e["sparsity"]),
+    rows.append([m.upper(), e.get("origin", ""),
+                 _est(verdicts.endpoint_estimate, r, m, "sparsity", pct=True),
                  _pct(paper.TABLE1_SPARSITY[m])] +
                 [_pct(e["sparsity_per_type"].get(t)) for t in types])
-  return _table(["method", "measured", "sparsity (ours)", "sparsity (paper)"] + types, rows)
+  return (_table(["method", "measured", "sparsity (ours, across seeds)", "sparsity (paper)"] +
+                 [f"{t} (first seed)" for t in types], rows))
 
 
 def _section_endpoint(r):
@@ -119,20 +142,23 @@ def _section_endpoint(r):
   for m in paper.METHODS:
     if m not in ep:
       continue
-    e = ep[m]
+    def est(key, pct=False, m=m):
+      return _est(verdicts.endpoint_estimate, r, m, key, pct=pct)
+
     rows.append([m.upper(),
-                 f"{_num(e['max_angle_deg'])} deg ({paper.MAX_ANGLE_TEXT[m]})",
-                 f"{_num(e.get('max_angle_mean_deg'))} deg",
-                 f"{_num(e['nss'])} ({paper.NSS_TEXT[m]})",
-                 f"{_pct(e['density'])} ({_pct(paper.UPDATE_DENSITY[m])})",
-                 f"{_pct(e['principal_overlap'])} ({paper.PRINCIPAL_OVERLAP_TEXT[m]})",
-                 f"{_pct(e['low_mag_overlap'])} ({_pct(paper.LOW_MAG_OVERLAP[m])})"])
+                 f"{est('max_angle_deg')} deg ({paper.MAX_ANGLE_TEXT[m]})",
+                 f"{est('max_angle_mean_deg')} deg",
+                 f"{est('nss')} ({paper.NSS_TEXT[m]})",
+                 f"{est('density', True)} ({_pct(paper.UPDATE_DENSITY[m])})",
+                 f"{est('principal_overlap', True)} ({paper.PRINCIPAL_OVERLAP_TEXT[m]})",
+                 f"{est('low_mag_overlap', True)} ({_pct(paper.LOW_MAG_OVERLAP[m])})"])
   rep = next((ep[m].get("rep_matrix") for m in paper.METHODS if m in ep), "?")
   base = next((ep[m].get("baseline") for m in paper.METHODS if m in ep), None)
   return (_table(["method", f"max angle, {rep} (paper)", "max angle, mean over matrices",
                   "NSS (paper)", "density (paper)", "principal-mask overlap (paper)",
                   "low-mag-mask overlap (paper)"], rows) +
-          f"\n\nMask-overlap random baseline: {_pct(base)}.")
+          f"\n\nMask-overlap random baseline: {_pct(base)}. Values are mean +- SE across "
+          "seeds; (fixed) = measured once on the shared runs.")
 
 
 def _section_trajectory(r):
@@ -147,12 +173,11 @@ def _section_trajectory(r):
 
 
 def _section_rank16(r):
-  acc = r.get("accuracy", {})
   rows = []
   for m, d in r.get("rank16", {}).items():
-    a_p, a_q = acc.get(d["plain_run"], {}), acc.get(d["projected_run"], {})
     rows.append([m.upper(), d.get("resume_step"), d.get("k"), d.get("where"),
-                 _num(a_p.get("acc")), _num(a_q.get("acc"))])
+                 _est(verdicts.acc_estimate, r, d["plain_run"]),
+                 _est(verdicts.acc_estimate, r, d["projected_run"])])
   return _table(["method", "resume step", "k", "projection", "plain acc", "rank-16 acc"], rows)
 
 
@@ -165,8 +190,9 @@ def _section_controls(r):
     t = r.get("trajectory", {}).get(run)
     d = "n/a"
     try:
-      near, dists = verdicts.nearest_reference(r, run)
-      d = f"{near.upper()} ({', '.join(f'{k} {v:.3f}' for k, v in dists.items())})"
+      dists = verdicts.reference_distances(r, run)
+      near = min(dists, key=lambda k: dists[k].mean)
+      d = f"{near.upper()} ({', '.join(f'{k} {v.text()}' for k, v in dists.items())})"
     except Exception:  # noqa: BLE001 -- missing references print as n/a
       pass
     rows.append([figures.label(run, r), _num(acc.get(run, {}).get("acc")),
@@ -203,14 +229,46 @@ _SECTION_BODY = {"accuracy": _section_accuracy, "table1": _section_table1,
                  "rank16": _section_rank16, "controls": _section_controls}
 
 
+def verdict_counts(vs: list[dict]) -> str:
+  """'a HOLD, b DO NOT HOLD, c NOT RESOLVED, d NOT MEASURED' (of len(vs) claims)."""
+  n = {k: sum(v["verdict"] == k for v in vs) for k in _MARK}
+  return (f"Of {len(vs)} paper claims: {n[verdicts.HOLDS]} HOLD, {n[verdicts.FAILS]} DO NOT "
+          f"HOLD, {n[verdicts.UNRESOLVED]} NOT RESOLVED, {n[verdicts.MISSING]} NOT MEASURED")
+
+
+def noise_section(r: dict) -> str:
+  """The noise model: seeds, which runs they repeat, what is fixed, and every rule."""
+  nm = r.get("noise_model") or verdicts.noise_model(r)
+  seeds = nm.get("seeds") or []
+  runs = nm.get("runs") or {}
+  lines = [f"Seeds: {', '.join(map(str, seeds)) or 'none recorded'} "
+           f"({len(seeds)} seed{'s' if len(seeds) != 1 else ''}); each repeats "
+           f"{', '.join(runs) or 'no run'} from the same anchor (the seed sets the training data "
+           "order and the rollout sampling). The teacher, base, anchor and the controls run "
+           f"once. Fixed quantities (no seed spread): the accuracies of "
+           f"{', '.join(nm.get('fixed_runs', []))}; the endpoints of "
+           f"{', '.join(m.upper() for m in nm.get('fixed_endpoints', [])) or 'none'} (measured "
+           "once on the shared runs). Every verdict applies one of these rules (z = "
+           f"{nm.get('z', verdicts.Z):g}):", ""]
+  lines += [f"- **{name}**: {text}." for name, text in nm.get("rules", {}).items()]
+  lines += ["", f"The {nm.get('z', verdicts.Z):g}-SE rule marks differences larger than the "
+            "seed-to-seed noise; with few seeds it is not a significance test at a stated "
+            "level (a t quantile at n - 1 degrees of freedom is wider: 4.30 for 3 seeds at "
+            "95%)."]
+  if len(seeds) < 2:
+    lines += ["", "With one seed the spread of every quantity that varies with the seed is "
+              "unknown: each comparison that needs it is NOT RESOLVED."]
+  return "\n".join(lines)
+
+
 def markdown(r: dict, figs: dict[str, str]) -> str:
   vs = r["verdicts"]
   total = sum(p.get("wall_s", 0.0) for p in r.get("phases", {}).values())
-  n_hold = sum(v["verdict"] == verdicts.HOLDS for v in vs)
   out = [f"# opd_jax geometry study: `{r.get('preset', '?')}`", "",
          f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}. Total phase wall time "
-         f"{total / 60:.1f} min. {n_hold} of {len(vs)} paper claims hold at this scale "
-         "(verdicts are computed from the data; rules in `opd_jax/study/verdicts.py`).", ""]
+         f"{total / 60:.1f} min. {verdict_counts(vs)} at this scale (verdicts are computed from "
+         "the data under the noise model below; `opd_jax/study/verdicts.py`).", "",
+         "## Noise model", "", noise_section(r), ""]
   for key, title in SECTIONS:
     out += [f"## {title}", "", _SECTION_BODY[key](r), ""]
     for f in _FIGS_BY_SECTION[key]:
@@ -220,8 +278,9 @@ def markdown(r: dict, figs: dict[str, str]) -> str:
     if lines:
       out += ["Verdicts:", "", lines, ""]
   out += ["## All verdicts", "",
-          _table(["claim", "paper", "ours", "verdict"],
-                 [(v["claim"], v["paper"], v["ours"], _MARK[v["verdict"]]) for v in vs]), ""]
+          _table(["claim", "paper", "ours", "verdict", "rule"],
+                 [(v["claim"], v["paper"], v["ours"], _MARK[v["verdict"]],
+                   v.get("rule_text") or "-") for v in vs]), ""]
   out += ["## Settings (every chosen value)", "", _section_settings(r.get("settings", {})), ""]
   cpu_total = sum(p.get("cpu_s") or 0.0 for p in r.get("phases", {}).values())
   out += ["## Run summary", "",
@@ -242,19 +301,21 @@ def readme_section(r: dict, fig_prefix: str = "") -> str:
   """A compact results section for the project README: the Table-1 analog beside the paper's
   numbers, accuracies, the verdict list and the main figures (`fig_prefix` + file name)."""
   vs = r["verdicts"]
-  n_hold = sum(v["verdict"] == verdicts.HOLDS for v in vs)
   total = sum(p.get("wall_s", 0.0) for p in r.get("phases", {}).values())
+  seeds = (r.get("noise_model") or verdicts.noise_model(r)).get("seeds") or []
   acc = r.get("accuracy", {})
   acc_line = ", ".join(f"{k} {a['acc']:.2f}" for k, a in acc.items()
                        if k in ("teacher", "base", "anchor", "opd", "rlvr", "sft"))
   out = [f"### Results of the `{r.get('preset', '?')}` study",
          "",
          f"All phases ran in {total / 60:.1f} min. Eval accuracy (avg@k): {acc_line}. "
-         f"{n_hold} of {len(vs)} paper claims hold at this scale; every verdict below is "
-         "computed from the data (`opd_jax/study/verdicts.py`).", "",
+         f"{verdict_counts(vs)} at this scale, over {len(seeds)} seed(s); every verdict below "
+         f"is computed from the data under the report's noise model (z = {verdicts.Z:g} standard "
+         "errors across seeds; `opd_jax/study/verdicts.py`).", "",
          _section_table1(r), "", _section_endpoint(r), "",
-         _table(["claim", "paper", "ours", "verdict"],
-                [(v["claim"], v["paper"], v["ours"], _MARK[v["verdict"]]) for v in vs]), ""]
+         _table(["claim", "paper", "ours", "verdict", "rule"],
+                [(v["claim"], v["paper"], v["ours"], _MARK[v["verdict"]],
+                  v.get("rule_text") or "-") for v in vs]), ""]
   for f in README_FIGURES:
     if f in r.get("figures", {}):
       out += [f"![{f}]({fig_prefix}{r['figures'][f]})", ""]
@@ -267,6 +328,8 @@ def render(results: dict, out_dir) -> dict:
   out_dir.mkdir(parents=True, exist_ok=True)
   results = dict(results)
   results["verdicts"] = verdicts.compute_verdicts(results)
+  results["aggregate"] = verdicts.aggregate(results)
+  results["noise_model"] = verdicts.noise_model(results)
   results["failed_thresholds"] = verdicts.check(results)
   figs = figures.write_all(results, out_dir)
   results["figures"] = figs

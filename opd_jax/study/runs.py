@@ -9,7 +9,8 @@ the workdir does not invalidate anything. After training, the study measures the
 accuracy itself (`evaluate`: avg@k with `study.eval`, the same protocol for every run).
 
 Run names (also the phase directory names): teacher, base, anchor, opd, rlvr, sft, opd_rank16,
-sft_rank16, ctrl_topkl_25 / ctrl_random_50 / ... (token sparsification, rho in percent),
+sft_rank16 (and, for every seed after the first, opd_seed<s>, ..., sft_rank16_seed<s>; see
+`config` on seeds), ctrl_topkl_25 / ctrl_random_50 / ... (token sparsification, rho in percent),
 ctrl_offpolicy, mix_<alpha> (e.g. mix_0.05).
 
 A teacher (or base student) whose `ModelSpec.source` is 'hf' or 'checkpoint' is used as is and only
@@ -35,6 +36,9 @@ REPORT_DIR = "report"
 STUDY_JSON = "study_config.json"
 TRAJECTORY_RUNS = ("sft", "opd", "rlvr")
 ORIGINS = {"sft": "base -> anchor", "opd": "anchor -> end", "rlvr": "anchor -> end"}
+# The seeded run family whose seeds give each method's endpoint; None: measured once (the SFT
+# endpoint is base -> anchor, the same shared anchor for every seed, so it has no seed spread).
+ENDPOINT_FAMILY = {"sft": None, "opd": "opd", "rlvr": "rlvr"}
 
 
 # -- run specs -------------------------------------------------------------------------------------
@@ -53,6 +57,10 @@ class RunSpec:
       its first snapshot) defines the subspace; its remaining steps are run.
     edit: modifies the composed config dict (controls).
     kind: 'teacher' | 'base' | 'main' | 'rank16' | 'sparsify' | 'offpolicy' | 'mixing'.
+    alpha: the mixing weight of a mixing run.
+    seed: for the seeded runs (`config.SEEDED_RUNS`), the seed (the run's `loop.seed`); None keeps
+      the section's `loop.seed`.
+    family: the seeded run this is one seed of ('opd', 'opd_rank16', ...); None otherwise.
   """
 
   name: str
@@ -64,6 +72,8 @@ class RunSpec:
   edit: Callable[[dict], None] | None = None
   kind: str = "main"
   alpha: float | None = None
+  seed: int | None = None
+  family: str | None = None
 
   @property
   def deps(self) -> tuple[str, ...]:
@@ -84,18 +94,32 @@ def _pct(rho: float) -> str:
 def run_specs(study: StudyConfig) -> list[RunSpec]:
   """Every run of the study, in a valid order."""
   c = study.controls
+  seeds = study_config.seed_values(study.seeds)
   specs = [
       RunSpec("teacher", "teacher_train", None, kind="teacher"),
       RunSpec("base", "base_train", None, kind="base"),
       RunSpec("anchor", "anchor", ("base", "final")),
-      RunSpec("opd", "opd", ("anchor", "final"), uses_teacher=True, trajectory=True),
-      RunSpec("rlvr", "rlvr", ("anchor", "final"), trajectory=True),
-      RunSpec("sft", "sft", ("anchor", "final"), trajectory=True),
   ]
+  for seed in seeds:
+    def n(run, seed=seed):
+      return study_config.seeded_name(run, seeds, seed)
+
+    specs += [
+        RunSpec(n("opd"), "opd", ("anchor", "final"), uses_teacher=True, trajectory=True,
+                seed=seed, family="opd"),
+        RunSpec(n("rlvr"), "rlvr", ("anchor", "final"), trajectory=True, seed=seed,
+                family="rlvr"),
+        RunSpec(n("sft"), "sft", ("anchor", "final"), trajectory=True, seed=seed, family="sft"),
+    ]
   if study.rank16.enabled:
-    specs += [RunSpec("opd_rank16", "opd", ("opd", "first"), uses_teacher=True,
-                      subspace_of="opd", kind="rank16"),
-              RunSpec("sft_rank16", "sft", ("sft", "first"), subspace_of="sft", kind="rank16")]
+    for seed in seeds:
+      def n(run, seed=seed):
+        return study_config.seeded_name(run, seeds, seed)
+
+      specs += [RunSpec(n("opd_rank16"), "opd", (n("opd"), "first"), uses_teacher=True,
+                        subspace_of=n("opd"), kind="rank16", seed=seed, family="opd_rank16"),
+                RunSpec(n("sft_rank16"), "sft", (n("sft"), "first"), subspace_of=n("sft"),
+                        kind="rank16", seed=seed, family="sft_rank16")]
   for kind, rho in c.sparsify:
     transform = (study_config.SPARSIFY_KINDS[kind],
                  {"rho": float(rho), **({"seed": c.sparsify_seed} if kind == "random" else {})})
@@ -164,6 +188,8 @@ def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver):
   steps = study_config.section_steps(study, spec.section)
   snaps = study_config.snapshot_steps(steps, study.snapshots) if spec.trajectory else None
   edits = [spec.edit] if spec.edit else []
+  if spec.seed is not None:
+    edits.append(lambda d: study_config.set_in(d, "loop.seed", int(spec.seed)))
   if spec.subspace_of is not None:
     first = study_config.snapshot_steps(steps, study.snapshots)[0]
     r16 = study.rank16
@@ -341,9 +367,11 @@ def _diagnostics_phase(study: StudyConfig, specs: list[RunSpec]):
       s = summaries[run]
       return ctx.workdir / s["final"] if s.get("final") else s["model_path"]
 
-    endpoint_pairs = {"sft": (model_path("base"), model_path("anchor")),
-                      "opd": (model_path("anchor"), path("opd")),
-                      "rlvr": (model_path("anchor"), path("rlvr"))}
+    # Endpoints by run: SFT base -> anchor (once), OPD and RLVR anchor -> end for every seed.
+    endpoint_pairs = {"sft": (model_path("base"), model_path("anchor"))}
+    for s in specs:
+      if s.family in ("opd", "rlvr"):
+        endpoint_pairs[s.name] = (model_path("anchor"), path(s.name))
     trajectories = {s.name: {int(k): ctx.workdir / v for k, v in summaries[s.name]["snapshots"]
                              .items()} for s in specs if s.trajectory}
     geometry = diagnostics.compute(endpoint_pairs, model_path("anchor"), trajectories,
@@ -412,12 +440,26 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
       markers[p] = m
   summaries = {k: m["summary"] for k, m in markers.items()}
   geometry = phases_lib.read_json(workdir / "diagnostics" / "geometry.json") or {}
+  geo_ep = geometry.get("endpoint", {})
+  seeds = study_config.seed_values(study.seeds)
+  families: dict[str, list[str]] = {}
+  for s in specs:
+    if s.family is not None and s.name in summaries:
+      families.setdefault(s.family, []).append(s.name)
+  endpoint_seeds = {}
+  for m, fam in ENDPOINT_FAMILY.items():
+    runs = [m] if fam is None else families.get(fam, [])
+    entries = [dict(geo_ep[r], origin=ORIGINS[m], run=r) for r in runs if r in geo_ep]
+    if entries:
+      endpoint_seeds[m] = entries
   results: dict[str, Any] = {
       "preset": study.preset,
       "thresholds": dataclasses.asdict(study.thresholds),
       "accuracy": {s.name: summaries[s.name]["eval"] for s in specs if s.name in summaries},
-      "endpoint": {m: dict(e, origin=ORIGINS.get(m, "")) for m, e in
-                   geometry.get("endpoint", {}).items()},
+      "endpoint": {m: dict(geo_ep[m], origin=ORIGINS[m]) for m in ORIGINS if m in geo_ep},
+      "endpoint_seeds": endpoint_seeds,
+      "seeds": {"values": list(seeds), "runs": families,
+                "fixed_endpoints": [m for m, f in ENDPOINT_FAMILY.items() if f is None]},
       "trajectory": geometry.get("trajectory", {}),
       "controls": {
           "sparsify": [s.name for s in specs if s.kind == "sparsify"],
@@ -428,7 +470,10 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
   }
   if study.rank16.enabled:
     steps = {m: study_config.section_steps(study, m) for m in ("opd", "sft")}
-    results["rank16"] = {m: {"plain_run": m, "projected_run": f"{m}_rank16", "k": study.rank16.k,
+    results["rank16"] = {m: {"plain_run": m, "projected_run": f"{m}_rank16",
+                             "plain_runs": families.get(m, []),
+                             "projected_runs": families.get(f"{m}_rank16", []),
+                             "k": study.rank16.k,
                              "where": "gradient (before Adam)" if study.rank16.position == "pre"
                              else "update (after Adam)",
                              "resume_step": study_config.snapshot_steps(steps[m],
@@ -442,7 +487,7 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
     flat = {k: v for k, v in _flat(summaries[s.name]["config"]).items()
             if not k.startswith(("student.path", "teacher.path", "subspace.origin",
                                  "subspace.at", "data.task."))}
-    if s.kind in ("teacher", "base", "main"):
+    if s.kind in ("teacher", "base", "main") and s.seed in (None, seeds[0]):
       main[s.name] = flat
     else:
       ref = main.get(s.section, {})
