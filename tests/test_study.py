@@ -559,6 +559,7 @@ def test_smoke_study_report_structure(smoke_study):
 def test_smoke_study_resumes_instantly_and_check_exit_code(smoke_study, capsys):
   import time
   from opd_jax import cli, study
+  from opd_jax.train import config as train_config
   workdir, cd, _ = smoke_study
   t0 = time.perf_counter()
   out = study.run(cd, workdir, log=lambda s: None)
@@ -568,7 +569,17 @@ def test_smoke_study_resumes_instantly_and_check_exit_code(smoke_study, capsys):
                    "--check"])
   err = capsys.readouterr().err
   assert code == 1 and "teacher_min" in err
+  # Judged on its first seed alone, every verdict on a quantity that varies with the seed is NOT
+  # RESOLVED (the SFT endpoint, base -> anchor, is fixed: its band is decided).
+  one = train_config.load_config("configs/study.py:smoke", ["seeds=(0,)"])
+  study.render_report(workdir, one)
+  res = json.loads((workdir / "report" / "results.json").read_text())
+  assert res["seeds"]["values"] == [0] and res["seeds"]["runs"]["opd"] == ["opd"]
+  got = {v["id"]: v["verdict"] for v in res["verdicts"]}
+  assert got.pop("sft_sparsity_band") in (verdicts.HOLDS, verdicts.FAILS)
+  assert set(got.values()) == {verdicts.UNRESOLVED}, got
   # Re-rendering from the workdir alone reproduces the report.
   (workdir / "report" / "report.md").unlink()
   path = study.render_report(workdir)
   assert path.exists() and "## Controls" in path.read_text()
+  assert json.loads((workdir / "report" / "results.json").read_text())["seeds"]["values"] == [0, 1]

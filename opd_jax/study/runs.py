@@ -446,6 +446,9 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
   for s in specs:
     if s.family is not None and s.name in summaries:
       families.setdefault(s.family, []).append(s.name)
+  # The seeds with a completed run (a partial or older workdir may hold fewer than configured).
+  ran = {s.seed for s in specs if s.family is not None and s.name in summaries}
+  seeds = [x for x in seeds if x in ran]
   endpoint_seeds = {}
   for m, fam in ENDPOINT_FAMILY.items():
     runs = [m] if fam is None else families.get(fam, [])
@@ -487,7 +490,7 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
     flat = {k: v for k, v in _flat(summaries[s.name]["config"]).items()
             if not k.startswith(("student.path", "teacher.path", "subspace.origin",
                                  "subspace.at", "data.task."))}
-    if s.kind in ("teacher", "base", "main") and s.seed in (None, seeds[0]):
+    if s.kind in ("teacher", "base", "main") and (s.family is None or s.name == s.family):
       main[s.name] = flat
     else:
       ref = main.get(s.section, {})
