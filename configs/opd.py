@@ -23,6 +23,8 @@ Presets:
   distill_smoke / distill  the direct route (reverse KL on the student's rollouts) on the smoke /
             tiny shapes.
   moe_teacher_smoke  `smoke` with a tiny qwen3_moe teacher (4 experts, top-2).
+  two_teacher_smoke / two_teacher_tiny  multi-teacher OPD: prompts routed to one of two teachers
+            by their task family (`teachers.models`, route 'domain').
   code_smoke `smoke` on the embedded code task (sandboxed code verifier at eval).
   qwen3_8b_moe_teacher  the paper's MoE-teacher run: Qwen3-30B-A3B (local HF checkpoint) distilled
             into Qwen3-8B with the `qwen3_8b` settings.
@@ -131,6 +133,36 @@ def _offpolicy(c):
   c.pg.pg.eps_high = 1.0
 
 
+def _two_teachers(c, teachers):
+  """Routed teachers (`teachers.models`): `teachers` = ((name, spec, domains), ...)."""
+  c.teacher = train_config.default_config("opd").teacher  # none: the teachers are listed below
+  c.teachers.models = tuple({"name": n, "model": spec, "domains": tuple(d)}
+                            for n, spec, d in teachers)
+  c.teachers.route = "domain"
+
+
+def _two_teacher_smoke(c):
+  """`smoke` on two task families, each routed to its own teacher by domain (the task family):
+  'chain' (mod_chain prompts) and 'sum' (addition prompts), two random inits."""
+  _smoke(c)
+  c.data.task = train_config.dataclass_to_dict(sft.SMOKE_TASK.replace(
+      families=("mod_chain", "addition"), addition=tasks.AdditionConfig(1, 2)))
+  _two_teachers(c, (("chain", models.spec("smoke", seed=1), ("mod_chain",)),
+                    ("sum", models.spec("smoke", seed=2), ("addition",))))
+
+
+def _two_teacher_tiny(c):
+  """`tiny` with two teachers routed by task family: the SFT tiny checkpoint teaches the
+  arithmetic families (addition, running_sum), and a second teacher (`--config.teachers.models`
+  entry 'chain'; by default the same checkpoint's architecture at another random init: point its
+  path at your own mod_chain teacher) takes mod_chain."""
+  _tiny(c)
+  _two_teachers(c, (("arith", models.spec("tiny", source="checkpoint",
+                                          path="runs/sft_tiny/checkpoints"),
+                     ("addition", "running_sum")),
+                    ("chain", models.spec("tiny", seed=2), ("mod_chain",))))
+
+
 def _qwen3_8b_moe_teacher(c):
   """The paper's MoE-teacher robustness run: Qwen3-30B-A3B distilled into Qwen3-8B."""
   _qwen3_8b(c)
@@ -172,6 +204,7 @@ def _qwen3_8b(c):
 PRESETS = {"smoke": _smoke, "tiny": _tiny, "distill_smoke": _distill_smoke, "distill": _distill,
            "moe_teacher_smoke": _moe_teacher_smoke, "code_smoke": _code_smoke,
            "offpolicy": _offpolicy, "lora_tiny": _lora_tiny, "pissa_tiny": _pissa_tiny,
+           "two_teacher_smoke": _two_teacher_smoke, "two_teacher_tiny": _two_teacher_tiny,
            "qwen3_8b": _qwen3_8b,
            "qwen3_8b_moe_teacher": _qwen3_8b_moe_teacher, "qwen3_8b_code": _qwen3_8b_code}
 

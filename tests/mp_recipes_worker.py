@@ -72,7 +72,7 @@ class Job:
   `write_marker` tells other jobs (of either layout) where its output is."""
 
   name: str
-  config: str
+  config: str                           # 'opd' (its smoke preset) or 'opd.py:<preset>'
   overrides: tuple[str, ...] = ()
   markers: tuple[str, ...] = ()         # markers that must be ok before the job starts
   stop_after: int | None = None
@@ -99,6 +99,10 @@ def jobs_for(layout: str) -> dict[str, Job]:
           write_marker=layout == REF),
       # (the opd smoke preset's clip range is a pg setting, which distill refuses as unread)
       Job("distill", "opd", COMMON + PG_SMALL + ("method=distill", "pg.pg.eps_high=0.28")),
+      # Two teachers, prompts routed by task family: the PG and the direct route.
+      Job("teachers", "opd.py:two_teacher_smoke", COMMON + PG_SMALL),
+      Job("teachers_distill", "opd.py:two_teacher_smoke",
+          COMMON + PG_SMALL + ("method=distill", "pg.pg.eps_high=0.28")),
       Job("offpolicy", "opd", COMMON + PG_SMALL + ("rollout.policy=teacher", "pg.pg.eps_low=1.0",
                                                     "pg.pg.eps_high=1.0")),
       Job("sparse", "opd", COMMON + PG_SMALL + SPARSE),
@@ -128,7 +132,8 @@ def jobs_for(layout: str) -> dict[str, Job]:
   return {j.name: j for j in jobs}
 
 
-RECIPES = ("sft", "opd", "rlvr", "mixed", "distill", "offpolicy", "rank16", "sparse")
+RECIPES = ("sft", "opd", "rlvr", "mixed", "distill", "offpolicy", "rank16", "sparse", "teachers",
+           "teachers_distill")
 
 
 # -- records --------------------------------------------------------------------------------------
@@ -339,7 +344,8 @@ def main(argv=None):
         workdir = pathlib.Path(marks[job.resume_from]["workdir"])
       else:
         workdir = layout_dir / (name if args.attempt == 0 else f"{name}.a{args.attempt}")
-      cd = config_lib.load_config(f"{ROOT / 'configs' / job.config}.py:smoke", overrides)
+      preset = job.config if ":" in job.config else f"{job.config}.py:smoke"
+      cd = config_lib.load_config(f"{ROOT / 'configs' / preset}", overrides)
       cfg = config_lib.from_config_dict(cd)
       run = lambda: loop.run(cfg, workdir, resume=job.resume_from is not None,  # noqa: E731
                              stop_after=job.stop_after)

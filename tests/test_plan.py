@@ -158,6 +158,23 @@ def test_every_rollout_phase_when_the_config_asks_for_it():
   _check_totals(out)
 
 
+def test_several_teachers_each_resident_and_scored_in_turn():
+  # Two routed teachers (prompts by task family), KL_t on: every teacher has its own resident
+  # params and its own scoring and KL phases; the bound is the largest of those phases.
+  out = plan(resolve("opd", ("credit.kind=baseline_corrected",), preset="two_teacher_smoke"))
+  assert tuple(out["resident"]) == RESIDENT + ("teacher_params/chain", "teacher_params/sum")
+  assert tuple(out["phases"]) == ("sampler", "teacher_scoring/chain", "kl/chain",
+                                  "teacher_scoring/sum", "kl/sum", "train_step")
+  assert set(out["teachers"]) == {"chain", "sum"}
+  scoring = [k for k in out["phases"] if k.startswith(("teacher_scoring/", "kl/"))]
+  assert out["teacher_scoring_bound_bytes"] == max(out["phases"][k]["transient_bytes"]
+                                                   for k in scoring)
+  assert out["teacher_num_params"] == sum(t["num_params"] for t in out["teachers"].values())
+  text = plan_lib.format_plan(out)
+  assert "teacher params (chain)" in text and "teacher scoring bound" in text
+  _check_totals(out)
+
+
 def test_learned_value_head_and_token_state_are_planned():
   out = plan(resolve("opd", ("credit.kind=gae", "credit.value=learned",
                              "rollout.token_transforms=(('top_kl_retention', {'rho': 0.5}),)")))

@@ -104,7 +104,8 @@ log = logging.getLogger(__name__)
 
 ON_ERROR = ("error", "skip")
 REASONS = ("bad_utf8", "bad_json", "not_an_object", "missing_field", "wrong_type", "empty_prompt",
-           "empty_answer", "no_boxed_answer", "bad_tests", "untokenizable", "prompt_too_long")
+           "empty_answer", "no_boxed_answer", "bad_tests", "untokenizable", "prompt_too_long",
+           "no_domain")
 MAX_SAMPLES = 5  # file:line samples kept per skip reason / per dedup counter
 
 
@@ -407,6 +408,17 @@ def _example(loc: str, row: Any, layout: Layout, max_prompt_chars: int | None) -
   return Example(prompt=prompt, solution=solution, answer=answer.strip())
 
 
+def _domain(loc: str, row: Any, field: str) -> str:
+  try:
+    value = _resolve(row, field)
+  except _Missing:
+    value = None
+  if not isinstance(value, str) or not value.strip():
+    raise MalformedRowError(loc, field, "no_domain",
+                            f"expected a non-empty string domain, got {value!r}")
+  return value.strip()
+
+
 # -- code layouts: tests -> code_exec test spec ---------------------------------------------
 _STDIN_INSTRUCTION = ("\n\nWrite a Python 3 program that reads the input from standard input and "
                       "prints the answer to standard output. Give the whole program in one "
@@ -671,7 +683,7 @@ class _TokenChecks:
 def load_prompt_set(path: str | os.PathLike, layout: str | Layout = "dapo_math_17k", *,
                     on_error: str = "error", max_prompt_chars: int | None = None,
                     max_prompt_tokens: int | None = None, tokenizer=None,
-                    limit: int | None = None, dedup: bool = True
+                    limit: int | None = None, dedup: bool = True, domain_field: str = ""
                     ) -> tuple[list[Example], LoadReport]:
   """Read a prompt set. Returns (examples in file order, report). See the module docstring.
 
@@ -681,6 +693,9 @@ def load_prompt_set(path: str | os.PathLike, layout: str | Layout = "dapo_math_1
     max_prompt_tokens, which counts tokens of the chat-formatted prompt.
   limit: stop after this many kept examples (after deduplication).
   dedup: drop later rows whose normalised prompt repeats an earlier kept one.
+  domain_field: a row field (dotted path) holding the prompt's domain (`Example.domain`, for
+    routing prompts to teachers); a row without it, or with a non-string / empty value, is
+    malformed ('no_domain').
   Raises PromptSetError (a UserError) for a bad argument, an unreadable / empty file, or a file
   with no usable row; PromptSetNotFoundError if the file does not exist.
   """
@@ -691,6 +706,8 @@ def load_prompt_set(path: str | os.PathLike, layout: str | Layout = "dapo_math_1
     if layout not in LAYOUTS:
       raise PromptSetError(f"unknown prompt-set layout {layout!r}; valid: {sorted(LAYOUTS)}")
     layout = LAYOUTS[layout]
+  if domain_field:
+    layout = dataclasses.replace(layout, reads=tuple(layout.reads) + (domain_field,))
   if max_prompt_tokens is not None and tokenizer is None:
     raise PromptSetError("max_prompt_tokens needs a tokenizer")
   if limit is not None and limit < 1:
@@ -711,6 +728,8 @@ def load_prompt_set(path: str | os.PathLike, layout: str | Layout = "dapo_math_1
     report.rows += 1
     try:
       ex = _example(loc, row, layout, max_prompt_chars)
+      if domain_field:
+        ex = dataclasses.replace(ex, domain=_domain(loc, row, domain_field))
       key = None
       if dedup:
         key = keys.get(ex.prompt)

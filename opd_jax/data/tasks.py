@@ -64,11 +64,14 @@ FINAL_ANSWER_RE = re.compile(r"=(-?\d+)\s*$")
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One task instance. `solution` is the full worked response (the SFT demonstration), ending with
-  the final answer; `answer` is the ground truth the verifier compares against."""
+  the final answer; `answer` is the ground truth the verifier compares against; `domain` names
+  where the prompt comes from (the task family of generated tasks; a row field of a prompt file
+  when asked for), which routes it to a teacher in multi-teacher runs."""
 
   prompt: str
   solution: str
   answer: str
+  domain: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,7 +416,8 @@ def generate(cfg: TaskConfig, split: str, n: int, *, seed: int = 0, unique: bool
           f"in {limit} draws; the problem space of {cfg} is too small for this request "
           f"(raise difficulty, lower n, or pass unique=False)")
     attempts += 1
-    ex = samplers[int(rng.integers(0, len(samplers)))](rng, cfg)
+    family = int(rng.integers(0, len(samplers)))
+    ex = dataclasses.replace(samplers[family](rng, cfg), domain=cfg.families[family])
     if split_of(ex.prompt, cfg) != split or (unique and ex.prompt in seen):
       continue
     seen.add(ex.prompt)

@@ -27,7 +27,7 @@ so teacher logits may contain -inf (e.g. masked vocabulary entries); student log
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -312,7 +312,8 @@ def chunked_token_map(fn: Callable[..., jax.Array], student_logits_fn, student_h
 
 
 def divergence_loss(student_logits_fn: Callable[[jax.Array], jax.Array], student_h_BxTxD: jax.Array,
-                    teacher: Teacher, mask_BxT: jax.Array, cfg: DistillConfig
+                    teacher: Teacher, mask_BxT: jax.Array, cfg: DistillConfig, *,
+                    group_B: jax.Array | None = None, group_names: Sequence[str] = ()
                     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """Direct-route loss over the masked (response) positions, chunked over the sequence.
 
@@ -323,6 +324,9 @@ def divergence_loss(student_logits_fn: Callable[[jax.Array], jax.Array], student
       `TopK(ids_BxTxK, logp_BxTxK)`. All aligned with the tokens; no gradient reaches the teacher.
     mask_BxT: positions that count (the loss mask).
     cfg: `DistillConfig`.
+
+    group_B / group_names: optional int32 [B] row groups (e.g. each row's teacher) and their
+      names: adds `teacher/<name>/<kind>`, the token-mean divergence of each group's rows.
 
   Returns:
     (loss_sum, denominator, metrics): metrics `distill/<kind>` (token-mean divergence) and
@@ -335,4 +339,8 @@ def divergence_loss(student_logits_fn: Callable[[jax.Array], jax.Array], student
   tok_sum, n_tokens = reduce.aggregate(div_BxT, mask_BxT, "token_mean")
   metrics = {f"distill/{cfg.kind}": reduce.safe_ratio(jax.lax.stop_gradient(tok_sum), n_tokens),
              "distill/tokens": n_tokens}
+  div_sg_BxT = jax.lax.stop_gradient(div_BxT)
+  for i, name in enumerate(group_names):
+    in_group = mask_BxT.astype(bool) & (group_B == i)[:, None]
+    metrics[f"teacher/{name}/{cfg.kind}"] = reduce.masked_mean(div_sg_BxT, in_group)
   return total, denom, metrics

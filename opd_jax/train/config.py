@@ -328,6 +328,76 @@ class ModelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+  """One teacher of a multi-teacher run (`TeachersConfig`).
+
+  Attributes:
+    name: a short name (metrics `teacher/<name>/*`); unique within the run.
+    model: where its weights come from (a `ModelSpec`, source 'random' / 'hf' / 'checkpoint').
+    domains: the prompt domains routed to it (`TeachersConfig.route='domain'`); an empty tuple on
+      at most one teacher makes it the teacher of every domain no other teacher names.
+  """
+
+  name: str = ""
+  model: ModelSpec = ModelSpec()
+  domains: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
+      _bad(self, "name", "must be a non-empty name of letters, digits, '_', '.', '-'")
+    if self.model.source == "none":
+      _bad(self, "model", "a teacher needs weights: source 'random', 'hf' or 'checkpoint'")
+
+
+TEACHER_ROUTES = ("domain", "index")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeachersConfig:
+  """Several teachers, each prompt routed to one (multi-teacher OPD; `train.teachers`).
+
+  Attributes:
+    models: the teachers (empty: the run has at most the single `teacher`). With two or more,
+      `teacher.source` must stay 'none'.
+    route: 'domain' (a prompt goes to the teacher whose `domains` holds the prompt's domain: the
+      task family for generated tasks, the row field `field` for prompt files) or 'index' (a fixed
+      rule: example i goes to teacher i mod len(models); `domains` must be empty).
+    field: the prompt-file row field holding the domain (route='domain', data.source='file').
+  """
+
+  models: tuple[TeacherSpec, ...] = ()
+  route: str = "domain"
+  field: str = "domain"
+
+  def __post_init__(self):
+    if self.route not in TEACHER_ROUTES:
+      _bad(self, "route", f"expected one of {TEACHER_ROUTES}")
+    if len(self.models) == 1:
+      _bad(self, "models", "one teacher is the plain `teacher` section; list two or more here")
+    names = [t.name for t in self.models]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+      _bad(self, "models", f"teacher names {dup} repeat")
+    if self.route == "index" and any(t.domains for t in self.models):
+      _bad(self, "route", "route='index' assigns teachers by example index; remove the domains")
+    if self.route == "domain" and self.models:
+      seen: dict[str, str] = {}
+      for t in self.models:
+        for d in t.domains:
+          if d in seen:
+            _bad(self, "models", f"domain {d!r} is routed to both {seen[d]!r} and {t.name!r}")
+          seen[d] = t.name
+      catch_all = [t.name for t in self.models if not t.domains]
+      if len(catch_all) > 1:
+        _bad(self, "models", f"teachers {catch_all} have no domains; at most one may catch the "
+             "remaining domains")
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(t.name for t in self.models)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Examples, tokenizer, padding buckets and verifier.
 
@@ -603,6 +673,7 @@ class TrainConfig:
   method: str = "opd"
   student: ModelSpec = ModelSpec()
   teacher: ModelSpec = ModelSpec(source="none")
+  teachers: TeachersConfig = TeachersConfig()
   mesh: MeshConfig = MeshConfig()
   optim: OptimConfig = OptimConfig()
   data: DataConfig = DataConfig()

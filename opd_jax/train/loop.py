@@ -64,6 +64,7 @@ from opd_jax.train import recipes as recipes_lib
 from opd_jax.train import rollout as rollout_lib
 from opd_jax.train import run_plan
 from opd_jax.train import timing
+from opd_jax.train import teachers as teachers_lib
 from opd_jax.train.config import TrainConfig
 from opd_jax.train.run_plan import RunPlan
 from opd_jax.train.state import TrainState
@@ -203,6 +204,35 @@ class _StopRequest:
     with jax.transfer_guard("allow"):
       flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
     return bool(np.asarray(flags).any())
+
+
+def _load_teachers(cfg, mesh, rules, teacher_params):
+  """(model config, graphdef, params) of the teacher, or tuples of them, one entry per teacher,
+  with several routed teachers (`teachers.models`; in-memory `teacher_params` then a sequence
+  with one params tree, or None, per teacher)."""
+  if not cfg.teachers.models:
+    return run_plan.load_model(cfg.teacher, mesh, rules, params=teacher_params, what="teacher")
+  specs = cfg.teachers.models
+  given = (None,) * len(specs) if teacher_params is None else tuple(teacher_params)
+  if len(given) != len(specs):
+    raise errors.UserError(f"teacher_params holds {len(given)} teachers; teachers.models names "
+                           f"{len(specs)}")
+  loaded = [run_plan.load_model(t.model, mesh, rules, params=p, what=f"teacher {t.name!r}")
+            for t, p in zip(specs, given)]
+  return tuple(tuple(x[i] for x in loaded) for i in range(3))
+
+
+def _teacher_route(cfg, train_ex, primary: bool):
+  """Several teachers: the teacher index of every training example (printed as counts)."""
+  if not cfg.teachers.models:
+    return None
+  table = teachers_lib.route_table(train_ex, cfg.teachers)
+  if primary:
+    routed = ", ".join(f"{k}: {v}" for k, v in
+                       teachers_lib.counts(table, cfg.teachers.names).items())
+    print(f"teachers: training examples per teacher ({cfg.teachers.route} route): {routed}",
+          file=sys.stderr, flush=True)
+  return table
 
 
 def _snapshots_on_disk(snap_dir: epath.Path, written: Mapping[int, str]) -> dict[int, str]:
@@ -360,12 +390,12 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
   hf.check_tokenizer(student_cfg, tok)
   t_cfg = teacher_graphdef = t_params = None
   if needs.teacher:
-    t_cfg, teacher_graphdef, t_params = run_plan.load_model(cfg.teacher, mesh, rules,
-                                                            params=teacher_params, what="teacher")
-    hf.check_tokenizer(t_cfg, tok)
-    if t_cfg.vocab_size != student_cfg.vocab_size:
-      raise errors.UserError(f"teacher vocab_size {t_cfg.vocab_size} != student vocab_size "
-                       f"{student_cfg.vocab_size} (one shared tokenizer is required)")
+    t_cfg, teacher_graphdef, t_params = _load_teachers(cfg, mesh, rules, teacher_params)
+    for one in (t_cfg if isinstance(t_cfg, tuple) else (t_cfg,)):
+      hf.check_tokenizer(one, tok)
+      if one.vocab_size != student_cfg.vocab_size:
+        raise errors.UserError(f"teacher vocab_size {one.vocab_size} != student vocab_size "
+                               f"{student_cfg.vocab_size} (one shared tokenizer is required)")
   plan = run_plan.resolve(cfg, tokenizer=tok, student=student_cfg, teacher=t_cfg)
 
   # Data.
@@ -405,6 +435,7 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
   ctx = recipes_lib.RunContext(
       plan=plan, mesh=mesh, rules=rules, graphdef=graphdef, tx=tx,
       teacher_graphdef=teacher_graphdef, teacher_params=t_params,
+      teacher_route=_teacher_route(cfg, train_ex, primary),
       reference_params=params if needs.reference else None,
       verifier=verifier if needs.verifier else None, tokenizer=tok, token_tx=token_tx,
       knobs=recipe.rollout_knobs(plan),

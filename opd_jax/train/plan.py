@@ -261,7 +261,14 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
   p_shard = mesh_lib.param_shardings(student, mesh, rules)
   tx = make_optimizer(cfg.optim, abstract_params, total_steps=run_plan.total_updates)
   teacher_graphdef = teacher_params = None
-  if run_plan.teacher is not None:
+  # Several routed teachers (`teachers.models`): tuples, one entry per teacher, each resident
+  # and each scoring phase reported on its own (the scoring phases run one after another).
+  routed = isinstance(run_plan.teacher, tuple)
+  teacher_names = cfg.teachers.names if routed else ()
+  if routed:
+    teacher_graphdef = tuple(transformer.graphdef_for(t) for t in run_plan.teacher)
+    teacher_params = tuple(_abstract_params(t, mesh, rules) for t in run_plan.teacher)
+  elif run_plan.teacher is not None:
     teacher_graphdef = transformer.graphdef_for(run_plan.teacher)
     teacher_params = _abstract_params(run_plan.teacher, mesh, rules)
   token_tx = None
@@ -280,8 +287,12 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
               "optimizer_state": device_bytes(state.opt_state),
               "state_extras": device_bytes((state.step, state.rng, state.value,
                                             state.token_state))}
-  if teacher_params is not None:
+  if routed:
+    for name, tp in zip(teacher_names, teacher_params):
+      resident[f"teacher_params/{name}"] = device_bytes(tp)
+  elif teacher_params is not None:
     resident["teacher_params"] = device_bytes(teacher_params)
+  teacher_args = tuple(k for k in resident if k.startswith("teacher_params"))
   if reference_params is not None:
     resident["reference_params"] = device_bytes(reference_params)
   state_args = ("student_params", "optimizer_state", "state_extras")
@@ -336,15 +347,20 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
     if knobs.score_student and (by_teacher or knobs.recompute_old_logp):
       phases.append(scorer("student_scoring", "student", graphdef, state.params, student,
                            "student_params"))
-    if knobs.uses_teacher_logp and not by_teacher:
-      phases.append(scorer("teacher_scoring", "teacher", teacher_graphdef, teacher_params,
-                           run_plan.teacher, "teacher_params"))
-    if knobs.needs_kl:
-      phases.append(_Phase("kl", "student + teacher", under_mesh(
-          lambda: rollout_lib._reverse_kl.lower(
-              graphdef, state.params, teacher_graphdef, teacher_params, tokens, mask, mask,
-              temperature=run_plan.sampler.temperature, chunk_size=chunk,
-              rules=rules)), ("student_params", "teacher_params")))
+    each_teacher = (tuple(zip(teacher_names, teacher_graphdef, teacher_params,
+                              run_plan.teacher)) if routed else
+                    (("", teacher_graphdef, teacher_params, run_plan.teacher),))
+    for name, t_gd, t_params, t_cfg in each_teacher:
+      sfx, arg = (f"/{name}", f"teacher_params/{name}") if name else ("", "teacher_params")
+      if knobs.uses_teacher_logp and not by_teacher:
+        phases.append(scorer(f"teacher_scoring{sfx}", f"teacher{' ' + name if name else ''}",
+                             t_gd, t_params, t_cfg, arg))
+      if knobs.needs_kl:
+        phases.append(_Phase(f"kl{sfx}", "student + teacher", under_mesh(
+            lambda t_gd=t_gd, t_params=t_params: rollout_lib._reverse_kl.lower(
+                graphdef, state.params, t_gd, t_params, tokens, mask, mask,
+                temperature=run_plan.sampler.temperature, chunk_size=chunk,
+                rules=rules)), ("student_params", arg)))
     if knobs.reference:
       phases.append(scorer("reference_scoring", "reference", graphdef, reference_params,
                            run_plan.reference, "reference_params"))
@@ -359,7 +375,7 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
   extra = _step_extra_args(run_plan, teacher_params)
   step_fn = recipe.jit_step(ctx, s_shard)
   phases.append(_Phase("train_step", "student", lambda: step_fn.lower(state, batch, *extra),
-                       state_args + (("teacher_params",) if extra else ()),
+                       state_args + (teacher_args if extra else ()),
                        attention_scores_bytes=scores(student, run_plan.seq_len, run_plan.seq_len)))
 
   # Student re-scoring and reference scoring run the same function on the same shapes: compile
@@ -384,8 +400,10 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
       "num_params": student.num_params,
       "param_dtype": student.param_dtype,
       "dtype": student.dtype,
-      "teacher_num_params": run_plan.teacher.num_params if run_plan.teacher else None,
-      "teacher_param_dtype": run_plan.teacher.param_dtype if run_plan.teacher else None,
+      "teacher_num_params": (sum(t.num_params for t in run_plan.teacher) if routed else
+                             run_plan.teacher.num_params if run_plan.teacher else None),
+      "teacher_param_dtype": (run_plan.teacher[0].param_dtype if routed else
+                              run_plan.teacher.param_dtype if run_plan.teacher else None),
       "rows": rows,
       "seq_len": run_plan.seq_len,
       "prompt_len": run_plan.prompt_buckets[-1] if recipe.uses_rollouts else None,
@@ -400,6 +418,15 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
       "compile_seconds": round(sum(r["compile_seconds"] for r in results.values()), 2),
       "wall_seconds": round(time.perf_counter() - t_start, 2),
   }
+  if routed:
+    # The teachers score one after another: the scoring peak is the largest teacher's, not the
+    # sum (their weights are all resident).
+    scoring_phases = [k for k in results if k.startswith(("teacher_scoring/", "kl/"))]
+    out["teachers"] = {name: {"num_params": t.num_params, "param_dtype": t.param_dtype}
+                       for name, t in zip(teacher_names, run_plan.teacher)}
+    if scoring_phases:  # (the direct route computes the teachers inside the train step)
+      out["teacher_scoring_bound_bytes"] = max(results[k]["transient_bytes"]
+                                               for k in scoring_phases)
   for k in ("resident", "peak_phase", "total"):
     out[f"{k}_gib"] = out[f"{k}_bytes"] / _GIB
   if print_fn is not None:
@@ -419,7 +446,11 @@ def format_plan(result: dict) -> str:
            f"{result['rows']} rows x {result['seq_len']} tokens")
   models = (f"student {_params_str(result['num_params'])} params ({result['param_dtype']} "
             f"weights, {result['dtype']} compute)")
-  if result["teacher_num_params"]:
+  if result.get("teachers"):
+    models += ", teachers " + ", ".join(
+        f"{name} {_params_str(t['num_params'])} ({t['param_dtype']} weights)"
+        for name, t in result["teachers"].items())
+  elif result["teacher_num_params"]:
     models += (f", teacher {_params_str(result['teacher_num_params'])} "
                f"({result['teacher_param_dtype']} weights)")
   lines = [f"plan: one {result['method']} iteration, {models}; {shape}; {result['n_devices']} "
@@ -431,11 +462,16 @@ def format_plan(result: dict) -> str:
   for k, label in RESIDENT_LABELS.items():
     if k in result["resident"]:
       lines.append(f"    {label:<48} {_human(result['resident'][k])}")
+    elif k == "teacher_params":  # several teachers, one line each
+      for name in result.get("teachers", {}):
+        lines.append(f"    {'teacher params (' + name + ')':<48} "
+                     f"{_human(result['resident'][f'teacher_params/{name}'])}")
   lines.append(f"    {'= resident':<48} {_human(result['resident_bytes'])}")
   lines.append("  phases (run one after another; XLA memory analysis: temporaries + outputs + "
                "non-weight inputs)")
   for k, r in result["phases"].items():
-    label = f"{PHASE_LABELS.get(k, k)} ({r['model']})"
+    base = k.split("/")[0]
+    label = f"{PHASE_LABELS.get(base, base)} ({r['model']})"
     lines.append(f"    {label:<48} {_human(r['transient_bytes'])}   temp "
                  f"{_human(r['temp_bytes']).strip()}, compiled in {r['compile_seconds']:.1f} s")
     if r.get("kv_cache_bytes"):
@@ -443,6 +479,9 @@ def format_plan(result: dict) -> str:
     if r.get("attention_scores_bytes"):
       lines.append(f"      {'one layer attention-score block (analytic)':<46} "
                    f"{_human(r['attention_scores_bytes'])}")
+  if "teacher_scoring_bound_bytes" in result:
+    lines.append(f"  teacher scoring bound (the largest teacher's scoring; the teachers score one "
+                 f"after another) {_human(result['teacher_scoring_bound_bytes']).strip()}")
   peak = result["peak_phase"]
   lines.append(f"  total = resident + the largest phase ({PHASE_LABELS.get(peak, peak)}) = "
                f"{_human(result['resident_bytes']).strip()} + "

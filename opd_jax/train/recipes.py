@@ -74,7 +74,10 @@ class RunContext:
     mesh / rules: the device mesh and logical-axis rules.
     graphdef: the student's graphdef.
     tx: the policy optimizer.
-    teacher_graphdef / teacher_params: None when the recipe needs no teacher.
+    teacher_graphdef / teacher_params: None when the recipe needs no teacher; tuples (one entry
+      per teacher) with several routed teachers (`train.teachers`).
+    teacher_route: with several teachers, int32 [N] the teacher index of every training example
+      (`teachers.route_table`); None otherwise.
     reference_params: the frozen initial student (None unless needs.reference).
     verifier: training-reward verifier (None unless needs.verifier).
     tokenizer: decodes responses for the verifier.
@@ -92,6 +95,7 @@ class RunContext:
   tx: Any
   teacher_graphdef: Any = None
   teacher_params: Any = None
+  teacher_route: np.ndarray | None = None
   reference_params: Any = None
   verifier: Any = None
   tokenizer: Any = None
@@ -190,12 +194,24 @@ class Recipe:
   def validate(self, cfg) -> None:
     _validate_lora(cfg)
     needs = self.needs(cfg)
-    if needs.teacher and cfg.teacher.source == "none":
+    several = bool(cfg.teachers.models)
+    if needs.teacher and cfg.teacher.source == "none" and not several:
       raise _config_error(
           f"method={self.name!r} (rollout.policy={cfg.rollout.policy!r}) needs a teacher: set "
           "teacher.source to 'random', 'hf' or 'checkpoint' (or pass teacher_params to loop.run)")
     if not needs.teacher:
-      _refuse_unread(cfg, self.name, ("teacher",), "it uses no teacher")
+      _refuse_unread(cfg, self.name, ("teacher", "teachers"), "it uses no teacher")
+    if several:
+      if cfg.teacher.source != "none":
+        raise _config_error(f"config.teacher.source={cfg.teacher.source!r} and config.teachers."
+                            "models are both set: a run has one teacher or routed teachers; set "
+                            "teacher.source='none'")
+      if cfg.rollout.policy != "student":
+        raise _config_error("config.rollout.policy='teacher' samples with one teacher; with "
+                            "several teachers (teachers.models) the student samples")
+      if getattr(cfg.pg, "needs_teacher", False):
+        raise _config_error(f"config.pg.cr.coef={cfg.pg.cr.coef!r}: CR-OPD's teacher-support "
+                            "term reads one teacher; it is not available with teachers.models")
     if self.uses_rollouts:
       _refuse_unread(cfg, self.name, ("data.pack",), "only method='sft' packs examples; "
                      "rollout prompts are not packed")
@@ -295,7 +311,19 @@ def _prompts(ctx, host):
   from opd_jax.models import sampler as sampler_lib
   sampler_lib.check_prompts_host(host["prompt_tokens_BxP"], host["prompt_mask_BxP"],
                                  ctx.plan.student.vocab_size)
-  return ctx.to_device({k: host[k] for k in ("prompt_tokens_BxP", "prompt_mask_BxP", "valid_B")})
+  rows = {k: host[k] for k in ("prompt_tokens_BxP", "prompt_mask_BxP", "valid_B")}
+  if ctx.teacher_route is not None:  # several teachers: each row's, from its example index
+    from opd_jax.train import teachers as teachers_lib
+    rows["teacher_id_B"] = teachers_lib.teacher_ids(ctx.teacher_route, host["example_idx_B"])
+  return ctx.to_device(rows)
+
+
+def _teacher_shardings(ctx):
+  """Shardings of the teacher params (a tuple of them with several teachers)."""
+  from opd_jax.train import mesh as mesh_lib
+  if isinstance(ctx.plan.teacher, tuple):
+    return tuple(mesh_lib.param_shardings(t, ctx.mesh, ctx.rules) for t in ctx.plan.teacher)
+  return mesh_lib.param_shardings(ctx.plan.teacher, ctx.mesh, ctx.rules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,7 +395,8 @@ class PG(Recipe):
         mix_alpha=cfg.rollout.mix_alpha if self.teacher_reward and self.verifier_reward else None,
         chunk_size=cfg.rollout.chunk_size, recompute_old_logp=cfg.rollout.recompute_old_logp,
         reference=needs.reference, value_head=needs.value_head,
-        verifier_reasons=verifier_reasons(cfg) if self.verifier_reward else ())
+        verifier_reasons=verifier_reasons(cfg) if self.verifier_reward else (),
+        teacher_names=cfg.teachers.names if self.teacher_reward else ())
 
   def abstract_batch(self, plan) -> dict:
     fields = dict(_SFT_BATCH, old_logp_BxT=jnp.float32, adv_BxT=jnp.float32)
@@ -415,7 +444,7 @@ class PG(Recipe):
                               prompts["prompt_mask_BxP"],
                               rollout_lib.rollout_rng(state.rng, state.step), knobs,
                               reference_params=ctx.reference_params, value_params=value_params,
-                              clock=ctx.clock)
+                              clock=ctx.clock, teacher_id_B=prompts.get("teacher_id_B"))
     seq_rewards = None
     if self.verifier_reward:
       t0 = time.perf_counter()
@@ -456,22 +485,30 @@ class Distill(Recipe):
   def step_takes_teacher(self, plan) -> bool:
     return True
 
+  def abstract_batch(self, plan) -> dict:
+    fields = dict(_SFT_BATCH)
+    if plan.cfg.teachers.models:
+      fields["teacher_id_BxT"] = jnp.int32
+    return _batch_fields(plan.rows, plan.seq_len, fields)
+
   def rollout_knobs(self, plan):
     from opd_jax.train import rollout as rollout_lib
     cfg = plan.cfg
     return rollout_lib.RolloutKnobs(
         teacher_reward=False, verifier_reward=False, policy=cfg.rollout.policy,
         sampler=plan.sampler, group_size=cfg.rollout.group_size,
-        chunk_size=cfg.rollout.chunk_size, score_student=False)
+        chunk_size=cfg.rollout.chunk_size, score_student=False,
+        teacher_names=cfg.teachers.names)
 
   def jit_step(self, ctx, state_shardings):
     from opd_jax.train import mesh as mesh_lib
+    names = {"teacher_names": ctx.knobs.teacher_names} if ctx.knobs.teacher_names else {}
     return steps_lib.jit_step(
         steps_lib.distill_step, ctx.mesh, state_shardings,
         mesh_lib.batch_sharding(ctx.mesh, 2, ctx.rules), rules=ctx.rules,
-        extra_shardings=(mesh_lib.param_shardings(ctx.plan.teacher, ctx.mesh, ctx.rules),),
+        extra_shardings=(_teacher_shardings(ctx),),
         graphdef=ctx.graphdef, teacher_graphdef=ctx.teacher_graphdef, tx=ctx.tx,
-        cfg=ctx.plan.step_cfg, **_lora_knobs(ctx))
+        cfg=ctx.plan.step_cfg, **_lora_knobs(ctx), **names)
 
   def make_batch(self, ctx, state, host):
     from opd_jax.train import rollout as rollout_lib
@@ -480,8 +517,9 @@ class Distill(Recipe):
                               ctx.teacher_params, prompts["prompt_tokens_BxP"],
                               prompts["prompt_mask_BxP"],
                               rollout_lib.rollout_rng(state.rng, state.step), ctx.knobs,
-                              clock=ctx.clock)
-    batch, metrics = rollout_lib.distill_batch(ro, prompts["valid_B"])
+                              clock=ctx.clock, teacher_id_B=prompts.get("teacher_id_B"))
+    batch, metrics = rollout_lib.distill_batch(ro, prompts["valid_B"],
+                                               teacher_names=ctx.knobs.teacher_names)
     return state, (batch, ctx.teacher_params), metrics
 
 

@@ -56,6 +56,7 @@ from opd_jax.objectives import reduce
 from opd_jax.objectives import rlvr
 from opd_jax.optim import tokens as tokens_lib
 from opd_jax.train import metrics as metrics_lib
+from opd_jax.train import teachers as teachers_lib
 
 # -- token transforms: ONE table, name -> factory(**kwargs) ---------------------------------------
 TOKEN_TRANSFORMS: dict[str, Callable[..., optax.GradientTransformation]] = {
@@ -102,6 +103,8 @@ class RolloutKnobs:
     reference: score the rollout with the frozen initial student (ref_logp_BxT, KL-to-reference).
     value_head: evaluate the learned value head on the rollout (GAE-OPD with value='learned').
     score_student: old_logp is needed (PG); the direct route needs tokens and masks only.
+    teacher_names: the names of several routed teachers (`train.teachers`; per-teacher metrics
+      `teacher/<name>/*`), empty with one teacher.
     verifier_reasons: the verifier's fixed reason set (`verifiers.reasons_of`): per-reason counts
       of the step's rollouts are logged as `verifier/<reason>`.
   """
@@ -122,6 +125,7 @@ class RolloutKnobs:
   value_head: bool = False
   score_student: bool = True
   verifier_reasons: tuple[str, ...] = ()
+  teacher_names: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.teacher_reward and self.verifier_reward and self.mix_alpha is None:
@@ -154,6 +158,7 @@ class Rollout(NamedTuple):
   kl_BxT: jax.Array | None = None
   ref_logp_BxT: jax.Array | None = None
   values_BxT: jax.Array | None = None
+  teacher_id_B: jax.Array | None = None  # int32 [B]: each row's teacher (several teachers)
 
 
 def _batch_constrain(x):
@@ -193,14 +198,16 @@ def _values(student_graphdef, student_params, value_params, tokens_BxT, mask_BxT
 
 def generate(student_graphdef, student_params, teacher_graphdef, teacher_params, prompt_BxP,
              prompt_mask_BxP, rng, knobs: RolloutKnobs, *, reference_params=None,
-             value_params=None, clock=None) -> Rollout:
+             value_params=None, clock=None, teacher_id_B=None) -> Rollout:
   """Samples with the behaviour policy and scores the rollout (module docstring).
 
   Runs under the caller's mesh (`jax.set_mesh`) and axis rules (`sharding.axis_rules`); teacher
   arguments may be None when the rollout does not use a teacher. `reference_params` (the frozen
   initial student) give `ref_logp_BxT` when `knobs.reference`; `value_params` (the learned value
   head) give `values_BxT` when `knobs.value_head`. `clock` (`timing.PhaseClock`) is told when
-  each phase is dispatched (it never blocks here). The pieces are separately jitted module-level
+  each phase is dispatched (it never blocks here). Several routed teachers (a tuple of graphdefs
+  and of params, `train.teachers`) take `teacher_id_B` (int32 [B], each row's teacher): each
+  scores the batch in turn and each row keeps its own teacher's numbers. The pieces are separately jitted module-level
   functions (`sampler.sample`, `scoring.token_logprobs`, the chunked KL), each compiled once per
   shape and shared by every recipe that uses the same sampler settings.
   """
@@ -240,12 +247,15 @@ def generate(student_graphdef, student_params, teacher_graphdef, teacher_params,
       old_logp = out.logp_BxT
   teacher_logp = kl = ref_logp = values = None
   if knobs.uses_teacher_logp:
-    teacher_logp = out.logp_BxT if by_teacher else score(teacher_graphdef, teacher_params)
+    teacher_logp = out.logp_BxT if by_teacher else teachers_lib.score_routed(
+        score, teacher_graphdef, teacher_params, teacher_id_B)
     clock.device("teacher_score", teacher_logp)
   if knobs.needs_kl:
-    kl = _reverse_kl(student_graphdef, student_params, teacher_graphdef, teacher_params, tokens,
-                     mask, loss_mask, temperature=temperature, chunk_size=knobs.chunk_size,
-                     rules=sharding.current_rules())
+    kl = teachers_lib.score_routed(
+        lambda gd, p: _reverse_kl(student_graphdef, student_params, gd, p, tokens, mask,
+                                  loss_mask, temperature=temperature,
+                                  chunk_size=knobs.chunk_size, rules=sharding.current_rules()),
+        teacher_graphdef, teacher_params, teacher_id_B)
     clock.device("teacher_score", kl)
   if knobs.reference:
     ref_logp = score(student_graphdef, reference_params)
@@ -255,7 +265,7 @@ def generate(student_graphdef, student_params, teacher_graphdef, teacher_params,
                      rules=sharding.current_rules())
     clock.device("value_head", values)
   return Rollout(tokens, mask, loss_mask, out.lengths_B, old_logp, teacher_logp, kl, ref_logp,
-                 values)
+                 values, teacher_id_B)
 
 
 @jax.jit
@@ -289,6 +299,10 @@ def _advantages(rollout: Rollout, valid_B, seq_rewards_B, reason_ids_B, token_st
       reward = log_ratio.rewards(rollout.old_logp_BxT, rollout.teacher_logp_BxT, loss_mask)
       metrics.update(log_ratio.opd_metrics(rollout.old_logp_BxT, rollout.teacher_logp_BxT,
                                            loss_mask, rollout.kl_BxT if knobs.needs_kl else None))
+      if knobs.teacher_names:
+        metrics.update(teachers_lib.metrics(
+            knobs.teacher_names, rollout.teacher_id_B, valid_B, loss_mask, reward_BxT=reward,
+            kl_BxT=rollout.kl_BxT if knobs.needs_kl else None))
       if token_tx is not None:
         reward, token_state = token_tx.update(reward, token_state, signal=-reward,
                                               mask=loss_mask)
@@ -351,12 +365,22 @@ def advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, knobs: Rol
                      token_tx=token_tx, rules=sharding.current_rules())
 
 
-@jax.jit
-def distill_batch(rollout: Rollout, valid_B) -> tuple[dict, dict]:
-  """The `distill_step` batch of a rollout (filler rows leave the loss mask) and its metrics."""
+@functools.partial(jax.jit, static_argnames=("teacher_names",))
+def distill_batch(rollout: Rollout, valid_B, teacher_names: tuple[str, ...] = ()
+                  ) -> tuple[dict, dict]:
+  """The `distill_step` batch of a rollout (filler rows leave the loss mask) and its metrics;
+  with several teachers the batch carries `teacher_id_BxT` (each row's teacher, repeated along T
+  so that it shards like the other fields) and the metrics count each teacher's rows and
+  tokens."""
   batch = {"tokens_BxT": rollout.tokens_BxT, "mask_BxT": rollout.mask_BxT,
            "loss_mask_BxT": rollout.loss_mask_BxT & valid_B[:, None]}
-  return batch, {"rollout/response_len": jnp.mean(rollout.lengths_B.astype(jnp.float32))}
+  metrics = {"rollout/response_len": jnp.mean(rollout.lengths_B.astype(jnp.float32))}
+  if teacher_names:
+    batch["teacher_id_BxT"] = jnp.broadcast_to(rollout.teacher_id_B[:, None],
+                                               rollout.tokens_BxT.shape)
+    metrics.update(teachers_lib.metrics(teacher_names, rollout.teacher_id_B, valid_B,
+                                        batch["loss_mask_BxT"]))
+  return batch, metrics
 
 
 # -- host side: decode + verify -------------------------------------------------------------------

@@ -141,21 +141,22 @@ def load_tokenizer(cfg: TrainConfig):
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def teacher_tokenizer_dir(cfg: TrainConfig) -> str | None:
+def teacher_tokenizer_dir(cfg: TrainConfig, spec=None) -> str | None:
   """The teacher's own tokenizer directory (a Hugging Face teacher whose directory holds tokenizer
-  files), or None (a checkpoint / random teacher uses the run's tokenizer)."""
-  t = cfg.teacher
+  files), or None (a checkpoint / random teacher uses the run's tokenizer). `spec`: one teacher's
+  `ModelSpec` (default `cfg.teacher`)."""
+  t = cfg.teacher if spec is None else spec
   if t.source != "hf" or not t.path:
     return None
   d = epath.Path(t.path)
   return t.path if any((d / f).is_file() for f in _TOKENIZER_FILES) else None
 
 
-def check_teacher_tokenizer(cfg: TrainConfig, tokenizer) -> None:
+def check_teacher_tokenizer(cfg: TrainConfig, tokenizer, spec=None) -> None:
   """Refuses (`tokenizer.TokenizerMismatchError`, one line naming the first differing token and
   its ids) a teacher whose own tokenizer differs from the run's (`data.tokenizer`) in vocabulary
   or special / chat-template control tokens."""
-  path = teacher_tokenizer_dir(cfg)
+  path = teacher_tokenizer_dir(cfg, spec)
   if path is None or tokenizer is None or (cfg.data.tokenizer and
                                            epath.Path(cfg.data.tokenizer) == epath.Path(path)):
     return
@@ -180,7 +181,11 @@ def load_examples_with_reports(cfg: TrainConfig, tokenizer) -> tuple[list, list,
     return train, [], {"train": report}
   kw = dict(layout=d.layout, on_error=d.on_error, tokenizer=tokenizer,
             max_prompt_tokens=d.max_prompt_tokens or None, dedup=d.dedup)
-  train, report = datasets_lib.load_prompt_set(d.path, limit=d.train_examples or None, **kw)
+  # Several teachers routed by domain: the training rows name their domain in teachers.field.
+  routed = cfg.teachers.models and cfg.teachers.route == "domain"
+  train, report = datasets_lib.load_prompt_set(
+      d.path, limit=d.train_examples or None,
+      domain_field=cfg.teachers.field if routed else "", **kw)
   reports = {"train": report}
   evals = []
   if d.eval_path:
@@ -323,8 +328,9 @@ class RunPlan:
     cfg: the typed config it was resolved from (for provenance; read settings from here only
       when the plan has no resolved field for them).
     recipe: the method's `recipes.Recipe`.
-    student / teacher / reference: model configs (teacher None when the recipe needs none;
-      reference: the frozen initial student for KL-to-reference, else None).
+    student / teacher / reference: model configs (teacher None when the recipe needs none, a
+      tuple of them with several routed teachers (`teachers.models`, in order); reference: the
+      frozen initial student for KL-to-reference, else None).
     prompt_buckets / sft_buckets: padded lengths of rollout prompts / SFT sequences.
     max_new_tokens: the response budget.
     rows: global rows of one train step (prompts x group size for rollouts).
@@ -340,7 +346,7 @@ class RunPlan:
   cfg: TrainConfig
   recipe: Any
   student: ModelConfig
-  teacher: ModelConfig | None
+  teacher: ModelConfig | tuple[ModelConfig, ...] | None
   reference: ModelConfig | None
   prompt_buckets: tuple[int, ...]
   sft_buckets: tuple[int, ...]
@@ -367,7 +373,8 @@ class RunPlan:
 
 
 def resolve(cfg: TrainConfig, *, tokenizer=None, student: ModelConfig | None = None,
-            teacher: ModelConfig | None = None, shapes_only: bool = False) -> RunPlan:
+            teacher: ModelConfig | tuple[ModelConfig, ...] | None = None,
+            shapes_only: bool = False) -> RunPlan:
   """The `RunPlan` of a config (no weights are read).
 
   Args:
@@ -386,7 +393,13 @@ def resolve(cfg: TrainConfig, *, tokenizer=None, student: ModelConfig | None = N
   prompt_b, sft_b, max_new = sequence_lengths(cfg)
   student_cfg = student if student is not None else spec_model_config(cfg.student)
   teacher_cfg = None
-  if needs.teacher:
+  if needs.teacher and cfg.teachers.models:
+    specs = [t.model for t in cfg.teachers.models]
+    teacher_cfg = teacher if teacher is not None else tuple(spec_model_config(m) for m in specs)
+    if not shapes_only:
+      for m in specs:
+        check_teacher_tokenizer(cfg, tokenizer, m)
+  elif needs.teacher:
     teacher_cfg = teacher if teacher is not None else spec_model_config(cfg.teacher)
     if not shapes_only:
       check_teacher_tokenizer(cfg, tokenizer)

@@ -67,6 +67,7 @@ from opd_jax.objectives import sft
 from opd_jax.objectives import surrogate
 from opd_jax.optim import factory
 from opd_jax.train import mesh as mesh_lib
+from opd_jax.train import teachers as teachers_lib
 from opd_jax.train.state import TrainState, step_rng
 
 _BARRIER_TIMEOUT_MS = 30 * 60 * 1000  # a slow first compile on some process is fine
@@ -481,10 +482,19 @@ def _finish(state: TrainState, params, opt_state, metrics: Metrics, updates: int
 
 
 def _teacher(teacher_graphdef, teacher_params, mb: Batch):
-  """The teacher as a `(logits_fn, h)` pair on the batch's tokens, under stop-gradient."""
+  """The teacher as a `(logits_fn, h)` pair on the batch's tokens, under stop-gradient; several
+  routed teachers (tuples, `train.teachers`) give each row its own teacher's logits by the
+  batch's `teacher_id_BxT` (each row's teacher index, repeated along T)."""
   tp = jax.lax.stop_gradient(teacher_params)
-  th = scoring.shifted_hidden(teacher_graphdef, tp, mb["tokens_BxT"], mb["mask_BxT"])
-  return scoring.unembed_fn(teacher_graphdef, tp), jax.lax.stop_gradient(th)
+  tokens, mask = mb["tokens_BxT"], mb["mask_BxT"]
+
+  def hidden(gd, p):
+    return jax.lax.stop_gradient(scoring.shifted_hidden(gd, p, tokens, mask))
+
+  if teachers_lib.is_routed(teacher_graphdef):
+    return teachers_lib.routed_teacher(teacher_graphdef, tp, hidden, scoring.unembed_fn,
+                                       mb["teacher_id_BxT"][:, 0], tokens.shape)
+  return scoring.unembed_fn(teacher_graphdef, tp), hidden(teacher_graphdef, tp)
 
 
 # -- steps ----------------------------------------------------------------------------------------
@@ -627,18 +637,26 @@ def pg_step(state: TrainState, batch: Batch, teacher_params=None, *, graphdef,
 
 def distill_step(state: TrainState, batch: Batch, teacher_params, *, graphdef, teacher_graphdef,
                  tx: optax.GradientTransformation, cfg: DistillStepConfig = DistillStepConfig(),
-                 lora_scale: float | None = None) -> tuple[TrainState, Metrics]:
+                 lora_scale: float | None = None, teacher_names: tuple[str, ...] = ()
+                 ) -> tuple[TrainState, Metrics]:
   """One direct-route update: a divergence between full (or top-k) teacher and student
   distributions on the rollout's response positions (`objectives.distill.divergence_loss`).
 
   Batch: tokens_BxT, mask_BxT, loss_mask_BxT; the teacher is computed here from
   `teacher_params` (any model sharing the tokenizer), unless the batch carries precomputed
   `teacher_ids_BxTxK` / `teacher_logp_BxTxK` (`scoring.topk_logprobs`; then `teacher_params` is
-  unused and may be None).
+  unused and may be None). Several routed teachers (`teacher_graphdef` / `teacher_params` tuples,
+  `train.teachers`, names `teacher_names`) read the batch's `teacher_id_BxT` and add the metric
+  `teacher/<name>/<kind>` (that teacher's token-mean divergence).
   """
   _check_batch(batch, SFT_FIELDS, "distill_step")
   topk = "teacher_ids_BxTxK" in batch
-  fields = SFT_FIELDS + (("teacher_ids_BxTxK", "teacher_logp_BxTxK") if topk else ())
+  routed = teachers_lib.is_routed(teacher_graphdef) and not topk
+  if routed and len(teacher_names) != len(teacher_graphdef):
+    raise ValueError(f"distill_step: {len(teacher_graphdef)} routed teachers need as many "
+                     f"teacher_names, got {teacher_names!r}")
+  fields = SFT_FIELDS + (("teacher_ids_BxTxK", "teacher_logp_BxTxK") if topk else ()) + (
+      ("teacher_id_BxT",) if routed else ())
   data = {k: batch[k] for k in fields}
   dcfg = cfg.distill
 
@@ -649,7 +667,9 @@ def distill_step(state: TrainState, batch: Batch, teacher_params, *, graphdef, t
       teacher = distill.TopK(mb["teacher_ids_BxTxK"], mb["teacher_logp_BxTxK"])
     else:
       teacher = _teacher(teacher_graphdef, teacher_params, mb)
-    s, d, m = distill.divergence_loss(student_fn, h, teacher, mb["loss_mask_BxT"], dcfg)
+    groups = (dict(group_B=mb["teacher_id_BxT"][:, 0], group_names=teacher_names) if routed
+              else {})
+    s, d, m = distill.divergence_loss(student_fn, h, teacher, mb["loss_mask_BxT"], dcfg, **groups)
     parts = {}
     s = _add_router_aux(graphdef, params, s, d, parts, aux)
     return s, (d, parts, m)

@@ -225,10 +225,13 @@ def iteration_flops(plan) -> float:
     return model_flops(student, rows, seq, backward=True)
   knobs = plan.recipe.rollout_knobs(plan)
   teacher = plan.teacher or student
+  # Several routed teachers each run over the whole batch (`train.teachers`); rollout.policy
+  # 'teacher' always has a single teacher.
+  teachers = teacher if isinstance(teacher, tuple) else (teacher,)
   sampler = teacher if knobs.policy == "teacher" else student
   total = model_flops(sampler, rows, seq, backward=False)
-  fwd_s, fwd_t = (model_flops(student, rows, seq, backward=False),
-                  model_flops(teacher, rows, seq, backward=False))
+  fwd_s = model_flops(student, rows, seq, backward=False)
+  fwd_t = sum(model_flops(t, rows, seq, backward=False) for t in teachers)
   if knobs.score_student and (knobs.policy == "teacher" or knobs.recompute_old_logp):
     total += fwd_s
   if knobs.teacher_reward and knobs.policy != "teacher":
