@@ -266,6 +266,9 @@ def save_snapshot(directory, step: int, params, model_cfg: ModelConfig | None = 
     from opd_jax.train import snapshot_delta  # noqa: PLC0415 - it imports this module
     return snapshot_delta.save(directory, step, params, model_cfg, meta, value_head=value_head)
   root = as_path(directory)
+  if (root / str(int(step))).is_dir():  # a rewrite: keep delta snapshots based on it readable
+    from opd_jax.train import snapshot_delta  # noqa: PLC0415
+    snapshot_delta.before_replace(root, step, params)
   info = dict(meta or {})
   info["step"] = int(step)
   if model_cfg is not None:
@@ -354,7 +357,10 @@ def load_params_and_config(path, *, shardings=None) -> tuple[dict, ModelConfig |
   step_dir = epath.Path(resolve_step_dir(path))
   meta = _read_meta(step_dir)
   cfg = model_config_from_dict(meta["model_config"]) if "model_config" in meta else None
-  if (step_dir / PARAMS).is_dir():
+  if (step_dir / DELTA).is_dir():
+    from opd_jax.train import snapshot_delta  # noqa: PLC0415
+    params = snapshot_delta.load(step_dir, shardings=shardings)
+  elif (step_dir / PARAMS).is_dir():
     item = step_dir / PARAMS
     target = _abstract_from_metadata(item, shardings)
     params = ocp.StandardCheckpointer().restore(item, target)
