@@ -18,7 +18,9 @@ Useful tokens = response tokens up to and including EOS (what training consumes)
 useful tokens per second of one whole sampling call (prefill + decode, best of `--repeats`;
 opd_jax's first call, which compiles, is timed separately as `compile_s_*`):
   rollout   `sampler.sample` with the rollout's settings: shared prefill per prompt
-            (group_size = G) and compacted decoding (mode='compact');
+            (group_size = G) and continuous batching (mode='continuous', `--slots` decode slots,
+            0 = `sampler.default_slots`: a quarter of the rows; `--mode compact` for the
+            power-of-two compaction instead);
   static    the baseline: every row prefilled on its own, every row decoded until the last one
             ends (mode='static', group_size=1). Same keys: the same tokens as `rollout` (checked);
   hf        transformers `generate(do_sample=True, top_k=0, top_p=1)` on the same prompts x G
@@ -73,6 +75,10 @@ def main(argv=None):
   parser.add_argument("--eos-count", type=int, default=None,
                       help="EOS ids (stop probability ~ eos_count / vocab per step)")
   parser.add_argument("--min-bucket", type=int, default=8)
+  parser.add_argument("--mode", default="continuous", choices=("continuous", "compact"),
+                      help="the rollout sampler's decode mode")
+  parser.add_argument("--slots", type=int, default=0,
+                      help="'continuous' decode slots (0 = sampler.default_slots)")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--no-hf", action="store_true", help="skip transformers generate")
   args = parser.parse_args(argv)
@@ -95,8 +101,8 @@ def main(argv=None):
   b = rows.shape[0]
   base = dict(temperature=1.0, eos_id=eos_ids, pad_id=pad_id)
   configs = {
-      "rollout": sampler.SamplerConfig(max_new, group_size=g, mode="compact",
-                                       min_bucket=args.min_bucket, **base),
+      "rollout": sampler.SamplerConfig(max_new, group_size=g, mode=args.mode,
+                                       min_bucket=args.min_bucket, slots=args.slots, **base),
       "static": sampler.SamplerConfig(max_new, mode="static", **base),
   }
   result = {"bench": "rollout", "preset": "small", "num_params": cfg.num_params,
@@ -104,7 +110,12 @@ def main(argv=None):
             "prompt_len": prompt_len, "max_new_tokens": max_new, "eos_count": eos_count,
             "eos_stop_prob_uniform": round(eos_count / vocab, 5), "temperature": 1.0,
             "repeats": repeats, "quick": args.quick,
-            "buckets": list(sampler.buckets(b, "compact", args.min_bucket)),
+            "mode": args.mode,
+            "slots": (sampler.slot_count(b, configs["rollout"]) if args.mode == "continuous"
+                      else None),
+            "buckets": list(sampler.buckets(
+                sampler.slot_count(b, configs["rollout"]) if args.mode == "continuous" else b,
+                "compact", args.min_bucket)),
             "cpu_model": timing.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "jax_backend": jax.default_backend(), "cpu_count": os.cpu_count()}
   print(f"cpu: {result['cpu_model']}; XLA_FLAGS={result['xla_flags']!r}", file=sys.stderr)

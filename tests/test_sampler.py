@@ -369,7 +369,7 @@ def test_compact_shared_on_fake_mesh_equals_static_single_device():
 
 def test_group_and_mode_settings_name_the_problem():
   with pytest.raises(ValueError, match="mode"):
-    sampler.SamplerConfig(4, eos_id=1, pad_id=0, mode="continuous")
+    sampler.SamplerConfig(4, eos_id=1, pad_id=0, mode="dynamic")
   with pytest.raises(ValueError, match="group_size"):
     sampler.SamplerConfig(4, eos_id=1, pad_id=0, group_size=0)
   with pytest.raises(ValueError, match="min_bucket"):

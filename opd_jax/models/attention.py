@@ -293,3 +293,66 @@ def cached_attention(q_BxTxHxh, k_BxSxKxh, v_BxSxKxh, cache_index, kv_mask_BxS,
   branch = jnp.clip((need - 1) // width, 0, len(lengths) - 1)
   branches = [functools.partial(over_prefix, n) for n in lengths]
   return jax.lax.switch(branch, branches, *operands)
+
+
+# -- one decode token per row, each row at its own cache slot -------------------------------------
+# Width (slots) of the cache blocks `rows_decode_attention` reads: the prefix a step reads is the
+# longest row's, rounded up to this (at most `cache_block`).
+ROW_BLOCK = 64
+
+
+def row_block(cache_block: int) -> int:
+  """Block width of `rows_decode_attention` under the model's `cache_block` knob."""
+  return min(ROW_BLOCK, cache_block) if cache_block > 0 else ROW_BLOCK
+
+
+def rows_decode_attention(q_Bx1xHxh, k_BxSxKxh, v_BxSxKxh, k_new_Bx1xKxh, v_new_Bx1xKxh, slot_B,
+                          kv_mask_BxS, *, block: int, layer=None):
+  """Attention of one new token per row, row b at its own cache slot `slot_B[b]`, over its own
+  key and value (`k_new`, `v_new`, not yet in the cache) and the cache slots below slot_B[b]
+  allowed by `kv_mask_BxS`. S must be a multiple of `block`. With `layer` (an int or traced
+  scalar) the cache arguments are every layer's [L, B, S, K, h] and layer `layer` is read (each
+  block sliced straight from the stacked cache).
+
+  An online softmax started from the row's own key, then the cache blocks of `block` slots that
+  the longest row needs: a block entirely at or above a row's slot leaves that row's running
+  max, sum and output bit for bit unchanged (its scores are -inf: rescale exp(0) = 1, probabilities
+  0), so a row's result does not depend on the other rows of the batch (a decode batch may mix
+  rows at different steps and still give each row the numbers it gets alone).
+  """
+  b, _, h, hd = q_Bx1xHxh.shape
+  s, kh = k_BxSxKxh.shape[-3], k_BxSxKxh.shape[-2]
+  g = h // kh
+  if s % block:
+    raise ValueError(f"rows_decode_attention: {s} cache slots are not a multiple of the block "
+                     f"{block}")
+  q_BxKxGxh = q_Bx1xHxh.reshape(b, kh, g, hd).astype(jnp.float32) * (hd ** -0.5)
+  score_new_BxKxG = jnp.einsum("bkgh,bkh->bkg", q_BxKxGxh, k_new_Bx1xKxh[:, 0].astype(jnp.float32))
+  init = (score_new_BxKxG, jnp.ones_like(score_new_BxKxG),
+          jnp.broadcast_to(v_new_Bx1xKxh[:, 0, :, None].astype(jnp.float32), (b, kh, g, hd)))
+
+  def one_block(j, carry):
+    max_BxKxG, sum_BxKxG, acc_BxKxGxh = carry
+    if layer is None:
+      k_Bxwxkxh = jax.lax.dynamic_slice_in_dim(k_BxSxKxh, j * block, block, axis=1)
+      v_Bxwxkxh = jax.lax.dynamic_slice_in_dim(v_BxSxKxh, j * block, block, axis=1)
+    else:
+      start, size = (layer, 0, j * block, 0, 0), (1, b, block, kh, hd)
+      k_Bxwxkxh = jax.lax.dynamic_slice(k_BxSxKxh, start, size)[0]
+      v_Bxwxkxh = jax.lax.dynamic_slice(v_BxSxKxh, start, size)[0]
+    valid_Bxw = jax.lax.dynamic_slice_in_dim(kv_mask_BxS, j * block, block, axis=1)
+    allowed_Bxw = valid_Bxw & (j * block + jnp.arange(block)[None, :] < slot_B[:, None])
+    scores_BxKxGxw = jnp.einsum("bkgh,bwkh->bkgw", q_BxKxGxh, k_Bxwxkxh.astype(jnp.float32))
+    scores_BxKxGxw = jnp.where(allowed_Bxw[:, None, None], scores_BxKxGxw, -jnp.inf)
+    new_max = jnp.maximum(max_BxKxG, jnp.max(scores_BxKxGxw, axis=-1))
+    probs_BxKxGxw = jnp.exp(scores_BxKxGxw - new_max[..., None])
+    rescale = jnp.exp(max_BxKxG - new_max)
+    sum_BxKxG = rescale * sum_BxKxG + jnp.sum(probs_BxKxGxw, axis=-1)
+    acc_BxKxGxh = rescale[..., None] * acc_BxKxGxh + jnp.einsum(
+        "bkgw,bwkh->bkgh", probs_BxKxGxw, v_Bxwxkxh.astype(jnp.float32))
+    return new_max, sum_BxKxG, acc_BxKxGxh
+
+  # Blocks holding any slot below the longest row's slot.
+  n_blocks = (jnp.max(slot_B) + block - 1) // block
+  _, sum_BxKxG, acc_BxKxGxh = jax.lax.fori_loop(0, n_blocks, one_block, init)
+  return (acc_BxKxGxh / sum_BxKxG[..., None]).reshape(b, 1, h * hd)

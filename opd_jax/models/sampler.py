@@ -30,7 +30,15 @@ repeated for its g samples. With `mode='compact'` (the default) finished rows st
 the loop runs over the whole batch until the running rows fit the next smaller power of two, then
 moves them (tokens, cache rows, masks) into that smaller batch, and so on down to `min_bucket`
 (and a multiple of the mesh's batch shards); one compiled loop per bucket size, all in the one
-jitted call. Per-row results do not depend on the mode, the buckets or the group sharing.
+jitted call. With `mode='continuous'` the decode runs a fixed number of slots (`slots`): rows
+queue in row order, and after each step every slot whose row ended (EOS or budget) takes the
+next queued row, its cache rows copied from its prompt's prefill, its own position, step and
+key; once the queue is empty the running slots compact through the power-of-two buckets. Every
+mode decodes with per-row cache slots (`decode_step` with a [B] slot: the new keys scattered at
+each row's slot, attention in blocks that are exact no-ops for rows below them,
+`attention.rows_decode_attention`), so per-row results do not depend on the mode, the slots,
+the buckets or the group sharing (a shared prefill may round the logits differently: tokens
+equal, log-probs to ~1e-6).
 
 Sharding: with a mesh and rules in context (`jax.set_mesh(mesh)`, `sharding.axis_rules(rules)`),
 the batch dimension of the cache, logits and token buffers is constrained to the `batch` logical
@@ -51,11 +59,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opd_jax.models import attention
 from opd_jax.models import sharding
 from opd_jax.models import transformer
 
 
-MODES = ("compact", "static")
+MODES = ("continuous", "compact", "static")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +82,21 @@ class SamplerConfig:
     group_size: rows per prompt: rows g*i .. g*i + g - 1 must hold the same prompt (the rollout
       layout, `data.pipeline`); each distinct prompt is prefilled once and its KV cache shared
       by its g samples. 1 = every row prefilled on its own. Must divide the batch.
-    mode: 'compact' (finished rows stop costing decode: the loop runs at the batch size, then
+    mode: 'continuous' (a fixed number of decode slots, `slots`; when a row ends, the next
+      pending row takes its slot, its cache rows copied from its prompt's prefill, so the loop
+      runs at full occupancy until no row is pending, then compacts the tail like 'compact'),
+      'compact' (finished rows stop costing decode: the loop runs at the batch size, then
       at each smaller power of two >= min_bucket once the running rows fit it, moving them
       there) or
-      'static' (every row decodes until the last one finishes; the baseline). Both give the
-      same tokens and log-probs (each row draws from its own key, `row_keys`).
-    min_bucket: 'compact' only: the smallest bucket (a decode step below ~8 rows costs about
-      the same as at 8 on CPU, where reading the weights bounds it; every bucket is one more
-      compiled loop).
+      'static' (every row decodes until the last one finishes; the baseline). All give the
+      same tokens and log-probs (each row draws from its own key, `row_keys`, and its decode
+      attention does not depend on the other rows: `attention.rows_decode_attention`).
+    min_bucket: 'compact' and 'continuous' (its tail): the smallest bucket (a decode step below
+      ~8 rows costs about the same as at 8 on CPU, where reading the weights bounds it; every
+      bucket is one more compiled loop).
+    slots: 'continuous' only: decode slots (rows decoded per step); 0 = `default_slots`: a
+      quarter of the batch, at least min_bucket, a multiple of the mesh's batch shards, at most
+      the batch.
   """
 
   max_new_tokens: int
@@ -93,6 +109,7 @@ class SamplerConfig:
   group_size: int = dataclasses.field(default=1, kw_only=True)
   mode: str = dataclasses.field(default="compact", kw_only=True)
   min_bucket: int = dataclasses.field(default=8, kw_only=True)
+  slots: int = dataclasses.field(default=0, kw_only=True)
 
   def __post_init__(self):
     def bad(field, why):
@@ -119,6 +136,8 @@ class SamplerConfig:
       bad("mode", f"must be one of {MODES}")
     if not isinstance(self.min_bucket, (int, np.integer)) or self.min_bucket < 1:
       bad("min_bucket", "must be an int >= 1")
+    if not isinstance(self.slots, (int, np.integer)) or self.slots < 0:
+      bad("slots", "must be an int >= 0 (0 = derived from the batch)")
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
@@ -151,7 +170,8 @@ def prefill(model, prompt_BxP, prompt_mask_BxP, cache_len: int):
 
 
 def decode_step(model, token_B, position_B, slot, cache, kv_mask_BxS):
-  """Feeds one token per row at cache slot `slot`; returns (next logits_BxV, cache)."""
+  """Feeds one token per row at cache slot `slot` (an int, or [B]: row b at slot[b]); returns
+  (next logits_BxV, cache)."""
   h, cache = model.hidden(token_B[:, None], positions_BxT=position_B[:, None], cache=cache,
                           cache_index=slot, kv_mask_BxS=kv_mask_BxS)
   return model.logits(h)[:, 0], cache
@@ -227,6 +247,11 @@ def row_keys(rng, step, row_B):
   return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(rng, step), row_B)
 
 
+def slot_keys(rng, step_B, row_B):
+  """`row_keys` with a step per row: row_B[i]'s key at its own step step_B[i] (the same keys)."""
+  return jax.vmap(lambda st, r: jax.random.fold_in(jax.random.fold_in(rng, st), r))(step_B, row_B)
+
+
 def _batch_shards() -> int:
   """Devices the `batch` logical axis is split over in the current mesh (1 without one)."""
   rules = sharding.current_rules()
@@ -251,6 +276,65 @@ def buckets(batch: int, mode: str, min_bucket: int = 1, shards: int = 1) -> tupl
   return tuple(out)
 
 
+def default_slots(batch: int, min_bucket: int = 8, shards: int = 1) -> int:
+  """'continuous' decode slots when `SamplerConfig.slots` is 0: a quarter of the batch, at least
+  `min_bucket`, rounded up to a multiple of `shards`, at most the batch."""
+  k = max(batch // 4, min_bucket, 1)
+  k = -(-k // shards) * shards
+  return min(k, batch)
+
+
+def slot_count(batch: int, cfg: SamplerConfig, shards: int = 1) -> int:
+  """Decode slots of a 'continuous' call (`cfg.slots`, or `default_slots`); refused in one line
+  when the batch shards do not divide it."""
+  k = min(cfg.slots, batch) if cfg.slots else default_slots(batch, cfg.min_bucket, shards)
+  if k % shards:
+    raise ValueError(f"SamplerConfig.slots={cfg.slots}: {k} decode slots are not a multiple of "
+                     f"the mesh's {shards} batch shards")
+  return k
+
+
+def cache_length(prompt_len: int, max_new_tokens: int, model_cfg) -> int:
+  """Slots of the decode KV cache: prompt + max_new - 1, rounded up to whole blocks of
+  `attention.row_block` (the decode reads it in those blocks)."""
+  rb = attention.row_block(model_cfg.cache_block)
+  return -(-(prompt_len + max_new_tokens - 1) // rb) * rb
+
+
+def cache_shapes(batch: int, prompt_len: int, cfg: SamplerConfig, model_cfg, shards: int = 1
+                 ) -> tuple[tuple[int, int], ...]:
+  """(rows, slots) of each KV cache one call holds (`transformer.init_cache` layout) for memory
+  planning: 'static' / 'compact': the batch x `cache_length` (group_size > 1: plus the distinct
+  prompts' prefill cache, repeated into it); 'continuous': the decode slots x `cache_length`
+  plus the distinct prompts' prefill cache (x `cache_length`) the slots are refilled from."""
+  full = cache_length(prompt_len, cfg.max_new_tokens, model_cfg)
+  prompts = batch // cfg.group_size
+  if cfg.mode == "continuous" and cfg.max_new_tokens > 1:
+    return ((slot_count(batch, cfg, shards), full), (prompts, full))
+  if cfg.group_size > 1:
+    return ((batch, full), (prompts, full))
+  return ((batch, full),)
+
+
+class _Slots(NamedTuple):
+  """'continuous' decode state: one entry per decode slot."""
+  row_K: jax.Array         # original row decoded in the slot (stale once the slot is free)
+  step_K: jax.Array        # index of the row's next new token
+  last_K: jax.Array        # the row's token at step - 1
+  done_K: jax.Array        # the slot is free (its row ended, or none was assigned yet)
+  prompt_len_K: jax.Array
+  kv_mask_KxS: jax.Array
+  cache: dict
+
+
+def _take_slots(sl: _Slots, idx_J) -> _Slots:
+  take = lambda a: a[idx_J]  # noqa: E731
+  return _Slots(row_K=take(sl.row_K), step_K=take(sl.step_K), last_K=take(sl.last_K),
+                done_K=take(sl.done_K), prompt_len_K=take(sl.prompt_len_K),
+                kv_mask_KxS=take(sl.kv_mask_KxS),
+                cache=jax.tree.map(lambda a: jnp.take(a, idx_J, axis=_CACHE_BATCH_AXIS), sl.cache))
+
+
 def _take_rows(rows: _Rows, idx_K) -> _Rows:
   return _Rows(row_B=rows.row_B[idx_K], last_B=rows.last_B[idx_K], done_B=rows.done_B[idx_K],
                prompt_len_B=rows.prompt_len_B[idx_K], kv_mask_BxS=rows.kv_mask_BxS[idx_K],
@@ -273,18 +357,23 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
     if b % g:
       raise ValueError(f"SamplerConfig.group_size={g} does not divide the batch of {b} rows")
     n = cfg.max_new_tokens
+    cache_len = cache_length(p, n, model.cfg)
     batch = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
     prompt_mask_BxP = batch(prompt_mask_BxP.astype(bool))
     prompt_BxP = batch(jnp.where(prompt_mask_BxP, prompt_BxP.astype(jnp.int32), cfg.pad_id))
     prompt_len_B = jnp.sum(prompt_mask_BxP, axis=1, dtype=jnp.int32)
     eos = jnp.asarray(cfg.eos_ids, jnp.int32)
 
+    if cfg.mode == "continuous" and n > 1:
+      tokens_BxN, logp_BxN = _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng,
+                                         cfg, cache_len)
+      return _outputs(prompt_BxP, prompt_mask_BxP, tokens_BxN, logp_BxN, cfg)
     if g == 1:
-      logits, cache, kv_mask = prefill(model, prompt_BxP, prompt_mask_BxP, p + n - 1)
+      logits, cache, kv_mask = prefill(model, prompt_BxP, prompt_mask_BxP, cache_len)
     else:
       # Rows g*i .. g*i + g - 1 hold the same prompt: prefill each distinct prompt once and
       # repeat its logits, cache rows and mask for the group's g samples.
-      logits, cache, kv_mask = prefill(model, prompt_BxP[::g], prompt_mask_BxP[::g], p + n - 1)
+      logits, cache, kv_mask = prefill(model, prompt_BxP[::g], prompt_mask_BxP[::g], cache_len)
       logits = batch(jnp.repeat(logits, g, axis=0))
       kv_mask = batch(jnp.repeat(kv_mask, g, axis=0))
       cache = jax.tree.map(lambda a: sharding.constrain(
@@ -305,8 +394,9 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
 
     def body(s: _LoopState, in_order: bool):
       r = s.rows
-      logits, cache = decode_step(model, r.last_B, r.prompt_len_B + s.step - 1, p + s.step - 1,
-                                  r.cache, r.kv_mask_BxS)
+      slot_B = jnp.full(r.last_B.shape, p + s.step - 1, jnp.int32)
+      logits, cache = decode_step(model, r.last_B, r.prompt_len_B + s.step - 1, slot_B, r.cache,
+                                  r.kv_mask_BxS)
       tok, logp = choose(batch(logits), keys(s.step, r.row_B), cfg)
       tok = jnp.where(r.done_B, cfg.pad_id, tok)
       logp = jnp.where(r.done_B, 0.0, logp)
@@ -339,20 +429,125 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
         order = jnp.argsort(state.rows.done_B, stable=True)[:nxt]
         state = state._replace(rows=_take_rows(state.rows, order))
 
-    is_eos = jnp.isin(state.tokens_BxN, eos)
-    # A token is real iff no EOS came strictly before it.
-    eos_before = jnp.cumsum(is_eos, axis=1) - is_eos
-    resp_mask = eos_before == 0
-    lengths = jnp.sum(resp_mask, axis=1, dtype=jnp.int32)
-    tokens = jnp.concatenate([prompt_BxP, jnp.where(resp_mask, state.tokens_BxN, cfg.pad_id)], 1)
-    no_prompt = jnp.zeros((b, p), bool)
-    return SampleOutput(
-        tokens_BxT=tokens,
-        mask_BxT=jnp.concatenate([prompt_mask_BxP, resp_mask], axis=1),
-        loss_mask_BxT=jnp.concatenate([no_prompt, resp_mask], axis=1),
-        lengths_B=lengths,
-        logp_BxT=jnp.concatenate([jnp.zeros((b, p), jnp.float32),
-                                  jnp.where(resp_mask, state.logp_BxN, 0.0)], axis=1))
+    return _outputs(prompt_BxP, prompt_mask_BxP, state.tokens_BxN, state.logp_BxN, cfg)
+
+
+def _outputs(prompt_BxP, prompt_mask_BxP, tokens_BxN, logp_BxN, cfg: SamplerConfig):
+  b, p = prompt_BxP.shape
+  is_eos = jnp.isin(tokens_BxN, jnp.asarray(cfg.eos_ids, jnp.int32))
+  # A token is real iff no EOS came strictly before it.
+  eos_before = jnp.cumsum(is_eos, axis=1) - is_eos
+  resp_mask = eos_before == 0
+  lengths = jnp.sum(resp_mask, axis=1, dtype=jnp.int32)
+  tokens = jnp.concatenate([prompt_BxP, jnp.where(resp_mask, tokens_BxN, cfg.pad_id)], 1)
+  no_prompt = jnp.zeros((b, p), bool)
+  return SampleOutput(
+      tokens_BxT=tokens,
+      mask_BxT=jnp.concatenate([prompt_mask_BxP, resp_mask], axis=1),
+      loss_mask_BxT=jnp.concatenate([no_prompt, resp_mask], axis=1),
+      lengths_B=lengths,
+      logp_BxT=jnp.concatenate([jnp.zeros((b, p), jnp.float32),
+                                jnp.where(resp_mask, logp_BxN, 0.0)], axis=1))
+
+
+def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: SamplerConfig,
+                cache_len: int):
+  """The 'continuous' decode (SamplerConfig.mode): (tokens_BxN, logp_BxN) by original row.
+
+  Each distinct prompt is prefilled once into a prompt-length cache. Every row's first token is
+  drawn from its prompt's logits up front (as the other modes do); the rows that did not end
+  there queue in row order. A decode step feeds every slot's last token at the slot's own cache
+  position; after it, each free slot takes the next queued row (its prompt's cache rows and mask
+  copied in, its step set to 1). Once the queue is empty the running rows compact into smaller
+  power-of-two buckets (`buckets`), as in 'compact'.
+  """
+  b, p = prompt_BxP.shape
+  g, n = cfg.group_size, cfg.max_new_tokens
+  batch = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
+  eos = jnp.asarray(cfg.eos_ids, jnp.int32)
+  n_slots = slot_count(b, cfg, _batch_shards())
+
+  # The prefill runs into a cache of the decode's length, as in the other modes (the same
+  # attention length, hence the same numbers); only its first p slots are copied into slots.
+  logits, prompt_cache, _ = prefill(model, prompt_BxP[::g], prompt_mask_BxP[::g], cache_len)
+  if g > 1:
+    logits = batch(jnp.repeat(logits, g, axis=0))
+  row_B = jnp.arange(b, dtype=jnp.int32)
+  tok0, logp0 = choose(logits, None if cfg.greedy else row_keys(rng, 0, row_B), cfg)
+  tokens_BxN = batch(jnp.full((b, n), cfg.pad_id, jnp.int32).at[:, 0].set(tok0))
+  logp_BxN = batch(jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp0))
+  # Rows that still decode after their first token, in row order.
+  ended0 = jnp.isin(tok0, eos)
+  queue_B = jnp.argsort(ended0, stable=True).astype(jnp.int32)
+  n_queued = jnp.sum(~ended0, dtype=jnp.int32)
+
+  cache = transformer.init_cache(model.cfg, n_slots, cache_len)
+  slots = _Slots(row_K=jnp.full((n_slots,), b, jnp.int32), step_K=jnp.ones((n_slots,), jnp.int32),
+                 last_K=jnp.zeros((n_slots,), jnp.int32), done_K=jnp.ones((n_slots,), bool),
+                 prompt_len_K=jnp.zeros((n_slots,), jnp.int32),
+                 kv_mask_KxS=batch(jnp.ones((n_slots, cache_len), bool)),
+                 cache=jax.tree.map(lambda a: sharding.constrain(a, transformer.CACHE_AXES), cache))
+
+  def refill(sl: _Slots, qi):
+    """Free slots take queued rows (first free slot, next queued row) until either runs out."""
+    def cond(c):
+      sl, qi = c
+      return jnp.any(sl.done_K) & (qi < n_queued)
+
+    def body(c):
+      sl, qi = c
+      k = jnp.argmax(sl.done_K).astype(jnp.int32)
+      r = queue_B[qi]
+      cache = {name: jax.lax.dynamic_update_slice(
+          sl.cache[name], jax.lax.dynamic_slice(prompt_cache[name], (0, r // g, 0, 0, 0),
+                                                (a.shape[0], 1, p) + a.shape[3:]),
+          (0, k, 0, 0, 0)) for name, a in prompt_cache.items()}
+      mask_row = jax.lax.dynamic_slice_in_dim(prompt_mask_BxP, r, 1, axis=0)
+      kv_mask = jax.lax.dynamic_update_slice(sl.kv_mask_KxS, mask_row, (k, 0))
+      sl = _Slots(row_K=sl.row_K.at[k].set(r), step_K=sl.step_K.at[k].set(1),
+                  last_K=sl.last_K.at[k].set(tok0[r]), done_K=sl.done_K.at[k].set(False),
+                  prompt_len_K=sl.prompt_len_K.at[k].set(prompt_len_B[r]), kv_mask_KxS=kv_mask,
+                  cache=cache)
+      return sl, qi + 1
+
+    return jax.lax.while_loop(cond, body, (sl, qi))
+
+  def step(c, refilling: bool):
+    sl, qi, tokens, logps = c
+    running_K = ~sl.done_K
+    # A free slot decodes a throwaway token at slot 0 (its cache rows are rewritten on refill).
+    slot_K = jnp.where(running_K, p + sl.step_K - 1, 0)
+    logits, cache = decode_step(model, sl.last_K, sl.prompt_len_K + sl.step_K - 1, slot_K,
+                                sl.cache, sl.kv_mask_KxS)
+    tok, logp = choose(batch(logits), None if cfg.greedy else slot_keys(rng, sl.step_K, sl.row_K),
+                       cfg)
+    dest_K = jnp.where(running_K, sl.row_K, b)   # free slots write nothing (dropped)
+    tokens = tokens.at[dest_K, sl.step_K].set(tok, mode="drop")
+    logps = logps.at[dest_K, sl.step_K].set(logp, mode="drop")
+    ended = jnp.isin(tok, eos) | (sl.step_K + 1 >= n)
+    sl = sl._replace(step_K=sl.step_K + running_K, last_K=tok, done_K=sl.done_K | ended,
+                     cache=cache)
+    if refilling:
+      sl, qi = refill(sl, qi)
+    return sl, qi, tokens, logps
+
+  slots, qi = refill(slots, jnp.int32(0))
+  carry = (slots, qi, tokens_BxN, logp_BxN)
+  sizes = buckets(n_slots, "compact", cfg.min_bucket, _batch_shards())
+  for i, size in enumerate(sizes):
+    nxt = sizes[i + 1] if i + 1 < len(sizes) else 0
+
+    def cond(c, nxt=nxt, first=i == 0):
+      sl, qi = c[0], c[1]
+      running = jnp.sum(~sl.done_K, dtype=jnp.int32)
+      go = running > nxt
+      return (go | (qi < n_queued)) & (running > 0) if first else go & (running > 0)
+
+    carry = jax.lax.while_loop(cond, functools.partial(step, refilling=i == 0), carry)
+    if nxt:
+      order = jnp.argsort(carry[0].done_K, stable=True)[:nxt]
+      carry = (_take_slots(carry[0], order),) + carry[1:]
+  return carry[2], carry[3]
 
 
 def _check_prompt_shapes(prompt_BxP, prompt_mask_BxP):

@@ -42,6 +42,9 @@ KV cache: `init_cache(cfg, B, S)` gives {'k', 'v'} of shape [L, B, S, K, h]. `hi
 cache=, cache_index=)` writes the T new keys at slots [cache_index, cache_index + T) and attends
 causally by slot, masked by `kv_mask_BxS`, over the cache prefix that can be filled (slots below
 cache_index + T, rounded up to a bucket of `cfg.cache_block` slots), never the empty tail.
+`cache_index` may also be an int array [B] with T = 1 (one decode token per row, row b at its own
+slot: `attention.rows_decode_attention`, S a multiple of `attention.row_block(cfg.cache_block)`);
+a row's result then does not depend on the other rows' slots.
 
 Attention math lives in `attention.py`: without a cache, sequences longer than
 `cfg.attention_block` use blocked (flash-style) causal attention, linear in T in memory; shorter
@@ -211,6 +214,19 @@ class Attention(nnx.Module):
     if cache_kv is None:
       out = attention.causal_attention(q, kk, v, kv_mask_BxS, q_seg, block=cfg.attention_block)
       new_cache = None
+    elif jnp.ndim(cache_index) == 1:
+      if t != 1 or segments is not None:
+        raise ValueError("per-row cache_index [B] takes one token per row and no segment ids")
+      # One token per row, row b at cache slot cache_index[b]: attention over the cache and the
+      # row's own key; the new keys and values are returned and written into the cache by
+      # `hidden` after the layer loop. `cache_kv` is (all layers' k, v [L, B, S, K, h], this
+      # layer's index): the attention reads only the blocks it needs of this layer, never a
+      # copy of the layer's whole cache.
+      ck, cv, layer = cache_kv
+      out = attention.rows_decode_attention(q, ck, cv, kk, v, cache_index, kv_mask_BxS,
+                                            block=attention.row_block(cfg.cache_block),
+                                            layer=layer)
+      new_cache = (kk.astype(ck.dtype), v.astype(cv.dtype))
     else:
       ck, cv = cache_kv
       keys = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, cache_index, 0, 0))
@@ -433,8 +449,12 @@ class Transformer(nnx.Module):
 
     graphdef, layer_state = nnx.split(self.layers)
 
+    per_row = cache is not None and jnp.ndim(cache_index) == 1
+
     def body(carry, xs):
       layer_params, layer_cache = xs
+      if per_row:   # layer_cache is the layer index: the attention slices the stacked cache
+        layer_cache = (cache["k"], cache["v"], layer_cache)
       block = nnx.merge(graphdef, layer_params)
       y, new_cache, router_logits = block(carry, positions_BxT, kv_mask_BxS, layer_cache,
                                           cache_index, segments)
@@ -444,6 +464,8 @@ class Transformer(nnx.Module):
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
 
     layer_cache = None if cache is None else (cache["k"], cache["v"])
+    if per_row:
+      layer_cache = jnp.arange(cfg.n_layers, dtype=jnp.int32)
     if cfg.scan_layers:
       x, (new_cache, router_logits) = jax.lax.scan(body, x, (layer_state, layer_cache))
     else:
@@ -454,7 +476,14 @@ class Transformer(nnx.Module):
         outs.append(c)
       new_cache, router_logits = jax.tree.map(lambda *a: jnp.stack(a), *outs)
     h = self.final_norm(x)
-    if cache is not None:
+    if per_row:
+      # Per-row slots: the layers returned the new [L, B, 1, K, h] keys and values; one scatter
+      # writes row b's at slot cache_index[b] of every layer.
+      rows_B = jnp.arange(tokens_BxT.shape[0])
+      new_cache = {name: cache[name].at[:, rows_B, cache_index].set(new[:, :, 0],
+                                                                     unique_indices=True)
+                   for name, new in zip(("k", "v"), new_cache)}
+    elif cache is not None:
       new_cache = {"k": new_cache[0], "v": new_cache[1]}
     if return_router_logits:
       return h, new_cache, router_logits

@@ -498,10 +498,12 @@ class SamplingConfig:
       (the ratio is exactly 1 on the first update).
     top_k / top_p: truncation (0 / 1.0 = off).
     eos_ids: extra end-of-sequence ids besides the tokenizer's EOS (e.g. Qwen's <|endoftext|>).
-    mode: 'compact' (finished rows leave the decode batch: power-of-two buckets) or 'static'
-      (every row decodes until the last one ends; the baseline). Same tokens either way
-      (`models.sampler.SamplerConfig.mode`). The G samples of a prompt share its prefill in
-      both (`rollout.group_size`, `loop.eval_k`).
+    mode: 'continuous' (a fixed number of decode slots; a finished row's slot takes the next
+      pending row, then the tail is compacted), 'compact' (finished rows leave the decode batch:
+      power-of-two buckets) or 'static' (every row decodes until the last one ends; the
+      baseline). Same tokens in every mode (`models.sampler.SamplerConfig.mode`). The G samples
+      of a prompt share its prefill in all (`rollout.group_size`, `loop.eval_k`).
+    slots: 'continuous' decode slots (0 = a quarter of the batch, `sampler.default_slots`).
   """
 
   max_new_tokens: int = 0
@@ -510,14 +512,17 @@ class SamplingConfig:
   top_p: float = 1.0
   eos_ids: tuple[int, ...] = ()
   mode: str = "compact"
+  slots: int = 0
 
   def __post_init__(self):
     if self.max_new_tokens < 0:
       _bad(self, "max_new_tokens", "must be >= 0 (0 = automatic for tasks)")
     if not self.temperature > 0:
       _bad(self, "temperature", "must be > 0")
-    if self.mode not in ("compact", "static"):
-      _bad(self, "mode", "must be 'compact' or 'static'")
+    if self.mode not in ("continuous", "compact", "static"):
+      _bad(self, "mode", "must be 'continuous', 'compact' or 'static'")
+    if self.slots < 0:
+      _bad(self, "slots", "must be >= 0 (0 = a quarter of the batch)")
 
 
 @dataclasses.dataclass(frozen=True)
