@@ -2,12 +2,15 @@
 
 Presets:
   smoke     tests (< 2 min): every phase and every report section at toy size (one sparsification
-            run, the off-policy run, two mixing alphas); the thresholds are not expected to hold.
+            run, the off-policy run, two mixing alphas, both adapter arms); the thresholds are not
+            expected to hold.
   tiny      the README's main job (< 20 min on a 2-core CPU): a 4 x 128 teacher SFT-trained on an
             easy arithmetic task to >= 0.9, a 2 x 64 base student with partial accuracy, every
             run and control of the paper.
   small     closer to the paper (< 2 h on the same CPU): larger models, the default task, longer
             runs.
+  adapters  tiny + the adapter arms (beyond the paper): OPD with LoRA and with PiSSA from the same
+            anchor (`adapters` section; ~2 extra OPD runs).
   qwen3_8b  the paper's models and hyperparameters (paper_facts section 4) for a TPU pod: base
             student Qwen3-8B-Base and teacher Qwen3-32B from local HF checkpoints (used as is and
             evaluated), SFT anchor on a local MATH-layout file with solutions, OPD / RLVR on a local
@@ -22,9 +25,17 @@ Seeds: every preset but smoke (2) repeats OPD, RLVR, SFT and both rank-16 arms o
 (`seeds`, e.g. `--config.seeds=(0,1,2,3,4)`); verdicts need >= 2 seeds to resolve anything
 that varies with the seed (`opd_jax/study/verdicts.py`).
 
+Adapter arms (`adapters`, beyond the paper; off in every preset but `adapters` and `smoke`):
+`opd_lora` and `opd_pissa` are OPD (the `opd` section, the first seed's loop.seed, one seed only)
+with adapters on every attention and MLP projection. Rank rule: r = max(2, d_model / 32), the
+ratio of the best-known OPD recipe with adapters (tinker-cookbook: rank 128 on Qwen3-8B's width
+4096), so r = 2 at width 64, 4 at 128, 128 on qwen3_8b; alpha = 2 r (scale 2, the ratio of
+configs/opd.py:lora_tiny). The learning rate is OPD's (not re-tuned for adapters).
+
 Sections (see `opd_jax/study/config.py`): shared `student`, `teacher`, `mesh`, `data`, `eval`,
 `snapshots`; run sections `teacher_train`, `base_train`, `anchor`, `opd`, `rlvr`, `sft` (the
-method-specific parts of a TrainConfig); `rank16`, `controls`, `diagnostics`, `thresholds`.
+method-specific parts of a TrainConfig); `rank16`, `controls`, `adapters`, `diagnostics`,
+`thresholds`.
 Override anything: `--config.opd.optim.lr=1e-3`, `--config.data.task.mod_chain.modulus=7`.
 """
 
@@ -84,9 +95,18 @@ def _base(name: str) -> ml_collections.ConfigDict:
     c[name_] = _section(method)
   c.rank16 = train_config.dataclass_to_dict(study_config.Rank16Config())
   c.controls = train_config.dataclass_to_dict(study_config.ControlsConfig())
+  c.adapters = train_config.dataclass_to_dict(study_config.AdaptersConfig())
   c.diagnostics = train_config.dataclass_to_dict(study_config.DiagnosticsConfig())
   c.thresholds = train_config.dataclass_to_dict(study_config.Thresholds())
   return c
+
+
+def _adapter_arms(c, width: int, enabled: bool):
+  """The adapter arms' rank and alpha by the rule of the module docstring."""
+  rank = max(2, width // 32)
+  c.adapters.enabled = enabled
+  c.adapters.rank = rank
+  c.adapters.alpha = float(2 * rank)
 
 
 def _quiet(c, names=("teacher_train", "base_train", "anchor", "opd", "rlvr", "sft")):
@@ -142,6 +162,7 @@ def _smoke():
   c.diagnostics.mask_rank = 8
   c.diagnostics.hill_k = 4
   c.diagnostics.sim_k = 4
+  _adapter_arms(c, 64, enabled=True)  # on: the adapter arms end to end (2 OPD runs of 4 steps)
   _quiet(c)
   return c
 
@@ -183,7 +204,15 @@ def _tiny():
   # where every principal angle is 0). The projection keeps the paper's rank 16 (1/4 of the width).
   c.diagnostics.angle_k = 8
   c.diagnostics.mask_rank = 8
+  _adapter_arms(c, TINY_STUDENT["d_model"], enabled=False)  # off: tiny's 20-minute budget
   _quiet(c)
+  return c
+
+
+def _adapters():
+  c = _tiny()
+  c.preset = "adapters"
+  c.adapters.enabled = True
   return c
 
 
@@ -204,6 +233,7 @@ def _small():
     c[n].loop.steps = 300
     c[n].loop.batch_size = 32
   c.diagnostics.angle_k = 128
+  _adapter_arms(c, 128, enabled=False)
   return c
 
 
@@ -239,13 +269,15 @@ def _qwen3_8b():
   c.sft.loop.steps = 147
   for n in ("teacher_train", "base_train", "anchor", "opd", "rlvr", "sft"):
     c[n].loop.checkpoint_every = 32
+  _adapter_arms(c, 4096, enabled=False)
   c.thresholds.teacher_min = 0.0   # the acceptance thresholds are for the CPU presets
   c.thresholds.base_min = 0.0
   c.thresholds.base_max = 1.0
   return c
 
 
-PRESETS = {"smoke": _smoke, "tiny": _tiny, "small": _small, "qwen3_8b": _qwen3_8b}
+PRESETS = {"smoke": _smoke, "tiny": _tiny, "small": _small, "adapters": _adapters,
+           "qwen3_8b": _qwen3_8b}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

@@ -276,6 +276,135 @@ def test_report_renders_every_section_and_figure(tmp_path):
   for v in saved["verdicts"]:
     assert v["ours"] in md or v["ours"].replace("|", "\\|") in md
   assert "51.6%" in md and "Run summary" in md and "`0.0001`" in md
+  assert "Adapters" not in md and "adapters" not in out["figures"]  # no adapter arms
+
+
+# -- adapters (beyond the paper) ------------------------------------------------------------------
+def _ref_update_metrics(w0, w1, r):
+  """Reference by eigen-decompositions of Gram matrices (not the SVD the study uses)."""
+  d = np.asarray(w1, np.float64) - np.asarray(w0, np.float64)
+  lam = np.sort(np.linalg.eigvalsh(d.T @ d))[::-1].clip(0)
+  _, u = np.linalg.eigh(w0 @ w0.T)      # ascending: the last r columns are the top-r left vectors
+  _, v = np.linalg.eigh(w0.T @ w0)
+  u_r, v_r = u[:, ::-1][:, :r], v[:, ::-1][:, :r]
+  total = np.trace(d.T @ d)
+  return {"frobenius": math.sqrt(total), "stable_rank": total / lam[0],
+          "energy_top_r": lam[:r].sum() / total, "energy_top_2r": lam[:2 * r].sum() / total,
+          "principal_share_in": np.trace(d.T @ u_r @ u_r.T @ d) / total,
+          "principal_share_out": np.trace(d @ v_r @ v_r.T @ d.T) / total}
+
+
+def test_matrix_update_metrics_match_a_reference():
+  from opd_jax.study import diagnostics
+  rng = np.random.default_rng(3)
+  for shape, r in (((12, 9), 2), ((9, 16), 3)):
+    w0 = rng.standard_normal(shape)
+    low = 0.1 * rng.standard_normal((shape[0], r)) @ rng.standard_normal((r, shape[1]))
+    for w1 in (w0 + low, w0 + 0.01 * rng.standard_normal(shape)):
+      got, ref = diagnostics.matrix_update_metrics(w0, w1, r), _ref_update_metrics(w0, w1, r)
+      for k, v in ref.items():
+        assert got[k] == pytest.approx(v, rel=1e-7, abs=1e-9), (shape, k)
+      assert got["baseline_in"] == r / shape[0] and got["baseline_out"] == r / shape[1]
+    assert diagnostics.matrix_update_metrics(w0, w0 + low, r)["energy_top_r"] == pytest.approx(1)
+    assert diagnostics.matrix_update_metrics(w0, w1, r)["energy_top_r"] < 0.9  # full rank
+  none = diagnostics.matrix_update_metrics(w0, w0, 2)
+  assert none["frobenius"] == 0 and none["stable_rank"] is None and none["energy_top_r"] is None
+
+
+_SHAPES = {("attn", "q_proj"): (16, 24), ("attn", "k_proj"): (16, 8), ("attn", "v_proj"): (16, 8),
+           ("attn", "o_proj"): (24, 16), ("mlp", "gate_proj"): (16, 32),
+           ("mlp", "up_proj"): (16, 32), ("mlp", "down_proj"): (32, 16)}
+
+
+def _merged_adapter_update(init, targets, rank=2, scale=2.0, layers=2, seed=0):
+  """(params, merged params) in our layout (numpy): the targeted kernels of the second are the
+  merged adapters after a random move, K_res + scale a_1 b_1, with LoRA's K_res = K, b_0 = 0, or
+  PiSSA's a_0 b_0 = top-`rank` part of K / scale and K_res = K - scale a_0 b_0."""
+  import re
+  rng = np.random.default_rng(seed)
+  p0 = {"embed": {"embedding": rng.standard_normal((40, 16))}, "layers": {"attn": {}, "mlp": {}}}
+  p1 = {"embed": {"embedding": p0["embed"]["embedding"].copy()},
+        "layers": {"attn": {}, "mlp": {}}}
+  for (block, name), (n_in, n_out) in _SHAPES.items():
+    k = rng.standard_normal((layers, n_in, n_out)) / math.sqrt(n_in)
+    p0["layers"][block][name] = {"kernel": k}
+    if not re.search(targets, name):
+      p1["layers"][block][name] = {"kernel": k.copy()}
+      continue
+    if init == "lora":
+      a0, b0 = rng.uniform(-0.25, 0.25, (layers, n_in, rank)), np.zeros((layers, rank, n_out))
+    else:
+      u, sv, vt = np.linalg.svd(k, full_matrices=False)
+      root = np.sqrt(sv[:, :rank] / scale)
+      a0, b0 = u[..., :rank] * root[:, None, :], root[..., None] * vt[:, :rank]
+    a1 = a0 + 0.05 * rng.standard_normal(a0.shape)
+    b1 = b0 + 0.05 * rng.standard_normal(b0.shape)
+    p1["layers"][block][name] = {"kernel": k - scale * a0 @ b0 + scale * a1 @ b1}
+  return p0, p1
+
+
+def test_adapter_update_metrics_and_checks_on_merged_adapters(tmp_path):
+  from opd_jax.models import lora
+  from opd_jax.study import diagnostics
+  targets = lora.DEFAULT_TARGETS
+  upd = {}
+  for init in ("lora", "pissa"):
+    p0, p1 = _merged_adapter_update(init, targets)
+    upd[init] = diagnostics.adapter_update_metrics(p0, p1, rank=2, targets=targets)
+    assert upd[init]["n_matrices"] == 2 * 7  # 2 layers x q, k, v, o, gate, up, down (no embed)
+    for name, m in upd[init]["per_matrix"].items():   # each matrix against the reference
+      ref = _ref_update_metrics(*_named(name, p0, p1), 2)
+      for k, v in ref.items():
+        assert m[k] == pytest.approx(v, rel=1e-7, abs=1e-9), (init, name, k)
+    assert upd[init]["frobenius_total"] == pytest.approx(math.sqrt(sum(
+        m["frobenius"] ** 2 for m in upd[init]["per_matrix"].values())))
+  # LoRA: rank <= r; PiSSA: rank <= 2r but generically > r.
+  assert upd["lora"]["energy_top_r_min"] > 1 - 1e-9 and upd["lora"]["stable_rank_max"] <= 2
+  assert upd["pissa"]["energy_top_2r_min"] > 1 - 1e-9 and upd["pissa"]["stable_rank_max"] <= 4
+  assert upd["pissa"]["energy_top_r_min"] < 0.999
+  # Only the targeted matrices enter.
+  p0, p1 = _merged_adapter_update("lora", "q_proj")
+  q = diagnostics.adapter_update_metrics(p0, p1, rank=2, targets="q_proj")
+  assert set(q["per_matrix"]) == {"layers.0.attn.q_proj", "layers.1.attn.q_proj"}
+  # The checks: both pass; a full-parameter update (the OPD arm measured as if it were LoRA) fails.
+  rng = np.random.default_rng(0)
+  def moved(k):
+    return {"kernel": k["kernel"] + 1e-3 * rng.standard_normal(k["kernel"].shape)}
+
+  full = {"embed": p0["embed"], "layers": {b: {n: moved(k) for n, k in mods.items()}
+                                           for b, mods in p0["layers"].items()}}
+  upd["full"] = diagnostics.adapter_update_metrics(p0, full, rank=2, targets=targets)
+  r = synthetic_results()
+  r["adapters"] = {"rank": 2, "alpha": 4.0, "scale": 2.0, "targets": targets, "tolerance": 1e-3,
+                   "seed": 0, "runs": {"full": "opd", "lora": "opd_lora", "pissa": "opd_pissa"},
+                   "endpoint": {"opd": r["endpoint"]["opd"]},
+                   "update": {"opd": upd["full"], "opd_lora": upd["lora"],
+                              "opd_pissa": upd["pissa"]}}
+  checks = reporting.adapter_checks(r)
+  assert [(c["run"], c["bound"], c["passes"]) for c in checks] == [("opd_lora", 2, True),
+                                                                   ("opd_pissa", 4, True)]
+  r["adapters"]["update"]["opd_lora"] = upd["full"]
+  assert [c["passes"] for c in reporting.adapter_checks(r)] == [False, True]
+  r["adapters"]["update"]["opd_lora"] = upd["lora"]
+  # The report's section (tables from results only) and its figure.
+  from opd_jax.study import figures
+  r["verdicts"] = verdicts.compute_verdicts(r)
+  r["adapters"]["checks"] = reporting.adapter_checks(r)
+  assert figures.fig_adapters(r, tmp_path / "adapters.png") is not None
+  md = reporting.markdown(r, {"adapters": "adapters.png"})
+  sec = md.split("## Adapters (beyond the paper)")[1].split("\n## ")[0]
+  assert "**PASSES**: LoRA: rank(dW) <= 2" in sec and "**PASSES**: PiSSA: rank(dW) <= 4" in sec
+  assert reporting._num(upd["pissa"]["stable_rank_mean"]) in sec
+  assert reporting._num(upd["full"]["frobenius_total"]) in sec and "(adapters.png)" in md
+  assert (tmp_path / "adapters.png").read_bytes()[:4] == b"\x89PNG"
+  del r["adapters"]   # without adapter arms: no section, no figure
+  assert "Adapters" not in reporting.markdown(r, {})
+  assert figures.fig_adapters(r, tmp_path / "none.png") is None
+
+
+def _named(name, p0, p1):
+  from opd_jax.geometry import matrices
+  return [next(m.array for m in matrices.named_matrices(p) if m.name == name) for p in (p0, p1)]
 
 
 # -- the noise model -------------------------------------------------------------------------------
@@ -408,7 +537,7 @@ def _load(preset, overrides=()):
                                                                 overrides))
 
 
-@pytest.mark.parametrize("preset", ["smoke", "tiny", "small", "qwen3_8b"])
+@pytest.mark.parametrize("preset", ["smoke", "tiny", "small", "adapters", "qwen3_8b"])
 def test_presets_compose_every_run(preset):
   from opd_jax.study import runs
   study = _load(preset)
@@ -419,6 +548,9 @@ def test_presets_compose_every_run(preset):
           "ctrl_offpolicy"} <= set(names)
   assert any(n.startswith("ctrl_topkl_") for n in names) and any(n.startswith("mix_") for n in names)
   phases.topological_order(dag)  # a valid DAG
+  # The adapter arms: on in smoke and adapters, off elsewhere.
+  arms = {"opd_lora", "opd_pissa"} & set(names)
+  assert arms == ({"opd_lora", "opd_pissa"} if preset in ("smoke", "adapters") else set())
 
 
 def test_composed_controls_differ_from_opd_only_where_they_should():
@@ -480,6 +612,36 @@ def test_seeded_runs_differ_only_in_their_seed():
   assert _load("tiny", ["seeds=(0,)"]).seeds == (0,)
   with pytest.raises(ConfigError, match="seeds"):
     _load("tiny", ["seeds=(1,1)"])
+
+
+def test_adapter_arms_differ_from_opd_only_in_the_lora_section():
+  from opd_jax.study import runs
+  from opd_jax.train.config import ConfigError
+  study = _load("adapters")
+  tiny = _load("tiny")
+  specs = {s.name: s for s in runs.run_specs(study)}
+  cfg = {n: runs.compose_run(study, s, runs._symbolic) for n, s in specs.items()}
+  opd = cfg["opd"]
+  assert opd.lora.rank == 0
+  # The rank rule of configs/study.py: r = max(2, d_model / 32), alpha = 2 r.
+  rank = max(2, study.student.model.d_model // 32)
+  for init in ("lora", "pissa"):
+    arm = cfg[f"opd_{init}"]
+    assert specs[f"opd_{init}"].kind == "adapter" and specs[f"opd_{init}"].family is None
+    assert (arm.lora.rank, arm.lora.alpha, arm.lora.init) == (rank, 2.0 * rank, init)
+    assert arm.lora.targets == study.adapters.targets and arm.lora.dropout == 0.0
+    assert arm.replace(lora=opd.lora) == opd, init
+  # The adapters preset is tiny plus the arms: every other run composes identically.
+  tiny_specs = {s.name: s for s in runs.run_specs(tiny)}
+  assert set(specs) - set(tiny_specs) == {"opd_lora", "opd_pissa"}
+  for n, s in tiny_specs.items():
+    assert runs.compose_run(tiny, s, runs._symbolic) == cfg[n], n
+  assert [s.name for s in runs.run_specs(_load("adapters", ["adapters.inits=('pissa',)"]))
+          if s.kind == "adapter"] == ["opd_pissa"]
+  with pytest.raises(ConfigError, match="adapters.inits"):
+    _load("adapters", ["adapters.inits=('dora',)"])
+  with pytest.raises(ConfigError, match="rank"):
+    _load("adapters", ["adapters.rank=0"])
 
 
 def test_study_config_errors_name_the_key():
@@ -554,6 +716,26 @@ def test_smoke_study_report_structure(smoke_study):
   assert results["failed_thresholds"] == verdicts.check(results)
   assert set(results["phases"]) >= {"task", "teacher", "diagnostics"}
   assert all(p["wall_s"] > 0 for p in results["phases"].values())
+  # The adapter arms (beyond the paper): OPD from the same anchor, differing in `lora` only; their
+  # merged updates read like any run's, and the by-construction rank checks pass.
+  ad = results["adapters"]
+  assert ad["runs"] == {"full": "opd", "lora": "opd_lora", "pissa": "opd_pissa"}
+  for arm in ("opd_lora", "opd_pissa"):
+    diff = results["settings"]["derived_runs"][arm]
+    assert {"lora.rank", "lora.alpha"} <= set(diff) and all(k.startswith("lora.") for k in diff)
+    assert diff.get("lora.init", "lora") == arm[len("opd_"):]   # 'lora' is the default init
+    assert arm in results["accuracy"] and len(trajs[arm]["steps"]) == 2
+    assert 0 <= ad["endpoint"][arm]["sparsity"] <= 1 and ad["endpoint"][arm]["n_params"] > 0
+  n = ad["update"]["opd"]["n_matrices"]
+  assert n == 2 * 7 and all(ad["update"][a]["n_matrices"] == n for a in ("opd_lora", "opd_pissa"))
+  assert ad["endpoint"]["opd"]["sparsity"] == results["endpoint"]["opd"]["sparsity"]
+  assert [(c["run"], c["bound"], c["passes"]) for c in ad["checks"]] == [
+      ("opd_lora", ad["rank"], True), ("opd_pissa", 2 * ad["rank"], True)]
+  # Full OPD is not confined to rank r (its update spreads over more singular values than LoRA's).
+  assert ad["update"]["opd"]["energy_top_r_min"] < ad["update"]["opd_lora"]["energy_top_r_min"]
+  sec = md.split("## Adapters (beyond the paper)")[1].split("\n## ")[0]
+  assert "**PASSES**: LoRA" in sec and "**PASSES**: PiSSA" in sec
+  assert (rep / "adapters.png").read_bytes()[:4] == b"\x89PNG" and "(adapters.png)" in sec
 
 
 def test_smoke_study_resumes_instantly_and_check_exit_code(smoke_study, capsys):

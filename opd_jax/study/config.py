@@ -12,7 +12,15 @@ A study config file (`configs/study.py`) returns a locked ConfigDict that mirror
     a randomly initialised teacher; unused when the teacher is loaded), `base_train` (SFT from
     scratch that makes the base student; unused when the student is loaded), `anchor` (SFT of the
     base: the paper's SFT geometry is base -> anchor), `opd`, `rlvr`, `sft` (from the anchor);
-  * study sections: `seeds`, `rank16`, `controls`, `diagnostics`, `thresholds`.
+  * study sections: `seeds`, `rank16`, `controls`, `adapters`, `diagnostics`, `thresholds`.
+
+Adapter arms (beyond the paper; `adapters`, off by default): `opd_lora` and `opd_pissa` are the
+`opd` section from the same anchor with low-rank adapters (`opd_jax.models.lora`) on the matrices
+named by `adapters.targets`, rank `adapters.rank`, scale `adapters.alpha / adapters.rank`, LoRA or
+PiSSA initialisation. Their configs differ from OPD's first seed only in the `lora` section (same
+optimizer and learning rate: nothing is re-tuned for adapters). They run once, with the first
+seed's `loop.seed` (the same data order and rollout seed as `opd`); their snapshots hold the merged
+policy, so the diagnostics read them like any other run.
 
 Seeds (the noise model): `seeds` is a tuple of seeds, or a count n meaning (0, ..., n-1). The
 seeded runs (OPD, RLVR, SFT and both rank-16 arms, `SEEDED_RUNS`) run once per seed from the same
@@ -38,6 +46,7 @@ import copy
 import dataclasses
 from typing import Any, Callable, Mapping
 
+from opd_jax.models import lora as lora_lib
 from opd_jax.train import config as train_config
 from opd_jax.train.config import ConfigError, DataConfig, ModelSpec, TrainConfig
 from opd_jax.train.mesh import MeshConfig
@@ -135,6 +144,48 @@ class ControlsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdaptersConfig:
+  """The adapter arms (beyond the paper; module docstring).
+
+  Attributes:
+    enabled: run one OPD arm per entry of `inits`.
+    inits: adapter initialisations, each one arm `opd_<init>` ('lora', 'pissa').
+    rank: adapter rank r (`lora.rank`).
+    alpha: scale numerator (`lora.alpha`; the merged update is (alpha / r) a @ b).
+    targets: regular expression over the matrix names (`lora.targets`); the adapter diagnostics
+      (`diagnostics.adapter_update_metrics`) cover exactly these matrices.
+    tolerance: the by-construction rank checks pass when the energy share of dW in its top r
+      (LoRA) or top 2r (PiSSA) singular values is >= 1 - tolerance (float round-off of the merge).
+  """
+
+  enabled: bool = False
+  inits: tuple[str, ...] = lora_lib.INITS
+  rank: int = 8
+  alpha: float = 16.0
+  targets: str = lora_lib.DEFAULT_TARGETS
+  tolerance: float = 1e-3
+
+  def __post_init__(self):
+    bad = [i for i in self.inits if i not in lora_lib.INITS]
+    if bad or len(set(self.inits)) != len(self.inits):
+      raise ConfigError(f"adapters.inits={self.inits!r}: expected distinct entries of "
+                        f"{lora_lib.INITS}")
+    if self.rank < 1 or not self.alpha > 0:
+      raise ConfigError(f"adapters: rank={self.rank} must be >= 1 and alpha={self.alpha} > 0")
+    if not 0 < self.tolerance < 1:
+      raise ConfigError(f"adapters.tolerance={self.tolerance}: must be in (0, 1)")
+
+  def lora_section(self, init: str) -> dict:
+    """The `lora` section of the arm with initialisation `init`."""
+    return {"rank": self.rank, "alpha": float(self.alpha), "init": init, "targets": self.targets}
+
+
+def adapter_run(init: str) -> str:
+  """The run name of the adapter arm with initialisation `init`."""
+  return f"opd_{init}"
+
+
+@dataclasses.dataclass(frozen=True)
 class DiagnosticsConfig:
   """Geometry settings (paper_facts section 1; defaults are the paper's).
 
@@ -218,6 +269,7 @@ class StudyConfig:
   sft: dict = dataclasses.field(default_factory=dict)
   rank16: Rank16Config = Rank16Config()
   controls: ControlsConfig = ControlsConfig()
+  adapters: AdaptersConfig = AdaptersConfig()
   diagnostics: DiagnosticsConfig = DiagnosticsConfig()
   thresholds: Thresholds = Thresholds()
 
@@ -314,6 +366,6 @@ def study_sections(study: StudyConfig) -> Mapping[str, Any]:
   """The study-level settings written into the report."""
   out = {}
   for f in ("preset", "seeds", "snapshots", "eval", "teacher_target", "base_target", "rank16",
-            "controls", "diagnostics", "thresholds"):
+            "controls", "adapters", "diagnostics", "thresholds"):
     out[f] = train_config.dataclass_to_dict(getattr(study, f))
   return out

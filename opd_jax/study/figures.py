@@ -18,14 +18,15 @@ import numpy as np  # noqa: E402
 _FIXED = {
     "sft": "#1f77b4", "opd": "#ff7f0e", "rlvr": "#2ca02c", "teacher": "#7f7f7f",
     "base": "#bcbd22", "anchor": "#17becf", "opd_rank16": "#ff7f0e", "sft_rank16": "#1f77b4",
-    "ctrl_offpolicy": "#d62728",
+    "ctrl_offpolicy": "#d62728", "opd_lora": "#6a3d9a", "opd_pissa": "#b15928",
 }
 _SPARSIFY = {"ctrl_topkl_25": "#9467bd", "ctrl_topkl_50": "#c5b0d5", "ctrl_random_25": "#8c564b",
              "ctrl_random_50": "#e377c2"}
 _MIXING = {0.75: "#8c6d31", 0.5: "#e7ba52", 0.25: "#843c39", 0.05: "#393b79", 0.01: "#000000"}
 LABELS = {"sft": "SFT", "opd": "OPD", "rlvr": "RLVR", "teacher": "teacher", "base": "base",
           "anchor": "SFT anchor", "opd_rank16": "OPD rank-16", "sft_rank16": "SFT rank-16",
-          "ctrl_offpolicy": "OPD off-policy (teacher rollouts)"}
+          "ctrl_offpolicy": "OPD off-policy (teacher rollouts)", "opd_lora": "OPD + LoRA",
+          "opd_pissa": "OPD + PiSSA"}
 _DPI = 110
 
 
@@ -255,6 +256,50 @@ def fig_control_mixing(results, path):
   return _control_fig(results, path, runs, ["opd", "rlvr"], "Control: OPD + RLVR mixing")
 
 
+def fig_adapters(results: dict, path):
+  """Adapter arms beside full OPD: stable rank and ||dW_t||_F trajectories (q, k, v, o), and the
+  merged update's spectral shares on the adapted matrices."""
+  ad = results.get("adapters")
+  if not ad:
+    return None
+  traj, upd = results.get("trajectory", {}), ad.get("update", {})
+  runs = [r for r in ad["runs"].values() if r in traj or r in upd]
+  if not runs:
+    return None
+  r = ad["rank"]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+  for ax, (key, name) in zip(axes[:2], _TRAJ[:2]):
+    for run in runs:
+      if run in traj:
+        ax.plot(traj[run]["steps"], traj[run][key], "o-", color=color(run), label=label(run))
+    if key == "stable_rank":
+      ax.axhline(r, ls=":", color="k", lw=1, label=f"r = {r} (LoRA bound)")
+      ax.axhline(2 * r, ls="--", color="k", lw=1, label=f"2r = {2 * r} (PiSSA bound)")
+    ax.set(xlabel="training step", ylabel=name, title=f"{name} (q, k, v, o mean)")
+    ax.legend(fontsize=8)
+  keys = [("energy_top_r_mean", f"top-{r} energy"), ("energy_top_2r_mean", f"top-{2 * r} energy"),
+          ("principal_share_in_mean", f"in anchor's top-{r} input subspace"),
+          ("principal_share_out_mean", f"in anchor's top-{r} output subspace")]
+  width = 0.8 / max(1, len(runs))
+  x = np.arange(len(keys))
+  ax = axes[2]
+  for i, run in enumerate(r_ for r_ in runs if r_ in upd):
+    vals = [upd[run].get(k) for k, _ in keys]
+    ax.bar(x + i * width, [np.nan if v is None else v for v in vals], width, color=color(run),
+           label=label(run))
+  ref = next((upd[r_] for r_ in runs if r_ in upd), {})  # same matrices, same baselines
+  for j, b in zip((2, 3), (ref.get("baseline_in_mean"), ref.get("baseline_out_mean"))):
+    if b is not None:
+      ax.hlines(b, j - 0.1, j + 0.9, colors="k", linestyles=":", label="random baseline r/n"
+                if j == 2 else None)
+  ax.set_xticks(x + 0.4 - width / 2, [n for _, n in keys], rotation=15, fontsize=8)
+  ax.set(ylabel="share of ||dW||_F^2", ylim=(0, 1.05),
+         title="merged update on the adapted matrices (mean)")
+  ax.legend(fontsize=8)
+  fig.suptitle("Adapters (beyond the paper): full OPD, LoRA and PiSSA from the same anchor")
+  return _save(fig, path)
+
+
 def fig_accuracy(results: dict, path):
   acc = results.get("accuracy", {})
   if not acc:
@@ -298,6 +343,7 @@ FIGURES = {
     "control_sparsify": fig_control_sparsify,
     "control_offpolicy": fig_control_offpolicy,
     "control_mixing": fig_control_mixing,
+    "adapters": fig_adapters,
 }
 
 

@@ -14,6 +14,10 @@ Results schema (everything optional except where `verdicts.check` needs it)::
                angle_curve_deg: [...], max_angle_per_matrix: {name: f}, nss (mean over matrices),
                nss_per_matrix: {name: f}, principal_overlap, low_mag_overlap, baseline}}
     trajectory: {run: {steps, progress, stable_rank, frobenius, hill, sim_k}}  # q,k,v,o means
+    adapters: {rank, alpha, scale, targets, tolerance, seed,       # only with adapter arms
+               runs: {full|lora|pissa: run},
+               endpoint: {run: endpoint entry (as `endpoint`)},     # anchor -> end, merged
+               update: {run: `diagnostics.adapter_update_metrics` output}}
     rank16: {opd|sft: {plain_run, projected_run, resume_step, k, where}}
     controls: {sparsify: [run], offpolicy: [run], mixing: {run: alpha}}
     phases: {phase: {wall_s, status}}
@@ -21,7 +25,9 @@ Results schema (everything optional except where `verdicts.check` needs it)::
 `endpoint` holds the first seed's entries (figures draw them); tables print the estimates over
 seeds. `render(results, out_dir)` adds `verdicts` (computed by `verdicts.compute_verdicts`),
 `aggregate` (mean and SE across seeds, `verdicts.aggregate`), `noise_model` (seeds, z, rules) and
-`failed_thresholds` (by `verdicts.check`), writes the figures, `report.md` and `results.json`.
+`failed_thresholds` (by `verdicts.check`), writes the figures, `report.md` and `results.json`;
+with adapter arms also `adapters.checks` (`adapter_checks`: properties that hold by construction,
+beyond the paper; no paper verdicts).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ SECTIONS = (
     ("rank16", "Rank-16 subspace projection"),
     ("controls", "Controls"),
 )
+# Sections beyond the paper, rendered only when their data exists.
+OPTIONAL_SECTIONS = (("adapters", "Adapters (beyond the paper)"),)
 _FIGS_BY_SECTION = {
     "accuracy": ["accuracy"], "table1": ["sparsity_per_type"],
     "endpoint": ["spectral", "mask_overlap"], "trajectory": ["trajectories"],
@@ -47,6 +55,7 @@ _FIGS_BY_SECTION = {
     "controls": ["control_sparsify", "control_offpolicy", "control_mixing"],
 }
 REQUIRED_FIGURES = tuple(f for fs in _FIGS_BY_SECTION.values() for f in fs)
+_FIGS_BY_SECTION["adapters"] = ["adapters"]
 _MARK = {verdicts.HOLDS: "HOLDS", verdicts.FAILS: "DOES NOT HOLD",
          verdicts.UNRESOLVED: "NOT RESOLVED", verdicts.MISSING: "NOT MEASURED"}
 
@@ -201,6 +210,85 @@ def _section_controls(r):
                 rows)
 
 
+_ARM_LABEL = {"full": "full OPD", "lora": "LoRA", "pissa": "PiSSA"}
+
+
+def adapter_checks(r: dict) -> list[dict]:
+  """Computed checks of properties the adapters have by construction (beyond the paper).
+
+  A LoRA update is (alpha / r) a_1 b_1 (b_0 = 0): rank <= r. A PiSSA update is
+  (alpha / r)(a_1 b_1 - a_0 b_0): rank <= 2r. So the share of ||dW||_F^2 in the top r (LoRA) /
+  top 2r (PiSSA) singular values of every adapted matrix is 1 up to the float round-off of the
+  merge; a check passes when its minimum over matrices is >= 1 - `adapters.tolerance`, and the
+  stable rank (<= the rank) is <= r / 2r.
+  """
+  ad = r.get("adapters") or {}
+  out = []
+  for arm, key, bound in (("lora", "energy_top_r_min", 1), ("pissa", "energy_top_2r_min", 2)):
+    run = ad.get("runs", {}).get(arm)
+    u = ad.get("update", {}).get(run)
+    if u is None or u.get(key) is None:
+      continue
+    rank = bound * ad["rank"]
+    share, sr = u[key], u["stable_rank_max"]
+    out.append({"run": run, "arm": arm, "bound": rank, "min_share": share,
+                "stable_rank_max": sr,
+                "passes": bool(share >= 1 - ad["tolerance"] and sr <= rank + 1e-9),
+                "text": f"{_ARM_LABEL[arm]}: rank(dW) <= {rank} by construction; min over "
+                        f"{u['n_matrices']} adapted matrices of the ||dW||_F^2 share in the top "
+                        f"{rank} singular values = {share:.6f} (tolerance {ad['tolerance']:g}), "
+                        f"max stable rank {sr:.3g} (<= {rank})"})
+  return out
+
+
+def _section_adapters(r):
+  ad = r["adapters"]
+  acc = r.get("accuracy", {})
+  runs = ad.get("runs", {})
+  ep, upd = ad.get("endpoint", {}), ad.get("update", {})
+  lines = [f"Beyond the paper: OPD from the same anchor with the full OPD settings and low-rank "
+           f"adapters (rank r = {ad['rank']}, alpha = {_num(ad['alpha'])}, scale alpha / r = "
+           f"{_num(ad['scale'])}, targets `{ad['targets']}`), one seed (loop.seed {ad['seed']}, "
+           "the first seed's `opd`, which the full-OPD column shows). Every diagnostic reads the "
+           "merged policy (base + scale a b). The paper makes no claim about adapters: the tables "
+           "are descriptive.", "", "Endpoint geometry (anchor -> end, every matrix, as in the "
+           "endpoint section):", ""]
+  rows = []
+  for arm, run in runs.items():
+    e = ep.get(run, {})
+    a = acc.get(run, {}).get("acc")
+    rows.append([_ARM_LABEL.get(arm, arm), run, "n/a" if a is None else f"{a:.3f}",
+                 _pct(e.get("sparsity")), _pct(e.get("density")),
+                 _num(e.get("max_angle_deg")), _num(e.get("nss")),
+                 _pct(e.get("principal_overlap")), _pct(e.get("low_mag_overlap"))])
+  lines.append(_table(["arm", "run", "accuracy", "bf16 sparsity", "density",
+                       "max angle (deg)", "NSS", "principal-mask overlap",
+                       "low-mag-mask overlap"], rows))
+  lines += ["", f"The merged update dW on the {next(iter(upd.values()), {}).get('n_matrices', '?')}"
+            " adapted matrices (means over matrices; shares of ||dW||_F^2):", ""]
+  rows = []
+  r_ = ad["rank"]
+  for arm, run in runs.items():
+    u = upd.get(run, {})
+    rows.append([_ARM_LABEL.get(arm, arm), _num(u.get("frobenius_total")),
+                 _num(u.get("stable_rank_mean")), _num(u.get("stable_rank_max")),
+                 _pct(u.get("energy_top_r_mean")), _pct(u.get("energy_top_2r_mean")),
+                 f"{_pct(u.get('principal_share_in_mean'))} "
+                 f"(random {_pct(u.get('baseline_in_mean'))})",
+                 f"{_pct(u.get('principal_share_out_mean'))} "
+                 f"(random {_pct(u.get('baseline_out_mean'))})"])
+  lines.append(_table(["arm", "||dW||_F (total)", "stable rank (mean)", "stable rank (max)",
+                       f"top-{r_} energy", f"top-{2 * r_} energy",
+                       f"in anchor's top-{r_} input subspace",
+                       f"in anchor's top-{r_} output subspace"], rows))
+  checks = ad.get("checks", [])
+  if checks:
+    lines += ["", "Checks beyond the paper (properties the adapters have by construction; "
+              "`reporting.adapter_checks`):", ""]
+    lines += [f"- **{'PASSES' if c['passes'] else 'FAILS'}**: {c['text']}." for c in checks]
+  return "\n".join(lines)
+
+
 def _section_settings(st: dict) -> str:
   """Study-level values, a wide table of every TrainConfig field of the main runs, and each
   control's differences from the run it is derived from."""
@@ -226,7 +314,8 @@ def _section_settings(st: dict) -> str:
 
 _SECTION_BODY = {"accuracy": _section_accuracy, "table1": _section_table1,
                  "endpoint": _section_endpoint, "trajectory": _section_trajectory,
-                 "rank16": _section_rank16, "controls": _section_controls}
+                 "rank16": _section_rank16, "controls": _section_controls,
+                 "adapters": _section_adapters}
 
 
 def verdict_counts(vs: list[dict]) -> str:
@@ -269,7 +358,7 @@ def markdown(r: dict, figs: dict[str, str]) -> str:
          f"{total / 60:.1f} min. {verdict_counts(vs)} at this scale (verdicts are computed from "
          "the data under the noise model below; `opd_jax/study/verdicts.py`).", "",
          "## Noise model", "", noise_section(r), ""]
-  for key, title in SECTIONS:
+  for key, title in SECTIONS + tuple(s for s in OPTIONAL_SECTIONS if r.get(s[0])):
     out += [f"## {title}", "", _SECTION_BODY[key](r), ""]
     for f in _FIGS_BY_SECTION[key]:
       if f in figs:
@@ -331,6 +420,8 @@ def render(results: dict, out_dir) -> dict:
   results["aggregate"] = verdicts.aggregate(results)
   results["noise_model"] = verdicts.noise_model(results)
   results["failed_thresholds"] = verdicts.check(results)
+  if results.get("adapters"):
+    results["adapters"] = dict(results["adapters"], checks=adapter_checks(results))
   figs = figures.write_all(results, out_dir)
   results["figures"] = figs
   (out_dir / "report.md").write_text(markdown(results, figs))

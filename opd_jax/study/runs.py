@@ -11,7 +11,8 @@ accuracy itself (`evaluate`: avg@k with `study.eval`, the same protocol for ever
 Run names (also the phase directory names): teacher, base, anchor, opd, rlvr, sft, opd_rank16,
 sft_rank16 (and, for every seed after the first, opd_seed<s>, ..., sft_rank16_seed<s>; see
 `config` on seeds), ctrl_topkl_25 / ctrl_random_50 / ... (token sparsification, rho in percent),
-ctrl_offpolicy, mix_<alpha> (e.g. mix_0.05).
+ctrl_offpolicy, mix_<alpha> (e.g. mix_0.05), and with `study.adapters.enabled` the adapter arms
+opd_lora / opd_pissa (beyond the paper; `config` module docstring).
 
 A teacher (or base student) whose `ModelSpec.source` is 'hf' or 'checkpoint' is used as is and only
 evaluated (the qwen3_8b preset); with source 'random' it is trained by `teacher_train` /
@@ -56,8 +57,10 @@ class RunSpec:
     subspace_of: for the rank-16 runs, the trajectory run whose cumulative update (anchor ->
       its first snapshot) defines the subspace; its remaining steps are run.
     edit: modifies the composed config dict (controls).
-    kind: 'teacher' | 'base' | 'main' | 'rank16' | 'sparsify' | 'offpolicy' | 'mixing'.
+    kind: 'teacher' | 'base' | 'main' | 'rank16' | 'sparsify' | 'offpolicy' | 'mixing' |
+      'adapter'.
     alpha: the mixing weight of a mixing run.
+    init: the adapter initialisation of an adapter arm ('lora' | 'pissa').
     seed: for the seeded runs (`config.SEEDED_RUNS`), the seed (the run's `loop.seed`); None keeps
       the section's `loop.seed`.
     family: the seeded run this is one seed of ('opd', 'opd_rank16', ...); None otherwise.
@@ -72,6 +75,7 @@ class RunSpec:
   edit: Callable[[dict], None] | None = None
   kind: str = "main"
   alpha: float | None = None
+  init: str | None = None
   seed: int | None = None
   family: str | None = None
 
@@ -145,6 +149,15 @@ def run_specs(study: StudyConfig) -> list[RunSpec]:
 
     specs.append(RunSpec(f"mix_{alpha:g}", "opd", ("anchor", "final"), uses_teacher=True,
                          trajectory=True, edit=edit_mix, kind="mixing", alpha=float(alpha)))
+  if study.adapters.enabled:
+    for init in study.adapters.inits:
+      def edit_lora(d, init=init):
+        d["lora"] = study_config._merge(dict(d.get("lora", {})), study.adapters.lora_section(init))
+
+      # One seed: the first one's loop.seed, so the arm differs from `opd` in `lora` only.
+      specs.append(RunSpec(study_config.adapter_run(init), "opd", ("anchor", "final"),
+                           uses_teacher=True, trajectory=True, edit=edit_lora, kind="adapter",
+                           init=init, seed=seeds[0]))
   return specs
 
 
@@ -370,12 +383,20 @@ def _diagnostics_phase(study: StudyConfig, specs: list[RunSpec]):
     # Endpoints by run: SFT base -> anchor (once), OPD and RLVR anchor -> end for every seed.
     endpoint_pairs = {"sft": (model_path("base"), model_path("anchor"))}
     for s in specs:
-      if s.family in ("opd", "rlvr"):
+      if s.family in ("opd", "rlvr") or s.kind == "adapter":
         endpoint_pairs[s.name] = (model_path("anchor"), path(s.name))
     trajectories = {s.name: {int(k): ctx.workdir / v for k, v in summaries[s.name]["snapshots"]
                              .items()} for s in specs if s.trajectory}
     geometry = diagnostics.compute(endpoint_pairs, model_path("anchor"), trajectories,
                                    study.diagnostics, log=ctx.log)
+    arms = [s.name for s in specs if s.kind == "adapter"]
+    if arms:
+      # The merged update of each adapter arm and of full OPD (first seed) on the adapted matrices.
+      geometry["adapter_update"] = {
+          run: diagnostics.adapter_update_metrics(
+              model_path("anchor"), path(run), rank=study.adapters.rank,
+              targets=study.adapters.targets)
+          for run in ["opd"] + arms}
     (ctx.out_dir / "geometry.json").write_text(json.dumps(geometry, indent=1))
     return {"endpoint_methods": sorted(geometry["endpoint"]),
             "trajectory_runs": sorted(geometry["trajectory"])}
@@ -385,6 +406,22 @@ def _diagnostics_phase(study: StudyConfig, specs: list[RunSpec]):
 def ctx_deps(specs: list[RunSpec]) -> tuple[str, ...]:
   """Runs the diagnostics read: base, anchor and every trajectory run."""
   return ("base", "anchor") + tuple(s.name for s in specs if s.trajectory)
+
+
+def _adapter_results(study: StudyConfig, specs: list[RunSpec], geometry: dict,
+                     summaries: dict) -> dict | None:
+  """results['adapters'] (schema: `reporting`), or None without adapter arms."""
+  arms = [s for s in specs if s.kind == "adapter" and s.name in summaries]
+  if not arms:
+    return None
+  a = study.adapters
+  runs = {"full": "opd", **{s.init: s.name for s in arms}}
+  geo_ep, upd = geometry.get("endpoint", {}), geometry.get("adapter_update", {})
+  return {"rank": a.rank, "alpha": a.alpha, "scale": a.alpha / a.rank, "targets": a.targets,
+          "tolerance": a.tolerance, "seed": study_config.seed_values(study.seeds)[0],
+          "runs": runs,
+          "endpoint": {r: geo_ep[r] for r in runs.values() if r in geo_ep},
+          "update": {r: upd[r] for r in runs.values() if r in upd}}
 
 
 def _report_phase(study: StudyConfig, specs: list[RunSpec]):
@@ -495,6 +532,9 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
     else:
       ref = main.get(s.section, {})
       diffs[s.name] = {k: v for k, v in flat.items() if ref.get(k) != v}
+  adapters = _adapter_results(study, specs, geometry, summaries)
+  if adapters is not None:
+    results["adapters"] = adapters
   results["settings"] = {"study": _flat(dict(study_config.study_sections(study))),
                          "task": _flat({"task": dataclasses.asdict(study.data.task)}),
                          "runs": main, "derived_runs": diffs}
