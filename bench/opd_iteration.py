@@ -35,7 +35,9 @@ on both sides. `*_tok_s` = those tokens over the steady iterations / their total
 opd_jax runs in this process, TRL (`pip install torch==2.13.0 trl==1.16.0`) in a child process
 afterwards, once per `--torch-threads` count (default '0,1': torch's default and one thread;
 on the shared 2-core machine at load average ~10, one thread ran TRL's iteration 2-3x faster than
-torch's default two; the ratio is taken against the faster run). Defaults: 2 prompts x 8, 32 new
+torch's default two in some runs and about as fast in others; the ratio is taken against the
+faster run). opd_jax's first iteration includes compilation unless the persistent compile cache
+already holds it. Defaults: 2 prompts x 8, 32 new
 tokens, 1 + 2 iterations (10.6 min with `--torch-threads 1` at that load); `--quick`: 1 prompt x 8,
 16 new tokens, 1 + 1 iterations, torch's default threads only. Prints the CPU model, the XLA
 flags, the load average around each side (the machine may be shared), and one JSON object (last
