@@ -105,10 +105,20 @@ def test_resident_weights_equal_the_bytes_of_real_sharded_arrays(opd):
 def test_sampler_holds_at_least_its_kv_cache(opd):
   rp, out = opd
   m = rp.student
-  cache_len = rp.prompt_buckets[-1] + rp.max_new_tokens - 1
+  s = rp.sampler
+  # The decode cache: prompt + max_new - 1 slots rounded up to whole decode blocks (64 slots);
+  # rows: the batch (or the 'continuous' decode slots: a quarter of it, at least min_bucket, a
+  # multiple of the batch devices), plus the distinct prompts' prefill cache when shared.
+  cache_len = -(-(rp.prompt_buckets[-1] + rp.max_new_tokens - 1) // 64) * 64
   batch_devices = MESH[0] * MESH[1]
-  analytic = (m.n_layers * 2 * rp.rows * cache_len * m.n_kv_heads * m.head_dim
-              * np.dtype(m.dtype).itemsize // batch_devices)
+  prompts = rp.rows // s.group_size
+  if s.mode == "continuous":
+    decode_rows = min(rp.rows, -(-max(rp.rows // 4, s.min_bucket) // batch_devices) * batch_devices)
+    parts = (s.slots or decode_rows, prompts)
+  else:
+    parts = (rp.rows, prompts) if s.group_size > 1 else (rp.rows,)
+  analytic = sum(m.n_layers * 2 * -(-r // batch_devices) * cache_len * m.n_kv_heads * m.head_dim
+                 * np.dtype(m.dtype).itemsize for r in parts)
   sampler = out["phases"]["sampler"]
   assert sampler["kv_cache_bytes"] == analytic
   assert sampler["temp_bytes"] >= analytic and sampler["transient_bytes"] >= analytic
@@ -122,7 +132,7 @@ def test_attention_score_blocks_follow_the_blocked_attention(opd):
   q = attention.flash_block(t, m.attention_block)
   assert out["phases"]["train_step"]["attention_scores_bytes"] == per_block(q, q)
   p_len = rp.prompt_buckets[-1]
-  cache_len = p_len + rp.max_new_tokens - 1
+  cache_len = -(-(p_len + rp.max_new_tokens - 1) // 64) * 64   # whole decode blocks
   prefill = plan_lib.attention_score_shape(m, p_len, p_len, cache_len=cache_len)
   assert prefill[0] == p_len and p_len <= prefill[1] <= cache_len
   assert out["phases"]["sampler"]["attention_scores_bytes"] == per_block(*prefill)

@@ -109,6 +109,15 @@ def cache_bytes(model: ModelConfig, rows: int, length: int, mesh, rules) -> int:
   return 2 * math.prod(shard) * jnp.dtype(model.dtype).itemsize
 
 
+def _sampler_cache_bytes(model: ModelConfig, rows: int, prompt_len: int, cfg, mesh, rules) -> int:
+  """Per-device bytes of the KV caches one sampler call holds (`sampler.cache_shapes`: the decode
+  cache of the batch or, for mode='continuous', of its decode slots, plus a shared prefill's)."""
+  with jax.set_mesh(mesh), sharding_lib.axis_rules(rules):
+    shards = sampler_lib._batch_shards()
+  return sum(cache_bytes(model, r, length, mesh, rules)
+             for r, length in sampler_lib.cache_shapes(rows, prompt_len, cfg, model, shards))
+
+
 def attention_score_shape(model: ModelConfig, q_len: int, k_len: int, *, cache_len: int = 0,
                           q_start: int = 0) -> tuple[int, int]:
   """(queries, keys) of the largest attention-score block one layer holds at once.
@@ -333,9 +342,11 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
         "sampler", "teacher" if by_teacher else "student",
         under_mesh(lambda: sampler_lib._sample.lower(
             policy[0], policy[1], prompt, prompt_mask, rng, cfg=run_plan.sampler, rules=rules)),
-        (policy[2],), cache_bytes(policy_cfg, rows, p_len + n_new - 1, mesh, rules),
+        (policy[2],), _sampler_cache_bytes(policy_cfg, rows, p_len, run_plan.sampler, mesh,
+                                           rules),
         # The prefill's scores: the prompt against the cache bucket that covers it.
-        scores(policy_cfg, p_len, p_len, cache_len=p_len + n_new - 1)))
+        scores(policy_cfg, p_len, p_len,
+               cache_len=sampler_lib.cache_length(p_len, n_new, policy_cfg))))
 
     def scorer(name, model_name, gd, params, model_cfg, arg):
       # The last chunk's scores: c queries against the whole (bucketed) cache.
