@@ -94,8 +94,9 @@ def jobs_for(layout: str) -> dict[str, Job]:
       Job("sft", "sft", COMMON + ("loop.batch_size=8", "data.train_examples=64",
                                   "data.eval_examples=8", "loop.eval_every=2",
                                   "loop.eval_batch_size=8")),
-      # Its snapshots feed rank16.
-      Job("opd", "opd", COMMON + PG_SMALL + ("loop.snapshot_steps=(0,2)",),
+      # Its snapshots feed rank16 (delta snapshots: snapshot 2 is read back through its chain).
+      Job("opd", "opd", COMMON + PG_SMALL + ("loop.snapshot_steps=(0,2)",
+                                             "loop.snapshot_format=delta"),
           write_marker=layout == REF),
       # (the opd smoke preset's clip range is a pg setting, which distill refuses as unread)
       Job("distill", "opd", COMMON + PG_SMALL + ("method=distill", "pg.pg.eps_high=0.28")),

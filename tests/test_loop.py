@@ -14,6 +14,7 @@ from opd_jax import errors
 from opd_jax.train import checkpoint as ckpt_lib
 from opd_jax.train import config as config_lib
 from opd_jax.train import loop
+from opd_jax.train import mesh as mesh_lib
 from opd_jax.train import metrics as metrics_lib
 from opd_jax.train import run_plan
 
@@ -319,8 +320,11 @@ def test_opd_on_deepcoder_rows_with_a_livecodebench_eval_set(tmp_path):
   assert final["eval/lcb/prompts"] == 3 and 0 <= final["eval/lcb/avg@1"] <= 1
 
 
-def test_live_geometry_is_refused_on_several_processes():
+def test_live_geometry_is_refused_on_a_mesh_of_several_devices():
   cfg = smoke("sft", ["geometry.every=2"])
-  loop.check_single_process_features(cfg, 1)
-  with pytest.raises(errors.UserError, match=r"geometry\.every=2: .* one process only"):
-    loop.check_single_process_features(cfg, 2)
+  one = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
+  loop.check_geometry_mesh(cfg, one)
+  two = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 2, 1)), jax.devices()[:2])
+  with pytest.raises(errors.UserError, match=r"geometry\.every=2: .* one-device mesh"):
+    loop.check_geometry_mesh(cfg, two)
+  loop.check_geometry_mesh(smoke("sft"), two)  # the monitor off: nothing to refuse

@@ -147,11 +147,16 @@ def test_bf16_visible_change_equals_the_numpy_reference(tmp_path):
   assert sd.summary(root / "5")["bf16_changed"] == total
 
 
-def test_a_chain_loads_every_step_exactly_and_anchors_bound_it(tmp_path):
-  rng = np.random.default_rng(2)
+def _trajectory(rng, n: int) -> list:
+  """n parameter trees, each a small random step from the previous one."""
   trees = [_random_tree(rng)]
-  for _ in range(6):
+  for _ in range(n - 1):
     trees.append(_step(rng, trees[-1], 1e-3))
+  return trees
+
+
+def test_a_chain_loads_every_step_exactly_and_anchors_bound_it(tmp_path):
+  trees = _trajectory(np.random.default_rng(2), 7)
   root = tmp_path / "snaps"
   for step, tree in enumerate(trees):
     path = ckpt_lib.save_snapshot(root, step * 10, tree, CFG, {"note": step},
@@ -200,9 +205,7 @@ def test_sharded_params_save_and_load_onto_shardings(tmp_path):
 
 def test_rewriting_a_step_keeps_every_snapshot_consistent(tmp_path):
   rng = np.random.default_rng(3)
-  trees = [_random_tree(rng)]
-  for _ in range(3):
-    trees.append(_step(rng, trees[-1], 1e-3))
+  trees = _trajectory(rng, 4)
   root = tmp_path / "snaps"
   for step, tree in enumerate(trees):
     ckpt_lib.save_snapshot(root, step, tree, CFG, snapshot_format="delta")

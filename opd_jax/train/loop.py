@@ -352,14 +352,19 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
     ckpt.close()
 
 
-def check_single_process_features(cfg: TrainConfig, n_processes: int) -> None:
-  """Refuses, by name, what does not run on several processes yet."""
-  if cfg.geometry.enabled and n_processes > 1:
-    # Seen on 2 CPU processes: the run stalls at the first monitor point, every process waiting
-    # in a cross-process collective. Refused until that is understood.
-    raise errors.UserError(f"geometry.every={cfg.geometry.every}: the live geometry monitor runs "
-                           f"on one process only for now ({n_processes} here); set "
-                           "--config.geometry.every=0 and diagnose the snapshots instead")
+def check_geometry_mesh(cfg: TrainConfig, mesh) -> None:
+  """Refuses the live geometry monitor on a mesh of several devices.
+
+  Seen on CPU (jax 0.10.2), the monitor's program never finishing: with 8 host devices in one
+  process at its second point, and on 2 processes of one device each at its first point (in 2 of
+  4 runs; every process waiting in the program's collectives, the same HLO on both). Refused
+  until understood; on one device it runs."""
+  if cfg.geometry.enabled and mesh.devices.size > 1:
+    raise errors.UserError(
+        f"geometry.every={cfg.geometry.every}: the live geometry monitor runs on a one-device "
+        f"mesh for now (this mesh has {mesh.devices.size} devices over "
+        f"{jax.process_count()} process(es)); set --config.geometry.every=0 and diagnose the "
+        "snapshots instead")
 
 
 def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fresh: bool,
@@ -372,7 +377,7 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
   tok = tokenizer if tokenizer is not None else run_plan.load_tokenizer(cfg)
   recipe = recipes_lib.get(cfg)
   needs = recipe.needs(cfg)
-  check_single_process_features(cfg, jax.process_count())
+  check_geometry_mesh(cfg, mesh)
   # Batch vs mesh before any weights are read (the architectures do not change the row count).
   run_plan.check_divisible(run_plan.resolve(cfg, tokenizer=tok), mesh, rules)
 
