@@ -207,9 +207,10 @@ def generate(student_graphdef, student_params, teacher_graphdef, teacher_params,
   head) give `values_BxT` when `knobs.value_head`. `clock` (`timing.PhaseClock`) is told when
   each phase is dispatched (it never blocks here). Several routed teachers (a tuple of graphdefs
   and of params, `train.teachers`) take `teacher_id_B` (int32 [B], each row's teacher): each
-  scores the batch in turn and each row keeps its own teacher's numbers. The pieces are separately jitted module-level
-  functions (`sampler.sample`, `scoring.token_logprobs`, the chunked KL), each compiled once per
-  shape and shared by every recipe that uses the same sampler settings.
+  scores the batch in turn and each row keeps its own teacher's numbers. The pieces are
+  separately jitted module-level functions (`sampler.sample`, `scoring.token_logprobs`, the
+  chunked KL), each compiled once per shape and shared by every recipe that uses the same
+  sampler settings.
   """
   if knobs.sampler is None:
     raise ValueError("RolloutKnobs.sampler is required")
