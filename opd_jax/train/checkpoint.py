@@ -90,12 +90,41 @@ def model_config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
   return ModelConfig(**d)
 
 
-def _options(keep: int | None, async_save: bool) -> ocp.CheckpointManagerOptions:
-  # Orbax writes each step into a temporary directory and renames it when complete (atomic on a
-  # local filesystem; a commit marker on object stores): a kill mid-write leaves only a temporary
-  # directory, which the next manager removes.
-  return ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                      create=True, cleanup_tmp_directories=True)
+# Orbax names a step's directory `<step>.orbax-checkpoint-tmp-<n>` while it is being written.
+_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def _remove_unfinished(root: epath.Path) -> None:
+  """Removes the temporary step directories a kill mid-write left under `root`, before any
+  manager reads it. Orbax's own cleanup runs in a background thread that `delete` does not wait
+  for, and `delete(step)` also removes `step`'s temporary directories: the two raced (a
+  FileNotFoundError from a resumed snapshot write). Here it is synchronous: the primary process
+  removes, then every process waits for it."""
+  if jax.process_index() == 0 and root.is_dir():
+    for p in root.iterdir():
+      if _TMP_MARK not in p.name:
+        continue
+      if p.is_dir():
+        p.rmtree(missing_ok=True)
+      else:
+        p.unlink(missing_ok=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(f"opd_jax_remove_unfinished_{root}")
+
+
+def open_manager(root, item_names: tuple[str, ...], *, keep: int | None = None,
+                 async_save: bool = False) -> ocp.CheckpointManager:
+  """An orbax manager over `root` (created if missing) with `root`'s unfinished writes removed.
+
+  Orbax writes each step into a temporary directory and renames it when complete (atomic on a
+  local filesystem; a commit marker on object stores): a kill mid-write leaves only a temporary
+  directory. Every process calls this (it synchronises)."""
+  root = as_path(root)
+  _remove_unfinished(root)
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                         create=True, cleanup_tmp_directories=False)
+  return ocp.CheckpointManager(root, options=options, item_names=tuple(item_names))
 
 
 # How a full disk (or quota) reaches us: an OSError from Python code, or tensorstore's
@@ -166,8 +195,7 @@ class Checkpointer:
                model_cfg: ModelConfig | None = None):
     self.directory = as_path(directory)
     self.model_cfg = model_cfg
-    self.manager = ocp.CheckpointManager(self.directory, options=_options(keep, async_save),
-                                         item_names=(STATE, META))
+    self.manager = open_manager(self.directory, (STATE, META), keep=keep, async_save=async_save)
 
   def save(self, step: int, state: TrainState, meta: Mapping[str, Any] | None = None, *,
            force: bool = True) -> bool:
@@ -276,7 +304,7 @@ def save_snapshot(directory, step: int, params, model_cfg: ModelConfig | None = 
   items = {PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(info)}
   if value_head is not None:
     items[VALUE_HEAD] = ocp.args.StandardSave(value_head)
-  manager = ocp.CheckpointManager(root, options=_options(None, False), item_names=tuple(items))
+  manager = open_manager(root, tuple(items))
   try:
     with _disk_full_is_a_user_error(root, f"parameter snapshot of step {step}"):
       if int(step) in manager.all_steps():

@@ -466,8 +466,7 @@ def _depth(meta: Mapping) -> int:
 
 
 def _write(root: epath.Path, step: int, items: dict, what: str) -> epath.Path:
-  manager = ocp.CheckpointManager(root, options=ckpt._options(None, False),  # noqa: SLF001
-                                  item_names=tuple(items))
+  manager = ckpt.open_manager(root, tuple(items))
   try:
     with ckpt._disk_full_is_a_user_error(root, what):  # noqa: SLF001
       if int(step) in manager.all_steps():
