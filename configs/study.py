@@ -11,15 +11,27 @@ Presets:
             runs.
   adapters  tiny + the adapter arms (beyond the paper): OPD with LoRA and with PiSSA from the same
             anchor (`adapters` section; ~2 extra OPD runs).
+  regime_map tiny + the regime map (beyond the paper; 12 extra runs).
   qwen3_8b  the paper's models and hyperparameters (paper_facts section 4) for a TPU pod: base
             student Qwen3-8B-Base and teacher Qwen3-32B from local HF checkpoints (used as is and
             evaluated), SFT anchor on a local MATH-layout file with solutions, OPD / RLVR on a local
             dapo-math-17k JSONL, eval on a local MATH-500 JSONL.
 
-Learning rates are scaled to the model size with the paper's ratios: SFT peak lr = 10 x the
-OPD/RLVR lr, cosine to 0.1 x peak with 10% warmup for SFT, constant for OPD/RLVR; Adam betas
-(0.9, 0.95) for SFT and (0.9, 0.98) for OPD/RLVR, eps 1e-15 for RLVR, weight decay 0.1. The report
-writes every chosen value (its Settings section).
+Optimizers follow the paper's: cosine to 0.1 x peak with 10% warmup for SFT, constant for
+OPD/RLVR; Adam betas (0.9, 0.95) for SFT and (0.9, 0.98) for OPD/RLVR, eps 1e-15 for RLVR, weight
+decay 0.1. Scale by rule (`opd_jax/study/regime.py`; `regime` section): in every CPU preset the
+peak lr of the anchor SFT, SFT, OPD and RLVR runs is not chosen but derived at run time, so that
+each run's update budget (lr x mean schedule x steps, in bf16 half-ulps at the median |W| of its
+starting weights) equals the paper's run's (at Qwen3-8B's assumed median |W| 0.02): the section's
+`optim.lr` only carries the schedule's final_lr / lr ratio there. qwen3_8b uses the paper's own
+values (`regime.match_budget=False`). The angle k and mask rank are the paper's fractions of the
+width (k = d / 8, r = d / 64). The report writes every chosen value and each rule with its inputs
+(its Settings section).
+
+Regime map (`regime_map` preset, beyond the paper): tiny plus SFT, OPD and RLVR from the same
+anchor at 0.25, 4, 16 and 64 x the paper's budget (`regime.map_scales`; the 1 x point is the
+study's own runs): sparsity, density, angles, NSS, stable rank and accuracy gain against the
+budget.
 
 Seeds: every preset but smoke (2) repeats OPD, RLVR, SFT and both rank-16 arms over 3 seeds
 (`seeds`, e.g. `--config.seeds=(0,1,2,3,4)`); verdicts need >= 2 seeds to resolve anything
@@ -44,6 +56,7 @@ import ml_collections
 from configs import models
 from opd_jax.data import tasks
 from opd_jax.study import config as study_config
+from opd_jax.study import regime
 from opd_jax.train import config as train_config
 from opd_jax.train.mesh import MeshConfig
 
@@ -98,7 +111,16 @@ def _base(name: str) -> ml_collections.ConfigDict:
   c.adapters = train_config.dataclass_to_dict(study_config.AdaptersConfig())
   c.diagnostics = train_config.dataclass_to_dict(study_config.DiagnosticsConfig())
   c.thresholds = train_config.dataclass_to_dict(study_config.Thresholds())
+  # Scale by rule (module docstring): on in every CPU preset.
+  c.regime = train_config.dataclass_to_dict(study_config.RegimeConfig(match_budget=True))
   return c
+
+
+def _width_rule(c, width: int):
+  """The angle k and mask rank as the paper's fractions of the width (`regime.width_ranks`)."""
+  ranks = regime.width_ranks(width)
+  c.diagnostics.angle_k = ranks["angle_k"]
+  c.diagnostics.mask_rank = ranks["mask_rank"]
 
 
 def _adapter_arms(c, width: int, enabled: bool):
@@ -158,8 +180,8 @@ def _smoke():
   c.rank16.k = 4
   c.controls.sparsify = (("top_kl", 0.5),)
   c.controls.mixing_alphas = (0.75, 0.05)
-  c.diagnostics.angle_k = 16
-  c.diagnostics.mask_rank = 8
+  _width_rule(c, c.student.model.d_model)
+  c.regime.map_scales = (1.0, 4.0)   # the regime map end to end (one extra budget: 3 runs)
   c.diagnostics.hill_k = 4
   c.diagnostics.sim_k = 4
   _adapter_arms(c, 64, enabled=True)  # on: the adapter arms end to end (2 OPD runs of 4 steps)
@@ -199,11 +221,10 @@ def _tiny():
   c.base_target = train_config.dataclass_to_dict(study_config.TargetConfig(
       acc=0.3, min_steps=300, check_every=20, max_steps=2000))
   _pg_common(c, group=8, batch=16, steps=40, lr=1e-4, clip_high=0.28)
-  # Widths are 64 here, not 4096. The angle and mask ranks scale with the width (the paper's
-  # k = 512 and r = 64 are 1/8 and 1/64 of Qwen3-8B's 4096; k = 512 would be the whole space here,
-  # where every principal angle is 0). The projection keeps the paper's rank 16 (1/4 of the width).
-  c.diagnostics.angle_k = 8
-  c.diagnostics.mask_rank = 8
+  # Widths are 64 here, not 4096: the angle and mask ranks scale with the width (k = 512 would be
+  # the whole space here, where every principal angle is 0). The projection keeps the paper's
+  # rank 16 (1/4 of the width; not derived by the paper's rule yet).
+  _width_rule(c, TINY_STUDENT["d_model"])
   _adapter_arms(c, TINY_STUDENT["d_model"], enabled=False)  # off: tiny's 20-minute budget
   _quiet(c)
   return c
@@ -213,6 +234,13 @@ def _adapters():
   c = _tiny()
   c.preset = "adapters"
   c.adapters.enabled = True
+  return c
+
+
+def _regime_map():
+  c = _tiny()
+  c.preset = "regime_map"
+  c.regime.map_scales = (0.25, 1.0, 4.0, 16.0, 64.0)
   return c
 
 
@@ -232,7 +260,7 @@ def _small():
   for n in ("opd", "rlvr"):
     c[n].loop.steps = 300
     c[n].loop.batch_size = 32
-  c.diagnostics.angle_k = 128
+  _width_rule(c, c.student.model.d_model)
   _adapter_arms(c, 128, enabled=False)
   return c
 
@@ -270,6 +298,8 @@ def _qwen3_8b():
   for n in ("teacher_train", "base_train", "anchor", "opd", "rlvr", "sft"):
     c[n].loop.checkpoint_every = 32
   _adapter_arms(c, 4096, enabled=False)
+  _width_rule(c, 4096)
+  c.regime.match_budget = False   # the paper's own models and learning rates
   c.thresholds.teacher_min = 0.0   # the acceptance thresholds are for the CPU presets
   c.thresholds.base_min = 0.0
   c.thresholds.base_max = 1.0
@@ -277,7 +307,7 @@ def _qwen3_8b():
 
 
 PRESETS = {"smoke": _smoke, "tiny": _tiny, "small": _small, "adapters": _adapters,
-           "qwen3_8b": _qwen3_8b}
+           "regime_map": _regime_map, "qwen3_8b": _qwen3_8b}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

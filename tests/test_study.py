@@ -537,7 +537,8 @@ def _load(preset, overrides=()):
                                                                 overrides))
 
 
-@pytest.mark.parametrize("preset", ["smoke", "tiny", "small", "adapters", "qwen3_8b"])
+@pytest.mark.parametrize("preset", ["smoke", "tiny", "small", "adapters", "regime_map",
+                                    "qwen3_8b"])
 def test_presets_compose_every_run(preset):
   from opd_jax.study import runs
   study = _load(preset)
@@ -551,6 +552,13 @@ def test_presets_compose_every_run(preset):
   # The adapter arms: on in smoke and adapters, off elsewhere.
   arms = {"opd_lora", "opd_pissa"} & set(names)
   assert arms == ({"opd_lora", "opd_pissa"} if preset in ("smoke", "adapters") else set())
+  # The regime map: 3 methods x the scales other than the study's own; the rule on in every CPU
+  # preset, off on the paper's own models.
+  maps = {n for n in names if n.startswith("map_")}
+  scales = [x for x in study.regime.map_scales if x != study.regime.scale]
+  assert maps == {runs.map_run(m, x) for m in runs.MAP_METHODS for x in scales}
+  assert len(maps) == {"smoke": 3, "regime_map": 12}.get(preset, 0)
+  assert study.regime.match_budget == (preset != "qwen3_8b")
 
 
 def test_composed_controls_differ_from_opd_only_where_they_should():
@@ -736,6 +744,26 @@ def test_smoke_study_report_structure(smoke_study):
   sec = md.split("## Adapters (beyond the paper)")[1].split("\n## ")[0]
   assert "**PASSES**: LoRA" in sec and "**PASSES**: PiSSA" in sec
   assert (rep / "adapters.png").read_bytes()[:4] == b"\x89PNG" and "(adapters.png)" in sec
+  # Scale by rule: every budget section's run took the lr giving the paper's budget, and says so.
+  from opd_jax.study import regime
+  settings = results["settings"]
+  for run, method in (("anchor", "sft"), ("opd", "opd"), ("rlvr", "rlvr"), ("sft", "sft")):
+    assert f"update budget, {run}" in settings["rules"], run
+    assert f"B_paper {regime.paper_budget(method):.3g}" in settings["rules"][f"update budget, {run}"]
+  assert "Scale rules" in md and "angle k, mask rank" in md
+  # The regime map: SFT, OPD and RLVR at 1 x (the study's runs) and 4 x the paper's budget.
+  rm = results["regime_map"]
+  assert rm["scales"] == [1.0, 4.0]
+  got = {(row["method"], row["scale"]): row for row in rm["rows"]}
+  assert set(got) == {(m, x) for m in ("sft", "opd", "rlvr") for x in (1.0, 4.0)}
+  for (m, x), row in got.items():
+    assert row["budget"] == pytest.approx(x * regime.paper_budget(m), rel=1e-6), (m, x)
+    assert 0 <= row["sparsity"] <= 1 and row["stable_rank"] > 0 and row["acc"] is not None
+  assert got[("opd", 1.0)]["run"] == "opd" and got[("opd", 1.0)]["sparsity"] == results[
+      "endpoint"]["opd"]["sparsity"]
+  assert got[("sft", 4.0)]["lr"] == pytest.approx(4 * got[("sft", 1.0)]["lr"], rel=1e-9)
+  sec = md.split("## Regime map (beyond the paper)")[1].split("\n## ")[0]
+  assert "(regime_map.png)" in sec and (rep / "regime_map.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_smoke_study_resumes_instantly_and_check_exit_code(smoke_study, capsys):

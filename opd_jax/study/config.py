@@ -12,7 +12,8 @@ A study config file (`configs/study.py`) returns a locked ConfigDict that mirror
     a randomly initialised teacher; unused when the teacher is loaded), `base_train` (SFT from
     scratch that makes the base student; unused when the student is loaded), `anchor` (SFT of the
     base: the paper's SFT geometry is base -> anchor), `opd`, `rlvr`, `sft` (from the anchor);
-  * study sections: `seeds`, `rank16`, `controls`, `adapters`, `diagnostics`, `thresholds`.
+  * study sections: `seeds`, `rank16`, `controls`, `adapters`, `diagnostics`, `thresholds`,
+    `regime` (learning rates matched to the paper's update budgets; `regime.py`).
 
 Adapter arms (beyond the paper; `adapters`, off by default): `opd_lora` and `opd_pissa` are the
 `opd` section from the same anchor with low-rank adapters (`opd_jax.models.lora`) on the matrices
@@ -206,6 +207,44 @@ class DiagnosticsConfig:
   trajectory_types: tuple[str, ...] = ("q", "k", "v", "o")
 
 
+# Run sections whose learning rate the update-budget rule sets, and the paper run each matches.
+BUDGET_SECTIONS = {"anchor": "sft", "sft": "sft", "opd": "opd", "rlvr": "rlvr"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RegimeConfig:
+  """Scale by rule (`opd_jax/study/regime.py`): the update budget of each method matched to the
+  paper's.
+
+  Attributes:
+    match_budget: set the peak lr of the `anchor`, `sft`, `opd` and `rlvr` sections (and of every
+      run composed from them: controls, rank-16 and adapter arms) so that each run's update
+      budget in bf16 half-ulps, measured at its starting weights' median |W|, is `scale` x the
+      paper's (the sections' own lr is then unused; their schedule shape and final_lr / lr ratio
+      are kept). False: the sections' lr as set (the paper's own models: qwen3_8b).
+    scale: the budget relative to the paper's (1.0 = matched).
+    paper_median_abs_w: the assumed median |W| of the paper's student (see the module).
+    map_scales: the regime map (beyond the paper): SFT, OPD and RLVR from the anchor, first seed,
+      once per budget scale here (>= 4 for a map; the main runs' `scale` is reused, not rerun).
+  """
+
+  match_budget: bool = False
+  scale: float = 1.0
+  paper_median_abs_w: float = 0.02
+  map_scales: tuple[float, ...] = ()
+
+  def __post_init__(self):
+    if not self.scale > 0 or not self.paper_median_abs_w > 0:
+      raise ConfigError(f"regime: scale={self.scale} and paper_median_abs_w="
+                        f"{self.paper_median_abs_w} must be > 0")
+    bad = [x for x in self.map_scales if not float(x) > 0]
+    if bad or len(set(self.map_scales)) != len(self.map_scales):
+      raise ConfigError(f"regime.map_scales={self.map_scales!r}: expected distinct values > 0")
+    if self.map_scales and not self.match_budget:
+      raise ConfigError("regime.map_scales needs regime.match_budget=True (a map over budgets "
+                        "relative to the paper's)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
   """Acceptance thresholds checked by `--check` (OPD and RLVR must also beat the anchor)."""
@@ -272,6 +311,7 @@ class StudyConfig:
   adapters: AdaptersConfig = AdaptersConfig()
   diagnostics: DiagnosticsConfig = DiagnosticsConfig()
   thresholds: Thresholds = Thresholds()
+  regime: RegimeConfig = RegimeConfig()
 
   def __post_init__(self):
     seeds = seed_values(self.seeds)
@@ -366,6 +406,6 @@ def study_sections(study: StudyConfig) -> Mapping[str, Any]:
   """The study-level settings written into the report."""
   out = {}
   for f in ("preset", "seeds", "snapshots", "eval", "teacher_target", "base_target", "rank16",
-            "controls", "adapters", "diagnostics", "thresholds"):
+            "controls", "adapters", "diagnostics", "thresholds", "regime"):
     out[f] = train_config.dataclass_to_dict(getattr(study, f))
   return out

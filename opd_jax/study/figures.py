@@ -300,12 +300,53 @@ def fig_adapters(results: dict, path):
   return _save(fig, path)
 
 
+def _map_points(results: dict) -> dict[str, list[dict]]:
+  """{method: regime-map rows with a measured budget, by budget}."""
+  rows = (results.get("regime_map") or {}).get("rows", [])
+  out: dict[str, list[dict]] = {}
+  for row in rows:
+    if row.get("budget") is not None:
+      out.setdefault(row["method"], []).append(row)
+  return {m: sorted(rs, key=lambda r: r["budget"]) for m, rs in out.items()}
+
+
+def fig_regime_map(results: dict, path):
+  """Sparsity, mean max principal angle, stable rank and accuracy gain against the update budget
+  (half-ulps; the paper's budget of each method marked)."""
+  points = _map_points(results)
+  if not points:
+    return None
+  panels = [("sparsity", "bf16 update sparsity", 100.0), ("max_angle_mean_deg",
+            "max principal angle, mean (deg)", 1.0), ("stable_rank", "stable rank of dW (end)",
+            1.0), ("acc_gain", "accuracy gain over the anchor", 1.0)]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+  for ax, (key, name, mult) in zip(axes, panels):
+    for method, rows in points.items():
+      xs = [r["budget"] for r in rows if r.get(key) is not None]
+      ys = [mult * r[key] for r in rows if r.get(key) is not None]
+      if xs:
+        ax.plot(xs, ys, "o-", color=color(method), label=LABELS.get(method, method))
+      at = [r for r in rows if r["scale"] == 1.0 and r.get(key) is not None]
+      if at:
+        ax.plot([at[0]["budget"]], [mult * at[0][key]], "*", ms=13, color=color(method),
+                markeredgecolor="k")
+    ax.set_xscale("log")
+    ax.set(xlabel="update budget (bf16 half-ulps)", ylabel=name, title=name)
+    if key == "acc_gain":
+      ax.axhline(0, color="k", lw=0.8)
+    ax.legend(fontsize=8)
+  fig.suptitle("Regime map (beyond the paper): each method from the same anchor at several "
+               "budgets; star = the paper's budget")
+  return _save(fig, path)
+
+
 def fig_accuracy(results: dict, path):
   acc = results.get("accuracy", {})
   if not acc:
     return None
   later = _later_seed_runs(results)
-  runs = [r for r in acc if r not in later]
+  mapped = {r["run"] for r in (results.get("regime_map") or {}).get("rows", [])}
+  runs = [r for r in acc if r not in later and (r not in mapped or r in _FIXED)]
   fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(runs) + 2), 4.2))
   bars = [_acc_bar(results, r) for r in runs]
   ax.bar(range(len(runs)), [b[0] for b in bars], yerr=[b[1] for b in bars], capsize=3,
@@ -344,6 +385,7 @@ FIGURES = {
     "control_offpolicy": fig_control_offpolicy,
     "control_mixing": fig_control_mixing,
     "adapters": fig_adapters,
+    "regime_map": fig_regime_map,
 }
 
 

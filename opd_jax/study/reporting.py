@@ -19,6 +19,9 @@ Results schema (everything optional except where `verdicts.check` needs it)::
                endpoint: {run: endpoint entry (as `endpoint`)},     # anchor -> end, merged
                update: {run: `diagnostics.adapter_update_metrics` output}}
     rank16: {opd|sft: {plain_run, projected_run, resume_step, k, where}}
+    regime_map: {scales, study_scale, anchor_acc,                # only with regime.map_scales
+                 rows: [{method, scale, run, budget, lr, sparsity, density, max_angle_mean_deg,
+                         nss, stable_rank, acc, acc_se, acc_gain}]}
     controls: {sparsify: [run], offpolicy: [run], mixing: {run: alpha}}
     phases: {phase: {wall_s, status}}
 
@@ -47,7 +50,8 @@ SECTIONS = (
     ("controls", "Controls"),
 )
 # Sections beyond the paper, rendered only when their data exists.
-OPTIONAL_SECTIONS = (("adapters", "Adapters (beyond the paper)"),)
+OPTIONAL_SECTIONS = (("adapters", "Adapters (beyond the paper)"),
+                     ("regime_map", "Regime map (beyond the paper)"))
 _FIGS_BY_SECTION = {
     "accuracy": ["accuracy"], "table1": ["sparsity_per_type"],
     "endpoint": ["spectral", "mask_overlap"], "trajectory": ["trajectories"],
@@ -56,6 +60,7 @@ _FIGS_BY_SECTION = {
 }
 REQUIRED_FIGURES = tuple(f for fs in _FIGS_BY_SECTION.values() for f in fs)
 _FIGS_BY_SECTION["adapters"] = ["adapters"]
+_FIGS_BY_SECTION["regime_map"] = ["regime_map"]
 _MARK = {verdicts.HOLDS: "HOLDS", verdicts.FAILS: "DOES NOT HOLD",
          verdicts.UNRESOLVED: "NOT RESOLVED", verdicts.MISSING: "NOT MEASURED"}
 
@@ -289,11 +294,37 @@ def _section_adapters(r):
   return "\n".join(lines)
 
 
+def _section_regime_map(r):
+  m = r["regime_map"]
+  lines = [f"Beyond the paper: SFT, OPD and RLVR from the same anchor (first seed) at update "
+           f"budgets {', '.join(f'{x:g}' for x in m['scales'])} x the paper's (the study's own "
+           f"runs are the {m['study_scale']:g} x point). The budget is in bf16 half-ulps at the "
+           "anchor's median |W| (Settings, scale rules). Accuracy gain over the anchor "
+           f"({_num(m.get('anchor_acc'))}); +- one SE over the eval problems.", ""]
+  rows = [(row["method"].upper(), f"{row['scale']:g}", _num(row.get("budget")),
+           _num(row.get("lr")), _pct(row.get("sparsity")), _pct(row.get("density")),
+           _num(row.get("max_angle_mean_deg")), _num(row.get("nss")),
+           _num(row.get("stable_rank")),
+           "n/a" if row.get("acc_gain") is None else
+           f"{row['acc_gain']:+.3f} +- {_num(row.get('acc_se'))}")
+          for row in sorted(m["rows"], key=lambda x: (x["method"], x["scale"]))]
+  lines.append(_table(["method", "x paper budget", "budget (half-ulps)", "lr", "sparsity",
+                       "density", "max angle, mean (deg)", "NSS", "stable rank",
+                       "accuracy gain"], rows))
+  return "\n".join(lines)
+
+
 def _section_settings(st: dict) -> str:
-  """Study-level values, a wide table of every TrainConfig field of the main runs, and each
-  control's differences from the run it is derived from."""
+  """Study-level values, the scale rules (each with its inputs and result), a wide table of
+  every TrainConfig field of the main runs, and each control's differences from the run it is
+  derived from."""
   parts = []
-  plain = {k: v for k, v in st.items() if k not in ("runs", "derived_runs")}
+  rules = st.get("rules", {})
+  if rules:
+    parts.append("Scale rules (`opd_jax/study/regime.py`; each setting that depends on scale, "
+                 "derived from the paper's value):\n\n" +
+                 "\n".join(f"- **{k}**: {v}" for k, v in rules.items()))
+  plain = {k: v for k, v in st.items() if k not in ("runs", "derived_runs", "rules")}
   if plain:
     parts.append(_table(["key", "value"], [(k, f"`{v}`") for k, v in _flatten(plain)]))
   runs = st.get("runs", {})
@@ -315,7 +346,7 @@ def _section_settings(st: dict) -> str:
 _SECTION_BODY = {"accuracy": _section_accuracy, "table1": _section_table1,
                  "endpoint": _section_endpoint, "trajectory": _section_trajectory,
                  "rank16": _section_rank16, "controls": _section_controls,
-                 "adapters": _section_adapters}
+                 "adapters": _section_adapters, "regime_map": _section_regime_map}
 
 
 def verdict_counts(vs: list[dict]) -> str:

@@ -58,12 +58,14 @@ class RunSpec:
       its first snapshot) defines the subspace; its remaining steps are run.
     edit: modifies the composed config dict (controls).
     kind: 'teacher' | 'base' | 'main' | 'rank16' | 'sparsify' | 'offpolicy' | 'mixing' |
-      'adapter'.
+      'adapter' | 'regime'.
     alpha: the mixing weight of a mixing run.
     init: the adapter initialisation of an adapter arm ('lora' | 'pissa').
     seed: for the seeded runs (`config.SEEDED_RUNS`), the seed (the run's `loop.seed`); None keeps
       the section's `loop.seed`.
     family: the seeded run this is one seed of ('opd', 'opd_rank16', ...); None otherwise.
+    budget_scale: a regime-map run's update budget relative to the paper's (`regime.map_scales`);
+      None: `regime.scale`.
   """
 
   name: str
@@ -78,6 +80,7 @@ class RunSpec:
   init: str | None = None
   seed: int | None = None
   family: str | None = None
+  budget_scale: float | None = None
 
   @property
   def deps(self) -> tuple[str, ...]:
@@ -158,7 +161,23 @@ def run_specs(study: StudyConfig) -> list[RunSpec]:
       specs.append(RunSpec(study_config.adapter_run(init), "opd", ("anchor", "final"),
                            uses_teacher=True, trajectory=True, edit=edit_lora, kind="adapter",
                            init=init, seed=seeds[0]))
+  for scale in study.regime.map_scales:
+    if float(scale) == float(study.regime.scale):
+      continue  # the main runs (first seed) are this point of the map
+    for method in MAP_METHODS:
+      specs.append(RunSpec(map_run(method, scale), method, ("anchor", "final"),
+                           uses_teacher=method == "opd", kind="regime", seed=seeds[0],
+                           budget_scale=float(scale)))
   return specs
+
+
+# The regime map's methods (each its own run section, from the anchor).
+MAP_METHODS = ("sft", "opd", "rlvr")
+
+
+def map_run(method: str, scale: float) -> str:
+  """The run name of the regime map's `method` run at budget `scale` x the paper's."""
+  return f"map_{method}_x{float(scale):g}"
 
 
 # -- composing configs ------------------------------------------------------------------------------
@@ -188,6 +207,31 @@ def trains(study: StudyConfig, spec: RunSpec) -> bool:
   return True
 
 
+def _budget_origin(spec: RunSpec) -> tuple[str, str]:
+  """The model whose median |W| sets a run's half-ulp: the anchor SFT starts from the base,
+  every other budget-matched run (plain, seeds, controls, arms) from the anchor, so all runs of
+  one section share one learning rate."""
+  return ("base", "final") if spec.section == "anchor" else ("anchor", "final")
+
+
+def budget_match(study: StudyConfig, spec: RunSpec, resolve: Resolver):
+  """The `regime.BudgetMatch` setting this run's learning rate, or None (rule off, a section
+  it does not cover, or paths not known yet: `build_phases` composes with symbolic paths)."""
+  from opd_jax.study import regime  # noqa: PLC0415
+  method = study_config.BUDGET_SECTIONS.get(spec.section)
+  if not study.regime.match_budget or method is None or spec.kind in ("teacher", "base"):
+    return None
+  origin = produced_model(study, *_budget_origin(spec), resolve)
+  if origin.path.startswith("@"):
+    return None
+  section = getattr(study, spec.section)
+  scale = spec.budget_scale if spec.budget_scale is not None else study.regime.scale
+  return regime.match_budget(method, section.get("optim", {}),
+                             study_config.section_steps(study, spec.section),
+                             regime.median_abs_weight(str(origin.path)), scale=scale,
+                             paper_median_abs_w=study.regime.paper_median_abs_w)
+
+
 def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver):
   """The TrainConfig of a run (paths through `resolve`)."""
   if spec.kind in ("teacher", "base"):
@@ -201,6 +245,13 @@ def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver):
   steps = study_config.section_steps(study, spec.section)
   snaps = study_config.snapshot_steps(steps, study.snapshots) if spec.trajectory else None
   edits = [spec.edit] if spec.edit else []
+  match = budget_match(study, spec, resolve)
+  if match is not None:
+    def edit_lr(d):
+      study_config.set_in(d, "optim.lr", match.lr)
+      study_config.set_in(d, "optim.final_lr", match.final_lr)
+
+    edits.insert(0, edit_lr)
   if spec.seed is not None:
     edits.append(lambda d: study_config.set_in(d, "loop.seed", int(spec.seed)))
   if spec.subspace_of is not None:
@@ -319,6 +370,9 @@ def _train_phase(study: StudyConfig, spec: RunSpec, log=print):
     from opd_jax.train import loop
     cfg = compose_run(study, spec, _resolver(ctx))
     out: dict[str, Any] = {"kind": spec.kind, "config": train_config.dataclass_to_dict(cfg)}
+    match = budget_match(study, spec, _resolver(ctx))
+    if match is not None:
+      out["budget"] = match.to_metrics()
     if not trains(study, spec):
       model = study.teacher if spec.kind == "teacher" else study.student
       out.update(final=None, snapshots={}, trained=False, model_path=model.path)
@@ -387,6 +441,14 @@ def _diagnostics_phase(study: StudyConfig, specs: list[RunSpec]):
         endpoint_pairs[s.name] = (model_path("anchor"), path(s.name))
     trajectories = {s.name: {int(k): ctx.workdir / v for k, v in summaries[s.name]["snapshots"]
                              .items()} for s in specs if s.trajectory}
+    # The regime map: anchor -> end of each map run (its end point alone as a trajectory, for the
+    # stable rank); at the study's own scale the first seed's SFT run (OPD and RLVR are above).
+    for s in specs:
+      if s.kind == "regime":
+        endpoint_pairs[s.name] = (model_path("anchor"), path(s.name))
+        trajectories[s.name] = {summaries[s.name]["steps"]: path(s.name)}
+    if study.regime.map_scales:
+      endpoint_pairs[map_run("sft", study.regime.scale)] = (model_path("anchor"), path("sft"))
     geometry = diagnostics.compute(endpoint_pairs, model_path("anchor"), trajectories,
                                    study.diagnostics, log=ctx.log)
     arms = [s.name for s in specs if s.kind == "adapter"]
@@ -404,8 +466,8 @@ def _diagnostics_phase(study: StudyConfig, specs: list[RunSpec]):
 
 
 def ctx_deps(specs: list[RunSpec]) -> tuple[str, ...]:
-  """Runs the diagnostics read: base, anchor and every trajectory run."""
-  return ("base", "anchor") + tuple(s.name for s in specs if s.trajectory)
+  """Runs the diagnostics read: base, anchor, every trajectory run and the regime map's."""
+  return ("base", "anchor") + tuple(s.name for s in specs if s.trajectory or s.kind == "regime")
 
 
 def _adapter_results(study: StudyConfig, specs: list[RunSpec], geometry: dict,
@@ -422,6 +484,62 @@ def _adapter_results(study: StudyConfig, specs: list[RunSpec], geometry: dict,
           "runs": runs,
           "endpoint": {r: geo_ep[r] for r in runs.values() if r in geo_ep},
           "update": {r: upd[r] for r in runs.values() if r in upd}}
+
+
+def _regime_results(study: StudyConfig, specs: list[RunSpec], geometry: dict,
+                    summaries: dict) -> dict | None:
+  """results['regime_map'] (schema: `reporting`), or None without map scales."""
+  if not study.regime.map_scales:
+    return None
+  geo_ep, geo_tr = geometry.get("endpoint", {}), geometry.get("trajectory", {})
+  anchor = summaries.get("anchor", {}).get("eval", {})
+  points = {(s.section, s.budget_scale): s.name for s in specs if s.kind == "regime"}
+  rows = []
+  for scale in sorted(float(x) for x in study.regime.map_scales):
+    for method in MAP_METHODS:
+      main = scale == float(study.regime.scale)
+      run = method if main else points.get((method, scale))
+      if run not in summaries:
+        continue
+      ep = geo_ep.get(map_run("sft", scale) if main and method == "sft" else run, {})
+      tr = geo_tr.get(run, {})
+      ev, budget = summaries[run].get("eval", {}), summaries[run].get("budget", {})
+      rows.append({"method": method, "scale": scale, "run": run,
+                   "budget": budget.get("budget"), "lr": budget.get("lr"),
+                   "sparsity": ep.get("sparsity"), "density": ep.get("density"),
+                   "max_angle_mean_deg": ep.get("max_angle_mean_deg"), "nss": ep.get("nss"),
+                   "stable_rank": (tr.get("stable_rank") or [None])[-1],
+                   "acc": ev.get("acc"), "acc_se": ev.get("stderr"),
+                   "acc_gain": (ev["acc"] - anchor["acc"]) if "acc" in ev and "acc" in anchor
+                   else None})
+  return {"scales": sorted(float(x) for x in study.regime.map_scales),
+          "study_scale": float(study.regime.scale), "anchor_acc": anchor.get("acc"),
+          "rows": rows}
+
+
+def _rules(study: StudyConfig, summaries: dict) -> dict:
+  """The report's scale rules: each rule with its inputs and result (`regime`)."""
+  from opd_jax.study import regime  # noqa: PLC0415
+  out = {}
+  for run in study_config.BUDGET_SECTIONS:
+    budget = summaries.get(run, {}).get("budget")
+    if budget:
+      out[f"update budget, {run}"] = regime.describe(regime.BudgetMatch(**{
+          k: budget[k] for k in (f.name for f in dataclasses.fields(regime.BudgetMatch))}))
+  if not study.regime.match_budget:
+    out["update budget"] = "off (regime.match_budget=False): every lr as its section sets it"
+  width = study.student.model.d_model
+  ranks = regime.width_ranks(width)
+  d = study.diagnostics
+  out["angle k, mask rank"] = (
+      f"the paper's k = {regime.PAPER_ANGLE_K} and r = {regime.PAPER_MASK_RANK} at width "
+      f"{regime.PAPER_WIDTH}, as fractions of width {width}: k = {ranks['angle_k']}, "
+      f"r = {ranks['mask_rank']}; used: angle_k = {d.angle_k}, mask_rank = {d.mask_rank}")
+  out["projection rank K, Sim_K"] = (
+      f"set, not derived: rank16.k = {study.rank16.k}, sim_k = {d.sim_k} (the paper's rule, K "
+      "slightly below OPD's stable rank at the projection point, is not applied yet; compare "
+      "with the stable ranks in the Trajectories section)")
+  return out
 
 
 def _report_phase(study: StudyConfig, specs: list[RunSpec]):
@@ -446,6 +564,10 @@ def build_phases(study: StudyConfig, log=print) -> list[phases_lib.Phase]:
     cfg = compose_run(study, spec, _symbolic)
     fp = {"train": train_config.dataclass_to_dict(cfg), "trains": trains(study, spec),
           "eval": train_config.dataclass_to_dict(study.eval)}
+    if study.regime.match_budget and spec.section in study_config.BUDGET_SECTIONS:
+      # The lr comes from the rule, at the study's scale or the map run's own.
+      fp["regime"] = dict(train_config.dataclass_to_dict(study.regime),
+                          run_scale=spec.budget_scale)
     out.append(phases_lib.Phase(spec.name, _train_phase(study, spec, log),
                                 ("task",) + spec.deps, fp))
   out.append(phases_lib.Phase("diagnostics", _diagnostics_phase(study, specs), ctx_deps(specs),
@@ -535,9 +657,13 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
   adapters = _adapter_results(study, specs, geometry, summaries)
   if adapters is not None:
     results["adapters"] = adapters
+  regime_map = _regime_results(study, specs, geometry, summaries)
+  if regime_map is not None:
+    results["regime_map"] = regime_map
   results["settings"] = {"study": _flat(dict(study_config.study_sections(study))),
                          "task": _flat({"task": dataclasses.asdict(study.data.task)}),
-                         "runs": main, "derived_runs": diffs}
+                         "runs": main, "derived_runs": diffs,
+                         "rules": _rules(study, summaries)}
   return results
 
 
