@@ -25,8 +25,10 @@ each run's update budget (lr x mean schedule x steps, in bf16 half-ulps at the m
 starting weights) equals the paper's run's (at Qwen3-8B's assumed median |W| 0.02): the section's
 `optim.lr` only carries the schedule's final_lr / lr ratio there. qwen3_8b uses the paper's own
 values (`regime.match_budget=False`). The angle k and mask rank are the paper's fractions of the
-width (k = d / 8, r = d / 64). The report writes every chosen value and each rule with its inputs
-(its Settings section).
+width (k = d / 8, r = d / 64). The rank-16 arms' K and the trajectories' Sim_K follow the paper's
+rank rule (`rank16.derive_k`): K = floor of OPD's median stable rank of dW at the projection
+point (qwen3_8b: the paper's K = 16). The report writes every chosen value and each rule with its
+inputs (its Settings section).
 
 Regime map (`regime_map` preset, beyond the paper): tiny plus SFT, OPD and RLVR from the same
 anchor at 0.25, 4, 16 and 64 x the paper's budget (`regime.map_scales`; the 1 x point is the
@@ -113,6 +115,7 @@ def _base(name: str) -> ml_collections.ConfigDict:
   c.thresholds = train_config.dataclass_to_dict(study_config.Thresholds())
   # Scale by rule (module docstring): on in every CPU preset.
   c.regime = train_config.dataclass_to_dict(study_config.RegimeConfig(match_budget=True))
+  c.rank16.derive_k = True   # the paper's rank rule (module docstring)
   return c
 
 
@@ -177,13 +180,11 @@ def _smoke():
   _pg_common(c, group=2, batch=4, steps=4, lr=3e-4, clip_high=0.2)
   c.rlvr.optim.eps = c.opd.optim.eps
   c.controls.offpolicy_clip = 0.2     # smoke only: shares OPD's compiled step
-  c.rank16.k = 4
   c.controls.sparsify = (("top_kl", 0.5),)
   c.controls.mixing_alphas = (0.75, 0.05)
   _width_rule(c, c.student.model.d_model)
   c.regime.map_scales = (1.0, 4.0)   # the regime map end to end (one extra budget: 3 runs)
   c.diagnostics.hill_k = 4
-  c.diagnostics.sim_k = 4
   _adapter_arms(c, 64, enabled=True)  # on: the adapter arms end to end (2 OPD runs of 4 steps)
   _quiet(c)
   return c
@@ -222,8 +223,8 @@ def _tiny():
       acc=0.3, min_steps=300, check_every=20, max_steps=2000))
   _pg_common(c, group=8, batch=16, steps=40, lr=1e-4, clip_high=0.28)
   # Widths are 64 here, not 4096: the angle and mask ranks scale with the width (k = 512 would be
-  # the whole space here, where every principal angle is 0). The projection keeps the paper's
-  # rank 16 (1/4 of the width; not derived by the paper's rule yet).
+  # the whole space here, where every principal angle is 0); the projection rank comes from the
+  # paper's rule, measured on each seed's OPD run.
   _width_rule(c, TINY_STUDENT["d_model"])
   _adapter_arms(c, TINY_STUDENT["d_model"], enabled=False)  # off: tiny's 20-minute budget
   _quiet(c)
@@ -299,7 +300,8 @@ def _qwen3_8b():
     c[n].loop.checkpoint_every = 32
   _adapter_arms(c, 4096, enabled=False)
   _width_rule(c, 4096)
-  c.regime.match_budget = False   # the paper's own models and learning rates
+  c.regime.match_budget = False   # the paper's own models, learning rates and K = 16
+  c.rank16.derive_k = False
   c.thresholds.teacher_min = 0.0   # the acceptance thresholds are for the CPU presets
   c.thresholds.base_min = 0.0
   c.thresholds.base_max = 1.0

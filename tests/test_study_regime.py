@@ -122,7 +122,8 @@ def test_study_sets_every_budget_sections_lr_by_the_rule(tmp_path):
   from opd_jax.train import checkpoint as ckpt_lib
   from opd_jax.train import config as train_config
   from opd_jax.study import config as study_config
-  study = study_config.from_config_dict(train_config.load_config("configs/study.py:smoke"))
+  study = study_config.from_config_dict(train_config.load_config(
+      "configs/study.py:smoke", ["rank16.derive_k=False"]))  # K: the next test
   paths = {}
   for i, name in enumerate(("base", "anchor", "teacher")):
     model = study.teacher.model if name == "teacher" else study.student.model
@@ -163,3 +164,67 @@ def test_study_sets_every_budget_sections_lr_by_the_rule(tmp_path):
   with pytest.raises(train_config.ConfigError, match="map_scales"):
     study_config.from_config_dict(train_config.load_config(
         "configs/study.py:smoke", ["regime.match_budget=False"]))
+
+
+def _with_low_rank_moves(params, singular_values, seed):
+  """params with dW = U diag(s) V^T (orthonormal U, V) added to every q, k, v, o matrix."""
+  rng = np.random.default_rng(seed)
+  s = np.asarray(singular_values, np.float64)
+
+  def move(path, a):
+    key = jax.tree_util.keystr(path)
+    if "layers" not in key or not any(f"'{t}_proj'" in key for t in "qkvo"):
+      return a
+    a = np.array(a, np.float64)
+    for layer in range(a.shape[0]):
+      u, _ = np.linalg.qr(rng.normal(size=(a.shape[1], len(s))))
+      v, _ = np.linalg.qr(rng.normal(size=(a.shape[2], len(s))))
+      a[layer] += 0.05 * (u * s) @ v.T
+    return a.astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(move, params)
+
+
+def test_projection_rank_rule_against_constructed_updates():
+  """Stable ranks of dW vs numpy on the moved matrices; K = floor(median)."""
+  cfg = model_config.tiny(vocab_size=96, n_layers=2)
+  _, p0 = transformer.init(cfg, 0)
+  p1 = _with_low_rank_moves(p0, [1.0, 1.0, 1.0, math.sqrt(0.5)], 1)   # stable rank 3.5
+  ranks = regime.attention_stable_ranks(p0, p1)
+  assert len(ranks) == 4 * cfg.n_layers
+  for name, r in ranks.items():
+    assert r == pytest.approx(3.5, rel=1e-4), name
+  assert regime.projection_rank(ranks) == 3
+  assert regime.projection_rank({"a": 0.7}) == 1
+  assert regime.projection_rank({"a": 2.0, "b": 5.9, "c": 9.0}) == 5
+  with pytest.raises(ValueError, match="no attention matrix moved"):
+    regime.projection_rank(regime.attention_stable_ranks(p0, p0))
+
+
+def test_rank16_arms_take_k_from_their_seeds_opd(tmp_path):
+  from opd_jax.study import config as study_config
+  from opd_jax.study import runs
+  from opd_jax.train import checkpoint as ckpt_lib
+  from opd_jax.train import config as train_config
+  study = study_config.from_config_dict(train_config.load_config("configs/study.py:smoke"))
+  model = study.student.model
+  _, anchor = transformer.init(model, 0)
+  paths = {"anchor": ckpt_lib.save_snapshot(tmp_path / "anchor", 1, anchor, model)}
+  for name, s in (("opd", [1.0, 1.0, 1.0, math.sqrt(0.5)]), ("opd_seed1", [1.0, 0.6])):
+    paths[name] = ckpt_lib.save_snapshot(tmp_path / name, 1, _with_low_rank_moves(anchor, s, 2),
+                                         model)
+
+  def resolve(phase, which):
+    return str(paths.get(phase, paths["anchor"]))
+
+  specs = {s.name: s for s in runs.run_specs(study)}
+  for run, k in (("opd_rank16", 3), ("sft_rank16", 3), ("opd_rank16_seed1", 1),
+                 ("sft_rank16_seed1", 1)):
+    assert runs.compose_run(study, specs[run], resolve).subspace.k == k, run
+    assert specs[run].rank_of in specs[run].deps
+  assert runs.projection_rank(study, "opd", runs._symbolic) is None
+  fixed = study_config.from_config_dict(train_config.load_config(
+      "configs/study.py:smoke", ["rank16.derive_k=False", "rank16.k=5"]))
+  fixed_specs = {s.name: s for s in runs.run_specs(fixed)}
+  assert runs.compose_run(fixed, fixed_specs["sft_rank16"], resolve).subspace.k == 5
+  assert fixed_specs["sft_rank16"].rank_of is None

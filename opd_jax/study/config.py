@@ -94,14 +94,20 @@ class Rank16Config:
 
   Attributes:
     enabled: run the two projected continuations (OPD and SFT).
-    k: rank of the input-side subspace (the paper: 16).
+    k: rank of the input-side subspace (the paper: 16); unused with `derive_k`.
     position: 'pre' projects the gradient before Adam (the paper's wording), 'post' projects the
       final update (keeps the update itself inside the subspace).
+    derive_k: the paper's rule instead of `k` (Sec 4.2: K "close to, but slightly below, the
+      effective dimension observed near the projection point"): K = max(1, floor(median stable
+      rank of OPD's dW over the q, k, v, o matrices, anchor -> OPD's first snapshot)), measured
+      per seed on that seed's OPD run and used by both rank-16 arms of the seed; the trajectories'
+      Sim_K takes the first seed's K (`regime.projection_rank`).
   """
 
   enabled: bool = True
   k: int = 16
   position: str = "pre"
+  derive_k: bool = False
 
   def __post_init__(self):
     if self.position not in PROJECTION_POSITIONS:

@@ -23,6 +23,11 @@ run keeps its own step count and schedule shape and takes the peak lr that gives
 
     lr = scale * B_paper * h(m_ours) / (mean_schedule_ours * steps_ours).
 
+The projection rank (paper_facts section 5, the paper's Sec 4.2): K = 16 was chosen "close to,
+but slightly below, the effective dimension observed near the projection point". Here:
+K = max(1, floor(median over the q, k, v, o matrices of the stable rank ||dW||_F^2 / ||dW||_2^2
+of OPD's update at the projection point)); the trajectories' Sim_K uses the same K.
+
 Widths (paper_facts sections 1 and 5): the paper's principal-angle k = 512 and mask rank r = 64
 are 1/8 and 1/64 of Qwen3-8B's width 4096; at width d they are max(1, d / 8) and max(1, d / 64).
 """
@@ -30,6 +35,7 @@ are 1/8 and 1/64 of Qwen3-8B's width 4096; at width d they are max(1, d / 8) and
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax
@@ -170,3 +176,26 @@ def describe(m: BudgetMatch) -> str:
           f"{m.lr:.3g} (lr / h = {m.lr / m.half_ulp:.3g} per step; B_paper at the assumed "
           f"median |W| {m.paper_median_abs_w:g}: {PAPER_RUNS[m.method].source})")
 
+
+
+def attention_stable_ranks(p0, p1) -> dict[str, float]:
+  """{matrix name: stable rank of dW = p1 - p0} over the q, k, v, o matrices, in float64
+  (params dicts or checkpoint paths); a matrix that did not move is left out."""
+  from opd_jax.geometry import matrices  # noqa: PLC0415
+  m0 = matrices.named_matrices(matrices.resolve_params(p0), types=matrices.ATTENTION_TYPES)
+  m1 = {m.name: m for m in matrices.named_matrices(matrices.resolve_params(p1),
+                                                   types=matrices.ATTENTION_TYPES)}
+  out = {}
+  for m in m0:
+    d = np.asarray(m1[m.name].array, np.float64) - np.asarray(m.array, np.float64)
+    top = np.linalg.norm(d, 2)
+    if top > 0:
+      out[m.name] = float(np.sum(d * d) / top ** 2)
+  return out
+
+
+def projection_rank(stable_ranks: Mapping[str, float]) -> int:
+  """K = max(1, floor(median stable rank)) (module docstring)."""
+  if not stable_ranks:
+    raise ValueError("projection_rank: no attention matrix moved between the two checkpoints")
+  return max(1, int(math.floor(float(np.median(list(stable_ranks.values()))))))

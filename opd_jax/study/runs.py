@@ -28,6 +28,8 @@ import pathlib
 import sys
 from typing import Any, Callable
 
+import numpy as np
+
 from opd_jax.study import config as study_config
 from opd_jax.study import phases as phases_lib
 from opd_jax.study.config import StudyConfig
@@ -66,6 +68,8 @@ class RunSpec:
     family: the seeded run this is one seed of ('opd', 'opd_rank16', ...); None otherwise.
     budget_scale: a regime-map run's update budget relative to the paper's (`regime.map_scales`);
       None: `regime.scale`.
+    rank_of: for the rank-16 runs with `rank16.derive_k`, the OPD run whose update at its first
+      snapshot sets K (`projection_rank`).
   """
 
   name: str
@@ -81,10 +85,11 @@ class RunSpec:
   seed: int | None = None
   family: str | None = None
   budget_scale: float | None = None
+  rank_of: str | None = None
 
   @property
   def deps(self) -> tuple[str, ...]:
-    out = []
+    out = [self.rank_of] if self.rank_of else []
     if self.start is not None:
       out.append(self.start[0])
     if self.name not in ("teacher", "base") and self.start is not None:
@@ -123,10 +128,12 @@ def run_specs(study: StudyConfig) -> list[RunSpec]:
       def n(run, seed=seed):
         return study_config.seeded_name(run, seeds, seed)
 
+      rank_of = n("opd") if study.rank16.derive_k else None
       specs += [RunSpec(n("opd_rank16"), "opd", (n("opd"), "first"), uses_teacher=True,
-                        subspace_of=n("opd"), kind="rank16", seed=seed, family="opd_rank16"),
+                        subspace_of=n("opd"), kind="rank16", seed=seed, family="opd_rank16",
+                        rank_of=rank_of),
                 RunSpec(n("sft_rank16"), "sft", (n("sft"), "first"), subspace_of=n("sft"),
-                        kind="rank16", seed=seed, family="sft_rank16")]
+                        kind="rank16", seed=seed, family="sft_rank16", rank_of=rank_of)]
   for kind, rho in c.sparsify:
     transform = (study_config.SPARSIFY_KINDS[kind],
                  {"rho": float(rho), **({"seed": c.sparsify_seed} if kind == "random" else {})})
@@ -232,6 +239,20 @@ def budget_match(study: StudyConfig, spec: RunSpec, resolve: Resolver):
                              paper_median_abs_w=study.regime.paper_median_abs_w)
 
 
+def projection_rank(study: StudyConfig, opd_run: str, resolve: Resolver) -> dict | None:
+  """The paper's rank rule on `opd_run` (`Rank16Config.derive_k`): {k, median_stable_rank,
+  stable_ranks, run}, or None (rule off, or paths not known yet)."""
+  from opd_jax.study import regime  # noqa: PLC0415
+  if not study.rank16.derive_k:
+    return None
+  origin, at = resolve("anchor", "final"), resolve(opd_run, "first")
+  if origin.startswith("@") or at.startswith("@"):
+    return None
+  ranks = regime.attention_stable_ranks(origin, at)
+  return {"k": regime.projection_rank(ranks), "run": opd_run,
+          "median_stable_rank": float(np.median(list(ranks.values()))), "stable_ranks": ranks}
+
+
 def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver):
   """The TrainConfig of a run (paths through `resolve`)."""
   if spec.kind in ("teacher", "base"):
@@ -257,6 +278,8 @@ def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver):
   if spec.subspace_of is not None:
     first = study_config.snapshot_steps(steps, study.snapshots)[0]
     r16 = study.rank16
+    rule = projection_rank(study, spec.rank_of, resolve) if spec.rank_of else None
+    k = rule["k"] if rule is not None else r16.k
 
     def edit_r16(d):
       study_config.set_in(d, "loop.steps", steps - first)
@@ -265,7 +288,7 @@ def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver):
       study_config.set_in(d, "optim.transforms", transforms + (
           {"name": "subspace_projection", "position": r16.position, "kwargs": {}},))
       d["subspace"] = {"origin": resolve("anchor", "final"),
-                       "at": resolve(spec.subspace_of, "first"), "k": r16.k}
+                       "at": resolve(spec.subspace_of, "first"), "k": k}
 
     edits.append(edit_r16)
 
@@ -373,6 +396,8 @@ def _train_phase(study: StudyConfig, spec: RunSpec, log=print):
     match = budget_match(study, spec, _resolver(ctx))
     if match is not None:
       out["budget"] = match.to_metrics()
+    if spec.rank_of:
+      out["projection_rank"] = projection_rank(study, spec.rank_of, _resolver(ctx))
     if not trains(study, spec):
       model = study.teacher if spec.kind == "teacher" else study.student
       out.update(final=None, snapshots={}, trained=False, model_path=model.path)
@@ -449,8 +474,13 @@ def _diagnostics_phase(study: StudyConfig, specs: list[RunSpec]):
         trajectories[s.name] = {summaries[s.name]["steps"]: path(s.name)}
     if study.regime.map_scales:
       endpoint_pairs[map_run("sft", study.regime.scale)] = (model_path("anchor"), path("sft"))
-    geometry = diagnostics.compute(endpoint_pairs, model_path("anchor"), trajectories,
-                                   study.diagnostics, log=ctx.log)
+    dcfg, rule = study.diagnostics, projection_rank(study, "opd", _resolver(ctx))
+    if rule is not None:  # Sim_K with the paper's rank rule, on the first seed's OPD
+      dcfg = dataclasses.replace(dcfg, sim_k=rule["k"])
+    geometry = diagnostics.compute(endpoint_pairs, model_path("anchor"), trajectories, dcfg,
+                                   log=ctx.log)
+    if rule is not None:
+      geometry["projection_rank"] = rule
     arms = [s.name for s in specs if s.kind == "adapter"]
     if arms:
       # The merged update of each adapter arm and of full OPD (first seed) on the adapted matrices.
@@ -517,7 +547,7 @@ def _regime_results(study: StudyConfig, specs: list[RunSpec], geometry: dict,
           "rows": rows}
 
 
-def _rules(study: StudyConfig, summaries: dict) -> dict:
+def _rules(study: StudyConfig, summaries: dict, geometry: dict) -> dict:
   """The report's scale rules: each rule with its inputs and result (`regime`)."""
   from opd_jax.study import regime  # noqa: PLC0415
   out = {}
@@ -535,10 +565,20 @@ def _rules(study: StudyConfig, summaries: dict) -> dict:
       f"the paper's k = {regime.PAPER_ANGLE_K} and r = {regime.PAPER_MASK_RANK} at width "
       f"{regime.PAPER_WIDTH}, as fractions of width {width}: k = {ranks['angle_k']}, "
       f"r = {ranks['mask_rank']}; used: angle_k = {d.angle_k}, mask_rank = {d.mask_rank}")
-  out["projection rank K, Sim_K"] = (
-      f"set, not derived: rank16.k = {study.rank16.k}, sim_k = {d.sim_k} (the paper's rule, K "
-      "slightly below OPD's stable rank at the projection point, is not applied yet; compare "
-      "with the stable ranks in the Trajectories section)")
+  rule = geometry.get("projection_rank")
+  if rule is not None:
+    per_seed = {s: summaries[s]["projection_rank"]["k"] for s in summaries
+                if (summaries[s].get("projection_rank") or {}).get("k") is not None}
+    out["projection rank K, Sim_K"] = (
+        f"the paper's rule (K slightly below OPD's effective dimension at the projection point): "
+        f"K = max(1, floor(median stable rank of dW over the q, k, v, o matrices, anchor -> "
+        f"{rule['run']}'s first snapshot)) = floor({rule['median_stable_rank']:.3g}) = "
+        f"{rule['k']} (Sim_K's K); per rank-16 run: "
+        + ", ".join(f"{r} K = {k}" for r, k in sorted(per_seed.items())))
+  else:
+    out["projection rank K, Sim_K"] = (
+        f"set, not derived (rank16.derive_k=False): rank16.k = {study.rank16.k}, sim_k = "
+        f"{d.sim_k}")
   return out
 
 
@@ -568,10 +608,13 @@ def build_phases(study: StudyConfig, log=print) -> list[phases_lib.Phase]:
       # The lr comes from the rule, at the study's scale or the map run's own.
       fp["regime"] = dict(train_config.dataclass_to_dict(study.regime),
                           run_scale=spec.budget_scale)
+    if spec.rank_of:
+      fp["rank_of"] = spec.rank_of   # K comes from the rank rule on this run
     out.append(phases_lib.Phase(spec.name, _train_phase(study, spec, log),
                                 ("task",) + spec.deps, fp))
   out.append(phases_lib.Phase("diagnostics", _diagnostics_phase(study, specs), ctx_deps(specs),
-                              train_config.dataclass_to_dict(study.diagnostics)))
+                              dict(train_config.dataclass_to_dict(study.diagnostics),
+                                   derive_k=study.rank16.derive_k)))
   out.append(phases_lib.Phase(REPORT_DIR, _report_phase(study, specs),
                               ("diagnostics",) + tuple(s.name for s in specs),
                               dict(study_config.study_sections(study), version=1)))
@@ -635,7 +678,8 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
     results["rank16"] = {m: {"plain_run": m, "projected_run": f"{m}_rank16",
                              "plain_runs": families.get(m, []),
                              "projected_runs": families.get(f"{m}_rank16", []),
-                             "k": study.rank16.k,
+                             "k": (summaries.get(f"{m}_rank16", {}).get("projection_rank")
+                                   or {"k": study.rank16.k})["k"],
                              "where": "gradient (before Adam)" if study.rank16.position == "pre"
                              else "update (after Adam)",
                              "resume_step": study_config.snapshot_steps(steps[m],
@@ -663,7 +707,7 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
   results["settings"] = {"study": _flat(dict(study_config.study_sections(study))),
                          "task": _flat({"task": dataclasses.asdict(study.data.task)}),
                          "runs": main, "derived_runs": diffs,
-                         "rules": _rules(study, summaries)}
+                         "rules": _rules(study, summaries, geometry)}
   return results
 
 
