@@ -12,6 +12,17 @@ layer" is the larger of the input- and output-side maximum angles of the represe
 input-side curve (the paper's right singular vectors); `max_angle_mean_deg` is the mean over
 matrices of the per-matrix maximum.
 
+Beside the aggregates, each endpoint entry keeps what the figures draw: `per_matrix` (type, layer,
+entry count, bf16 sparsity and the two mask overlaps of every weight: the per-layer localisation
+heatmaps, the paper's Fig 3) and the singular values of the representative matrix's W_0, W_1
+(`sigma0`, `sigma1`) and of its update dW (`sigma_dw`, float64 SVD of one matrix: the paper's Fig 2
+panel).
+
+Update-mask consensus (The Path Not Taken, Table 2 style; `mask_consensus`): the Jaccard index
+|A & B| / |A | B| of the sets of bf16-changed entries of two runs from one origin (seeds of one
+method; the first seeds of two methods), every weight pooled, beside the random baseline of masks
+of the same sizes placed independently.
+
 Adapter arms (beyond the paper): their merged endpoint (anchor -> end) goes through the same
 endpoint metrics as OPD, and `adapter_update_metrics` adds, on the adapted matrices only, the
 spectrum of the merged update dW that low-rank adapters constrain: stable rank, the share of
@@ -24,6 +35,7 @@ far longer for 8B-size matrices (the qwen3_8b preset leaves the arms off).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Callable, Mapping
@@ -37,15 +49,32 @@ def _finite(x):
   return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def endpoint_summary(out: Mapping, alpha: float) -> dict:
-  """The report's endpoint entry from `geometry.endpoint.endpoint_metrics` output."""
+def _per_matrix(per: Mapping) -> dict:
+  """What the localisation heatmaps need of every analysed weight (1-D ones included: they
+  enter sparsity): {name: {type, layer, n, sparsity, overlap_principal, overlap_low}}; the
+  overlaps are None for 1-D weights and for matrices with no visible change."""
+  out = {}
+  for name, d in per.items():
+    out[name] = {"type": d["type"], "layer": d.get("layer"), "n": int(d["n"]),
+                 "sparsity": float(d["sparsity"]),
+                 "overlap_principal": _finite(d.get("overlap_principal")),
+                 "overlap_low": _finite(d.get("overlap_low"))}
+  return out
+
+
+def endpoint_summary(out: Mapping, alpha: float, sigma_dw: list[float] | None = None) -> dict:
+  """The report's endpoint entry from `geometry.endpoint.endpoint_metrics` output.
+
+  `sigma_dw`: the singular values of the representative matrix's update dW
+  (`update_singular_values`), kept as `sigma_dw` when given.
+  """
   from opd_jax.geometry import matrices as geo_matrices
   overall, by_type, per = out["overall"], out["by_type"], out["matrices"]
   mats = {n: d for n, d in per.items() if d["type"] in geo_matrices.MATRIX_TYPES}
   rep = out.get("representative", {})
   rep_name = rep.get("name")
   rep_max = _finite(per[rep_name].get("max_angle_deg")) if rep_name in per else None
-  return {
+  summary = {
       "sparsity": float(overall["sparsity"]), "density": float(overall["density"]),
       "sparsity_per_type": {t: float(d["sparsity"]) for t, d in by_type.items()},
       "max_angle_deg": rep_max, "rep_matrix": rep_name,
@@ -60,7 +89,33 @@ def endpoint_summary(out: Mapping, alpha: float) -> dict:
       "realised_mask_fraction": {"principal": _finite(overall.get("frac_principal")),
                                  "low": _finite(overall.get("frac_low"))},
       "n_params": int(overall["n_params"]),
+      "per_matrix": _per_matrix(per),
   }
+  if "sigma0" in rep:  # singular values of the representative W_0 and W_1, descending
+    summary["sigma0"] = [float(x) for x in rep["sigma0"]]
+    summary["sigma1"] = [float(x) for x in rep["sigma1"]]
+  if sigma_dw is not None:
+    summary["sigma_dw"] = [float(x) for x in sigma_dw]
+  return summary
+
+
+def update_singular_values(p0, p1, name: str) -> list[float]:
+  """The singular values (descending, float64) of dW = W_1 - W_0 of the matrix `name`.
+
+  Args:
+    p0, p1: params dicts or checkpoint paths (`geometry.matrices.resolve_params`).
+    name: a matrix name of `geometry.matrices.named_matrices` (e.g. 'layers.1.attn.q_proj').
+  """
+  from opd_jax.geometry import matrices as geo_matrices
+
+  def find(params):
+    for m in geo_matrices.named_matrices(params):
+      if m.name == name:
+        return np.asarray(m.array, np.float64)
+    raise KeyError(f"no matrix {name!r} in the params")
+
+  d_IxO = find(p1) - find(p0)
+  return np.linalg.svd(d_IxO, compute_uv=False).tolist()
 
 
 def trajectory_summary(out: Mapping) -> dict:
@@ -92,8 +147,11 @@ def compute(endpoint_pairs: Mapping[str, tuple], origin, trajectories: Mapping[s
   out = {"endpoint": {}, "trajectory": {}}
   for method, (p0, p1) in endpoint_pairs.items():
     log(f"[study] diagnostics: endpoint {method}")
-    out["endpoint"][method] = endpoint_summary(geo_endpoint.endpoint_metrics(p0, p1, ecfg),
-                                               cfg.mask_alpha)
+    p0, p1 = geo_matrices.resolve_params(p0), geo_matrices.resolve_params(p1)
+    res = geo_endpoint.endpoint_metrics(p0, p1, ecfg)
+    rep = res.get("representative", {}).get("name")
+    sigma_dw = update_singular_values(p0, p1, rep) if rep else None
+    out["endpoint"][method] = endpoint_summary(res, cfg.mask_alpha, sigma_dw=sigma_dw)
   origin_params = geo_matrices.resolve_params(origin)
   for run, snaps in trajectories.items():
     log(f"[study] diagnostics: trajectory {run}")
@@ -170,4 +228,168 @@ def adapter_update_metrics(p0, p1, *, rank: int, targets: str) -> dict:
   out["stable_rank_max"] = max(vals("stable_rank"), default=None)
   out["energy_top_r_min"] = min(vals("energy_top_r"), default=None)
   out["energy_top_2r_min"] = min(vals("energy_top_2r"), default=None)
+  return out
+
+
+# -- update-mask consensus across runs (The Path Not Taken, Table 2 style) -------------------------
+@dataclasses.dataclass(frozen=True)
+class UpdateMask:
+  """The bf16-visible update mask of one weight (`geometry.linalg.bf16_changed`), bit-packed.
+
+  Attributes:
+    name, module_type, layer: as `geometry.matrices.Matrix`.
+    n: number of entries.
+    bits_u8: `np.packbits` of the flattened boolean mask (ceil(n / 8) bytes, zero-padded).
+  """
+
+  name: str
+  module_type: str
+  layer: int | None
+  n: int
+  bits_u8: np.ndarray
+
+  @property
+  def changed(self) -> int:
+    return int(np.bitwise_count(self.bits_u8).sum())
+
+
+def update_masks(p0, p1) -> dict[str, UpdateMask]:
+  """{name: UpdateMask} of every weight (1-D ones included, as in sparsity) of W_0 -> W_1.
+
+  Args:
+    p0, p1: params dicts or checkpoint paths of the same structure.
+  """
+  from opd_jax.geometry import linalg as geo_linalg
+  from opd_jax.geometry import matrices as geo_matrices
+  m0 = geo_matrices.named_matrices(p0, include_1d=True)
+  m1 = {m.name: m for m in geo_matrices.named_matrices(p1, include_1d=True)}
+  if set(m1) != {m.name for m in m0}:
+    raise ValueError(f"update masks: W_0 and W_1 differ in structure "
+                     f"({len(m0)} vs {len(m1)} weights)")
+  out = {}
+  for m in m0:
+    a1 = m1[m.name].array
+    if tuple(a1.shape) != tuple(m.shape):
+      raise ValueError(f"{m.name}: shape {tuple(m.shape)} in W_0 vs {tuple(a1.shape)} in W_1")
+    changed = np.asarray(geo_linalg.bf16_changed(m.array, a1)).ravel()
+    out[m.name] = UpdateMask(m.name, m.module_type, m.layer, int(changed.size),
+                             np.packbits(changed))
+  return out
+
+
+def _jaccard_counts(a: UpdateMask, b: UpdateMask) -> dict:
+  """Counts of two masks of one weight and the random baseline's expected counts: masks of the
+  same sizes placed independently and uniformly (E|A & B| = |A||B| / n,
+  E|A | B| = |A| + |B| - |A||B| / n)."""
+  ca, cb, n = a.changed, b.changed, a.n
+  inter = int(np.bitwise_count(a.bits_u8 & b.bits_u8).sum())
+  e_inter = ca * cb / n if n else 0.0
+  return {"n": n, "changed_a": ca, "changed_b": cb, "intersection": inter,
+          "union": ca + cb - inter, "expected_intersection": e_inter,
+          "expected_union": ca + cb - e_inter}
+
+
+def _jaccard_of(counts: list[dict]) -> dict:
+  """Jaccard index and its random baseline over the pooled counts (None when no weight changed
+  in either run)."""
+  tot = {k: sum(c[k] for c in counts) for k in counts[0]}
+  return dict(tot, jaccard=tot["intersection"] / tot["union"] if tot["union"] else None,
+              baseline=(tot["expected_intersection"] / tot["expected_union"]
+                        if tot["expected_union"] else None))
+
+
+def mask_jaccard(masks_a: Mapping[str, UpdateMask], masks_b: Mapping[str, UpdateMask]) -> dict:
+  """Jaccard index |A & B| / |A | B| of two runs' update masks from the same W_0.
+
+  Returns {'matrices': {name: {type, layer, n, changed_a, changed_b, intersection, union,
+  expected_intersection, expected_union, jaccard, baseline}}, 'overall': {... over every weight
+  pooled: the index of the two sets of changed entries of the whole model}, 'by_type': {type:
+  {... pooled over the weights of that type}}}. `baseline` is the random baseline's Jaccard
+  (expected intersection / expected union, `_jaccard_counts`).
+  """
+  if set(masks_a) != set(masks_b):
+    raise ValueError("mask_jaccard: the two runs' masks cover different weights")
+  per = {}
+  for name, a in masks_a.items():
+    b = masks_b[name]
+    if a.n != b.n:
+      raise ValueError(f"{name}: {a.n} entries vs {b.n}")
+    c = _jaccard_counts(a, b)
+    per[name] = dict(_jaccard_of([c]), type=a.module_type, layer=a.layer)
+  types: dict[str, list[dict]] = {}
+  for d in per.values():
+    types.setdefault(d["type"], []).append(d)
+  strip = ("type", "layer", "jaccard", "baseline")
+
+  def pooled(ds):
+    return _jaccard_of([{k: v for k, v in d.items() if k not in strip} for d in ds])
+
+  return {"matrices": per, "overall": pooled(list(per.values())),
+          "by_type": {t: pooled(ds) for t, ds in types.items()}}
+
+
+def update_mask_jaccard(w0, w1a, w1b) -> dict:
+  """`mask_jaccard` of two runs W_0 -> W_1a and W_0 -> W_1b (params dicts or checkpoint paths):
+  A = the entries whose bf16 code changed from W_0 to W_1a, B likewise for W_1b."""
+  from opd_jax.geometry import matrices as geo_matrices
+  w0 = geo_matrices.resolve_params(w0)
+  return mask_jaccard(update_masks(w0, w1a), update_masks(w0, w1b))
+
+
+def mask_consensus(origin, families: Mapping[str, Mapping[str, object]],
+                   log: Callable[[str], None] = print) -> dict:
+  """Update-mask consensus across runs from one origin: the Jaccard index of every pair of seeds
+  of a family, and of the first runs of every two families (e.g. OPD vs RLVR: the consensus
+  across methods, the comparison for the within-method values).
+
+  Args:
+    origin: W_0 of every run (params dict or checkpoint path).
+    families: {family: {run name: W_1 source}} (first seed first).
+
+  Returns {group: {kind ('seeds' | 'methods'), runs, pairs: [{a, b, jaccard, baseline,
+  by_type: {type: jaccard}}], jaccard_mean, jaccard_min, jaccard_max, baseline_mean,
+  by_type: {type: mean jaccard over pairs}}}; a family's group is its name, a cross-family
+  group is '<a> vs <b>'. Families with one run contribute only to cross-family groups. Each
+  run's mask is computed once (bit-packed: n / 8 bytes per run).
+  """
+  from opd_jax.geometry import matrices as geo_matrices
+  origin = geo_matrices.resolve_params(origin)
+  masks: dict[str, dict[str, UpdateMask]] = {}
+
+  def get(run, src):
+    if run not in masks:
+      log(f"[study] diagnostics: update mask {run}")
+      masks[run] = update_masks(origin, src)
+    return masks[run]
+
+  groups: dict[str, tuple[str, list[tuple[str, object]]]] = {}
+  for fam, runs in families.items():
+    if len(runs) >= 2:
+      groups[fam] = ("seeds", list(runs.items()))
+  firsts = [(fam, next(iter(runs.items()))) for fam, runs in families.items() if runs]
+  for i in range(len(firsts)):
+    for j in range(i + 1, len(firsts)):
+      groups[f"{firsts[i][0]} vs {firsts[j][0]}"] = ("methods", [firsts[i][1], firsts[j][1]])
+  out = {}
+  for group, (kind, runs) in groups.items():
+    pairs = []
+    for i in range(len(runs)):
+      for j in range(i + 1, len(runs)):
+        (ra, sa), (rb, sb) = runs[i], runs[j]
+        res = mask_jaccard(get(ra, sa), get(rb, sb))
+        pairs.append({"a": ra, "b": rb, "jaccard": res["overall"]["jaccard"],
+                      "baseline": res["overall"]["baseline"],
+                      "by_type": {t: d["jaccard"] for t, d in res["by_type"].items()}})
+    js = [p["jaccard"] for p in pairs if p["jaccard"] is not None]
+    bs = [p["baseline"] for p in pairs if p["baseline"] is not None]
+    types = list(dict.fromkeys(t for p in pairs for t in p["by_type"]))
+    by_type = {}
+    for t in types:
+      vals = [p["by_type"].get(t) for p in pairs]
+      vals = [v for v in vals if v is not None]
+      by_type[t] = float(np.mean(vals)) if vals else None
+    out[group] = {"kind": kind, "runs": [r for r, _ in runs], "pairs": pairs,
+                  "jaccard_mean": float(np.mean(js)) if js else None,
+                  "jaccard_min": min(js, default=None), "jaccard_max": max(js, default=None),
+                  "baseline_mean": float(np.mean(bs)) if bs else None, "by_type": by_type}
   return out
