@@ -222,21 +222,32 @@ def fig_rank16(results: dict, path):
   return _save(fig, path)
 
 
+_CONTROL_PANELS = [("stable_rank", "stable rank of dW_t", "linear"),
+                   ("frobenius", "||dW_t||_F", "log"), ("hill", "Hill tail estimate", "linear")]
+
+
 def _control_fig(results, path, runs, refs, title):
+  """Stable rank, Frobenius norm and Hill estimate of a control's cumulative update (q, k, v, o
+  means) against training progress, beside the reference runs (the paper's Figs 7-9)."""
   traj = results.get("trajectory", {})
   runs = [r for r in runs if r in traj]
   if not runs:
     return None
-  fig, ax = plt.subplots(figsize=(6.5, 3.8))
-  for ref in refs:
-    if ref in traj:
-      ax.plot(traj[ref]["steps"], traj[ref]["stable_rank"], "o-", lw=2.5, color=color(ref),
-              label=f"{label(ref)} (reference)")
-  for r in runs:
-    ax.plot(traj[r]["steps"], traj[r]["stable_rank"], "s--", color=color(r, results),
-            label=label(r, results))
-  ax.set(xlabel="training step", ylabel="stable rank of dW_t (q, k, v, o mean)", title=title)
-  ax.legend(fontsize=8)
+  fig, axes = plt.subplots(1, len(_CONTROL_PANELS), figsize=(16, 3.9))
+  for ax, (key, name, scale) in zip(axes, _CONTROL_PANELS):
+    for ref in refs:
+      if ref in traj and traj[ref].get(key):
+        ax.plot(traj[ref]["progress"], traj[ref][key], "o-", lw=2.5, color=color(ref),
+                label=f"{label(ref)} (reference)")
+    for r in runs:
+      if traj[r].get(key):
+        ax.plot(traj[r]["progress"], traj[r][key], "s--", color=color(r, results),
+                label=label(r, results))
+    ax.set_yscale(scale)
+    ax.set(xlabel="training progress (fraction of steps)", ylabel=f"{name} (q, k, v, o mean)",
+           title=name)
+    ax.legend(fontsize=7)
+  fig.suptitle(title)
   return _save(fig, path)
 
 
@@ -374,13 +385,222 @@ def fig_accuracy(results: dict, path):
   return _save(fig, path)
 
 
+def fig_singular_values(results: dict, path):
+  """The paper's Fig 2 singular-value panel for each method's representative matrix: the
+  spectra of W_0 and W_1 (nearly on top of each other), their relative shift, and the spectrum
+  of the update dW = W_1 - W_0 (`endpoint[m]` sigma0, sigma1, sigma_dw)."""
+  ep = results.get("endpoint", {})
+  methods = [m for m in _methods(results, "endpoint")
+             if ep[m].get("sigma1") or ep[m].get("sigma_dw")]
+  if not methods:
+    return None
+  fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
+  for m in methods:
+    e = ep[m]
+    s0, s1 = np.asarray(e.get("sigma0", []), float), np.asarray(e.get("sigma1", []), float)
+    if s1.size:
+      i = np.arange(1, s1.size + 1)
+      axes[0].plot(i, s0, ":", color=color(m), lw=2,
+                   label=f"{label(m)}: W_0 ({e.get('origin', '')})")
+      axes[0].plot(i, s1, "-", color=color(m), lw=1, label=f"{label(m)}: W_1")
+      with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.abs(s1 - s0) / s0
+      axes[1].plot(i, rel, "o-", ms=3, color=color(m), label=label(m))
+    sd = np.asarray(e.get("sigma_dw", []), float)
+    if sd.size:
+      axes[2].plot(np.arange(1, sd.size + 1), sd, "o-", ms=3, color=color(m), label=label(m))
+  rep = ep[methods[0]].get("rep_matrix", "?")
+  axes[0].set(xlabel="singular-value index i", ylabel="sigma_i", yscale="log",
+              title=f"Singular values of W_0 and W_1, {rep}")
+  axes[1].set(xlabel="singular-value index i",
+              ylabel="|sigma_i(W_1) - sigma_i(W_0)| / sigma_i(W_0)",
+              yscale="log", title="Relative shift of each singular value")
+  axes[2].set(xlabel="singular-value index i", ylabel="sigma_i(dW)", yscale="log",
+              title="Singular values of the update dW = W_1 - W_0")
+  for ax in axes:
+    ax.legend(fontsize=7)
+  fig.suptitle(f"Spectra of the representative matrix {rep} (SFT: base -> anchor; OPD, RLVR: "
+               "anchor -> end)")
+  return _save(fig, path)
+
+
+_LOCAL_PANELS = [("sparsity", "bf16 update sparsity", "viridis"),
+                 ("overlap_principal", "principal-mask overlap", "magma"),
+                 ("overlap_low", "low-magnitude-mask overlap", "magma")]
+
+
+def localisation_grid(per_matrix: dict, key: str) -> tuple[np.ndarray, list[int], list[str]]:
+  """The layer x module-type grid of `key` over the layered weights of an endpoint's
+  `per_matrix`: each cell pools the weights of that (layer, type) (an MoE layer's experts), the
+  sparsity weighted by entry count, an overlap as the unweighted mean over matrices with a value;
+  NaN where no weight has a value. Returns (grid [layers, types], layers, types)."""
+  cells: dict[tuple[int, str], list[tuple[float, int]]] = {}
+  for d in per_matrix.values():
+    if d.get("layer") is None or d.get(key) is None:
+      continue
+    cells.setdefault((int(d["layer"]), d["type"]), []).append((float(d[key]), int(d["n"])))
+  layers = sorted({layer for layer, _ in cells})
+  present = {t for _, t in cells}
+  types = [t for t in _TYPE_ORDER if t in present] + sorted(present - set(_TYPE_ORDER))
+  grid = np.full((len(layers), len(types)), np.nan)
+  for (layer, t), vals in cells.items():
+    v = np.asarray([x for x, _ in vals])
+    w = np.asarray([n for _, n in vals], float) if key == "sparsity" else np.ones(len(vals))
+    grid[layers.index(layer), types.index(t)] = float(np.sum(v * w) / np.sum(w))
+  return grid, layers, types
+
+
+def fig_localisation(results: dict, path):
+  """The paper's Fig 3: layer x module-type heatmaps of bf16 update sparsity and of the
+  principal- and low-magnitude-mask overlaps, one column per method (`endpoint[m].per_matrix`);
+  each row shares one colour scale, the mask overlaps centred on the random baseline."""
+  ep = results.get("endpoint", {})
+  methods = [m for m in _methods(results, "endpoint") if ep[m].get("per_matrix")]
+  if not methods:
+    return None
+  panels = []
+  for key, name, cmap in _LOCAL_PANELS:
+    grids = {m: localisation_grid(ep[m]["per_matrix"], key) for m in methods}
+    if any(np.isfinite(g[0]).any() for g in grids.values()):
+      panels.append((key, name, cmap, grids))
+  if not panels:
+    return None
+  n_layers = max(len(g[1]) for _, _, _, grids in panels for g in grids.values())
+  fig, axes = plt.subplots(len(panels), len(methods), squeeze=False, layout="constrained",
+                           figsize=(3.8 * len(methods) + 1.5,
+                                    len(panels) * max(2.6, 1.0 + 0.25 * n_layers) + 0.5))
+  base = ep[methods[0]].get("baseline") or 0.5
+  for row, (key, name, cmap, grids) in enumerate(panels):
+    vals = np.concatenate([g[0][np.isfinite(g[0])] for g in grids.values()])
+    if key == "sparsity":
+      norm = matplotlib.colors.Normalize(0.0, 100.0)
+    else:  # diverging around the random baseline
+      mid = 100 * base
+      half = max(float(np.max(np.abs(100 * vals - mid))), 1.0)
+      norm = matplotlib.colors.TwoSlopeNorm(mid, max(0.0, mid - half), min(100.0, mid + half))
+      cmap = "RdBu_r"
+    for col, m in enumerate(methods):
+      ax = axes[row, col]
+      grid, layers, types = grids[m]
+      im = ax.imshow(100 * grid, aspect="auto", cmap=cmap, norm=norm, origin="lower")
+      if grid.size <= 120:  # small grids: the values in the cells
+        for (i, j), v in np.ndenumerate(100 * grid):
+          if np.isfinite(v):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                    color="w" if key == "sparsity" and v < 60 else "k")
+      ax.set_xticks(range(len(types)), types, fontsize=8)
+      ax.set_yticks(range(len(layers)), layers, fontsize=7)
+      ax.set_xlabel("module type", fontsize=8)
+      ax.set_ylabel("layer", fontsize=8)
+      ax.set_title(f"{label(m)}: {name}", fontsize=9, color=color(m))
+    unit = "% unchanged" if key == "sparsity" else f"% of update mask (random {100 * base:.0f})"
+    fig.colorbar(im, ax=list(axes[row]), label=unit, shrink=0.9)
+  fig.suptitle("Per-layer localisation of the update (SFT: base -> anchor; OPD, RLVR: "
+               "anchor -> end)")
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=_DPI)
+  plt.close(fig)
+  return path
+
+
+def fig_progress_accuracy(results: dict, path):
+  """The paper's Fig 6: eval accuracy against training progress of the plain OPD and SFT runs
+  (`progress_accuracy`, every seed: the first bold, the others thin) and their rank-K arms,
+  which resume the plain run at `rank16[m].resume_step` and are measured at their end
+  (`accuracy[projected run]`), drawn from the plain run's point at the resume step."""
+  prog = results.get("progress_accuracy") or {}
+  r16 = results.get("rank16", {})
+  acc = results.get("accuracy", {})
+  methods = [m for m in ("opd", "sft") if m in prog]
+  if not methods:
+    return None
+  fig, axes = plt.subplots(1, len(methods), figsize=(6.2 * len(methods), 4.0), squeeze=False)
+  for ax, m in zip(axes[0], methods):
+    plain_runs = [r for r in (r16.get(m, {}).get("plain_runs") or _seed_runs(results, m))
+                  if r in prog] or [m]
+    proj = r16.get(m, {})
+    proj_runs = list(proj.get("projected_runs") or
+                     ([proj["projected_run"]] if "projected_run" in proj else []))
+    for i, run in enumerate(plain_runs):
+      c = prog[run]
+      first = i == 0
+      ax.errorbar(c["progress"], c["acc"], yerr=c["stderr"] if first else None,
+                  fmt="o-" if first else "-", lw=2 if first else 0.8, alpha=1 if first else 0.5,
+                  capsize=3, color=color(m), label=f"{label(m)} (plain)" if first else None)
+      if i >= len(proj_runs) or proj_runs[i] not in acc:
+        continue
+      end = acc[proj_runs[i]]
+      start_step = proj.get("resume_step")
+      xs, ys = [1.0], [float(end["acc"])]
+      if start_step in c["steps"]:
+        j = c["steps"].index(start_step)
+        xs, ys = [c["progress"][j]] + xs, [c["acc"][j]] + ys
+      ax.plot(xs, ys, "--", lw=2 if first else 0.8, alpha=1 if first else 0.5, color=color(m))
+      ax.errorbar([1.0], [end["acc"]], yerr=[end.get("stderr", 0.0)] if first else None,
+                  fmt="s" if first else ".", mfc="white" if first else color(m), ms=8 if first
+                  else 5, capsize=3, color=color(m), alpha=1 if first else 0.5,
+                  label=f"{label(proj_runs[i], results)} (resumed at step {start_step})"
+                  if first else None)
+    if "anchor" in acc:
+      ax.axhline(acc["anchor"]["acc"], color=color("anchor"), ls=":", lw=1.2,
+                 label="anchor accuracy")
+    ax.set(xlabel="training progress (fraction of steps)", ylabel="eval accuracy (avg@k)",
+           title=f"{label(m)}: plain vs projected")
+    ax.legend(fontsize=8)
+  fig.suptitle("Accuracy against training progress (first seed +- SE over problems; thin: other "
+               "seeds)", fontsize=10)
+  return _save(fig, path)
+
+
+def fig_mask_consensus(results: dict, path):
+  """Update-mask consensus (The Path Not Taken, Table 2 style): the Jaccard index of the sets of
+  bf16-changed weights between seeds of one method and between methods (`mask_consensus`), overall
+  and per module type, beside the random baseline (masks of the same sizes placed independently).
+  """
+  cons = results.get("mask_consensus") or {}
+  groups = [g for g, d in cons.items() if d.get("jaccard_mean") is not None]
+  if not groups:
+    return None
+  types = list(dict.fromkeys(t for g in groups for t in cons[g].get("by_type", {})))
+  types = [t for t in _TYPE_ORDER if t in types] + [t for t in types if t not in _TYPE_ORDER]
+  cols = ["overall"] + types
+  fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(cols), 4.0))
+  w = 0.8 / len(groups)
+  x = np.arange(len(cols))
+  for i, g in enumerate(groups):
+    d = cons[g]
+    vals = [d["jaccard_mean"]] + [d["by_type"].get(t) for t in types]
+    xs = x + (i - (len(groups) - 1) / 2) * w
+    fam = g.split(" vs ")[0]
+    is_cross = d.get("kind") == "methods"
+    ax.bar(xs, [np.nan if v is None else v for v in vals], w, color=color(fam),
+           hatch="//" if is_cross else None, edgecolor="k",
+           label=(f"{' vs '.join(label(p) for p in g.split(' vs '))} (first seeds)" if is_cross
+                  else f"{label(g)}: {len(d['pairs'])} seed pair(s)"))
+    pj = [p["jaccard"] for p in d["pairs"] if p["jaccard"] is not None]
+    if len(pj) > 1:
+      ax.plot([xs[0]] * len(pj), pj, "k.", ms=4)
+    if d.get("baseline_mean") is not None:
+      ax.hlines(d["baseline_mean"], xs[0] - w / 2, xs[0] + w / 2, colors="k", linestyles="--",
+                label="random baseline (same mask sizes)" if i == 0 else None)
+  ax.set_xticks(x, cols)
+  ax.set(xlabel="module type", ylabel="Jaccard index |A & B| / |A | B|", ylim=(0, 1.05),
+         title="Update-mask consensus across runs (bf16-changed entries)")
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
 FIGURES = {
     "accuracy": fig_accuracy,
     "sparsity_per_type": fig_sparsity_per_type,
     "spectral": fig_spectral,
+    "singular_values": fig_singular_values,
     "mask_overlap": fig_mask_overlap,
+    "localisation": fig_localisation,
+    "mask_consensus": fig_mask_consensus,
     "trajectories": fig_trajectories,
     "rank16": fig_rank16,
+    "progress_accuracy": fig_progress_accuracy,
     "control_sparsify": fig_control_sparsify,
     "control_offpolicy": fig_control_offpolicy,
     "control_mixing": fig_control_mixing,

@@ -12,13 +12,24 @@ Results schema (everything optional except where `verdicts.check` needs it)::
     endpoint: {sft|opd|rlvr: {origin, sparsity, sparsity_per_type: {type: f}, density,
                max_angle_deg (representative matrix), max_angle_mean_deg, rep_matrix,
                angle_curve_deg: [...], max_angle_per_matrix: {name: f}, nss (mean over matrices),
-               nss_per_matrix: {name: f}, principal_overlap, low_mag_overlap, baseline}}
+               nss_per_matrix: {name: f}, principal_overlap, low_mag_overlap, baseline,
+               per_matrix: {name: {type, layer, n, sparsity, overlap_principal,  # every weight
+                                   overlap_low}},    # (overlaps None for 1-D / unchanged)
+               sigma0, sigma1: [f],   # singular values of the representative W_0, W_1 (desc.)
+               sigma_dw: [f]}}        # singular values of its update dW = W_1 - W_0 (desc.)
+    mask_consensus: {group: {kind: seeds|methods, runs: [run],  # `diagnostics.mask_consensus`
+                     pairs: [{a, b, jaccard, baseline, by_type: {type: f}}],
+                     jaccard_mean, jaccard_min, jaccard_max, baseline_mean,
+                     by_type: {type: mean jaccard}}}   # group: a family, or '<a> vs <b>'
     trajectory: {run: {steps, progress, stable_rank, frobenius, hill, sim_k}}  # q,k,v,o means
     adapters: {rank, alpha, scale, targets, tolerance, seed,       # only with adapter arms
                runs: {full|lora|pissa: run},
                endpoint: {run: endpoint entry (as `endpoint`)},     # anchor -> end, merged
                update: {run: `diagnostics.adapter_update_metrics` output}}
     rank16: {opd|sft: {plain_run, projected_run, resume_step, k, where}}
+    progress_accuracy: {run: {total_steps, steps: [int], progress: [f], acc: [f], stderr: [f],
+                        n: [int], k, measured: [bool]}}  # plain opd / sft runs (every seed) at
+                        # their snapshots (`progress.ProgressCurve.to_results`)
     regime_map: {scales, study_scale, anchor_acc,                # only with regime.map_scales
                  rows: [{method, scale, run, budget, lr, sparsity, density, max_angle_mean_deg,
                          nss, stable_rank, acc, acc_se, acc_gain}]}
@@ -59,6 +70,11 @@ _FIGS_BY_SECTION = {
     "controls": ["control_sparsify", "control_offpolicy", "control_mixing"],
 }
 REQUIRED_FIGURES = tuple(f for fs in _FIGS_BY_SECTION.values() for f in fs)
+# Figures drawn when their data exists (each section renders without them): the endpoint's
+# singular values, per-layer localisation and mask consensus; accuracy against progress.
+_FIGS_BY_SECTION["endpoint"] = ["spectral", "singular_values", "mask_overlap", "localisation",
+                                "mask_consensus"]
+_FIGS_BY_SECTION["rank16"] = ["rank16", "progress_accuracy"]
 _FIGS_BY_SECTION["adapters"] = ["adapters"]
 _FIGS_BY_SECTION["regime_map"] = ["regime_map"]
 _MARK = {verdicts.HOLDS: "HOLDS", verdicts.FAILS: "DOES NOT HOLD",
@@ -168,11 +184,33 @@ def _section_endpoint(r):
                  f"{est('low_mag_overlap', True)} ({_pct(paper.LOW_MAG_OVERLAP[m])})"])
   rep = next((ep[m].get("rep_matrix") for m in paper.METHODS if m in ep), "?")
   base = next((ep[m].get("baseline") for m in paper.METHODS if m in ep), None)
-  return (_table(["method", f"max angle, {rep} (paper)", "max angle, mean over matrices",
-                  "NSS (paper)", "density (paper)", "principal-mask overlap (paper)",
-                  "low-mag-mask overlap (paper)"], rows) +
-          f"\n\nMask-overlap random baseline: {_pct(base)}. Values are mean +- SE across "
-          "seeds; (fixed) = measured once on the shared runs.")
+  out = (_table(["method", f"max angle, {rep} (paper)", "max angle, mean over matrices",
+                 "NSS (paper)", "density (paper)", "principal-mask overlap (paper)",
+                 "low-mag-mask overlap (paper)"], rows) +
+         f"\n\nMask-overlap random baseline: {_pct(base)}. Values are mean +- SE across "
+         "seeds; (fixed) = measured once on the shared runs.")
+  consensus = _consensus_table(r)
+  return out + ("\n\n" + consensus if consensus else "")
+
+
+def _consensus_table(r) -> str:
+  """The update-mask consensus (Jaccard index across runs), or '' without its data."""
+  cons = r.get("mask_consensus") or {}
+  if not cons:
+    return ""
+  rows = []
+  for g, d in cons.items():
+    what = (f"{len(d['runs'])} seeds, {len(d['pairs'])} pairs" if d.get("kind") == "seeds"
+            else "first seeds")
+    rng = ("" if d.get("jaccard_min") is None or len(d["pairs"]) < 2 else
+           f" (min {_num(d['jaccard_min'])}, max {_num(d['jaccard_max'])})")
+    rows.append([" vs ".join(x.upper() for x in g.split(" vs ")), what,
+                 f"{_num(d.get('jaccard_mean'))}{rng}", _num(d.get("baseline_mean"))])
+  return ("Update-mask consensus (The Path Not Taken, Table 2 style): Jaccard index |A & B| / "
+          "|A | B| of the sets of bf16-changed entries of two runs from the same origin, every "
+          "weight pooled; the random baseline places masks of the same sizes independently "
+          "(E|A & B| / E|A | B|).\n\n" +
+          _table(["runs", "pairs", "Jaccard (mean over pairs)", "random baseline"], rows))
 
 
 def _section_trajectory(r):
@@ -182,8 +220,8 @@ def _section_trajectory(r):
     rows.append([run, ", ".join(str(s) for s in t["steps"]),
                  " -> ".join(_num(x) for x in t["stable_rank"]),
                  _num(t["frobenius"][-1]), _num(t["hill"][-1]), _num(t["sim_k"][0])])
-  return _table(["run", "snapshot steps", "stable rank", "final ||dW||_F", "final Hill",
-                 "Sim_16(first, end)"], rows)
+  return _table(["run", "snapshot steps", "stable rank", "final Frobenius norm of dW",
+                 "final Hill", "Sim_16(first, end)"], rows)
 
 
 def _section_rank16(r):
@@ -192,7 +230,17 @@ def _section_rank16(r):
     rows.append([m.upper(), d.get("resume_step"), d.get("k"), d.get("where"),
                  _est(verdicts.acc_estimate, r, d["plain_run"]),
                  _est(verdicts.acc_estimate, r, d["projected_run"])])
-  return _table(["method", "resume step", "k", "projection", "plain acc", "rank-16 acc"], rows)
+  out = _table(["method", "resume step", "k", "projection", "plain acc", "rank-16 acc"], rows)
+  prog = r.get("progress_accuracy") or {}
+  if prog:
+    lines = []
+    for run, c in prog.items():
+      pts = ", ".join(f"{p:.2f}: {a:.3f} +- {e:.3f}" for p, a, e in
+                      zip(c["progress"], c["acc"], c["stderr"]))
+      lines.append([run, pts])
+    out += ("\n\nAccuracy against training progress (progress: avg@k +- SE over problems) of "
+            "the plain runs at their snapshots:\n\n" + _table(["run", "points"], lines))
+  return out
 
 
 def _section_controls(r):
@@ -210,9 +258,11 @@ def _section_controls(r):
     except Exception:  # noqa: BLE001 -- missing references print as n/a
       pass
     rows.append([figures.label(run, r), _num(acc.get(run, {}).get("acc")),
-                 " -> ".join(_num(x) for x in t["stable_rank"]) if t else "n/a", d])
-  return _table(["run", "accuracy", "stable rank trajectory", "nearest reference (distances)"],
-                rows)
+                 " -> ".join(_num(x) for x in t["stable_rank"]) if t else "n/a",
+                 _num(t["frobenius"][-1]) if t and t.get("frobenius") else "n/a",
+                 _num(t["hill"][-1]) if t and t.get("hill") else "n/a", d])
+  return _table(["run", "accuracy", "stable rank trajectory", "final Frobenius norm of dW",
+                 "final Hill", "nearest reference (distances)"], rows)
 
 
 _ARM_LABEL = {"full": "full OPD", "lora": "LoRA", "pissa": "PiSSA"}
