@@ -1,6 +1,14 @@
 """geometry/live.py (the in-loop monitor) against float64 numpy: bf16-visible density (overall and
 per module type), Frobenius norm, stable rank and Sim_K of the attention updates; sharded on a
-fake 8-device mesh and compiled once."""
+fake 8-device mesh and compiled once; several points in a row on an 8-device mesh (in a child
+process, under a timeout: a batched LAPACK call used to leave that program waiting forever)."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -136,7 +144,98 @@ def test_sharded_on_a_fake_8_device_mesh_and_compiled_once():
   assert monitor._cache_size() == 1   # the second point reuses the first one's executable
 
 
+MESH_POINTS = 5
+MESH_TIMEOUT_S = 120
+# The default block width (k + oversample = 24) on matrices of the tiny preset's width (64): a
+# batched SVD of these is large enough for jaxlib 0.10 to split it over the intra-op pool (the
+# monitor's batched SVDs never finished here: 4 of 4 child runs timed out before the first point).
+MESH_CFG = live.LiveGeometryConfig(every=1, k=K, power_iters=30, subspace_iters=6, oversample=20)
+
+
+def _mesh_inputs():
+  """Origin and MESH_POINTS updated parameters at the tiny preset's width (64)."""
+  p0 = _base(np.random.default_rng(3), d=64, layers=2)
+  return p0, [_moved(np.random.default_rng(20 + i), p0, 0.05 * (i + 1)) for i in range(MESH_POINTS)]
+
+
+def _mesh_child() -> None:
+  """Runs in a process of 8 fake devices: the monitor as the loop runs it (parameters sharded
+  over fsdp x tensor, outputs replicated, the bases carried from point to point and donated), one
+  JSON line of metrics per point (NaN as null)."""
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  p0, points = _mesh_inputs()
+  spec = lambda x: P(*(None,) * (x.ndim - 2), "fsdp", "tensor")  # noqa: E731
+  shardings = jax.tree.map(lambda x: NamedSharding(mesh, spec(x) if x.ndim >= 2 else P()), p0)
+  replicated = NamedSharding(mesh, P())
+  monitor = live.make_monitor(MESH_CFG, replicated=replicated)
+  origin = jax.device_put(p0, shardings)
+  bases = jax.device_put(live.init_bases(p0, MESH_CFG), replicated)
+  for p in points:
+    metrics, bases = monitor(origin, jax.device_put(p, shardings), bases)
+    got = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    print(json.dumps({k: (None if np.isnan(v) else v) for k, v in got.items()}), flush=True)
+  assert monitor._cache_size() == 1
+
+
+def test_several_points_on_an_8_device_mesh_match_one_device_and_float64_numpy():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  tests = pathlib.Path(__file__).resolve().parent
+  try:
+    out = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--mesh-child"],
+                         env=env, cwd=tests.parent, capture_output=True, text=True,
+                         timeout=MESH_TIMEOUT_S)
+  except subprocess.TimeoutExpired as e:
+    pytest.fail(f"the monitor did not finish {MESH_POINTS} points on 8 devices in "
+                f"{MESH_TIMEOUT_S} s:\n{(e.stdout or b'')[-2000:]!r}")
+  assert out.returncode == 0, out.stderr[-4000:]
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  assert len(rows) == MESH_POINTS
+  p0, points = _mesh_inputs()
+  plain = live.make_monitor(MESH_CFG)
+  prev = live.init_bases(p0, MESH_CFG)
+  for i, (row, p) in enumerate(zip(rows, points)):
+    got = {k: (float("nan") if v is None else v) for k, v in row.items()}
+    want, prev = plain(p0, p, prev)
+    want = {k: float(v) for k, v in want.items()}
+    assert set(got) == set(want)
+    for k, v in want.items():   # the one-device monitor: the same estimator, another layout
+      np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-6, err_msg=f"point {i}: {k}")
+    _assert_close(live.to_host(got), _reference(p0, p, points[i - 1] if i else None))
+    assert (i == 0) == all(np.isnan(got[f"geometry/sim_k/{t}"]) for t in matrices.ATTENTION_TYPES)
+
+
+def test_every_lapack_call_of_the_monitor_takes_one_matrix():
+  """jaxlib 0.10 splits a batched LAPACK call over the intra-op pool and blocks its thread until
+  the pieces finish (the multi-device hang); a call on one matrix runs inline. The compiled
+  monitor (sharded like the loop's) holds LAPACK calls, all on rank-2 operands."""
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  p0, _ = _mesh_inputs()
+  replicated = NamedSharding(mesh, P())
+  monitor = live.make_monitor(MESH_CFG, replicated=replicated)
+  shardings = jax.tree.map(
+      lambda x: NamedSharding(mesh, P(*(None,) * (x.ndim - 2), "fsdp", "tensor")
+                              if x.ndim >= 2 else P()), p0)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          p0, shardings)
+  bases = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                       live.init_bases(p0, MESH_CFG))
+  hlo = monitor.lower(abstract, abstract, bases).compile().as_text()
+  calls = [line for line in hlo.splitlines() if "custom_call_target=\"lapack_" in line]
+  assert calls
+  for line in calls:
+    operand = re.search(r"operand_layout_constraints=\{\w+\[([\d,]*)\]", line)
+    assert operand is not None, line
+    assert operand.group(1).count(",") == 1, line   # [m, n]: no batch dimension
+
+
 def test_config_is_checked_by_name():
   with pytest.raises(ValueError, match=r"LiveGeometryConfig\.k=0"):
     live.LiveGeometryConfig(k=0)
   assert not live.LiveGeometryConfig().enabled and live.LiveGeometryConfig(every=5).enabled
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--mesh-child"]:
+  _mesh_child()

@@ -22,6 +22,19 @@ matrices with the spectral decay real updates have.
 
 The previous point's bases (`LiveBases`) are carried by the loop on the devices; a resumed run
 starts without them (its first point reports no Sim_K).
+
+One matrix per LAPACK call. The subspace iteration's orthonormalisations and the Rayleigh-Ritz
+step are SVDs, run member by member (`lax.map`), never as one batched call. jaxlib 0.10's CPU
+LAPACK kernels split a batch into chunks on XLA's intra-op thread pool and block their own pool
+thread until the chunks finish; when every pool thread is inside such a call, no thread is left to
+run the chunks and the program never finishes. The pool has max(cores, local devices) threads and
+every local device runs the monitor's program on it at once, entering its SVDs together after the
+program's collectives: with 8 fake devices, all 8 pool threads were seen waiting in
+`lapack_sgesdd_ffi` -> `jax::ParallelBatchMap` -> `BlockingCounter::Wait`; with one device per
+process on 2 cores, the independent groups (q, k, v, o) put several batched SVDs in flight on a
+pool of 2. A call on a single matrix runs inline (`ParallelBatchMap` schedules nothing when one
+chunk covers the batch), so it never waits on the pool; the LAPACK work is the same.
+(jax 0.11 compiles the parallel path out of its CPU kernels.)
 """
 
 from __future__ import annotations
@@ -100,19 +113,27 @@ def _spectral_norm(d_NxIxO, iters: int, seed: int):
   return jnp.linalg.norm(jnp.einsum("nio,no->ni", d_NxIxO, x), axis=-1)
 
 
+def _left_singular_each(x_NxMxB):
+  """Left singular vectors [N, m, min(m, b)] (descending), one LAPACK call per member.
+
+  A single matrix per call keeps jaxlib's CPU kernels off the intra-op pool (see the module
+  docstring: a batched call can wait forever for pool threads that are all busy)."""
+  return jax.lax.map(lambda x: jnp.linalg.svd(x, full_matrices=False)[0], x_NxMxB)
+
+
 def _input_subspace(d_NxIxO, k: int, iters: int, oversample: int, seed: int):
   """Top-k left singular vectors [N, in, k] of each member (subspace iteration + Rayleigh-Ritz)."""
   n_in, n_out = d_NxIxO.shape[1:]
   b = min(k + oversample, n_in, n_out)
   omega = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((n_out, b)), jnp.float32)
-  q = linalg._orth(jnp.einsum("nio,ob->nib", d_NxIxO, omega))
+  q = _left_singular_each(jnp.einsum("nio,ob->nib", d_NxIxO, omega))
 
   def body(_, q):
-    return linalg._orth(jnp.einsum("nio,njo,njb->nib", d_NxIxO, d_NxIxO, q))
+    return _left_singular_each(jnp.einsum("nio,njo,njb->nib", d_NxIxO, d_NxIxO, q))
 
   q = jax.lax.fori_loop(0, iters, body, q)
   small_NxBxO = jnp.einsum("nib,nio->nbo", q, d_NxIxO)
-  u_small = jnp.linalg.svd(small_NxBxO, full_matrices=False)[0]   # [N, b, b], descending
+  u_small = _left_singular_each(small_NxBxO)   # [N, b, b], descending
   return jnp.einsum("nib,nbk->nik", q, u_small[:, :, :k])
 
 
