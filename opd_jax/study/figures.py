@@ -535,12 +535,12 @@ def fig_progress_accuracy(results: dict, path):
       if start_step in c["steps"]:
         j = c["steps"].index(start_step)
         xs, ys = [c["progress"][j]] + xs, [c["acc"][j]] + ys
-      ax.plot(xs, ys, "--", lw=2 if first else 0.8, alpha=1 if first else 0.5, color=color(m))
+      ax.plot(xs, ys, "--", lw=2 if first else 0.8, alpha=1 if first else 0.5, color=color(m),
+              label=f"{label(proj_runs[i], results)} (dashed: resumed at step {start_step}, "
+                    "measured at its end)" if first else None)
       ax.errorbar([1.0], [end["acc"]], yerr=[end.get("stderr", 0.0)] if first else None,
                   fmt="s" if first else ".", mfc="white" if first else color(m), ms=8 if first
-                  else 5, capsize=3, color=color(m), alpha=1 if first else 0.5,
-                  label=f"{label(proj_runs[i], results)} (resumed at step {start_step})"
-                  if first else None)
+                  else 5, capsize=3, color=color(m), alpha=1 if first else 0.5)
     if "anchor" in acc:
       ax.axhline(acc["anchor"]["acc"], color=color("anchor"), ls=":", lw=1.2,
                  label="anchor accuracy")
