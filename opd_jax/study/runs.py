@@ -42,6 +42,11 @@ ORIGINS = {"sft": "base -> anchor", "opd": "anchor -> end", "rlvr": "anchor -> e
 # The seeded run family whose seeds give each method's endpoint; None: measured once (the SFT
 # endpoint is base -> anchor, the same shared anchor for every seed, so it has no seed spread).
 ENDPOINT_FAMILY = {"sft": None, "opd": "opd", "rlvr": "rlvr"}
+# The plain runs whose snapshots are evaluated for accuracy against progress (every seed), and
+# the seeded families whose update masks are compared across seeds (mask consensus).
+PROGRESS_FAMILIES = ("opd", "sft")
+CONSENSUS_FAMILIES = ("opd", "rlvr")
+PROGRESS_DIR = "progress"
 
 
 # -- run specs -------------------------------------------------------------------------------------
@@ -489,9 +494,44 @@ def _diagnostics_phase(study: StudyConfig, specs: list[RunSpec]):
               model_path("anchor"), path(run), rank=study.adapters.rank,
               targets=study.adapters.targets)
           for run in ["opd"] + arms}
+    # Update-mask consensus: every pair of seeds of OPD and of RLVR (anchor -> end), and the
+    # first seeds of the two against each other.
+    geometry["mask_consensus"] = diagnostics.mask_consensus(
+        model_path("anchor"),
+        {fam: {s.name: path(s.name) for s in specs if s.family == fam and s.kind == "main"}
+         for fam in CONSENSUS_FAMILIES},
+        log=ctx.log)
     (ctx.out_dir / "geometry.json").write_text(json.dumps(geometry, indent=1))
     return {"endpoint_methods": sorted(geometry["endpoint"]),
             "trajectory_runs": sorted(geometry["trajectory"])}
+  return fn
+
+
+def _progress_specs(specs: list[RunSpec]) -> list[RunSpec]:
+  return [s for s in specs if s.kind == "main" and s.family in PROGRESS_FAMILIES]
+
+
+def _progress_phase(study: StudyConfig, specs: list[RunSpec]):
+  """Eval accuracy at every snapshot of the plain OPD and SFT runs (the paper's Fig 6), with the
+  study's protocol (`progress.evaluate_snapshots` -> `evaluate`); the start model's and the final
+  snapshot's accuracies come from their phases."""
+  def fn(ctx):
+    from opd_jax.study import progress
+    resolve = _resolver(ctx)
+    curves = {}
+    for spec in _progress_specs(specs):
+      s = ctx.dep_summary(spec.name)
+      cfg = compose_run(study, spec, resolve)
+      model = produced_model(study, spec.name, "final", resolve)
+      known = {int(s["steps"]): s["eval"]}
+      start = ctx.dep_summary(spec.start[0]).get("eval")
+      if start is not None:
+        known[0] = start
+      curves[spec.name] = progress.evaluate_snapshots(
+          spec.name, dataclasses.replace(cfg, data=study.data), model,
+          {int(k): ctx.workdir / v for k, v in s["snapshots"].items()}, study.eval,
+          total_steps=int(s["steps"]), known=known, log=ctx.log).to_results()
+    return {"curves": curves}
   return fn
 
 
@@ -615,8 +655,15 @@ def build_phases(study: StudyConfig, log=print) -> list[phases_lib.Phase]:
   out.append(phases_lib.Phase("diagnostics", _diagnostics_phase(study, specs), ctx_deps(specs),
                               dict(train_config.dataclass_to_dict(study.diagnostics),
                                    derive_k=study.rank16.derive_k)))
+  prog = _progress_specs(specs)
+  if prog:
+    out.append(phases_lib.Phase(
+        PROGRESS_DIR, _progress_phase(study, specs),
+        ("task",) + tuple(dict.fromkeys(d for s in prog for d in (s.name,) + s.deps)),
+        {"eval": train_config.dataclass_to_dict(study.eval), "runs": [s.name for s in prog]}))
   out.append(phases_lib.Phase(REPORT_DIR, _report_phase(study, specs),
-                              ("diagnostics",) + tuple(s.name for s in specs),
+                              ("diagnostics",) + ((PROGRESS_DIR,) if prog else ()) +
+                              tuple(s.name for s in specs),
                               dict(study_config.study_sections(study), version=1)))
   return out
 
@@ -666,6 +713,8 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
       "seeds": {"values": list(seeds), "runs": families,
                 "fixed_endpoints": [m for m, f in ENDPOINT_FAMILY.items() if f is None]},
       "trajectory": geometry.get("trajectory", {}),
+      "mask_consensus": geometry.get("mask_consensus", {}),
+      "progress_accuracy": summaries.get(PROGRESS_DIR, {}).get("curves", {}),
       "controls": {
           "sparsify": [s.name for s in specs if s.kind == "sparsify"],
           "offpolicy": [s.name for s in specs if s.kind == "offpolicy"],
@@ -712,7 +761,8 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
 
 
 def build_phase_names(specs: list[RunSpec]) -> list[str]:
-  return ["task"] + [s.name for s in specs] + ["diagnostics", REPORT_DIR]
+  return (["task"] + [s.name for s in specs] + ["diagnostics"] +
+          ([PROGRESS_DIR] if _progress_specs(specs) else []) + [REPORT_DIR])
 
 
 # -- entry points -------------------------------------------------------------------------------------
