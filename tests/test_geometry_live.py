@@ -181,6 +181,10 @@ def _mesh_child() -> None:
 def test_several_points_on_an_8_device_mesh_match_one_device_and_float64_numpy():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
+  if jax.config.jax_compilation_cache_dir:   # the suite's persistent cache, in the child too
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(
+        jax.config.jax_persistent_cache_min_compile_time_secs)
   tests = pathlib.Path(__file__).resolve().parent
   try:
     out = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--mesh-child"],
