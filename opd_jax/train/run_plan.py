@@ -14,6 +14,7 @@ are the one place a config is turned into objects.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any
@@ -98,6 +99,30 @@ def _check_shapes(cfg: ModelConfig, params, what: str) -> None:
     raise ValueError(f"{what} do not match the model config: " + "; ".join(problems[:8]))
 
 
+@functools.lru_cache(maxsize=16)
+def _random_init_fn(cfg: ModelConfig, mesh, rules):
+  """The jitted random init of `cfg` on `mesh`, the seed an argument: a student and a teacher of
+  one architecture (or a second run in the process) share one traced, lowered and compiled
+  program."""
+  shardings = mesh_lib.param_shardings(cfg, mesh, rules)
+  return jax.jit(lambda seed: transformer.init(cfg, jax.random.key(seed))[1],
+                 out_shardings=shardings)
+
+
+def _random_params(cfg: ModelConfig, mesh, rules, seed: int):
+  """`mesh.init_sharded_params(cfg, mesh, rules, seed)`'s params, bit for bit (the same key,
+  `jax.random.key(seed)`), from the shared program of `_random_init_fn`."""
+  try:
+    hash((cfg, mesh, rules))
+    shared = 0 <= seed < 2**31  # else the seed stays the Python int it is
+  except TypeError:  # rules given as lists: no program cache by them
+    shared = False
+  if not shared:
+    return mesh_lib.init_sharded_params(cfg, mesh, rules, seed)[1]
+  seed_arr = jax.device_put(np.int32(seed), mesh_lib.replicated(mesh))
+  return _random_init_fn(cfg, mesh, rules)(seed_arr)
+
+
 def load_model(spec: ModelSpec, mesh, rules, *, params=None, what: str = "student"
                ) -> tuple[ModelConfig, Any, dict]:
   """(cfg, graphdef, params) of a model spec, params placed with the mesh's param shardings.
@@ -120,7 +145,7 @@ def load_model(spec: ModelSpec, mesh, rules, *, params=None, what: str = "studen
     _check_shapes(cfg, params, f"{what} params passed in memory")
     params = mesh_lib.reshard(_cast(params, cfg), shardings)
   elif spec.source == "random":
-    _, params = mesh_lib.init_sharded_params(cfg, mesh, rules, spec.seed)
+    params = _random_params(cfg, mesh, rules, spec.seed)
   elif spec.source == "hf":
     _, params = hf.load(spec.path, cfg=cfg, mesh=mesh, rules=rules)
     params = mesh_lib.reshard(params, shardings)
