@@ -21,6 +21,12 @@ bit-identical to a straight run (CPU).
 Host <-> device traffic: the step loop runs under `jax.transfer_guard(loop.transfer_guard)`
 ('disallow' in the tests); its only transfers are explicit (see `_loop`).
 
+Time to the first step: random models of one architecture share one init program (the seed an
+argument, `run_plan.load_model`); the train step is traced and compiled in a background thread
+while the first batch is made (`_StepAhead`); nothing waits for the devices before the first step
+(the start step is known on the host); the MFU peak is measured after the first step; with the
+persistent compilation cache (`compile_cache`, on by default) a second run reads every program.
+
 Non-finite guard: every step reports `train/loss_finite`. Metrics are fetched one step late, so
 before a checkpoint or snapshot is written the loop fetches the current step's metrics first: a
 non-finite step is never saved. The run stops with `NonFiniteLossError` naming the step; the last
@@ -367,6 +373,37 @@ def check_geometry_mesh(cfg: TrainConfig, mesh) -> None:
         "snapshots instead")
 
 
+class _StepAhead:
+  """Compiles a run's jitted train step ahead of its first call, in a thread.
+
+  The step is lowered with the state it will first receive and the recipe's abstract batch
+  (`Recipe.abstract_batch`, placed as the batch is: `mesh.batch_sharding`), so the first call
+  finds its trace, lowering and executable in JAX's caches. Tracing is Python (it shares the
+  interpreter with the main thread); XLA compilation and persistent-cache reads run beside the
+  main thread's work on the rollout programs. A failure here is dropped: the step's own first
+  call raises it again, where it belongs.
+  """
+
+  def __init__(self, step_fn, state, recipe, plan: RunPlan, teacher_params, mesh, rules):
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                     sharding=mesh_lib.batch_sharding(mesh, len(v.shape), rules))
+             for k, v in recipe.abstract_batch(plan).items()}
+    extra = (teacher_params,) if recipe.step_takes_teacher(plan) else ()
+    self.error: BaseException | None = None
+    self._thread = threading.Thread(target=self._compile, args=(step_fn, (state, batch, *extra)),
+                                    name="opd_jax-compile-step", daemon=True)
+    self._thread.start()
+
+  def _compile(self, step_fn, args):
+    try:
+      step_fn.lower(*args).compile()
+    except Exception as e:  # noqa: BLE001 - see the class docstring
+      self.error = e
+
+  def wait(self) -> None:
+    self._thread.join()
+
+
 def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fresh: bool,
          init_params, teacher_params, subspace_bases, tokenizer, stop_after, t_start) -> dict:
   """`run` after the workdir checks: build everything once, restore or init, loop."""
@@ -487,9 +524,20 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
       del params
     # Everything that runs on the devices from here on sees the mesh and the axis rules (set-up
     # above stays outside: nnx's abstract evaluation must not pick up the context mesh).
-    with jax.set_mesh(mesh), sharding.axis_rules(rules):
-      return _loop(ctx, recipe, state, iterator, step_fn, ckpt, workdir, snap_dir, eval_pipes,
-                   verifier, resumed_from, t_start, stop_after, data_reports, origin)
+    # The train step is traced, lowered and compiled (or read from the persistent cache) in a
+    # background thread while the first batch is made (rollout programs, data): the
+    # first step waits for it (`_loop`).
+    first = resumed_from or 0
+    end = cfg.loop.steps if stop_after is None else min(cfg.loop.steps, stop_after)
+    ahead = _StepAhead(step_fn, state, recipe, plan, t_params, mesh, rules) if (
+        first < end) else None
+    try:
+      with jax.set_mesh(mesh), sharding.axis_rules(rules):
+        return _loop(ctx, recipe, state, iterator, step_fn, ckpt, workdir, snap_dir, eval_pipes,
+                     verifier, resumed_from, t_start, stop_after, data_reports, origin, ahead)
+    finally:
+      if ahead is not None:
+        ahead.wait()
   finally:
     verifiers.close_verifier(verifier)
     ctx.clock.close()
@@ -498,7 +546,8 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
 def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step_fn, ckpt,
           workdir: epath.Path, snap_dir: epath.Path, eval_pipes, verifier,
           resumed_from: int | None, t_start: float, stop_after: int | None,
-          data_reports: Mapping[str, Any], origin=None) -> dict:
+          data_reports: Mapping[str, Any], origin=None, ahead: _StepAhead | None = None
+          ) -> dict:
   """Dispatch (recipe batch -> jitted step), fetch metrics one step late, save.
 
   The step loop runs under `jax.transfer_guard(loop.transfer_guard)`: every host <-> device copy
@@ -510,7 +559,9 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
   cfg, loop_cfg = plan.cfg, plan.cfg.loop
   writer = metrics_lib.MetricsWriter(str(workdir), tensorboard=loop_cfg.tensorboard)
   fetcher = metrics_lib.LateFetcher()
-  start = int(jax.device_get(state.step))
+  # The step the state is at, known without waiting for the devices (a fresh state is still
+  # being initialised there while the first programs are traced).
+  start = resumed_from if resumed_from is not None else 0
   progress = metrics_lib.Progress(loop_cfg.steps, initial=start, enabled=loop_cfg.progress,
                                   show=("train/loss", "opd/teacher_gap", "rlvr/reward_mean",
                                         "time/step_s", "perf/mfu"))
@@ -529,27 +580,33 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
   last: dict[str, float] = {}
   last_step: int | None = None   # the step `last` belongs to (metrics arrive one step late)
   last_ckpt = ckpt.latest_step()
-  peak, peak_source = timing.peak_flops() if loop_cfg.time_phases else (0.0, "")
+  # The peak FLOP/s behind MFU is measured once per run, after the first step (its metrics are
+  # fetched at once for it): measuring it compiles and times a matmul, which would otherwise
+  # delay the first step, and it is measured with the devices idle. None: not measured yet.
+  peak, peak_source = (None, "") if loop_cfg.time_phases else (0.0, "")
   step_flops = timing.iteration_flops(plan)
   first_step_s = None
 
   def handle(ready):
-    nonlocal last, last_step, first_step_s
+    nonlocal last, last_step, first_step_s, peak, peak_source
     if ready is None:
       return
     s, m = ready
+    if first_step_s is None:
+      first_step_s = time.time() - t_start
     # Sim_K has no previous point at a process's first monitor point (NaN): not a metric.
     m = {k: v for k, v in m.items() if not (k.startswith("geometry/sim_k/") and v != v)}
     if m.get("train/loss_finite", 1.0) < 1.0:
       raise NonFiniteLossError(s, m, last_ckpt, str(ckpt.directory))
     times = ctx.clock.times(s)
     if times:
+      if peak is None:
+        with jax.transfer_guard("allow"):  # the measurement's own inputs and timing syncs
+          peak, peak_source = timing.peak_flops()
       tokens = {"processed": float(plan.rows * plan.seq_len)}
       if "rollout/response_len" in m:
         tokens["generated"] = m["rollout/response_len"] * plan.rows
       m = {**m, **times, **timing.throughput(times, tokens, step_flops, peak)}
-    if first_step_s is None:
-      first_step_s = time.time() - t_start
     last, last_step = m, s
     if s % loop_cfg.log_every == 0 or s == loop_cfg.steps:
       writer.write(s, m)
@@ -612,6 +669,9 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
         state, args, rollout_metrics = recipe.make_batch(ctx, state, host)
         if loop_cfg.debug_nan_at_step == step + 1:
           state = state.replace(params=poison(state.params))
+        if ahead is not None:  # the step compiled ahead (`_StepAhead`): wait for it once
+          ahead.wait()
+          ahead = None
         state, step_metrics = step_fn(state, *args)
         step += 1
         if monitor is not None and step % geo.every == 0:
@@ -620,6 +680,8 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
           step_metrics = {**step_metrics, **geo_metrics}
         ctx.clock.finish(step, step_metrics)
         handle(fetcher.push(step, {**step_metrics, **rollout_metrics}))
+        if peak is None and step == start + 1:
+          handle(fetcher.flush())  # the first step: fetched now, the peak measured (above)
         progress.update(1, last, last_step)
 
         want_snapshot = step in loop_cfg.snapshot_steps
@@ -655,7 +717,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
       "wall_s": time.time() - t_start,
       "steps_per_s": (step - start) / loop_s if loop_s > 0 and step > start else None,
       "resumed_from": resumed_from, "preempted": preempted,
-      "first_step_s": first_step_s, "peak_flops": peak, "peak_flops_source": peak_source,
+      "first_step_s": first_step_s, "peak_flops": peak or 0.0, "peak_flops_source": peak_source,
       "model_flops_per_step": step_flops,
       "data": {split: r.to_dict() for split, r in data_reports.items()},
   }
