@@ -14,7 +14,9 @@ replaced by the `small` preset, batch 8 rows (OPD: 1 prompt x 8 samples), 1 step
 
 Needs `pip install trl==1.16.0` in the bench environment (after `pip install torch==2.13.0`).
 Prints the CPU model and one JSON object (last line) with `warm_first_step_s`,
-`cold_first_step_s`, `trl_first_step_s` per method and the ratios.
+`cold_first_step_s`, `trl_first_step_s` per method and the ratios, and the 1-minute load average
+before and after (`load_avg`): on a machine shared with other jobs every time here is inflated by
+the load, opd_jax's and TRL's alike.
 """
 
 from __future__ import annotations
@@ -107,12 +109,17 @@ def _child(code: str, method: str, env: dict) -> float:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="SFT only")
+  p.add_argument("--methods", default="sft,opd", help="comma-separated subset of sft,opd")
   p.add_argument("--repeats", type=int, default=1, help="warm / TRL measurements (best of)")
   args = p.parse_args(argv)
   from opd_jax.train import timing  # the parent only times its children: jax imported here
   print(f"cpu: {timing.cpu_model()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", file=sys.stderr)
-  result = {"cpu": timing.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
-  for method in ("sft",) if args.quick else ("sft", "opd"):
+  result = {"cpu": timing.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "load_avg": [round(os.getloadavg()[0], 2)]}
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  if set(methods) - {"sft", "opd"}:
+    p.error(f"--methods: expected a subset of sft,opd, got {args.methods!r}")
+  for method in ("sft",) if args.quick else methods:
     with tempfile.TemporaryDirectory() as cache:
       env = dict(os.environ, OPD_JAX_CACHE_DIR=cache, JAX_PLATFORMS="cpu",
                  PYTHONPATH=str(ROOT))
@@ -124,6 +131,7 @@ def main(argv=None) -> int:
                       "trl_first_step_s": round(trl, 2), "cold_over_trl": round(cold / trl, 2),
                       "warm_over_trl": round(warm / trl, 2)}
     print(f"{method}: {result[method]}", file=sys.stderr)
+  result["load_avg"].append(round(os.getloadavg()[0], 2))
   print(json.dumps(result))
   return 0
 
