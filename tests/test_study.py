@@ -544,7 +544,7 @@ def test_presets_compose_every_run(preset):
   study = _load(preset)
   dag = runs.build_phases(study)
   names = [p.name for p in dag]
-  assert names[0] == "task" and names[-2:] == ["diagnostics", "report"]
+  assert names[0] == "task" and names[-3:] == ["diagnostics", "progress", "report"]
   assert {"teacher", "base", "anchor", "opd", "rlvr", "sft", "opd_rank16", "sft_rank16",
           "ctrl_offpolicy"} <= set(names)
   assert any(n.startswith("ctrl_topkl_") for n in names) and any(n.startswith("mix_") for n in names)
