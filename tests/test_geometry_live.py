@@ -19,7 +19,7 @@ import geometry_reference as ref
 from opd_jax.geometry import live, matrices
 
 K = 4
-CFG = live.LiveGeometryConfig(every=1, k=K, power_iters=30, subspace_iters=6, oversample=6)
+CFG = live.LiveGeometryConfig(every=1, k=K, subspace_iters=6, oversample=6)
 
 
 def _base(rng, d=32, layers=2):
@@ -149,7 +149,7 @@ MESH_TIMEOUT_S = 120
 # The default block width (k + oversample = 24) on matrices of the tiny preset's width (64): a
 # batched SVD of these is large enough for jaxlib 0.10 to split it over the intra-op pool (the
 # monitor's batched SVDs never finished here: 4 of 4 child runs timed out before the first point).
-MESH_CFG = live.LiveGeometryConfig(every=1, k=K, power_iters=30, subspace_iters=6, oversample=20)
+MESH_CFG = live.LiveGeometryConfig(every=1, k=K, subspace_iters=6, oversample=20)
 
 
 def _mesh_inputs():

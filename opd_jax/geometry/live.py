@@ -14,9 +14,9 @@ devices (sharded like the model; nothing is copied to the host):
 
 `V_K` is the input side's top-K singular subspace (a Flax kernel is (in, out), so these are the
 kernel's LEFT singular vectors: the paper's right ones of W). Spectral quantities are randomized
-and fixed-cost, so the monitor compiles once and costs the same at every point: the spectral norm
-by `power_iters` power iterations, V_K by `subspace_iters` subspace iterations on K + oversample
-columns followed by a Rayleigh-Ritz step. They are estimates (the after-the-fact `trajectory`
+and fixed-cost, so the monitor compiles once and costs the same at every point: `subspace_iters`
+subspace iterations on K + oversample columns followed by a Rayleigh-Ritz step give V_K and, as
+the largest Ritz value, the spectral norm (a separate power iteration cost as much again). They are estimates (the after-the-fact `trajectory`
 diagnostics compute them to convergence in float64); the tests check them against numpy's SVD on
 matrices with the spectral decay real updates have.
 
@@ -54,17 +54,16 @@ from opd_jax.geometry import matrices
 @dataclasses.dataclass(frozen=True)
 class LiveGeometryConfig:
   """every: steps between monitor points (0 = off). k: Sim_K's K (clipped to the smaller side of
-  each matrix). power_iters / subspace_iters / oversample: the randomized estimators' cost."""
+  each matrix). subspace_iters / oversample: the randomized estimator's cost."""
 
   every: int = 0
   k: int = 16
-  power_iters: int = 16
   subspace_iters: int = 4
   oversample: int = 8
   seed: int = 0
 
   def __post_init__(self):
-    for f in ("every", "k", "power_iters", "subspace_iters", "oversample"):
+    for f in ("every", "k", "subspace_iters", "oversample"):
       if getattr(self, f) < (0 if f in ("every", "oversample") else 1):
         raise ValueError(f"LiveGeometryConfig.{f}={getattr(self, f)!r}: must be "
                          f"{'>= 0' if f in ('every', 'oversample') else '>= 1'}")
@@ -99,42 +98,33 @@ def init_bases(params, cfg: LiveGeometryConfig) -> LiveBases:
   return LiveBases(bases, jnp.zeros((), bool))
 
 
-def _spectral_norm(d_NxIxO, iters: int, seed: int):
-  """||d||_2 per member by power iteration on d^T d from a fixed Gaussian start."""
-  x = jnp.asarray(np.random.default_rng(seed).standard_normal(d_NxIxO.shape[-1]), jnp.float32)
-  x = jnp.broadcast_to(x, d_NxIxO.shape[:1] + x.shape)
-
-  def body(_, x):
-    y = jnp.einsum("nio,no->ni", d_NxIxO, x)
-    x = jnp.einsum("nio,ni->no", d_NxIxO, y)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
-
-  x = jax.lax.fori_loop(0, iters, body, x)
-  return jnp.linalg.norm(jnp.einsum("nio,no->ni", d_NxIxO, x), axis=-1)
-
-
-def _left_singular_each(x_NxMxB):
-  """Left singular vectors [N, m, min(m, b)] (descending), one LAPACK call per member.
+def _svd_each(x_NxMxB):
+  """(left singular vectors [N, m, r], singular values [N, r]), r = min(m, b), descending, one
+  LAPACK call per member.
 
   A single matrix per call keeps jaxlib's CPU kernels off the intra-op pool (see the module
   docstring: a batched call can wait forever for pool threads that are all busy)."""
-  return jax.lax.map(lambda x: jnp.linalg.svd(x, full_matrices=False)[0], x_NxMxB)
+  def one(x):
+    u, s, _ = jnp.linalg.svd(x, full_matrices=False)
+    return u, s
+  return jax.lax.map(one, x_NxMxB)
 
 
 def _input_subspace(d_NxIxO, k: int, iters: int, oversample: int, seed: int):
-  """Top-k left singular vectors [N, in, k] of each member (subspace iteration + Rayleigh-Ritz)."""
+  """(top-k left singular vectors [N, in, k], largest singular value [N]) of each member, by
+  subspace iteration and a Rayleigh-Ritz step."""
   n_in, n_out = d_NxIxO.shape[1:]
   b = min(k + oversample, n_in, n_out)
   omega = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((n_out, b)), jnp.float32)
-  q = _left_singular_each(jnp.einsum("nio,ob->nib", d_NxIxO, omega))
+  q = _svd_each(jnp.einsum("nio,ob->nib", d_NxIxO, omega))[0]
 
   def body(_, q):
-    return _left_singular_each(jnp.einsum("nio,njo,njb->nib", d_NxIxO, d_NxIxO, q))
+    return _svd_each(jnp.einsum("nio,njo,njb->nib", d_NxIxO, d_NxIxO, q))[0]
 
   q = jax.lax.fori_loop(0, iters, body, q)
   small_NxBxO = jnp.einsum("nib,nio->nbo", q, d_NxIxO)
-  u_small = _left_singular_each(small_NxBxO)   # [N, b, b], descending
-  return jnp.einsum("nib,nbk->nik", q, u_small[:, :, :k])
+  u_small, s_small = _svd_each(small_NxBxO)   # [N, b, b], [N, b], descending
+  return jnp.einsum("nib,nbk->nik", q, u_small[:, :, :k]), s_small[:, 0]
 
 
 def _live(origin, params, prev: LiveBases, *, cfg: LiveGeometryConfig):
@@ -159,9 +149,9 @@ def _live(origin, params, prev: LiveBases, *, cfg: LiveGeometryConfig):
     d = (g.leaf.astype(jnp.float32) - groups0[g.path].leaf.astype(jnp.float32)).reshape(
         (g.count,) + g.shape)
     frob = jnp.sqrt(jnp.sum(d * d, axis=(1, 2)))
-    s1 = _spectral_norm(d, cfg.power_iters, cfg.seed)
+    v, s1 = _input_subspace(d, _k(g.shape, cfg.k), cfg.subspace_iters, cfg.oversample,
+                            cfg.seed)
     stable = jnp.where(s1 > 0, frob**2 / jnp.maximum(s1, 1e-30)**2, jnp.nan)
-    v = _input_subspace(d, _k(g.shape, cfg.k), cfg.subspace_iters, cfg.oversample, cfg.seed)
     sim = linalg.subspace_similarity(prev.bases[key], v)
     new_bases[key] = v
     acc = per_type.setdefault(g.module_type, {"frobenius": [], "stable_rank": [], "sim_k": []})
