@@ -14,7 +14,6 @@ from opd_jax import errors
 from opd_jax.train import checkpoint as ckpt_lib
 from opd_jax.train import config as config_lib
 from opd_jax.train import loop
-from opd_jax.train import mesh as mesh_lib
 from opd_jax.train import metrics as metrics_lib
 from opd_jax.train import run_plan
 
@@ -266,13 +265,14 @@ def test_several_named_eval_sets_log_avg_pass_and_standard_errors_per_set(tmp_pa
 
 
 def test_live_geometry_is_logged_every_n_steps_and_matches_the_saved_weights(tmp_path):
-  """`geometry.every=2`: density / ||dW||_F / stable rank of the update since the initial student
-  at steps 2 and 4 (Sim_K from the second point on), checked against the snapshot and checkpoint
-  on disk; a resumed run measures from the same origin."""
+  """`geometry.every=2` on 8 devices (the model sharded over fsdp): density / ||dW||_F / stable
+  rank of the update since the initial student at steps 2 and 4 (Sim_K from the second point
+  on), checked against the snapshot and checkpoint on disk; a resumed run measures from the same
+  origin."""
   import geometry_reference as ref
   from opd_jax.geometry import matrices
   over = ["geometry.every=2", "loop.steps=4", "loop.checkpoint_every=2", "loop.snapshot_steps=(0,)",
-          "loop.transfer_guard=disallow"]
+          "loop.transfer_guard=disallow", "mesh.shape=(1,-1,1)"]
   summary = loop.run(smoke("sft", over), tmp_path)
   rows = {r["step"]: r for r in rows_of(summary)}
   assert "geometry/density" not in rows[1] and "geometry/density" in rows[2]
@@ -293,7 +293,7 @@ def test_live_geometry_is_logged_every_n_steps_and_matches_the_saved_weights(tmp
   for t, vals in frob.items():
     np.testing.assert_allclose(rows[4][f"geometry/frobenius/{t}"], np.mean([f for f, _ in vals]),
                                rtol=1e-4)
-    # randomized (power iteration); converged to float32 noise on these small updates
+    # randomized (the largest Ritz value of the subspace iteration); converged on these updates
     np.testing.assert_allclose(rows[4][f"geometry/stable_rank/{t}"], np.mean([r for _, r in vals]),
                                rtol=1e-2)
   resumed = loop.run(smoke("sft", over[:1] + ["loop.steps=6"] + over[2:]), tmp_path, resume=True)
@@ -318,13 +318,3 @@ def test_opd_on_deepcoder_rows_with_a_livecodebench_eval_set(tmp_path):
   assert summary["data"]["eval/lcb"]["skipped"] == {"bad_tests": 1}
   final = summary["eval"][-1]
   assert final["eval/lcb/prompts"] == 3 and 0 <= final["eval/lcb/avg@1"] <= 1
-
-
-def test_live_geometry_is_refused_on_a_mesh_of_several_devices():
-  cfg = smoke("sft", ["geometry.every=2"])
-  one = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
-  loop.check_geometry_mesh(cfg, one)
-  two = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 2, 1)), jax.devices()[:2])
-  with pytest.raises(errors.UserError, match=r"geometry\.every=2: .* one-device mesh"):
-    loop.check_geometry_mesh(cfg, two)
-  loop.check_geometry_mesh(smoke("sft"), two)  # the monitor off: nothing to refuse

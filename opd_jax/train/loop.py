@@ -358,21 +358,6 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
     ckpt.close()
 
 
-def check_geometry_mesh(cfg: TrainConfig, mesh) -> None:
-  """Refuses the live geometry monitor on a mesh of several devices.
-
-  Seen on CPU (jax 0.10.2), the monitor's program never finishing: with 8 host devices in one
-  process at its second point, and on 2 processes of one device each at its first point (in 2 of
-  4 runs; every process waiting in the program's collectives, the same HLO on both). Refused
-  until understood; on one device it runs."""
-  if cfg.geometry.enabled and mesh.devices.size > 1:
-    raise errors.UserError(
-        f"geometry.every={cfg.geometry.every}: the live geometry monitor runs on a one-device "
-        f"mesh for now (this mesh has {mesh.devices.size} devices over "
-        f"{jax.process_count()} process(es)); set --config.geometry.every=0 and diagnose the "
-        "snapshots instead")
-
-
 class _StepAhead:
   """Compiles a run's jitted train step ahead of its first call, in a thread.
 
@@ -414,7 +399,6 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
   tok = tokenizer if tokenizer is not None else run_plan.load_tokenizer(cfg)
   recipe = recipes_lib.get(cfg)
   needs = recipe.needs(cfg)
-  check_geometry_mesh(cfg, mesh)
   # Batch vs mesh before any weights are read (the architectures do not change the row count).
   run_plan.check_divisible(run_plan.resolve(cfg, tokenizer=tok), mesh, rules)
 
