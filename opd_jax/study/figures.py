@@ -75,12 +75,17 @@ def _methods(results, section):
   return [m for m in ("sft", "opd", "rlvr") if m in results.get(section, {})]
 
 
+def _ordered_types(types) -> list[str]:
+  """Module types in the fixed order of `_TYPE_ORDER`, others after it alphabetically."""
+  types = set(types)
+  return [t for t in _TYPE_ORDER if t in types] + sorted(types - set(_TYPE_ORDER))
+
+
 def fig_sparsity_per_type(results: dict, path):
   methods = _methods(results, "endpoint")
   if not methods:
     return None
-  types = sorted({t for m in methods for t in results["endpoint"][m]["sparsity_per_type"]})
-  types = [t for t in _TYPE_ORDER if t in types] + [t for t in types if t not in _TYPE_ORDER]
+  types = _ordered_types(t for m in methods for t in results["endpoint"][m]["sparsity_per_type"])
   cols = ["overall"] + types
   fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(cols), 3.8))
   w = 0.8 / len(methods)
@@ -440,8 +445,7 @@ def localisation_grid(per_matrix: dict, key: str) -> tuple[np.ndarray, list[int]
       continue
     cells.setdefault((int(d["layer"]), d["type"]), []).append((float(d[key]), int(d["n"])))
   layers = sorted({layer for layer, _ in cells})
-  present = {t for _, t in cells}
-  types = [t for t in _TYPE_ORDER if t in present] + sorted(present - set(_TYPE_ORDER))
+  types = _ordered_types(t for _, t in cells)
   grid = np.full((len(layers), len(types)), np.nan)
   for (layer, t), vals in cells.items():
     v = np.asarray([x for x, _ in vals])
@@ -561,8 +565,7 @@ def fig_mask_consensus(results: dict, path):
   groups = [g for g, d in cons.items() if d.get("jaccard_mean") is not None]
   if not groups:
     return None
-  types = list(dict.fromkeys(t for g in groups for t in cons[g].get("by_type", {})))
-  types = [t for t in _TYPE_ORDER if t in types] + [t for t in types if t not in _TYPE_ORDER]
+  types = _ordered_types(t for g in groups for t in cons[g].get("by_type", {}))
   cols = ["overall"] + types
   fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(cols), 4.0))
   w = 0.8 / len(groups)
