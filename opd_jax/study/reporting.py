@@ -230,7 +230,7 @@ def _section_rank16(r):
     rows.append([m.upper(), d.get("resume_step"), d.get("k"), d.get("where"),
                  _est(verdicts.acc_estimate, r, d["plain_run"]),
                  _est(verdicts.acc_estimate, r, d["projected_run"])])
-  out = _table(["method", "resume step", "k", "projection", "plain acc", "rank-16 acc"], rows)
+  out = _table(["method", "resume step", "k", "projection", "plain acc", "projected acc"], rows)
   prog = r.get("progress_accuracy") or {}
   if prog:
     lines = []

@@ -363,7 +363,7 @@ def _rank16(r, method):
   d = _get(r, "rank16", method)
   plain = acc_estimate(r, d["plain_run"])
   proj = acc_estimate(r, d["projected_run"])
-  text = f"plain {plain.text()}, rank-16 {proj.text()}"
+  text = f"plain {plain.text()}, projected (K = {d.get('k')}) {proj.text()}"
   return plain, proj, text
 
 
