@@ -258,8 +258,25 @@ def projection_rank(study: StudyConfig, opd_run: str, resolve: Resolver) -> dict
           "median_stable_rank": float(np.median(list(ranks.values()))), "stable_ranks": ranks}
 
 
-def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver):
-  """The TrainConfig of a run (paths through `resolve`)."""
+@dataclasses.dataclass(frozen=True)
+class Derived:
+  """The settings a run takes from other runs' weights by the scale rules: its learning rate
+  (`budget_match`) and its projection rank (`projection_rank`); None where no rule applies."""
+
+  budget: Any = None
+  rank: dict | None = None
+
+
+def derive(study: StudyConfig, spec: RunSpec, resolve: Resolver) -> Derived:
+  """Measures what the scale rules need for `spec` (reads the weights they start from)."""
+  return Derived(budget_match(study, spec, resolve),
+                 projection_rank(study, spec.rank_of, resolve) if spec.rank_of else None)
+
+
+def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver,
+                derived: Derived | None = None):
+  """The TrainConfig of a run (paths through `resolve`); `derived` (`derive`) when already
+  measured."""
   if spec.kind in ("teacher", "base"):
     model = study.teacher if spec.kind == "teacher" else study.student
     # A loaded (not trained) model is only evaluated: its config comes from the RLVR section
@@ -271,7 +288,9 @@ def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver):
   steps = study_config.section_steps(study, spec.section)
   snaps = study_config.snapshot_steps(steps, study.snapshots) if spec.trajectory else None
   edits = [spec.edit] if spec.edit else []
-  match = budget_match(study, spec, resolve)
+  if derived is None:
+    derived = derive(study, spec, resolve)
+  match = derived.budget
   if match is not None:
     def edit_lr(d):
       study_config.set_in(d, "optim.lr", match.lr)
@@ -283,8 +302,7 @@ def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver):
   if spec.subspace_of is not None:
     first = study_config.snapshot_steps(steps, study.snapshots)[0]
     r16 = study.rank16
-    rule = projection_rank(study, spec.rank_of, resolve) if spec.rank_of else None
-    k = rule["k"] if rule is not None else r16.k
+    k = derived.rank["k"] if derived.rank is not None else r16.k
 
     def edit_r16(d):
       study_config.set_in(d, "loop.steps", steps - first)
@@ -396,13 +414,13 @@ def _train_phase(study: StudyConfig, spec: RunSpec, log=print):
   def fn(ctx):
     from opd_jax.train import config as train_config
     from opd_jax.train import loop
-    cfg = compose_run(study, spec, _resolver(ctx))
+    derived = derive(study, spec, _resolver(ctx))   # measured once, composed and recorded
+    cfg = compose_run(study, spec, _resolver(ctx), derived)
     out: dict[str, Any] = {"kind": spec.kind, "config": train_config.dataclass_to_dict(cfg)}
-    match = budget_match(study, spec, _resolver(ctx))
-    if match is not None:
-      out["budget"] = match.to_metrics()
+    if derived.budget is not None:
+      out["budget"] = derived.budget.to_metrics()
     if spec.rank_of:
-      out["projection_rank"] = projection_rank(study, spec.rank_of, _resolver(ctx))
+      out["projection_rank"] = derived.rank
     if not trains(study, spec):
       model = study.teacher if spec.kind == "teacher" else study.student
       out.update(final=None, snapshots={}, trained=False, model_path=model.path)
