@@ -12,6 +12,13 @@ caller sees it), best of `--repeats` calls. opd_jax's first call (tracing + XLA 
 reported separately as `compile_s_b{B}` and excluded. The last line of stdout is one JSON object
 (with `cpu_model`, /proc/cpuinfo's model name, and `xla_flags`).
 
+Batch 1 against the memory-bandwidth limit: a decode step at batch 1 reads every weight (and
+the filled KV cache) once, so tokens/s cannot exceed read bandwidth / bytes read per token. The
+read bandwidth is measured in the same run (best of a jitted sum over a 256 MiB float32 array,
+just before and after the batch-1 timing) and reported as `read_bandwidth_gb_s`,
+`bytes_per_token_b1`, `bandwidth_limit_tok_s_b1` and `fraction_of_bandwidth_limit_b1` (whole
+generate calls, prefill included, as for the other numbers).
+
 bfloat16 weights (`--no-bf16` skips it): the same weights cast to bfloat16 (bfloat16 matmul
 inputs, float32 accumulation; norms / softmax in float32) decode the same prompts; reported
 beside the float32 numbers as `opd_bf16_tok_s_b{B}`, `ratio_vs_hf_bf16_b{B}` (against
@@ -47,6 +54,24 @@ def _best_time(fn, repeats):
     out = fn()
     best = min(best, time.perf_counter() - t0)
   return best, out
+
+
+def read_bandwidth(repeats: int = 5, n_bytes: int = 256 << 20) -> float:
+  """Bytes/s of the best of `repeats` jitted sums over an `n_bytes` float32 array (every byte
+  read once from memory: the array is far larger than the caches)."""
+  x = jax.numpy.ones((n_bytes // 4,), jax.numpy.float32)
+  total = jax.jit(jax.numpy.sum)
+  total(x).block_until_ready()
+  best, _ = _best_time(lambda: total(x).block_until_ready(), repeats)
+  return n_bytes / best
+
+
+def bytes_per_token(cfg, prompt_len: int, new_tokens: int) -> float:
+  """Bytes a batch-1 decode step reads, averaged over the decode: every parameter (float32)
+  and the K and V cache slots filled so far (prompt_len + i at step i)."""
+  kv_per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
+  mean_slots = prompt_len + (new_tokens - 1) / 2
+  return 4 * cfg.num_params + kv_per_slot * mean_slots
 
 
 def main(argv=None):
@@ -102,11 +127,14 @@ def main(argv=None):
     prompt = prompts[:b]
     mask = np.ones_like(prompt, bool)
     key = jax.random.key(0)
+    bandwidth = read_bandwidth() if b == 1 else None
     t0 = time.perf_counter()
     out = jax.block_until_ready(sampler.sample(graphdef, params, prompt, mask, key, scfg))
     result[f"compile_s_b{b}"] = round(time.perf_counter() - t0, 3)
     opd_s, out = _best_time(lambda: jax.block_until_ready(  # noqa: B023
         sampler.sample(graphdef, params, prompt, mask, key, scfg)), repeats)
+    if b == 1:
+      bandwidth = max(bandwidth, read_bandwidth())
     if not np.all(np.asarray(out.lengths_B) == new_tokens):
       raise RuntimeError(f"batch {b}: opd_jax stopped early (EOS {eos_id} emitted)")
 
@@ -121,6 +149,15 @@ def main(argv=None):
     result[f"hf_tok_s_b{b}"] = round(hf_tps, 1)
     result[f"ratio_vs_hf_b{b}"] = round(opd_tps / hf_tps, 3)
     result[f"same_tokens_frac_b{b}"] = round(float(same), 4)
+    if b == 1:
+      per_token = bytes_per_token(cfg, prompt_len, new_tokens)
+      result["read_bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
+      result["bytes_per_token_b1"] = int(per_token)
+      result["bandwidth_limit_tok_s_b1"] = round(bandwidth / per_token, 1)
+      result["fraction_of_bandwidth_limit_b1"] = round(opd_tps * per_token / bandwidth, 3)
+      print(f"batch 1: read bandwidth {bandwidth / 1e9:.1f} GB/s, {per_token / 1e6:.0f} MB per "
+            f"token: limit {bandwidth / per_token:.1f} tok/s, opd_jax at "
+            f"{opd_tps * per_token / bandwidth:.2f} of it", file=sys.stderr, flush=True)
     print(f"batch {b}: opd_jax {opd_tps:.1f} tok/s, transformers {hf_tps:.1f} tok/s, "
           f"ratio {opd_tps / hf_tps:.2f}, compile {result[f'compile_s_b{b}']:.1f}s, "
           f"identical tokens {same:.3f}", file=sys.stderr, flush=True)

@@ -387,3 +387,44 @@ def test_group_and_mode_settings_name_the_problem():
   with pytest.raises(ValueError, match="group_size=3 does not divide the batch of 4 rows"):
     sampler.sample(graphdef, params, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(0),
                    sampler.SamplerConfig(4, eos_id=1, pad_id=0, group_size=3))
+
+
+@pytest.mark.parametrize("tied,dtype", [(False, "float32"), (True, "float32"),
+                                        (True, "bfloat16")])
+def test_split_weights_equal_the_stacked_weights(tied, dtype):
+  """Decoding from the per-layer copy of the weights (`split_weights`; on CPU the default for
+  decode buckets of <= SPLIT_MAX_ROWS rows) gives the tokens of decoding from the stacked
+  weights and their log-probs to float32 rounding, also when one call mixes both (compact
+  buckets 32 -> 16 -> 8),
+  and the sampler's logits are the model's own (`Transformer.logits`)."""
+  assert jax.default_backend() == "cpu"
+  cfg = mc.tiny(vocab_size=97, tie_embeddings=tied, dtype=dtype, param_dtype=dtype)
+  graphdef, params = tf.init(cfg, 5)
+  prompt, pmask = _prompts(97, [4, 7, 1, 6] * 8, seed=2)
+  kw = dict(temperature=0.9, eos_id=tuple(range(3, 23)), pad_id=0)  # rows end at spread steps
+  key = jax.random.key(4)
+
+  def run(**k):
+    return sampler.sample(graphdef, params, prompt, pmask, key, sampler.SamplerConfig(12, **kw, **k))
+
+  assert sampler.split_max_rows(sampler.SamplerConfig(12, **kw)) == sampler.SPLIT_MAX_ROWS == 16
+  assert sampler.buckets(32, "compact", 8) == (32, 16, 8)
+  static = run(mode="static")                                   # 32 rows: stacked layers
+  lengths = np.asarray(static.lengths_B)
+  assert np.sort(lengths)[-17] < lengths.max(), lengths         # the 16-row bucket ran
+  for other in (run(mode="compact", min_bucket=8),              # stacked, then split
+                run(mode="static", split_weights=True),         # split throughout
+                run(mode="compact", min_bucket=8, split_weights=False)):  # never split
+    for name in ("tokens_BxT", "mask_BxT", "loss_mask_BxT", "lengths_B"):
+      np.testing.assert_array_equal(getattr(other, name), getattr(static, name))
+    # Unrolled and scanned layers may round a last bit differently.
+    np.testing.assert_allclose(other.logp_BxT, static.logp_BxT, rtol=0,
+                               atol=1e-6 if dtype == "float32" else 2e-2)
+  # The [V, D] output matrix gives the model's logits (the same products in another order:
+  # float32 rounding, or one bfloat16 ulp where float32 sums round to neighbouring values).
+  model = tf.merge(graphdef, params)
+  weights = sampler.decode_weights(model)
+  assert len(weights.layers) == cfg.n_layers
+  h, _ = model.hidden(jnp.asarray(prompt), jnp.asarray(pmask))
+  tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=2 ** -7, atol=1e-3)
+  np.testing.assert_allclose(sampler._logits(model, h, weights), model.logits(h), **tol)

@@ -37,8 +37,8 @@ key; once the queue is empty the running slots compact through the power-of-two 
 mode decodes with per-row cache slots (`decode_step` with a [B] slot: the new keys scattered at
 each row's slot, attention in blocks that are exact no-ops for rows below them,
 `attention.rows_decode_attention`), so per-row results do not depend on the mode, the slots,
-the buckets or the group sharing (a shared prefill may round the logits differently: tokens
-equal, log-probs to ~1e-6).
+the buckets or the group sharing (a shared prefill may round the logits differently, and so may
+split and stacked weights, `SamplerConfig.split_weights`: tokens equal, log-probs to ~1e-6).
 
 Sharding: with a mesh and rules in context (`jax.set_mesh(mesh)`, `sharding.axis_rules(rules)`),
 the batch dimension of the cache, logits and token buffers is constrained to the `batch` logical
@@ -97,6 +97,14 @@ class SamplerConfig:
     slots: 'continuous' only: decode slots (rows decoded per step); 0 = `default_slots`: a
       quarter of the batch, at least min_bucket, a multiple of the mesh's batch shards, at most
       the batch.
+    split_weights: decode from a per-layer copy of the weights made once per call before the
+      decode loop (`DecodeWeights`), instead of slicing the stacked [L, ...] weights inside it.
+      True: every decode batch; False: none; None: on the CPU backend, decode batches (buckets)
+      of at most `SPLIT_MAX_ROWS` rows. XLA's CPU backend copies a sliced weight before the
+      matmul that reads it, every layer of every step: where reading the weights bounds a step
+      (few rows) that copy costs as much again (`small` preset, batch 1: 20 -> 12 ms a step
+      split); at 64 rows, where the matmuls bound it, the unrolled split layers ran ~10%
+      slower. Other backends read slices in place; there the copy would only cost memory.
   """
 
   max_new_tokens: int
@@ -110,6 +118,7 @@ class SamplerConfig:
   mode: str = dataclasses.field(default="compact", kw_only=True)
   min_bucket: int = dataclasses.field(default=8, kw_only=True)
   slots: int = dataclasses.field(default=0, kw_only=True)
+  split_weights: bool | None = dataclasses.field(default=None, kw_only=True)
 
   def __post_init__(self):
     def bad(field, why):
@@ -138,6 +147,8 @@ class SamplerConfig:
       bad("min_bucket", "must be an int >= 1")
     if not isinstance(self.slots, (int, np.integer)) or self.slots < 0:
       bad("slots", "must be an int >= 0 (0 = derived from the batch)")
+    if self.split_weights not in (None, True, False):
+      bad("split_weights", "must be True, False or None (= on the CPU backend)")
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
@@ -153,11 +164,64 @@ class SampleOutput(NamedTuple):
 
 
 # -- pieces (used by the loop; public so tests can drive them step by step) -----------------------
-def prefill(model, prompt_BxP, prompt_mask_BxP, cache_len: int):
+class DecodeWeights(NamedTuple):
+  """The weights a decode step reads, each in its own buffer: every layer's parameters
+  (`Transformer.layer_states`; None: the model's stacked weights) and the output matrix as
+  [V, D] (for tied embeddings the embedding itself, no copy). XLA's CPU backend transposes a
+  [D, V] matrix built from the embedding at every step, and multiplies [16, D] rows by a [D, V]
+  matrix at half the speed of the same product against [V, D] (measured at the `small`
+  preset's 512 x 32768)."""
+
+  layers: list | None
+  output_VxD: jax.Array
+
+
+# `SamplerConfig.split_weights=None`: on CPU, decode batches up to this many rows read split
+# weights (measured on the `small` preset: faster at 1 and 16 rows, equal at 32, slower at 64).
+SPLIT_MAX_ROWS = 16
+
+
+def split_max_rows(cfg: SamplerConfig) -> int:
+  """The largest decode batch that reads split weights under `cfg.split_weights` (0: none)."""
+  if cfg.split_weights is None:
+    return SPLIT_MAX_ROWS if jax.default_backend() == "cpu" else 0
+  return np.iinfo(np.int32).max if cfg.split_weights else 0
+
+
+def decode_weights(model, split_layers: bool = True) -> DecodeWeights:
+  """The model's weights for decoding (`DecodeWeights`), the layers split or not; made once per
+  call, before the decode loop."""
+  if model.lm_head is None:
+    output_VxD = model.embed.embedding[...]
+  else:
+    output_VxD = model.lm_head.kernel[...].T
+  return DecodeWeights(model.layer_states() if split_layers else None, output_VxD)
+
+
+def _split_weights(model, cfg: SamplerConfig, sizes):
+  """(weights of the decode buckets of at most `split_max_rows` rows, of the larger ones): the
+  layers split once if any bucket reads them; every bucket reads the same [V, D] output matrix,
+  so a row's logits do not depend on its bucket. (None, None) where nothing is split."""
+  split_max = split_max_rows(cfg)
+  if not split_max:
+    return None, None
+  split = decode_weights(model, any(size <= split_max for size in sizes))
+  return split, split._replace(layers=None)
+
+
+def _bucket_weights(weights, size: int, cfg: SamplerConfig):
+  """The weights a decode bucket of `size` rows reads (`_split_weights`)."""
+  split, stacked = weights
+  return split if size <= split_max_rows(cfg) else stacked
+
+
+def prefill(model, prompt_BxP, prompt_mask_BxP, cache_len: int,
+            weights: DecodeWeights | None = None):
   """Runs the left-padded prompt into a fresh cache of `cache_len` slots.
 
   Returns (logits_BxV of the first new token, cache, kv_mask_BxS). Slots >= P are marked valid
-  in `kv_mask_BxS` up front (causality by slot hides them until they are written).
+  in `kv_mask_BxS` up front (causality by slot hides them until they are written). `weights`
+  (`decode_weights`): read those instead of the model's.
   """
   b, p = prompt_BxP.shape
   cache = transformer.init_cache(model.cfg, b, cache_len)
@@ -165,16 +229,31 @@ def prefill(model, prompt_BxP, prompt_mask_BxP, cache_len: int):
   kv_mask = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, cache_len - p), bool)], axis=1)
   kv_mask = sharding.constrain(kv_mask, ("batch", "cache_length"))
   h, cache = model.hidden(prompt_BxP, prompt_mask_BxP, cache=cache, cache_index=0,
-                          kv_mask_BxS=kv_mask)
-  return model.logits(h[:, -1:])[:, 0], cache, kv_mask
+                          kv_mask_BxS=kv_mask,
+                          layer_states=None if weights is None else weights.layers)
+  return _logits(model, h[:, -1:], weights)[:, 0], cache, kv_mask
 
 
-def decode_step(model, token_B, position_B, slot, cache, kv_mask_BxS):
+def _logits(model, h_BxTxD, weights: DecodeWeights | None):
+  """float32 logits [B, T, V] of final hidden states, from `weights` when given."""
+  if weights is None:
+    return model.logits(h_BxTxD)
+  # As `transformer.unembed`: the compute dtype with float32 accumulation, rounded to the
+  # compute dtype, returned as float32 (`model.logits`' numbers up to summation order).
+  dtype = transformer._dtype(model.cfg.dtype)
+  logits = jnp.einsum("btd,vd->btv", h_BxTxD.astype(dtype), weights.output_VxD.astype(dtype),
+                      preferred_element_type=jnp.float32).astype(dtype).astype(jnp.float32)
+  return sharding.constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def decode_step(model, token_B, position_B, slot, cache, kv_mask_BxS,
+                weights: DecodeWeights | None = None):
   """Feeds one token per row at cache slot `slot` (an int, or [B]: row b at slot[b]); returns
-  (next logits_BxV, cache)."""
+  (next logits_BxV, cache). `weights` (`decode_weights`): read those instead of the model's."""
   h, cache = model.hidden(token_B[:, None], positions_BxT=position_B[:, None], cache=cache,
-                          cache_index=slot, kv_mask_BxS=kv_mask_BxS)
-  return model.logits(h)[:, 0], cache
+                          cache_index=slot, kv_mask_BxS=kv_mask_BxS,
+                          layer_states=None if weights is None else weights.layers)
+  return _logits(model, h, weights)[:, 0], cache
 
 
 def filter_logits(logits_BxV, top_k: int, top_p: float) -> jax.Array:
@@ -368,12 +447,19 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
       tokens_BxN, logp_BxN = _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng,
                                          cfg, cache_len)
       return _outputs(prompt_BxP, prompt_mask_BxP, tokens_BxN, logp_BxN, cfg)
+    # 'static': one loop over the whole batch until every row is done. 'compact': a loop per
+    # bucket size; a bucket's loop stops once its running rows fit the next bucket, and the
+    # running rows (finished ones fill any spare slots) move there with their cache rows.
+    # (n == 1: the prefill drew every token; no loop.)
+    sizes = buckets(b, cfg.mode, cfg.min_bucket, _batch_shards()) if n > 1 else ()
+    weights = _split_weights(model, cfg, sizes)
     if g == 1:
-      logits, cache, kv_mask = prefill(model, prompt_BxP, prompt_mask_BxP, cache_len)
+      logits, cache, kv_mask = prefill(model, prompt_BxP, prompt_mask_BxP, cache_len, weights[0])
     else:
       # Rows g*i .. g*i + g - 1 hold the same prompt: prefill each distinct prompt once and
       # repeat its logits, cache rows and mask for the group's g samples.
-      logits, cache, kv_mask = prefill(model, prompt_BxP[::g], prompt_mask_BxP[::g], cache_len)
+      logits, cache, kv_mask = prefill(model, prompt_BxP[::g], prompt_mask_BxP[::g], cache_len,
+                                        weights[0])
       logits = batch(jnp.repeat(logits, g, axis=0))
       kv_mask = batch(jnp.repeat(kv_mask, g, axis=0))
       cache = jax.tree.map(lambda a: sharding.constrain(
@@ -392,11 +478,11 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
         tokens_BxN=batch(jnp.full((b, n), cfg.pad_id, jnp.int32).at[:, 0].set(tok)),
         logp_BxN=batch(jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp)))
 
-    def body(s: _LoopState, in_order: bool):
+    def body(s: _LoopState, in_order: bool, weights: DecodeWeights | None):
       r = s.rows
       slot_B = jnp.full(r.last_B.shape, p + s.step - 1, jnp.int32)
       logits, cache = decode_step(model, r.last_B, r.prompt_len_B + s.step - 1, slot_B, r.cache,
-                                  r.kv_mask_BxS)
+                                  r.kv_mask_BxS, weights)
       tok, logp = choose(batch(logits), keys(s.step, r.row_B), cfg)
       tok = jnp.where(r.done_B, cfg.pad_id, tok)
       logp = jnp.where(r.done_B, 0.0, logp)
@@ -410,11 +496,6 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
                         rows=r._replace(last_B=tok, done_B=r.done_B | jnp.isin(tok, eos),
                                         cache=cache))
 
-    # 'static': one loop over the whole batch until every row is done. 'compact': a loop per
-    # bucket size; a bucket's loop stops once its running rows fit the next bucket, and the
-    # running rows (finished ones fill any spare slots) move there with their cache rows.
-    # (n == 1: the prefill drew every token; no loop.)
-    sizes = buckets(b, cfg.mode, cfg.min_bucket, _batch_shards()) if n > 1 else ()
     for i, size in enumerate(sizes):
       nxt = sizes[i + 1] if i + 1 < len(sizes) else 0
 
@@ -423,7 +504,8 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
         go = (s.step < n) & jnp.any(running)
         return go & (jnp.sum(running, dtype=jnp.int32) > nxt) if nxt else go
 
-      state = jax.lax.while_loop(cond, functools.partial(body, in_order=i == 0), state)
+      state = jax.lax.while_loop(cond, functools.partial(
+          body, in_order=i == 0, weights=_bucket_weights(weights, size, cfg)), state)
       if nxt:
         # Stable: running rows first, in their current order.
         order = jnp.argsort(state.rows.done_B, stable=True)[:nxt]
@@ -466,10 +548,13 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
   batch = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
   eos = jnp.asarray(cfg.eos_ids, jnp.int32)
   n_slots = slot_count(b, cfg, _batch_shards())
+  sizes = buckets(n_slots, "compact", cfg.min_bucket, _batch_shards())
+  weights = _split_weights(model, cfg, sizes)
 
   # The prefill runs into a cache of the decode's length, as in the other modes (the same
   # attention length, hence the same numbers); only its first p slots are copied into slots.
-  logits, prompt_cache, _ = prefill(model, prompt_BxP[::g], prompt_mask_BxP[::g], cache_len)
+  logits, prompt_cache, _ = prefill(model, prompt_BxP[::g], prompt_mask_BxP[::g], cache_len,
+                                    weights[0])
   if g > 1:
     logits = batch(jnp.repeat(logits, g, axis=0))
   row_B = jnp.arange(b, dtype=jnp.int32)
@@ -512,13 +597,13 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
 
     return jax.lax.while_loop(cond, body, (sl, qi))
 
-  def step(c, refilling: bool):
+  def step(c, refilling: bool, weights: DecodeWeights | None):
     sl, qi, tokens, logps = c
     running_K = ~sl.done_K
     # A free slot decodes a throwaway token at slot 0 (its cache rows are rewritten on refill).
     slot_K = jnp.where(running_K, p + sl.step_K - 1, 0)
     logits, cache = decode_step(model, sl.last_K, sl.prompt_len_K + sl.step_K - 1, slot_K,
-                                sl.cache, sl.kv_mask_KxS)
+                                sl.cache, sl.kv_mask_KxS, weights)
     tok, logp = choose(batch(logits), None if cfg.greedy else slot_keys(rng, sl.step_K, sl.row_K),
                        cfg)
     dest_K = jnp.where(running_K, sl.row_K, b)   # free slots write nothing (dropped)
@@ -533,7 +618,6 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
 
   slots, qi = refill(slots, jnp.int32(0))
   carry = (slots, qi, tokens_BxN, logp_BxN)
-  sizes = buckets(n_slots, "compact", cfg.min_bucket, _batch_shards())
   for i, size in enumerate(sizes):
     nxt = sizes[i + 1] if i + 1 < len(sizes) else 0
 
@@ -543,7 +627,8 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
       go = running > nxt
       return (go | (qi < n_queued)) & (running > 0) if first else go & (running > 0)
 
-    carry = jax.lax.while_loop(cond, functools.partial(step, refilling=i == 0), carry)
+    carry = jax.lax.while_loop(cond, functools.partial(
+        step, refilling=i == 0, weights=_bucket_weights(weights, size, cfg)), carry)
     if nxt:
       order = jnp.argsort(carry[0].done_K, stable=True)[:nxt]
       carry = (_take_slots(carry[0], order),) + carry[1:]
