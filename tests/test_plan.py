@@ -200,10 +200,30 @@ def test_plan_needs_the_devices_it_names(opd):
     plan_lib.plan_run(rp, 64, (1, 64, 1), print_fn=None)
 
 
-def test_adapter_configs_are_refused_by_name(capsys):
-  code = cli.main(["plan", "--config", "configs/opd.py:lora_tiny", "--devices", "8"])
-  err = capsys.readouterr().err.strip().splitlines()
-  assert code == 2 and len(err) == 1 and "lora.rank=16" in err[0], err
+@pytest.mark.parametrize("name", ["opd", "sft"])
+def test_adapter_runs_plan_the_adapters_the_frozen_base_and_the_merged_policy(name):
+  """With adapters the state's params and optimizer are the adapters' (bytes of the real
+  `lora.init` arrays), the base is frozen beside them, and the rollout reads the merged policy
+  (the full parameters)."""
+  from opd_jax.models import lora
+  from opd_jax.models import transformer
+  rp = resolve(name, ["lora.rank=4", "lora.alpha=8.0"])
+  out = plan_lib.plan_run(rp, 1, (1, 1, 1), print_fn=None)
+  res = out["resident"]
+  params = transformer.init(rp.student, 0)[1]
+  adapters, base = lora.init(params, rp.cfg.lora)
+  nbytes = lambda t: sum(np.asarray(x).nbytes for x in jax.tree.leaves(t))  # noqa: E731
+  assert res["student_params"] == nbytes(adapters) < nbytes(params) / 4
+  assert res["frozen_base"] == nbytes(base) == 4 * rp.student.num_params
+  # Adam: two float32 moments per adapter parameter, plus its step count.
+  assert 2 * res["student_params"] <= res["optimizer_state"] <= 2 * res["student_params"] + 64
+  if name == "opd":
+    assert res["merged_policy"] == nbytes(params)
+    assert {"sampler", "teacher_scoring", "train_step"} <= set(out["phases"])
+    assert out["phases"]["sampler"]["resident_args_bytes"] == res["merged_policy"]
+  else:  # no rollout: nothing reads a merged copy
+    assert "merged_policy" not in res and set(out["phases"]) == {"train_step"}
+  assert out["phases"]["train_step"]["resident_args_bytes"] >= res["frozen_base"]
 
 
 # -- the command ----------------------------------------------------------------------------------

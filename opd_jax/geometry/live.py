@@ -167,11 +167,14 @@ def _live(origin, params, prev: LiveBases, *, cfg: LiveGeometryConfig):
   return metrics, LiveBases(new_bases, jnp.ones((), bool))
 
 
+@functools.lru_cache(maxsize=16)
 def make_monitor(cfg: LiveGeometryConfig, *, replicated=None):
-  """The jitted monitor `(origin, params, prev) -> (metrics, bases)`: compiled once per run.
+  """The jitted monitor `(origin, params, prev) -> (metrics, bases)`.
 
   origin and params stay where the model keeps them (the computation follows their shardings);
   with `replicated` (the loop's), the metrics and bases come back replicated. `prev` is donated.
+  One jitted function per (cfg, replicated), kept for the process: a second run with the same
+  settings and shapes (a notebook's next cell) reuses the compiled program.
   """
   fn = functools.partial(_live, cfg=cfg)
   if replicated is None:

@@ -11,7 +11,10 @@ per-device bytes. One iteration of a rollout recipe (`rollout.generate`, then th
   resident   held for the whole run: the student's TrainState (params in their dtype, optimizer
              state, the recipe's extra fields: value head, token-transform state, step, rng), the
              teacher's params in their dtype (when the recipe needs a teacher), the frozen
-             reference params (KL-to-reference). Counted exactly from the shardings.
+             reference params (KL-to-reference). With adapters (`lora.rank > 0`) the state's
+             params and optimizer are the adapters', the frozen base is its own component, and
+             so is the merged policy the rollout phases read (base + adapters: counted as held
+             for the whole iteration, an upper bound). Counted exactly from the shardings.
   phases     run one after another, each with its own transient memory:
                sampler            `sampler._sample` of the behaviour policy (prefill + decode loop;
                                   its KV cache rows x (prompt + max_new - 1) is reported beside it,
@@ -70,7 +73,9 @@ XLA_FIELDS = ("argument", "output", "temp", "generated_code", "alias")
 
 # Display names, in the order they are printed.
 RESIDENT_LABELS = {
-    "student_params": "student params",
+    "student_params": "student params (or adapters)",
+    "frozen_base": "frozen base params",
+    "merged_policy": "merged policy (base + adapters)",
     "optimizer_state": "optimizer state",
     "state_extras": "state extras (step, rng, value head, token state)",
     "teacher_params": "teacher params",
@@ -254,10 +259,6 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
 
   cfg = run_plan.cfg
   recipe = run_plan.recipe
-  if cfg.lora.enabled:   # the state would be the adapters + a frozen base; not modelled here yet
-    raise errors.UserError(f"plan: lora.rank={cfg.lora.rank} (adapters) is not planned yet; plan "
-                           "the full-parameter run (--config.lora.rank=0) for an estimate (an "
-                           "adapter step holds the base and a merged copy of it)")
   rules = sharding_lib.validate_rules(cfg.mesh.rules)
   mesh = _make_mesh(n_devices, mesh_shape, axes, rules)
   run_plan_lib.check_divisible(run_plan, mesh, rules)
@@ -268,6 +269,15 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
   graphdef = transformer.graphdef_for(student)
   abstract_params = transformer.abstract_params(student)
   p_shard = mesh_lib.param_shardings(student, mesh, rules)
+  # Adapters (lora.rank > 0), as the loop builds them: the state's params and the optimizer are
+  # the adapters'; the base is frozen in `state.frozen`; the rollout reads the merged policy.
+  lora_cfg, frozen, merge = cfg.lora, None, None
+  if lora_cfg.enabled:
+    from opd_jax.models import lora as lora_lib  # noqa: PLC0415
+    frozen = {"abstract": abstract_params, "shardings": p_shard}
+    abstract_params = lora_lib.abstract_adapters(student, lora_cfg)
+    p_shard = mesh_lib.adapter_shardings(student, lora_cfg, mesh, rules)
+    merge = mesh_lib.jit_merge(lora_cfg, frozen["shardings"])
   tx = make_optimizer(cfg.optim, abstract_params, total_steps=run_plan.total_updates)
   teacher_graphdef = teacher_params = None
   # Several routed teachers (`teachers.models`): tuples, one entry per teacher, each resident
@@ -285,10 +295,13 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
     token_tx = rollout_lib.make_token_transform(cfg.rollout.token_transforms)
   knobs = recipe.rollout_knobs(run_plan)
   ctx = recipes_lib.RunContext(plan=run_plan, mesh=mesh, rules=rules, graphdef=graphdef, tx=tx,
-                               teacher_graphdef=teacher_graphdef, token_tx=token_tx, knobs=knobs)
+                               teacher_graphdef=teacher_graphdef, token_tx=token_tx, knobs=knobs,
+                               merge=merge)
   extras = jax.eval_shape(lambda: recipe.init_extras(ctx))
-  s_shard = mesh_lib.state_shardings(tx, p_shard, abstract_params, **extras)
-  state = mesh_lib.abstract_state(tx, abstract_params, s_shard, **extras)
+  s_shard = mesh_lib.state_shardings(tx, p_shard, abstract_params, **extras,
+                                     frozen_shardings=frozen and frozen["shardings"])
+  state = mesh_lib.abstract_state(tx, abstract_params, s_shard, **extras,
+                                  frozen=frozen and frozen["abstract"])
   reference_params = (_abstract_params(run_plan.reference, mesh, rules)
                       if run_plan.reference is not None else None)
 
@@ -296,6 +309,16 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
               "optimizer_state": device_bytes(state.opt_state),
               "state_extras": device_bytes((state.step, state.rng, state.value,
                                             state.token_state))}
+  # The student's full weights as the rollout reads them: the parameters, or with adapters the
+  # merged base + adapters (`recipes.policy_params`), held from the merge through the rollout.
+  policy_params, policy_arg = state.params, "student_params"
+  if frozen is not None:
+    resident["frozen_base"] = device_bytes(state.frozen)
+  if frozen is not None and recipe.uses_rollouts:
+    policy_params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                 frozen["abstract"], frozen["shardings"])
+    resident["merged_policy"] = device_bytes(policy_params)
+    policy_arg = "merged_policy"
   if routed:
     for name, tp in zip(teacher_names, teacher_params):
       resident[f"teacher_params/{name}"] = device_bytes(tp)
@@ -304,7 +327,8 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
   teacher_args = tuple(k for k in resident if k.startswith("teacher_params"))
   if reference_params is not None:
     resident["reference_params"] = device_bytes(reference_params)
-  state_args = ("student_params", "optimizer_state", "state_extras")
+  state_args = ("student_params", "optimizer_state", "state_extras") + (
+      ("frozen_base",) if frozen is not None else ())
 
   phases: list[_Phase] = []
   rows = run_plan.rows
@@ -319,7 +343,7 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
     by_teacher = knobs.policy == "teacher"
     policy_cfg = run_plan.teacher if by_teacher else student
     policy = ((teacher_graphdef, teacher_params, "teacher_params") if by_teacher else
-              (graphdef, state.params, "student_params"))
+              (graphdef, policy_params, policy_arg))
     prompt = _batch((rows, p_len), jnp.int32, mesh, rules)
     prompt_mask = _batch((rows, p_len), jnp.bool_, mesh, rules)
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
@@ -356,8 +380,8 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
           scores(model_cfg, c, score_len, cache_len=score_len, q_start=score_len - c))
 
     if knobs.score_student and (by_teacher or knobs.recompute_old_logp):
-      phases.append(scorer("student_scoring", "student", graphdef, state.params, student,
-                           "student_params"))
+      phases.append(scorer("student_scoring", "student", graphdef, policy_params, student,
+                           policy_arg))
     each_teacher = (tuple(zip(teacher_names, teacher_graphdef, teacher_params,
                               run_plan.teacher)) if routed else
                     (("", teacher_graphdef, teacher_params, run_plan.teacher),))
@@ -369,17 +393,17 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
       if knobs.needs_kl:
         phases.append(_Phase(f"kl{sfx}", "student + teacher", under_mesh(
             lambda t_gd=t_gd, t_params=t_params: rollout_lib._reverse_kl.lower(
-                graphdef, state.params, t_gd, t_params, tokens, mask, mask,
+                graphdef, policy_params, t_gd, t_params, tokens, mask, mask,
                 temperature=run_plan.sampler.temperature, chunk_size=chunk,
-                rules=rules)), ("student_params", arg)))
+                rules=rules)), (policy_arg, arg)))
     if knobs.reference:
       phases.append(scorer("reference_scoring", "reference", graphdef, reference_params,
                            run_plan.reference, "reference_params"))
     if knobs.value_head:
       phases.append(_Phase("value_head", "student", under_mesh(
-          lambda: rollout_lib._values.lower(graphdef, state.params, state.value["params"],
+          lambda: rollout_lib._values.lower(graphdef, policy_params, state.value["params"],
                                             tokens, mask, rules=rules)),
-          ("student_params",)))
+          (policy_arg,)))
 
   batch = {k: _batch(v.shape, v.dtype, mesh, rules)
            for k, v in recipe.abstract_batch(run_plan).items()}
