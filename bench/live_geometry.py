@@ -7,7 +7,9 @@ with the monitor off and with `geometry.every=N`, alternated `--repeats` times i
 (the compiled programs are shared; the first `WARMUP` steps of each run, compilation included,
 are left out). Step time is the loop's own `time/step_s` (wall time between step starts, the
 monitor included where it runs); the overhead is mean(on) / mean(off) - 1 with the best
-(smallest) mean of each arm. Prints the CPU model and one JSON object as its last line with
+(smallest) mean of each arm. The monitor compiles at its first point (step N) of the first run
+with it on; it is kept for the process (`live.make_monitor`), so later repeats time the steady
+state (each repeat's numbers are printed). Prints the CPU model and one JSON object as its last line with
 `overhead_fraction` (target: < 0.05 at every=10).
 """
 
