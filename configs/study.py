@@ -35,6 +35,10 @@ anchor at 0.25, 4, 16 and 64 x the paper's budget (`regime.map_scales`; the 1 x 
 study's own runs): sparsity, density, angles, NSS, stable rank and accuracy gain against the
 budget.
 
+Live geometry (beyond the paper): the OPD, RLVR and SFT sections run the training loop's monitor
+(`geometry.every`: smoke 2, tiny 10, small 30 steps; off in qwen3_8b), read-only; the report's
+`live_geometry` figure draws its bf16 density, stable rank, ||dW||_F and Sim_K against progress.
+
 Seeds: every preset but smoke (2) repeats OPD, RLVR, SFT and both rank-16 arms over 3 seeds
 (`seeds`, e.g. `--config.seeds=(0,1,2,3,4)`); verdicts need >= 2 seeds to resolve anything
 that varies with the seed (`opd_jax/study/verdicts.py`).
@@ -126,6 +130,13 @@ def _width_rule(c, width: int):
   c.diagnostics.mask_rank = ranks["mask_rank"]
 
 
+def _live_geometry(c, every: int):
+  """The training loop's live geometry monitor (`geometry.every`) on the OPD, RLVR and SFT
+  sections (and every run composed from them): read-only, drawn by the `live_geometry` figure."""
+  for n in ("opd", "rlvr", "sft"):
+    c[n].geometry = ml_collections.ConfigDict({"every": every})
+
+
 def _adapter_arms(c, width: int, enabled: bool):
   """The adapter arms' rank and alpha by the rule of the module docstring."""
   rank = max(2, width // 32)
@@ -186,6 +197,7 @@ def _smoke():
   c.regime.map_scales = (1.0, 4.0)   # the regime map end to end (one extra budget: 3 runs)
   c.diagnostics.hill_k = 4
   _adapter_arms(c, 64, enabled=True)  # on: the adapter arms end to end (2 OPD runs of 4 steps)
+  _live_geometry(c, 2)
   _quiet(c)
   return c
 
@@ -227,6 +239,7 @@ def _tiny():
   # paper's rule, measured on each seed's OPD run.
   _width_rule(c, TINY_STUDENT["d_model"])
   _adapter_arms(c, TINY_STUDENT["d_model"], enabled=False)  # off: tiny's 20-minute budget
+  _live_geometry(c, 10)
   _quiet(c)
   return c
 
@@ -263,6 +276,7 @@ def _small():
     c[n].loop.batch_size = 32
   _width_rule(c, c.student.model.d_model)
   _adapter_arms(c, 128, enabled=False)
+  _live_geometry(c, 30)
   return c
 
 

@@ -771,6 +771,14 @@ def test_smoke_study_report_structure(smoke_study):
     assert (rep / f"{f}.png").read_bytes()[:4] == b"\x89PNG" and f"({f}.png)" in md, f
   assert set(results["progress_accuracy"]) == {"opd", "opd_seed1", "sft", "sft_seed1"}
   assert results["mask_consensus"]
+  # The training loop's live geometry monitor (geometry.every=2 in smoke) of every plain run,
+  # drawn in the Trajectories section.
+  for run in ("opd", "opd_seed1", "rlvr", "sft"):
+    live = results["live_geometry"][run]
+    assert live["step"] == [2, 4] and live["steps"] == 4, run
+    assert all(0 <= d <= 1 for d in live["geometry/density"]) and live["geometry/stable_rank/q"]
+  sec = md.split("## Trajectories")[1].split("\n## ")[0]
+  assert "(live_geometry.png)" in sec and (rep / "live_geometry.png").read_bytes()[:4] == b"\x89PNG"
   sec = md.split("## Regime map (beyond the paper)")[1].split("\n## ")[0]
   assert "(regime_map.png)" in sec and (rep / "regime_map.png").read_bytes()[:4] == b"\x89PNG"
 

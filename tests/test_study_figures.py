@@ -439,3 +439,45 @@ def test_progress_results_feed_the_figure(tmp_path, monkeypatch):
                           "k": 4}}}
   assert _png(figures.fig_progress_accuracy(r, tmp_path / "p.png"))
   assert math.isclose(curve.points[0].stderr, 0.0)
+
+
+# -- live geometry (the training loop's monitor) ---------------------------------------------------
+def test_live_series_and_curves_follow_the_metrics_file(tmp_path):
+  """`runs.live_series` reads the monitor's rows of a metrics.jsonl in step order (other rows
+  ignored, a missing Sim_K is None); `figures.live_curve` averages the attention types per point
+  (numpy reference) and drops points without every value; the figure is drawn."""
+  from opd_jax.study import runs
+  from opd_jax.train import metrics as metrics_lib
+  rng = np.random.default_rng(3)
+  steps, every, types = 40, 10, ("q", "k", "v", "o")
+  path = tmp_path / "metrics.jsonl"
+  w = metrics_lib.JsonlWriter(str(path))
+  want = {}
+  for s in (30, 10, 20, 40):   # written out of order (a resumed run appends)
+    w.write(s - 1, {"loss": float(rng.random())})   # a row without the monitor
+    row = {"geometry/density": float(rng.random()), "loss": 1.0}
+    for t in types:
+      row[f"geometry/stable_rank/{t}"] = float(1 + 3 * rng.random())
+      if s > every:    # the first point has no Sim_K
+        row[f"geometry/sim_k/{t}"] = float(rng.random())
+    w.write(s, row)
+    want[s] = row
+  w.close()
+  series = runs.live_series(path)
+  assert series["step"] == [10, 20, 30, 40] and "loss" not in series
+  assert series["geometry/sim_k/q"][0] is None
+  np.testing.assert_allclose(series["geometry/density"], [want[s]["geometry/density"]
+                                                          for s in (10, 20, 30, 40)])
+  series["steps"] = steps
+  xs, ys = figures.live_curve(series, "stable_rank")
+  assert xs == [0.25, 0.5, 0.75, 1.0]
+  np.testing.assert_allclose(ys, [np.mean([want[s][f"geometry/stable_rank/{t}"] for t in types])
+                                  for s in (10, 20, 30, 40)])
+  xs, ys = figures.live_curve(series, "sim_k")
+  assert xs == [0.5, 0.75, 1.0] and len(ys) == 3
+  assert figures.live_curve(series, "frobenius") == ([], [])
+  results = {"live_geometry": {"opd": series, "opd_seed1": series},
+             "seeds": {"runs": {"opd": ["opd", "opd_seed1"]}}}
+  out = figures.fig_live_geometry(results, tmp_path / "live.png")
+  assert out.read_bytes()[:4] == b"\x89PNG"
+  assert figures.fig_live_geometry({}, tmp_path / "none.png") is None

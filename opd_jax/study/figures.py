@@ -593,6 +593,55 @@ def fig_mask_consensus(results: dict, path):
   return _save(fig, path)
 
 
+_LIVE_PANELS = [("density", "bf16-visible density of W_t - W_0 (all weights)"),
+                ("stable_rank", "stable rank of dW_t"), ("frobenius", "||dW_t||_F"),
+                ("sim_k", "Sim_K to the previous point")]
+
+
+def live_curve(series: dict, key: str) -> tuple[list[float], list[float]]:
+  """(progress, values) of one live-geometry quantity of a run (`runs.live_series` plus its
+  `steps`): 'density' is the overall density; the others are averaged over the attention
+  types present (q, k, v, o: the monitor's own means over layers); points without a value
+  (Sim_K at a process's first point) are left out."""
+  if key == "density":
+    cols = [series.get("geometry/density")]
+  else:
+    cols = [v for k, v in sorted(series.items()) if k.startswith(f"geometry/{key}/")]
+  cols = [c for c in cols if c]
+  xs, ys = [], []
+  for i, step in enumerate(series.get("step", [])):
+    vals = [c[i] for c in cols if c[i] is not None and np.isfinite(c[i])]
+    if vals and len(vals) == len(cols):
+      xs.append(step / series["steps"])
+      ys.append(float(np.mean(vals)))
+  return xs, ys
+
+
+def fig_live_geometry(results: dict, path):
+  """The training loop's live geometry monitor (`geometry.every`, beyond the paper) for the
+  plain OPD, RLVR and SFT runs (first seed bold, other seeds thin): density, stable rank,
+  Frobenius norm and Sim_K of the update since each run's start, against progress."""
+  live = results.get("live_geometry") or {}
+  methods = [m for m in ("sft", "opd", "rlvr") if m in live]
+  if not methods:
+    return None
+  fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+  for ax, (key, name) in zip(axes, _LIVE_PANELS):
+    for m in methods:
+      for i, run in enumerate([r for r in (_seed_runs(results, m) or [m]) if r in live]):
+        xs, ys = live_curve(live[run], key)
+        first = i == 0
+        ax.plot(xs, ys, "o-" if first else "-", lw=2 if first else 0.8,
+                alpha=1 if first else 0.5, color=color(m), label=label(m) if first else None)
+    ax.set(xlabel="training progress (fraction of steps)", ylabel=name, title=name)
+    if key == "density":
+      ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+  fig.suptitle("Live geometry from the training loop's monitor (attention q, k, v, o means; "
+               "thin: other seeds)", fontsize=10)
+  return _save(fig, path)
+
+
 FIGURES = {
     "accuracy": fig_accuracy,
     "sparsity_per_type": fig_sparsity_per_type,
@@ -602,6 +651,7 @@ FIGURES = {
     "localisation": fig_localisation,
     "mask_consensus": fig_mask_consensus,
     "trajectories": fig_trajectories,
+    "live_geometry": fig_live_geometry,
     "rank16": fig_rank16,
     "progress_accuracy": fig_progress_accuracy,
     "control_sparsify": fig_control_sparsify,

@@ -22,6 +22,8 @@ Results schema (everything optional except where `verdicts.check` needs it)::
                      jaccard_mean, jaccard_min, jaccard_max, baseline_mean,
                      by_type: {type: mean jaccard}}}   # group: a family, or '<a> vs <b>'
     trajectory: {run: {steps, progress, stable_rank, frobenius, hill, sim_k}}  # q,k,v,o means
+    live_geometry: {run: {steps, step: [int], "geometry/...": [f | None]}}  # the loop's monitor
+                   # (`runs.live_series`), runs whose section sets geometry.every
     adapters: {rank, alpha, scale, targets, tolerance, seed,       # only with adapter arms
                runs: {full|lora|pissa: run},
                endpoint: {run: endpoint entry (as `endpoint`)},     # anchor -> end, merged
@@ -75,6 +77,7 @@ REQUIRED_FIGURES = tuple(f for fs in _FIGS_BY_SECTION.values() for f in fs)
 _FIGS_BY_SECTION["endpoint"] = ["spectral", "singular_values", "mask_overlap", "localisation",
                                 "mask_consensus"]
 _FIGS_BY_SECTION["rank16"] = ["rank16", "progress_accuracy"]
+_FIGS_BY_SECTION["trajectory"] = ["trajectories", "live_geometry"]
 _FIGS_BY_SECTION["adapters"] = ["adapters"]
 _FIGS_BY_SECTION["regime_map"] = ["regime_map"]
 _MARK = {verdicts.HOLDS: "HOLDS", verdicts.FAILS: "DOES NOT HOLD",

@@ -437,6 +437,8 @@ def _train_phase(study: StudyConfig, spec: RunSpec, log=print):
       if final is None:
         raise RuntimeError(f"{spec.name}: no final snapshot at step {cfg.loop.steps} in {run_dir}")
       model = produced_model(study, spec.name, "final", lambda p, w: str(final))
+      if cfg.geometry.every > 0:
+        out["live_geometry"] = live_series(run_dir / "metrics.jsonl")
       out.update(final=_rel(ctx, final), trained=True,
                  snapshots={str(s): _rel(ctx, p) for s, p in sorted(snaps.items())},
                  train_wall_s=summary.get("wall_s"), steps_per_s=summary.get("steps_per_s"),
@@ -448,6 +450,20 @@ def _train_phase(study: StudyConfig, spec: RunSpec, log=print):
         f"(avg@{out['eval']['k']}, {out['eval']['n']} prompts)")
     return out
   return fn
+
+
+def live_series(metrics_path) -> dict[str, list]:
+  """The live geometry monitor's points of one run (`geometry/*` rows of its metrics.jsonl):
+  {"step": [...], metric: [...]} in step order; a metric a point lacks (Sim_K at a process's
+  first point) is None there."""
+  from opd_jax.train import metrics as metrics_lib
+  rows = sorted((r for r in metrics_lib.read_jsonl(str(metrics_path))
+                 if any(k.startswith("geometry/") for k in r)), key=lambda r: r["step"])
+  keys = sorted({k for r in rows for k in r if k.startswith("geometry/")})
+  out: dict[str, list] = {"step": [int(r["step"]) for r in rows]}
+  for k in keys:
+    out[k] = [r.get(k) for r in rows]
+  return out
 
 
 def _train_to_target(study: StudyConfig, spec: RunSpec, cfg, target, run_dir, log):
@@ -733,6 +749,9 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
       "trajectory": geometry.get("trajectory", {}),
       "mask_consensus": geometry.get("mask_consensus", {}),
       "progress_accuracy": summaries.get(PROGRESS_DIR, {}).get("curves", {}),
+      "live_geometry": {s.name: dict(summaries[s.name]["live_geometry"],
+                                     steps=summaries[s.name]["steps"])
+                        for s in specs if summaries.get(s.name, {}).get("live_geometry")},
       "controls": {
           "sparsify": [s.name for s in specs if s.kind == "sparsify"],
           "offpolicy": [s.name for s in specs if s.kind == "offpolicy"],
