@@ -57,7 +57,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from opd_jax import errors
 from opd_jax.models import attention as attention_lib
 from opd_jax.models import sampler as sampler_lib
 from opd_jax.models import scoring
@@ -271,7 +270,7 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
   p_shard = mesh_lib.param_shardings(student, mesh, rules)
   # Adapters (lora.rank > 0), as the loop builds them: the state's params and the optimizer are
   # the adapters'; the base is frozen in `state.frozen`; the rollout reads the merged policy.
-  lora_cfg, frozen, merge = cfg.lora, None, None
+  lora_cfg, frozen, merge = cfg.lora, {}, None
   if lora_cfg.enabled:
     from opd_jax.models import lora as lora_lib  # noqa: PLC0415
     frozen = {"abstract": abstract_params, "shardings": p_shard}
@@ -299,9 +298,9 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
                                merge=merge)
   extras = jax.eval_shape(lambda: recipe.init_extras(ctx))
   s_shard = mesh_lib.state_shardings(tx, p_shard, abstract_params, **extras,
-                                     frozen_shardings=frozen and frozen["shardings"])
+                                     frozen_shardings=frozen.get("shardings"))
   state = mesh_lib.abstract_state(tx, abstract_params, s_shard, **extras,
-                                  frozen=frozen and frozen["abstract"])
+                                  frozen=frozen.get("abstract"))
   reference_params = (_abstract_params(run_plan.reference, mesh, rules)
                       if run_plan.reference is not None else None)
 
@@ -312,9 +311,9 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
   # The student's full weights as the rollout reads them: the parameters, or with adapters the
   # merged base + adapters (`recipes.policy_params`), held from the merge through the rollout.
   policy_params, policy_arg = state.params, "student_params"
-  if frozen is not None:
+  if frozen:
     resident["frozen_base"] = device_bytes(state.frozen)
-  if frozen is not None and recipe.uses_rollouts:
+  if frozen and recipe.uses_rollouts:
     policy_params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                  frozen["abstract"], frozen["shardings"])
     resident["merged_policy"] = device_bytes(policy_params)
@@ -328,7 +327,7 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
   if reference_params is not None:
     resident["reference_params"] = device_bytes(reference_params)
   state_args = ("student_params", "optimizer_state", "state_extras") + (
-      ("frozen_base",) if frozen is not None else ())
+      ("frozen_base",) if frozen else ())
 
   phases: list[_Phase] = []
   rows = run_plan.rows
