@@ -304,7 +304,12 @@ def test_sft_with_adapters_snapshots_merged_params_and_resumes_exactly(tmp_path)
      ["opd/teacher_gap", "value/loss"]),
     ("rlvr.py:smoke", ["pg.kl_coef=0.1"], ["rlvr/reward_mean", "pg/kl_ref"]),
     ("opd.py:distill_smoke", ["lora.init=pissa"], ["distill/reverse_kl"]),
-], ids=["opd_pissa_gae_value", "rlvr_lora_kl", "distill_pissa"])
+    # The other initialisation of each method (SFT LoRA: the test above).
+    ("opd.py:smoke", [], ["opd/teacher_gap"]),
+    ("rlvr.py:smoke", ["lora.init=pissa"], ["rlvr/reward_mean"]),
+    ("sft.py:smoke", ["lora.init=pissa"], []),
+], ids=["opd_pissa_gae_value", "rlvr_lora_kl", "distill_pissa", "opd_lora", "rlvr_pissa",
+        "sft_pissa"])
 def test_pg_and_distill_recipes_train_adapters(spec, overrides, keys, tmp_path):
   cfg = _cfg(spec, TWO_STEPS + overrides)
   summary = loop.run(cfg, tmp_path)
