@@ -267,3 +267,23 @@ def test_cli_plan_reexecutes_itself_with_fake_devices_when_too_few_exist(monkeyp
   monkeypatch.setenv("OPD_JAX_PLAN_REEXEC", "1")
   with pytest.raises(SystemExit, match="asked for 16 devices but only 8 exist"):
     cli.main(args)
+
+
+@pytest.mark.parametrize("overrides", [[], ["lora.rank=4", "lora.alpha=8.0"]], ids=["full", "lora"])
+def test_live_geometry_monitor_is_planned(overrides):
+  """With `geometry.every` the monitor's origin (the initial student's full weights) and bases
+  are resident and the monitor is a phase; without it neither appears."""
+  from opd_jax.geometry import live
+  from opd_jax.models import transformer
+  rp = resolve("opd", overrides + ["geometry.every=5"])
+  out = plan_lib.plan_run(rp, 1, (1, 1, 1), print_fn=None)
+  res = out["resident"]
+  params = transformer.init(rp.student, 0)[1]
+  bases = live.init_bases(params, rp.cfg.geometry)
+  nbytes = lambda t: sum(np.asarray(x).nbytes for x in jax.tree.leaves(t))  # noqa: E731
+  assert res["geometry_origin"] == nbytes(params) and res["geometry_bases"] == nbytes(bases)
+  ph = out["phases"]["live_geometry"]
+  assert ph["resident_args_bytes"] == nbytes(params) * 2 + nbytes(bases)
+  assert ph["transient_bytes"] >= 0 and "live geometry monitor" in plan_lib.format_plan(out)
+  plain = plan_lib.plan_run(resolve("opd", overrides), 1, (1, 1, 1), print_fn=None)
+  assert "live_geometry" not in plain["phases"] and "geometry_origin" not in plain["resident"]

@@ -14,7 +14,9 @@ per-device bytes. One iteration of a rollout recipe (`rollout.generate`, then th
              reference params (KL-to-reference). With adapters (`lora.rank > 0`) the state's
              params and optimizer are the adapters', the frozen base is its own component, and
              so is the merged policy the rollout phases read (base + adapters: counted as held
-             for the whole iteration, an upper bound). Counted exactly from the shardings.
+             for the whole iteration, an upper bound). With the live geometry monitor
+             (`geometry.every > 0`) the initial student's weights and the monitor's bases, and a
+             `live geometry monitor` phase. Counted exactly from the shardings.
   phases     run one after another, each with its own transient memory:
                sampler            `sampler._sample` of the behaviour policy (prefill + decode loop;
                                   its KV cache rows x (prompt + max_new - 1) is reported beside it,
@@ -79,6 +81,8 @@ RESIDENT_LABELS = {
     "state_extras": "state extras (step, rng, value head, token state)",
     "teacher_params": "teacher params",
     "reference_params": "reference params (frozen initial student)",
+    "geometry_origin": "live geometry origin (initial student)",
+    "geometry_bases": "live geometry bases (Sim_K)",
 }
 PHASE_LABELS = {
     "sampler": "sampler",
@@ -87,6 +91,7 @@ PHASE_LABELS = {
     "kl": "KL_t (student vs teacher)",
     "reference_scoring": "reference scoring",
     "value_head": "value head",
+    "live_geometry": "live geometry monitor",
     "train_step": "train step",
 }
 
@@ -404,6 +409,9 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
                                             tokens, mask, rules=rules)),
           (policy_arg,)))
 
+  if cfg.geometry.enabled:
+    phases.append(_monitor_phase(cfg.geometry, mesh, resident, state, frozen))
+
   batch = {k: _batch(v.shape, v.dtype, mesh, rules)
            for k, v in recipe.abstract_batch(run_plan).items()}
   extra = _step_extra_args(run_plan, teacher_params)
@@ -466,6 +474,33 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
   if print_fn is not None:
     print_fn(format_plan(out))
   return out
+
+
+def _monitor_phase(geo, mesh, resident: dict, state, frozen: dict) -> _Phase:
+  """The live geometry monitor (`geometry.every`, `geometry/live.py`): it keeps the initial
+  student's full weights and the previous point's bases resident (added to `resident`) and
+  reads the student's full weights at every point (with adapters a merged copy, transient
+  unless the rollout holds one)."""
+  from opd_jax.geometry import live as live_lib  # noqa: PLC0415
+  replicated = mesh_lib.replicated(mesh)
+  if frozen:
+    full = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        frozen["abstract"], frozen["shardings"])
+    full_args = ("merged_policy",) if "merged_policy" in resident else ()
+  else:
+    full, full_args = state.params, ("student_params",)
+  bases = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                       jax.eval_shape(lambda: live_lib.init_bases(full, geo)))
+  resident["geometry_origin"] = device_bytes(full)
+  resident["geometry_bases"] = device_bytes(bases)
+  monitor = live_lib.make_monitor(geo, replicated=replicated)
+
+  def lower():
+    with jax.set_mesh(mesh):
+      return monitor.lower(full, full, bases)
+
+  return _Phase("live_geometry", "student", lower,
+                ("geometry_origin", "geometry_bases") + full_args)
 
 
 def _params_str(n: int) -> str:
