@@ -302,6 +302,27 @@ def test_live_geometry_is_logged_every_n_steps_and_matches_the_saved_weights(tmp
   assert rows[6]["geometry/frobenius/q"] > rows[4]["geometry/frobenius/q"] * 0.5
 
 
+def test_live_geometry_of_an_opd_run_is_in_jsonl_and_tensorboard(tmp_path):
+  """An OPD run with the monitor on writes its points to metrics.jsonl and to TensorBoard, the
+  same values under the same tags and steps."""
+  from test_metrics import _read_tfrecords
+  over = ["geometry.every=2", "loop.steps=4", "loop.tensorboard=true", "loop.checkpoint_every=0",
+          "loop.snapshot_steps=()", "loop.transfer_guard=disallow"]
+  summary = loop.run(smoke("opd", over), tmp_path)
+  jsonl = {(r["step"], k): v for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+           for k, v in r.items() if k.startswith("geometry/")}
+  assert {s for s, _ in jsonl} == {2, 4} and (4, "geometry/sim_k/q") in jsonl
+  assert {k for _, k in jsonl} >= {"geometry/density", "geometry/density/q",
+                                   "geometry/frobenius/q", "geometry/stable_rank/o"}
+  files = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+  assert len(files) == 1 and summary["step"] == 4
+  tb = {(e.step, v.tag): v.simple_value for e in _read_tfrecords(files[0])
+        for v in e.summary.value if v.tag.startswith("geometry/")}
+  assert set(tb) == set(jsonl)
+  for key, value in jsonl.items():
+    assert tb[key] == pytest.approx(value, rel=1e-6), key
+
+
 def test_opd_on_deepcoder_rows_with_a_livecodebench_eval_set(tmp_path):
   """The code domain from files: DeepCoder-layout training rows and a LiveCodeBench eval set
   (the fixtures, one malformed row each: skipped and counted), the sandboxed code verifier."""
