@@ -315,12 +315,14 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
                                             state.token_state))}
   # The student's full weights as the rollout reads them: the parameters, or with adapters the
   # merged base + adapters (`recipes.policy_params`), held from the merge through the rollout.
+  # `policy_arg`: the resident component holding them (None: a transient merged copy).
   policy_params, policy_arg = state.params, "student_params"
   if frozen:
     resident["frozen_base"] = device_bytes(state.frozen)
-  if frozen and recipe.uses_rollouts:
     policy_params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                  frozen["abstract"], frozen["shardings"])
+    policy_arg = None
+  if frozen and recipe.uses_rollouts:
     resident["merged_policy"] = device_bytes(policy_params)
     policy_arg = "merged_policy"
   if routed:
@@ -410,7 +412,7 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
           (policy_arg,)))
 
   if cfg.geometry.enabled:
-    phases.append(_monitor_phase(cfg.geometry, mesh, resident, state, frozen))
+    phases.append(_monitor_phase(cfg.geometry, mesh, resident, policy_params, policy_arg))
 
   batch = {k: _batch(v.shape, v.dtype, mesh, rules)
            for k, v in recipe.abstract_batch(run_plan).items()}
@@ -476,19 +478,13 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
   return out
 
 
-def _monitor_phase(geo, mesh, resident: dict, state, frozen: dict) -> _Phase:
+def _monitor_phase(geo, mesh, resident: dict, full, full_arg: str | None) -> _Phase:
   """The live geometry monitor (`geometry.every`, `geometry/live.py`): it keeps the initial
   student's full weights and the previous point's bases resident (added to `resident`) and
-  reads the student's full weights at every point (with adapters a merged copy, transient
-  unless the rollout holds one)."""
+  reads the student's full weights `full` at every point (`full_arg`: their resident component;
+  None for an adapter run without a rollout, whose merged copy is the phase's own)."""
   from opd_jax.geometry import live as live_lib  # noqa: PLC0415
   replicated = mesh_lib.replicated(mesh)
-  if frozen:
-    full = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                        frozen["abstract"], frozen["shardings"])
-    full_args = ("merged_policy",) if "merged_policy" in resident else ()
-  else:
-    full, full_args = state.params, ("student_params",)
   bases = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                        jax.eval_shape(lambda: live_lib.init_bases(full, geo)))
   resident["geometry_origin"] = device_bytes(full)
@@ -499,8 +495,8 @@ def _monitor_phase(geo, mesh, resident: dict, state, frozen: dict) -> _Phase:
     with jax.set_mesh(mesh):
       return monitor.lower(full, full, bases)
 
-  return _Phase("live_geometry", "student", lower,
-                ("geometry_origin", "geometry_bases") + full_args)
+  return _Phase("live_geometry", "student", lower, ("geometry_origin", "geometry_bases") +
+                ((full_arg,) if full_arg else ()))
 
 
 def _params_str(n: int) -> str:
