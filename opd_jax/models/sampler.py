@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opd_jax import trace_cache
 from opd_jax.models import attention
 from opd_jax.models import sharding
 from opd_jax.models import transformer
@@ -421,8 +422,8 @@ def _take_rows(rows: _Rows, idx_K) -> _Rows:
                                   rows.cache))
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("cfg", "rules"))
-def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerConfig, rules):
+def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerConfig,
+                 rules):
   _TRACES["sample"] += 1
   with sharding.axis_rules(rules):
     model = transformer.merge(graphdef, params)
@@ -512,6 +513,12 @@ def _sample(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: SamplerC
         state = state._replace(rows=_take_rows(state.rows, order))
 
     return _outputs(prompt_BxP, prompt_mask_BxP, state.tokens_BxN, state.logp_BxN, cfg)
+
+
+# Jitted with the graph definition and sampler config static; a warm start reads its trace from
+# the trace cache (`opd_jax.trace_cache`) instead of tracing it.
+_sample = trace_cache.CachedJit(_sample_impl, name="sample", static_argnums=(0,),
+                                static_argnames=("cfg", "rules"))
 
 
 def _outputs(prompt_BxP, prompt_mask_BxP, tokens_BxN, logp_BxN, cfg: SamplerConfig):

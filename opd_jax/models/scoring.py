@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opd_jax import trace_cache
 from opd_jax.models import sharding
 from opd_jax.models import transformer
 
@@ -242,8 +243,7 @@ def _chunked_scan(model, tokens_BxT, mask_BxT, chunk_size, per_chunk, segment_id
   return jax.tree.map(lambda a: _from_chunks(a, t), out)
 
 
-@functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("static_temperature", "chunk_size", "rules"))
+@trace_cache.jit(static_argnums=(0,), static_argnames=("static_temperature", "chunk_size", "rules"))
 def _token_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature,
                     segment_ids_BxT=None, *, static_temperature, chunk_size, rules):
   if temperature is None:
@@ -256,8 +256,8 @@ def _token_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature,
     return jnp.where(_valid_BxT(mask_BxT, segment_ids_BxT), logp, 0.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("static_temperature", "k", "chunk_size", "rules"))
+@trace_cache.jit(static_argnums=(0,),
+                 static_argnames=("static_temperature", "k", "chunk_size", "rules"))
 def _topk_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature,
                    segment_ids_BxT=None, *, static_temperature, k, chunk_size, rules):
   if temperature is None:

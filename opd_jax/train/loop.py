@@ -381,7 +381,7 @@ class _StepAhead:
 
   def _compile(self, step_fn, args):
     try:
-      step_fn.lower(*args).compile()
+      step_fn.compile(*args)
     except Exception as e:  # noqa: BLE001 - see the class docstring
       self.error = e
 

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from opd_jax import trace_cache
 from opd_jax.data import tokenizer as tokenizer_lib
 from opd_jax.data import verifiers
 from opd_jax.models import scoring
@@ -179,8 +180,7 @@ def per_token_reverse_kl(student_graphdef, student_params, teacher_graphdef, tea
   return jax.lax.stop_gradient(kl)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2), static_argnames=("temperature", "chunk_size",
-                                                                    "rules"))
+@trace_cache.jit(static_argnums=(0, 2), static_argnames=("temperature", "chunk_size", "rules"))
 def _reverse_kl(student_graphdef, student_params, teacher_graphdef, teacher_params, tokens_BxT,
                 mask_BxT, loss_mask_BxT, *, temperature, chunk_size, rules):
   with sharding.axis_rules(rules):
@@ -189,7 +189,7 @@ def _reverse_kl(student_graphdef, student_params, teacher_graphdef, teacher_para
                                 temperature=temperature, chunk_size=chunk_size)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("rules",))
+@trace_cache.jit(static_argnums=(0,), static_argnames=("rules",))
 def _values(student_graphdef, student_params, value_params, tokens_BxT, mask_BxT, *, rules):
   with sharding.axis_rules(rules):
     h = scoring.shifted_hidden(student_graphdef, student_params, tokens_BxT, mask_BxT)
@@ -286,7 +286,7 @@ def _ends_with_eos(rollout: Rollout, eos_ids) -> jax.Array:
   return (has_B & jnp.isin(last_tok_B, jnp.asarray(eos_ids, jnp.int32))).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("knobs", "token_tx", "rules"))
+@trace_cache.jit(static_argnames=("knobs", "token_tx", "rules"))
 def _advantages(rollout: Rollout, valid_B, seq_rewards_B, reason_ids_B, token_state, *,
                 knobs: RolloutKnobs, token_tx, rules):
   with sharding.axis_rules(rules):
@@ -366,7 +366,7 @@ def advantages(rollout: Rollout, valid_B, seq_rewards_B, token_state, knobs: Rol
                      token_tx=token_tx, rules=sharding.current_rules())
 
 
-@functools.partial(jax.jit, static_argnames=("teacher_names",))
+@trace_cache.jit(static_argnames=("teacher_names",))
 def distill_batch(rollout: Rollout, valid_B, teacher_names: tuple[str, ...] = ()
                   ) -> tuple[dict, dict]:
   """The `distill_step` batch of a rollout (filler rows leave the loss mask) and its metrics;

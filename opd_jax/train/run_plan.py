@@ -25,6 +25,7 @@ import numpy as np
 from etils import epath
 
 from opd_jax import errors
+from opd_jax import trace_cache
 from opd_jax.data import chat as chat_lib
 from opd_jax.data import datasets as datasets_lib
 from opd_jax.data import pipeline as pipeline_lib
@@ -105,8 +106,8 @@ def _random_init_fn(cfg: ModelConfig, mesh, rules):
   one architecture (or a second run in the process) share one traced, lowered and compiled
   program."""
   shardings = mesh_lib.param_shardings(cfg, mesh, rules)
-  return jax.jit(lambda seed: transformer.init(cfg, jax.random.key(seed))[1],
-                 out_shardings=shardings)
+  return trace_cache.CachedJit(lambda seed: transformer.init(cfg, jax.random.key(seed))[1],
+                               name="random_init", out_shardings=shardings)
 
 
 def _random_params(cfg: ModelConfig, mesh, rules, seed: int):

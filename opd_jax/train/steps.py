@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import optax
 from orbax.checkpoint import multihost as ocp_multihost
 
+from opd_jax import trace_cache
 from opd_jax.models import lora
 from opd_jax.models import scoring
 from opd_jax.models import sharding
@@ -686,7 +687,9 @@ class JittedStep:
 
   `__call__(state, batch, *extra)` -> (new_state, metrics); the state argument is donated.
   `lower(...)` lowers with the same context (for `plan`), `trace_count` is the number of times the
-  Python step function has been traced (1 after any number of same-shaped calls).
+  step's program was prepared: the Python step function traced, or its trace read from the trace
+  cache (`opd_jax.trace_cache`: a warm start skips tracing); 1 after any number of same-shaped
+  calls.
 
   Multi-process: the first call compiles ahead of time and then waits at a coordination-service
   barrier, so that every process starts the step's collectives together (CPU/gloo collectives
@@ -698,27 +701,39 @@ class JittedStep:
   def __init__(self, fn: Callable, mesh: jax.sharding.Mesh, rules, in_shardings, out_shardings):
     self.mesh = mesh
     self.rules = sharding.validate_rules(rules) if rules is not None else None
-    self.trace_count = 0
+    self._traces = 0
     self._id = JittedStep._created
     JittedStep._created += 1
     self._synced = False
 
     def counted(*args):
-      self.trace_count += 1
+      self._traces += 1
       with sharding.axis_rules(self.rules):
         return fn(*args)
 
-    self.jitted = jax.jit(counted, in_shardings=in_shardings, out_shardings=out_shardings,
-                          donate_argnums=(0,))
+    self.jitted = trace_cache.CachedJit(
+        counted, name="train_step", key=(fn, self.rules), in_shardings=in_shardings,
+        out_shardings=out_shardings, donate_argnums=(0,))
+
+  @property
+  def trace_count(self) -> int:
+    """Programs prepared: traced here, or read from the trace cache (`opd_jax.trace_cache`)."""
+    return self._traces + self.jitted.loads
 
   def __call__(self, *args):
     with jax.set_mesh(self.mesh):
       if not self._synced and jax.process_count() > 1:
-        self.jitted.lower(*args).compile()
+        self.jitted.compile(*args)
         barrier = ocp_multihost.get_barrier_sync_fn()
         barrier(key=f"opd_jax_jit_step_{self._id}_compiled", timeout_ms=_BARRIER_TIMEOUT_MS)
       self._synced = True
       return self.jitted(*args)
+
+  def compile(self, *args):
+    """Traces (or reads from the trace cache) and compiles for these arguments, without running;
+    `jax.ShapeDtypeStruct`s stand in for arrays (the loop compiles its step ahead this way)."""
+    with jax.set_mesh(self.mesh):
+      return self.jitted.compile(*args)
 
   def lower(self, *args):
     with jax.set_mesh(self.mesh):
