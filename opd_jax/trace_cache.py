@@ -22,7 +22,7 @@ never guesses):
     weak types and shardings.
 
 Entries live beside the compilation cache (`<cache dir>-traces/`), written atomically (a temporary
-file and `os.replace`), so concurrent processes share them safely. `OPD_JAX_TRACE_CACHE=off`
+file renamed into place), so concurrent processes share them safely. `OPD_JAX_TRACE_CACHE=off`
 turns the cache off (the compilation cache stays on); it is off whenever the compilation cache
 is and under `jax.disable_jit`.
 """
@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 _TRUSTED_PACKAGES = frozenset({
     "opd_jax", "jax", "jaxlib", "flax", "optax", "chex", "numpy", "ml_dtypes", "builtins",
@@ -295,14 +296,14 @@ def _rebuild(desc: Any) -> jax.tree_util.PyTreeDef:
 
 
 # -- the cache ------------------------------------------------------------------------------------
-def directory() -> pathlib.Path | None:
-  """Where entries live, or None when the cache is off."""
+def directory() -> epath.Path | None:
+  """Where entries live (local or, like the compilation cache, e.g. gs://), or None when off."""
   if os.environ.get("OPD_JAX_TRACE_CACHE", "").strip().lower() in ("off", "0", "false", "no"):
     return None
   xla = jax.config.jax_compilation_cache_dir
   if not xla or jax.config.jax_disable_jit:
     return None
-  return pathlib.Path(str(xla).rstrip("/") + "-traces")
+  return epath.Path(str(xla).rstrip("/") + "-traces")
 
 
 @dataclasses.dataclass
@@ -430,7 +431,7 @@ class CachedJit:
         raise Uncacheable(str(e)) from e
       try:
         _write(path, exported, out_tree)
-      except OSError as e:   # a read-only or full cache directory: use the program, keep going
+      except Exception as e:  # noqa: BLE001 - a read-only / full / unreachable cache: keep going
         _log.info("trace cache: %s not written (%s)", path, e)
       self.exports += 1
     else:
@@ -534,7 +535,7 @@ def _shardings_text(shardings) -> str:
                    shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)))
 
 
-def _read(path: pathlib.Path):
+def _read(path: epath.Path):
   try:
     blob = path.with_suffix(".jaxexp").read_bytes()
     out = json.loads(path.with_suffix(".json").read_text())
@@ -543,10 +544,10 @@ def _read(path: pathlib.Path):
     return None, None
 
 
-def _write(path: pathlib.Path, exported, out_tree) -> None:
+def _write(path: epath.Path, exported, out_tree) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   for suffix, data in ((".json", json.dumps(_describe(out_tree)).encode()),
                        (".jaxexp", bytes(exported.serialize()))):
     tmp = path.with_suffix(f"{suffix}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
-    os.replace(tmp, path.with_suffix(suffix))
+    tmp.replace(path.with_suffix(suffix))   # whole entries only (a rename on local disks)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -182,7 +183,7 @@ def test_a_damaged_entry_is_exported_again(traces_dir):
 
 def test_a_second_opd_run_reads_its_programs_and_repeats_the_first_bit_for_bit(
     tmp_path, monkeypatch):
-  monkeypatch.setattr(trace_cache, "directory", lambda: tmp_path / "traces")
+  monkeypatch.setattr(trace_cache, "directory", lambda: epath.Path(tmp_path / "traces"))
   exports = []
   export = trace_cache.CachedJit._export
 
