@@ -235,17 +235,23 @@ def _sharding_text(s) -> str:
   return text
 
 
-def _leaf_signature(x, placed_by_jit: bool = False) -> str:
-  """Shape, dtype, weak type and (unless jit's in_shardings place every argument) sharding."""
+def _leaf_signature(x, placed_by_jit: bool = False) -> tuple:
+  """Shape, dtype, weak type and (unless jit's in_shardings place the argument) sharding: a
+  hashable tuple, cheap per call (`_signature_text` writes it for the key)."""
   if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
     sharding = None if placed_by_jit else getattr(x, "sharding", None)
-    where = _sharding_text(sharding) if sharding is not None else "unplaced"
-    return f"{x.dtype}{tuple(x.shape)}w{int(bool(getattr(x, 'weak_type', False)))}@{where}"
+    return ("array", tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)),
+            sharding)
   if isinstance(x, (np.ndarray, np.generic)):
-    return f"host:{x.dtype}{tuple(np.shape(x))}"
+    return ("host", tuple(np.shape(x)), str(x.dtype))
   if isinstance(x, (bool, int, float, complex)):
-    return f"py:{type(x).__name__}"     # weakly typed scalars
+    return ("py", type(x).__name__)     # weakly typed scalars
   raise Uncacheable(f"argument of type {type(x).__name__}")
+
+
+def _signature_text(signature: tuple) -> str:
+  return repr([sig[:-1] + (_sharding_text(sig[-1]) if sig[-1] is not None else "unplaced",)
+               if sig[0] == "array" else sig for sig in signature])
 
 
 # -- the tree of outputs, written as JSON --------------------------------------------------------
@@ -338,7 +344,6 @@ class CachedJit:
     self._donate = tuple(donate_argnums)
     self._static_argnums = tuple(static_argnums)
     self._static_argnames = tuple(static_argnames)
-    self._jit_kw = kw
     self._placed: dict[Any, tuple[bool, ...]] = {}
     self.plain = jax.jit(fn, donate_argnums=self._donate, static_argnums=self._static_argnums,
                          static_argnames=self._static_argnames, **kw)
@@ -393,8 +398,7 @@ class CachedJit:
       leaves, tree = jax.tree.flatten(dyn)
       placed = self._placed.get(tree)
       if placed is None:   # which leaves jit's in_shardings place (their own sharding is moot)
-        given = _flat_shardings(self._in_shardings, dyn,
-                                own=False)
+        given = _flat_shardings(self._in_shardings, dyn, own=False)
         placed = self._placed[tree] = tuple(g is not None for g in given)
       memo = (tuple((i, _hashable(v)) for i, v in statics), tree,
               tuple(_leaf_signature(x, p) for x, p in zip(leaves, placed)))
@@ -416,7 +420,7 @@ class CachedJit:
       raise Uncacheable("argument tree printed with an address")
     key = hashlib.sha256("\x1e".join(
         (environment_fingerprint(), self.name, self._fn_key, static_key, text,
-         repr(memo[2]), _shardings_text(self._in_shardings),
+         _signature_text(memo[2]), _shardings_text(self._in_shardings),
          _shardings_text(self._out_shardings), repr(self._donate))).encode()).hexdigest()
     path = root / f"{self.name.replace('/', '_')}-{key[:40]}"
     exported, out_tree = _read(path)
