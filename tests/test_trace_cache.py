@@ -197,10 +197,11 @@ def test_a_second_opd_run_reads_its_programs_and_repeats_the_first_bit_for_bit(
           "loop.transfer_guard=disallow"]
   rows = []
   for run in ("first", "second"):
-    if run == "second":   # a new process: the module-level programs forget what they hold
-      for cached in (m for m in _module_cached_jits()):
-        cached._entries.clear()
-      exports.clear()
+    # Each run as a new process: the module-level programs forget what this one (or an earlier
+    # test in it) holds.
+    for cached in _module_cached_jits():
+      cached._entries.clear()
+    exports.clear()
     cfg = config_lib.from_config_dict(config_lib.load_config(spec, over))
     loop.run(cfg, tmp_path / run)
     rows.append([{k: v for k, v in r.items() if k.startswith(("train/", "rollout/"))}
