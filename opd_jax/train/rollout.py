@@ -37,7 +37,6 @@ teacher's distributions itself.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
