@@ -60,7 +60,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, TrainerCallback
 from datasets import Dataset
 from opd_jax.data.tokenizer import build_task_tokenizer
-tok = build_task_tokenizer()
+tok = build_task_tokenizer().to_transformers()  # TRL needs the transformers class
 cfg = Qwen3Config(vocab_size=128, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, head_dim=64, intermediate_size=1536,
                   tie_word_embeddings=True, pad_token_id=tok.pad_token_id,

@@ -40,7 +40,7 @@ DROPS_OLD_THINKING = (
 
 
 def _chatml_tokenizer(template=CHATML):
-  tok = T.build_task_tokenizer()
+  tok = T.build_task_tokenizer().to_transformers()
   tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
   tok.chat_template = template
   return tok

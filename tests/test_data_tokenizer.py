@@ -30,6 +30,81 @@ def test_char_level_ids_follow_the_documented_vocabulary(tok):
   assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
 
 
+def _random_text(rng, n: int) -> str:
+  """Random text: the alphabet, characters outside it, and now and then a special token's spelling."""
+  alphabet = list(T.DEFAULT_ALPHABET) + ["\u00e9", "\r", "\x0b", "<", ">", "|", "\u2192"]
+  parts = ["".join(rng.choice(alphabet, size=int(rng.integers(0, n)))) for _ in range(3)]
+  if rng.random() < 0.4:
+    parts.insert(1, str(rng.choice(list(T.SPECIAL_TOKENS))))
+  return "".join(parts)
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_task_tokenizer_matches_the_transformers_tokenizer_on_random_inputs(add_bos):
+  """`TaskTokenizer` (no transformers) against `PreTrainedTokenizerFast` over the same backend:
+  every call the library makes gives the same answer."""
+  tt = T.build_task_tokenizer(add_bos=add_bos)
+  hf = tt.to_transformers()
+  assert isinstance(hf, PreTrainedTokenizerFast)
+  assert T.tokenizer_difference(hf, tt) is None and T.tokenizer_difference(tt, hf) is None
+  assert T.control_tokens(tt) == T.control_tokens(hf)
+  assert (tt.all_special_ids, tt.all_special_tokens) == (hf.all_special_ids, hf.all_special_tokens)
+  assert (len(tt), tt.vocab_size, tt.chat_template) == (len(hf), hf.vocab_size, hf.chat_template)
+  for name in ("pad", "eos", "bos", "unk"):
+    assert getattr(tt, f"{name}_token_id") == getattr(hf, f"{name}_token_id")
+  rng = np.random.default_rng(int(add_bos))
+  for _ in range(150):
+    text = _random_text(rng, 20)
+    assert tt.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
+    assert tt(text, return_offsets_mapping=True) == dict(
+        hf(text, add_special_tokens=False, return_offsets_mapping=True))
+    batch = [text, text[::-1], ""]
+    assert tt(batch, add_special_tokens=False) == dict(hf(batch, add_special_tokens=False))
+    assert T.find_untokenizable(tt, text) == T.find_untokenizable(hf, text)
+    ids = rng.integers(0, len(tt), size=int(rng.integers(0, 25))).tolist()
+    for skip in (True, False):
+      assert tt.decode(ids, skip_special_tokens=skip) == hf.decode(
+          ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    assert tt.convert_ids_to_tokens(ids) == hf.convert_ids_to_tokens(ids)
+    roles = ["system", "user", "assistant"]
+    messages = [{"role": str(rng.choice(roles)), "content": _random_text(rng, 8)}
+                for _ in range(int(rng.integers(1, 5)))]
+    for gen in (True, False):
+      assert tt.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == (
+          hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen))
+      assert tt.apply_chat_template(messages, add_generation_prompt=gen) == list(
+          hf.apply_chat_template(messages, add_generation_prompt=gen, return_dict=False))
+  with pytest.raises(AttributeError, match="to_transformers"):
+    tt.chat_template = "{{ messages }}"
+  tt.pad_token = T.EOS  # settable, as in transformers: the ids and special lists follow
+  hf = tt.to_transformers()
+  assert (tt.pad_token_id, tt.all_special_ids, tt.all_special_tokens) == (
+      hf.pad_token_id, hf.all_special_ids, hf.all_special_tokens)
+  assert T.tokenizer_difference(hf, tt) is None
+  with pytest.raises(ValueError, match="empty conversation"):
+    hf.apply_chat_template([], tokenize=False)
+  with pytest.raises(ValueError, match="empty conversation"):
+    tt.apply_chat_template([], tokenize=False)
+  with pytest.raises(ValueError, match="unknown role tool"):
+    tt.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+def test_a_run_on_the_task_tokenizer_does_not_import_transformers():
+  """Importing the training loop and building the task tokenizer leaves transformers unloaded
+  (about a second of every launch: the explorer's warm start)."""
+  import subprocess
+  import sys
+  code = ("import sys\n"
+          "from opd_jax.train import config, loop, run_plan\n"
+          "from opd_jax.data import tokenizer\n"
+          "tok = tokenizer.build_task_tokenizer()\n"
+          "tokenizer.encode_prompts(tok, ['1+2:'])\n"
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_prompt_and_example_encoding(tok):
   v = tok.get_vocab()
   ex = tasks.generate(tasks.preset("default"), "train", 30, seed=0)

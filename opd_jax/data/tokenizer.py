@@ -1,9 +1,16 @@
 """Tokenizers: the task's own char-level tokenizer, local Hugging Face tokenizers, encode helpers.
 
 The task tokenizer is built with `tokenizers` (one token per character of printable ASCII plus
-special tokens) and wrapped as a transformers fast tokenizer with a minimal jinja chat template:
+special tokens) and wrapped as a `TaskTokenizer`, with a minimal chat template:
 
     <bos><|user|>{prompt}<|assistant|>{response}<eos>
+
+`TaskTokenizer` answers the part of the transformers tokenizer interface that opd_jax and its
+users call (encode / decode / call / the chat template / special tokens / vocabulary /
+save_pretrained), with results identical to the transformers fast tokenizer over the same backend
+(`to_transformers()`, tested token for token). It exists so that a run on the task tokenizer does
+not import transformers (about a second of every launch); `to_transformers()` gives the real one
+to a caller that needs it (TRL, an HF export).
 
 so a prompt costs len(prompt) + 3 tokens and a response len(response) + 1 (EOS). Special ids are
 fixed: <pad>=0, <eos>=1, <bos>=2, <unk>=3, <|user|>=4, <|assistant|>=5, <|system|>=6, then the
@@ -39,10 +46,14 @@ import os
 import string
 from typing import Sequence
 
+from typing import TYPE_CHECKING, Any
+
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from opd_jax.errors import UserError
+
+if TYPE_CHECKING:
+  from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
@@ -66,12 +77,149 @@ def _chat_template(add_bos: bool) -> str:
       "{%- if add_generation_prompt %}" + ASSISTANT + "{% endif -%}")
 
 
+def _render_chat(messages: Sequence[dict[str, str]], add_bos: bool,
+                 add_generation_prompt: bool) -> str:
+  """What `_chat_template(add_bos)` renders (the template's text joined, no whitespace of its own)."""
+  marks = {"system": (SYSTEM, ""), "user": (USER, ""), "assistant": (ASSISTANT, EOS)}
+  out = [BOS] if add_bos and messages else []
+  for m in messages:
+    if m["role"] not in marks:
+      raise ValueError(f"unknown role {m['role']}")
+    head, tail = marks[m["role"]]
+    out += [head, str(m["content"]), tail]
+  if add_generation_prompt:
+    out.append(ASSISTANT)
+  return "".join(out)
+
+
+class TaskTokenizer:
+  """The task tokenizer without transformers (module docstring): a `tokenizers.Tokenizer` plus the
+  special tokens and chat template that `PreTrainedTokenizerFast` would add around it."""
+
+  name_or_path = ""
+  padding_side = "right"
+
+  def __init__(self, backend: Tokenizer, *, add_bos: bool, model_max_length: int):
+    self.backend = backend
+    self.add_bos = add_bos
+    self.model_max_length = model_max_length
+    # Settable, as in transformers (e.g. pad = EOS); the ids follow the tokens.
+    self.pad_token, self.eos_token, self.bos_token, self.unk_token = PAD, EOS, BOS, UNK
+
+  @property
+  def chat_template(self) -> str:
+    return _chat_template(self.add_bos)
+
+  @chat_template.setter
+  def chat_template(self, value: str):
+    raise AttributeError("TaskTokenizer renders its own chat template only; for another one use "
+                         "tok.to_transformers() and set it there")
+
+  pad_token_id = property(lambda self: self.backend.token_to_id(self.pad_token))
+  eos_token_id = property(lambda self: self.backend.token_to_id(self.eos_token))
+  bos_token_id = property(lambda self: self.backend.token_to_id(self.bos_token))
+  unk_token_id = property(lambda self: self.backend.token_to_id(self.unk_token))
+
+  @property
+  def all_special_tokens(self) -> list[str]:
+    # transformers' order: bos, eos, unk, pad, then the additional special tokens; no repeats.
+    named = [self.bos_token, self.eos_token, self.unk_token, self.pad_token]
+    return list(dict.fromkeys(named + [USER, ASSISTANT, SYSTEM]))
+
+  @property
+  def all_special_ids(self) -> list[int]:
+    return [self.backend.token_to_id(t) for t in self.all_special_tokens]
+
+  def __repr__(self) -> str:
+    return (f"TaskTokenizer(vocab={len(self)}, add_bos={self.add_bos}, "
+            f"model_max_length={self.model_max_length})")
+
+  def __len__(self) -> int:
+    return self.backend.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.backend.get_vocab_size(with_added_tokens=False)
+
+  def get_vocab(self) -> dict[str, int]:
+    return self.backend.get_vocab(with_added_tokens=True)
+
+  @property
+  def added_tokens_decoder(self) -> dict[int, Any]:
+    return dict(sorted(self.backend.get_added_tokens_decoder().items()))
+
+  def convert_ids_to_tokens(self, ids):
+    if isinstance(ids, int):
+      return self.backend.id_to_token(ids)
+    return [self.backend.id_to_token(int(i)) for i in ids]
+
+  def convert_tokens_to_ids(self, tokens):
+    if isinstance(tokens, str):
+      i = self.backend.token_to_id(tokens)
+      return self.unk_token_id if i is None else i
+    return [self.convert_tokens_to_ids(t) for t in tokens]
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    # No post-processor: special tokens are never added around a text, so the flag changes nothing
+    # (as in the transformers wrapper of this backend).
+    del add_special_tokens
+    return list(self.backend.encode(text, add_special_tokens=False).ids)
+
+  def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True,
+               return_offsets_mapping: bool = False) -> dict[str, list]:
+    del add_special_tokens
+    batched = not isinstance(text, str)
+    encs = self.backend.encode_batch(list(text), add_special_tokens=False) if batched else [
+        self.backend.encode(text, add_special_tokens=False)]
+    out: dict[str, list] = {"input_ids": [list(e.ids) for e in encs],
+                            "attention_mask": [[1] * len(e.ids) for e in encs]}
+    if return_offsets_mapping:
+      out["offset_mapping"] = [list(e.offsets) for e in encs]
+    return out if batched else {k: v[0] for k, v in out.items()}
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = False,
+             clean_up_tokenization_spaces: bool = False) -> str:
+    del clean_up_tokenization_spaces  # the task tokenizer never cleans up (as built)
+    return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = False,
+                   clean_up_tokenization_spaces: bool = False) -> list[str]:
+    return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in sequences]
+
+  def apply_chat_template(self, conversation: Sequence[dict[str, str]], tokenize: bool = True,
+                          add_generation_prompt: bool = False, **kwargs) -> str | list[int]:
+    if kwargs:
+      raise TypeError(f"TaskTokenizer.apply_chat_template: unsupported arguments {sorted(kwargs)} "
+                      "(use to_transformers() for the full interface)")
+    if not conversation:  # as transformers does
+      raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one "
+                       "message.")
+    text = _render_chat(conversation, self.add_bos, add_generation_prompt)
+    return self.encode(text) if tokenize else text
+
+  def to_transformers(self) -> "PreTrainedTokenizerFast":
+    """The same tokenizer as a transformers `PreTrainedTokenizerFast` (imports transformers)."""
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (about a second to import)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(self.backend.to_str()), pad_token=self.pad_token,
+        eos_token=self.eos_token, bos_token=self.bos_token, unk_token=self.unk_token,
+        additional_special_tokens=[USER, ASSISTANT, SYSTEM],
+        chat_template=self.chat_template, clean_up_tokenization_spaces=False,
+        model_max_length=self.model_max_length)
+
+  def save_pretrained(self, path: str | os.PathLike, **kwargs):
+    """Writes the transformers fast tokenizer files (`load_tokenizer` reads them back)."""
+    return self.to_transformers().save_pretrained(path, **kwargs)
+
+
 def build_task_tokenizer(alphabet: str = DEFAULT_ALPHABET, *, add_bos: bool = True,
-                         model_max_length: int = 4096) -> PreTrainedTokenizerFast:
+                         model_max_length: int = 4096) -> TaskTokenizer:
   """A character-level tokenizer over `alphabet` (plus the special tokens), with a chat template.
 
   add_bos: start every chat with <bos> (an attention sink for tiny models; costs one token).
   Characters outside the alphabet encode to <unk>; `encode_prompt`/`encode_example` reject them.
+  Returns a `TaskTokenizer` (no transformers import); `.to_transformers()` gives the
+  `PreTrainedTokenizerFast` of the same tokenizer.
   """
   chars = list(dict.fromkeys(alphabet))
   if not chars:
@@ -81,10 +229,7 @@ def build_task_tokenizer(alphabet: str = DEFAULT_ALPHABET, *, add_bos: bool = Tr
   backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
   backend.decoder = decoders.Fuse()
   backend.add_special_tokens(list(SPECIAL_TOKENS))
-  return PreTrainedTokenizerFast(
-      tokenizer_object=backend, pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK,
-      additional_special_tokens=[USER, ASSISTANT, SYSTEM], chat_template=_chat_template(add_bos),
-      clean_up_tokenization_spaces=False, model_max_length=model_max_length)
+  return TaskTokenizer(backend, add_bos=add_bos, model_max_length=model_max_length)
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
