@@ -117,6 +117,14 @@ def jobs_for(layout: str) -> dict[str, Job]:
           "subspace.origin={opd}/snapshots/0", "subspace.at={opd}/snapshots/2", "subspace.k=16",
           "optim.transforms=(('subspace_projection', 'post', {}),)"),
           markers=(f"{REF}.opd",)),
+      # The paper's shared resume (`loop.branch_from`): the reference opd run's step-2
+      # checkpoint (params, Adam's moments, data position, RNG) continued for one more step
+      # under the rank-16 projection of the same bases.
+      Job("rank16_branch", "opd", COMMON + PG_SMALL + (
+          "loop.steps=3", "loop.branch_from={opd}/checkpoints",
+          "subspace.origin={opd}/snapshots/0", "subspace.at={opd}/snapshots/2", "subspace.k=16",
+          "optim.transforms=(('subspace_projection', 'post', {}),)"),
+          markers=(f"{REF}.opd",)),
       Job("rlvr", "rlvr", COMMON + VERIFIED, markers=(f"{REF}.warmstart",)),
       Job("mixed", "opd", COMMON + VERIFIED + ("method=mixed", "data.train_examples=16"),
           markers=(f"{REF}.warmstart",)),

@@ -167,6 +167,84 @@ def test_subspace_option_keeps_the_update_in_the_captured_subspace(tmp_path, sft
   assert moved >= 7 * 2  # q, k, v, o, gate, up, down in both layers
 
 
+def _leaves(path):
+  return [np.asarray(x) for x in jax.tree.leaves(ckpt_lib.load_params(path))]
+
+
+BRANCH_SOURCE = ["loop.steps=12", "loop.checkpoint_every=4", "loop.checkpoint_keep=5",
+                 "loop.snapshot_steps=(0,)", "loop.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def branch_source(tmp_path_factory, sft_run):
+  """An SFT smoke run with checkpoints at 4, 8, 12 (after sft_run: its programs are reused)."""
+  return loop.run(smoke("sft", BRANCH_SOURCE), tmp_path_factory.mktemp("branch_source"))
+
+
+def test_a_branch_continues_its_source_exactly_and_under_a_projection(tmp_path, branch_source):
+  """`loop.branch_from` (the paper's shared resume): from the source's step-8 checkpoint, a
+  branch with the same config repeats steps 9-12 bit for bit (data position, RNG, Adam's moments
+  and the cosine schedule all continue); a branch that adds the rank-k projection takes, at its
+  first step, the projection of the plain continuation's first update."""
+  ckpts = pathlib.Path(branch_source["checkpoint_dir"])
+  same = loop.run(smoke("sft", BRANCH_SOURCE + [f"loop.branch_from={ckpts / '8'}"]),
+                  tmp_path / "same")
+  assert same["resumed_from"] == 8 and same["step"] == 12
+  for x, y in zip(_leaves(same["checkpoint_dir"]), _leaves(ckpts / "12"), strict=True):
+    np.testing.assert_array_equal(x, y)
+  ra = {r["step"]: r for r in rows_of(branch_source)}
+  rb = rows_of(same)
+  assert [r["step"] for r in rb] == list(range(9, 13))
+  for r in rb:
+    for key in ("train/loss", "train/lr", "train/grad_norm"):
+      assert r[key] == ra[r["step"]][key], (r["step"], key)
+
+  # One step each, plain and projected: W_9 - W_8 of the projected branch = V V^T (plain's).
+  k = 4
+  plain = loop.run(smoke("sft", BRANCH_SOURCE + [f"loop.branch_from={ckpts / '8'}"]),
+                   tmp_path / "plain9", stop_after=9)
+  proj = loop.run(smoke("sft", BRANCH_SOURCE + [
+      f"loop.branch_from={ckpts / '8'}", f"subspace.origin={ckpts / '4'}",
+      f"subspace.at={ckpts / '8'}", f"subspace.k={k}",
+      "optim.transforms=(('subspace_projection', 'post', {}),)"]), tmp_path / "proj9",
+      stop_after=9)
+  assert plain["step"] == proj["step"] == 9
+  w4, w8 = ckpt_lib.load_params(ckpts / "4"), ckpt_lib.load_params(ckpts / "8")
+  p9 = ckpt_lib.load_params(plain["checkpoint_dir"])
+  q9 = ckpt_lib.load_params(proj["checkpoint_dir"])
+  checked = 0
+  for path, _ in jax.tree_util.tree_leaves_with_path(w8):
+    name = jax.tree_util.keystr(path)
+    get = lambda tree: np.asarray(_at(tree, path), np.float64)  # noqa: E731
+    d_plain, d_proj = get(p9) - get(w8), get(q9) - get(w8)
+    if not name.endswith("['kernel']"):
+      np.testing.assert_array_equal(d_proj, d_plain, err_msg=name)  # not projected
+      continue
+    delta = get(w8) - get(w4)
+    for layer in range(delta.shape[0]):
+      u = np.linalg.svd(delta[layer], full_matrices=False)[0][:, :k]
+      want = u @ (u.T @ d_plain[layer])
+      assert np.linalg.norm(want) > 0, name
+      # float32 weights: the update is added to W_8 and rounded, so compare at its scale.
+      np.testing.assert_allclose(d_proj[layer], want, rtol=0,
+                                 atol=1e-3 * np.abs(d_plain[layer]).max(), err_msg=name)
+      checked += 1
+  assert checked >= 7 * 2
+
+
+def test_a_branch_refuses_other_changes_and_snapshots_naming_them(tmp_path, branch_source):
+  ckpts = pathlib.Path(branch_source["checkpoint_dir"])
+  with pytest.raises(errors.ResumeConfigError,
+                     match=r"loop\.branch_from=.*differs .* in optim\.lr: 0\.\d+ -> 0\.5"):
+    loop.run(smoke("sft", BRANCH_SOURCE + ["optim.lr=0.5", f"loop.branch_from={ckpts / '8'}"]),
+             tmp_path / "a")
+  with pytest.raises(errors.UserError, match="is a parameter snapshot, not a checkpoint"):
+    loop.run(smoke("sft", BRANCH_SOURCE + [f"loop.branch_from={branch_source['snapshots'][0]}"]),
+             tmp_path / "b")
+  with pytest.raises(errors.UserError, match="no checkpoint at"):
+    loop.run(smoke("sft", [f"loop.branch_from={tmp_path / 'missing'}"]), tmp_path / "c")
+
+
 def _at(tree, path):
   for key in path:
     tree = tree[key.key]

@@ -266,6 +266,9 @@ def _compare(out: pathlib.Path, notes: dict) -> tuple[list[str], list[str]]:
   pairs = [(r, (mpr.REF, r), (mpr.MP, r), (mpr.REF, r)) for r in mpr.RECIPES]
   # A checkpoint written in one layout, resumed in the other: the resumed run ends in the writer's
   # workdir; it must equal the straight `sparse` run of the layout that resumed it.
+  # The branch starts from the reference opd run's step 2, the rank16 run's initial params.
+  pairs.append(("rank16_branch", (mpr.REF, "rank16_branch"), (mpr.MP, "rank16_branch"),
+                (mpr.REF, "rank16")))
   pairs += [("xfer 2->1", (mpr.REF, "sparse"), (mpr.REF, "xfer_resume"), (mpr.REF, "sparse")),
             ("xfer 1->2", (mpr.MP, "sparse"), (mpr.MP, "xfer_resume"), (mpr.REF, "sparse"))]
   for name, (la, ja), (lb, jb), (li, ji) in pairs:

@@ -201,3 +201,58 @@ def test_subspace_projection_slot_pre_and_post():
   # 'pre': Adam sees the projected gradient; its first update is -lr * Pg / (|Pg| + eps).
   pre = np.asarray(first_update("pre")["layers"]["proj"]["kernel"], np.float64)
   np.testing.assert_allclose(pre, -0.1 * proj / (np.abs(proj) + 1e-8), rtol=1e-4, atol=1e-7)
+
+
+def _random_tree(rng):
+  return {"dense": {"kernel": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32),
+                    "bias": jnp.asarray(rng.standard_normal((5,)), jnp.float32)},
+          "norm": {"scale": jnp.asarray(rng.standard_normal((6,)), jnp.float32)}}
+
+
+def _same(a, b):
+  if jax.dtypes.issubdtype(getattr(a, "dtype", None), jax.dtypes.prng_key):
+    a, b = jax.random.key_data(a), jax.random.key_data(b)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_graft_carries_the_shared_parts_and_inits_the_added_ones():
+  """A branch's optimizer (`loop.branch_from`) takes over its source's state: count,
+  hyperparameters and every shared chain part; an added part keeps its init. With an added
+  transform that changes nothing (scale 1), the branch's next update equals the source's."""
+  rng = np.random.default_rng(0)
+  params = _random_tree(rng)
+  source_cfg = factory.OptimConfig(lr=1e-2, schedule="cosine", warmup_frac=0.2,
+                                   weight_decay=0.1, transforms=(("clip_by_value", {}),))
+  source_tx = factory.make_optimizer(source_cfg, params, total_steps=10)
+  state = source_tx.init(params)
+  for _ in range(3):
+    _, state = source_tx.update(_random_tree(rng), state, params)
+  for added in (("scale", "post", {"step_size": 1.0}), ("add_noise", "post", {"eta": 0.5}),
+                ("centralize", "pre", {})):
+    cfg = factory.OptimConfig(lr=1e-2, schedule="cosine", warmup_frac=0.2, weight_decay=0.1,
+                              transforms=(("clip_by_value", {}), added))
+    tx = factory.make_optimizer(cfg, params, total_steps=10)
+    fresh = tx.init(params)
+    grafted = factory.graft_opt_state(cfg, fresh, source_cfg, state)
+    new_labels, old_labels = factory.chain_labels(cfg), factory.chain_labels(source_cfg)
+    assert len(new_labels) == len(old_labels) + 1
+    assert int(grafted.count) == 3
+    for i, label in enumerate(new_labels):
+      want = (state.inner_state[old_labels.index(label)] if label in old_labels
+              else fresh.inner_state[i])
+      jax.tree.map(_same, grafted.inner_state[i], want)
+    grads = _random_tree(rng)
+    if added[0] == "scale":
+      want_u, _ = source_tx.update(grads, state, params)
+      got_u, _ = tx.update(grads, grafted, params)
+      jax.tree.map(np.testing.assert_array_equal, got_u, want_u)
+  # A branch may only add transforms: dropping or reordering one is refused, naming it.
+  dropped = factory.OptimConfig(lr=1e-2, weight_decay=0.1)
+  with pytest.raises(factory.GraftError, match=r"'pre:clip_by_value\{\}'.*only add"):
+    factory.graft_opt_state(dropped, factory.make_optimizer(dropped, params).init(params),
+                            source_cfg, state)
+  changed = factory.OptimConfig(lr=1e-2, weight_decay=0.1, b2=0.99,
+                                transforms=(("clip_by_value", {}),))
+  with pytest.raises(factory.GraftError, match=r"scale_by_adam\(b1=0.9, b2=0.999"):
+    factory.graft_opt_state(changed, factory.make_optimizer(changed, params).init(params),
+                            source_cfg, state)

@@ -25,6 +25,7 @@ Ablation transforms are resolved by name in ONE table, `TRANSFORMS`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any, Callable, Mapping
 
@@ -263,6 +264,57 @@ def make_optimizer(cfg: OptimConfig, params, *, total_steps: int | None = None, 
     return optax.chain(*parts)
 
   return optax.inject_hyperparams(chain)(learning_rate=schedule)
+
+
+def chain_labels(cfg: OptimConfig) -> tuple[str, ...]:
+  """One label per part of `make_optimizer(cfg)`'s chain, in its order: what a part is and how it
+  is set, so two configs' chains can be matched part by part (`graft_opt_state`)."""
+  def ablation(t: TransformSpec) -> str:
+    return f"{t.position}:{t.name}{json.dumps(t.kwargs, sort_keys=True, default=str)}"
+
+  labels = ["clip_by_global_norm"] if cfg.grad_clip_norm > 0 else []
+  labels += [ablation(t) for t in cfg.transforms if t.position == "pre"]
+  labels.append(f"scale_by_adam(b1={cfg.b1}, b2={cfg.b2}, eps={cfg.eps}, mu_dtype={cfg.mu_dtype})")
+  if cfg.weight_decay > 0:
+    labels.append(f"add_decayed_weights({cfg.wd_mask})")
+  labels.append("scale_by_learning_rate")
+  labels += [ablation(t) for t in cfg.transforms if t.position == "post"]
+  return tuple(labels)
+
+
+class GraftError(ValueError):
+  """A branch's optimizer cannot take over its source's optimizer state (one line)."""
+
+
+def graft_opt_state(cfg: OptimConfig, fresh_state, source_cfg: OptimConfig, source_state):
+  """`make_optimizer(cfg)`'s state carrying on from `source_state` of `make_optimizer(source_cfg)`.
+
+  A branch (`loop.branch_from`) continues another run under an optimizer that adds ablation
+  transforms (the paper's rank-K projection from a mid-run checkpoint): the update count, the
+  injected hyperparameters and the state of every chain part the two share (Adam's moments
+  above all) come from `source_state`; the parts only `cfg` has keep `fresh_state`'s (their
+  init). Parts are matched by `chain_labels`; the source's parts must appear in the branch's
+  chain in the same order, else `GraftError` names the first one that does not.
+  """
+  new, old = chain_labels(cfg), chain_labels(source_cfg)
+  where, j = [], 0
+  for label in old:
+    while j < len(new) and new[j] != label:
+      j += 1
+    if j == len(new):
+      raise GraftError(f"optimizer part {label!r} of the source run is not in this run's chain "
+                       f"{list(new)} (a branch may only add transforms)")
+    where.append(j)
+    j += 1
+  inner = list(fresh_state.inner_state)
+  if len(inner) != len(new) or len(source_state.inner_state) != len(old):
+    raise GraftError(f"optimizer states do not match their configs: {len(inner)} parts for "
+                     f"{len(new)} labels, {len(source_state.inner_state)} for {len(old)}")
+  for i, part in zip(where, source_state.inner_state):
+    inner[i] = part
+  return fresh_state._replace(count=source_state.count, hyperparams=source_state.hyperparams,
+                              hyperparams_states=source_state.hyperparams_states,
+                              inner_state=tuple(inner))
 
 
 def current_lr(opt_state) -> jax.Array | None:

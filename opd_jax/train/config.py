@@ -594,6 +594,13 @@ class LoopConfig:
     time_phases: log where each step's time goes (`time/*`: sampling, scoring, verification,
       advantages, the update, data, other), tokens per second and MFU (`perf/*`), measured by
       a watcher thread without blocking the loop (`train.timing`).
+    branch_from: a checkpoint of another run that this fresh run continues (its step directory
+      `<workdir>/checkpoints/<step>`, or that directory's parent: its latest step): parameters,
+      step, RNG, data position and optimizer state (Adam's moments, the schedule's count) as a
+      resume would, under this config. The config may differ from the checkpoint's only in
+      `optim.transforms` (transforms added to the chain start from their init: the paper's
+      rank-K projection from a mid-run point, its "shared resume"), `subspace`, and what a
+      resume may change (`loop.RESUMABLE_CHANGES`). '' = start from `student`.
   """
 
   steps: int = 100
@@ -614,6 +621,7 @@ class LoopConfig:
   debug_nan_at_step: int = -1
   transfer_guard: str = "allow"
   time_phases: bool = True
+  branch_from: str = ""
 
   def __post_init__(self):
     if self.transfer_guard not in ("allow", "log", "disallow"):

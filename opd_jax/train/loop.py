@@ -341,6 +341,9 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
     raise errors.UserError(f"{ckpt_dir} already holds checkpoints (latest step {existing[-1]}); "
                            "pass resume=True (--resume) to continue or use a fresh workdir")
   fresh = not (resume and existing)
+  # A branch (`loop.branch_from`) starts from another run's checkpoint; once it has checkpoints
+  # of its own, a resume continues from those.
+  branch = _Branch.open(cfg) if fresh and cfg.loop.branch_from else None
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.loop.checkpoint_keep)
   try:
     if not fresh:
@@ -353,9 +356,75 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
       if fresh:
         _truncate_metrics(workdir / "metrics.jsonl", -1)  # rows of an earlier, unsaved start
     return _run(cfg, workdir, ckpt, fresh, init_params, teacher_params, subspace_bases,
-                tokenizer, stop_after, t_start)
+                tokenizer, stop_after, t_start, branch)
   finally:
     ckpt.close()
+    if branch is not None:
+      branch.ckpt.close()
+
+
+# Config fields a branch may change beyond `RESUMABLE_CHANGES` (prefixes of dotted names).
+BRANCH_CHANGES = ("optim.transforms", "subspace.", "loop.branch_from")
+
+
+@dataclasses.dataclass
+class _Branch:
+  """The checkpoint a branch run starts from (`LoopConfig.branch_from`) and its run's config."""
+
+  ckpt: ckpt_lib.Checkpointer
+  step: int
+  cfg: TrainConfig
+  path: str
+
+  @classmethod
+  def open(cls, cfg: TrainConfig) -> "_Branch":
+    where = f"loop.branch_from={cfg.loop.branch_from!r}"
+    try:
+      step_dir = ckpt_lib.resolve_step_dir(cfg.loop.branch_from)
+    except (FileNotFoundError, ckpt_lib.CheckpointError) as e:
+      raise errors.UserError(f"{where}: {e}") from None
+    if ckpt_lib.is_snapshot_dir(step_dir):
+      raise errors.UserError(f"{where}: {step_dir} is a parameter snapshot, not a checkpoint "
+                             "(a branch needs the optimizer state and data position too)")
+    ckpt = ckpt_lib.Checkpointer(step_dir.parent, keep=None)
+    try:
+      step = int(step_dir.name)
+      saved = (ckpt.restore_meta(step) or {}).get("config")
+      if saved is None:
+        raise errors.UserError(f"{where}: checkpoint {step_dir} records no config")
+      refused = [c for c in config_changes(saved, cfg)
+                 if not c.split(":")[0].startswith(BRANCH_CHANGES)]
+      if refused:
+        raise errors.ResumeConfigError(
+            f"{where}: this run differs from the checkpoint's run in " + "; ".join(refused)
+            + " (a branch may change only optim.transforms, subspace and what a resume may "
+            "change)")
+      return cls(ckpt, step, config_lib.from_config_dict(saved), str(step_dir))
+    except BaseException:
+      ckpt.close()
+      raise
+
+  def restore(self, optim_cfg, tx, abstract_params, shardings: TrainState, extras: dict,
+              frozen: dict, context: dict, total_updates: int) -> tuple[TrainState, dict]:
+    """(this run's state continuing the checkpoint's, the checkpoint's meta): everything from
+    the checkpoint, its optimizer state grafted onto `tx`'s (`factory.graft_opt_state`).
+
+    The checkpoint is read under its own run's optimizer (built with this run's `context`,
+    parameter tree and update count: only its structure matters), onto this run's shardings.
+    """
+    source_tx = factory.make_optimizer(self.cfg.optim, abstract_params,
+                                       total_steps=total_updates, **context)
+    source_shardings = mesh_lib.state_shardings(source_tx, shardings.params, abstract_params,
+                                                **extras, frozen_shardings=frozen.get("shardings"))
+    abstract = mesh_lib.abstract_state(source_tx, abstract_params, source_shardings, **extras,
+                                       frozen=frozen.get("abstract"))
+    source, meta = self.ckpt.restore(self.step, abstract)
+    fresh_opt = jax.jit(tx.init, out_shardings=shardings.opt_state)(source.params)
+    try:
+      opt_state = factory.graft_opt_state(optim_cfg, fresh_opt, self.cfg.optim, source.opt_state)
+    except factory.GraftError as e:
+      raise errors.UserError(f"loop.branch_from={self.path!r}: {e}") from None
+    return source.replace(opt_state=opt_state), meta
 
 
 class _StepAhead:
@@ -390,7 +459,8 @@ class _StepAhead:
 
 
 def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fresh: bool,
-         init_params, teacher_params, subspace_bases, tokenizer, stop_after, t_start) -> dict:
+         init_params, teacher_params, subspace_bases, tokenizer, stop_after, t_start,
+         branch: _Branch | None = None) -> dict:
   """`run` after the workdir checks: build everything once, restore or init, loop."""
   primary = jax.process_index() == 0
   snap_dir = workdir / "snapshots"
@@ -490,6 +560,11 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
       resumed_from = int(jax.device_get(state.step))
       if primary:
         _truncate_metrics(workdir / "metrics.jsonl", resumed_from)
+    elif branch is not None:
+      state, meta = branch.restore(cfg.optim, tx, abstract_params, s_shardings, extras, frozen,
+                                   context, plan.total_updates)
+      iterator.set_state(meta["data"])
+      resumed_from = branch.step
     else:
       trained, base = params, None
       if frozen:
