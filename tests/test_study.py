@@ -1,5 +1,6 @@
 """Study: phase framework (fake phases), verdicts/check/report on synthetic results, smoke study."""
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -563,6 +564,8 @@ def test_presets_compose_every_run(preset):
 
 def test_composed_controls_differ_from_opd_only_where_they_should():
   from opd_jax.study import runs
+  from opd_jax.train import config as train_config
+  from opd_jax.train import loop
   study = _load("tiny")
   specs = {s.name: s for s in runs.run_specs(study)}
   cfg = {n: runs.compose_run(study, s, runs._symbolic) for n, s in specs.items()}
@@ -573,7 +576,11 @@ def test_composed_controls_differ_from_opd_only_where_they_should():
   assert opd.loop.snapshot_steps == tuple(round(i * steps / 5) for i in range(1, 6))
   off = cfg["ctrl_offpolicy"]
   assert off.rollout.policy == "teacher" and off.pg.pg.eps_low == off.pg.pg.eps_high == 1.0
-  assert off.replace(rollout=opd.rollout, pg=opd.pg) == opd
+  # (the plain run also keeps a checkpoint at its first snapshot for its rank-16 arm to branch
+  # from: checkpointing, not computation)
+  keep = dataclasses.replace(off.loop, checkpoint_every=opd.loop.checkpoint_every,
+                             checkpoint_keep=opd.loop.checkpoint_keep)
+  assert off.replace(rollout=opd.rollout, pg=opd.pg, loop=keep) == opd
   mix = cfg["mix_0.05"]
   assert mix.method == "mixed" and mix.rollout.mix_alpha == 0.05
   assert mix.grpo.group_size == opd.rollout.group_size
@@ -581,13 +588,22 @@ def test_composed_controls_differ_from_opd_only_where_they_should():
   assert top.rollout.token_transforms == (("top_kl_retention", {"rho": 0.25}),)
   rnd = cfg["ctrl_random_50"]
   assert rnd.rollout.token_transforms == (("random_retention", {"rho": 0.5, "seed": 0}),)
+  # The rank-16 arm continues the plain run's checkpoint at its first snapshot (shared resume):
+  # the plain run keeps that checkpoint, and the loop accepts the arm's config as a branch of it.
   r16 = cfg["opd_rank16"]
   first = opd.loop.snapshot_steps[0]
-  assert r16.student.path == "@opd:first" and r16.loop.steps == steps - first
+  assert (opd.loop.checkpoint_every, opd.loop.checkpoint_keep) == (first, steps // first + 1)
+  assert r16.student.path == "@anchor:final" and r16.loop.steps == steps
+  assert r16.loop.branch_from == "@opd:first_checkpoint"
   assert (r16.subspace.origin, r16.subspace.at, r16.subspace.k) == ("@anchor:final", "@opd:first",
                                                                     16)
   assert r16.optim.transforms[-1].name == "subspace_projection"
   assert r16.optim.transforms[-1].position == "pre"
+  for plain in ("opd", "sft"):
+    saved = train_config.dataclass_to_dict(cfg[plain])
+    refused = [c for c in loop.config_changes(saved, cfg[f"{plain}_rank16"])
+               if not c.split(":")[0].startswith(loop.BRANCH_CHANGES)]
+    assert refused == [], (plain, refused)
   sft = cfg["sft"]
   assert sft.method == "sft" and sft.optim.schedule == "cosine"
   assert sft.optim.lr == pytest.approx(10 * opd.optim.lr) or study.preset != "tiny"
@@ -605,9 +621,9 @@ def test_seeded_runs_differ_only_in_their_seed():
     for seed in (7, 9):
       other = cfg[f"{fam}_seed{seed}"]
       assert other.loop.seed == seed and specs[f"{fam}_seed{seed}"].family == fam
-      if fam.endswith("_rank16"):   # resumes from its own seed's run, in that run's subspace
+      if fam.endswith("_rank16"):   # branches from its own seed's run, in that run's subspace
         plain = fam[:-len("_rank16")]
-        assert other.student.path == f"@{plain}_seed{seed}:first"
+        assert other.loop.branch_from == f"@{plain}_seed{seed}:first_checkpoint"
         assert other.subspace.at == f"@{plain}_seed{seed}:first"
         assert other.subspace.origin == "@anchor:final"
       else:
@@ -638,7 +654,9 @@ def test_adapter_arms_differ_from_opd_only_in_the_lora_section():
     assert specs[f"opd_{init}"].kind == "adapter" and specs[f"opd_{init}"].family is None
     assert (arm.lora.rank, arm.lora.alpha, arm.lora.init) == (rank, 2.0 * rank, init)
     assert arm.lora.targets == study.adapters.targets and arm.lora.dropout == 0.0
-    assert arm.replace(lora=opd.lora) == opd, init
+    keep = dataclasses.replace(arm.loop, checkpoint_every=opd.loop.checkpoint_every,
+                               checkpoint_keep=opd.loop.checkpoint_keep)  # (the rank-16 branch)
+    assert arm.replace(lora=opd.lora, loop=keep) == opd, init
   # The adapters preset is tiny plus the arms: every other run composes identically.
   tiny_specs = {s.name: s for s in runs.run_specs(tiny)}
   assert set(specs) - set(tiny_specs) == {"opd_lora", "opd_pissa"}

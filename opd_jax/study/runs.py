@@ -62,7 +62,10 @@ class RunSpec:
     uses_teacher: pass the teacher to the run.
     trajectory: save `study.snapshots` evenly spaced snapshots (else only the final one).
     subspace_of: for the rank-16 runs, the trajectory run whose cumulative update (anchor ->
-      its first snapshot) defines the subspace; its remaining steps are run.
+      its first snapshot) defines the subspace and whose checkpoint at that step the arm
+      continues (`loop.branch_from`, the paper's shared resume: parameters, Adam's moments,
+      schedule, data position and RNG), so the plain and projected runs differ only in the
+      projection.
     edit: modifies the composed config dict (controls).
     kind: 'teacher' | 'base' | 'main' | 'rank16' | 'sparsify' | 'offpolicy' | 'mixing' |
       'adapter' | 'regime'.
@@ -95,6 +98,8 @@ class RunSpec:
   @property
   def deps(self) -> tuple[str, ...]:
     out = [self.rank_of] if self.rank_of else []
+    if self.subspace_of:
+      out.append(self.subspace_of)
     if self.start is not None:
       out.append(self.start[0])
     if self.name not in ("teacher", "base") and self.start is not None:
@@ -134,10 +139,11 @@ def run_specs(study: StudyConfig) -> list[RunSpec]:
         return study_config.seeded_name(run, seeds, seed)
 
       rank_of = n("opd") if study.rank16.derive_k else None
-      specs += [RunSpec(n("opd_rank16"), "opd", (n("opd"), "first"), uses_teacher=True,
+      # Same start and config as the plain run (the branch continues its checkpoint).
+      specs += [RunSpec(n("opd_rank16"), "opd", ("anchor", "final"), uses_teacher=True,
                         subspace_of=n("opd"), kind="rank16", seed=seed, family="opd_rank16",
                         rank_of=rank_of),
-                RunSpec(n("sft_rank16"), "sft", (n("sft"), "first"), subspace_of=n("sft"),
+                RunSpec(n("sft_rank16"), "sft", ("anchor", "final"), subspace_of=n("sft"),
                         kind="rank16", seed=seed, family="sft_rank16", rank_of=rank_of)]
   for kind, rho in c.sparsify:
     transform = (study_config.SPARSIFY_KINDS[kind],
@@ -299,14 +305,22 @@ def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver,
     edits.insert(0, edit_lr)
   if spec.seed is not None:
     edits.append(lambda d: study_config.set_in(d, "loop.seed", int(spec.seed)))
-  if spec.subspace_of is not None:
+  if study.rank16.enabled and (spec.kind == "rank16" or spec.family in ("opd", "sft")):
+    # The plain runs keep a checkpoint at their first snapshot for the rank-16 arms to branch
+    # from (the arms carry the same settings: checkpointing does not change the computation).
     first = study_config.snapshot_steps(steps, study.snapshots)[0]
+
+    def edit_keep(d):
+      study_config.set_in(d, "loop.checkpoint_every", first)
+      study_config.set_in(d, "loop.checkpoint_keep", steps // first + 1)
+
+    edits.append(edit_keep)
+  if spec.subspace_of is not None:
     r16 = study.rank16
     k = derived.rank["k"] if derived.rank is not None else r16.k
 
     def edit_r16(d):
-      study_config.set_in(d, "loop.steps", steps - first)
-      study_config.set_in(d, "loop.snapshot_steps", (steps - first,))
+      study_config.set_in(d, "loop.branch_from", resolve(spec.subspace_of, "first_checkpoint"))
       transforms = tuple(d.get("optim", {}).get("transforms", ()))
       study_config.set_in(d, "optim.transforms", transforms + (
           {"name": "subspace_projection", "position": r16.position, "kwargs": {}},))
@@ -381,11 +395,17 @@ def _snapshot_dirs(run_dir: pathlib.Path) -> dict[int, pathlib.Path]:
 
 
 def _resolver(ctx) -> Resolver:
+  """(phase, which) -> path: which = 'final' (its final snapshot), 'first' (its first snapshot)
+  or 'first_checkpoint' (its checkpoint at its first snapshot's step, `compose_run`)."""
   def resolve(phase: str, which: str) -> str:
     summary = ctx.dep_summary(phase)
-    rel = summary["final"] if which == "final" else summary["snapshots"][str(
-        min(int(s) for s in summary["snapshots"]))]
-    return str(ctx.workdir / rel)
+    first = str(min(int(s) for s in summary["snapshots"]))
+    if which == "final":
+      return str(ctx.workdir / summary["final"])
+    if which == "first_checkpoint":  # <phase>/run/snapshots/<steps> -> <phase>/run/checkpoints/
+      return str(ctx.workdir / pathlib.Path(summary["final"]).parent.parent / "checkpoints"
+                 / first)
+    return str(ctx.workdir / summary["snapshots"][first])
   return resolve
 
 
@@ -778,7 +798,8 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
       continue
     flat = {k: v for k, v in _flat(summaries[s.name]["config"]).items()
             if not k.startswith(("student.path", "teacher.path", "subspace.origin",
-                                 "subspace.at", "data.task."))}
+                                 "subspace.at", "data.task.", "loop.branch_from",
+                                 "loop.checkpoint_"))}  # paths; checkpointing
     if s.kind in ("teacher", "base", "main") and (s.family is None or s.name == s.family):
       main[s.name] = flat
     else:
