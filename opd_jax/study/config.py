@@ -92,6 +92,10 @@ class EvalConfig:
 class Rank16Config:
   """The subspace-constrained continuation (paper section 3).
 
+  Each arm branches from its plain run's checkpoint at the plain run's first snapshot
+  (`loop.branch_from`: parameters, Adam's moments, schedule, data position and RNG continue, as
+  the paper resumes the same run), so the plain and projected runs differ only in the projection.
+
   Attributes:
     enabled: run the two projected continuations (OPD and SFT).
     k: rank of the input-side subspace (the paper: 16); unused with `derive_k`.
