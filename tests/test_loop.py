@@ -187,8 +187,13 @@ def test_a_branch_continues_its_source_exactly_and_under_a_projection(tmp_path, 
   and the cosine schedule all continue); a branch that adds the rank-k projection takes, at its
   first step, the projection of the plain continuation's first update."""
   ckpts = pathlib.Path(branch_source["checkpoint_dir"])
+  # The source may still be training: its unfinished write is left alone.
+  unfinished = ckpts / f"16{ckpt_lib._TMP_MARK}1234"
+  unfinished.mkdir()
   same = loop.run(smoke("sft", BRANCH_SOURCE + [f"loop.branch_from={ckpts / '8'}"]),
                   tmp_path / "same")
+  assert unfinished.is_dir()
+  unfinished.rmdir()
   assert same["resumed_from"] == 8 and same["step"] == 12
   for x, y in zip(_leaves(same["checkpoint_dir"]), _leaves(ckpts / "12"), strict=True):
     np.testing.assert_array_equal(x, y)

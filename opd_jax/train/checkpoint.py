@@ -114,16 +114,20 @@ def _remove_unfinished(root: epath.Path) -> None:
 
 
 def open_manager(root, item_names: tuple[str, ...], *, keep: int | None = None,
-                 async_save: bool = False) -> ocp.CheckpointManager:
+                 async_save: bool = False, read_only: bool = False) -> ocp.CheckpointManager:
   """An orbax manager over `root` (created if missing) with `root`'s unfinished writes removed.
 
   Orbax writes each step into a temporary directory and renames it when complete (atomic on a
   local filesystem; a commit marker on object stores): a kill mid-write leaves only a temporary
-  directory. Every process calls this (it synchronises)."""
+  directory. Every process calls this (it synchronises). `read_only`: another run's
+  checkpoints (a branch's source, which may still be training): nothing is created, removed or
+  written."""
   root = as_path(root)
-  _remove_unfinished(root)
+  if not read_only:
+    _remove_unfinished(root)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                         create=True, cleanup_tmp_directories=False)
+                                         create=not read_only, cleanup_tmp_directories=False,
+                                         read_only=read_only)
   return ocp.CheckpointManager(root, options=options, item_names=tuple(item_names))
 
 
@@ -192,10 +196,11 @@ class Checkpointer:
   """
 
   def __init__(self, directory, *, keep: int | None = 3, async_save: bool = True,
-               model_cfg: ModelConfig | None = None):
+               model_cfg: ModelConfig | None = None, read_only: bool = False):
     self.directory = as_path(directory)
     self.model_cfg = model_cfg
-    self.manager = open_manager(self.directory, (STATE, META), keep=keep, async_save=async_save)
+    self.manager = open_manager(self.directory, (STATE, META), keep=keep, async_save=async_save,
+                                read_only=read_only)
 
   def save(self, step: int, state: TrainState, meta: Mapping[str, Any] | None = None, *,
            force: bool = True) -> bool:

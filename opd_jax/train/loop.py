@@ -386,7 +386,8 @@ class _Branch:
     if ckpt_lib.is_snapshot_dir(step_dir):
       raise errors.UserError(f"{where}: {step_dir} is a parameter snapshot, not a checkpoint "
                              "(a branch needs the optimizer state and data position too)")
-    ckpt = ckpt_lib.Checkpointer(step_dir.parent, keep=None)
+    # Read-only: the source run may still be training (its unfinished writes are its own).
+    ckpt = ckpt_lib.Checkpointer(step_dir.parent, keep=None, read_only=True)
     try:
       step = int(step_dir.name)
       saved = (ckpt.restore_meta(step) or {}).get("config")
