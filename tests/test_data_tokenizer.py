@@ -66,6 +66,11 @@ def test_task_tokenizer_matches_the_transformers_tokenizer_on_random_inputs(add_
       assert tt.decode(ids, skip_special_tokens=skip) == hf.decode(
           ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
     assert tt.convert_ids_to_tokens(ids) == hf.convert_ids_to_tokens(ids)
+    tokens = hf.convert_ids_to_tokens(ids) + ["\u00e9", "<nope>"]
+    assert tt.convert_tokens_to_ids(tokens) == hf.convert_tokens_to_ids(tokens)
+    assert tt.convert_tokens_to_ids(T.EOS) == hf.convert_tokens_to_ids(T.EOS)
+    assert tt.batch_decode([ids, ids[::-1]], skip_special_tokens=True) == hf.batch_decode(
+        [ids, ids[::-1]], skip_special_tokens=True, clean_up_tokenization_spaces=False)
     roles = ["system", "user", "assistant"]
     messages = [{"role": str(rng.choice(roles)), "content": _random_text(rng, 8)}
                 for _ in range(int(rng.integers(1, 5)))]
