@@ -5,16 +5,16 @@ special tokens) and wrapped as a `TaskTokenizer`, with a minimal chat template:
 
     <bos><|user|>{prompt}<|assistant|>{response}<eos>
 
+so a prompt costs len(prompt) + 3 tokens and a response len(response) + 1 (EOS). Special ids are
+fixed: <pad>=0, <eos>=1, <bos>=2, <unk>=3, <|user|>=4, <|assistant|>=5, <|system|>=6, then the
+characters.
+
 `TaskTokenizer` answers the part of the transformers tokenizer interface that opd_jax and its
 users call (encode / decode / call / the chat template / special tokens / vocabulary /
 save_pretrained), with results identical to the transformers fast tokenizer over the same backend
 (`to_transformers()`, tested token for token). It exists so that a run on the task tokenizer does
 not import transformers (about a second of every launch); `to_transformers()` gives the real one
 to a caller that needs it (TRL, an HF export).
-
-so a prompt costs len(prompt) + 3 tokens and a response len(response) + 1 (EOS). Special ids are
-fixed: <pad>=0, <eos>=1, <bos>=2, <unk>=3, <|user|>=4, <|assistant|>=5, <|system|>=6, then the
-characters.
 
 Any Hugging Face tokenizer directory (e.g. a Qwen3 checkpoint's) is loaded with `load_tokenizer`
 (local files only, never remote code). Prompts always go through the tokenizer's chat template
@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import os
 import string
-from typing import Sequence
-
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 

@@ -399,9 +399,9 @@ def _resolver(ctx) -> Resolver:
   or 'first_checkpoint' (its checkpoint at its first snapshot's step, `compose_run`)."""
   def resolve(phase: str, which: str) -> str:
     summary = ctx.dep_summary(phase)
-    first = str(min(int(s) for s in summary["snapshots"]))
     if which == "final":
       return str(ctx.workdir / summary["final"])
+    first = str(min(int(s) for s in summary["snapshots"]))
     if which == "first_checkpoint":  # <phase>/run/snapshots/<steps> -> <phase>/run/checkpoints/
       return str(ctx.workdir / pathlib.Path(summary["final"]).parent.parent / "checkpoints"
                  / first)
