@@ -7,8 +7,8 @@ Presets:
   tiny      the README's main job (< 20 min on a 2-core CPU): a 4 x 128 teacher SFT-trained on an
             easy arithmetic task to >= 0.9, a 2 x 64 base student with partial accuracy, every
             run and control of the paper.
-  small     closer to the paper (< 2 h on the same CPU): larger models, the default task, longer
-            runs.
+  small     the second scale (< 2 h on the same CPU): tiny's task with 4 x 128 / 4 x 256 student
+            and teacher, 2.5 x tiny's run lengths, 512 eval problems.
   adapters  tiny + the adapter arms (beyond the paper): OPD with LoRA and with PiSSA from the same
             anchor (`adapters` section; ~2 extra OPD runs).
   regime_map tiny + the regime map (beyond the paper; 12 extra runs).
@@ -36,7 +36,7 @@ study's own runs): sparsity, density, angles, NSS, stable rank and accuracy gain
 budget.
 
 Live geometry (beyond the paper): the OPD, RLVR and SFT sections run the training loop's monitor
-(`geometry.every`: smoke 2, tiny 10, small 30 steps; off in qwen3_8b), read-only; the report's
+(`geometry.every`: smoke 2, tiny 10, small 20 steps; off in qwen3_8b), read-only; the report's
 `live_geometry` figure draws its bf16 density, stable rank, ||dW||_F and Sim_K against progress.
 
 Seeds: every preset but smoke (2) repeats OPD, RLVR, SFT and both rank-16 arms over 3 seeds
@@ -131,9 +131,10 @@ def _width_rule(c, width: int):
 
 
 def _live_geometry(c, every: int):
-  """The training loop's live geometry monitor (`geometry.every`) on the OPD, RLVR and SFT
-  sections (and every run composed from them): read-only, drawn by the `live_geometry` figure."""
-  for n in ("opd", "rlvr", "sft"):
+  """The training loop's live geometry monitor (`geometry.every`) on the anchor (the SFT runs),
+  OPD, RLVR and SFT sections (and every run composed from them): read-only, drawn by the
+  `live_geometry` figure."""
+  for n in ("anchor", "opd", "rlvr", "sft"):
     c[n].geometry = ml_collections.ConfigDict({"every": every})
 
 
@@ -259,24 +260,21 @@ def _regime_map():
 
 
 def _small():
+  """tiny's task at a larger model scale: 4 x 128 student, 4 x 256 teacher, 2.5 x tiny's run
+  lengths (the update budgets stay the paper's: the learning rates follow the steps), twice the
+  eval problems. Sized to run in < 2 h on a 2-core CPU."""
   c = _tiny()
   c.preset = "small"
   c.student = models.spec("tiny", seed=1, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                          head_dim=32, d_ff=256)
-  c.teacher = models.spec("tiny_teacher", seed=0, d_model=256, n_layers=6, n_heads=8,
-                          n_kv_heads=4, head_dim=32, d_ff=768)
-  c.data.task = train_config.dataclass_to_dict(tasks.preset("default"))
-  c.data.train_examples = 32768
+                          head_dim=32, d_ff=512)
+  c.teacher = models.spec("tiny_teacher", seed=0, d_model=256, n_layers=4, n_heads=8,
+                          n_kv_heads=4, head_dim=32, d_ff=1024)
   c.data.eval_examples = 512
-  c.eval.k = 8
-  for n, steps in (("teacher_train", 3000), ("base_train", 300), ("anchor", 300), ("sft", 300)):
+  for n, steps in (("anchor", 50), ("sft", 100), ("opd", 100), ("rlvr", 100)):
     c[n].loop.steps = steps
-  for n in ("opd", "rlvr"):
-    c[n].loop.steps = 300
-    c[n].loop.batch_size = 32
   _width_rule(c, c.student.model.d_model)
   _adapter_arms(c, 128, enabled=False)
-  _live_geometry(c, 30)
+  _live_geometry(c, 20)
   return c
 
 

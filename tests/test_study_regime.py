@@ -116,8 +116,9 @@ def test_width_ranks_are_the_papers_fractions():
 
 
 def test_study_sets_every_budget_sections_lr_by_the_rule(tmp_path):
-  """compose_run with real paths: the anchor's lr from the base's median |W|, OPD / RLVR / SFT /
-  rank-16 / controls / map runs from the anchor's; the map runs at their own scale."""
+  """compose_run with real paths: the anchor's and the SFT arm's (the anchor SFT, every seed) lr
+  from the base's median |W|, OPD / RLVR / rank-16 / controls / map runs from the anchor's; the
+  map runs at their own scale."""
   from opd_jax.study import runs
   from opd_jax.train import checkpoint as ckpt_lib
   from opd_jax.train import config as train_config
@@ -142,7 +143,8 @@ def test_study_sets_every_budget_sections_lr_by_the_rule(tmp_path):
   assert regime.bf16_half_ulp(med["anchor"]) == 2 * regime.bf16_half_ulp(med["base"])
   for name, origin, method, scale in [
       ("anchor", "base", "sft", 1.0), ("opd", "anchor", "opd", 1.0),
-      ("rlvr_seed1", "anchor", "rlvr", 1.0), ("sft", "anchor", "sft", 1.0),
+      ("rlvr_seed1", "anchor", "rlvr", 1.0), ("sft_seed1", "base", "sft", 1.0),
+      ("sft_rank16", "base", "sft", 1.0), ("map_sft_x1", "anchor", "sft", 1.0),
       ("opd_rank16", "anchor", "opd", 1.0), ("ctrl_offpolicy", "anchor", "opd", 1.0),
       ("map_rlvr_x4", "anchor", "rlvr", 4.0), ("map_sft_x4", "anchor", "sft", 4.0)]:
     spec = specs[name]

@@ -11,7 +11,8 @@ A study config file (`configs/study.py`) returns a locked ConfigDict that mirror
     always the shared one): `teacher_train` (SFT of
     a randomly initialised teacher; unused when the teacher is loaded), `base_train` (SFT from
     scratch that makes the base student; unused when the student is loaded), `anchor` (SFT of the
-    base: the paper's SFT geometry is base -> anchor), `opd`, `rlvr`, `sft` (from the anchor);
+    base: the anchor, and the SFT arm, whose geometry the paper measures base -> anchor), `opd`,
+    `rlvr`, `sft` (SFT continued from the anchor: the regime map's SFT points);
   * study sections: `seeds`, `rank16`, `controls`, `adapters`, `diagnostics`, `thresholds`,
     `regime` (learning rates matched to the paper's update budgets; `regime.py`).
 
@@ -24,12 +25,13 @@ seed's `loop.seed` (the same data order and rollout seed as `opd`); their snapsh
 policy, so the diagnostics read them like any other run.
 
 Seeds (the noise model): `seeds` is a tuple of seeds, or a count n meaning (0, ..., n-1). The
-seeded runs (OPD, RLVR, SFT and both rank-16 arms, `SEEDED_RUNS`) run once per seed from the same
-anchor, each with `loop.seed` set to the seed (it seeds the training data order and the train-state
+seeded runs (OPD, RLVR, SFT and both rank-16 arms, `SEEDED_RUNS`) run once per seed, OPD and
+RLVR from the same anchor, SFT and its rank-16 arm from the base (the anchor SFT: the first
+seed's is the anchor), each with `loop.seed` set to the seed (it seeds the training data order and the train-state
 RNG that draws every rollout sample); the task's problems (`data.data_seed`) and the eval protocol
 stay fixed. The first seed's runs keep the plain names (`opd`, ...), the others are named
-`<run>_seed<s>`. The teacher, base, anchor and the controls run once and keep their sections'
-`loop.seed`.
+`<run>_seed<s>`. The teacher, base and the controls run once and keep their sections'
+`loop.seed`; the anchor takes the first seed.
 
 `compose(...)` builds a run's TrainConfig = the run section + the shared sections + the models it
 starts from, strictly (an unknown key names its dotted path, e.g. `opd.optim.lrr`). Loop fields the
@@ -235,7 +237,8 @@ class RegimeConfig:
     scale: the budget relative to the paper's (1.0 = matched).
     paper_median_abs_w: the assumed median |W| of the paper's student (see the module).
     map_scales: the regime map (beyond the paper): SFT, OPD and RLVR from the anchor, first seed,
-      once per budget scale here (>= 4 for a map; the main runs' `scale` is reused, not rerun).
+      once per budget scale here (>= 4 for a map; at the main runs' `scale` OPD's and RLVR's
+      first seeds are reused, not rerun; SFT continued from the anchor runs at every scale).
   """
 
   match_budget: bool = False

@@ -2,8 +2,8 @@
 schema (`reporting` module docstring).
 
 Endpoints (paper section 1 origins): SFT base -> anchor, OPD and RLVR anchor -> end. Trajectories:
-dW_t = W_t - W_anchor at each saved snapshot of every trajectory run (OPD, RLVR, SFT continued and
-the controls), over `DiagnosticsConfig.trajectory_types` (the attention matrices), the unweighted
+dW_t = W_t - W_0 at each saved snapshot of every trajectory run, W_0 the model the run started from
+(the base for the SFT runs, the anchor for OPD, RLVR and the controls), over `DiagnosticsConfig.trajectory_types` (the attention matrices), the unweighted
 mean over matrices per snapshot.
 
 Choices where the paper is silent: the endpoint table's "max principal angle, representative
@@ -129,13 +129,14 @@ def trajectory_summary(out: Mapping) -> dict:
                       for t, d in out["by_type"].items()}}
 
 
-def compute(endpoint_pairs: Mapping[str, tuple], origin, trajectories: Mapping[str, Mapping],
-            cfg: DiagnosticsConfig, log: Callable[[str], None] = print) -> dict:
+def compute(endpoint_pairs: Mapping[str, tuple], origins: Mapping[str, object],
+            trajectories: Mapping[str, Mapping], cfg: DiagnosticsConfig,
+            log: Callable[[str], None] = print) -> dict:
   """Endpoint metrics per method and trajectory metrics per run.
 
   Args:
     endpoint_pairs: {method: (W_0 source, W_1 source)} (params dicts or checkpoint paths).
-    origin: W_0 of every trajectory (the anchor).
+    origins: {run: W_0 source of the run's trajectory} for every run of `trajectories`.
     trajectories: {run: {step: snapshot source}}.
   """
   from opd_jax.geometry import endpoint as geo_endpoint
@@ -152,14 +153,29 @@ def compute(endpoint_pairs: Mapping[str, tuple], origin, trajectories: Mapping[s
     rep = res.get("representative", {}).get("name")
     sigma_dw = update_singular_values(p0, p1, rep) if rep else None
     out["endpoint"][method] = endpoint_summary(res, cfg.mask_alpha, sigma_dw=sigma_dw)
-  origin_params = geo_matrices.resolve_params(origin)
+  loaded = {}   # origins by path: most trajectories share one
   for run, snaps in trajectories.items():
     log(f"[study] diagnostics: trajectory {run}")
+    src = origins[run]
+    key = str(src) if not isinstance(src, Mapping) else id(src)
+    if key not in loaded:
+      loaded[key] = geo_matrices.resolve_params(src)
     steps = sorted(snaps)
-    res = geo_trajectory.trajectory_metrics(origin_params, [snaps[s] for s in steps], steps,
+    res = geo_trajectory.trajectory_metrics(loaded[key], [snaps[s] for s in steps], steps,
                                             tcfg, modules=cfg.trajectory_types)
     out["trajectory"][run] = trajectory_summary(res)
   return out
+
+
+def same_params(a, b) -> bool:
+  """Whether two models (params dicts or checkpoint paths) hold bit-identical weights."""
+  import jax  # noqa: PLC0415
+  from opd_jax.geometry import matrices as geo_matrices
+  pa, pb = geo_matrices.resolve_params(a), geo_matrices.resolve_params(b)
+  la, lb = jax.tree_util.tree_leaves_with_path(pa), jax.tree_util.tree_leaves_with_path(pb)
+  return (len(la) == len(lb) and all(
+      ka == kb and np.shape(x) == np.shape(y) and np.array_equal(np.asarray(x), np.asarray(y))
+      for (ka, x), (kb, y) in zip(la, lb)))
 
 
 def matrix_update_metrics(w0, w1, rank: int) -> dict:

@@ -17,6 +17,7 @@ Results schema (everything optional except where `verdicts.check` needs it)::
                                    overlap_low}},    # (overlaps None for 1-D / unchanged)
                sigma0, sigma1: [f],   # singular values of the representative W_0, W_1 (desc.)
                sigma_dw: [f]}}        # singular values of its update dW = W_1 - W_0 (desc.)
+    sft_is_anchor: bool | None          # the first seed's SFT run ended on the anchor's weights
     mask_consensus: {group: {kind: seeds|methods, runs: [run],  # `diagnostics.mask_consensus`
                      pairs: [{a, b, jaccard, baseline, by_type: {type: f}}],
                      jaccard_mean, jaccard_min, jaccard_max, baseline_mean,
@@ -409,6 +410,14 @@ def verdict_counts(vs: list[dict]) -> str:
           f"HOLD, {n[verdicts.UNRESOLVED]} NOT RESOLVED, {n[verdicts.MISSING]} NOT MEASURED")
 
 
+def _sft_is_anchor(r: dict) -> str:
+  same = r.get("sft_is_anchor")
+  if same is None:
+    return ""
+  return (" The first seed's SFT run ends on the anchor's weights bit for bit: "
+          f"{'yes' if same else 'NO (acceptance check failed)'}.")
+
+
 def noise_section(r: dict) -> str:
   """The noise model: seeds, which runs they repeat, what is fixed, and every rule."""
   nm = r.get("noise_model") or verdicts.noise_model(r)
@@ -416,9 +425,10 @@ def noise_section(r: dict) -> str:
   runs = nm.get("runs") or {}
   lines = [f"Seeds: {', '.join(map(str, seeds)) or 'none recorded'} "
            f"({len(seeds)} seed{'s' if len(seeds) != 1 else ''}); each repeats "
-           f"{', '.join(runs) or 'no run'} from the same anchor (the seed sets the training data "
-           "order and the rollout sampling). The teacher, base, anchor and the controls run "
-           f"once. Fixed quantities (no seed spread): the accuracies of "
+           f"{', '.join(runs) or 'no run'} (OPD and RLVR from the same anchor; SFT and its rank-16 "
+           "arm are the anchor SFT from the base, the first seed's being the anchor itself; the "
+           "seed sets the training data order and the rollout sampling). The teacher, base, "
+           f"anchor and the controls run once.{_sft_is_anchor(r)} Fixed quantities (no seed spread): the accuracies of "
            f"{', '.join(nm.get('fixed_runs', []))}; the endpoints of "
            f"{', '.join(m.upper() for m in nm.get('fixed_endpoints', [])) or 'none'} (measured "
            "once on the shared runs). Every verdict applies one of these rules (z = "

@@ -1,5 +1,14 @@
-"""The study's phases: task -> teacher -> base -> anchor -> OPD / RLVR / SFT -> rank-16 -> controls
+"""The study's phases: task -> teacher -> base -> anchor / SFT -> OPD / RLVR -> rank-16 -> controls
 -> diagnostics -> report, each a `phases.Phase` writing under `WORKDIR/<phase>/`.
+
+The SFT arm is the paper's: base -> SFT anchor. Each seed's `sft` run is the anchor SFT (the
+`anchor` section from the base, `loop.seed` = the seed) with trajectory snapshots and a checkpoint
+at its first snapshot; `sft_rank16` branches from that checkpoint (the anchor SFT resumed under
+the projection). The first seed's `sft` run has the anchor's exact config, so it retraces the
+anchor step for step (the anchor phase is kept on its own, without snapshots, as the start of
+every OPD / RLVR / control run; the diagnostics check the two agree). OPD, RLVR, the controls and
+the regime map start from the anchor; the regime map's SFT points are the `sft` section (SFT
+continued from the anchor), at every budget including the study's own.
 
 Every training phase calls `train.loop.run` (THE training loop) with a TrainConfig composed by
 `study.config.compose`; models flow between phases as parameter snapshots on disk (`ModelSpec(
@@ -8,7 +17,7 @@ Phase fingerprints use the composed TrainConfig with symbolic paths (`@anchor:fi
 the workdir does not invalidate anything. After training, the study measures the final parameters'
 accuracy itself (`evaluate`: avg@k with `study.eval`, the same protocol for every run).
 
-Run names (also the phase directory names): teacher, base, anchor, opd, rlvr, sft, opd_rank16,
+Run names (also the phase directory names): teacher, base, anchor, sft, opd, rlvr, opd_rank16,
 sft_rank16 (and, for every seed after the first, opd_seed<s>, ..., sft_rank16_seed<s>; see
 `config` on seeds), ctrl_topkl_25 / ctrl_random_50 / ... (token sparsification, rho in percent),
 ctrl_offpolicy, mix_<alpha> (e.g. mix_0.05), and with `study.adapters.enabled` the adapter arms
@@ -39,9 +48,9 @@ REPORT_DIR = "report"
 STUDY_JSON = "study_config.json"
 TRAJECTORY_RUNS = ("sft", "opd", "rlvr")
 ORIGINS = {"sft": "base -> anchor", "opd": "anchor -> end", "rlvr": "anchor -> end"}
-# The seeded run family whose seeds give each method's endpoint; None: measured once (the SFT
-# endpoint is base -> anchor, the same shared anchor for every seed, so it has no seed spread).
-ENDPOINT_FAMILY = {"sft": None, "opd": "opd", "rlvr": "rlvr"}
+# The seeded run family whose seeds give each method's endpoint (SFT: base -> each seed's anchor
+# SFT; the first seed's is the anchor itself).
+ENDPOINT_FAMILY = {"sft": "sft", "opd": "opd", "rlvr": "rlvr"}
 # The plain runs whose snapshots are evaluated for accuracy against progress (every seed), and
 # the seeded families whose update masks are compared across seeds (mask consensus).
 PROGRESS_FAMILIES = ("opd", "sft")
@@ -61,7 +70,7 @@ class RunSpec:
       first trajectory snapshot); None = the study's own `student` / `teacher` spec.
     uses_teacher: pass the teacher to the run.
     trajectory: save `study.snapshots` evenly spaced snapshots (else only the final one).
-    subspace_of: for the rank-16 runs, the trajectory run whose cumulative update (anchor ->
+    subspace_of: for the rank-16 runs, the trajectory run whose cumulative update (its start ->
       its first snapshot) defines the subspace and whose checkpoint at that step the arm
       continues (`loop.branch_from`, the paper's shared resume: parameters, Adam's moments,
       schedule, data position and RNG), so the plain and projected runs differ only in the
@@ -103,7 +112,7 @@ class RunSpec:
     if self.start is not None:
       out.append(self.start[0])
     if self.name not in ("teacher", "base") and self.start is not None:
-      out.append("anchor")
+      out.append(_budget_origin(self)[0])
     if self.uses_teacher:
       out.append("teacher")
     return tuple(dict.fromkeys(d for d in out if d != self.name))
@@ -120,18 +129,19 @@ def run_specs(study: StudyConfig) -> list[RunSpec]:
   specs = [
       RunSpec("teacher", "teacher_train", None, kind="teacher"),
       RunSpec("base", "base_train", None, kind="base"),
-      RunSpec("anchor", "anchor", ("base", "final")),
+      # The first seed's anchor SFT: every OPD / RLVR / control run starts from it.
+      RunSpec("anchor", "anchor", ("base", "final"), seed=seeds[0]),
   ]
   for seed in seeds:
     def n(run, seed=seed):
       return study_config.seeded_name(run, seeds, seed)
 
     specs += [
+        RunSpec(n("sft"), "anchor", ("base", "final"), trajectory=True, seed=seed, family="sft"),
         RunSpec(n("opd"), "opd", ("anchor", "final"), uses_teacher=True, trajectory=True,
                 seed=seed, family="opd"),
         RunSpec(n("rlvr"), "rlvr", ("anchor", "final"), trajectory=True, seed=seed,
                 family="rlvr"),
-        RunSpec(n("sft"), "sft", ("anchor", "final"), trajectory=True, seed=seed, family="sft"),
     ]
   if study.rank16.enabled:
     for seed in seeds:
@@ -143,7 +153,7 @@ def run_specs(study: StudyConfig) -> list[RunSpec]:
       specs += [RunSpec(n("opd_rank16"), "opd", ("anchor", "final"), uses_teacher=True,
                         subspace_of=n("opd"), kind="rank16", seed=seed, family="opd_rank16",
                         rank_of=rank_of),
-                RunSpec(n("sft_rank16"), "sft", ("anchor", "final"), subspace_of=n("sft"),
+                RunSpec(n("sft_rank16"), "anchor", ("base", "final"), subspace_of=n("sft"),
                         kind="rank16", seed=seed, family="sft_rank16", rank_of=rank_of)]
   for kind, rho in c.sparsify:
     transform = (study_config.SPARSIFY_KINDS[kind],
@@ -180,17 +190,19 @@ def run_specs(study: StudyConfig) -> list[RunSpec]:
                            uses_teacher=True, trajectory=True, edit=edit_lora, kind="adapter",
                            init=init, seed=seeds[0]))
   for scale in study.regime.map_scales:
-    if float(scale) == float(study.regime.scale):
-      continue  # the main runs (first seed) are this point of the map
     for method in MAP_METHODS:
+      if method in MAP_FROM_MAIN and float(scale) == float(study.regime.scale):
+        continue  # the main run (first seed) is this point of the map
       specs.append(RunSpec(map_run(method, scale), method, ("anchor", "final"),
                            uses_teacher=method == "opd", kind="regime", seed=seeds[0],
                            budget_scale=float(scale)))
   return specs
 
 
-# The regime map's methods (each its own run section, from the anchor).
+# The regime map's methods (each its own run section, from the anchor), and those whose first
+# seed's main run is the map's point at the study's own budget (the SFT arm starts at the base).
 MAP_METHODS = ("sft", "opd", "rlvr")
+MAP_FROM_MAIN = ("opd", "rlvr")
 
 
 def map_run(method: str, scale: float) -> str:
@@ -324,7 +336,7 @@ def compose_run(study: StudyConfig, spec: RunSpec, resolve: Resolver,
       transforms = tuple(d.get("optim", {}).get("transforms", ()))
       study_config.set_in(d, "optim.transforms", transforms + (
           {"name": "subspace_projection", "position": r16.position, "kwargs": {}},))
-      d["subspace"] = {"origin": resolve("anchor", "final"),
+      d["subspace"] = {"origin": resolve(*spec.start),
                        "at": resolve(spec.subspace_of, "first"), "k": k}
 
     edits.append(edit_r16)
@@ -518,26 +530,29 @@ def _diagnostics_phase(study: StudyConfig, specs: list[RunSpec]):
       s = summaries[run]
       return ctx.workdir / s["final"] if s.get("final") else s["model_path"]
 
-    # Endpoints by run: SFT base -> anchor (once), OPD and RLVR anchor -> end for every seed.
-    endpoint_pairs = {"sft": (model_path("base"), model_path("anchor"))}
+    # Endpoints by run: SFT base -> end (each seed's anchor SFT), OPD and RLVR anchor -> end,
+    # every seed.
+    endpoint_pairs = {}
     for s in specs:
-      if s.family in ("opd", "rlvr") or s.kind == "adapter":
-        endpoint_pairs[s.name] = (model_path("anchor"), path(s.name))
+      if s.family in ENDPOINT_FAMILY.values() or s.kind == "adapter":
+        endpoint_pairs[s.name] = (model_path(s.start[0]), path(s.name))
     trajectories = {s.name: {int(k): ctx.workdir / v for k, v in summaries[s.name]["snapshots"]
                              .items()} for s in specs if s.trajectory}
+    # Each trajectory's dW_t is measured from the model its run started from.
+    origins = {s.name: model_path(s.start[0]) for s in specs if s.trajectory}
     # The regime map: anchor -> end of each map run (its end point alone as a trajectory, for the
-    # stable rank); at the study's own scale the first seed's SFT run (OPD and RLVR are above).
+    # stable rank).
     for s in specs:
       if s.kind == "regime":
         endpoint_pairs[s.name] = (model_path("anchor"), path(s.name))
         trajectories[s.name] = {summaries[s.name]["steps"]: path(s.name)}
-    if study.regime.map_scales:
-      endpoint_pairs[map_run("sft", study.regime.scale)] = (model_path("anchor"), path("sft"))
+        origins[s.name] = model_path("anchor")
     dcfg, rule = study.diagnostics, projection_rank(study, "opd", _resolver(ctx))
     if rule is not None:  # Sim_K with the paper's rank rule, on the first seed's OPD
       dcfg = dataclasses.replace(dcfg, sim_k=rule["k"])
-    geometry = diagnostics.compute(endpoint_pairs, model_path("anchor"), trajectories, dcfg,
-                                   log=ctx.log)
+    geometry = diagnostics.compute(endpoint_pairs, origins, trajectories, dcfg, log=ctx.log)
+    # The first seed's SFT run is the anchor SFT with snapshots: it must end where the anchor did.
+    geometry["sft_is_anchor"] = diagnostics.same_params(model_path("sft"), model_path("anchor"))
     if rule is not None:
       geometry["projection_rank"] = rule
     arms = [s.name for s in specs if s.kind == "adapter"]
@@ -622,10 +637,10 @@ def _regime_results(study: StudyConfig, specs: list[RunSpec], geometry: dict,
   for scale in sorted(float(x) for x in study.regime.map_scales):
     for method in MAP_METHODS:
       main = scale == float(study.regime.scale)
-      run = method if main else points.get((method, scale))
+      run = method if main and method in MAP_FROM_MAIN else points.get((method, scale))
       if run not in summaries:
         continue
-      ep = geo_ep.get(map_run("sft", scale) if main and method == "sft" else run, {})
+      ep = geo_ep.get(run, {})
       tr = geo_tr.get(run, {})
       ev, budget = summaries[run].get("eval", {}), summaries[run].get("budget", {})
       rows.append({"method": method, "scale": scale, "run": run,
@@ -641,14 +656,17 @@ def _regime_results(study: StudyConfig, specs: list[RunSpec], geometry: dict,
           "rows": rows}
 
 
-def _rules(study: StudyConfig, summaries: dict, geometry: dict) -> dict:
-  """The report's scale rules: each rule with its inputs and result (`regime`)."""
+def _rules(study: StudyConfig, specs: list[RunSpec], summaries: dict, geometry: dict) -> dict:
+  """The report's scale rules: each rule with its inputs and result (`regime`); the update
+  budget once per run section, from its first run at the study's scale."""
   from opd_jax.study import regime  # noqa: PLC0415
   out = {}
-  for run in study_config.BUDGET_SECTIONS:
-    budget = summaries.get(run, {}).get("budget")
-    if budget:
-      out[f"update budget, {run}"] = regime.describe(regime.BudgetMatch(**{
+  for section in study_config.BUDGET_SECTIONS:
+    runs = [s.name for s in specs if s.section == section and s.budget_scale in (
+        None, float(study.regime.scale)) and (summaries.get(s.name) or {}).get("budget")]
+    if runs:
+      budget = summaries[runs[0]]["budget"]
+      out[f"update budget, {section}"] = regime.describe(regime.BudgetMatch(**{
           k: budget[k] for k in (f.name for f in dataclasses.fields(regime.BudgetMatch))}))
   if not study.regime.match_budget:
     out["update budget"] = "off (regime.match_budget=False): every lr as its section sets it"
@@ -768,6 +786,7 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
                 "fixed_endpoints": [m for m, f in ENDPOINT_FAMILY.items() if f is None]},
       "trajectory": geometry.get("trajectory", {}),
       "mask_consensus": geometry.get("mask_consensus", {}),
+      "sft_is_anchor": geometry.get("sft_is_anchor"),
       "progress_accuracy": summaries.get(PROGRESS_DIR, {}).get("curves", {}),
       "live_geometry": {s.name: dict(summaries[s.name]["live_geometry"],
                                      steps=summaries[s.name]["steps"])
@@ -780,7 +799,8 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
                  for k, m in markers.items() if k != REPORT_DIR},
   }
   if study.rank16.enabled:
-    steps = {m: study_config.section_steps(study, m) for m in ("opd", "sft")}
+    plain = {s.name: s for s in specs if s.kind == "main"}
+    steps = {m: study_config.section_steps(study, plain[m].section) for m in ("opd", "sft")}
     results["rank16"] = {m: {"plain_run": m, "projected_run": f"{m}_rank16",
                              "plain_runs": families.get(m, []),
                              "projected_runs": families.get(f"{m}_rank16", []),
@@ -800,11 +820,11 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
             if not k.startswith(("student.path", "teacher.path", "subspace.origin",
                                  "subspace.at", "data.task.", "loop.branch_from",
                                  "loop.checkpoint_"))}  # paths; checkpointing
-    if s.kind in ("teacher", "base", "main") and (s.family is None or s.name == s.family):
+    ref = _reference_run(study, s)
+    if ref is None:
       main[s.name] = flat
     else:
-      ref = main.get(s.section, {})
-      diffs[s.name] = {k: v for k, v in flat.items() if ref.get(k) != v}
+      diffs[s.name] = {k: v for k, v in flat.items() if main.get(ref, {}).get(k) != v}
   adapters = _adapter_results(study, specs, geometry, summaries)
   if adapters is not None:
     results["adapters"] = adapters
@@ -814,8 +834,24 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
   results["settings"] = {"study": _flat(dict(study_config.study_sections(study))),
                          "task": _flat({"task": dataclasses.asdict(study.data.task)}),
                          "runs": main, "derived_runs": diffs,
-                         "rules": _rules(study, summaries, geometry)}
+                         "rules": _rules(study, specs, summaries, geometry)}
   return results
+
+
+def _reference_run(study: StudyConfig, spec: RunSpec) -> str | None:
+  """The run whose settings the report lists in full and `spec`'s as differences from (None:
+  `spec` is one of those): the first seed's plain run of its family for the other seeds and the
+  rank-16 arms, the map's own point of its method at the study's budget for a regime-map run,
+  the plain run of its section for the controls and adapter arms."""
+  if spec.kind in ("teacher", "base") or (spec.kind == "main" and spec.family in (None, spec.name)):
+    return None
+  if spec.family is not None:
+    return spec.family.removesuffix("_rank16")
+  if spec.kind == "regime":
+    own = (spec.section if spec.section in MAP_FROM_MAIN
+           else map_run(spec.section, study.regime.scale))
+    return None if own == spec.name else own
+  return spec.section
 
 
 def build_phase_names(specs: list[RunSpec]) -> list[str]:

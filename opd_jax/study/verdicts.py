@@ -8,8 +8,7 @@ the one each verdict used):
 
   * Estimates. A quantity measured on the n seeds of a seeded run family (`results['seeds']`) is
     their mean with standard error SE = sd / sqrt(n) (sd with n - 1 degrees of freedom). A quantity
-    fixed by the shared runs (the SFT endpoint base -> anchor; the anchor's, teacher's and base's
-    accuracy) has no seed spread: SE 0 (the study is conditional on its one anchor). A quantity
+    fixed by the shared runs (the anchor's, teacher's and base's accuracy) has no seed spread: SE 0 (the study is conditional on its one anchor). A quantity
     that varies with the seed but was measured on one seed has an unknown spread: SE = infinity,
     so every comparison that needs it is NOT RESOLVED. Chosen over treating one seed as exact
     because a single run cannot separate an effect from seed noise (the issue that motivated
@@ -538,7 +537,9 @@ def check(results: dict) -> list[str]:
   """Failed acceptance thresholds, each a message naming the threshold; empty when all hold.
 
   Thresholds come from `results['thresholds']` (`teacher_min`, `base_min`, `base_max`); OPD and
-  RLVR (their mean accuracy over seeds) must be strictly above the anchor.
+  RLVR (their mean accuracy over seeds) must be strictly above the anchor; the first seed's SFT
+  run (the anchor SFT with snapshots) must end on the anchor's weights bit for bit
+  (`results['sft_is_anchor']`, when measured).
   """
   th = results.get("thresholds")
   if not isinstance(th, dict):
@@ -564,6 +565,9 @@ def check(results: dict) -> list[str]:
   if base is not None and not th["base_min"] <= base <= th["base_max"]:
     fails.append(f"base_range: base student accuracy {base:.3f} outside "
                  f"[{th['base_min']}, {th['base_max']}]")
+  if results.get("sft_is_anchor") is False:
+    fails.append("sft_is_anchor: the first seed's SFT run did not end on the anchor's weights "
+                 "(the same config from the same base must retrace it)")
   for name, v in (("opd", opd), ("rlvr", rlvr)):
     if v is not None and anchor is not None and not v > anchor:
       fails.append(f"{name}_above_anchor: {name.upper()} accuracy {v:.3f} (mean over seeds) not "
