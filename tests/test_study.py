@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import statistics
 
 import numpy as np
@@ -260,6 +261,54 @@ def test_check_compares_the_mean_over_seeds_with_the_anchor():
   assert np.mean([r["accuracy"][x]["acc"] for x in runs]) < 0.5
   fails = verdicts.check(r)
   assert len(fails) == 1 and fails[0].startswith("opd_above_anchor"), fails
+
+
+def test_check_fails_when_the_sft_run_does_not_retrace_the_anchor():
+  r = synthetic_results()
+  assert verdicts.check(dict(r, sft_is_anchor=True)) == verdicts.check(r) == []
+  fails = verdicts.check(dict(r, sft_is_anchor=False))
+  assert len(fails) == 1 and fails[0].startswith("sft_is_anchor"), fails
+
+
+def test_scales_section_puts_each_scales_numbers_side_by_side():
+  """The README's two-scale comparison: every cell comes from the results it is given."""
+  def rendered(**kw):
+    r = verdicts_input = synthetic_results(**kw)
+    r["verdicts"] = verdicts.compute_verdicts(verdicts_input)
+    r["noise_model"] = verdicts.noise_model(r)
+    r["settings"] = {"runs": {m: {"loop.steps": steps, "student.model.n_layers": 2,
+                                  "student.model.d_model": width,
+                                  "teacher.model.n_layers": 3, "teacher.model.d_model": 2 * width}
+                              for m, steps in (("sft", 20), ("opd", 40), ("rlvr", 40))}}
+    return r
+
+  width = 64
+  a = rendered()
+  width = 128
+  b = rendered(paper_like=False, n_seeds=2, seed=3)
+  b["phases"] = {"teacher": {"wall_s": 1800.0}, "opd": {"wall_s": 600.0}}
+  md = reporting.scales_section({"tiny": a, "small": b})
+  settings, claims = md.split("\n\n")
+
+  def cells(line):   # a table row's cells ('\|' is a '|' inside a cell)
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+
+  rows = {cells(line)[0]: cells(line)[1:] for line in settings.splitlines()[2:]}
+  assert rows["student (layers x width)"] == ["2 x 64", "2 x 128"]
+  assert rows["teacher (layers x width)"] == ["3 x 128", "3 x 256"]
+  assert rows["seeds"] == ["3", "2"]
+  assert rows["all phases, wall (min)"] == [f"{61 / 60:.1f}", "40.0"]
+  assert rows["steps"] == ["SFT 20, OPD 40, RLVR 40"] * 2
+  assert rows["accuracy, opd"] == [verdicts.acc_estimate(x, "opd").text() for x in (a, b)]
+  assert rows["accuracy, anchor"] == ["0.500", "0.500"]
+  lines = claims.splitlines()
+  assert cells(lines[0])[2:] == ["tiny: ours", "tiny: verdict", "small: ours", "small: verdict"]
+  assert len(lines) == 2 + len(paper.CLAIMS)
+  for v, w, line in zip(a["verdicts"], b["verdicts"], lines[2:]):
+    assert cells(line) == [v["claim"], v["paper"], v["ours"], reporting._MARK[v["verdict"]],
+                           w["ours"], reporting._MARK[w["verdict"]]]
+  assert any(r"\|\|dW\|\|_F" in line for line in lines)   # escaped: the row keeps its columns
+  assert {c for line in lines[2:] for c in cells(line)[3::2]} >= {"HOLDS", "DOES NOT HOLD"}
 
 
 def test_report_renders_every_section_and_figure(tmp_path):

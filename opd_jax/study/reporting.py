@@ -96,9 +96,14 @@ def _num(x):
   return f"{x:.2e}" if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4) else f"{x:.3g}"
 
 
+def _cell(x) -> str:
+  """A markdown table cell: a '|' in the text (||dW||_F) would end the cell, so it is escaped."""
+  return str(x).replace("|", "\\|")
+
+
 def _table(header, rows):
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
   return "\n".join(lines)
 
 
@@ -503,6 +508,58 @@ def readme_section(r: dict, fig_prefix: str = "") -> str:
     if f in r.get("figures", {}):
       out += [f"![{f}]({fig_prefix}{r['figures'][f]})", ""]
   return "\n".join(out)
+
+
+def scales_section(reports: dict[str, dict]) -> str:
+  """The README's side-by-side of studies at several scales: {label: results dict of a rendered
+  report (`render`)} -> a settings table (models, steps, seeds, wall time, accuracies) and every
+  claim's measurement and verdict at each scale. Every number comes from the results dicts."""
+  labels = list(reports)
+
+  def run_setting(r, key):
+    return r.get("settings", {}).get("runs", {}).get("opd", {}).get(key)
+
+  def model(r, who):
+    d, n = run_setting(r, f"{who}.model.n_layers"), run_setting(r, f"{who}.model.d_model")
+    return "n/a" if d is None or n is None else f"{d} x {n}"
+
+  def steps(r):
+    runs = r.get("settings", {}).get("runs", {})
+    return ", ".join(f"{m.upper()} {runs[m]['loop.steps']}" for m in ("sft", "opd", "rlvr")
+                     if m in runs and "loop.steps" in runs[m])
+
+  def acc(r, run):
+    fam = r.get("seeds", {}).get("runs", {})
+    if run in fam:
+      return _est(verdicts.acc_estimate, r, run)
+    a = r.get("accuracy", {}).get(run)
+    return "n/a" if a is None else f"{a['acc']:.3f}"
+
+  rows = [("student (layers x width)", *(model(reports[x], "student") for x in labels)),
+          ("teacher (layers x width)", *(model(reports[x], "teacher") for x in labels)),
+          ("steps", *(steps(reports[x]) for x in labels)),
+          ("seeds", *(len((reports[x].get("noise_model") or {}).get("seeds") or [])
+                      for x in labels)),
+          ("all phases, wall (min)", *(
+              f"{sum(p.get('wall_s', 0.0) for p in reports[x].get('phases', {}).values()) / 60:.1f}"
+              for x in labels))]
+  rows += [(f"accuracy, {run}", *(acc(reports[x], run) for x in labels))
+           for run in ("teacher", "base", "anchor", "sft", "opd", "rlvr")]
+  rows.append(("verdicts", *(verdict_counts(reports[x]["verdicts"]) for x in labels)))
+  by_id = {x: {v["id"]: v for v in reports[x]["verdicts"]} for x in labels}
+  ids = list(dict.fromkeys(i for x in labels for i in by_id[x]))
+  claims = []
+  for i in ids:
+    first = next(by_id[x][i] for x in labels if i in by_id[x])
+    row = [first["claim"], first["paper"]]
+    for x in labels:
+      v = by_id[x].get(i)
+      row += ["n/a", "-"] if v is None else [v["ours"], _MARK[v["verdict"]]]
+    claims.append(row)
+  header = ["claim", "paper"]
+  for x in labels:
+    header += [f"{x}: ours", f"{x}: verdict"]
+  return "\n".join([_table(["", *labels], rows), "", _table(header, claims)])
 
 
 def render(results: dict, out_dir) -> dict:
