@@ -353,11 +353,14 @@ def _section_adapters(r):
   return "\n".join(lines)
 
 
-def _section_regime_map(r):
+def regime_map_section(r):
+  """The regime map's table (results['regime_map']) with its one-paragraph legend."""
   m = r["regime_map"]
   lines = [f"Beyond the paper: SFT, OPD and RLVR from the same anchor (first seed) at update "
-           f"budgets {', '.join(f'{x:g}' for x in m['scales'])} x the paper's (the study's own "
-           f"runs are the {m['study_scale']:g} x point). The budget is in bf16 half-ulps at the "
+           f"budgets {', '.join(f'{x:g}' for x in m['scales'])} x the paper's (at "
+           f"{m['study_scale']:g} x, OPD and RLVR are the study's own first-seed runs; SFT here "
+           "is SFT continued from the anchor at every budget, not the study's SFT arm, which is "
+           "the anchor SFT from the base). The budget is in bf16 half-ulps at the "
            "anchor's median |W| (Settings, scale rules). Accuracy gain over the anchor "
            f"({_num(m.get('anchor_acc'))}); +- one SE over the eval problems.", ""]
   rows = [(row["method"].upper(), f"{row['scale']:g}", _num(row.get("budget")),
@@ -405,7 +408,7 @@ def _section_settings(st: dict) -> str:
 _SECTION_BODY = {"accuracy": _section_accuracy, "table1": _section_table1,
                  "endpoint": _section_endpoint, "trajectory": _section_trajectory,
                  "rank16": _section_rank16, "controls": _section_controls,
-                 "adapters": _section_adapters, "regime_map": _section_regime_map}
+                 "adapters": _section_adapters, "regime_map": regime_map_section}
 
 
 def verdict_counts(vs: list[dict]) -> str:
