@@ -287,6 +287,7 @@ def test_scales_section_puts_each_scales_numbers_side_by_side():
   width = 128
   b = rendered(paper_like=False, n_seeds=2, seed=3)
   b["phases"] = {"teacher": {"wall_s": 1800.0}, "opd": {"wall_s": 600.0}}
+  b["machine"] = {"cpu_model": "Some CPU", "cpu_count": 2}
   md = reporting.scales_section({"tiny": a, "small": b})
   settings, claims = md.split("\n\n")
 
@@ -294,6 +295,7 @@ def test_scales_section_puts_each_scales_numbers_side_by_side():
     return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
 
   rows = {cells(line)[0]: cells(line)[1:] for line in settings.splitlines()[2:]}
+  assert rows["machine"] == ["n/a", "Some CPU (2 cores)"]
   assert rows["student (layers x width)"] == ["2 x 64", "2 x 128"]
   assert rows["teacher (layers x width)"] == ["3 x 128", "3 x 256"]
   assert rows["seeds"] == ["3", "2"]
@@ -813,6 +815,7 @@ def test_smoke_study_report_structure(smoke_study):
   assert [v["verdict"] for v in verdicts.compute_verdicts(results)] == [
       v["verdict"] for v in results["verdicts"]]
   assert results["failed_thresholds"] == verdicts.check(results)
+  assert results["machine"]["cpu_model"] and results["machine"]["cpu_count"] >= 1
   assert set(results["phases"]) >= {"task", "teacher", "diagnostics"}
   assert all(p["wall_s"] > 0 for p in results["phases"].values())
   # The adapter arms (beyond the paper): OPD from the same anchor, differing in `lora` only; their

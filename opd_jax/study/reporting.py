@@ -488,6 +488,11 @@ def markdown(r: dict, figs: dict[str, str]) -> str:
 README_FIGURES = ("trajectories", "sparsity_per_type", "rank16", "accuracy")
 
 
+def _machine(r: dict) -> str:
+  m = r.get("machine") or {}
+  return f" on {m['cpu_model']} ({m.get('cpu_count', '?')} cores)" if m.get("cpu_model") else ""
+
+
 def readme_section(r: dict, fig_prefix: str = "") -> str:
   """A compact results section for the project README: the Table-1 analog beside the paper's
   numbers, accuracies, the verdict list and the main figures (`fig_prefix` + file name)."""
@@ -499,7 +504,8 @@ def readme_section(r: dict, fig_prefix: str = "") -> str:
                        if k in ("teacher", "base", "anchor", "opd", "rlvr", "sft"))
   out = [f"### Results of the `{r.get('preset', '?')}` study",
          "",
-         f"All phases ran in {total / 60:.1f} min. Eval accuracy (avg@k): {acc_line}. "
+         f"All phases ran in {total / 60:.1f} min{_machine(r)}. Eval accuracy (avg@k): "
+         f"{acc_line}. "
          f"{verdict_counts(vs)} at this scale, over {len(seeds)} seed(s); every verdict below "
          f"is computed from the data under the report's noise model (z = {verdicts.Z:g} standard "
          "errors across seeds; `opd_jax/study/verdicts.py`).", "",
@@ -538,7 +544,8 @@ def scales_section(reports: dict[str, dict]) -> str:
     a = r.get("accuracy", {}).get(run)
     return "n/a" if a is None else f"{a['acc']:.3f}"
 
-  rows = [("student (layers x width)", *(model(reports[x], "student") for x in labels)),
+  rows = [("machine", *(_machine(reports[x]).removeprefix(" on ") or "n/a" for x in labels)),
+          ("student (layers x width)", *(model(reports[x], "student") for x in labels)),
           ("teacher (layers x width)", *(model(reports[x], "teacher") for x in labels)),
           ("steps", *(steps(reports[x]) for x in labels)),
           ("seeds", *(len((reports[x].get("noise_model") or {}).get("seeds") or [])

@@ -776,8 +776,11 @@ def assemble(study: StudyConfig, specs: list[RunSpec], workdir) -> dict:
     entries = [dict(geo_ep[r], origin=ORIGINS[m], run=r) for r in runs if r in geo_ep]
     if entries:
       endpoint_seeds[m] = entries
+  from opd_jax.train import timing  # noqa: PLC0415
   results: dict[str, Any] = {
       "preset": study.preset,
+      # Where the report was assembled (the end of a study run: the machine its phases ran on).
+      "machine": {"cpu_model": timing.cpu_model(), "cpu_count": os.cpu_count()},
       "thresholds": dataclasses.asdict(study.thresholds),
       "accuracy": {s.name: summaries[s.name]["eval"] for s in specs if s.name in summaries},
       "endpoint": {m: dict(geo_ep[m], origin=ORIGINS[m]) for m in ORIGINS if m in geo_ep},
