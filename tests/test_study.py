@@ -303,6 +303,11 @@ def test_scales_section_puts_each_scales_numbers_side_by_side():
   assert rows["steps"] == ["SFT 20, OPD 40, RLVR 40"] * 2
   assert rows["accuracy, opd"] == [verdicts.acc_estimate(x, "opd").text() for x in (a, b)]
   assert rows["accuracy, anchor"] == ["0.500", "0.500"]
+  assert rows["acceptance check (`--check`)"] == ["passes"] * 2
+  b["failed_thresholds"] = ["teacher_min: teacher eval accuracy 0.5 < 0.9"]
+  one = reporting.scales_section({"x": b}).split("\n\n")[0].splitlines()[2:]
+  assert {cells(line)[0]: cells(line)[1:] for line in one}["acceptance check (`--check`)"] == [
+      "FAILS: teacher_min: teacher eval accuracy 0.5 < 0.9"]
   lines = claims.splitlines()
   assert cells(lines[0])[2:] == ["tiny: ours", "tiny: verdict", "small: ours", "small: verdict"]
   assert len(lines) == 2 + len(paper.CLAIMS)
@@ -613,6 +618,23 @@ def test_presets_compose_every_run(preset):
                   | {runs.map_run("sft", x) for x in study.regime.map_scales})
   assert len(maps) == {"smoke": 4, "regime_map": 13}.get(preset, 0)
   assert study.regime.match_budget == (preset != "qwen3_8b")
+
+
+def test_a_regime_map_reuses_the_runs_of_its_base_preset():
+  """regime_map = tiny + map runs: run in a tiny workdir, every tiny run's phase is unchanged
+  (same config and deps), so only the map's runs (and what reads them) run."""
+  from opd_jax.study import runs
+  tiny = {p.name: p for p in runs.build_phases(_load("tiny"))}
+  full = {p.name: p for p in runs.build_phases(_load("regime_map"))}
+  assert set(tiny) < set(full)
+  for name, p in tiny.items():
+    if name == "report":   # its config names the preset
+      continue
+    assert full[name].config == p.config, name
+    assert full[name].deps == p.deps or name == "diagnostics", name   # it reads the map runs too
+  assert {n for n in full if n not in tiny} == {
+      runs.map_run(m, x) for m in runs.MAP_METHODS for x in (0.25, 1.0, 4.0, 16.0, 64.0)
+      if not (m in runs.MAP_FROM_MAIN and x == 1.0)}
 
 
 def test_composed_controls_differ_from_opd_only_where_they_should():

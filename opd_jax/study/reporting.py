@@ -493,22 +493,24 @@ def _machine(r: dict) -> str:
   return f" on {m['cpu_model']} ({m.get('cpu_count', '?')} cores)" if m.get("cpu_model") else ""
 
 
-def readme_section(r: dict, fig_prefix: str = "") -> str:
+def readme_section(r: dict, fig_prefix: str = "", heading: bool = True) -> str:
   """A compact results section for the project README: the Table-1 analog beside the paper's
-  numbers, accuracies, the verdict list and the main figures (`fig_prefix` + file name)."""
+  numbers, accuracies, the projection-rank rule's result, the verdict list and the main figures
+  (`fig_prefix` + file name); `heading`: start with a '### Results of ...' line."""
   vs = r["verdicts"]
   total = sum(p.get("wall_s", 0.0) for p in r.get("phases", {}).values())
   seeds = (r.get("noise_model") or verdicts.noise_model(r)).get("seeds") or []
   acc = r.get("accuracy", {})
   acc_line = ", ".join(f"{k} {a['acc']:.2f}" for k, a in acc.items()
                        if k in ("teacher", "base", "anchor", "opd", "rlvr", "sft"))
-  out = [f"### Results of the `{r.get('preset', '?')}` study",
-         "",
+  rank_rule = r.get("settings", {}).get("rules", {}).get("projection rank K, Sim_K")
+  out = ([f"### Results of the `{r.get('preset', '?')}` study", ""] if heading else []) + [
          f"All phases ran in {total / 60:.1f} min{_machine(r)}. Eval accuracy (avg@k): "
          f"{acc_line}. "
          f"{verdict_counts(vs)} at this scale, over {len(seeds)} seed(s); every verdict below "
          f"is computed from the data under the report's noise model (z = {verdicts.Z:g} standard "
-         "errors across seeds; `opd_jax/study/verdicts.py`).", "",
+         "errors across seeds; `opd_jax/study/verdicts.py`)."
+         + (f" Projection rank (Settings, scale rules): {rank_rule}." if rank_rule else ""), "",
          _section_table1(r), "", _section_endpoint(r), "",
          _table(["claim", "paper", "ours", "verdict", "rule"],
                 [(v["claim"], v["paper"], v["ours"], _MARK[v["verdict"]],
@@ -555,6 +557,9 @@ def scales_section(reports: dict[str, dict]) -> str:
               for x in labels))]
   rows += [(f"accuracy, {run}", *(acc(reports[x], run) for x in labels))
            for run in ("teacher", "base", "anchor", "sft", "opd", "rlvr")]
+  rows.append(("acceptance check (`--check`)", *(
+      "passes" if not reports[x].get("failed_thresholds") else
+      "FAILS: " + "; ".join(reports[x]["failed_thresholds"]) for x in labels)))
   rows.append(("verdicts", *(verdict_counts(reports[x]["verdicts"]) for x in labels)))
   by_id = {x: {v["id"]: v for v in reports[x]["verdicts"]} for x in labels}
   ids = list(dict.fromkeys(i for x in labels for i in by_id[x]))

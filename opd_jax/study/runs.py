@@ -717,9 +717,11 @@ def build_phases(study: StudyConfig, log=print) -> list[phases_lib.Phase]:
     fp = {"train": train_config.dataclass_to_dict(cfg), "trains": trains(study, spec),
           "eval": train_config.dataclass_to_dict(study.eval)}
     if study.regime.match_budget and spec.section in study_config.BUDGET_SECTIONS:
-      # The lr comes from the rule, at the study's scale or the map run's own.
-      fp["regime"] = dict(train_config.dataclass_to_dict(study.regime),
-                          run_scale=spec.budget_scale)
+      # The lr comes from the rule, at the study's scale or the map run's own (which other
+      # scales the map runs does not change this run: a map added to a workdir reuses it).
+      rule = {k: v for k, v in train_config.dataclass_to_dict(study.regime).items()
+              if k != "map_scales"}
+      fp["regime"] = dict(rule, run_scale=spec.budget_scale)
     if spec.rank_of:
       fp["rank_of"] = spec.rank_of   # K comes from the rank rule on this run
     out.append(phases_lib.Phase(spec.name, _train_phase(study, spec, log),
