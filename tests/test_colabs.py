@@ -16,7 +16,7 @@ NOTEBOOKS = ("quickstart", "geometry", "ablations")
 def _kernel_env():
   env = dict(os.environ)
   env["OPD_JAX_NO_INSTALL"] = "1"        # the install cell uses this checkout
-  env["OPD_JAX_CACHE"] = str(ROOT / ".cache" / "jax")
+  env["OPD_JAX_CACHE_DIR"] = str(ROOT / ".cache" / "xla")
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("XLA_FLAGS", None)             # one device, as in Colab's CPU runtime
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

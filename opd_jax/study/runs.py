@@ -865,14 +865,6 @@ def build_phase_names(specs: list[RunSpec]) -> list[str]:
 
 
 # -- entry points -------------------------------------------------------------------------------------
-def _enable_compile_cache():
-  import jax
-  if not jax.config.jax_compilation_cache_dir:
-    path = os.environ.get("OPD_JAX_CACHE", os.path.expanduser("~/.cache/opd_jax/jax"))
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def _as_study(config) -> StudyConfig:
   return config if isinstance(config, StudyConfig) else study_config.from_config_dict(config)
 
@@ -887,7 +879,8 @@ def run(config, workdir, redo=(), check=False, log=print) -> dict:
   writer = jax.process_index() == 0
   if writer:
     phases_lib.write_json_atomic(workdir / STUDY_JSON, train_config.dataclass_to_dict(study))
-  _enable_compile_cache()
+  from opd_jax import compile_cache  # noqa: PLC0415
+  compile_cache.enable()   # the training loop's persistent cache, one location for every run
   dag = build_phases(study, log)
   barrier = _barrier() if jax.process_count() > 1 else (lambda: None)
   records = phases_lib.run_phases(dag, workdir, redo=redo, log=log, writer=writer,
