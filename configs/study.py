@@ -4,14 +4,14 @@ Presets:
   smoke     tests (< 2 min): every phase and every report section at toy size (one sparsification
             run, the off-policy run, two mixing alphas, both adapter arms); the thresholds are not
             expected to hold.
-  tiny      the README's main job (< 20 min on a 2-core CPU): a 4 x 128 teacher SFT-trained on an
+  tiny      the README's main job (< 20 min on a 2-core CPU): a 3 x 64 teacher SFT-trained on an
             easy arithmetic task to >= 0.9, a 2 x 64 base student with partial accuracy, every
             run and control of the paper.
   small     the second scale (< 2 h on the same CPU): tiny's task with 4 x 128 / 4 x 256 student
             and teacher, 2.5 x tiny's run lengths, 512 eval problems.
   adapters  tiny + the adapter arms (beyond the paper): OPD with LoRA and with PiSSA from the same
             anchor (`adapters` section; ~2 extra OPD runs).
-  regime_map tiny + the regime map (beyond the paper; 12 extra runs).
+  regime_map tiny + the regime map (beyond the paper; 13 extra runs).
   qwen3_8b  the paper's models and hyperparameters (paper_facts section 4) for a TPU pod: base
             student Qwen3-8B-Base and teacher Qwen3-32B from local HF checkpoints (used as is and
             evaluated), SFT anchor on a local MATH-layout file with solutions, OPD / RLVR on a local

@@ -180,6 +180,36 @@ def test_mask_jaccard_of_identical_and_disjoint_updates():
   assert unchanged["overall"]["jaccard"] is None and unchanged["overall"]["baseline"] is None
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_same_params_is_bitwise_equality_of_every_leaf(seed, tmp_path):
+  """`same_params` (the study's check that the first SFT seed retraced the anchor) against
+  numpy's bytes comparison, on random trees; checkpoint paths read the same."""
+  from opd_jax.models import transformer
+  from opd_jax.train import checkpoint as ckpt_lib
+  from opd_jax.train import config as train_config
+  rng = np.random.default_rng(seed)
+  p0 = _params(rng)
+  copy = jax.tree_util.tree_map(np.array, p0)
+  assert diagnostics.same_params(p0, copy)
+  leaves, treedef = jax.tree_util.tree_flatten(copy)
+  i = int(rng.integers(len(leaves)))
+  flat = leaves[i].reshape(-1).copy()
+  j = int(rng.integers(flat.size))
+  flat[j] = np.nextafter(flat[j], np.float32(np.inf))   # one ulp in one entry
+  leaves[i] = flat.reshape(leaves[i].shape)
+  moved = jax.tree_util.tree_unflatten(treedef, leaves)
+  want = all(a.tobytes() == b.tobytes() for a, b in zip(jax.tree_util.tree_leaves(p0), leaves))
+  assert diagnostics.same_params(p0, moved) is want is False
+  fewer = dict(p0)
+  fewer.pop(sorted(fewer)[0])
+  assert not diagnostics.same_params(p0, fewer)
+  model = train_config.ModelSpec().model
+  _, params = transformer.init(model, seed)
+  a = ckpt_lib.save_snapshot(tmp_path / "a", 1, params, model)
+  b = ckpt_lib.save_snapshot(tmp_path / "b", 1, params, model)
+  assert diagnostics.same_params(a, b) and diagnostics.same_params(a, params)
+
+
 def test_mask_consensus_pairs_every_seed_and_the_first_runs_across_methods(tmp_path):
   rng = np.random.default_rng(5)
   p0 = _params(rng)

@@ -2,9 +2,10 @@
 schema (`reporting` module docstring).
 
 Endpoints (paper section 1 origins): SFT base -> anchor, OPD and RLVR anchor -> end. Trajectories:
-dW_t = W_t - W_0 at each saved snapshot of every trajectory run, W_0 the model the run started from
-(the base for the SFT runs, the anchor for OPD, RLVR and the controls), over `DiagnosticsConfig.trajectory_types` (the attention matrices), the unweighted
-mean over matrices per snapshot.
+dW_t = W_t - W_0 at each saved snapshot of every trajectory run, W_0 the model the run started
+from (the base for the SFT runs, the anchor for OPD, RLVR and the controls), over
+`DiagnosticsConfig.trajectory_types` (the attention matrices), the unweighted mean over matrices
+per snapshot.
 
 Choices where the paper is silent: the endpoint table's "max principal angle, representative
 layer" is the larger of the input- and output-side maximum angles of the representative matrix

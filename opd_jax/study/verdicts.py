@@ -8,12 +8,13 @@ the one each verdict used):
 
   * Estimates. A quantity measured on the n seeds of a seeded run family (`results['seeds']`) is
     their mean with standard error SE = sd / sqrt(n) (sd with n - 1 degrees of freedom). A quantity
-    fixed by the shared runs (the anchor's, teacher's and base's accuracy) has no seed spread: SE 0 (the study is conditional on its one anchor). A quantity
-    that varies with the seed but was measured on one seed has an unknown spread: SE = infinity,
-    so every comparison that needs it is NOT RESOLVED. Chosen over treating one seed as exact
-    because a single run cannot separate an effect from seed noise (the issue that motivated
-    this: orderings decided by 7.48% vs 7.99% on one seed); only comparisons between fixed
-    quantities (SE 0 on both sides) are then decided exactly, by strict comparison.
+    fixed by the shared runs (the anchor's, teacher's and base's accuracy) has no seed spread: SE 0
+    (the study is conditional on its one anchor). A quantity that varies with the seed but was
+    measured on one seed has an unknown spread: SE = infinity, so every comparison that needs it is
+    NOT RESOLVED. Chosen over treating one seed as exact because a single run cannot separate an
+    effect from seed noise (the issue that motivated this: orderings decided by 7.48% vs 7.99% on
+    one seed); only comparisons between fixed quantities (SE 0 on both sides) are then decided
+    exactly, by strict comparison.
   * Accuracy. SE = sqrt(SE_seeds^2 + SE_problems^2): SE_seeds as above over the per-seed avg@k;
     SE_problems = the mean over seeds of the avg@k standard error over the distinct eval problems
     (problems are the unit, not samples). Every seed is evaluated on the same problems, so the
