@@ -49,6 +49,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from opd_jax.geometry import endpoint, matrices, trajectory  # noqa: E402
+from opd_jax.train import timing  # noqa: E402
 
 # The float64 reference the tests check opd_jax against (tests/geometry_reference.py).
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -227,6 +228,7 @@ def main() -> int:
       "endpoint_overall": ep["overall"],
       "trajectory_overall": {k: v for k, v in tr["overall"].items()},
       "threads": args.threads, "load_avg": os.getloadavg(),
+      "cpu_model": timing.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   if not args.no_reference:
     t3 = time.perf_counter()

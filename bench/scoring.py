@@ -18,6 +18,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -110,7 +111,9 @@ def main(argv=None):
     sys.stderr.write(proc.stderr)
     raise SystemExit(f"scoring child failed with exit code {proc.returncode}")
   measured = json.loads(proc.stdout.strip().splitlines()[-1])
-  result = {"batch": args.batch, "length": args.length, "vocab_size": VOCAB, "body": "small",
+  from opd_jax.train import timing
+  result = {"cpu_model": timing.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "batch": args.batch, "length": args.length, "vocab_size": VOCAB, "body": "small",
             "chunk_size": chunk, "materialised_logsoftmax_gib": round(
                 args.batch * args.length * VOCAB * 4 / 2**30, 2), **measured,
             "target_peak_rss_gib": 2.0}

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import resource
 import sys
 import time
@@ -46,6 +47,7 @@ from opd_jax.models import transformer
 from opd_jax.optim import factory
 from opd_jax.train import mesh as mesh_lib
 from opd_jax.train import steps
+from opd_jax.train import timing
 
 
 def log(msg: str):
@@ -184,6 +186,7 @@ def main(argv=None):
     overrides["attention_block"] = args.attention_block
   cfg = model_config.small(dtype=args.dtype, **overrides)
   dtype = jnp.dtype(args.dtype)
+  log(f"cpu: {timing.cpu_model()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   log(f"small preset: {cfg.num_params:,} params; batch {args.batch} x {args.seq}; {args.dtype}; "
       f"attention_block {cfg.attention_block}; remat {cfg.remat}")
   peak_before = matmul_peak(dtype)
@@ -197,6 +200,7 @@ def main(argv=None):
   peak_after = matmul_peak(dtype)
   peak = max(peak_before, peak_after)
   out = {
+      "cpu_model": timing.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "preset": "small", "num_params": cfg.num_params, "dtype": args.dtype,
       "batch": args.batch, "seq_len": args.seq, "chunk_size": args.chunk,
       "attention_block": cfg.attention_block, "remat": cfg.remat,

@@ -68,8 +68,10 @@ class ModelConfig:
       forwards (training, `shifted_hidden`): sequences longer than this run in query / key blocks
       of this many positions with an online softmax, causal blocks above the diagonal skipped,
       so attention memory is linear in T (`attention.flash_attention`); sequences up to this
-      length, or any length with 0, use the one-shot [B, H, T, T] reference. Not an architecture
-      field: the same function either way.
+      length, or any length with 0, use the one-shot [B, H, T, T] reference. With `remat`, the
+      MLP of such sequences also runs in rematerialised blocks of this many positions, so the
+      backward holds one block's [B, block, d_ff] activations instead of the sequence's. Not an
+      architecture field: the same function either way.
     cache_block: bucket width (slots) of attention over a KV cache (decode, prefill, chunked
       scoring): queries attend over the cache prefix that can be filled, rounded up to whole
       buckets, never the empty tail (`attention.cached_attention`); 0 = always the whole cache.

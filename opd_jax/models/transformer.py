@@ -48,7 +48,9 @@ a row's result then does not depend on the other rows' slots.
 
 Attention math lives in `attention.py`: without a cache, sequences longer than
 `cfg.attention_block` use blocked (flash-style) causal attention, linear in T in memory; shorter
-ones the one-shot reference. Both give the same outputs on every real query.
+ones the one-shot reference. Both give the same outputs on every real query. In a rematerialised
+model (`cfg.remat`) the MLP of such sequences runs in blocks of the same length, each
+rematerialised (`_blocked_swiglu`), so its backward never holds [B, T, d_ff] activations.
 """
 
 from __future__ import annotations
@@ -238,17 +240,44 @@ class Attention(nnx.Module):
     return self.o_proj(out), new_cache
 
 
+def _swiglu(x_BxTxD, gate_DxF, up_DxF, down_FxD, dtype):
+  hidden = jax.nn.silu(_mm(x_BxTxD, gate_DxF, dtype)) * _mm(x_BxTxD, up_DxF, dtype)
+  hidden = constrain(hidden, ("batch", "length", "act_mlp"))
+  return _mm(hidden, down_FxD, dtype)
+
+
+def _blocked_swiglu(x_BxTxD, gate_DxF, up_DxF, down_FxD, dtype, block: int):
+  """`_swiglu` over sequence blocks of `block` positions, each rematerialised: the backward
+  holds one block's [B, block, F] intermediates at a time instead of the whole sequence's. The
+  MLP is position-wise, so the blocks compute the same function (the sequence is zero-padded to
+  whole blocks and the padding dropped)."""
+  b, t, d = x_BxTxD.shape
+  n = -(-t // block)
+  x_BxPxD = jnp.pad(x_BxTxD, ((0, 0), (0, n * block - t), (0, 0)))
+  x_NxBxCxD = x_BxPxD.reshape(b, n, block, d).swapaxes(0, 1)
+  one_block = jax.checkpoint(
+      lambda x_BxCxD: _swiglu(x_BxCxD, gate_DxF, up_DxF, down_FxD, dtype),
+      policy=jax.checkpoint_policies.nothing_saveable)
+  y_NxBxCxD = jax.lax.map(one_block, x_NxBxCxD)
+  return y_NxBxCxD.swapaxes(0, 1).reshape(b, n * block, d)[:, :t]
+
+
 class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.gate_proj = Proj(cfg.d_model, cfg.d_ff, ("embed", "mlp"), cfg, rngs=rngs)
     self.up_proj = Proj(cfg.d_model, cfg.d_ff, ("embed", "mlp"), cfg, rngs=rngs)
     self.down_proj = Proj(cfg.d_ff, cfg.d_model, ("mlp", "embed"), cfg, rngs=rngs)
+    # Sequences longer than this run in rematerialised blocks (`_blocked_swiglu`): only in a
+    # rematerialised model, whose backward would otherwise hold the whole [B, T, F] activations.
+    self.block = cfg.attention_block if cfg.remat else 0
+    self.dtype = _dtype(cfg.dtype)
 
   def __call__(self, x):
-    hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-    hidden = constrain(hidden, ("batch", "length", "act_mlp"))
-    return self.down_proj(hidden)
+    weights = (self.gate_proj.kernel[...], self.up_proj.kernel[...], self.down_proj.kernel[...])
+    if self.block and x.shape[1] > self.block:
+      return _blocked_swiglu(x, *weights, self.dtype, self.block)
+    return _swiglu(x, *weights, self.dtype)
 
 
 class ExpertProj(nnx.Module):
