@@ -147,35 +147,42 @@ def test_sampled_frequencies_match_softmax_chi_square():
   # top-p is checked against its exact set in the two tests below.
 
 
-@pytest.mark.parametrize("vocab,block", [(1000, 128), (8, 128), (256, 16)])
-def test_inverse_cdf_equals_float64_searchsorted(vocab, block):
+def _block_gumbel_max64(noise, logits, block):
+  """The two-stage rule in float64 numpy: block by log(mass) + noise, then index by logit + noise."""
+  v = logits.shape[-1]
+  n = -(-v // block)
+  x = np.concatenate([logits, np.full(n * block - v, -np.inf)]).reshape(n, block)
+  with np.errstate(divide="ignore"):
+    log_mass = np.log(np.sum(np.exp(x - logits.max()), axis=-1))
+  j = int(np.argmax(log_mass + noise[:n]))
+  return j * block + int(np.argmax(x[j] + noise[n:]))
+
+
+@pytest.mark.parametrize("vocab,block", [(1000, 128), (8, 128), (250, 16)])
+def test_block_gumbel_max_equals_float64_reference(vocab, block):
   rng = np.random.default_rng(vocab)
-  weights = rng.exponential(size=(40, vocab)) * (rng.random((40, vocab)) < 0.7)
-  weights[:, 0] = 0.0                     # a zero weight where u = 0 would land without care
-  weights[1, :-1], weights[1, -1] = 0.0, 1.0   # one row with only its last index positive
-  weights[2, : vocab // 2] = 0.0          # leading zero blocks
-  u = rng.random(40)
-  u[:4] = [0.0, 0.5, np.nextafter(np.float32(1), np.float32(0)), 0.999999]
-  got = np.asarray(jax.jit(sampler.inverse_cdf, static_argnums=2)(
-      jnp.asarray(u, jnp.float32), jnp.asarray(weights, jnp.float32), block))
-  for row, (w, ui, g) in enumerate(zip(weights, u, got)):
-    assert w[g] > 0, (row, g)             # never an index of zero weight
-    cum = np.cumsum(w)
-    expect = min(int(np.searchsorted(cum, ui * cum[-1], side="right")), int(np.flatnonzero(w)[-1]))
-    # float32 sums may move a target that sits on a boundary to the neighbouring index
-    if g != expect:
-      lo, hi = sorted((g, expect))
-      assert abs(ui * cum[-1] - cum[lo]) <= 1e-5 * cum[-1], (row, g, expect)
+  logits = rng.standard_normal((40, vocab)) * 3.0
+  logits[rng.random((40, vocab)) < 0.3] = -np.inf   # filtered out (top-k / top-p)
+  logits[1, :-1], logits[1, -1] = -np.inf, 0.0       # one row with only its last index allowed
+  logits[2, : vocab // 2] = -np.inf                  # leading empty blocks
+  noise = rng.gumbel(size=(40, sampler.draw_noise_size(vocab, block)))
+  got = np.asarray(jax.jit(sampler.block_gumbel_max, static_argnums=2)(
+      jnp.asarray(noise, jnp.float32), jnp.asarray(logits, jnp.float32), block))
+  expect = [_block_gumbel_max64(nz, row, block) for nz, row in zip(noise, logits)]
+  np.testing.assert_array_equal(got, expect)
+  assert np.all(np.isfinite(logits[np.arange(40), got]))
 
 
-def test_inverse_cdf_frequencies_chi_square():
-  vocab, n_rows = 300, 20000
+def test_block_gumbel_max_frequencies_chi_square():
+  vocab, block, n_rows = 300, 32, 20000
   rng = np.random.default_rng(1)
-  weights = rng.exponential(size=vocab) * (rng.random(vocab) < 0.5)
-  probs = weights / weights.sum()
-  u = jax.random.uniform(jax.random.key(2), (n_rows,), jnp.float32)
-  toks = np.asarray(jax.jit(sampler.inverse_cdf, static_argnums=2)(
-      u, jnp.broadcast_to(jnp.asarray(weights, jnp.float32), (n_rows, vocab)), 32))
+  logits = rng.standard_normal(vocab) * 1.5
+  logits[rng.random(vocab) < 0.5] = -np.inf
+  probs = np.where(np.isfinite(logits), np.exp(logits - logits.max()), 0.0)
+  probs /= probs.sum()
+  noise = jax.random.gumbel(jax.random.key(2), (n_rows, sampler.draw_noise_size(vocab, block)))
+  toks = np.asarray(jax.jit(sampler.block_gumbel_max, static_argnums=2)(
+      noise, jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n_rows, vocab)), block))
   counts = np.bincount(toks, minlength=vocab)
   assert counts[probs == 0].sum() == 0
   assert scipy.stats.chisquare(counts[probs > 0], n_rows * probs[probs > 0]).pvalue > CHI2_ALPHA
