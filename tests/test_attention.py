@@ -206,6 +206,22 @@ def test_blocked_mlp_backward_holds_one_block_of_intermediates():
   assert blocked < hidden_bytes, (blocked, hidden_bytes)
 
 
+def test_blocked_mlp_sharded_on_fake_mesh_equals_single_device():
+  rng = np.random.default_rng(3)
+  args = [jnp.asarray(rng.standard_normal(s) * sc, jnp.float32) for s, sc in
+          (((4, 21, 16), 1.0), ((16, 40), 0.3), ((16, 40), 0.3), ((40, 16), 0.2))]
+  fn = jax.jit(jax.value_and_grad(
+      lambda *a: jnp.sum(tf._blocked_swiglu(*a, dtype=jnp.float32, block=8) ** 2),
+      argnums=(0, 1, 2, 3)))
+  single = fn(*args)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh), sharding.axis_rules(sharding.DEFAULT_RULES):
+    sharded = fn(*args)
+  for got, expect in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+    np.testing.assert_allclose(got, expect, atol=1e-5, rtol=1e-5)
+
+
 def test_flash_sharded_on_fake_mesh_equals_single_device():
   t = 21
   q, kk, v, mask, seg = _inputs(t, h=4, k=2, seed=5)
