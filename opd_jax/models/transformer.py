@@ -271,13 +271,13 @@ class MLP(nnx.Module):
     # Sequences longer than this run in rematerialised blocks (`_blocked_swiglu`): only in a
     # rematerialised model, whose backward would otherwise hold the whole [B, T, F] activations.
     self.block = cfg.attention_block if cfg.remat else 0
-    self.dtype = _dtype(cfg.dtype)
 
   def __call__(self, x):
     weights = (self.gate_proj.kernel[...], self.up_proj.kernel[...], self.down_proj.kernel[...])
+    dtype = self.gate_proj.dtype
     if self.block and x.shape[1] > self.block:
-      return _blocked_swiglu(x, *weights, self.dtype, self.block)
-    return _swiglu(x, *weights, self.dtype)
+      return _blocked_swiglu(x, *weights, dtype, self.block)
+    return _swiglu(x, *weights, dtype)
 
 
 class ExpertProj(nnx.Module):
