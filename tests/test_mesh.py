@@ -1,6 +1,8 @@
 """train/mesh.py (mesh, shardings, sharded init, resharding, multi-process helpers); `plan` is in
 test_plan.py."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +117,27 @@ def test_maybe_initialize_distributed_single_process_and_errors(monkeypatch):
     mesh_lib.maybe_initialize_distributed()
   with pytest.raises(ValueError, match="outside"):
     mesh_lib.maybe_initialize_distributed("127.0.0.1:1", 2, 5)
+
+
+def test_multi_process_cpu_collectives_time_out_unless_xla_flags_say_otherwise(monkeypatch):
+  """A multi-process run bounds how long a CPU collective waits for its peers (XLA's default is
+  30 minutes); a timeout already in XLA_FLAGS is kept, other flags are kept."""
+  flag = "--xla_cpu_collective_timeout_seconds"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  mesh_lib._bound_cpu_collective_waits()  # noqa: SLF001
+  assert os.environ["XLA_FLAGS"].split() == [
+      "--xla_force_host_platform_device_count=8", f"{flag}={mesh_lib.CPU_COLLECTIVE_TIMEOUT_S}"]
+  monkeypatch.setenv("XLA_FLAGS", f"{flag}=5")
+  mesh_lib._bound_cpu_collective_waits()  # noqa: SLF001
+  assert os.environ["XLA_FLAGS"] == f"{flag}=5"
+  monkeypatch.delenv("XLA_FLAGS")
+  mesh_lib._bound_cpu_collective_waits()  # noqa: SLF001
+  assert os.environ["XLA_FLAGS"] == f"{flag}={mesh_lib.CPU_COLLECTIVE_TIMEOUT_S}"
+
+
+def test_any_process_is_the_flag_itself_on_one_process():
+  assert mesh_lib.any_process("t", True) is True
+  assert mesh_lib.any_process("t", False) is False
 
 
 def test_step_rng_folds_in_step():

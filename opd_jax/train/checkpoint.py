@@ -108,9 +108,27 @@ def _remove_unfinished(root: epath.Path) -> None:
         p.rmtree(missing_ok=True)
       else:
         p.unlink(missing_ok=True)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    multihost_utils.sync_global_devices(f"opd_jax_remove_unfinished_{root}")
+  from opd_jax.train import mesh as mesh_lib  # noqa: PLC0415
+  mesh_lib.sync_processes(f"remove_unfinished_{root}")
+
+
+def _host_barriers_for_orbax() -> None:
+  """Makes orbax's barriers host-only (the coordination service) in a multi-process run.
+
+  By default orbax synchronises processes with `multihost_utils.sync_global_devices`, a device
+  all-reduce, and an async save issues it from orbax's writer thread whenever that thread gets
+  there, while the main thread keeps dispatching steps with collectives of their own. Nothing
+  then makes every process launch the two in the same order, and gloo (CPU) pairs collectives by
+  launch order: a deadlock waiting to happen. Orbax's own flag routes its barriers through the
+  coordination service instead. Set as absl does for a flag given on the command line, so an
+  explicit `--experimental_orbax_use_distributed_barrier` parsed later still wins."""
+  if jax.process_count() == 1:
+    return
+  from absl import flags  # noqa: PLC0415
+  name = "experimental_orbax_use_distributed_barrier"
+  if name in flags.FLAGS and not flags.FLAGS[name].present:
+    flags.FLAGS[name].value = True
+    flags.FLAGS[name].present = 1
 
 
 def open_manager(root, item_names: tuple[str, ...], *, keep: int | None = None,
@@ -123,6 +141,7 @@ def open_manager(root, item_names: tuple[str, ...], *, keep: int | None = None,
   checkpoints (a branch's source, which may still be training): nothing is created, removed or
   written."""
   root = as_path(root)
+  _host_barriers_for_orbax()
   if not read_only:
     _remove_unfinished(root)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,

@@ -202,14 +202,8 @@ class _StopRequest:
 
   def agreed(self) -> bool:
     """Whether to stop now; multi-process, every process stops at the same step if any was
-    signalled (a tiny all-gather of the flags, an explicit documented transfer)."""
-    flag = self.signal is not None
-    if jax.process_count() == 1:
-      return flag
-    from jax.experimental import multihost_utils
-    with jax.transfer_guard("allow"):
-      flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
-    return bool(np.asarray(flags).any())
+    signalled (agreed over the coordination service, host-only: `mesh.any_process`)."""
+    return mesh_lib.any_process("stop", self.signal is not None)
 
 
 def _load_teachers(cfg, mesh, rules, teacher_params):

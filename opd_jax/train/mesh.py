@@ -297,6 +297,7 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
   if jax.distributed.is_initialized():
     return True
   if coordinator == "auto":
+    _bound_cpu_collective_waits()
     jax.distributed.initialize()
     return True
   if num_processes is None or num_processes <= 1:
@@ -307,9 +308,33 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
                      f"coordinator={coordinator!r}, process_id={process_id!r}")
   if not 0 <= process_id < num_processes:
     raise ValueError(f"OPD_PROCESS_ID={process_id} is outside [0, {num_processes})")
+  _bound_cpu_collective_waits()
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                              process_id=process_id)
   return True
+
+
+# How long a CPU (gloo) collective waits for its peers before it fails (XLA's default: 30 min).
+CPU_COLLECTIVE_TIMEOUT_S = 600
+
+
+def _bound_cpu_collective_waits() -> None:
+  """A multi-process CPU run fails within `CPU_COLLECTIVE_TIMEOUT_S` instead of hanging for
+  XLA's 30 minutes when the processes stop meeting in the same collective (unless XLA_FLAGS
+  already sets the timeout; the flag means nothing to TPU / GPU backends).
+
+  Why they can stop meeting (jaxlib 0.10.2, CPU only): XLA's gloo communicator gives every
+  collective the same tag, so collectives pair up in the order each process launches them, and
+  the CPU runtime can launch a while loop that holds collectives and an independent collective
+  of the same program in either order. Seen in 2-process RLVR smokes (1 device each), mostly with
+  the 2 cores oversubscribed, once on a quiet machine: inside one program, one process was in the
+  all-gather of a layer loop while the other was in a top-level all-reduce (XLA's collective
+  logs, same op ids up to there), both waiting for good. A failed run resumes from its last
+  checkpoint (`--resume`)."""
+  flag = "--xla_cpu_collective_timeout_seconds"
+  flags = os.environ.get("XLA_FLAGS", "")
+  if flag not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}={CPU_COLLECTIVE_TIMEOUT_S}".strip()
 
 
 def global_batch(local_batch: Mapping[str, Any], mesh: jax.sharding.Mesh,
@@ -343,6 +368,34 @@ def sync_processes(name: str, timeout_s: float = 1800.0) -> None:
   n = _SYNCS.get(name, 0)
   _SYNCS[name] = n + 1
   ocp_multihost.get_barrier_sync_fn()(key=f"opd_jax_{name}_{n}", timeout_ms=int(timeout_s * 1000))
+
+
+_AGREEMENTS: dict[str, int] = {}
+
+
+def any_process(name: str, flag: bool, timeout_s: float = 1800.0) -> bool:
+  """Whether `flag` is set on any process (a host-only OR over processes; one process: `flag`).
+
+  Every process must call it the same number of times with the same `name`. It goes through the
+  coordination service (a counter and a barrier), never through the devices: a device all-gather
+  would queue behind the step just dispatched and hold the host until that step finished, every
+  step, and it would be one more collective for the processes to launch in the same order.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from orbax.checkpoint import multihost as ocp_multihost
+  client = ocp_multihost.get_jax_distributed_client()
+  n = _AGREEMENTS.get(name, 0)
+  _AGREEMENTS[name] = n + 1
+  key = f"opd_jax_any/{name}/{n}"
+  if flag:
+    client.key_value_increment(key, 1)
+  # Past the barrier every process has incremented (or not) for round n and finished round n - 1.
+  client.wait_at_barrier(f"{key}/barrier", int(timeout_s * 1000))
+  count = client.key_value_increment(key, 0)
+  if n and jax.process_index() == 0:
+    client.key_value_delete(f"opd_jax_any/{name}/{n - 1}")
+  return count > 0
 
 
 def process_rows(global_batch_size: int) -> slice:

@@ -452,9 +452,8 @@ def _scan(root: epath.Path) -> dict[int, dict]:
 
 def _barrier(name: str) -> None:
   """Every process has read the directory before any of them writes to it."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    multihost_utils.sync_global_devices(name)
+  from opd_jax.train import mesh as mesh_lib  # noqa: PLC0415
+  mesh_lib.sync_processes(name)
 
 
 def _is_delta(meta: Mapping) -> bool:
