@@ -135,11 +135,6 @@ def test_multi_process_cpu_collectives_time_out_unless_xla_flags_say_otherwise(m
   assert os.environ["XLA_FLAGS"] == f"{flag}={mesh_lib.CPU_COLLECTIVE_TIMEOUT_S}"
 
 
-def test_any_process_is_the_flag_itself_on_one_process():
-  assert mesh_lib.any_process("t", True) is True
-  assert mesh_lib.any_process("t", False) is False
-
-
 def test_step_rng_folds_in_step():
   tx = factory.make_optimizer(factory.OptimConfig(), {"w": jnp.zeros((2, 2))})
   s = state_lib.create_state({"w": jnp.zeros((2, 2))}, tx, 7)

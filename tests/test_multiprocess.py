@@ -73,8 +73,6 @@ def test_two_processes_match_single_process(tmp_path):
     assert p.returncode == 0, f"worker {i} failed:\n{err[-4000:]}"
   result = json.loads(outs[0][0].strip().splitlines()[-1])
   assert result["devices"] == 2
-  # process 1 alone raised its flag, at the second step: every process saw it then, only then
-  assert result["agreed"] == [False, True, False]
   # orbax's barriers (its async writer thread's included) stay off the devices: a device barrier
   # issued from that thread can interleave with the step's collectives differently per process
   assert result["orbax_host_barriers"] is True

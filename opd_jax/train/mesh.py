@@ -370,34 +370,6 @@ def sync_processes(name: str, timeout_s: float = 1800.0) -> None:
   ocp_multihost.get_barrier_sync_fn()(key=f"opd_jax_{name}_{n}", timeout_ms=int(timeout_s * 1000))
 
 
-_AGREEMENTS: dict[str, int] = {}
-
-
-def any_process(name: str, flag: bool, timeout_s: float = 1800.0) -> bool:
-  """Whether `flag` is set on any process (a host-only OR over processes; one process: `flag`).
-
-  Every process must call it the same number of times with the same `name`. It goes through the
-  coordination service (a counter and a barrier), never through the devices: a device all-gather
-  would queue behind the step just dispatched and hold the host until that step finished, every
-  step, and it would be one more collective for the processes to launch in the same order.
-  """
-  if jax.process_count() == 1:
-    return bool(flag)
-  from orbax.checkpoint import multihost as ocp_multihost
-  client = ocp_multihost.get_jax_distributed_client()
-  n = _AGREEMENTS.get(name, 0)
-  _AGREEMENTS[name] = n + 1
-  key = f"opd_jax_any/{name}/{n}"
-  if flag:
-    client.key_value_increment(key, 1)
-  # Past the barrier every process has incremented (or not) for round n and finished round n - 1.
-  client.wait_at_barrier(f"{key}/barrier", int(timeout_s * 1000))
-  count = client.key_value_increment(key, 0)
-  if n and jax.process_index() == 0:
-    client.key_value_delete(f"opd_jax_any/{name}/{n - 1}")
-  return count > 0
-
-
 def process_rows(global_batch_size: int) -> slice:
   """The slice of a global batch this process should load (contiguous, in process order)."""
   n = jax.process_count()
