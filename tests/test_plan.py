@@ -80,6 +80,8 @@ def _check_totals(out):
     assert ph["transient_bytes"] > 0, name
     # Every weight a phase reads is among its XLA arguments.
     assert ph["argument_bytes"] >= ph["resident_args_bytes"] > 0, name
+    # No loop with collectives races another collective (multi-process CPU would hang).
+    assert ph["unordered_collectives"] == 0, name
   peak = max(ph["transient_bytes"] for ph in out["phases"].values())
   assert out["phases"][out["peak_phase"]]["transient_bytes"] == peak
   assert out["total_bytes"] == out["resident_bytes"] + peak

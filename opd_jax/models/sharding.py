@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 # Parameter axes. `expert` is the stacked-experts axis of mixture-of-experts weights ([E, ...]
@@ -120,3 +122,87 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x
   spec = logical_to_spec(names, rules, mesh.axis_names)
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+
+def fit_spec(shape: Sequence[int], spec: P, mesh: jax.sharding.Mesh) -> P:
+  """Replicates every dimension whose size is not divisible by its mesh axes' product."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+    out.append(axes if dim % math.prod(mesh.shape[a] for a in axes_t) == 0 else None)
+  return P(*out)
+
+
+def constrain_params(tree, logical_tree, *, whole_over_batch: bool = False):
+  """Constrains a params-shaped `tree` to its logical layout (`logical_tree`: tuples of logical
+  names). `whole_over_batch`: without the mesh axes of the `batch` rule, i.e. what a layer needs
+  whole when every batch device runs it (FSDP-sharded weights gathered). Identity without rules
+  or a mesh in context."""
+  rules = current_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh is None or mesh.empty:
+    return tree
+  if whole_over_batch:
+    batch_axes = dict(rules).get("batch") or ()
+    batch_axes = {batch_axes} if isinstance(batch_axes, str) else set(batch_axes)
+
+    def drop(axes):
+      axes_t = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      return tuple(a for a in axes_t if a not in batch_axes) or None
+
+    rules = tuple((name, axes if name in ACTIVATION_AXES else drop(axes))
+                  for name, axes in rules)
+
+  def one(x, names):
+    spec = fit_spec(x.shape, logical_to_spec(names, rules, mesh.axis_names), mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+  return jax.tree.map(one, tree, logical_tree)
+
+
+def gathered_after(dependency, tree, logical_tree):
+  """`tree` gathered whole over the batch's devices (`constrain_params(whole_over_batch=True)`),
+  made to depend on `dependency` first (`after`; None: no dependency), where
+  `orders_collectives()`; elsewhere `tree` as it is. The dependency is added in the tree's own
+  layout, before the gather (else the partitioner gathers first and adds after)."""
+  if not orders_collectives():
+    return tree
+  if dependency is not None:
+    tree = constrain_params(after(dependency, constrain_params(tree, logical_tree)),
+                            logical_tree)
+  return constrain_params(tree, logical_tree, whole_over_batch=True)
+
+
+def orders_collectives() -> bool:
+  """True where programs order their collectives explicitly (`after`, `transformer.gathered`):
+  the CPU backend, whose multi-process collectives pair up in launch order
+  (`train.collective_order`). TPU and GPU programs are left exactly as written."""
+  return jax.default_backend() == "cpu"
+
+
+def after(dependency, tree):
+  """`tree` (floating-point leaves), made to depend on `dependency`: every use of the result,
+  collectives XLA inserts for it included, runs once `dependency` is computed.
+
+  XLA:CPU pairs the collectives of processes in launch order and may launch a loop that holds
+  collectives and an independent collective in either order on each process
+  (`train.collective_order`); a data dependency orders them. `optimization_barrier` does not:
+  XLA drops it before the runtime builds its dependency graph. So each leaf gains `0 * s`, `s` the
+  sum of `dependency`'s first leaf (XLA does not fold a float `0 * s`, since `s` may be NaN): the
+  values are unchanged unless that sum is not finite (then the leaves are NaN, as what is
+  computed from a non-finite `dependency` is), and gradients pass through unchanged (plus a
+  zero to `dependency`). Costs one elementwise pass over `tree`; the identity where
+  `orders_collectives()` is False."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves or not orders_collectives():
+    return tree
+  bad = [x.dtype for x in leaves if not jnp.issubdtype(x.dtype, jnp.floating)]
+  if bad:
+    raise TypeError(f"sharding.after orders floating-point leaves only, got {bad}")
+  # A sum (not one element: slicing a sharded dimension is refused under explicit sharding).
+  zero = jnp.sum(jax.tree.leaves(dependency)[0].astype(jnp.float32)) * 0.0
+  return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)

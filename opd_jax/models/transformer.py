@@ -66,7 +66,7 @@ from flax import nnx
 
 from opd_jax.models import attention
 from opd_jax.models.config import ModelConfig
-from opd_jax.models.sharding import constrain
+from opd_jax.models.sharding import constrain, gathered_after, orders_collectives
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -652,14 +652,32 @@ def abstract_params(cfg: ModelConfig) -> Params:
 
 
 def logical_axes(cfg: ModelConfig) -> Params:
-  """Tuples of logical axis names, one per parameter, in the params-dict structure."""
-  state = _abstract_split(cfg)[1]
+  """Tuples of logical axis names, one per parameter, in the params-dict structure. Callable
+  inside `jit` under a mesh (the abstract model is built outside any mesh)."""
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    state = _abstract_split(cfg)[1]
   specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
   return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
 def merge(graphdef: nnx.GraphDef, params: Params) -> Transformer:
   return nnx.merge(graphdef, params)
+
+
+def gathered(graphdef: nnx.GraphDef, params: Params, after=None) -> Params:
+  """`params` gathered whole over the batch's devices once, up front
+  (`sharding.gathered_after`), for inference that loops over decode
+  steps or chunks, or for a frozen model inside a train step. `after`: gather only once that is
+  computed (`sharding.gathered_after`).
+
+  Every loop then reads those arrays: none gathers weights of its own, and XLA hoists no gather
+  out of one loop that could race another loop's collectives on CPU (`train.collective_order`).
+  XLA hoists the gathers of an FSDP layout out of such loops anyway; this holds them for the
+  whole call instead of per loop. Only where `sharding.orders_collectives()` (CPU): elsewhere
+  `params` as they are."""
+  if not orders_collectives():
+    return params
+  return gathered_after(after, params, logical_axes(merge(graphdef, params).cfg))
 
 
 def forward(graphdef, params, tokens_BxT, mask_BxT=None, positions_BxT=None,

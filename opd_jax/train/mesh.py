@@ -30,7 +30,8 @@ from jax.sharding import PartitionSpec as P
 from opd_jax.errors import UserError
 from opd_jax.models import transformer
 from opd_jax.models.config import ModelConfig
-from opd_jax.models.sharding import DEFAULT_RULES, Rules, logical_to_spec, validate_rules
+from opd_jax.models.sharding import (DEFAULT_RULES, Rules, fit_spec, logical_to_spec,
+                                     validate_rules)
 from opd_jax.train.state import TrainState, create_state
 
 AXES = ("data", "fsdp", "tensor")
@@ -100,18 +101,6 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> j
 
 
 # -- shardings ------------------------------------------------------------------------------------
-def fit_spec(shape: Sequence[int], spec: P, mesh: jax.sharding.Mesh) -> P:
-  """Replicates every dimension whose size is not divisible by its mesh axes' product."""
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    if axes is None:
-      out.append(None)
-      continue
-    axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
-    out.append(axes if dim % math.prod(mesh.shape[a] for a in axes_t) == 0 else None)
-  return P(*out)
-
-
 def logical_shardings(abstract_tree, logical_tree, mesh: jax.sharding.Mesh,
                       rules: Iterable[Sequence] = DEFAULT_RULES):
   """NamedShardings for a tree of arrays given the matching tree of logical-name tuples."""

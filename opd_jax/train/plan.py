@@ -66,6 +66,7 @@ from opd_jax.models import sharding as sharding_lib
 from opd_jax.models import transformer
 from opd_jax.models.config import ModelConfig
 from opd_jax.optim.factory import make_optimizer
+from opd_jax.train import collective_order
 from opd_jax.train import mesh as mesh_lib
 from opd_jax.train import run_plan as run_plan_lib
 
@@ -208,6 +209,9 @@ def _compile(phase: _Phase, resident: dict[str, int]) -> dict:
     out["kv_cache_bytes"] = phase.kv_cache_bytes
   if phase.attention_scores_bytes:
     out["attention_scores_bytes"] = phase.attention_scores_bytes
+  # Collective pairs whose launch order can differ between processes (`collective_order`).
+  out["unordered_collectives"] = len(
+      collective_order.unordered_loop_collectives(compiled.as_text()))
   out["lower_seconds"] = round(t1 - t0, 2)
   out["compile_seconds"] = round(t2 - t1, 2)
   return out
@@ -253,7 +257,9 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
     dict: method, n_devices, mesh_shape, num_params (student), teacher_num_params, rows,
     prompt_len, max_new_tokens, seq_len; `resident` {component: bytes}; `phases` {phase: XLA
     numbers (argument/output/temp/generated_code/alias/total_bytes), resident_args_bytes,
-    transient_bytes, kv_cache_bytes (sampler and scorers), model, lower/compile_seconds};
+    transient_bytes, kv_cache_bytes (sampler and scorers), unordered_collectives
+    (`collective_order`: 0 unless a program may hang on multi-process CPU), model,
+    lower/compile_seconds};
     `components` (resident components and each phase's transient bytes, flat); resident_bytes,
     peak_phase, peak_phase_bytes, total_bytes (= resident_bytes + peak_phase_bytes), *_gib and
     compile_seconds (all phases).
@@ -539,6 +545,9 @@ def format_plan(result: dict) -> str:
     label = f"{PHASE_LABELS.get(base, base)} ({r['model']})"
     lines.append(f"    {label:<48} {_human(r['transient_bytes'])}   temp "
                  f"{_human(r['temp_bytes']).strip()}, compiled in {r['compile_seconds']:.1f} s")
+    if r.get("unordered_collectives"):
+      lines.append(f"      {r['unordered_collectives']} loop(s) holding collectives unordered with "
+                   "another collective: may hang on multi-process CPU (train/collective_order.py)")
     if r.get("kv_cache_bytes"):
       lines.append(f"      {'of which KV cache (analytic)':<46} {_human(r['kv_cache_bytes'])}")
     if r.get("attention_scores_bytes"):

@@ -50,6 +50,7 @@ from opd_jax.data import verifiers
 from opd_jax.models import scoring
 from opd_jax.models import sampler as sampler_lib
 from opd_jax.models import sharding
+from opd_jax.models import transformer
 from opd_jax.objectives import distill
 from opd_jax.objectives import log_ratio
 from opd_jax.objectives import reduce
@@ -169,8 +170,12 @@ def per_token_reverse_kl(student_graphdef, student_params, teacher_graphdef, tea
                          tokens_BxT, mask_BxT, loss_mask_BxT, *, temperature: float,
                          chunk_size: int) -> jax.Array:
   """KL_t = KL(pS(.|s_t) || pT(.|s_t)) at every loss-mask position (zero elsewhere), exact over the
-  vocabulary, chunked over the sequence (never a [B, T, V] array)."""
+  vocabulary, chunked over the sequence (never a [B, T, V] array). On CPU both models' weights
+  are gathered whole up front, the teacher's after the student's pass, so that no gather races
+  a layer scan (`transformer.gathered`, `train.collective_order`)."""
+  student_params = transformer.gathered(student_graphdef, student_params)
   h_s = scoring.shifted_hidden(student_graphdef, student_params, tokens_BxT, mask_BxT)
+  teacher_params = transformer.gathered(teacher_graphdef, teacher_params, after=h_s)
   h_t = scoring.shifted_hidden(teacher_graphdef, teacher_params, tokens_BxT, mask_BxT)
   kl_fn = lambda s, t: distill.reverse_kl(s, t, temperature)  # noqa: E731
   kl = distill.chunked_token_map(

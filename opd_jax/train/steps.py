@@ -284,14 +284,6 @@ def _batch_constrain(batch: Batch) -> Batch:
   return jax.tree.map(lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), batch)
 
 
-@functools.lru_cache(maxsize=None)
-def _logical_axes(model_cfg):
-  """`transformer.logical_axes` outside the context mesh (nnx.eval_shape would try to attach it
-  to the abstract parameters and fail on the logical names)."""
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
-    return transformer.logical_axes(model_cfg)
-
-
 def _param_constrain(tree, graphdef):
   """Constrains a params-shaped tree (e.g. the gradient accumulator) to the parameters' logical
   layout; identity without rules or a mesh in context."""
@@ -299,7 +291,7 @@ def _param_constrain(tree, graphdef):
   mesh = jax.sharding.get_abstract_mesh()
   if rules is None or mesh is None or mesh.empty:
     return tree
-  logical = _logical_axes(transformer.merge(graphdef, tree).cfg)
+  logical = transformer.logical_axes(transformer.merge(graphdef, tree).cfg)
 
   def one(x, names):
     spec = mesh_lib.fit_spec(x.shape, sharding.logical_to_spec(names, rules, mesh.axis_names),
@@ -325,7 +317,7 @@ class _Adapters:
     mesh = jax.sharding.get_abstract_mesh()
     if rules is None or mesh is None or mesh.empty:
       return tree
-    kernels = _logical_axes(transformer.merge(graphdef, self.base).cfg)
+    kernels = transformer.logical_axes(transformer.merge(graphdef, self.base).cfg)
     out: dict = {}
     for path, module in lora.adapter_modules(tree):
       axes = lora.adapter_logical_axes(lora.get_in(kernels, path + ("kernel",)))
@@ -439,6 +431,14 @@ def _apply(params, opt_state, tx: optax.GradientTransformation, loss_fn: Callabl
   return params, opt_state, value, out
 
 
+def _embedding_after(dependency, params):
+  """`params` with the token-embedding table ordered after `dependency` (`sharding.after`)."""
+  def one(path, x):
+    keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+    return sharding.after(dependency, x) if keys[:2] == ("embed", "embedding") else x
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
 def _student_hidden(graphdef, params, mb: Batch):
   """(shifted hidden states, load-balancing loss or None) of the student on a micro-batch.
 
@@ -447,6 +447,11 @@ def _student_hidden(graphdef, params, mb: Batch):
   forward pass is the plain one.
   """
   cfg = transformer.merge(graphdef, params).cfg
+  # The objectives count the loss mask (an all-reduce across the batch's devices); the forward
+  # pass reads the embedding table only after that count, so the all-reduce precedes the layer
+  # scans of both passes instead of racing them (`train.collective_order`). XLA computes the
+  # objectives' identical counts once.
+  params = _embedding_after(jnp.sum(mb["loss_mask_BxT"]), params)
   args = (graphdef, params, mb["tokens_BxT"], mb["mask_BxT"], mb.get("segment_ids_BxT"))
   if not (cfg.is_moe and cfg.router_aux_loss_coef > 0):
     return scoring.shifted_hidden(*args), None
@@ -468,7 +473,8 @@ def _add_router_aux(graphdef, params, loss_sum, denom, parts: dict, aux):
 def _student_logp(graphdef, params, mb: Batch, temperature: float, chunk_size: int):
   """(aligned log-probs [B, T], load-balancing loss or None; see `_student_hidden`)."""
   h, aux = _student_hidden(graphdef, params, mb)
-  return scoring.logprobs_from_hidden(h, scoring.unembed_fn(graphdef, params), mb["tokens_BxT"],
+  return scoring.logprobs_from_hidden(h, scoring.unembed_fn(graphdef, params, after=h),
+                                      mb["tokens_BxT"],
                                       temperature=temperature, chunk_size=chunk_size), aux
 
 
@@ -482,11 +488,20 @@ def _finish(state: TrainState, params, opt_state, metrics: Metrics, updates: int
   return new_state, metrics
 
 
-def _teacher(teacher_graphdef, teacher_params, mb: Batch):
+def _teacher(teacher_graphdef, teacher_params, mb: Batch, after):
   """The teacher as a `(logits_fn, h)` pair on the batch's tokens, under stop-gradient; several
   routed teachers (tuples, `train.teachers`) give each row its own teacher's logits by the
-  batch's `teacher_id_BxT` (each row's teacher index, repeated along T)."""
+  batch's `teacher_id_BxT` (each row's teacher index, repeated along T).
+
+  `after`: the student's hidden states. Where programs order their collectives (CPU,
+  `sharding.orders_collectives`), the teacher's weights are gathered whole over the batch once
+  and only after the student's forward pass, so neither pass's collectives race the other's
+  layer scan (`train.collective_order`)."""
   tp = jax.lax.stop_gradient(teacher_params)
+  if teachers_lib.is_routed(teacher_graphdef):
+    tp = tuple(transformer.gathered(gd, p, after) for gd, p in zip(teacher_graphdef, tp))
+  else:
+    tp = transformer.gathered(teacher_graphdef, tp, after)
   tokens, mask = mb["tokens_BxT"], mb["mask_BxT"]
 
   def hidden(gd, p):
@@ -581,7 +596,7 @@ def pg_step(state: TrainState, batch: Batch, teacher_params=None, *, graphdef,
     params, value_params = wrt if cfg.needs_returns else (wrt, None)
     tokens, loss_mask = mb["tokens_BxT"], mb["loss_mask_BxT"]
     h, aux = _student_hidden(graphdef, params, mb)
-    student_fn = scoring.unembed_fn(graphdef, params)
+    student_fn = scoring.unembed_fn(graphdef, params, after=h)
     logp = scoring.logprobs_from_hidden(h, student_fn, tokens, temperature=cfg.temperature,
                                         chunk_size=cfg.chunk_size)
     s, d, m = surrogate.pg_loss(logp, mb["old_logp_BxT"], mb["adv_BxT"], loss_mask, cfg.pg)
@@ -592,7 +607,7 @@ def pg_step(state: TrainState, batch: Batch, teacher_params=None, *, graphdef,
       s = s + cfg.kl_coef * kl_sum
       m["pg/kl_ref"] = reduce.masked_mean(jax.lax.stop_gradient(kl_BxT), loss_mask)
     if cr_cfg is not None:
-      teacher = _teacher(teacher_graphdef, teacher_params, mb)
+      teacher = _teacher(teacher_graphdef, teacher_params, mb, after=h)
       cr_sum, _, cr_m = log_ratio.cr_opd_loss(student_fn, h, teacher, tokens, mb["adv_BxT"],
                                               loss_mask, cr_cfg)
       s = s + cr_sum
@@ -663,11 +678,11 @@ def distill_step(state: TrainState, batch: Batch, teacher_params, *, graphdef, t
 
   def loss_fn(params, mb):
     h, aux = _student_hidden(graphdef, params, mb)
-    student_fn = scoring.unembed_fn(graphdef, params)
+    student_fn = scoring.unembed_fn(graphdef, params, after=h)
     if topk:
       teacher = distill.TopK(mb["teacher_ids_BxTxK"], mb["teacher_logp_BxTxK"])
     else:
-      teacher = _teacher(teacher_graphdef, teacher_params, mb)
+      teacher = _teacher(teacher_graphdef, teacher_params, mb, after=h)
     groups = (dict(group_B=mb["teacher_id_BxT"][:, 0], group_names=teacher_names) if routed
               else {})
     s, d, m = distill.divergence_loss(student_fn, h, teacher, mb["loss_mask_BxT"], dcfg, **groups)
