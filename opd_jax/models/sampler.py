@@ -609,15 +609,23 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
   # attention length, hence the same numbers); only its first p slots are copied into slots.
   logits, prompt_cache, _ = prefill(model, prompt_BxP[::g], prompt_mask_BxP[::g], cache_len,
                                     weights[0])
+  # What a refill reads by row (the prompts' cache and masks, the queue, the first tokens) is
+  # whole on every device where programs order their collectives (CPU): no gather of it is
+  # hoisted out of the refill loop, beside the decode loops (`train.collective_order`).
+  # Elsewhere it keeps the batch's layout.
+  whole = _whole if sharding.orders_collectives() else (lambda x: x)  # noqa: E731
+  refill_cache = jax.tree.map(whole, prompt_cache)
+  refill_mask_BxP = whole(prompt_mask_BxP)
   if g > 1:
     logits = batch(jnp.repeat(logits, g, axis=0))
   row_B = jnp.arange(b, dtype=jnp.int32)
   tok0, logp0 = choose(logits, None if cfg.greedy else row_keys(rng, 0, row_B), cfg)
+  tok0_whole = whole(tok0)
   tokens_BxN = batch(jnp.full((b, n), cfg.pad_id, jnp.int32).at[:, 0].set(tok0))
   logp_BxN = batch(jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp0))
   # Rows that still decode after their first token, in row order.
   ended0 = jnp.isin(tok0, eos)
-  queue_B = jnp.argsort(ended0, stable=True).astype(jnp.int32)
+  queue_B = whole(jnp.argsort(ended0, stable=True).astype(jnp.int32))
   n_queued = jnp.sum(~ended0, dtype=jnp.int32)
 
   cache = transformer.init_cache(model.cfg, n_slots, cache_len)
@@ -638,13 +646,13 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
       k = jnp.argmax(sl.done_K).astype(jnp.int32)
       r = queue_B[qi]
       cache = {name: jax.lax.dynamic_update_slice(
-          sl.cache[name], jax.lax.dynamic_slice(prompt_cache[name], (0, r // g, 0, 0, 0),
+          sl.cache[name], jax.lax.dynamic_slice(refill_cache[name], (0, r // g, 0, 0, 0),
                                                 (a.shape[0], 1, p) + a.shape[3:]),
-          (0, k, 0, 0, 0)) for name, a in prompt_cache.items()}
-      mask_row = jax.lax.dynamic_slice_in_dim(prompt_mask_BxP, r, 1, axis=0)
+          (0, k, 0, 0, 0)) for name, a in refill_cache.items()}
+      mask_row = jax.lax.dynamic_slice_in_dim(refill_mask_BxP, r, 1, axis=0)
       kv_mask = jax.lax.dynamic_update_slice(sl.kv_mask_KxS, mask_row, (k, 0))
       sl = _Slots(row_K=sl.row_K.at[k].set(r), step_K=sl.step_K.at[k].set(1),
-                  last_K=sl.last_K.at[k].set(tok0[r]), done_K=sl.done_K.at[k].set(False),
+                  last_K=sl.last_K.at[k].set(tok0_whole[r]), done_K=sl.done_K.at[k].set(False),
                   prompt_len_K=sl.prompt_len_K.at[k].set(prompt_len_B[r]), kv_mask_KxS=kv_mask,
                   cache=cache)
       return sl, qi + 1
@@ -653,6 +661,10 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
 
   def step(c, refilling: bool, weights: DecodeWeights | None):
     sl, qi, tokens, logps = c
+    # Free slots take queued rows first, then every slot decodes: the step's later collectives
+    # (its token scatters) read the refill's result, so none races the refill loop.
+    if refilling:
+      sl, qi = refill(sl, qi)
     running_K = ~sl.done_K
     # A free slot decodes a throwaway token at slot 0 (its cache rows are rewritten on refill).
     slot_K = jnp.where(running_K, p + sl.step_K - 1, 0)
@@ -666,20 +678,18 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
     ended = jnp.isin(tok, eos) | (sl.step_K + 1 >= n)
     sl = sl._replace(step_K=sl.step_K + running_K, last_K=tok, done_K=sl.done_K | ended,
                      cache=cache)
-    if refilling:
-      sl, qi = refill(sl, qi)
     return sl, qi, tokens, logps
 
-  slots, qi = refill(slots, jnp.int32(0))
-  carry = (slots, qi, tokens_BxN, logp_BxN)
+  carry = (slots, jnp.int32(0), tokens_BxN, logp_BxN)
   for i, size in enumerate(sizes):
     nxt = sizes[i + 1] if i + 1 < len(sizes) else 0
 
     def cond(c, nxt=nxt, first=i == 0):
       sl, qi = c[0], c[1]
       running = jnp.sum(~sl.done_K, dtype=jnp.int32)
-      go = running > nxt
-      return (go | (qi < n_queued)) & (running > 0) if first else go & (running > 0)
+      if first:  # (the step refills before it decodes: queued rows count as running)
+        return (running > nxt) | (qi < n_queued)
+      return (running > nxt) & (running > 0)
 
     carry = jax.lax.while_loop(cond, functools.partial(
         step, refilling=i == 0, weights=_bucket_weights(weights, size, cfg)), carry)

@@ -652,8 +652,7 @@ def abstract_params(cfg: ModelConfig) -> Params:
 
 
 def logical_axes(cfg: ModelConfig) -> Params:
-  """Tuples of logical axis names, one per parameter, in the params-dict structure. Callable
-  inside `jit` under a mesh (the abstract model is built outside any mesh)."""
+  """Tuples of logical axis names, one per parameter, in the params-dict structure."""
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
     state = _abstract_split(cfg)[1]
   specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
@@ -677,7 +676,12 @@ def gathered(graphdef: nnx.GraphDef, params: Params, after=None) -> Params:
   `params` as they are."""
   if not orders_collectives():
     return params
-  return gathered_after(after, params, logical_axes(merge(graphdef, params).cfg))
+  # The logical names from the merged model's own metadata (`logical_axes` builds an abstract
+  # model, which cannot happen inside `jit`).
+  state = nnx.state(merge(graphdef, params), nnx.Param)
+  logical = jax.tree.map(tuple, nnx.to_pure_dict(nnx.get_partition_spec(state)),
+                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  return gathered_after(after, params, logical)
 
 
 def forward(graphdef, params, tokens_BxT, mask_BxT=None, positions_BxT=None,
