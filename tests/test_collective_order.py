@@ -38,10 +38,11 @@ def _program(order: bool):
     logits = h @ jax.lax.with_sharding_constraint(out_DxV, P(None, "tensor"))
     return logits, jnp.sum(mask_BxT)
 
-  args = (jax.ShapeDtypeStruct((3, 16, 16), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp"))),
-          jax.ShapeDtypeStruct((16, 32), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", "tensor"))),
-          jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=NamedSharding(mesh, P("fsdp"))),
-          jax.ShapeDtypeStruct((8, 5), jnp.float32, sharding=NamedSharding(mesh, P("fsdp"))))
+  def arg(shape, *spec):
+    return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, P(*spec)))
+
+  args = (arg((3, 16, 16), None, "fsdp"), arg((16, 32), "fsdp", "tensor"), arg((8, 16), "fsdp"),
+          arg((8, 5), "fsdp"))
   with jax.set_mesh(mesh), sharding.axis_rules(RULES):
     return jax.jit(fn).lower(*args).compile().as_text()
 
@@ -113,12 +114,14 @@ def test_after_changes_no_value_or_gradient_and_refuses_integers():
   def ref(w, x):
     return jnp.sum(jnp.sin(w) @ x)
 
-  np.testing.assert_array_equal(np.asarray(sharding.after(x, w)), np.asarray(w))
-  for argnum in (0, 1):
-    np.testing.assert_allclose(jax.grad(f, argnum)(w, x), jax.grad(ref, argnum)(w, x),
-                               rtol=1e-6, atol=1e-7)
-  with pytest.raises(TypeError, match="floating-point"):
-    sharding.after(x, jnp.arange(3))
+  with jax.set_mesh(_mesh()):  # (`after` adds nothing without a multi-device mesh)
+    assert sharding.orders_collectives()
+    np.testing.assert_array_equal(np.asarray(jax.jit(sharding.after)(x, w)), np.asarray(w))
+    for argnum in (0, 1):
+      np.testing.assert_allclose(jax.jit(jax.grad(f, argnum))(w, x), jax.grad(ref, argnum)(w, x),
+                                 rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="floating-point"):
+      jax.jit(sharding.after)(x, jnp.arange(3))
 
 
 def test_gathered_after_lays_weights_out_whole_over_the_batch_axes():
@@ -131,3 +134,16 @@ def test_gathered_after_lays_weights_out_whole_over_the_batch_axes():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(w))
   # fsdp (the batch's axis) dropped, tensor kept.
   assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "tensor")), 2)
+
+
+def test_nothing_is_added_without_a_multi_device_mesh():
+  w = jnp.ones((3, 4), jnp.float32)
+  x = jnp.ones((4,), jnp.float32)
+  assert not sharding.orders_collectives()  # no mesh in context
+  assert sharding.after(x, w) is w
+  assert sharding.gathered_after(x, w, ("embed", "vocab")) is w
+  one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("fsdp",))
+  with jax.set_mesh(one):
+    assert not sharding.orders_collectives()
+  with jax.set_mesh(_mesh()):
+    assert sharding.orders_collectives()  # (the suite runs on CPU)

@@ -179,9 +179,13 @@ def gathered_after(dependency, tree, logical_tree):
 
 def orders_collectives() -> bool:
   """True where programs order their collectives explicitly (`after`, `transformer.gathered`):
-  the CPU backend, whose multi-process collectives pair up in launch order
-  (`train.collective_order`). TPU and GPU programs are left exactly as written."""
-  return jax.default_backend() == "cpu"
+  on the CPU backend, whose multi-process collectives pair up in launch order
+  (`train.collective_order`), under a mesh of several devices. TPU and GPU programs, and
+  programs without collectives, are left exactly as written."""
+  if jax.default_backend() != "cpu":
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh is not None and not mesh.empty and mesh.size > 1
 
 
 def after(dependency, tree):

@@ -312,14 +312,12 @@ def _bound_cpu_collective_waits() -> None:
   XLA's 30 minutes when the processes stop meeting in the same collective (unless XLA_FLAGS
   already sets the timeout; the flag means nothing to TPU / GPU backends).
 
-  Why they can stop meeting (jaxlib 0.10.2, CPU only): XLA's gloo communicator gives every
+  Why they could stop meeting (jaxlib 0.10.2, CPU only): XLA's gloo communicator gives every
   collective the same tag, so collectives pair up in the order each process launches them, and
   the CPU runtime can launch a while loop that holds collectives and an independent collective
-  of the same program in either order. Seen in 2-process RLVR smokes with 1 device each: about
-  1 run in 3 on a quiet 2-core machine, most runs with the cores oversubscribed; none in 4 runs
-  with 4 devices each. In the hung program, one process was in the all-gather of a layer loop
-  and the other in a top-level all-reduce (XLA's collective logs, same op ids up to there), both
-  waiting for good. A failed run resumes from its last checkpoint (`--resume`)."""
+  of the same program in either order. The programs order those pairs by data dependencies
+  (`train.collective_order`, `sharding.after`, `transformer.gathered`); this bound is the
+  fallback. A failed run resumes from its last checkpoint (`--resume`)."""
   flag = "--xla_cpu_collective_timeout_seconds"
   flags = os.environ.get("XLA_FLAGS", "")
   if flag not in flags:
