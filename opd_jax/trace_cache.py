@@ -19,7 +19,9 @@ never guesses):
     and shardings. Functions from modules outside opd_jax and its stack (e.g. an optax transform
     written in a notebook) are not fingerprinted: such a call is traced as usual;
   - the static arguments (the same walk) and the dynamic ones' tree structure, shapes, dtypes,
-    weak types and shardings.
+    weak types and shardings;
+  - whether the trace orders its collectives (`models.sharding.orders_collectives`, read from
+    the calling context).
 
 Entries live beside the compilation cache (`<cache dir>-traces/`), written atomically (a temporary
 file renamed into place), so concurrent processes share them safely. `OPD_JAX_TRACE_CACHE=off`
@@ -45,6 +47,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 from etils import epath
+
+from opd_jax.models import sharding
 
 _TRUSTED_PACKAGES = frozenset({
     "opd_jax", "jax", "jaxlib", "flax", "optax", "chex", "numpy", "ml_dtypes", "builtins",
@@ -400,8 +404,10 @@ class CachedJit:
       if placed is None:   # which leaves jit's in_shardings place (their own sharding is moot)
         given = _flat_shardings(self._in_shardings, dyn, own=False)
         placed = self._placed[tree] = tuple(g is not None for g in given)
+      # (index 3: whether the trace orders its collectives, which depends on the context)
       memo = (tuple((i, _hashable(v)) for i, v in statics), tree,
-              tuple(_leaf_signature(x, p) for x, p in zip(leaves, placed)))
+              tuple(_leaf_signature(x, p) for x, p in zip(leaves, placed)),
+              sharding.orders_collectives())
     except (Uncacheable, TypeError):
       return None
     if memo in self._entries:
@@ -421,7 +427,8 @@ class CachedJit:
     key = hashlib.sha256("\x1e".join(
         (environment_fingerprint(), self.name, self._fn_key, static_key, text,
          _signature_text(memo[2]), _shardings_text(self._in_shardings),
-         _shardings_text(self._out_shardings), repr(self._donate))).encode()).hexdigest()
+         _shardings_text(self._out_shardings), repr(self._donate),
+         f"ordered={memo[3]}")).encode()).hexdigest()
     path = root / f"{self.name.replace('/', '_')}-{key[:40]}"
     exported, out_tree = _read(path)
     loaded = exported is not None

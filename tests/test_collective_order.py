@@ -43,7 +43,7 @@ def _program(order: bool):
 
   args = (arg((3, 16, 16), None, "fsdp"), arg((16, 32), "fsdp", "tensor"), arg((8, 16), "fsdp"),
           arg((8, 5), "fsdp"))
-  with jax.set_mesh(mesh), sharding.axis_rules(RULES):
+  with jax.set_mesh(mesh), sharding.axis_rules(RULES), sharding.ordered_collectives():
     return jax.jit(fn).lower(*args).compile().as_text()
 
 
@@ -114,7 +114,8 @@ def test_after_changes_no_value_or_gradient_and_refuses_integers():
   def ref(w, x):
     return jnp.sum(jnp.sin(w) @ x)
 
-  with jax.set_mesh(_mesh()):  # (`after` adds nothing without a multi-device mesh)
+  # (`after` adds nothing unless the programs order their collectives)
+  with jax.set_mesh(_mesh()), sharding.ordered_collectives():
     assert sharding.orders_collectives()
     np.testing.assert_array_equal(np.asarray(jax.jit(sharding.after)(x, w)), np.asarray(w))
     for argnum in (0, 1):
@@ -129,21 +130,27 @@ def test_gathered_after_lays_weights_out_whole_over_the_batch_axes():
   w = jax.device_put(jnp.arange(16 * 32, dtype=jnp.float32).reshape(16, 32),
                      NamedSharding(mesh, P("fsdp", "tensor")))
   h = jax.device_put(jnp.ones((8, 16), jnp.float32), NamedSharding(mesh, P("fsdp")))
-  with jax.set_mesh(mesh), sharding.axis_rules(RULES):
+  with jax.set_mesh(mesh), sharding.axis_rules(RULES), sharding.ordered_collectives():
     out = jax.jit(lambda h, w: sharding.gathered_after(h, w, ("embed", "vocab")))(h, w)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(w))
   # fsdp (the batch's axis) dropped, tensor kept.
   assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "tensor")), 2)
 
 
-def test_nothing_is_added_without_a_multi_device_mesh():
+def test_only_multi_process_cpu_programs_are_ordered_unless_forced():
   w = jnp.ones((3, 4), jnp.float32)
   x = jnp.ones((4,), jnp.float32)
-  assert not sharding.orders_collectives()  # no mesh in context
-  assert sharding.after(x, w) is w
-  assert sharding.gathered_after(x, w, ("embed", "vocab")) is w
   one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("fsdp",))
-  with jax.set_mesh(one):
-    assert not sharding.orders_collectives()
+  with sharding.ordered_collectives():
+    assert not sharding.orders_collectives()  # no mesh in context: nothing to order
+    assert sharding.after(x, w) is w
+    assert sharding.gathered_after(x, w, ("embed", "vocab")) is w
+    with jax.set_mesh(one):
+      assert not sharding.orders_collectives()
   with jax.set_mesh(_mesh()):
-    assert sharding.orders_collectives()  # (the suite runs on CPU)
+    assert not sharding.orders_collectives()  # one process: programs as written (TPU's too)
+    assert sharding.after(x, w) is w
+    with sharding.ordered_collectives():
+      assert sharding.orders_collectives()  # (the suite runs on CPU)
+    with sharding.ordered_collectives(False):
+      assert not sharding.orders_collectives()

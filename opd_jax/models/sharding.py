@@ -177,15 +177,33 @@ def gathered_after(dependency, tree, logical_tree):
   return constrain_params(tree, logical_tree, whole_over_batch=True)
 
 
+# `ordered_collectives(on)`: forces the choice of `orders_collectives` (part of jit's cache key).
+_ORDER_OVERRIDE = jax.make_user_context(default_value=None)
+
+
+@contextlib.contextmanager
+def ordered_collectives(on: bool = True):
+  """Traces the code inside the block as a multi-process CPU run would (`on`), or as written
+  (`on=False`), whatever the process count: e.g. to audit the ordered programs in one process
+  (`train.collective_order`)."""
+  with _ORDER_OVERRIDE(bool(on)):
+    yield
+
+
 def orders_collectives() -> bool:
   """True where programs order their collectives explicitly (`after`, `transformer.gathered`):
-  on the CPU backend, whose multi-process collectives pair up in launch order
-  (`train.collective_order`), under a mesh of several devices. TPU and GPU programs, and
-  programs without collectives, are left exactly as written."""
+  a multi-process run on the CPU backend, whose collectives pair up across processes in launch
+  order (`train.collective_order`), under a mesh of several devices; `ordered_collectives`
+  overrides the process count. TPU and GPU programs, single-process programs (whose in-process
+  collectives meet by device, and which `plan` compiles as a TPU proxy) and programs without
+  collectives are left exactly as written."""
   if jax.default_backend() != "cpu":
     return False
   mesh = jax.sharding.get_abstract_mesh()
-  return mesh is not None and not mesh.empty and mesh.size > 1
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return False
+  forced = _ORDER_OVERRIDE.value
+  return jax.process_count() > 1 if forced is None else forced
 
 
 def after(dependency, tree):

@@ -209,7 +209,8 @@ def _compile(phase: _Phase, resident: dict[str, int]) -> dict:
     out["kv_cache_bytes"] = phase.kv_cache_bytes
   if phase.attention_scores_bytes:
     out["attention_scores_bytes"] = phase.attention_scores_bytes
-  # Collective pairs whose launch order can differ between processes (`collective_order`).
+  # Collective pairs whose launch order can differ between processes (`collective_order`; 0
+  # for every phase where the programs order their collectives, see `plan_run`).
   out["unordered_collectives"] = len(
       collective_order.unordered_loop_collectives(compiled.as_text()))
   out["lower_seconds"] = round(t1 - t0, 2)
@@ -258,8 +259,9 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
     prompt_len, max_new_tokens, seq_len; `resident` {component: bytes}; `phases` {phase: XLA
     numbers (argument/output/temp/generated_code/alias/total_bytes), resident_args_bytes,
     transient_bytes, kv_cache_bytes (sampler and scorers), unordered_collectives
-    (`collective_order`: 0 unless a program may hang on multi-process CPU), model,
-    lower/compile_seconds};
+    (`collective_order`; 0 for every phase when `collectives_ordered`), model,
+    lower/compile_seconds}; collectives_ordered (the programs were compiled as a multi-process
+    CPU run orders them: `sharding.ordered_collectives`);
     `components` (resident components and each phase's transient bytes, flat); resident_bytes,
     peak_phase, peak_phase_bytes, total_bytes (= resident_bytes + peak_phase_bytes), *_gib and
     compile_seconds (all phases).
@@ -430,6 +432,10 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
 
   # Student re-scoring and reference scoring run the same function on the same shapes: compile
   # once.
+  # Single-process plans compile the programs as written (as a TPU runs them); under
+  # `sharding.ordered_collectives()` as a multi-process CPU run does.
+  with jax.set_mesh(mesh):
+    collectives_ordered = sharding_lib.orders_collectives()
   results: dict[str, dict] = {}
   for ph in phases:
     if ph.name == "reference_scoring" and "student_scoring" in results:
@@ -466,6 +472,7 @@ def plan_run(run_plan, n_devices: int | None = None, mesh_shape: Sequence[int] |
       "peak_phase_bytes": results[peak]["transient_bytes"],
       "total_bytes": resident_bytes + results[peak]["transient_bytes"],
       "compile_seconds": round(sum(r["compile_seconds"] for r in results.values()), 2),
+      "collectives_ordered": collectives_ordered,
       "wall_seconds": round(time.perf_counter() - t_start, 2),
   }
   if routed:
@@ -545,7 +552,7 @@ def format_plan(result: dict) -> str:
     label = f"{PHASE_LABELS.get(base, base)} ({r['model']})"
     lines.append(f"    {label:<48} {_human(r['transient_bytes'])}   temp "
                  f"{_human(r['temp_bytes']).strip()}, compiled in {r['compile_seconds']:.1f} s")
-    if r.get("unordered_collectives"):
+    if result.get("collectives_ordered") and r.get("unordered_collectives"):
       lines.append(f"      {r['unordered_collectives']} loop(s) holding collectives unordered with "
                    "another collective: may hang on multi-process CPU (train/collective_order.py)")
     if r.get("kv_cache_bytes"):
