@@ -3,7 +3,9 @@
 Run as `python tests/mp_worker.py PORT PROCESS_ID NUM_PROCESSES WORKDIR`: joins the coordinator,
 builds the tiny model FSDP-sharded over every process's devices, runs `STEPS` sft steps on a
 global batch assembled from each process's rows, writes a checkpoint collectively, and (process
-0) prints {"losses", "devices", "orbax_host_barriers"} as its last line.
+0) prints {"losses", "devices", "orbax_host_barriers", "ordered", "unordered_pairs"} as its last
+line: whether the step's program orders its collectives, and the pairs `collective_order` finds
+in it.
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def main(argv):
   batch_shardings = mesh.batch_shardings(batches[0], the_mesh)
   step = steps.jit_step(steps.sft_step, the_mesh, shardings, batch_shardings, graphdef=graphdef,
                         tx=tx, cfg=step_cfg)
+  from opd_jax.models import sharding
+  from opd_jax.train import collective_order
+  with jax.set_mesh(the_mesh):
+    ordered = sharding.orders_collectives()
+  first = mesh.global_batch({k: v[rows] for k, v in batches[0].items()}, the_mesh)
+  unordered = collective_order.unordered_loop_collectives(step.compile(state, first).as_text())
   losses = []
   for batch in batches:
     local = {k: v[rows] for k, v in batch.items()}
@@ -80,7 +88,8 @@ def main(argv):
   host_barriers = ocp_multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.value
   if process_id == 0:
     print(json.dumps({"losses": losses, "devices": jax.device_count(),
-                      "orbax_host_barriers": host_barriers}))
+                      "orbax_host_barriers": host_barriers, "ordered": ordered,
+                      "unordered_pairs": [str(p) for p in unordered]}))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ def test_two_processes_match_single_process(tmp_path):
   # orbax's barriers (its async writer thread's included) stay off the devices: a device barrier
   # issued from that thread can interleave with the step's collectives differently per process
   assert result["orbax_host_barriers"] is True
+  # The step orders its collectives (1 device per process: the set-up where the CPU runtime's
+  # launch order hung runs) and leaves no loop racing another collective.
+  assert result["ordered"] is True and result["unordered_pairs"] == []
   np.testing.assert_allclose(result["losses"], ref_losses, rtol=1e-5)
   loaded, cfg = ckpt_lib.load_params_and_config(tmp_path / "ckpt")
   assert cfg == mp_worker.setup()[0]
