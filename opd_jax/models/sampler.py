@@ -455,7 +455,7 @@ def _take_slots(sl: _Slots, idx_J) -> _Slots:
 
 
 def _whole(x):
-  """`x` held whole by every device where programs order their collectives (CPU,
+  """`x` held whole by every device where programs order their collectives (multi-process CPU,
   `sharding.orders_collectives`): reading it by row then needs no all-gather, which could race
   a loop's collectives (`train.collective_order`). Elsewhere `x` as it is."""
   if not sharding.orders_collectives():

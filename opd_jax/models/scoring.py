@@ -145,8 +145,8 @@ def _chunk_topk(logits_fn, temperature, k, h_BxCxD):
 def unembed_fn(graphdef, params, after=None) -> LogitsFn:
   """h_BxCxD -> float32 logits_BxCxV with the model's (tied or untied) output matrix.
 
-  `after`: the trunk's hidden states. Where programs order their collectives (CPU,
-  `sharding.orders_collectives`), the output matrix is then gathered whole over the batch once
+  `after`: the trunk's hidden states. Where programs order their collectives (multi-process
+  CPU, `sharding.orders_collectives`), the output matrix is then gathered whole over the batch once
   those are computed (`sharding.gathered_after`): one gather, after the trunk's layer scan and
   before the backward pass reads it, instead of gathers that race the scans."""
   model = transformer.merge(graphdef, params)

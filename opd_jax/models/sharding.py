@@ -124,7 +124,6 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
-
 def fit_spec(shape: Sequence[int], spec: P, mesh: jax.sharding.Mesh) -> P:
   """Replicates every dimension whose size is not divisible by its mesh axes' product."""
   out = []

@@ -664,16 +664,15 @@ def merge(graphdef: nnx.GraphDef, params: Params) -> Transformer:
 
 
 def gathered(graphdef: nnx.GraphDef, params: Params, after=None) -> Params:
-  """`params` gathered whole over the batch's devices once, up front
-  (`sharding.gathered_after`), for inference that loops over decode
-  steps or chunks, or for a frozen model inside a train step. `after`: gather only once that is
-  computed (`sharding.gathered_after`).
+  """`params` gathered whole over the batch's devices once, up front, for inference that loops
+  over decode steps or chunks, or for a frozen model inside a train step; `after`: gather only
+  once that is computed (`sharding.gathered_after`).
 
   Every loop then reads those arrays: none gathers weights of its own, and XLA hoists no gather
   out of one loop that could race another loop's collectives on CPU (`train.collective_order`).
   XLA hoists the gathers of an FSDP layout out of such loops anyway; this holds them for the
-  whole call instead of per loop. Only where `sharding.orders_collectives()` (CPU): elsewhere
-  `params` as they are."""
+  whole call instead of per loop. Only where `sharding.orders_collectives()` (a multi-process
+  CPU run): elsewhere `params` as they are."""
   if not orders_collectives():
     return params
   # The logical names from the merged model's own metadata (`logical_axes` builds an abstract

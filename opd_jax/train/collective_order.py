@@ -9,11 +9,13 @@ executor orders collectives only by "scheduling edges", which fix when a thunk *
 next top-level collective may already have started on another thread. One process then waits in
 the loop's all-gather and the other in the top-level all-reduce: a hang (bounded by
 `mesh.CPU_COLLECTIVE_TIMEOUT_S`). A data dependency (`sharding.after`) orders the two for real.
-TPU and GPU runtimes do not pair collectives this way; the audit and the dependencies cost them
-nothing measurable.
+TPU and GPU runtimes do not pair collectives this way: their programs, like single-process ones,
+are left as written (`sharding.orders_collectives`).
 
 `unordered_loop_collectives(compiled_text)` lists such pairs in `jax.jit(...).lower(...).compile()
-.as_text()`; the tests assert there are none in the train steps, the sampler and the scorer.
+.as_text()`. `plan.plan_run` counts them per phase; tests/test_plan.py asserts none in every
+phase it plans under `sharding.ordered_collectives()` (the programs of a multi-process CPU run),
+and tests/test_multiprocess.py none in the step two processes compile.
 """
 
 from __future__ import annotations

@@ -170,9 +170,9 @@ def per_token_reverse_kl(student_graphdef, student_params, teacher_graphdef, tea
                          tokens_BxT, mask_BxT, loss_mask_BxT, *, temperature: float,
                          chunk_size: int) -> jax.Array:
   """KL_t = KL(pS(.|s_t) || pT(.|s_t)) at every loss-mask position (zero elsewhere), exact over the
-  vocabulary, chunked over the sequence (never a [B, T, V] array). On CPU both models' weights
-  are gathered whole up front, the teacher's after the student's pass, so that no gather races
-  a layer scan (`transformer.gathered`, `train.collective_order`)."""
+  vocabulary, chunked over the sequence (never a [B, T, V] array). In a multi-process CPU run
+  both models' weights are gathered whole up front, the teacher's after the student's pass, so
+  that no gather races a layer scan (`transformer.gathered`, `train.collective_order`)."""
   student_params = transformer.gathered(student_graphdef, student_params)
   h_s = scoring.shifted_hidden(student_graphdef, student_params, tokens_BxT, mask_BxT)
   teacher_params = transformer.gathered(teacher_graphdef, teacher_params, after=h_s)

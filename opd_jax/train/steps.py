@@ -493,8 +493,8 @@ def _teacher(teacher_graphdef, teacher_params, mb: Batch, after):
   routed teachers (tuples, `train.teachers`) give each row its own teacher's logits by the
   batch's `teacher_id_BxT` (each row's teacher index, repeated along T).
 
-  `after`: the student's hidden states. Where programs order their collectives (CPU,
-  `sharding.orders_collectives`), the teacher's weights are gathered whole over the batch once
+  `after`: the student's hidden states. Where programs order their collectives (multi-process
+  CPU, `sharding.orders_collectives`), the teacher's weights are gathered whole over the batch once
   and only after the student's forward pass, so neither pass's collectives race the other's
   layer scan (`train.collective_order`)."""
   tp = jax.lax.stop_gradient(teacher_params)
