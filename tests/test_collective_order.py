@@ -154,3 +154,28 @@ def test_only_multi_process_cpu_programs_are_ordered_unless_forced():
       assert sharding.orders_collectives()  # (the suite runs on CPU)
     with sharding.ordered_collectives(False):
       assert not sharding.orders_collectives()
+
+
+def test_live_geometry_monitor_ordered_gives_the_same_numbers_with_no_unordered_pair():
+  from opd_jax.geometry import live
+  from opd_jax.models import config
+  from opd_jax.train import mesh as mesh_lib
+  cfg = config.tiny(vocab_size=64, n_layers=2)
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(shape=(1, 8, 1)), jax.devices()[:8])
+  _, origin = mesh_lib.init_sharded_params(cfg, mesh, seed=0)
+  _, other = mesh_lib.init_sharded_params(cfg, mesh, seed=1)
+  params = jax.tree.map(lambda a, b: a + 0.01 * b, origin, other)  # a small update
+  geo = live.LiveGeometryConfig(every=1, k=4)
+  replicated = mesh_lib.replicated(mesh)
+  fresh = lambda: jax.device_put(live.init_bases(origin, geo), replicated)  # noqa: E731
+  out = {}
+  for ordered in (False, True):
+    monitor = live.make_monitor(geo, replicated=replicated)
+    with jax.set_mesh(mesh), sharding.ordered_collectives(ordered):
+      if ordered:
+        text = monitor.lower(origin, params, fresh()).compile().as_text()
+        assert collective_order.unordered_loop_collectives(text) == []
+      out[ordered] = live.to_host(monitor(origin, params, fresh())[0])
+  assert out[True].keys() == out[False].keys() and "geometry/density" in out[True]
+  for k in out[True]:
+    np.testing.assert_allclose(out[True][k], out[False][k], rtol=1e-4, atol=1e-6, err_msg=k)
