@@ -67,7 +67,6 @@ from opd_jax.objectives import rlvr
 from opd_jax.objectives import sft
 from opd_jax.objectives import surrogate
 from opd_jax.optim import factory
-from opd_jax.train import mesh as mesh_lib
 from opd_jax.train import teachers as teachers_lib
 from opd_jax.train.state import TrainState, step_rng
 
@@ -287,18 +286,11 @@ def _batch_constrain(batch: Batch) -> Batch:
 def _param_constrain(tree, graphdef):
   """Constrains a params-shaped tree (e.g. the gradient accumulator) to the parameters' logical
   layout; identity without rules or a mesh in context."""
-  rules = sharding.current_rules()
   mesh = jax.sharding.get_abstract_mesh()
-  if rules is None or mesh is None or mesh.empty:
+  if sharding.current_rules() is None or mesh is None or mesh.empty:
     return tree
-  logical = transformer.logical_axes(transformer.merge(graphdef, tree).cfg)
-
-  def one(x, names):
-    spec = mesh_lib.fit_spec(x.shape, sharding.logical_to_spec(names, rules, mesh.axis_names),
-                             mesh)
-    return jax.lax.with_sharding_constraint(x, spec)
-
-  return jax.tree.map(one, tree, logical)
+  return sharding.constrain_params(
+      tree, transformer.logical_axes(transformer.merge(graphdef, tree).cfg))
 
 
 class _Adapters:
@@ -313,18 +305,14 @@ class _Adapters:
   def constrain(self, tree, graphdef):
     """Constrains an adapter-shaped tree to the adapters' logical layout (`lora.logical_axes`:
     the adapted kernel's axes, rank unsharded); identity without rules or a mesh in context."""
-    rules = sharding.current_rules()
     mesh = jax.sharding.get_abstract_mesh()
-    if rules is None or mesh is None or mesh.empty:
+    if sharding.current_rules() is None or mesh is None or mesh.empty:
       return tree
     kernels = transformer.logical_axes(transformer.merge(graphdef, self.base).cfg)
     out: dict = {}
     for path, module in lora.adapter_modules(tree):
       axes = lora.adapter_logical_axes(lora.get_in(kernels, path + ("kernel",)))
-      lora.set_in(out, path, {
-          k: jax.lax.with_sharding_constraint(x, mesh_lib.fit_spec(
-              x.shape, sharding.logical_to_spec(axes[k], rules, mesh.axis_names), mesh))
-          for k, x in module.items()})
+      lora.set_in(out, path, sharding.constrain_params(module, {k: axes[k] for k in module}))
     return out
 
 
