@@ -81,6 +81,8 @@ def bit_equal(a: dict, b: dict) -> bool:
 
 
 def main(argv=None) -> int:
+  from opd_jax import host_malloc
+  host_malloc.tune()   # before the first JAX computation (opd_jax/host_malloc.py)
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--preset", default="smoke", help="configs/opd.py preset")
   p.add_argument("--steps", type=int, default=20)

@@ -193,6 +193,8 @@ def run_trl(dirs, prompt_ids, args, workdir, torch_threads: int) -> dict:
 
 
 def main(argv=None) -> int:
+  from opd_jax import host_malloc
+  host_malloc.tune()   # before the first JAX computation (opd_jax/host_malloc.py)
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true",
                  help="1 prompt x 8, 16 new tokens, 1 steady iteration (the smoke run)")
@@ -248,6 +250,7 @@ def main(argv=None) -> int:
             "warmup": args.warmup, "steps": args.steps, "quick": args.quick,
             "prompt_len_mean": round(statistics.fmean(len(x) for x in prompt_ids), 2),
             "cpu_model": timing.cpu_model(), "cpu_count": os.cpu_count(), "xla_flags": xla_flags,
+            "host_malloc_tuned": host_malloc.tune().applied,
             "jax_backend": jax.default_backend(), "jax": jax.__version__}
 
   with tempfile.TemporaryDirectory(prefix="opd_iteration_") as tmp:

@@ -84,6 +84,8 @@ def _split_error(rows: list[dict]) -> float:
 
 
 def main(argv=None) -> int:
+  from opd_jax import host_malloc
+  host_malloc.tune()   # before the first JAX computation (opd_jax/host_malloc.py)
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--repeats", type=int, default=3)

@@ -66,6 +66,8 @@ def _length_stats(lengths, budget):
 
 
 def main(argv=None):
+  from opd_jax import host_malloc
+  host_malloc.tune()   # before the first JAX computation (opd_jax/host_malloc.py)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="a small workload (< 1 minute)")
   parser.add_argument("--prompts", type=int, default=None)
@@ -117,6 +119,7 @@ def main(argv=None):
                 sampler.slot_count(b, configs["rollout"]) if args.mode == "continuous" else b,
                 "compact", args.min_bucket)),
             "cpu_model": timing.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "host_malloc_tuned": host_malloc.tune().applied,
             "jax_backend": jax.default_backend(), "cpu_count": os.cpu_count()}
   print(f"cpu: {result['cpu_model']}; XLA_FLAGS={result['xla_flags']!r}", file=sys.stderr)
 

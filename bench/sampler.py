@@ -75,6 +75,8 @@ def bytes_per_token(cfg, prompt_len: int, new_tokens: int) -> float:
 
 
 def main(argv=None):
+  from opd_jax import host_malloc
+  host_malloc.tune()   # before the first JAX computation (opd_jax/host_malloc.py)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="fewer tokens (< 2 minutes)")
   parser.add_argument("--batches", default="1,16,64")
@@ -103,7 +105,8 @@ def main(argv=None):
             "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
             "quick": args.quick, "jax_backend": jax.default_backend(),
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "cpu_model": timing.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "cpu_model": timing.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "host_malloc_tuned": host_malloc.tune().applied}
   print(f"cpu: {result['cpu_model']}; XLA_FLAGS={result['xla_flags']!r}", file=sys.stderr)
   bf16 = None
   if not args.no_bf16:

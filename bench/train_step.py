@@ -152,6 +152,8 @@ def time_step(kind: str, cfg, batch_size: int, seq_len: int, iters: int, peak_dt
 
 
 def main(argv=None):
+  from opd_jax import host_malloc
+  host_malloc.tune()   # before the first JAX computation (opd_jax/host_malloc.py)
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=256)
@@ -201,6 +203,7 @@ def main(argv=None):
   peak = max(peak_before, peak_after)
   out = {
       "cpu_model": timing.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "host_malloc_tuned": host_malloc.tune().applied,
       "preset": "small", "num_params": cfg.num_params, "dtype": args.dtype,
       "batch": args.batch, "seq_len": args.seq, "chunk_size": args.chunk,
       "attention_block": cfg.attention_block, "remat": cfg.remat,
