@@ -108,7 +108,7 @@ def _child(code: str, method: str, env: dict) -> float:
 
 def main(argv=None) -> int:
   from opd_jax import host_malloc
-  host_malloc.tune()   # before the first JAX computation (opd_jax/host_malloc.py)
+  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="SFT only")
   p.add_argument("--methods", default="sft,opd", help="comma-separated subset of sft,opd")

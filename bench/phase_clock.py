@@ -85,7 +85,7 @@ def _split_error(rows: list[dict]) -> float:
 
 def main(argv=None) -> int:
   from opd_jax import host_malloc
-  host_malloc.tune()   # before the first JAX computation (opd_jax/host_malloc.py)
+  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--repeats", type=int, default=3)

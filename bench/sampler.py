@@ -76,7 +76,7 @@ def bytes_per_token(cfg, prompt_len: int, new_tokens: int) -> float:
 
 def main(argv=None):
   from opd_jax import host_malloc
-  host_malloc.tune()   # before the first JAX computation (opd_jax/host_malloc.py)
+  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="fewer tokens (< 2 minutes)")
   parser.add_argument("--batches", default="1,16,64")

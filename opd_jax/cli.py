@@ -208,7 +208,7 @@ _COMMANDS = {"train": _train, "plan": _plan, "diagnose": _diagnose, "study": _st
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the `opd-jax` console script; returns the exit code."""
   from opd_jax import host_malloc
-  host_malloc.tune()   # before the first JAX computation (opd_jax/host_malloc.py)
+  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
   args = _parser().parse_args(rest)

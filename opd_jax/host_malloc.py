@@ -1,30 +1,35 @@
-"""glibc malloc settings that keep XLA's CPU backend from page-faulting its buffers every step.
+"""Opt-in glibc malloc settings that keep XLA's CPU backend from page-faulting its large buffers
+in again at every execution; they trade slower compilation for faster steps.
 
-XLA's CPU client allocates each execution's large buffers (temporaries, outputs) with `malloc`
-from its worker threads and frees them when the execution ends. glibc serves a large request
-from a worker thread's arena with a fresh `mmap` and returns it with `munmap` on free (a thread
-arena cannot grow past 64 MiB, and the `mmap_max` limit applies to the main arena only), so
-every step maps its buffers anew and the kernel zeroes every page on first touch: measured on a
-2-core Xeon, a `small`-preset [8, 256] training step spent ~1 s of system time per step in page
-faults (4.4M minor faults over `bench/train_step.py`), and a jitted function with a 512 MiB
-temporary 370 ms per call against 210 ms once the memory stays mapped.
+XLA's CPU client allocates an execution's large buffers (temporaries, outputs) with `malloc` from
+its worker threads and frees them when the execution ends. glibc serves a large request from a
+worker thread's arena with a fresh `mmap` and returns it with `munmap` on free (a thread arena
+cannot grow past 64 MiB; `mmap_max` and the trim threshold bind the main arena only), so every
+step maps its buffers anew and the kernel zeroes each page on first touch. Measured on a 2-core
+Xeon: the `small` preset's [8, 256] SFT step faults ~470,000 pages (1.8 GiB) in every step.
 
 `tune()` makes every thread allocate from the main arena (`M_ARENA_MAX` = 1), serves large
 requests from the heap instead of `mmap` (`M_MMAP_MAX` = 0) and keeps freed memory mapped
-(`M_TRIM_THRESHOLD` at its maximum, 2 GiB), so the next step reuses pages that are already
-there. The cost: the process's resident memory stays at its peak instead of shrinking between
-steps, and every thread shares one arena's lock (XLA allocates a few buffers per op, so no lock
-contention was measurable).
+(`M_TRIM_THRESHOLD` at its maximum, 2 GiB): a later step reuses pages that are already there
+(0 faults per step in most steps). What it costs, same machine:
+- compilation runs 1.4-1.6x slower (the compiler's threads share the one arena's lock: the
+  [8, 256] SFT step's compile 4.4-5.2 s untuned, 6.9-7.5 s tuned);
+- the process's resident memory stays at its peak instead of shrinking between steps.
+What it gains: `bench/train_step.py` `fraction_of_peak` 0.47-0.55 untuned against 0.605-0.62
+tuned (README), while a decode loop (`bench/sampler.py`, `bench/rollout.py`), whose buffers are
+small, moved within the machine's noise. A long run whose programs come from the persistent
+compile cache gains; a short cold run, or the test suite (hundreds of compiles), loses. Hence off
+by default.
 
-It acts on threads that have not allocated yet: call it before the first JAX computation
-(XLA's worker threads take their arena when the CPU backend starts). The `opd-jax` command, the
-`bench/` scripts and the test suite call it first thing; in a notebook, call
-`opd_jax.host_malloc.tune()` before the first JAX operation.
-
-`$OPD_JAX_HOST_MALLOC`: `auto` (default) tunes a process that computes on the CPU backend
+`$OPD_JAX_HOST_MALLOC`: `off` (default); `on` tunes a process that computes on the CPU backend
 (`$JAX_PLATFORMS` starts with `cpu`, or no TPU / GPU plugin is installed) and leaves an
-accelerator host's allocator alone; `on` always tunes; `off` never does. A `$GLIBC_TUNABLES`
-that already sets `glibc.malloc.*` is the user's choice and is kept.
+accelerator host's allocator alone; `force` tunes any process. A `$GLIBC_TUNABLES` that already
+sets `glibc.malloc.*` is the user's choice and is kept.
+
+It acts on threads that have not allocated yet, so it must run before the first JAX computation
+(XLA's threads take their arena when the CPU backend starts): the `opd-jax` command and the
+`bench/` scripts call `tune()` first thing; in a notebook, call `opd_jax.host_malloc.tune()`
+(with the variable set) before the first JAX operation.
 """
 
 from __future__ import annotations
@@ -57,9 +62,9 @@ _RESULT: MallocTuning | None = None
 
 
 def _mode() -> str:
-  mode = os.environ.get(ENV, "auto").strip().lower()
-  if mode not in ("auto", "on", "off"):
-    raise ValueError(f"${ENV}={os.environ[ENV]!r}: expected auto, on or off")
+  mode = os.environ.get(ENV, "off").strip().lower()
+  if mode not in ("off", "on", "force"):
+    raise ValueError(f"${ENV}={os.environ[ENV]!r}: expected off, on or force")
   return mode
 
 
@@ -115,11 +120,13 @@ def tune() -> MallocTuning:
     return _RESULT
   mode = _mode()
   if mode == "off":
-    _RESULT = MallocTuning(False, f"${ENV}=off")
+    _RESULT = MallocTuning(False, f"${ENV}=off (the default)")
   elif "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
     _RESULT = MallocTuning(False, "$GLIBC_TUNABLES sets glibc.malloc.* (kept)")
-  elif mode == "auto" and not computes_on_cpu():
-    _RESULT = MallocTuning(False, "an accelerator computes (plugins: "
+  elif mode == "on" and not computes_on_cpu():
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    _RESULT = MallocTuning(False, f"an accelerator computes ($JAX_PLATFORMS={platforms!r})"
+                           if platforms.strip() else "an accelerator computes (plugins: "
                            f"{', '.join(accelerator_plugins())})")
   else:
     libc = _glibc()

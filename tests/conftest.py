@@ -1,5 +1,4 @@
-"""Test set-up: 8 fake CPU devices (set before jax is imported), a persistent compile cache and
-the CPU backend's malloc settings (`opd_jax.host_malloc`)."""
+"""Test set-up: 8 fake CPU devices (set before jax is imported) and a persistent compile cache."""
 
 import os
 import pathlib
@@ -10,10 +9,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-
-from opd_jax import host_malloc  # noqa: E402
-
-host_malloc.tune()   # as the entry points do: before any JAX computation
 
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax"
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
