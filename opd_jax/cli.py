@@ -207,15 +207,15 @@ _COMMANDS = {"train": _train, "plan": _plan, "diagnose": _diagnose, "study": _st
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the `opd-jax` console script; returns the exit code."""
-  from opd_jax import host_malloc
-  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
   args = _parser().parse_args(rest)
   args.argv = argv
+  from opd_jax import host_malloc
   from opd_jax.errors import UserError
   from opd_jax.train.config import ConfigError
   try:
+    host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
     return _COMMANDS[args.command](args, overrides)
   except (UserError, OSError) as e:
     if args.debug or (isinstance(e, OSError) and not _is_user_os_error(e)):

@@ -12,8 +12,8 @@ Xeon: the `small` preset's [8, 256] SFT step faults ~470,000 pages (1.8 GiB) in 
 requests from the heap instead of `mmap` (`M_MMAP_MAX` = 0) and keeps freed memory mapped
 (`M_TRIM_THRESHOLD` at its maximum, 2 GiB): a later step reuses pages that are already there
 (0 faults per step in most steps). What it costs, same machine:
-- compilation runs 1.4-1.6x slower (the compiler's threads share the one arena's lock: the
-  [8, 256] SFT step's compile 4.4-5.2 s untuned, 6.9-7.5 s tuned);
+- compilation runs 1.3-1.9x slower (the compiler's threads share the one arena's lock: the
+  [8, 256] SFT step's compile 3.9-5.2 s untuned, 6.9-7.5 s tuned);
 - the process's resident memory stays at its peak instead of shrinking between steps.
 What it gains: `bench/train_step.py` `fraction_of_peak` 0.47-0.55 untuned against 0.605-0.62
 tuned (README), while a decode loop (`bench/sampler.py`, `bench/rollout.py`), whose buffers are
@@ -41,6 +41,8 @@ import os
 import pkgutil
 import sys
 
+from opd_jax.errors import UserError
+
 # mallopt parameter numbers (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -49,6 +51,10 @@ M_ARENA_MAX = -8
 KEEP_BYTES = 2 ** 31 - 1
 
 ENV = "OPD_JAX_HOST_MALLOC"
+
+
+class HostMallocError(UserError, ValueError):
+  """`$OPD_JAX_HOST_MALLOC` holds a value other than off / on / force."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +70,7 @@ _RESULT: MallocTuning | None = None
 def _mode() -> str:
   mode = os.environ.get(ENV, "off").strip().lower()
   if mode not in ("off", "on", "force"):
-    raise ValueError(f"${ENV}={os.environ[ENV]!r}: expected off, on or force")
+    raise HostMallocError(f"${ENV}={os.environ[ENV]!r}: expected off, on or force")
   return mode
 
 

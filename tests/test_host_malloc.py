@@ -122,3 +122,12 @@ def test_bad_mode_names_the_variable(fresh, monkeypatch):
   monkeypatch.setenv(host_malloc.ENV, "yes")
   with pytest.raises(ValueError, match=r"\$OPD_JAX_HOST_MALLOC='yes'"):
     host_malloc.tune()
+
+
+def test_cli_refuses_a_bad_mode_in_one_line(fresh, monkeypatch, capsys, tmp_path):
+  from opd_jax import cli
+  monkeypatch.setenv(host_malloc.ENV, "yes")
+  code = cli.main(["train", "--config", "configs/sft.py:smoke", "--workdir", str(tmp_path)])
+  err = capsys.readouterr().err.strip()
+  assert code == 2
+  assert err.splitlines() == [err] and "$OPD_JAX_HOST_MALLOC='yes'" in err and "Traceback" not in err
