@@ -12,7 +12,7 @@ import pytest
 from opd_jax import host_malloc
 
 # A fresh process: tunes (or not, per $OPD_JAX_HOST_MALLOC) before jax starts, then runs a jitted
-# function with a 256 MiB temporary and reports the fewest minor page faults of 8 calls (a tuned
+# function with a 256 MiB temporary and reports the fewest minor page faults of 12 calls (a tuned
 # process may still fault a temporary in for a few calls, when the block it would reuse is
 # still held by the previous call; untuned, every call faults it in).
 _CHILD = textwrap.dedent("""
@@ -25,7 +25,7 @@ _CHILD = textwrap.dedent("""
     for _ in range(3):   # the heap grows to the program's working set, then stops
       f(x).block_until_ready()
     faults = []
-    for _ in range(8):
+    for _ in range(12):
       before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       f(x).block_until_ready()
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
