@@ -42,7 +42,6 @@ def _child(mode: str) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(host_malloc._glibc() is None, reason="glibc only")
 def test_tuned_process_stops_faulting_its_buffers_every_call():
   off, on = _child("off"), _child("on")
   assert not off["applied"] and off["reason"].startswith(f"${host_malloc.ENV}=off")

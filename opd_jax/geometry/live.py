@@ -46,7 +46,6 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from opd_jax.geometry import linalg
 from opd_jax.geometry import matrices
@@ -150,10 +149,9 @@ def _live(origin, params, prev: LiveBases, *, cfg: LiveGeometryConfig):
     key = "/".join(g.path)
     d = (g.leaf.astype(jnp.float32) - groups0[g.path].leaf.astype(jnp.float32)).reshape(
         (g.count,) + g.shape)
-    if sharding.orders_collectives():
-      # A multi-process CPU run: the delta whole on every device, so the subspace iteration's
-      # and the SVD's loops hold no collective that could race another (`train.collective_order`).
-      d = jax.lax.with_sharding_constraint(d, P())
+    # In a multi-process CPU run the delta is whole on every device, so the subspace
+    # iteration's and the SVD's loops hold no collective that could race another.
+    d = sharding.whole(d)
     frob = jnp.sqrt(jnp.sum(d * d, axis=(1, 2)))
     v, s1 = _input_subspace(d, _k(g.shape, cfg.k), cfg.subspace_iters, cfg.oversample,
                             cfg.seed)

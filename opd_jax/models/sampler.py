@@ -454,18 +454,9 @@ def _take_slots(sl: _Slots, idx_J) -> _Slots:
                 cache=jax.tree.map(lambda a: jnp.take(a, idx_J, axis=_CACHE_BATCH_AXIS), sl.cache))
 
 
-def _whole(x):
-  """`x` held whole by every device where programs order their collectives (multi-process CPU,
-  `sharding.orders_collectives`): reading it by row then needs no all-gather, which could race
-  a loop's collectives (`train.collective_order`). Elsewhere `x` as it is."""
-  if not sharding.orders_collectives():
-    return x
-  return sharding.constrain(x, (None,) * x.ndim)
-
-
 def _take_rows(rows: _Rows, idx_K) -> _Rows:
-  return _Rows(row_B=_whole(rows.row_B[idx_K]), last_B=rows.last_B[idx_K],
-               done_B=rows.done_B[idx_K], prompt_len_B=_whole(rows.prompt_len_B[idx_K]),
+  return _Rows(row_B=sharding.whole(rows.row_B[idx_K]), last_B=rows.last_B[idx_K],
+               done_B=rows.done_B[idx_K], prompt_len_B=sharding.whole(rows.prompt_len_B[idx_K]),
                kv_mask_BxS=rows.kv_mask_BxS[idx_K],
                cache=jax.tree.map(lambda a: jnp.take(a, idx_K, axis=_CACHE_BATCH_AXIS),
                                   rows.cache))
@@ -490,8 +481,9 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: Sam
     batch = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
     prompt_mask_BxP = batch(prompt_mask_BxP.astype(bool))
     prompt_BxP = batch(jnp.where(prompt_mask_BxP, prompt_BxP.astype(jnp.int32), cfg.pad_id))
-    # Row ids and prompt lengths whole (`_whole`): the moves between buckets read them by row.
-    prompt_len_B = _whole(jnp.sum(prompt_mask_BxP, axis=1, dtype=jnp.int32))
+    # Row ids and prompt lengths whole (`sharding.whole`): the moves between buckets read them
+    # by row.
+    prompt_len_B = sharding.whole(jnp.sum(prompt_mask_BxP, axis=1, dtype=jnp.int32))
     eos = jnp.asarray(cfg.eos_ids, jnp.int32)
 
     if cfg.mode == "continuous" and n > 1:
@@ -515,7 +507,7 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: Sam
       kv_mask = batch(jnp.repeat(kv_mask, g, axis=0))
       cache = jax.tree.map(lambda a: sharding.constrain(
           jnp.repeat(a, g, axis=_CACHE_BATCH_AXIS), transformer.CACHE_AXES), cache)
-    row_B = _whole(jnp.arange(b, dtype=jnp.int32))
+    row_B = sharding.whole(jnp.arange(b, dtype=jnp.int32))
 
     def keys(step, rows_B):
       # Greedy decoding draws nothing: no per-row keys are derived.
@@ -613,19 +605,20 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
   logits, prompt_cache, _ = prefill(model, prompt_BxP[::g], prompt_mask_BxP[::g], cache_len,
                                     weights[0])
   # What a refill reads by row (the prompts' cache and masks, the queue, the first tokens) is
-  # whole (`_whole`): no gather of it is hoisted out of the refill loop, beside the decode loops.
-  refill_cache = jax.tree.map(_whole, prompt_cache)
-  refill_mask_BxP = _whole(prompt_mask_BxP)
+  # whole (`sharding.whole`): no gather of it is hoisted out of the refill loop, beside the
+  # decode loops.
+  refill_cache = jax.tree.map(sharding.whole, prompt_cache)
+  refill_mask_BxP = sharding.whole(prompt_mask_BxP)
   if g > 1:
     logits = batch(jnp.repeat(logits, g, axis=0))
   row_B = jnp.arange(b, dtype=jnp.int32)
   tok0, logp0 = choose(logits, None if cfg.greedy else row_keys(rng, 0, row_B), cfg)
-  tok0_whole = _whole(tok0)
+  tok0_whole = sharding.whole(tok0)
   tokens_BxN = batch(jnp.full((b, n), cfg.pad_id, jnp.int32).at[:, 0].set(tok0))
   logp_BxN = batch(jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp0))
   # Rows that still decode after their first token, in row order.
   ended0 = jnp.isin(tok0, eos)
-  queue_B = _whole(jnp.argsort(ended0, stable=True).astype(jnp.int32))
+  queue_B = sharding.whole(jnp.argsort(ended0, stable=True).astype(jnp.int32))
   n_queued = jnp.sum(~ended0, dtype=jnp.int32)
 
   cache = transformer.init_cache(model.cfg, n_slots, cache_len)

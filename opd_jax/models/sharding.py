@@ -227,3 +227,12 @@ def after(dependency, tree):
   # A sum (not one element: slicing a sharded dimension is refused under explicit sharding).
   zero = jnp.sum(jax.tree.leaves(dependency)[0].astype(jnp.float32)) * 0.0
   return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
+
+
+def whole(x: jax.Array) -> jax.Array:
+  """`x` held whole by every device where programs order their collectives
+  (`orders_collectives`): reading it by row, or looping over it, then needs no collective that
+  could race a loop's collectives (`train.collective_order`). Elsewhere `x` as it is."""
+  if not orders_collectives():
+    return x
+  return jax.lax.with_sharding_constraint(x, P())
