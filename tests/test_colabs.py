@@ -9,6 +9,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("quickstart", "geometry", "ablations")
 
@@ -18,7 +20,7 @@ def _kernel_env():
   env["OPD_JAX_NO_INSTALL"] = "1"        # the install cell uses this checkout
   env["OPD_JAX_CACHE_DIR"] = str(ROOT / ".cache" / "xla")
   env["JAX_PLATFORMS"] = "cpu"
-  env.pop("XLA_FLAGS", None)             # one device, as in Colab's CPU runtime
+  env["XLA_FLAGS"] = xla_flags.COMPILE_FAST  # one device, as in Colab's CPU runtime
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
   return env
 
@@ -31,7 +33,6 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
              if c.cell_type == "code"), "the install cell must be guarded by OPD_JAX_NO_INSTALL"
   for key, value in _kernel_env().items():
     monkeypatch.setenv(key, value)
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
   client = NotebookClient(nb, timeout=240, kernel_name="python3",
                           resources={"metadata": {"path": str(ROOT)}})
   t0 = time.perf_counter()

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 
+import xla_flags
 from opd_jax import cli
 from opd_jax import errors
 from opd_jax.train import checkpoint as ckpt_lib
@@ -180,7 +181,7 @@ def _train_cmd(workdir, *extra):
 
 def _env():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = xla_flags.with_devices(8)
   return env
 
 

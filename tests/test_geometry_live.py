@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import geometry_reference as ref
+import xla_flags
 from opd_jax.geometry import live, matrices
 
 K = 4
@@ -179,7 +180,7 @@ def _mesh_child() -> None:
 
 
 def test_several_points_on_an_8_device_mesh_match_one_device_and_float64_numpy():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags.with_devices(8),
              JAX_PLATFORMS="cpu")
   if jax.config.jax_compilation_cache_dir:   # the suite's persistent cache, in the child too
     env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir

@@ -21,6 +21,7 @@ import numpy as np
 
 import mp_recipes_worker as mpr
 import mp_worker
+import xla_flags
 from opd_jax.models import transformer
 from opd_jax.train import checkpoint as ckpt_lib
 from opd_jax.train import metrics as metrics_lib
@@ -56,7 +57,7 @@ def _single_process_reference():
 
 def test_two_processes_match_single_process(tmp_path):
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=xla_flags.with_devices(1),
              JAX_PLATFORMS="cpu")
   env.pop("OPD_COORDINATOR", None)
   procs = [subprocess.Popen([sys.executable, str(WORKER), str(port), str(i), "2",
@@ -131,7 +132,7 @@ def _run_group(out: pathlib.Path, layout: str, nproc: int, deadline: float, note
       break
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // nproc}")
+               XLA_FLAGS=xla_flags.with_devices(8 // nproc))
     env.pop("OPD_COORDINATOR", None)
     procs, log_paths = [], []
     for i in range(nproc):
