@@ -1,9 +1,10 @@
-"""Test set-up: 8 fake CPU devices (set before jax is imported) and a persistent compile cache."""
+"""Test set-up: 8 fake CPU devices and fast-compiling XLA flags (`xla_flags`; set before jax is
+imported) and a persistent compile cache."""
 
 import os
 import pathlib
 
-import xla_flags  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-relative imports)
+import xla_flags  # tests/ has no __init__.py, so pytest puts it on sys.path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
                            xla_flags.with_devices(8)).strip()

@@ -20,7 +20,7 @@ def _kernel_env():
   env["OPD_JAX_NO_INSTALL"] = "1"        # the install cell uses this checkout
   env["OPD_JAX_CACHE_DIR"] = str(ROOT / ".cache" / "xla")
   env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = xla_flags.COMPILE_FAST  # one device, as in Colab's CPU runtime
+  env["XLA_FLAGS"] = xla_flags.COMPILE_FAST  # compile flags only: one device, as in Colab's CPU
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
   return env
 

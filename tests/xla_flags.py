@@ -7,8 +7,8 @@ The suite is bound by compilation: its programs run for milliseconds. `COMPILE_F
 The HLO (what is computed, collective order, shardings) is the same program; only the machine
 code of each kernel differs. Without fast-math (off in XLA by default) neither pipeline
 reassociates floating point; transcendental functions may round differently in the last bit.
-Every comparison a test makes is between processes with these flags, or against a reference with
-a tolerance.
+The suite passes unchanged under them: its exact comparisons are between processes with the same
+flags, the others against references with tolerances.
 """
 
 COMPILE_FAST = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
