@@ -16,5 +16,5 @@ COMPILE_FAST = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive
 
 
 def with_devices(n: int) -> str:
-  """XLA_FLAGS for a child process with `n` fake CPU devices."""
+  """XLA_FLAGS with `COMPILE_FAST` and `n` fake CPU devices (pytest's process: 8)."""
   return f"{COMPILE_FAST} --xla_force_host_platform_device_count={n}"
