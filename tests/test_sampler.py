@@ -188,6 +188,22 @@ def test_block_gumbel_max_frequencies_chi_square():
   assert scipy.stats.chisquare(counts[probs > 0], n_rows * probs[probs > 0]).pvalue > CHI2_ALPHA
 
 
+def test_first_argmax_equals_numpy_argmax_with_ties_infinities_and_nans():
+  """`sampler.first_argmax` against numpy's argmax (the first maximum, or the first NaN) on
+  random rows, rows with repeated maxima, -inf / +inf entries and NaNs."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((64, 1000)).astype(np.float32)
+  x[1:8] = np.round(x[1:8])                      # many tied maxima
+  x[8, :] = -np.inf                              # all -inf: index 0
+  x[9, 500:] = np.inf                            # +inf from 500 on
+  x[10, 700] = np.nan                            # a NaN after the maximum
+  x[11, [3, 600]] = np.nan                       # two NaNs
+  x[12, :] = 2.0                                 # a constant row
+  got = np.asarray(jax.jit(sampler.first_argmax)(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+  assert got.dtype == np.int32
+
+
 def test_filter_logits_matches_numpy_reference():
   logits = np.asarray(jax.random.normal(jax.random.key(0), (6, 40)) * 2.0)
   filt = jax.jit(sampler.filter_logits, static_argnums=(1, 2))

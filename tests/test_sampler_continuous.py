@@ -99,6 +99,7 @@ CASES = [
 ]
 
 
+@pytest.mark.production_codegen
 @pytest.mark.parametrize("i", range(len(CASES)))
 def test_continuous_equals_static(i):
   """Rows refilled into freed slots, rows at different steps in one batch, the tail compacted:

@@ -277,6 +277,21 @@ def filter_logits(logits_BxV, top_k: int, top_p: float) -> jax.Array:
   return jnp.where(logits_BxV < threshold_B[:, None], neg_inf, logits_BxV)
 
 
+def first_argmax(x_BxV) -> jax.Array:
+  """`jnp.argmax(x_BxV, axis=-1)` (the first index of the maximum, or of the first NaN) as two
+  plain reductions: the maximum, then the smallest index holding it. XLA's CPU backend does not
+  vectorise argmax's (value, index) reduction: over a 32k vocabulary it took ~4x as long
+  (1.7 ms against 0.4 ms at 16 rows, 2 cores)."""
+  v = x_BxV.shape[-1]
+  iota_V = jnp.arange(v, dtype=jnp.int32)
+  mx_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
+  # A NaN's index minus V sorts below every maximum's index (NaN wins, as in argmax, whether or
+  # not the maximum itself came out NaN).
+  key_BxV = jnp.where(jnp.isnan(x_BxV), iota_V - v, jnp.where(x_BxV == mx_Bx1, iota_V, v))
+  first_B = jnp.min(key_BxV, axis=-1)
+  return jnp.where(first_B < 0, first_B + v, first_B)
+
+
 # Width of the vocabulary blocks of `block_gumbel_max`.
 DRAW_BLOCK = 128
 
@@ -305,9 +320,9 @@ def block_gumbel_max(gumbel_BxG, logits_BxV, block: int = DRAW_BLOCK) -> jax.Arr
   mx_B = jnp.max(logits_BxV, axis=-1)
   # log of each block's mass, relative to the row's maximum (-inf for an empty block).
   mass_BxN = jnp.sum(jnp.exp(x_BxNxC - mx_B[:, None, None]), axis=-1)
-  block_B = jnp.argmax(jnp.log(mass_BxN) + gumbel_BxG[:, :n], axis=-1)
+  block_B = first_argmax(jnp.log(mass_BxN) + gumbel_BxG[:, :n])
   inner_BxC = x_BxNxC[jnp.arange(b), block_B]
-  index_B = jnp.argmax(inner_BxC + gumbel_BxG[:, n:], axis=-1)
+  index_B = first_argmax(inner_BxC + gumbel_BxG[:, n:])
   return (block_B * block + index_B).astype(jnp.int32)
 
 
@@ -320,7 +335,7 @@ def choose(logits_BxV, keys_B, cfg: SamplerConfig):
   """
   scaled = logits_BxV.astype(jnp.float32) / cfg.temperature
   if cfg.greedy:
-    tok = jnp.argmax(scaled, axis=-1)
+    tok = first_argmax(scaled)
   else:
     # top-k / top-p are static settings: disabled, `filter_logits` returns its input (no sort).
     size = draw_noise_size(scaled.shape[-1])

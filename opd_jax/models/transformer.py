@@ -219,16 +219,25 @@ class Attention(nnx.Module):
     elif jnp.ndim(cache_index) == 1:
       if t != 1 or segments is not None:
         raise ValueError("per-row cache_index [B] takes one token per row and no segment ids")
-      # One token per row, row b at cache slot cache_index[b]: attention over the cache and the
-      # row's own key; the new keys and values are returned and written into the cache by
-      # `hidden` after the layer loop. `cache_kv` is (all layers' k, v [L, B, S, K, h], this
-      # layer's index): the attention reads only the blocks it needs of this layer, never a
-      # copy of the layer's whole cache.
+      # One token per row, row b at cache slot cache_index[b]: attention over the cache slots
+      # below each row's own and the row's own key and value as computed here. `cache_kv` is
+      # (all layers' k, v [L, B, S, K, h], this layer's index): the attention reads only the
+      # blocks it needs of this layer, never a copy of the layer's whole cache.
       ck, cv, layer = cache_kv
+      if decode_writes_first():
+        # This layer's new key and value go into the carried caches before the attention
+        # reads them (`decode_writes_first`).
+        rows_B = jnp.arange(b)
+        ck = ck.at[layer, rows_B, cache_index].set(kk[:, 0].astype(ck.dtype),
+                                                   unique_indices=True)
+        cv = cv.at[layer, rows_B, cache_index].set(v[:, 0].astype(cv.dtype),
+                                                   unique_indices=True)
+        new_cache = (ck, cv)
+      else:   # returned; `hidden` writes every layer's after the layer loop
+        new_cache = (kk.astype(ck.dtype), v.astype(cv.dtype))
       out = attention.rows_decode_attention(q, ck, cv, kk, v, cache_index, kv_mask_BxS,
                                             block=attention.row_block(cfg.cache_block),
                                             layer=layer)
-      new_cache = (kk.astype(ck.dtype), v.astype(cv.dtype))
     else:
       ck, cv = cache_kv
       keys = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, cache_index, 0, 0))
@@ -238,6 +247,21 @@ class Attention(nnx.Module):
                                        block=cfg.cache_block)
     out = out.astype(x_BxTxD.dtype)
     return self.o_proj(out), new_cache
+
+
+def decode_writes_first() -> bool:
+  """Whether a per-row decode step (`hidden` with cache_index [B]) writes each layer's new keys
+  and values into the stacked caches before that layer's attention reads them (the caches then
+  travel through the layer loop), rather than once for every layer after it.
+
+  On the CPU backend, writing after the reads made XLA copy both whole caches twice a decode step
+  (measured, `small` preset on 2 AMD EPYC cores: the copies took ~1.6 ms of a ~28 ms step at 16
+  rows; without them the sampler's 16-row decode went from ~570 to ~680 tokens/s). Not where programs order their
+  collectives (`sharding.orders_collectives`: the multi-process CPU runtime): a per-layer scatter
+  into caches sharded by row gathers its indices and rows, and inside the layer loop those
+  collectives race the decode loop's own (`train.collective_order`). Accelerator programs are
+  left as they were written before (one scatter after the layer loop)."""
+  return jax.default_backend() == "cpu" and not orders_collectives()
 
 
 def _swiglu(x_BxTxD, gate_DxF, up_DxF, down_FxD, dtype):
@@ -495,13 +519,21 @@ class Transformer(nnx.Module):
 
     per_row = cache is not None and jnp.ndim(cache_index) == 1
 
+    write_first = per_row and decode_writes_first()
+
     def body(carry, xs):
       layer_params, layer_cache = xs
       if per_row:   # layer_cache is the layer index: the attention slices the stacked cache
-        layer_cache = (cache["k"], cache["v"], layer_cache)
+        if write_first:   # the caches travel in the carry
+          carry, ck, cv = carry
+        else:
+          ck, cv = cache["k"], cache["v"]
+        layer_cache = (ck, cv, layer_cache)
       block = nnx.merge(graphdef, layer_params)
       y, new_cache, router_logits = block(carry, positions_BxT, kv_mask_BxS, layer_cache,
                                           cache_index, segments)
+      if write_first:
+        return (y, *new_cache), (None, router_logits)
       return y, (new_cache, router_logits)
 
     if cfg.remat:
@@ -512,26 +544,32 @@ class Transformer(nnx.Module):
       layer_cache = jnp.arange(cfg.n_layers, dtype=jnp.int32)
     if layer_states is not None and len(layer_states) != cfg.n_layers:
       raise ValueError(f"hidden: {len(layer_states)} layer_states for {cfg.n_layers} layers")
+    carry = (x, cache["k"], cache["v"]) if write_first else x
     if cfg.scan_layers and layer_states is None:
-      x, (new_cache, router_logits) = jax.lax.scan(body, x, (layer_state, layer_cache))
+      carry, (new_cache, router_logits) = jax.lax.scan(body, carry, (layer_state, layer_cache))
     else:
       outs = []
       for i in range(cfg.n_layers):
         params_i = (jax.tree.map(lambda a: a[i], layer_state) if layer_states is None
                     else layer_states[i])
-        x, c = body(x, (params_i, jax.tree.map(lambda a: a[i], layer_cache)))
+        carry, c = body(carry, (params_i, jax.tree.map(lambda a: a[i], layer_cache)))
         outs.append(c)
       new_cache, router_logits = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    h = self.final_norm(x)
-    if per_row:
-      # Per-row slots: the layers returned the new [L, B, 1, K, h] keys and values; one scatter
-      # writes row b's at slot cache_index[b] of every layer.
+    if write_first:   # the layers wrote their keys and values into the carried caches
+      x, ck, cv = carry
+      new_cache = {"k": ck, "v": cv}
+    else:
+      x = carry
+    if per_row and not write_first:
+      # The layers returned the new [L, B, 1, K, h] keys and values; one scatter writes row b's
+      # at slot cache_index[b] of every layer.
       rows_B = jnp.arange(tokens_BxT.shape[0])
       new_cache = {name: cache[name].at[:, rows_B, cache_index].set(new[:, :, 0],
                                                                      unique_indices=True)
                    for name, new in zip(("k", "v"), new_cache)}
-    elif cache is not None:
+    elif cache is not None and not per_row:
       new_cache = {"k": new_cache[0], "v": new_cache[1]}
+    h = self.final_norm(x)
     if return_router_logits:
       return h, new_cache, router_logits
     return h, new_cache
