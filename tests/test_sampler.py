@@ -451,7 +451,7 @@ def test_split_weights_equal_the_stacked_weights(tied, dtype):
   """Decoding from the per-layer copy of the weights (`split_weights`; on CPU the default for
   decode buckets of <= SPLIT_MAX_ROWS rows) gives the tokens of decoding from the stacked
   weights and their log-probs to float32 rounding, also when one call mixes both (compact
-  buckets 32 -> 16 -> 8),
+  buckets 128 -> 64),
   and the sampler's logits are the model's own (`Transformer.logits`). In bfloat16 the two
   layer loops round a logit to neighbouring bfloat16 values now and then, so a sampled token may
   differ where two candidates' noisy scores nearly tie: there, nearly every row must agree, and
@@ -459,21 +459,21 @@ def test_split_weights_equal_the_stacked_weights(tied, dtype):
   assert jax.default_backend() == "cpu"
   cfg = mc.tiny(vocab_size=97, tie_embeddings=tied, dtype=dtype, param_dtype=dtype)
   graphdef, params = tf.init(cfg, 5)
-  prompt, pmask = _prompts(97, [4, 7, 1, 6] * 8, seed=2)
+  prompt, pmask = _prompts(97, [4, 7, 1, 6] * 32, seed=2)
   kw = dict(temperature=0.9, eos_id=tuple(range(3, 23)), pad_id=0)  # rows end at spread steps
   key = jax.random.key(4)
 
   def run(**k):
     return sampler.sample(graphdef, params, prompt, pmask, key, sampler.SamplerConfig(12, **kw, **k))
 
-  assert sampler.split_max_rows(sampler.SamplerConfig(12, **kw)) == sampler.SPLIT_MAX_ROWS == 16
-  assert sampler.buckets(32, "compact", 8) == (32, 16, 8)
-  static = run(mode="static")                                   # 32 rows: stacked layers
+  assert sampler.split_max_rows(sampler.SamplerConfig(12, **kw)) == sampler.SPLIT_MAX_ROWS == 64
+  assert sampler.buckets(128, "compact", 64) == (128, 64)
+  static = run(mode="static")                                   # 128 rows: stacked layers
   lengths = np.asarray(static.lengths_B)
-  assert np.sort(lengths)[-17] < lengths.max(), lengths         # the 16-row bucket ran
-  for other in (run(mode="compact", min_bucket=8),              # stacked, then split
+  assert np.sort(lengths)[-65] < lengths.max(), lengths         # the 64-row bucket ran
+  for other in (run(mode="compact", min_bucket=64),             # stacked, then split
                 run(mode="static", split_weights=True),         # split throughout
-                run(mode="compact", min_bucket=8, split_weights=False)):  # never split
+                run(mode="compact", min_bucket=64, split_weights=False)):  # never split
     same_B = np.all(np.asarray(other.tokens_BxT) == np.asarray(static.tokens_BxT), axis=1)
     assert same_B.all() if dtype == "float32" else same_B.mean() >= 0.9, same_B
     for name in ("tokens_BxT", "mask_BxT", "loss_mask_BxT", "lengths_B"):

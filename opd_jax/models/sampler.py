@@ -106,8 +106,8 @@ class SamplerConfig:
       of at most `SPLIT_MAX_ROWS` rows. XLA's CPU backend copies a sliced weight before the
       matmul that reads it, every layer of every step: where reading the weights bounds a step
       (few rows) that copy costs as much again (`small` preset, batch 1: 20 -> 12 ms a step
-      split); at 64 rows, where the matmuls bound it, the unrolled split layers ran ~10%
-      slower. Other backends read slices in place; there the copy would only cost memory.
+      split); at 64 rows split layers are still 4-10% faster. Other backends read slices in
+      place; there the copy would only cost memory.
   """
 
   max_new_tokens: int
@@ -180,8 +180,10 @@ class DecodeWeights(NamedTuple):
 
 
 # `SamplerConfig.split_weights=None`: on CPU, decode batches up to this many rows read split
-# weights (measured on the `small` preset: faster at 1 and 16 rows, equal at 32, slower at 64).
-SPLIT_MAX_ROWS = 16
+# weights (measured on the `small` preset: faster at 1 and 16 rows; at 64 rows 4-10% faster
+# once the decode stopped copying its caches, `transformer.decode_writes_first`, ~10% slower
+# before; larger batches not measured).
+SPLIT_MAX_ROWS = 64
 
 
 def split_max_rows(cfg: SamplerConfig) -> int:
