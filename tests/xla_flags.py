@@ -10,7 +10,7 @@ reassociates floating point; transcendental functions may round differently in t
 Exact comparisons between two different programs (the continuous sampler against the static
 one, bit for bit) hold under production codegen but not always under `COMPILE_FAST` (measured:
 under -O0 with the classic emitter together, not under either alone, the two samplers' log-probs
-differed in the last bit after an unrelated change to the decode step). Such a test
+differed in the last bit once the decode step wrote its caches before reading them). Such a test
 carries `@pytest.mark.production_codegen`: conftest reruns it in a child pytest process without
 `COMPILE_FAST` (`CODEGEN_ENV`). Every other exact comparison is between processes with the same
 flags, the others against references with tolerances.

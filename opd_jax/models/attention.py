@@ -310,9 +310,10 @@ def rows_decode_attention(q_Bx1xHxh, k_BxSxKxh, v_BxSxKxh, k_new_Bx1xKxh, v_new_
                           kv_mask_BxS, *, block: int, layer=None):
   """Attention of one new token per row, row b at its own cache slot `slot_B[b]`, over its own
   key and value (`k_new`, `v_new`; the cache's slot slot_B[b] is never read, whether or not they
-  are already written there) and the cache slots below slot_B[b] allowed by `kv_mask_BxS`. S must be a multiple of `block`. With `layer` (an int or traced
-  scalar) the cache arguments are every layer's [L, B, S, K, h] and layer `layer` is read (each
-  block sliced straight from the stacked cache).
+  are already written there) and the cache slots below slot_B[b] allowed by `kv_mask_BxS`. S
+  must be a multiple of `block`. With `layer` (an int or traced scalar) the cache arguments are
+  every layer's [L, B, S, K, h] and layer `layer` is read (each block sliced straight from the
+  stacked cache).
 
   An online softmax started from the row's own key, then the cache blocks of `block` slots that
   the longest row needs: a block entirely at or above a row's slot leaves that row's running

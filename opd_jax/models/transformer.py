@@ -256,11 +256,13 @@ def decode_writes_first() -> bool:
 
   On the CPU backend, writing after the reads made XLA copy both whole caches twice a decode step
   (measured, `small` preset on 2 AMD EPYC cores: the copies took ~1.6 ms of a ~28 ms step at 16
-  rows; without them the sampler's 16-row decode went from ~570 to ~680 tokens/s). Not where programs order their
-  collectives (`sharding.orders_collectives`: the multi-process CPU runtime): a per-layer scatter
-  into caches sharded by row gathers its indices and rows, and inside the layer loop those
-  collectives race the decode loop's own (`train.collective_order`). Accelerator programs are
-  left as they were written before (one scatter after the layer loop)."""
+  rows; without them the sampler's 16-row decode went from ~570 to ~680 tokens/s). Not where
+  programs order their collectives (`sharding.orders_collectives`: the multi-process CPU
+  runtime): a per-layer scatter into caches sharded by row gathers its indices and rows, and
+  inside the layer loop those collectives race the decode loop's own
+  (`train.collective_order`). Accelerator programs write once after the layer loop (one
+  scatter, its collectives outside the loop).
+  """
   return jax.default_backend() == "cpu" and not orders_collectives()
 
 
