@@ -370,6 +370,7 @@ def test_buckets_are_bounded_powers_of_two():
   assert sampler.buckets(1, "compact", 1) == (1,)
 
 
+@pytest.mark.production_codegen
 def test_compact_and_shared_prefill_equal_static():
   """Compacted decoding (finished rows leave the batch) and the shared prefill of a group's
   prompt give the static sampler's tokens and log-probs on the same key (with top-k / top-p:

@@ -7,13 +7,13 @@ The suite is bound by compilation: its programs run for milliseconds. `COMPILE_F
 The HLO (what is computed, collective order, shardings) is the same program; only the machine
 code of each kernel differs. Without fast-math (off in XLA by default) neither pipeline
 reassociates floating point; transcendental functions may round differently in the last bit.
-Exact comparisons between two different programs (the continuous sampler against the static
-one, bit for bit) hold under production codegen but not always under `COMPILE_FAST` (measured:
-under -O0 with the classic emitter together, not under either alone, the two samplers' log-probs
-differed in the last bit once the decode step wrote its caches before reading them). Such a test
-carries `@pytest.mark.production_codegen`: conftest reruns it in a child pytest process without
-`COMPILE_FAST` (`CODEGEN_ENV`). Every other exact comparison is between processes with the same
-flags, the others against references with tolerances.
+Exact comparisons between two different programs (the continuous or compact sampler against
+the static one, bit for bit) hold under production codegen but not always under `COMPILE_FAST`
+(measured: under -O0 with the classic emitter together, not under either alone, two samplers'
+log-probs differed in the last bit once the decode step wrote its caches before reading them).
+Such a test carries `@pytest.mark.production_codegen`: conftest reruns it in a child pytest
+process without `COMPILE_FAST` (`CODEGEN_ENV`). Every other exact comparison is between
+processes with the same flags, the others against references with tolerances.
 """
 
 import os
