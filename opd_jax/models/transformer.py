@@ -221,10 +221,11 @@ class Attention(nnx.Module):
         raise ValueError("per-row cache_index [B] takes one token per row and no segment ids")
       # One token per row, row b at cache slot cache_index[b]: attention over the cache slots
       # below each row's own and the row's own key and value as computed here. `cache_kv` is
-      # (all layers' k, v [L, B, S, K, h], this layer's index): the attention reads only the
-      # blocks it needs of this layer, never a copy of the layer's whole cache.
-      ck, cv, layer = cache_kv
-      if decode_writes_first():
+      # (all layers' k, v [L, B, S, K, h], this layer's index, whether to write first): the
+      # attention reads only the blocks it needs of this layer, never a copy of the layer's
+      # whole cache.
+      ck, cv, layer, write_first = cache_kv
+      if write_first:
         # This layer's new key and value go into the carried caches before the attention
         # reads them (`decode_writes_first`).
         rows_B = jnp.arange(b)
@@ -530,7 +531,7 @@ class Transformer(nnx.Module):
           carry, ck, cv = carry
         else:
           ck, cv = cache["k"], cache["v"]
-        layer_cache = (ck, cv, layer_cache)
+        layer_cache = (ck, cv, layer_cache, write_first)
       block = nnx.merge(graphdef, layer_params)
       y, new_cache, router_logits = block(carry, positions_BxT, kv_mask_BxS, layer_cache,
                                           cache_index, segments)
@@ -562,15 +563,15 @@ class Transformer(nnx.Module):
       new_cache = {"k": ck, "v": cv}
     else:
       x = carry
-    if per_row and not write_first:
-      # The layers returned the new [L, B, 1, K, h] keys and values; one scatter writes row b's
-      # at slot cache_index[b] of every layer.
-      rows_B = jnp.arange(tokens_BxT.shape[0])
-      new_cache = {name: cache[name].at[:, rows_B, cache_index].set(new[:, :, 0],
-                                                                     unique_indices=True)
-                   for name, new in zip(("k", "v"), new_cache)}
-    elif cache is not None and not per_row:
-      new_cache = {"k": new_cache[0], "v": new_cache[1]}
+      if per_row:
+        # The layers returned the new [L, B, 1, K, h] keys and values; one scatter writes row
+        # b's at slot cache_index[b] of every layer.
+        rows_B = jnp.arange(tokens_BxT.shape[0])
+        new_cache = {name: cache[name].at[:, rows_B, cache_index].set(new[:, :, 0],
+                                                                       unique_indices=True)
+                     for name, new in zip(("k", "v"), new_cache)}
+      elif cache is not None:
+        new_cache = {"k": new_cache[0], "v": new_cache[1]}
     h = self.final_norm(x)
     if return_router_logits:
       return h, new_cache, router_logits
