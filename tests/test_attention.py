@@ -260,8 +260,10 @@ def test_cached_attention_equals_float64_reference_at_every_index():
   kv_mask[0, :4] = False  # a left-padded prompt
   seg = np.ones((3, s), np.int32)
   seg[2, 10:] = 2
+  # The cache layout: keys [B, K, h, S], values [B, K, S, h].
+  kk_c, v_c = np.transpose(kk, (0, 2, 3, 1)), np.transpose(v, (0, 2, 1, 3))
   fn = jax.jit(lambda i, q_seg: attention.cached_attention(
-      q[:, :t], kk, v, i, jnp.asarray(kv_mask), q_seg, jnp.asarray(seg), block=8))
+      q[:, :t], kk_c, v_c, i, jnp.asarray(kv_mask), q_seg, jnp.asarray(seg), block=8))
   for index in (0, 6, 8, 15, s - t):
     q_seg = jnp.asarray(seg[:, index:index + t])
     allowed = _numpy_allowed(t, s, index, kv_mask, q_seg, seg)
@@ -269,13 +271,13 @@ def test_cached_attention_equals_float64_reference_at_every_index():
     real = _real_rows(allowed)
     outs = [fn(index, q_seg)]
     if index in (0, 15):  # a Python index picks its bucket at trace time
-      outs.append(attention.cached_attention(q[:, :t], kk, v, index, jnp.asarray(kv_mask), q_seg,
-                                             jnp.asarray(seg), block=8))
+      outs.append(attention.cached_attention(q[:, :t], kk_c, v_c, index, jnp.asarray(kv_mask),
+                                             q_seg, jnp.asarray(seg), block=8))
     for out in outs:
       np.testing.assert_allclose(np.where(real, out, 0), np.where(real, expected, 0), atol=1e-5)
   # A traced index compiles one branch per bucket length and runs only the selected one.
   jaxpr = str(jax.make_jaxpr(lambda i: attention.cached_attention(
-      q[:, :1], kk, v, i, jnp.asarray(kv_mask), block=8))(3))
+      q[:, :1], kk_c, v_c, i, jnp.asarray(kv_mask), block=8))(3))
   assert "cond[" in jaxpr and jaxpr.count("branches") >= 1
 
 

@@ -43,7 +43,9 @@ def test_rows_decode_attention_matches_reference_and_ignores_other_rows():
   k_new, v_new = (rng.standard_normal((b, 1, kh, hd)).astype(np.float32) for _ in range(2))
   slot = np.array([0, 7, 16, 33, 47], np.int32)          # 0: only the row's own key
   kv_mask = rng.random((b, s)) > 0.2
-  fn = jax.jit(lambda *a: attention.rows_decode_attention(*a, block=block))
+  # The cache layout: keys [B, K, h, S], values [B, K, S, h].
+  fn = jax.jit(lambda q, k, v, *a: attention.rows_decode_attention(
+      q, jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3)), *a, block=block))
   out = np.asarray(fn(q, k, v, k_new, v_new, slot, kv_mask))
   np.testing.assert_allclose(out, _attention_rows_np(q, k, v, k_new, v_new, slot, kv_mask),
                              atol=1e-5)
@@ -55,13 +57,17 @@ def test_rows_decode_attention_matches_reference_and_ignores_other_rows():
   k2[1, 7:] = 1e3
   np.testing.assert_array_equal(np.asarray(fn(q, k2, v, k_new, v_new, slot, kv_mask))[1], out[1])
   with pytest.raises(ValueError, match="multiple of the block"):
-    attention.rows_decode_attention(q, k[:, :40], v[:, :40], k_new, v_new, slot, kv_mask[:, :40],
-                                    block=block)
+    attention.rows_decode_attention(q, np.transpose(k[:, :40], (0, 2, 3, 1)),
+                                    np.transpose(v[:, :40], (0, 2, 1, 3)), k_new, v_new, slot,
+                                    kv_mask[:, :40], block=block)
 
 
-def test_per_row_slot_decode_equals_full_forward():
+@pytest.mark.parametrize("writes_first", [True, False])
+def test_per_row_slot_decode_equals_full_forward(writes_first, monkeypatch):
   """Rows at different steps in one decode batch (row b feeds token t_b at its own slot) give
-  the full forward's logits at those positions."""
+  the full forward's logits at those positions, whether each layer writes its keys and values
+  before its attention (CPU) or every layer's are written after the layer loop."""
+  monkeypatch.setattr(tf, "decode_writes_first", lambda: writes_first)
   cfg = mc.tiny(vocab_size=97, family="qwen2", cache_block=16)
   graphdef, params = tf.init(cfg, 1)
   prompt, pmask = _prompts(97, [3, 6, 1, 4], seed=2)

@@ -203,6 +203,21 @@ def decode_weights(model, split_layers: bool = True) -> DecodeWeights:
   return DecodeWeights(model.layer_states() if split_layers else None, output_VxD)
 
 
+def _row_start(row, ndim: int) -> tuple:
+  """Start index of cache row `row` (first slot, first of everything else)."""
+  start = [0] * ndim
+  start[transformer.CACHE_BATCH_AXIS] = row
+  return tuple(start)
+
+
+def _prompt_slots(name: str, cache_array, row, p: int):
+  """Cache array `name`'s first `p` slots of row `row` (batch dimension kept, size 1)."""
+  size = list(cache_array.shape)
+  size[transformer.CACHE_BATCH_AXIS] = 1
+  size[transformer.CACHE_SLOT_AXIS[name]] = p
+  return jax.lax.dynamic_slice(cache_array, _row_start(row, cache_array.ndim), size)
+
+
 def _split_weights(model, cfg: SamplerConfig, sizes):
   """(weights of the decode buckets of at most `split_max_rows` rows, of the larger ones): the
   layers split once if any bucket reads them; every bucket reads the same [V, D] output matrix,
@@ -229,8 +244,7 @@ def prefill(model, prompt_BxP, prompt_mask_BxP, cache_len: int,
   (`decode_weights`): read those instead of the model's.
   """
   b, p = prompt_BxP.shape
-  cache = transformer.init_cache(model.cfg, b, cache_len)
-  cache = jax.tree.map(lambda a: sharding.constrain(a, transformer.CACHE_AXES), cache)
+  cache = transformer.constrain_cache(transformer.init_cache(model.cfg, b, cache_len))
   kv_mask = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, cache_len - p), bool)], axis=1)
   kv_mask = sharding.constrain(kv_mask, ("batch", "cache_length"))
   h, cache = model.hidden(prompt_BxP, prompt_mask_BxP, cache=cache, cache_index=0,
@@ -371,7 +385,6 @@ class _LoopState(NamedTuple):
 
 
 _TRACES = {"sample": 0}   # incremented when `_sample` is traced (tests assert no recompilation)
-_CACHE_BATCH_AXIS = transformer.CACHE_AXES.index("batch")
 
 
 def row_keys(rng, step, row_B):
@@ -468,14 +481,14 @@ def _take_slots(sl: _Slots, idx_J) -> _Slots:
   return _Slots(row_K=take(sl.row_K), step_K=take(sl.step_K), last_K=take(sl.last_K),
                 done_K=take(sl.done_K), prompt_len_K=take(sl.prompt_len_K),
                 kv_mask_KxS=take(sl.kv_mask_KxS),
-                cache=jax.tree.map(lambda a: jnp.take(a, idx_J, axis=_CACHE_BATCH_AXIS), sl.cache))
+                cache=jax.tree.map(lambda a: jnp.take(a, idx_J, axis=transformer.CACHE_BATCH_AXIS), sl.cache))
 
 
 def _take_rows(rows: _Rows, idx_K) -> _Rows:
   return _Rows(row_B=sharding.whole(rows.row_B[idx_K]), last_B=rows.last_B[idx_K],
                done_B=rows.done_B[idx_K], prompt_len_B=sharding.whole(rows.prompt_len_B[idx_K]),
                kv_mask_BxS=rows.kv_mask_BxS[idx_K],
-               cache=jax.tree.map(lambda a: jnp.take(a, idx_K, axis=_CACHE_BATCH_AXIS),
+               cache=jax.tree.map(lambda a: jnp.take(a, idx_K, axis=transformer.CACHE_BATCH_AXIS),
                                   rows.cache))
 
 
@@ -522,8 +535,8 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: Sam
                                         weights[0])
       logits = batch(jnp.repeat(logits, g, axis=0))
       kv_mask = batch(jnp.repeat(kv_mask, g, axis=0))
-      cache = jax.tree.map(lambda a: sharding.constrain(
-          jnp.repeat(a, g, axis=_CACHE_BATCH_AXIS), transformer.CACHE_AXES), cache)
+      cache = transformer.constrain_cache(jax.tree.map(
+          lambda a: jnp.repeat(a, g, axis=transformer.CACHE_BATCH_AXIS), cache))
     row_B = sharding.whole(jnp.arange(b, dtype=jnp.int32))
 
     def keys(step, rows_B):
@@ -643,7 +656,7 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
                  last_K=jnp.zeros((n_slots,), jnp.int32), done_K=jnp.ones((n_slots,), bool),
                  prompt_len_K=jnp.zeros((n_slots,), jnp.int32),
                  kv_mask_KxS=batch(jnp.ones((n_slots, cache_len), bool)),
-                 cache=jax.tree.map(lambda a: sharding.constrain(a, transformer.CACHE_AXES), cache))
+                 cache=transformer.constrain_cache(cache))
 
   def refill(sl: _Slots, qi):
     """Free slots take queued rows (first free slot, next queued row) until either runs out."""
@@ -656,9 +669,8 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
       k = jnp.argmax(sl.done_K).astype(jnp.int32)
       r = queue_B[qi]
       cache = {name: jax.lax.dynamic_update_slice(
-          sl.cache[name], jax.lax.dynamic_slice(refill_cache[name], (0, r // g, 0, 0, 0),
-                                                (a.shape[0], 1, p) + a.shape[3:]),
-          (0, k, 0, 0, 0)) for name, a in refill_cache.items()}
+          sl.cache[name], _prompt_slots(name, refill_cache[name], r // g, p),
+          _row_start(k, a.ndim)) for name, a in refill_cache.items()}
       mask_row = jax.lax.dynamic_slice_in_dim(refill_mask_BxP, r, 1, axis=0)
       kv_mask = jax.lax.dynamic_update_slice(sl.kv_mask_KxS, mask_row, (k, 0))
       sl = _Slots(row_K=sl.row_K.at[k].set(r), step_K=sl.step_K.at[k].set(1),

@@ -230,8 +230,7 @@ def _chunked_scan(model, tokens_BxT, mask_BxT, chunk_size, per_chunk, segment_id
   else:
     seg_p = _pad_to(jnp.asarray(segment_ids_BxT, jnp.int32), n * c)
     pos_p = transformer.segment_positions(seg_p)
-  cache = transformer.init_cache(cfg, b, n * c)
-  cache = jax.tree.map(lambda a: sharding.constrain(a, transformer.CACHE_AXES), cache)
+  cache = transformer.constrain_cache(transformer.init_cache(cfg, b, n * c))
   h0 = jnp.zeros((b, cfg.d_model), jnp.dtype(cfg.dtype))
 
   def body(carry, xs):

@@ -38,7 +38,8 @@ unpadded. Without segment ids nothing changes (not one extra operation). With a 
 `kv_segment_ids_BxS` gives the segment of every cache slot (the scoring route knows the whole
 sequence up front).
 
-KV cache: `init_cache(cfg, B, S)` gives {'k', 'v'} of shape [L, B, S, K, h]. `hidden(...,
+KV cache: `init_cache(cfg, B, S)` gives {'k': [L, B, K, h, S], 'v': [L, B, K, S, h]} (the layout
+the decode attention reads without transposes: `attention` module docstring). `hidden(...,
 cache=, cache_index=)` writes the T new keys at slots [cache_index, cache_index + T) and attends
 causally by slot, masked by `kv_mask_BxS`, over the cache prefix that can be filled (slots below
 cache_index + T, rounded up to a bucket of `cfg.cache_block` slots), never the empty tail.
@@ -221,18 +222,14 @@ class Attention(nnx.Module):
         raise ValueError("per-row cache_index [B] takes one token per row and no segment ids")
       # One token per row, row b at cache slot cache_index[b]: attention over the cache slots
       # below each row's own and the row's own key and value as computed here. `cache_kv` is
-      # (all layers' k, v [L, B, S, K, h], this layer's index, whether to write first): the
-      # attention reads only the blocks it needs of this layer, never a copy of the layer's
-      # whole cache.
+      # (all layers' k [L, B, K, h, S] and v [L, B, K, S, h], this layer's index, whether to
+      # write first): the attention reads only the blocks it needs of this layer, never a copy
+      # of the layer's whole cache.
       ck, cv, layer, write_first = cache_kv
       if write_first:
         # This layer's new key and value go into the carried caches before the attention
         # reads them (`decode_writes_first`).
-        rows_B = jnp.arange(b)
-        ck = ck.at[layer, rows_B, cache_index].set(kk[:, 0].astype(ck.dtype),
-                                                   unique_indices=True)
-        cv = cv.at[layer, rows_B, cache_index].set(v[:, 0].astype(cv.dtype),
-                                                   unique_indices=True)
+        ck, cv = write_row_slots(ck, cv, layer, cache_index, kk[:, 0], v[:, 0])
         new_cache = (ck, cv)
       else:   # returned; `hidden` writes every layer's after the layer loop
         new_cache = (kk.astype(ck.dtype), v.astype(cv.dtype))
@@ -241,13 +238,31 @@ class Attention(nnx.Module):
                                             layer=layer)
     else:
       ck, cv = cache_kv
-      keys = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, cache_index, 0, 0))
-      values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+      keys = jax.lax.dynamic_update_slice(ck, kk.transpose(0, 2, 3, 1).astype(ck.dtype),
+                                          (0, 0, 0, cache_index))
+      values = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype),
+                                            (0, 0, cache_index, 0))
       new_cache = (keys, values)
       out = attention.cached_attention(q, keys, values, cache_index, kv_mask_BxS, q_seg, kv_seg,
                                        block=cfg.cache_block)
     out = out.astype(x_BxTxD.dtype)
     return self.o_proj(out), new_cache
+
+
+def write_row_slots(k_xBxKxhxS, v_xBxKxSxh, layer, slot_B, k_BxKxh, v_BxKxh):
+  """Caches with row b's new key and value written at slot `slot_B[b]`: of layer `layer` (an
+  int or traced scalar) in every layer's caches ([L, B, K, h, S] and [L, B, K, S, h]), or, with
+  `layer` None, of every layer (the new ones [L, B, K, h]) at once."""
+  rows_B = jnp.arange(slot_B.shape[0])
+  if layer is None:
+    # Non-adjacent advanced indices put their [B] dimension first: [B, L, K, h] is written.
+    k_new, v_new = (jnp.swapaxes(a, 0, 1) for a in (k_BxKxh, v_BxKxh))
+    k_at, v_at = k_xBxKxhxS.at[:, rows_B, :, :, slot_B], v_xBxKxSxh.at[:, rows_B, :, slot_B]
+  else:
+    k_new, v_new = k_BxKxh, v_BxKxh
+    k_at, v_at = k_xBxKxhxS.at[layer, rows_B, :, :, slot_B], v_xBxKxSxh.at[layer, rows_B, :, slot_B]
+  return (k_at.set(k_new.astype(k_xBxKxhxS.dtype), unique_indices=True),
+          v_at.set(v_new.astype(v_xBxKxSxh.dtype), unique_indices=True))
 
 
 def decode_writes_first() -> bool:
@@ -566,10 +581,10 @@ class Transformer(nnx.Module):
       if per_row:
         # The layers returned the new [L, B, 1, K, h] keys and values; one scatter writes row
         # b's at slot cache_index[b] of every layer.
-        rows_B = jnp.arange(tokens_BxT.shape[0])
-        new_cache = {name: cache[name].at[:, rows_B, cache_index].set(new[:, :, 0],
-                                                                       unique_indices=True)
-                     for name, new in zip(("k", "v"), new_cache)}
+        k_new, v_new = new_cache
+        ck, cv = write_row_slots(cache["k"], cache["v"], None, cache_index, k_new[:, :, 0],
+                                 v_new[:, :, 0])
+        new_cache = {"k": ck, "v": cv}
       elif cache is not None:
         new_cache = {"k": new_cache[0], "v": new_cache[1]}
     h = self.final_norm(x)
@@ -643,12 +658,30 @@ def segment_positions(segment_ids_BxT) -> jax.Array:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  """An empty KV cache of `length` slots: {'k': [L, B, K, h, S], 'v': [L, B, K, S, h]} (module
+  docstring)."""
   dt = _dtype(cfg.dtype) if dtype is None else dtype
-  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+  return {name: jnp.zeros(shape, dt)
+          for name, shape in cache_shapes(cfg, batch, length).items()}
 
 
-CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", None)
+def cache_shapes(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple[int, ...]]:
+  """Shapes of `init_cache`'s arrays."""
+  lead = (cfg.n_layers, batch, cfg.n_kv_heads)
+  return {"k": lead + (cfg.head_dim, length), "v": lead + (length, cfg.head_dim)}
+
+
+# Logical axes of the cache arrays (a pytree like the cache), and where their batch and slot
+# dimensions are.
+CACHE_AXES = {"k": ("layers", "batch", "act_kv_heads", None, "cache_length"),
+              "v": ("layers", "batch", "act_kv_heads", "cache_length", None)}
+CACHE_BATCH_AXIS = 1
+CACHE_SLOT_AXIS = {"k": 4, "v": 3}
+
+
+def constrain_cache(cache: Cache) -> Cache:
+  """The cache with every array constrained to its `CACHE_AXES`."""
+  return {name: constrain(a, CACHE_AXES[name]) for name, a in cache.items()}
 
 
 # -- functional API -------------------------------------------------------------------------------

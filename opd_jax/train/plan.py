@@ -110,13 +110,14 @@ def device_bytes(tree) -> int:
 
 
 def cache_bytes(model: ModelConfig, rows: int, length: int, mesh, rules) -> int:
-  """Per-device bytes of a KV cache (k and v: [layers, rows, length, kv_heads, head_dim] in the
-  compute dtype), sharded by `transformer.CACHE_AXES` under `rules` as the sampler / scorer
-  constrain it."""
-  shape = (model.n_layers, rows, length, model.n_kv_heads, model.head_dim)
-  spec = sharding_lib.logical_to_spec(transformer.CACHE_AXES, rules, mesh.axis_names)
-  shard = NamedSharding(mesh, spec).shard_shape(shape)
-  return 2 * math.prod(shard) * jnp.dtype(model.dtype).itemsize
+  """Per-device bytes of a KV cache (`transformer.init_cache`: k and v of layers x rows x length
+  x kv_heads x head_dim each, in the compute dtype), sharded by `transformer.CACHE_AXES` under
+  `rules` as the sampler / scorer constrain it."""
+  total = 0
+  for name, shape in transformer.cache_shapes(model, rows, length).items():
+    spec = sharding_lib.logical_to_spec(transformer.CACHE_AXES[name], rules, mesh.axis_names)
+    total += math.prod(NamedSharding(mesh, spec).shard_shape(shape))
+  return total * jnp.dtype(model.dtype).itemsize
 
 
 def _sampler_cache_bytes(model: ModelConfig, rows: int, prompt_len: int, cfg, mesh, rules) -> int:
