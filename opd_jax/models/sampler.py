@@ -481,7 +481,8 @@ def _take_slots(sl: _Slots, idx_J) -> _Slots:
   return _Slots(row_K=take(sl.row_K), step_K=take(sl.step_K), last_K=take(sl.last_K),
                 done_K=take(sl.done_K), prompt_len_K=take(sl.prompt_len_K),
                 kv_mask_KxS=take(sl.kv_mask_KxS),
-                cache=jax.tree.map(lambda a: jnp.take(a, idx_J, axis=transformer.CACHE_BATCH_AXIS), sl.cache))
+                cache=jax.tree.map(lambda a: jnp.take(a, idx_J, axis=transformer.CACHE_BATCH_AXIS),
+                                   sl.cache))
 
 
 def _take_rows(rows: _Rows, idx_K) -> _Rows:

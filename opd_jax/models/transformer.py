@@ -249,20 +249,21 @@ class Attention(nnx.Module):
     return self.o_proj(out), new_cache
 
 
-def write_row_slots(k_xBxKxhxS, v_xBxKxSxh, layer, slot_B, k_BxKxh, v_BxKxh):
-  """Caches with row b's new key and value written at slot `slot_B[b]`: of layer `layer` (an
-  int or traced scalar) in every layer's caches ([L, B, K, h, S] and [L, B, K, S, h]), or, with
-  `layer` None, of every layer (the new ones [L, B, K, h]) at once."""
+def write_row_slots(k_LxBxKxhxS, v_LxBxKxSxh, layer, slot_B, k_new, v_new):
+  """Every layer's caches with row b's new key and value written at slot `slot_B[b]`: of layer
+  `layer` (an int or traced scalar; `k_new`, `v_new` [B, K, h]) or, with `layer` None, of every
+  layer at once (`k_new`, `v_new` [L, B, K, h])."""
   rows_B = jnp.arange(slot_B.shape[0])
   if layer is None:
     # Non-adjacent advanced indices put their [B] dimension first: [B, L, K, h] is written.
-    k_new, v_new = (jnp.swapaxes(a, 0, 1) for a in (k_BxKxh, v_BxKxh))
-    k_at, v_at = k_xBxKxhxS.at[:, rows_B, :, :, slot_B], v_xBxKxSxh.at[:, rows_B, :, slot_B]
+    k_new, v_new = jnp.swapaxes(k_new, 0, 1), jnp.swapaxes(v_new, 0, 1)
+    k_at = k_LxBxKxhxS.at[:, rows_B, :, :, slot_B]
+    v_at = v_LxBxKxSxh.at[:, rows_B, :, slot_B]
   else:
-    k_new, v_new = k_BxKxh, v_BxKxh
-    k_at, v_at = k_xBxKxhxS.at[layer, rows_B, :, :, slot_B], v_xBxKxSxh.at[layer, rows_B, :, slot_B]
-  return (k_at.set(k_new.astype(k_xBxKxhxS.dtype), unique_indices=True),
-          v_at.set(v_new.astype(v_xBxKxSxh.dtype), unique_indices=True))
+    k_at = k_LxBxKxhxS.at[layer, rows_B, :, :, slot_B]
+    v_at = v_LxBxKxSxh.at[layer, rows_B, :, slot_B]
+  return (k_at.set(k_new.astype(k_LxBxKxhxS.dtype), unique_indices=True),
+          v_at.set(v_new.astype(v_LxBxKxSxh.dtype), unique_indices=True))
 
 
 def decode_writes_first() -> bool:
