@@ -60,30 +60,27 @@ def allowed_mask(q_slot_T, kv_mask_BxS, q_segment_ids_BxT=None, kv_segment_ids_B
 
 def reference_attention(q_BxTxHxh, k_BxSxKxh, v_BxSxKxh, allowed_BxTxS):
   """One-shot attention: softmax over all S keys of each query, masked keys at float32 min."""
-  b, t, h, hd = q_BxTxHxh.shape
-  kh = k_BxSxKxh.shape[2]
-  g = h // kh
-  q_BxTxKxGxh = q_BxTxHxh.reshape(b, t, kh, g, hd)
-  scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxh.astype(jnp.float32),
-                                k_BxSxKxh.astype(jnp.float32)) * (hd ** -0.5)
-  scores_BxKxGxTxS = jnp.where(allowed_BxTxS[:, None, None], scores_BxKxGxTxS,
-                               jnp.finfo(jnp.float32).min)
-  probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1)
-  out_BxTxKxGxh = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxh.astype(jnp.float32))
-  return out_BxTxKxGxh.reshape(b, t, h * hd)
+  return _one_shot(q_BxTxHxh, k_BxSxKxh, v_BxSxKxh, allowed_BxTxS, kv_heads=k_BxSxKxh.shape[2],
+                   k_dims="bskh", v_dims="bskh")
 
 
 def _cache_attention(q_BxTxHxh, k_BxKxhxS, v_BxKxSxh, allowed_BxTxS):
   """`reference_attention` over keys and values in the cache layout (module docstring)."""
+  return _one_shot(q_BxTxHxh, k_BxKxhxS, v_BxKxSxh, allowed_BxTxS, kv_heads=k_BxKxhxS.shape[1],
+                   k_dims="bkhs", v_dims="bksh")
+
+
+def _one_shot(q_BxTxHxh, k, v, allowed_BxTxS, *, kv_heads: int, k_dims: str, v_dims: str):
+  """The one-shot attention of `reference_attention`, keys and values laid out as the einsum
+  subscripts `k_dims` / `v_dims` say (b batch, s slot, k kv head, h head dim)."""
   b, t, h, hd = q_BxTxHxh.shape
-  kh = k_BxKxhxS.shape[1]
-  q_BxTxKxGxh = q_BxTxHxh.reshape(b, t, kh, h // kh, hd)
-  scores_BxKxGxTxS = jnp.einsum("btkgh,bkhs->bkgts", q_BxTxKxGxh.astype(jnp.float32),
-                                k_BxKxhxS.astype(jnp.float32)) * (hd ** -0.5)
+  q_BxTxKxGxh = q_BxTxHxh.reshape(b, t, kv_heads, h // kv_heads, hd)
+  scores_BxKxGxTxS = jnp.einsum(f"btkgh,{k_dims}->bkgts", q_BxTxKxGxh.astype(jnp.float32),
+                                k.astype(jnp.float32)) * (hd ** -0.5)
   scores_BxKxGxTxS = jnp.where(allowed_BxTxS[:, None, None], scores_BxKxGxTxS,
                                jnp.finfo(jnp.float32).min)
   probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1)
-  out_BxTxKxGxh = jnp.einsum("bkgts,bksh->btkgh", probs_BxKxGxTxS, v_BxKxSxh.astype(jnp.float32))
+  out_BxTxKxGxh = jnp.einsum(f"bkgts,{v_dims}->btkgh", probs_BxKxGxTxS, v.astype(jnp.float32))
   return out_BxTxKxGxh.reshape(b, t, h * hd)
 
 
