@@ -672,12 +672,12 @@ def cache_shapes(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple[i
   return {"k": lead + (cfg.head_dim, length), "v": lead + (length, cfg.head_dim)}
 
 
-# Logical axes of the cache arrays (a pytree like the cache), and where their batch and slot
-# dimensions are.
+# Logical axes of the cache arrays (a pytree like the cache), and where their batch (the same in
+# both) and slot dimensions are.
 CACHE_AXES = {"k": ("layers", "batch", "act_kv_heads", None, "cache_length"),
               "v": ("layers", "batch", "act_kv_heads", "cache_length", None)}
-CACHE_BATCH_AXIS = 1
-CACHE_SLOT_AXIS = {"k": 4, "v": 3}
+CACHE_BATCH_AXIS = CACHE_AXES["k"].index("batch")
+CACHE_SLOT_AXIS = {name: axes.index("cache_length") for name, axes in CACHE_AXES.items()}
 
 
 def constrain_cache(cache: Cache) -> Cache:
