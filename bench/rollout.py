@@ -19,7 +19,7 @@ useful tokens per second of one whole sampling call (prefill + decode, best of `
 opd_jax's first call, which compiles, is timed separately as `compile_s_*`):
   rollout   `sampler.sample` with the rollout's settings: shared prefill per prompt
             (group_size = G) and continuous batching (mode='continuous', `--slots` decode slots,
-            0 = `sampler.default_slots`: a quarter of the rows; `--mode compact` for the
+            0 = `sampler.default_slots`: half the rows; `--mode compact` for the
             power-of-two compaction instead);
   static    the baseline: every row prefilled on its own, every row decoded until the last one
             ends (mode='static', group_size=1). Same keys: the same tokens as `rollout` (checked);

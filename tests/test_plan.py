@@ -112,13 +112,13 @@ def test_sampler_holds_at_least_its_kv_cache(opd):
   m = rp.student
   s = rp.sampler
   # The decode cache: prompt + max_new - 1 slots rounded up to whole decode blocks (64 slots);
-  # rows: the batch (or the 'continuous' decode slots: a quarter of it, at least min_bucket, a
+  # rows: the batch (or the 'continuous' decode slots: half of it, at least min_bucket, a
   # multiple of the batch devices), plus the distinct prompts' prefill cache when shared.
   cache_len = -(-(rp.prompt_buckets[-1] + rp.max_new_tokens - 1) // 64) * 64
   batch_devices = MESH[0] * MESH[1]
   prompts = rp.rows // s.group_size
   if s.mode == "continuous":
-    decode_rows = min(rp.rows, -(-max(rp.rows // 4, s.min_bucket) // batch_devices) * batch_devices)
+    decode_rows = min(rp.rows, -(-max(rp.rows // 2, s.min_bucket) // batch_devices) * batch_devices)
     parts = (s.slots or decode_rows, prompts)
   else:
     parts = (rp.rows, prompts) if s.group_size > 1 else (rp.rows,)

@@ -163,16 +163,16 @@ def test_continuous_on_fake_mesh_equals_static_single_device():
 
 
 def test_slot_defaults_cache_shapes_and_bad_slots():
-  assert sampler.default_slots(64) == 16
-  assert sampler.default_slots(64, min_bucket=32) == 32
+  assert sampler.default_slots(64) == 32
+  assert sampler.default_slots(64, min_bucket=48) == 48
   assert sampler.default_slots(12, min_bucket=8) == 8
   assert sampler.default_slots(6, min_bucket=8) == 6
-  assert sampler.default_slots(40, min_bucket=1, shards=4) == 12
+  assert sampler.default_slots(44, min_bucket=1, shards=8) == 24
   model_cfg = mc.tiny(cache_block=256)
   assert sampler.cache_length(32, 256, model_cfg) == 320
   kw = dict(eos_id=1, pad_id=0)
   cont = sampler.SamplerConfig(256, mode="continuous", group_size=8, **kw)
-  assert sampler.cache_shapes(64, 32, cont, model_cfg) == ((16, 320), (8, 320))
+  assert sampler.cache_shapes(64, 32, cont, model_cfg) == ((32, 320), (8, 320))
   assert sampler.cache_shapes(64, 32, sampler.SamplerConfig(256, mode="static", **kw),
                               model_cfg) == ((64, 320),)
   with pytest.raises(ValueError, match="slots"):

@@ -503,7 +503,7 @@ class SamplingConfig:
       power-of-two buckets) or 'static' (every row decodes until the last one ends; the
       baseline). Same tokens in every mode (`models.sampler.SamplerConfig.mode`). The G samples
       of a prompt share its prefill in all (`rollout.group_size`, `loop.eval_k`).
-    slots: 'continuous' decode slots (0 = a quarter of the batch, `sampler.default_slots`).
+    slots: 'continuous' decode slots (0 = half the batch, `sampler.default_slots`).
   """
 
   max_new_tokens: int = 0
@@ -522,7 +522,7 @@ class SamplingConfig:
     if self.mode not in ("continuous", "compact", "static"):
       _bad(self, "mode", "must be 'continuous', 'compact' or 'static'")
     if self.slots < 0:
-      _bad(self, "slots", "must be >= 0 (0 = a quarter of the batch)")
+      _bad(self, "slots", "must be >= 0 (0 = half the batch)")
 
 
 @dataclasses.dataclass(frozen=True)
