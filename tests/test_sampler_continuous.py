@@ -56,18 +56,26 @@ def test_rows_decode_attention_matches_reference_and_ignores_other_rows():
   k2 = k.copy()
   k2[1, 7:] = 1e3
   np.testing.assert_array_equal(np.asarray(fn(q, k2, v, k_new, v_new, slot, kv_mask))[1], out[1])
+  # The same cache held as one buffer per block (`transformer.RowBlocks`): the same bits.
+  blocks = jax.jit(lambda q, k, v, *a: attention.rows_block_attention(
+      q, [jnp.transpose(k[:, j:j + block], (0, 2, 3, 1)) for j in range(0, s, block)],
+      [jnp.transpose(v[:, j:j + block], (0, 2, 1, 3)) for j in range(0, s, block)], *a))
+  np.testing.assert_array_equal(np.asarray(blocks(q, k, v, k_new, v_new, slot, kv_mask)), out)
   with pytest.raises(ValueError, match="multiple of the block"):
     attention.rows_decode_attention(q, np.transpose(k[:, :40], (0, 2, 3, 1)),
                                     np.transpose(v[:, :40], (0, 2, 1, 3)), k_new, v_new, slot,
                                     kv_mask[:, :40], block=block)
 
 
-@pytest.mark.parametrize("writes_first", [True, False])
+@pytest.mark.parametrize("writes_first", [True, False, "row_blocks"])
 def test_per_row_slot_decode_equals_full_forward(writes_first, monkeypatch):
   """Rows at different steps in one decode batch (row b feeds token t_b at its own slot) give
   the full forward's logits at those positions, whether each layer writes its keys and values
-  before its attention (CPU) or every layer's are written after the layer loop."""
-  monkeypatch.setattr(tf, "decode_writes_first", lambda: writes_first)
+  before its attention (CPU) or every layer's are written after the layer loop, or the cache is
+  held as one buffer per (layer, block) with split layer weights (`tf.RowBlocks`: the numbers
+  of the stacked cache bit for bit)."""
+  row_blocks = writes_first == "row_blocks"
+  monkeypatch.setattr(tf, "decode_writes_first", lambda: bool(writes_first))
   cfg = mc.tiny(vocab_size=97, family="qwen2", cache_block=16)
   graphdef, params = tf.init(cfg, 1)
   prompt, pmask = _prompts(97, [3, 6, 1, 4], seed=2)
@@ -86,11 +94,25 @@ def test_per_row_slot_decode_equals_full_forward(writes_first, monkeypatch):
     _, cache, kv_mask = sampler.prefill(model, jnp.asarray(seq), jnp.asarray(seq_mask), s)
     plen = jnp.asarray(pmask.sum(1), jnp.int32)
     tok = jnp.asarray(cont)[jnp.arange(b), steps]
-    logits, new_cache = sampler.decode_step(model, tok, plen + steps, p + jnp.asarray(steps),
-                                            cache, kv_mask)
-    return logits, new_cache, cache
+    args = (model, tok, plen + steps, p + jnp.asarray(steps))
+    logits, new_cache = sampler.decode_step(*args, cache, kv_mask)
+    if not row_blocks:
+      return logits, new_cache, cache
+    weights = sampler.decode_weights(model)
+    split_logits, split_cache = sampler.decode_step(*args, cache, kv_mask, weights)
+    blocks = tf.to_row_blocks(cache, attention.row_block(cfg.cache_block))
+    block_logits, new_blocks = sampler.decode_step(*args, blocks, kv_mask, weights)
+    return (logits, split_logits, block_logits), (new_cache, split_cache,
+                                                  tf.from_row_blocks(new_blocks)), cache
 
   logits, new_cache, cache = run(params)
+  if row_blocks:
+    (logits, split_logits, block_logits), (new_cache, split_cache, block_cache) = (logits,
+                                                                                    new_cache)
+    np.testing.assert_array_equal(block_logits, split_logits)
+    for name in ("k", "v"):
+      np.testing.assert_array_equal(block_cache[name], split_cache[name])
+
   full = np.asarray(jax.jit(tf.forward, static_argnums=0)(graphdef, params, seq, seq_mask))
   np.testing.assert_allclose(logits, full[np.arange(b), p + steps], atol=1e-4)
   # The new keys are written at each row's slot (equal to what the prefill wrote there).

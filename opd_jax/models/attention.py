@@ -340,38 +340,76 @@ def rows_decode_attention(q_Bx1xHxh, k_BxKxhxS, v_BxKxSxh, k_new_Bx1xKxh, v_new_
   0), so a row's result does not depend on the other rows of the batch (a decode batch may mix
   rows at different steps and still give each row the numbers it gets alone).
   """
-  b, _, h, hd = q_Bx1xHxh.shape
   kh, s = k_BxKxhxS.shape[-3], k_BxKxhxS.shape[-1]
-  g = h // kh
   if s % block:
     raise ValueError(f"rows_decode_attention: {s} cache slots are not a multiple of the block "
                      f"{block}")
-  q_BxKxGxh = q_Bx1xHxh.reshape(b, kh, g, hd).astype(jnp.float32) * (hd ** -0.5)
-  score_new_BxKxG = jnp.einsum("bkgh,bkh->bkg", q_BxKxGxh, k_new_Bx1xKxh[:, 0].astype(jnp.float32))
-  init = (score_new_BxKxG, jnp.ones_like(score_new_BxKxG),
-          jnp.broadcast_to(v_new_Bx1xKxh[:, 0, :, None].astype(jnp.float32), (b, kh, g, hd)))
+  b, _, _, hd = q_Bx1xHxh.shape
+  q_BxKxGxh, init = _rows_start(q_Bx1xHxh, k_new_Bx1xKxh, v_new_Bx1xKxh)
   stacked = () if layer is None else (layer,)
   lead = () if layer is None else (1,)
 
   def one_block(j, carry):
-    max_BxKxG, sum_BxKxG, acc_BxKxGxh = carry
     k_BxKxhxw = jax.lax.dynamic_slice(k_BxKxhxS, stacked + (0, 0, 0, j * block),
                                       lead + (b, kh, hd, block)).reshape(b, kh, hd, block)
     v_BxKxwxh = jax.lax.dynamic_slice(v_BxKxSxh, stacked + (0, 0, j * block, 0),
                                       lead + (b, kh, block, hd)).reshape(b, kh, block, hd)
-    valid_Bxw = jax.lax.dynamic_slice_in_dim(kv_mask_BxS, j * block, block, axis=1)
-    allowed_Bxw = valid_Bxw & (j * block + jnp.arange(block)[None, :] < slot_B[:, None])
-    scores_BxKxGxw = jnp.einsum("bkgh,bkhw->bkgw", q_BxKxGxh, k_BxKxhxw.astype(jnp.float32))
-    scores_BxKxGxw = jnp.where(allowed_Bxw[:, None, None], scores_BxKxGxw, -jnp.inf)
-    new_max = jnp.maximum(max_BxKxG, jnp.max(scores_BxKxGxw, axis=-1))
-    probs_BxKxGxw = jnp.exp(scores_BxKxGxw - new_max[..., None])
-    rescale = jnp.exp(max_BxKxG - new_max)
-    sum_BxKxG = rescale * sum_BxKxG + jnp.sum(probs_BxKxGxw, axis=-1)
-    acc_BxKxGxh = rescale[..., None] * acc_BxKxGxh + jnp.einsum(
-        "bkgw,bkwh->bkgh", probs_BxKxGxw, v_BxKxwxh.astype(jnp.float32))
-    return new_max, sum_BxKxG, acc_BxKxGxh
+    return _rows_block(carry, q_BxKxGxh, k_BxKxhxw, v_BxKxwxh, j * block, slot_B, kv_mask_BxS)
 
   # Blocks holding any slot below the longest row's slot.
   n_blocks = (jnp.max(slot_B) + block - 1) // block
-  _, sum_BxKxG, acc_BxKxGxh = jax.lax.fori_loop(0, n_blocks, one_block, init)
+  return _rows_finish(jax.lax.fori_loop(0, n_blocks, one_block, init), q_Bx1xHxh.shape)
+
+
+def rows_block_attention(q_Bx1xHxh, k_blocks, v_blocks, k_new_Bx1xKxh, v_new_Bx1xKxh, slot_B,
+                         kv_mask_BxS):
+  """`rows_decode_attention` over one layer's cache held as one buffer per block of slots
+  (`k_blocks[j]` [B, K, h, w], `v_blocks[j]` [B, K, w, h]: slots [j * w, (j + 1) * w)), the
+  same numbers bit for bit. Each block the longest row needs is read in place under a
+  `lax.cond`: XLA's CPU backend copies any slice of a larger buffer that it hands to a product,
+  and those copies were ~3/4 of the decode attention's time (`transformer.RowBlocks`)."""
+  block = k_blocks[0].shape[-1]
+  q_BxKxGxh, carry = _rows_start(q_Bx1xHxh, k_new_Bx1xKxh, v_new_Bx1xKxh)
+  n_blocks = (jnp.max(slot_B) + block - 1) // block
+  for j, (k_BxKxhxw, v_BxKxwxh) in enumerate(zip(k_blocks, v_blocks, strict=True)):
+    def read(c, k_BxKxhxw, v_BxKxwxh, start=j * block):
+      return _rows_block(c, q_BxKxGxh, k_BxKxhxw, v_BxKxwxh, start, slot_B, kv_mask_BxS)
+
+    carry = jax.lax.cond(j < n_blocks, read, lambda c, k, v: c, carry, k_BxKxhxw, v_BxKxwxh)
+  return _rows_finish(carry, q_Bx1xHxh.shape)
+
+
+def _rows_start(q_Bx1xHxh, k_new_Bx1xKxh, v_new_Bx1xKxh):
+  """(scaled queries [B, K, G, h], the online softmax's (max, sum, output) started from each
+  row's own key and value)."""
+  b, _, h, hd = q_Bx1xHxh.shape
+  kh = k_new_Bx1xKxh.shape[2]
+  q_BxKxGxh = q_Bx1xHxh.reshape(b, kh, h // kh, hd).astype(jnp.float32) * (hd ** -0.5)
+  score_new_BxKxG = jnp.einsum("bkgh,bkh->bkg", q_BxKxGxh, k_new_Bx1xKxh[:, 0].astype(jnp.float32))
+  return q_BxKxGxh, (score_new_BxKxG, jnp.ones_like(score_new_BxKxG),
+                     jnp.broadcast_to(v_new_Bx1xKxh[:, 0, :, None].astype(jnp.float32),
+                                      q_BxKxGxh.shape))
+
+
+def _rows_block(carry, q_BxKxGxh, k_BxKxhxw, v_BxKxwxh, start, slot_B, kv_mask_BxS):
+  """The online softmax after the cache block of slots [start, start + w)."""
+  max_BxKxG, sum_BxKxG, acc_BxKxGxh = carry
+  w = k_BxKxhxw.shape[-1]
+  valid_Bxw = jax.lax.dynamic_slice_in_dim(kv_mask_BxS, start, w, axis=1)
+  allowed_Bxw = valid_Bxw & (start + jnp.arange(w)[None, :] < slot_B[:, None])
+  scores_BxKxGxw = jnp.einsum("bkgh,bkhw->bkgw", q_BxKxGxh, k_BxKxhxw.astype(jnp.float32))
+  scores_BxKxGxw = jnp.where(allowed_Bxw[:, None, None], scores_BxKxGxw, -jnp.inf)
+  new_max = jnp.maximum(max_BxKxG, jnp.max(scores_BxKxGxw, axis=-1))
+  probs_BxKxGxw = jnp.exp(scores_BxKxGxw - new_max[..., None])
+  rescale = jnp.exp(max_BxKxG - new_max)
+  sum_BxKxG = rescale * sum_BxKxG + jnp.sum(probs_BxKxGxw, axis=-1)
+  acc_BxKxGxh = rescale[..., None] * acc_BxKxGxh + jnp.einsum(
+      "bkgw,bkwh->bkgh", probs_BxKxGxw, v_BxKxwxh.astype(jnp.float32))
+  return new_max, sum_BxKxG, acc_BxKxGxh
+
+
+def _rows_finish(carry, q_shape):
+  """The attention output [B, 1, H * h] of the online softmax's final state."""
+  _, sum_BxKxG, acc_BxKxGxh = carry
+  b, _, h, hd = q_shape
   return (acc_BxKxGxh / sum_BxKxG[..., None]).reshape(b, 1, h * hd)

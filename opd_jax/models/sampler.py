@@ -203,6 +203,46 @@ def decode_weights(model, split_layers: bool = True) -> DecodeWeights:
   return DecodeWeights(model.layer_states() if split_layers else None, output_VxD)
 
 
+def _reads_row_blocks(weights: DecodeWeights | None) -> bool:
+  """Whether a decode loop reading `weights` holds its cache as `transformer.RowBlocks` (one
+  buffer per layer and block, read in place): split layers where each layer writes its keys
+  first (`transformer.decode_writes_first`: the single-process CPU backend)."""
+  return weights is not None and weights.layers is not None and transformer.decode_writes_first()
+
+
+def _decode_cache(cache, weights: DecodeWeights | None, model):
+  """The stacked cache as the decode loop that reads `weights` holds it (`_reads_row_blocks`)."""
+  if not _reads_row_blocks(weights):
+    return cache
+  return transformer.to_row_blocks(cache, attention.row_block(model.cfg.cache_block))
+
+
+def _stacked_cache(cache):
+  """A decode loop's cache back in the stacked layout (the moves between buckets take rows of
+  it)."""
+  return transformer.from_row_blocks(cache) if isinstance(cache, transformer.RowBlocks) else cache
+
+
+def _refill_row_blocks(blocks, prompt_cache, prompt_row, slot, p: int):
+  """`RowBlocks` with decode slot `slot`'s first `p` cache slots taken from row `prompt_row` of
+  the stacked `prompt_cache` (every layer; the blocks past slot p keep what they hold)."""
+  w = blocks.k[0][0].shape[-1]
+  ks, vs = [list(layer) for layer in blocks.k], [list(layer) for layer in blocks.v]
+  kh, hd = prompt_cache["v"].shape[2], prompt_cache["v"].shape[4]
+  for i in range(len(ks)):
+    for j in range(-(-p // w)):
+      n = min(w, p - j * w)
+      k_src = jax.lax.dynamic_slice(prompt_cache["k"], (i, prompt_row, 0, 0, j * w),
+                                    (1, 1, kh, hd, n))[0]
+      v_src = jax.lax.dynamic_slice(prompt_cache["v"], (i, prompt_row, 0, j * w, 0),
+                                    (1, 1, kh, n, hd))[0]
+      ks[i][j] = jax.lax.dynamic_update_slice(ks[i][j], k_src.astype(ks[i][j].dtype),
+                                              (slot, 0, 0, 0))
+      vs[i][j] = jax.lax.dynamic_update_slice(vs[i][j], v_src.astype(vs[i][j].dtype),
+                                              (slot, 0, 0, 0))
+  return transformer.RowBlocks(tuple(map(tuple, ks)), tuple(map(tuple, vs)))
+
+
 def _row_start(row, ndim: int) -> tuple:
   """Start index of cache row `row` (first slot, first of everything else)."""
   start = [0] * ndim
@@ -583,8 +623,12 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: Sam
         go = (s.step < n) & jnp.any(running)
         return go & (jnp.sum(running, dtype=jnp.int32) > nxt) if nxt else go
 
+      bucket_weights = _bucket_weights(weights, size, cfg)
+      state = state._replace(rows=state.rows._replace(
+          cache=_decode_cache(state.rows.cache, bucket_weights, model)))
       state = jax.lax.while_loop(cond, functools.partial(
-          body, in_order=i == 0, weights=_bucket_weights(weights, size, cfg)), state)
+          body, in_order=i == 0, weights=bucket_weights), state)
+      state = state._replace(rows=state.rows._replace(cache=_stacked_cache(state.rows.cache)))
       if nxt:
         # Stable: running rows first, in their current order.
         order = jnp.argsort(state.rows.done_B, stable=True)[:nxt]
@@ -674,9 +718,12 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
       sl, qi = c
       k = jnp.argmax(sl.done_K).astype(jnp.int32)
       r = queue_B[qi]
-      cache = {name: jax.lax.dynamic_update_slice(
-          sl.cache[name], _prompt_slots(name, refill_cache[name], r // g, p),
-          _row_start(k, a.ndim)) for name, a in refill_cache.items()}
+      if isinstance(sl.cache, transformer.RowBlocks):
+        cache = _refill_row_blocks(sl.cache, refill_cache, r // g, k, p)
+      else:
+        cache = {name: jax.lax.dynamic_update_slice(
+            sl.cache[name], _prompt_slots(name, refill_cache[name], r // g, p),
+            _row_start(k, a.ndim)) for name, a in refill_cache.items()}
       mask_row = jax.lax.dynamic_slice_in_dim(refill_mask_BxP, r, 1, axis=0)
       kv_mask = jax.lax.dynamic_update_slice(sl.kv_mask_KxS, mask_row, (k, 0))
       sl = _Slots(row_K=sl.row_K.at[k].set(r), step_K=sl.step_K.at[k].set(1),
@@ -719,8 +766,12 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
         return (running > nxt) | (qi < n_queued)
       return (running > nxt) & (running > 0)
 
+    bucket_weights = _bucket_weights(weights, size, cfg)
+    carry = (carry[0]._replace(cache=_decode_cache(carry[0].cache, bucket_weights, model)),
+             ) + carry[1:]
     carry = jax.lax.while_loop(cond, functools.partial(
-        step, refilling=i == 0, weights=_bucket_weights(weights, size, cfg)), carry)
+        step, refilling=i == 0, weights=bucket_weights), carry)
+    carry = (carry[0]._replace(cache=_stacked_cache(carry[0].cache)),) + carry[1:]
     if nxt:
       order = jnp.argsort(carry[0].done_K, stable=True)[:nxt]
       carry = (_take_slots(carry[0], order),) + carry[1:]
