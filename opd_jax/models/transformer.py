@@ -45,7 +45,8 @@ causally by slot, masked by `kv_mask_BxS`, over the cache prefix that can be fil
 cache_index + T, rounded up to a bucket of `cfg.cache_block` slots), never the empty tail.
 `cache_index` may also be an int array [B] with T = 1 (one decode token per row, row b at its own
 slot: `attention.rows_decode_attention`, S a multiple of `attention.row_block(cfg.cache_block)`);
-a row's result then does not depend on the other rows' slots.
+a row's result then does not depend on the other rows' slots. The CPU backend's decode loop holds
+that cache as `RowBlocks` instead (one buffer per layer and block of slots, read in place).
 
 Attention math lives in `attention.py`: without a cache, sequences longer than
 `cfg.attention_block` use blocked (flash-style) causal attention, linear in T in memory; shorter
@@ -559,7 +560,8 @@ class Transformer(nnx.Module):
     """Final (normed) hidden states [B, T, D] and the updated cache (None without a cache).
 
     `layer_states`: the layers' parameters already split per layer (`layer_states()`); the
-    layers then run unrolled on them (the stacked weights in the model are not read).
+    layers then run unrolled on them (the stacked weights in the model are not read). With
+    them and a per-row `cache_index` [B], `cache` may be `RowBlocks` (returned as such).
 
     With `return_router_logits=True` a third element: the router logits [L, B, T, E] (float32)
     of a mixture-of-experts model (None for a dense one), for `load_balancing_loss`.
