@@ -235,19 +235,15 @@ def _refill_row_blocks(blocks, prompt_cache, prompt_row, slot, p: int):
   """`RowBlocks` with decode slot `slot`'s first `p` cache slots taken from row `prompt_row` of
   the stacked `prompt_cache` (every layer; the blocks past slot p keep what they hold)."""
   w = blocks.k[0][0].shape[-1]
+  src = {name: _prompt_slots(name, prompt_cache[name], prompt_row, p) for name in ("k", "v")}
   ks, vs = [list(layer) for layer in blocks.k], [list(layer) for layer in blocks.v]
-  kh, hd = prompt_cache["v"].shape[2], prompt_cache["v"].shape[4]
   for i in range(len(ks)):
     for j in range(-(-p // w)):
-      n = min(w, p - j * w)
-      k_src = jax.lax.dynamic_slice(prompt_cache["k"], (i, prompt_row, 0, 0, j * w),
-                                    (1, 1, kh, hd, n))[0]
-      v_src = jax.lax.dynamic_slice(prompt_cache["v"], (i, prompt_row, 0, j * w, 0),
-                                    (1, 1, kh, n, hd))[0]
-      ks[i][j] = jax.lax.dynamic_update_slice(ks[i][j], k_src.astype(ks[i][j].dtype),
-                                              (slot, 0, 0, 0))
-      vs[i][j] = jax.lax.dynamic_update_slice(vs[i][j], v_src.astype(vs[i][j].dtype),
-                                              (slot, 0, 0, 0))
+      part = slice(j * w, min((j + 1) * w, p))
+      ks[i][j] = jax.lax.dynamic_update_slice(
+          ks[i][j], src["k"][i, ..., part].astype(ks[i][j].dtype), (slot, 0, 0, 0))
+      vs[i][j] = jax.lax.dynamic_update_slice(
+          vs[i][j], src["v"][i, :, :, part].astype(vs[i][j].dtype), (slot, 0, 0, 0))
   return transformer.RowBlocks(tuple(map(tuple, ks)), tuple(map(tuple, vs)))
 
 
