@@ -171,6 +171,10 @@ def test_block_gumbel_max_equals_float64_reference(vocab, block):
   expect = [_block_gumbel_max64(nz, row, block) for nz, row in zip(noise, logits)]
   np.testing.assert_array_equal(got, expect)
   assert np.all(np.isfinite(logits[np.arange(40), got]))
+  # The same draws from vocabulary-major logits ([V, B], `vocab_axis=0`).
+  got_vm = np.asarray(jax.jit(sampler.block_gumbel_max, static_argnums=(2, 3))(
+      jnp.asarray(noise, jnp.float32), jnp.asarray(logits.T, jnp.float32), block, 0))
+  np.testing.assert_array_equal(got_vm, expect)
 
 
 def test_block_gumbel_max_frequencies_chi_square():
@@ -202,6 +206,44 @@ def test_first_argmax_equals_numpy_argmax_with_ties_infinities_and_nans():
   got = np.asarray(jax.jit(sampler.first_argmax)(jnp.asarray(x)))
   np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
   assert got.dtype == np.int32
+  # Vocabulary-major ([V, B], reduced over axis 0): blocks of `ARGMAX_BLOCK`, a last block cut
+  # short (1000 = 3 x 256 + 232), NaNs and maxima in other blocks than the first.
+  x[13, 900] = 50.0                              # the maximum in the short last block
+  x[14, [256, 511, 512]] = 9.0                   # tied maxima across a block boundary
+  x[15, [255, 256]] = np.nan                     # NaNs on both sides of a boundary
+  x[16, 300] = np.inf
+  x[16, 800] = np.nan                            # a NaN after +inf wins
+  for vocab in (1000, 256, 1024):
+    got = np.asarray(jax.jit(sampler.first_argmax, static_argnums=1)(
+        jnp.asarray(x[:, :vocab].T), 0))
+    np.testing.assert_array_equal(got, np.argmax(x[:, :vocab], axis=-1))
+    assert got.dtype == np.int32
+
+
+@pytest.mark.parametrize("settings", [dict(greedy=True), dict(temperature=0.7),
+                                      dict(temperature=1.3, top_k=20, top_p=0.8)])
+def test_choose_vocab_major_equals_row_major_and_float64_log_softmax(settings):
+  """`choose` on vocabulary-major logits ([V, B], `vocab_axis=0`, the decode loop's layout from
+  2 rows up) draws the tokens it draws from [B, V], and both give the float64 log_softmax of
+  the chosen token (temperature applied, top-k / top-p not)."""
+  rng = np.random.default_rng(5)
+  b, vocab = 12, 1000
+  logits = (rng.standard_normal((b, vocab)) * 3.0).astype(np.float32)
+  logits[3, :400] = -np.inf
+  cfg = sampler.SamplerConfig(4, eos_id=1, pad_id=0, **settings)
+  keys = sampler.row_keys(jax.random.key(7), 2, jnp.arange(b))
+  run = jax.jit(sampler.choose, static_argnums=(2, 3))
+  tok, logp = run(jnp.asarray(logits), keys, cfg, -1)
+  tok_vm, logp_vm = run(jnp.asarray(logits.T), keys, cfg, 0)
+  np.testing.assert_array_equal(tok_vm, tok)
+  assert tok.dtype == tok_vm.dtype == np.int32
+  x = logits.astype(np.float64) / cfg.temperature
+  x = x - x.max(1, keepdims=True)
+  want = (x - np.log(np.exp(x).sum(1, keepdims=True)))[np.arange(b), np.asarray(tok)]
+  for got in (logp, logp_vm):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  if cfg.greedy:
+    np.testing.assert_array_equal(tok, np.argmax(logits, axis=1))
 
 
 def test_filter_logits_matches_numpy_reference():

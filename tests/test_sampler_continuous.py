@@ -102,14 +102,17 @@ def test_per_row_slot_decode_equals_full_forward(writes_first, monkeypatch):
     split_logits, split_cache = sampler.decode_step(*args, cache, kv_mask, weights)
     blocks = tf.to_row_blocks(cache, attention.row_block(cfg.cache_block))
     block_logits, new_blocks = sampler.decode_step(*args, blocks, kv_mask, weights)
-    return (logits, split_logits, block_logits), (new_cache, split_cache,
-                                                  tf.from_row_blocks(new_blocks)), cache
+    vm_logits, _ = sampler.decode_step(*args, blocks, kv_mask, weights, vocab_major=True)
+    return (logits, split_logits, block_logits, vm_logits), (
+        new_cache, split_cache, tf.from_row_blocks(new_blocks)), cache
 
   logits, new_cache, cache = run(params)
   if row_blocks:
-    (logits, split_logits, block_logits), (new_cache, split_cache, block_cache) = (logits,
-                                                                                    new_cache)
+    (logits, split_logits, block_logits, vm_logits), (new_cache, split_cache, block_cache) = (
+        logits, new_cache)
     np.testing.assert_array_equal(block_logits, split_logits)
+    # Vocabulary-major logits ([V, B]) are the same numbers, not transposed.
+    np.testing.assert_array_equal(np.asarray(vm_logits).T, block_logits)
     for name in ("k", "v"):
       np.testing.assert_array_equal(block_cache[name], split_cache[name])
 
