@@ -320,22 +320,22 @@ def _logits(model, h_BxTxD, weights: DecodeWeights | None, vocab_major: bool = F
   return sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
 
-def vocab_major(weights: DecodeWeights | None, rows: int) -> bool:
+def decodes_vocab_major(weights: DecodeWeights | None, rows: int) -> bool:
   """Whether a decode batch of `rows` rows reading `weights` keeps its logits vocabulary-major
   ([V, B]) through `choose`: wherever `weights` exist and rows > 1. XLA's CPU backend reduces
   [V, B] over its vocabulary without the transpose to [B, V] (a copy of the logits) and without
   materialising the [B, V] temporaries of a row-wise argmax: the greedy choice and log-prob
-  after the unembedding took 2.9 -> 0.8 ms at 16 rows and 5.3 -> 1.9 ms at 64 (`small` preset,
-  32k vocabulary, 2 AMD EPYC cores). One row stays [1, V] (the same bytes; [V, 1] reduces
-  slower)."""
+  after the unembedding took 2.7-2.9 -> 0.6 ms at 16 rows and 5.2-5.8 -> 1.7-1.9 ms at 64
+  (`small` preset, 32k vocabulary, 2 AMD EPYC cores; a whole 64-row greedy step's non-product
+  operations ~4.4 -> ~1.5 ms). One row stays [1, V] (the same bytes; [V, 1] reduces slower)."""
   return weights is not None and rows > 1
 
 
 def decode_step(model, token_B, position_B, slot, cache, kv_mask_BxS,
                 weights: DecodeWeights | None = None, vocab_major: bool = False):
   """Feeds one token per row at cache slot `slot` (an int, or [B]: row b at slot[b]); returns
-  (next logits, cache): logits_BxV, or logits_VxB with `vocab_major` (`vocab_major()`; needs
-  `weights`). `weights` (`decode_weights`): read those instead of the model's."""
+  (next logits, cache): logits_BxV, or logits_VxB with `vocab_major` (`decodes_vocab_major`;
+  needs `weights`). `weights` (`decode_weights`): read those instead of the model's."""
   h, cache = model.hidden(token_B[:, None], positions_BxT=position_B[:, None], cache=cache,
                           cache_index=slot, kv_mask_BxS=kv_mask_BxS,
                           layer_states=None if weights is None else weights.layers)
@@ -461,9 +461,9 @@ def choose(logits, keys_B, cfg: SamplerConfig, vocab_axis: int = -1):
   """Next tokens [B] int32 and their log-probs under log_softmax(logits / temperature).
 
   `logits`: [B, V] (`vocab_axis` -1) or [V, B] (0: a decode step's vocabulary-major logits,
-  `vocab_major`). `keys_B`: one key per row (`row_keys`); row b draws its Gumbel numbers from
-  keys_B[b] and takes `block_gumbel_max` of its own (top-k / top-p filtered) logits, so its
-  token does not depend on the other rows. Greedy ignores it.
+  `decodes_vocab_major`). `keys_B`: one key per row (`row_keys`); row b draws its Gumbel numbers
+  from keys_B[b] and takes `block_gumbel_max` of its own (top-k / top-p filtered) logits, so
+  its token does not depend on the other rows. Greedy ignores it.
   """
   ax = vocab_axis % 2
   scaled = logits.astype(jnp.float32) / cfg.temperature
@@ -688,7 +688,7 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: Sam
     def body(s: _LoopState, in_order: bool, weights: DecodeWeights | None):
       r = s.rows
       slot_B = jnp.full(r.last_B.shape, p + s.step - 1, jnp.int32)
-      vm = vocab_major(weights, slot_B.shape[0])
+      vm = decodes_vocab_major(weights, slot_B.shape[0])
       logits, cache = decode_step(model, r.last_B, r.prompt_len_B + s.step - 1, slot_B, r.cache,
                                   r.kv_mask_BxS, weights, vm)
       tok, logp = choose(_batch_logits(logits, vm), keys(s.step, r.row_B), cfg, 0 if vm else -1)
@@ -832,7 +832,7 @@ def _continuous(model, prompt_BxP, prompt_mask_BxP, prompt_len_B, rng, cfg: Samp
     running_K = ~sl.done_K
     # A free slot decodes a throwaway token at slot 0 (its cache rows are rewritten on refill).
     slot_K = jnp.where(running_K, p + sl.step_K - 1, 0)
-    vm = vocab_major(weights, slot_K.shape[0])
+    vm = decodes_vocab_major(weights, slot_K.shape[0])
     logits, cache = decode_step(model, sl.last_K, sl.prompt_len_K + sl.step_K - 1, slot_K,
                                 sl.cache, sl.kv_mask_KxS, weights, vm)
     tok, logp = choose(_batch_logits(logits, vm),
