@@ -367,7 +367,10 @@ def rows_block_attention(q_Bx1xHxh, k_blocks, v_blocks, k_new_Bx1xKxh, v_new_Bx1
   (`k_blocks[j]` [B, K, h, w], `v_blocks[j]` [B, K, w, h]: slots [j * w, (j + 1) * w)), the
   same numbers bit for bit. Each block the longest row needs is read in place under a
   `lax.cond`: XLA's CPU backend copies any slice of a larger buffer that it hands to a product,
-  and those copies were ~3/4 of the decode attention's time (`transformer.RowBlocks`)."""
+  and those copies were ~3/4 of the decode attention's time (`transformer.RowBlocks`). The first
+  block is read without one (a block at or above every row's slot changes nothing, and a decode
+  step's rows sit past their prompts): one conditional fewer per layer, ~3% of a 16- or 64-row
+  greedy decode call of the `small` preset (2 AMD EPYC cores, alternated in one process)."""
   block = k_blocks[0].shape[-1]
   q_BxKxGxh, carry = _rows_start(q_Bx1xHxh, k_new_Bx1xKxh, v_new_Bx1xKxh)
   n_blocks = (jnp.max(slot_B) + block - 1) // block
@@ -375,7 +378,10 @@ def rows_block_attention(q_Bx1xHxh, k_blocks, v_blocks, k_new_Bx1xKxh, v_new_Bx1
     def read(c, k_BxKxhxw, v_BxKxwxh, start=j * block):
       return _rows_block(c, q_BxKxGxh, k_BxKxhxw, v_BxKxwxh, start, slot_B, kv_mask_BxS)
 
-    carry = jax.lax.cond(j < n_blocks, read, lambda c, k, v: c, carry, k_BxKxhxw, v_BxKxwxh)
+    if j == 0:   # every decode step reads it (a row's slot is past its prompt)
+      carry = read(carry, k_BxKxhxw, v_BxKxwxh)
+    else:
+      carry = jax.lax.cond(j < n_blocks, read, lambda c, k, v: c, carry, k_BxKxhxw, v_BxKxwxh)
   return _rows_finish(carry, q_Bx1xHxh.shape)
 
 
