@@ -86,14 +86,17 @@ def test_bad_config_names_field():
     mc.ModelConfig(family="gpt2")
 
 
+@pytest.mark.parametrize("rows", [(2, 5), (1, 1)])
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
-def test_dense_custom_vjp_matches_float64_reference(dtype, tol):
+def test_dense_custom_vjp_matches_float64_reference(dtype, tol, rows):
   """The dense layer's hand-written VJP (weight gradient over the token axes) against numpy
-  float64 on random inputs, through the compute-dtype casts of `_mm`."""
+  float64 on random inputs, through the compute-dtype casts of `_mm`. One row (a batch-1 decode
+  step) takes the sum of two half products on CPU (`_one_row_halves`)."""
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((2, 5, 6)).astype(np.float32)
+  x = rng.standard_normal((*rows, 6)).astype(np.float32)
   w = rng.standard_normal((6, 4)).astype(np.float32)
-  r = rng.standard_normal((2, 5, 4)).astype(np.float32)  # cotangent: loss = sum(r * y)
+  r = rng.standard_normal((*rows, 4)).astype(np.float32)  # cotangent: loss = sum(r * y)
+  assert tf._one_row_halves(x, w) == (rows == (1, 1) and jax.default_backend() == "cpu")
   loss = lambda x, w: jnp.sum(jnp.asarray(r) * tf._mm(x, w, jnp.dtype(dtype)).astype(jnp.float32))  # noqa: E731
   y = np.asarray(tf._mm(jnp.asarray(x), jnp.asarray(w), jnp.dtype(dtype)).astype(jnp.float32))
   dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(w))
