@@ -104,8 +104,8 @@ def _dense(x, w):
   One row on CPU (`_one_row_halves`): the sum of the products of the two halves of d, one
   batched [2, 1, d/2] x [2, d/2, f] product (a free reshape of w). XLA's CPU backend runs a
   one-row product as one matrix-vector call that streams w at ~21 GB/s, the batched pair at
-  ~28-32 (a jitted sum: ~31; the `small` preset's layer products, 2 AMD EPYC cores). Only the
-  summation order differs."""
+  ~28-35 (a jitted sum: ~30-33; the `small` preset's layer products, 2 AMD EPYC cores; batches
+  of 4 or 8 pieces were slower than 2). Only the summation order differs."""
   if _one_row_halves(x, w):
     d, f = w.shape
     x_2xMxh = x.reshape(1, 2, d // 2).swapaxes(0, 1)
