@@ -126,6 +126,20 @@ def test_each_knob_has_one_copy_and_derived_step_settings_come_from_it():
   assert learned.step_cfg.value_head and learned.recipe.needs(learned.cfg).value_head
 
 
+def test_sampler_min_bucket_reaches_the_sampler_and_is_checked():
+  """`sampler.min_bucket` (the rollout decode's smallest bucket) is the resolved plan's
+  `SamplerConfig.min_bucket`, and sets its compiled buckets; below 1 it is refused naming it."""
+  from opd_jax.models import sampler
+  from opd_jax.train import run_plan
+  for value in (8, 2):
+    cfg = config_lib.from_config_dict(load("opd", "smoke", [f"sampler.min_bucket={value}"]))
+    plan = run_plan.resolve(cfg, shapes_only=True)
+    assert plan.sampler.min_bucket == value
+    assert min(sampler.buckets(32, "compact", plan.sampler.min_bucket)) == value
+  with pytest.raises(ConfigError, match=r"SamplingConfig\.min_bucket=0: must be >= 1"):
+    config_lib.from_config_dict(load("opd", "smoke", ["sampler.min_bucket=0"]))
+
+
 @pytest.mark.parametrize("preset,override", [
     ("rlvr", "credit.kind=gae"),                 # RLVR has no per-token OPD reward to credit
     ("rlvr", "rollout.mix_alpha=0.3"),           # only 'mixed' mixes

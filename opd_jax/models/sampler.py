@@ -99,9 +99,10 @@ class SamplerConfig:
       same tokens and log-probs up to the products' rounding (module docstring: each row draws
       from its own key, `row_keys`, and its decode attention does not depend on the other rows,
       `attention.rows_decode_attention`).
-    min_bucket: 'compact' and 'continuous' (its tail): the smallest bucket (a decode step below
-      ~8 rows costs about the same as at 8 on CPU, where reading the weights bounds it; every
-      bucket is one more compiled loop).
+    min_bucket: 'compact' and 'continuous' (its tail): the smallest bucket (every bucket is one
+      more compiled loop; on CPU a decode step below 8 rows still costs less than at 8: the
+      `small` preset's layer products ~5.0 ms at 2 or 4 rows, ~6.0-6.3 at 8, ~3.3 at 1, and
+      `bench/rollout.py` gains 2-13% from 2 against 8, its compilation ~1.5x as long).
     slots: 'continuous' only: decode slots (rows decoded per step); 0 = `default_slots`: half
       the batch, at least min_bucket, a multiple of the mesh's batch shards, at most
       the batch.

@@ -330,7 +330,7 @@ def sampler_config(cfg: TrainConfig, eos_id: int, pad_id: int, *, max_new_tokens
       max_new_tokens=max_new_tokens, temperature=s.temperature if temperature is None else
       temperature, top_k=s.top_k, top_p=s.top_p, greedy=greedy,
       eos_id=eos if len(eos) > 1 else eos[0], pad_id=pad_id, group_size=group_size,
-      mode=s.mode, slots=s.slots)
+      mode=s.mode, slots=s.slots, min_bucket=s.min_bucket)
 
 
 def subspace_bases_from_config(cfg: TrainConfig):
