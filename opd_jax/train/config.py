@@ -505,10 +505,8 @@ class SamplingConfig:
       of a prompt share its prefill in all (`rollout.group_size`, `loop.eval_k`).
     slots: 'continuous' decode slots (0 = half the batch, `sampler.default_slots`).
     min_bucket: 'compact' and 'continuous' (its tail): the smallest decode batch
-      (`models.sampler.SamplerConfig.min_bucket`; each smaller power of two down to it is one
-      more compiled decode loop). On CPU a long-tailed rollout gains from 2
-      (`bench/rollout.py --min-bucket 2` against 8, three alternated pairs on 2 AMD EPYC cores:
-      2-13% more useful tokens/s, the sampler's compilation ~1.5x as long).
+      (`models.sampler.SamplerConfig.min_bucket`, which says what 2 instead of 8 gains and costs
+      on CPU).
   """
 
   max_new_tokens: int = 0
