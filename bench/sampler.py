@@ -10,7 +10,8 @@ new tokens, no early EOS: the EOS id is one neither model emits, checked) at bat
 Throughput = generated tokens / wall time of one whole generate call (prefill + decode, as the
 caller sees it), best of `--repeats` calls. opd_jax's first call (tracing + XLA compilation) is
 reported separately as `compile_s_b{B}` and excluded. The last line of stdout is one JSON object
-(with `cpu_model`, /proc/cpuinfo's model name, and `xla_flags`).
+(with `cpu_model`, the CPU's model name, family / model numbers and last-level cache as
+`timing.cpu_model` gives them, and `xla_flags`).
 
 Batch 1 against the memory-bandwidth limit: a decode step at batch 1 reads every weight (and
 the filled KV cache) once, so tokens/s cannot exceed read bandwidth / bytes read per token. The

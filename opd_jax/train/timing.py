@@ -20,6 +20,7 @@ from the vendor figure (bf16 dense) on TPU / GPU.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import queue
 import threading
 import time
@@ -75,18 +76,63 @@ def measured_peak_flops(n: int = 1024, repeats: int = 5) -> float:
   return 2.0 * n**3 / best
 
 
-def cpu_model() -> str:
-  """The host CPU's model name (/proc/cpuinfo), printed with every benchmark result: a speedup
-  measured on one CPU model need not hold on another."""
+def _cpuinfo_fields(cpuinfo_path: str) -> dict[str, str]:
+  """The fields of the first processor block of /proc/cpuinfo ({} if it cannot be read)."""
+  fields: dict[str, str] = {}
   try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
+    with open(cpuinfo_path, encoding="utf-8") as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+        if not line.strip():
+          if fields:
+            break
+          continue
+        key, sep, value = line.partition(":")
+        if sep:
+          fields.setdefault(key.strip(), value.strip())
   except OSError:
     pass
-  import platform  # noqa: PLC0415
-  return platform.processor() or "unknown"
+  return fields
+
+
+def _last_level_cache(cache_dir: str) -> tuple[int, int] | None:
+  """(level, bytes) of the largest-level data or unified cache of CPU 0 (sysfs), or None."""
+  best = None
+  for index in sorted(pathlib.Path(cache_dir).glob("index*")):
+    try:
+      level = int((index / "level").read_text().strip())
+      kind = (index / "type").read_text().strip()
+      size = (index / "size").read_text().strip()
+    except (OSError, ValueError):
+      continue
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if kind == "Instruction" or not size or not size[:-1].isdigit() or size[-1] not in units:
+      continue
+    if best is None or level > best[0]:
+      best = (level, int(size[:-1]) * units[size[-1]])
+  return best
+
+
+def cpu_model(cpuinfo_path: str = "/proc/cpuinfo",
+              cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> str:
+  """The host CPU as printed with every benchmark result: /proc/cpuinfo's model name, then its
+  family / model numbers and the last-level cache where the system gives them, e.g.
+  'Intel(R) Xeon(R) Processor (family 6 model 207, 260 MiB L3)'. A speedup measured on one CPU
+  need not hold on another, and under a hypervisor the name alone can be generic ('Intel(R)
+  Xeon(R) Processor' covers several generations): the numbers tell them apart."""
+  fields = _cpuinfo_fields(cpuinfo_path)
+  name = fields.get("model name")
+  if not name:
+    import platform  # noqa: PLC0415
+    name = platform.processor() or "unknown"
+  details = []
+  if fields.get("cpu family") and fields.get("model"):
+    details.append(f"family {fields['cpu family']} model {fields['model']}")
+  cache = _last_level_cache(cache_dir)
+  if cache is not None:
+    level, size = cache
+    mib = size / (1 << 20)
+    details.append(f"{mib:g} MiB L{level}" if mib >= 1 else f"{size >> 10} KiB L{level}")
+  return f"{name} ({', '.join(details)})" if details else name
 
 
 def peak_flops() -> tuple[float, str]:
