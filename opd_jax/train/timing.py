@@ -94,6 +94,9 @@ def _cpuinfo_fields(cpuinfo_path: str) -> dict[str, str]:
   return fields
 
 
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}   # sysfs cache sizes: '48K', '260M'
+
+
 def _last_level_cache(cache_dir: str) -> tuple[int, int] | None:
   """(level, bytes) of the largest-level data or unified cache of CPU 0 (sysfs), or None."""
   best = None
@@ -104,11 +107,11 @@ def _last_level_cache(cache_dir: str) -> tuple[int, int] | None:
       size = (index / "size").read_text().strip()
     except (OSError, ValueError):
       continue
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if kind == "Instruction" or not size or not size[:-1].isdigit() or size[-1] not in units:
+    unit = _SIZE_UNITS.get(size[-1:])
+    if kind == "Instruction" or unit is None or not size[:-1].isdigit():
       continue
     if best is None or level > best[0]:
-      best = (level, int(size[:-1]) * units[size[-1]])
+      best = (level, int(size[:-1]) * unit)
   return best
 
 
