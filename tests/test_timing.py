@@ -89,7 +89,7 @@ def test_throughput_and_mfu():
   assert np.isfinite(peak)
 
 
-def test_cpu_model_is_the_first_model_name_of_proc_cpuinfo():
+def test_cpu_model_starts_with_the_first_model_name_of_proc_cpuinfo():
   want = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                if line.startswith("model name")), None)
   assert want and timing.cpu_model().startswith(want)
