@@ -82,7 +82,7 @@ def bit_equal(a: dict, b: dict) -> bool:
 
 def main(argv=None) -> int:
   from opd_jax import host_malloc
-  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
+  host_malloc.tune()   # $OPD_JAX_HOST_MALLOC (on by default on CPU): before the first JAX op
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--preset", default="smoke", help="configs/opd.py preset")
   p.add_argument("--steps", type=int, default=20)

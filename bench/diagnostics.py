@@ -189,7 +189,7 @@ def ref_trajectory(p0, snapshots, hill_k=16, sim_k=16) -> dict:
 # -- main -----------------------------------------------------------------------------------------
 def main() -> int:
   from opd_jax import host_malloc
-  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
+  host_malloc.tune()   # $OPD_JAX_HOST_MALLOC (on by default on CPU): before the first JAX op
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true", help="2 layers, 16,384-token vocabulary")
   ap.add_argument("--layers", type=int, default=None)

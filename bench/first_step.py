@@ -108,7 +108,7 @@ def _child(code: str, method: str, env: dict) -> float:
 
 def main(argv=None) -> int:
   from opd_jax import host_malloc
-  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
+  host_malloc.tune()   # $OPD_JAX_HOST_MALLOC (on by default on CPU): before the first JAX op
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="SFT only")
   p.add_argument("--methods", default="sft,opd", help="comma-separated subset of sft,opd")

@@ -48,7 +48,7 @@ def _mean_step_s(steps: int, every: int) -> float:
 
 def main(argv=None) -> int:
   from opd_jax import host_malloc
-  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
+  host_malloc.tune()   # $OPD_JAX_HOST_MALLOC (on by default on CPU): before the first JAX op
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--every", type=int, default=10)
   p.add_argument("--steps", type=int, default=40)

@@ -194,7 +194,7 @@ def run_trl(dirs, prompt_ids, args, workdir, torch_threads: int) -> dict:
 
 def main(argv=None) -> int:
   from opd_jax import host_malloc
-  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
+  host_malloc.tune()   # $OPD_JAX_HOST_MALLOC (on by default on CPU): before the first JAX op
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true",
                  help="1 prompt x 8, 16 new tokens, 1 steady iteration (the smoke run)")

@@ -85,7 +85,7 @@ def _split_error(rows: list[dict]) -> float:
 
 def main(argv=None) -> int:
   from opd_jax import host_malloc
-  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
+  host_malloc.tune()   # $OPD_JAX_HOST_MALLOC (on by default on CPU): before the first JAX op
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--repeats", type=int, default=3)

@@ -67,7 +67,7 @@ def _length_stats(lengths, budget):
 
 def main(argv=None):
   from opd_jax import host_malloc
-  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
+  host_malloc.tune()   # $OPD_JAX_HOST_MALLOC (on by default on CPU): before the first JAX op
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="a small workload (< 1 minute)")
   parser.add_argument("--prompts", type=int, default=None)

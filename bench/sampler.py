@@ -77,7 +77,7 @@ def bytes_per_token(cfg, prompt_len: int, new_tokens: int) -> float:
 
 def main(argv=None):
   from opd_jax import host_malloc
-  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
+  host_malloc.tune()   # $OPD_JAX_HOST_MALLOC (on by default on CPU): before the first JAX op
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="fewer tokens (< 2 minutes)")
   parser.add_argument("--batches", default="1,16,64")

@@ -93,7 +93,7 @@ def child(batch: int, length: int, chunk_size: int) -> dict:
 
 def main(argv=None):
   from opd_jax import host_malloc
-  host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
+  host_malloc.tune()   # $OPD_JAX_HOST_MALLOC (on by default on CPU): before the first JAX op
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="same shapes (the target is memory)")
   parser.add_argument("--batch", type=int, default=8)

@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from opd_jax.errors import UserError
   from opd_jax.train.config import ConfigError
   try:
-    host_malloc.tune()   # opt-in ($OPD_JAX_HOST_MALLOC), before the first JAX computation
+    host_malloc.tune()   # $OPD_JAX_HOST_MALLOC (on by default on CPU): before the first JAX op
     return _COMMANDS[args.command](args, overrides)
   except (UserError, OSError) as e:
     if args.debug or (isinstance(e, OSError) and not _is_user_os_error(e)):

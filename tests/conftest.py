@@ -19,6 +19,10 @@ import pytest  # noqa: E402
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax"
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# The backend starts now, so that a test calling the CLI in this process (`cli.main`, whose
+# `host_malloc.tune()` acts only before the backend starts) leaves it as every other test finds
+# it: asynchronous dispatch, glibc's own settings. CLI subprocesses tune as a user's run does.
+jax.devices()
 
 
 @pytest.fixture(autouse=True)

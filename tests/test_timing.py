@@ -59,6 +59,39 @@ def test_phase_split_adds_up_and_matches_known_durations():
     clock.close()
 
 
+def test_phase_times_under_synchronous_dispatch(monkeypatch):
+  """Under synchronous dispatch (`host_malloc.tune` on the CPU backend) a call returns once its
+  work is done: a device phase is the time since the loop's previous mark."""
+  work = _busy(0.15)
+
+  def run(synchronous: bool):
+    monkeypatch.setattr(timing, "synchronous_dispatch", lambda: synchronous)
+    clock = timing.PhaseClock()
+    try:
+      walls = []
+      for step in (1, 2, 3):
+        clock.start(step)
+        t0 = time.perf_counter()
+        time.sleep(0.05)
+        clock.host("data", t0)
+        clock.device("sample", jax.block_until_ready(work()))   # returned done, as a call does
+        clock.finish(step, jax.block_until_ready(work()))
+        walls.append(clock.times(step))
+      return walls[1:]
+    finally:
+      clock.close()
+
+  for t in run(True):
+    parts = sum(v for k, v in t.items() if k != "time/step_s")
+    assert parts == pytest.approx(t["time/step_s"], rel=0.05)
+    assert t["time/data_s"] == pytest.approx(0.05, abs=0.03)
+    assert 1 / 3 < t["time/sample_s"] / t["time/update_s"] < 3, t
+    assert t["time/sample_s"] > 0.05 and t["time/other_s"] < 0.05, t
+  # Read as asynchronous, the same loop's programs would land in `other`.
+  for t in run(False):
+    assert t["time/sample_s"] < 0.02 and t["time/other_s"] > 0.1, t
+
+
 def test_model_flops_match_xla_cost_analysis_of_the_forward():
   # Unrolled layers: XLA's cost analysis counts a scanned body once, not once per layer.
   cfg = model_config.tiny(vocab_size=512, n_layers=2, scan_layers=False)

@@ -9,6 +9,9 @@ phase starts when it was dispatched or when the previous phase finished, whichev
 phase counts only its time outside the device phases, so time spent waiting on the device counts
 for the device phase), and `time/other_s` is the rest (dispatch and Python glue): the split adds
 up to the wall time. No host <-> device copy is added: the watcher only waits for readiness.
+Under synchronous dispatch (the CPU backend as `opd_jax.host_malloc.tune` sets it) a call returns
+once its work is done, so a device phase is taken to start at the loop's previous mark instead of
+at its dispatch.
 
 FLOPs are model FLOPs, counted from shapes (`model_flops`): 2 N per token for a forward pass
 (N = matmul parameters, the unembedding included, the embedding lookup not), 6 N for forward +
@@ -150,6 +153,12 @@ def peak_flops() -> tuple[float, str]:
 
 
 # -- the clock ------------------------------------------------------------------------------------
+def synchronous_dispatch() -> bool:
+  """Whether a jitted call returns only once its work is done: the CPU backend with
+  `jax_cpu_enable_async_dispatch` off (`opd_jax.host_malloc.tune`)."""
+  return jax.default_backend() == "cpu" and not jax.config.read("jax_cpu_enable_async_dispatch")
+
+
 @dataclasses.dataclass
 class _Step:
   started: float = dataclasses.field(default_factory=time.perf_counter)
@@ -168,6 +177,8 @@ class PhaseClock:
     self._steps: dict[int, _Step] = {}
     self._current: int | None = None
     self._last_end: float | None = None
+    self._sync = synchronous_dispatch()
+    self._mark: float | None = None   # the loop's latest mark (start, host or device)
     self._queue: queue.Queue = queue.Queue()
     self._thread = threading.Thread(target=self._watch, name="opd_jax-phase-clock", daemon=True)
     self._thread.start()
@@ -175,14 +186,22 @@ class PhaseClock:
   def start(self, step: int) -> None:
     self._current = step
     self._steps[step] = _Step()
+    self._mark = self._steps[step].started
 
   def device(self, name: str, outputs: Any) -> None:
-    """Marks a device phase dispatched now whose results are `outputs` (any pytree)."""
-    self._queue.put((self._current, name, outputs, time.perf_counter()))
+    """Marks a device phase dispatched now whose results are `outputs` (any pytree). Under
+    synchronous dispatch the call that made `outputs` has already run: the phase began at the
+    previous mark."""
+    now = time.perf_counter()
+    began = self._mark if self._sync and self._mark is not None else now
+    self._mark = now
+    self._queue.put((self._current, name, outputs, began))
 
   def host(self, name: str, t0: float, t1: float | None = None) -> None:
     """Records a host phase that ran from t0 to t1 (default: now)."""
-    self._steps[self._current].host.append((name, t0, time.perf_counter() if t1 is None else t1))
+    t1 = time.perf_counter() if t1 is None else t1
+    self._steps[self._current].host.append((name, t0, t1))
+    self._mark = t1 if self._mark is None else max(self._mark, t1)
 
   def finish(self, step: int, outputs: Any) -> None:
     """Marks the step's last phase (the update) and closes the step."""
