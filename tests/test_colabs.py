@@ -42,4 +42,7 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
   assert not [o for o in outputs if o.get("output_type") == "error"]
   assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
              for o in outputs), "every notebook shows at least one figure"
+  # Tuned as every entry point is on a CPU runtime: its loop ran under synchronous dispatch.
+  assert any("host settings: executions on the calling thread" in o.get("text", "")
+             for o in outputs if o.get("output_type") == "stream"), name
   print(f"{name}: {wall:.1f} s (python {sys.version.split()[0]})")
