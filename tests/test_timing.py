@@ -25,9 +25,9 @@ def _busy(seconds):
   return lambda: f(a, n)
 
 
-def test_phase_split_adds_up_and_matches_known_durations():
-  clock = timing.PhaseClock()
-  work = _busy(0.15)
+def _timed_steps(clock, phases) -> list[dict]:
+  """Three steps, each a 0.05 s host 'data' phase and then `phases(clock, step)`; the phase
+  times of the steps after the first (`PhaseClock.times`)."""
   try:
     walls = []
     for step in (1, 2, 3):
@@ -35,28 +35,41 @@ def test_phase_split_adds_up_and_matches_known_durations():
       t0 = time.perf_counter()
       time.sleep(0.05)
       clock.host("data", t0)
-      out = work()            # dispatched, not waited for
-      clock.device("sample", out)
-      t1 = time.perf_counter()
-      jax.block_until_ready(out)  # a host phase that waits on the device (like verify)
-      time.sleep(0.05)
-      clock.host("verify", t1)
-      clock.finish(step, work())
+      phases(clock, step)
       walls.append(clock.times(step))
-    for t in walls[1:]:
-      parts = sum(v for k, v in t.items() if k != "time/step_s")
-      assert parts == pytest.approx(t["time/step_s"], rel=0.05)
-      assert t["time/data_s"] == pytest.approx(0.05, abs=0.03)
-      assert t["time/verify_s"] == pytest.approx(0.05, abs=0.03)  # its wait is the sampler's
-      # Both device phases ran the same ~0.15 s program; under a loaded CPU (the suite runs two
-      # workers on two cores) one run can take 1.5x the other and the calibration itself can be
-      # off by 2x, so compare the two with each other (within a factor of 3) and with the
-      # host phases around them: the sampler's phase holds its program, not verify's 0.05 s.
-      assert 1 / 3 < t["time/sample_s"] / t["time/update_s"] < 3, t
-      assert t["time/sample_s"] > t["time/verify_s"] / 2, t
-      assert t["time/other_s"] < 0.05
+    return walls[1:]
   finally:
     clock.close()
+
+
+def _assert_split_adds_up(t):
+  parts = sum(v for k, v in t.items() if k != "time/step_s")
+  assert parts == pytest.approx(t["time/step_s"], rel=0.05)
+  assert t["time/data_s"] == pytest.approx(0.05, abs=0.03)
+  # Both device phases ran the same ~0.15 s program; under a loaded CPU (the suite runs two
+  # workers on two cores) one run can take 1.5x the other and the calibration itself can be
+  # off by 2x, so compare the two with each other (within a factor of 3).
+  assert 1 / 3 < t["time/sample_s"] / t["time/update_s"] < 3, t
+  assert t["time/other_s"] < 0.05, t
+
+
+def test_phase_split_adds_up_and_matches_known_durations():
+  work = _busy(0.15)
+
+  def phases(clock, step):
+    out = work()            # dispatched, not waited for
+    clock.device("sample", out)
+    t1 = time.perf_counter()
+    jax.block_until_ready(out)  # a host phase that waits on the device (like verify)
+    time.sleep(0.05)
+    clock.host("verify", t1)
+    clock.finish(step, work())
+
+  for t in _timed_steps(timing.PhaseClock(), phases):
+    _assert_split_adds_up(t)
+    assert t["time/verify_s"] == pytest.approx(0.05, abs=0.03)  # its wait is the sampler's
+    # The sampler's phase holds its program, not verify's 0.05 s.
+    assert t["time/sample_s"] > t["time/verify_s"] / 2, t
 
 
 def test_phase_times_under_synchronous_dispatch(monkeypatch):
@@ -64,31 +77,17 @@ def test_phase_times_under_synchronous_dispatch(monkeypatch):
   work is done: a device phase is the time since the loop's previous mark."""
   work = _busy(0.15)
 
-  def run(synchronous: bool):
-    monkeypatch.setattr(timing, "synchronous_dispatch", lambda: synchronous)
-    clock = timing.PhaseClock()
-    try:
-      walls = []
-      for step in (1, 2, 3):
-        clock.start(step)
-        t0 = time.perf_counter()
-        time.sleep(0.05)
-        clock.host("data", t0)
-        clock.device("sample", jax.block_until_ready(work()))   # returned done, as a call does
-        clock.finish(step, jax.block_until_ready(work()))
-        walls.append(clock.times(step))
-      return walls[1:]
-    finally:
-      clock.close()
+  def phases(clock, step):
+    clock.device("sample", jax.block_until_ready(work()))   # returned done, as a call does
+    clock.finish(step, jax.block_until_ready(work()))
 
-  for t in run(True):
-    parts = sum(v for k, v in t.items() if k != "time/step_s")
-    assert parts == pytest.approx(t["time/step_s"], rel=0.05)
-    assert t["time/data_s"] == pytest.approx(0.05, abs=0.03)
-    assert 1 / 3 < t["time/sample_s"] / t["time/update_s"] < 3, t
-    assert t["time/sample_s"] > 0.05 and t["time/other_s"] < 0.05, t
+  monkeypatch.setattr(timing, "synchronous_dispatch", lambda: True)
+  for t in _timed_steps(timing.PhaseClock(), phases):
+    _assert_split_adds_up(t)
+    assert t["time/sample_s"] > 0.05, t
   # Read as asynchronous, the same loop's programs would land in `other`.
-  for t in run(False):
+  monkeypatch.setattr(timing, "synchronous_dispatch", lambda: False)
+  for t in _timed_steps(timing.PhaseClock(), phases):
     assert t["time/sample_s"] < 0.02 and t["time/other_s"] > 0.1, t
 
 
