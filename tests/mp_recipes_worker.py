@@ -254,6 +254,11 @@ def main(argv=None):
     rec_file.flush()
     os.fsync(rec_file.fileno())
 
+  # Tuned as the `opd-jax` command is (`opd_jax.host_malloc`, which the launcher turns on): the
+  # recipes run under synchronous dispatch, their collectives across processes included.
+  from opd_jax import host_malloc
+  tuned = host_malloc.tune()
+  assert tuned.applied, tuned.reason
   import jax
   jax.config.update("jax_compilation_cache_dir", str(CACHE))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

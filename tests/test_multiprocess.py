@@ -131,7 +131,7 @@ def _run_group(out: pathlib.Path, layout: str, nproc: int, deadline: float, note
         notes[j] = "not run: suite deadline reached"
       break
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", OPD_JAX_HOST_MALLOC="on",
                XLA_FLAGS=xla_flags.with_devices(8 // nproc))
     env.pop("OPD_COORDINATOR", None)
     procs, log_paths = [], []
