@@ -25,6 +25,8 @@ def test_train_then_resume_through_the_cli(tmp_path, capsys):
   assert cli.main(args) == 0
   summary = _last_json(capsys.readouterr().out)
   assert summary["step"] == 2 and summary["resumed_from"] is None
+  # In this process the backend had started: `host_malloc.tune` left dispatch asynchronous.
+  assert summary["synchronous_dispatch"] is False
   assert cli.main(args[:-2] + ["--config.loop.steps=3", "--resume"]) == 0
   summary = _last_json(capsys.readouterr().out)
   assert summary["step"] == 3 and summary["resumed_from"] == 2

@@ -785,6 +785,9 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
       "resumed_from": resumed_from, "preempted": preempted,
       "first_step_s": first_step_s, "peak_flops": peak or 0.0, "peak_flops_source": peak_source,
       "model_flops_per_step": step_flops,
+      # How the times were taken: on the CPU backend as `opd-jax` tunes it (`host_malloc`), each
+      # call returns once its work is done.
+      "synchronous_dispatch": timing.synchronous_dispatch(),
       "data": {split: r.to_dict() for split, r in data_reports.items()},
   }
   if jax.process_index() == 0:
