@@ -4,6 +4,7 @@ blocking on vs off, memory without a [B, H, T, T] buffer, and cache attention ov
 buckets (values, greedy decode tokens and log-probs)."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,34 @@ def _numpy_attention(q_BxTxHxh, k_BxSxKxh, v_BxSxKxh, allowed_BxTxS):
           w = np.exp(scores[ti, keep] - scores[ti, keep].max())
           out[bi, ti, hi] = (w / w.sum()) @ v[bi, keep, hi // g]
   return out.reshape(b, t, h * hd)
+
+
+def _numpy_attention_grads(q_BxTxHxh, k_BxSxKxh, v_BxSxKxh, allowed_BxTxS, w_BxTxHh):
+  """float64 gradients of sum(attention * w) with respect to q, k and v, head by head (rows
+  with no allowed key must carry zero weight in w)."""
+  q, k, v, w = (np.asarray(x, np.float64) for x in (q_BxTxHxh, k_BxSxKxh, v_BxSxKxh, w_BxTxHh))
+  allowed = np.asarray(allowed_BxTxS)
+  b, t, h, hd = q.shape
+  g = h // k.shape[2]
+  w = w.reshape(b, t, h, hd)
+  dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+  for bi in range(b):
+    for hi in range(h):
+      kv = hi // g
+      scores = q[bi, :, hi] @ k[bi, :, kv].T / np.sqrt(hd)
+      probs = np.zeros_like(scores)
+      for ti in range(t):
+        keep = allowed[bi, ti]
+        if keep.any():
+          e = np.exp(scores[ti, keep] - scores[ti, keep].max())
+          probs[ti, keep] = e / e.sum()
+      dout = w[bi, :, hi]
+      dv[bi, :, kv] += probs.T @ dout
+      dprobs = dout @ v[bi, :, kv].T
+      dscores = probs * (dprobs - np.sum(dprobs * probs, axis=1, keepdims=True)) / np.sqrt(hd)
+      dq[bi, :, hi] = dscores @ k[bi, :, kv]
+      dk[bi, :, kv] += dscores.T @ q[bi, :, hi]
+  return dq, dk, dv
 
 
 def _numpy_allowed(t, s, q_slot0, kv_mask_BxS, q_seg_BxT=None, kv_seg_BxS=None):
@@ -71,10 +100,70 @@ def _flash_value_and_grads(q, kk, v, mask, seg, w, *, block, use_segments):
   return out, grads
 
 
-@jax.jit
-def _reference_grads(q, kk, v, allowed, w):
-  return jax.grad(lambda q, kk, v: jnp.sum(attention.reference_attention(q, kk, v, allowed) * w),
-                  argnums=(0, 1, 2))(q, kk, v)
+@functools.partial(jax.jit, static_argnames=("cache_layout",))
+def _one_shot_value_and_grads(q, kk, v, allowed, w, *, cache_layout=False):
+  def loss(q, kk, v):
+    if cache_layout:   # keys [B, K, h, S], values [B, K, S, h]
+      out = attention._cache_attention(q, jnp.transpose(kk, (0, 2, 3, 1)),
+                                       jnp.transpose(v, (0, 2, 1, 3)), allowed)
+    else:
+      out = attention.reference_attention(q, kk, v, allowed)
+    return jnp.sum(out * w), out
+  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, kk, v)
+  return out, grads
+
+
+@pytest.mark.parametrize("cache_layout", [False, True])
+@pytest.mark.parametrize("use_segments", [False, True])
+def test_one_shot_equals_float64_reference_values_and_grads(use_segments, cache_layout):
+  """The one-shot attention's hand-written backward (it keeps one [B, K, G, T, S] residual, the
+  probabilities) against numpy float64 and against JAX differentiating the same formula."""
+  t = 21
+  q, kk, v, mask, seg = _inputs(t, seed=5)
+  seg_or_none = seg if use_segments else None
+  allowed = _numpy_allowed(t, t, 0, mask, seg_or_none, seg_or_none)
+  real = _real_rows(allowed)
+  w = jnp.asarray(np.random.default_rng(2).standard_normal((3, t, 32)) * real, jnp.float32)
+  out, grads = _one_shot_value_and_grads(q, kk, v, jnp.asarray(allowed), w,
+                                         cache_layout=cache_layout)
+  expected = _numpy_attention(q, kk, v, allowed)
+  np.testing.assert_allclose(np.where(real, out, 0), np.where(real, expected, 0), atol=1e-5)
+  for g, g_ref in zip(grads, _numpy_attention_grads(q, kk, v, allowed, w)):
+    np.testing.assert_allclose(g, g_ref, atol=2e-5, rtol=1e-5)
+
+  # Against autodiff, the rows with no allowed key weigh too (their output, the mean of the
+  # values, passes gradients to v only).
+  w_all = jnp.asarray(np.random.default_rng(3).standard_normal((3, t, 32)), jnp.float32)
+  grads = _one_shot_value_and_grads(q, kk, v, jnp.asarray(allowed), w_all,
+                                    cache_layout=cache_layout)[1]
+
+  def autodiff_loss(q, kk, v):
+    q5 = q.reshape(*q.shape[:2], kk.shape[2], -1, q.shape[-1])
+    out5 = attention._one_shot_forward(q5, kk, v, jnp.asarray(allowed), "bskh", "bskh")[0]
+    return jnp.sum(out5.reshape(out.shape) * w_all)
+  for g, g_auto in zip(grads, jax.jit(jax.grad(autodiff_loss, argnums=(0, 1, 2)))(q, kk, v)):
+    np.testing.assert_allclose(g, g_auto, atol=1e-6, rtol=1e-6)
+
+
+def test_one_shot_and_mlp_backward_keep_one_copy_of_their_large_activations():
+  """What the backward passes keep (the residuals of `jax.vjp`): one [B, K, G, T, S] array for
+  the one-shot attention (JAX's own differentiation keeps four), and three [B, T, F] arrays for
+  the SwiGLU MLP (gate, up, and the down projection's input; JAX's own: six)."""
+  b, t, h, kh, hd, d, f = 2, 16, 4, 2, 8, 16, 40
+  rng = np.random.default_rng(0)
+  q, kk, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+              for s in ((b, t, h, hd), (b, t, kh, hd), (b, t, kh, hd)))
+  allowed = jnp.asarray(_numpy_allowed(t, t, 0, np.ones((b, t), bool)))
+  _, pullback = jax.vjp(lambda q, kk, v: attention.reference_attention(q, kk, v, allowed),
+                        q, kk, v)
+  shapes = [leaf.shape for leaf in jax.tree.leaves(pullback)]
+  assert sum(math.prod(s) >= b * h * t * t for s in shapes) == 1, shapes
+  assert shapes.count((b, kh, h // kh, t, t)) == 1, shapes
+  x = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+  weights = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((d, f), (d, f), (f, d))]
+  _, pullback = jax.vjp(lambda x, *w: tf._swiglu(x, *w, dtype=jnp.float32), x, *weights)
+  shapes = [leaf.shape for leaf in jax.tree.leaves(pullback)]
+  assert shapes.count((b, t, f)) == 3, shapes
 
 
 @pytest.mark.parametrize("use_segments", [False, True])
@@ -87,7 +176,7 @@ def test_flash_equals_float64_reference_values_and_grads(use_segments):
   real = _real_rows(allowed)
   # Gradients weight only rows with an allowed key (the others are padding, unspecified).
   w = jnp.asarray(np.random.default_rng(1).standard_normal(expected.shape) * real, jnp.float32)
-  ref_grads = _reference_grads(q, kk, v, jnp.asarray(allowed), w)
+  ref_grads = _numpy_attention_grads(q, kk, v, allowed, w)
   ref_out = attention.reference_attention(q, kk, v, jnp.asarray(allowed))
   np.testing.assert_allclose(np.where(real, ref_out, 0), np.where(real, expected, 0), atol=1e-5)
   # None divides 21 (16 leaves one partial block); the two cases share the block sizes out.

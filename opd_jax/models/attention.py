@@ -8,6 +8,8 @@ always run in float32, as in the reference.
 
 * `reference_attention`: the whole [B, K, G, T, S] score tensor at once, masked by `allowed`
   (the model's original attention, kept as the reference path and used for short sequences).
+  Its custom VJP keeps one [B, K, G, T, S] array for the backward pass, the probabilities
+  (JAX's own differentiation of the softmax kept four, two after XLA's simplification).
 * `causal_attention` (training and scoring forwards without a cache, T = S): above `block`
   positions it runs `flash_attention` (blocks evened out by `flash_block`): queries and keys in blocks of `block`, an online softmax
   (running max and sum in float32), key blocks above the diagonal never computed (the loop over
@@ -75,13 +77,50 @@ def _one_shot(q_BxTxHxh, k, v, allowed_BxTxS, *, kv_heads: int, k_dims: str, v_d
   subscripts `k_dims` / `v_dims` say (b batch, s slot, k kv head, h head dim)."""
   b, t, h, hd = q_BxTxHxh.shape
   q_BxTxKxGxh = q_BxTxHxh.reshape(b, t, kv_heads, h // kv_heads, hd)
-  scores_BxKxGxTxS = jnp.einsum(f"btkgh,{k_dims}->bkgts", q_BxTxKxGxh.astype(jnp.float32),
-                                k.astype(jnp.float32)) * (hd ** -0.5)
+  out_BxTxKxGxh = _one_shot_core(q_BxTxKxGxh.astype(jnp.float32), k.astype(jnp.float32),
+                                 v.astype(jnp.float32), allowed_BxTxS, k_dims, v_dims)
+  return out_BxTxKxGxh.reshape(b, t, h * hd)
+
+
+def _one_shot_forward(q_BxTxKxGxh, k, v, allowed_BxTxS, k_dims, v_dims):
+  """(out [B, T, K, G, h], probabilities [B, K, G, T, S]) of float32 q, k and v."""
+  hd = q_BxTxKxGxh.shape[-1]
+  scores_BxKxGxTxS = jnp.einsum(f"btkgh,{k_dims}->bkgts", q_BxTxKxGxh, k) * (hd ** -0.5)
   scores_BxKxGxTxS = jnp.where(allowed_BxTxS[:, None, None], scores_BxKxGxTxS,
                                jnp.finfo(jnp.float32).min)
   probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1)
-  out_BxTxKxGxh = jnp.einsum(f"bkgts,{v_dims}->btkgh", probs_BxKxGxTxS, v.astype(jnp.float32))
-  return out_BxTxKxGxh.reshape(b, t, h * hd)
+  return jnp.einsum(f"bkgts,{v_dims}->btkgh", probs_BxKxGxTxS, v), probs_BxKxGxTxS
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _one_shot_core(q_BxTxKxGxh, k, v, allowed_BxTxS, k_dims, v_dims):
+  """The one-shot attention of float32 inputs; its backward keeps q, k, v, the mask and the
+  probabilities (the gradients JAX's differentiation gives, up to summation order). In the
+  scanned layers of a training step every kept array is stacked over the layers: the `small`
+  preset's [8, 256] SFT step kept two [L, B, K, G, T, S] stacks (128 MiB each) before."""
+  return _one_shot_forward(q_BxTxKxGxh, k, v, allowed_BxTxS, k_dims, v_dims)[0]
+
+
+def _one_shot_core_fwd(q, k, v, allowed, k_dims, v_dims):
+  out, probs = _one_shot_forward(q, k, v, allowed, k_dims, v_dims)
+  return out, (q, k, v, allowed, probs)
+
+
+def _one_shot_core_bwd(k_dims, v_dims, res, dout_BxTxKxGxh):
+  # softmax backward: dscores = p * (dp - sum(dp * p)); disallowed pairs get none (the rows
+  # with no allowed key, whose probabilities are uniform, pass gradients to v only).
+  q, k, v, allowed_BxTxS, probs_BxKxGxTxS = res
+  scale = q.shape[-1] ** -0.5
+  dv = jnp.einsum(f"bkgts,btkgh->{v_dims}", probs_BxKxGxTxS, dout_BxTxKxGxh)
+  dprobs = jnp.einsum(f"btkgh,{v_dims}->bkgts", dout_BxTxKxGxh, v)
+  dscores = probs_BxKxGxTxS * (dprobs - jnp.sum(dprobs * probs_BxKxGxTxS, -1, keepdims=True))
+  dscores = jnp.where(allowed_BxTxS[:, None, None], dscores, 0.0) * scale
+  dq = jnp.einsum(f"bkgts,{k_dims}->btkgh", dscores, k)
+  dk = jnp.einsum(f"bkgts,btkgh->{k_dims}", dscores, q)
+  return dq, dk, dv, None
+
+
+_one_shot_core.defvjp(_one_shot_core_fwd, _one_shot_core_bwd)
 
 
 # -- blocked (flash-style) causal attention -------------------------------------------------------
