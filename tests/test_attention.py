@@ -1,4 +1,5 @@
-"""Attention paths vs a float64 numpy reference: blocked (flash) causal attention with padding,
+"""Attention paths vs a float64 numpy reference: the one-shot attention's backward (values,
+gradients and what it keeps), blocked (flash) causal attention with padding,
 segments, GQA and block sizes that do not divide T (values and gradients), the model with
 blocking on vs off, memory without a [B, H, T, T] buffer, and cache attention over filled
 buckets (values, greedy decode tokens and log-probs)."""

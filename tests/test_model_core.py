@@ -116,6 +116,7 @@ def test_silu_mul_custom_vjp_matches_float64_reference(dtype, tol):
   rng = np.random.default_rng(4)
   gate, up, r = (rng.standard_normal((3, 7, 10)).astype(np.float32) * 3 for _ in range(3))
   cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+
   def loss(fn):
     return lambda g, u: jnp.sum(jnp.asarray(r) * fn(g, u).astype(jnp.float32))
   y = tf._silu_mul(cast(gate), cast(up))
