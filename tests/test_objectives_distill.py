@@ -142,6 +142,13 @@ def test_topk_kinds_with_k_at_least_vocab_are_the_full_kls():
                              distill.forward_kl(s, t), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(distill.student_topk_reverse_kl(s, t, 9), distill.reverse_kl(s, t),
                              rtol=1e-5, atol=1e-6)
+  # k = V - 1 runs the tail-bucket path with a one-token tail: k + 1 categories are the whole
+  # vocabulary, so the bucketed KLs are the full ones.
+  top8 = distill.TopK(full_ids[..., :8], topk.logp_BxTxK[..., :8])
+  np.testing.assert_allclose(distill.topk_forward_kl(s, top8.ids_BxTxK, top8.logp_BxTxK),
+                             distill.forward_kl(s, t), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(distill.student_topk_reverse_kl(s, t, 8), distill.reverse_kl(s, t),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_jsd_endpoints_are_forward_and_reverse_kl_exactly():

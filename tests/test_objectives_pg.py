@@ -195,6 +195,19 @@ def test_ppo_clip_gradient_is_exactly_zero_on_the_clipped_branch():
   np.testing.assert_array_equal(g_adv, 0 * g_adv)
 
 
+def test_ppo_clip_gradient_stays_zero_where_the_ratio_overflows():
+  # log ratios of +-100 overflow / underflow float32's exp: the clipped tokens still get exactly
+  # zero gradient and the others their own, finite one.
+  new = np.array([[0.0, -1.0, -100.0, -1.0]], np.float32)
+  old = np.array([[-100.0, -1.0, 0.0, -1.1]], np.float32)
+  adv = np.array([[1.0, 1.0, -1.0, -0.5]], np.float32)
+  m = np.ones_like(new, bool)
+  cfg = surrogate.PGConfig(kind="ppo_clip", mode="token_mean")
+  grad = np.asarray(jax.grad(lambda x: surrogate.pg_loss(x, old, adv, m, cfg)[0])(new))
+  want = np.array([[0.0, -1.0, 0.0, 0.5 * np.exp(0.1)]])   # of the sum, not the mean
+  np.testing.assert_allclose(grad, want, rtol=1e-6)
+
+
 def test_on_policy_surrogates_share_the_gradient():
   m, new, _, adv = _pg_case(5)
   grads = [jax.grad(lambda x: surrogate.pg_loss(x, x, adv, m, surrogate.PGConfig(kind=k))[0])(new)

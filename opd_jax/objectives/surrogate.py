@@ -69,9 +69,14 @@ def pg_loss(logp_new_BxT: jax.Array, logp_old_BxT: jax.Array, adv_BxT: jax.Array
   elif cfg.kind == "is":
     objective = ratio * adv
   else:
-    clipped = ((adv > 0) & (ratio > 1.0 + cfg.eps_high)) | ((adv < 0) & (ratio < 1.0 - cfg.eps_low))
+    # Decided in log space, and the unclipped branch exponentiates only the tokens it keeps: a
+    # ratio that overflows float32 on the clipped branch would otherwise send 0 * inf = NaN back
+    # through the branch `where` does not pick.
+    clipped = (((adv > 0) & (log_ratio > jnp.log1p(cfg.eps_high)))
+               | ((adv < 0) & (log_ratio < jnp.log1p(-cfg.eps_low))))
+    kept_ratio = jnp.exp(jnp.where(clipped, 0.0, log_ratio))
     clipped_ratio = jax.lax.stop_gradient(jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high))
-    objective = jnp.where(clipped, clipped_ratio * adv, ratio * adv)
+    objective = jnp.where(clipped, clipped_ratio * adv, kept_ratio * adv)
   loss_BxT = jnp.where(mask, -objective, 0.0)
   total, denom = reduce.aggregate(loss_BxT, mask, cfg.mode)
   sg_log_ratio = jax.lax.stop_gradient(log_ratio)
