@@ -244,3 +244,30 @@ def test_config_is_checked_by_name():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--mesh-child"]:
   _mesh_child()
+
+
+def test_traces_for_a_model_with_more_than_2_31_entries():
+  # Qwen3-8B's shapes (~7e9 entries, one group alone ~1.8e9): the totals stay Python ints and the
+  # counts float32, so nothing reaches int32 at trace time (abstract shapes: nothing allocated).
+  L, d, f, kv = 36, 4096, 12288, 1024
+  a = lambda *s: jax.ShapeDtypeStruct(s, jax.numpy.bfloat16)  # noqa: E731
+  params = {"embed": {"embedding": a(151936, d)},
+            "layers": {"attn": {"q_proj": {"kernel": a(L, d, d)}, "k_proj": {"kernel": a(L, d, kv)},
+                                "v_proj": {"kernel": a(L, d, kv)}, "o_proj": {"kernel": a(L, d, d)}},
+                       "mlp": {"gate_proj": {"kernel": a(L, d, f)}, "up_proj": {"kernel": a(L, d, f)},
+                               "down_proj": {"kernel": a(L, f, d)}},
+                       "input_norm": {"scale": a(L, d)}}}
+  assert sum(np.prod(x.shape) for x in jax.tree.leaves(params)) > 2 ** 32
+  bases = jax.eval_shape(lambda: live.init_bases(params, CFG))
+  metrics, _ = jax.eval_shape(lambda p0, p1, b: live._live(p0, p1, b, cfg=CFG), params, params,
+                              bases)
+  assert metrics["geometry/density"].dtype == np.float32
+  assert metrics["geometry/density/up"].dtype == np.float32
+
+
+def test_changed_count_is_exact_per_matrix():
+  rng = np.random.default_rng(5)
+  for shape in [(3, 5, 7), (6, 4), (9,), ()]:
+    changed = rng.random(shape) < 0.4
+    got = jax.jit(live._changed_count)(changed)
+    assert got.dtype == np.float32 and float(got) == changed.sum()

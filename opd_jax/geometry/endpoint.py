@@ -145,10 +145,13 @@ def _keys_impl(a0, q_r, short):
   """|rank-r reconstruction of A0| and |A0| (float32) of an [N, in, out] chunk."""
   x = a0.astype(jnp.float32)
   q = q_r.astype(jnp.float32)
+  hi = jax.lax.Precision.HIGHEST   # TPUs otherwise multiply float32 in bfloat16 passes
   if short == "input":   # rows are the short side: recon = Q Q^T A
-    recon = jnp.einsum("nir,nro->nio", q, jnp.einsum("nir,nio->nro", q, x))
+    recon = jnp.einsum("nir,nro->nio", q, jnp.einsum("nir,nio->nro", q, x, precision=hi),
+                       precision=hi)
   else:                  # columns are the short side: recon = A Q Q^T
-    recon = jnp.einsum("nir,nor->nio", jnp.einsum("nio,nor->nir", x, q), q)
+    recon = jnp.einsum("nir,nor->nio", jnp.einsum("nio,nor->nir", x, q, precision=hi), q,
+                       precision=hi)
   return jnp.abs(recon), jnp.abs(x)
 
 

@@ -51,6 +51,9 @@ from opd_jax.geometry import linalg
 from opd_jax.geometry import matrices
 from opd_jax.models import sharding
 
+# float32 products at full precision: TPUs otherwise multiply float32 in bfloat16 passes.
+_HI = jax.lax.Precision.HIGHEST
+
 
 @dataclasses.dataclass(frozen=True)
 class LiveGeometryConfig:
@@ -117,15 +120,23 @@ def _input_subspace(d_NxIxO, k: int, iters: int, oversample: int, seed: int):
   n_in, n_out = d_NxIxO.shape[1:]
   b = min(k + oversample, n_in, n_out)
   omega = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((n_out, b)), jnp.float32)
-  q = _svd_each(jnp.einsum("nio,ob->nib", d_NxIxO, omega))[0]
+  q = _svd_each(jnp.einsum("nio,ob->nib", d_NxIxO, omega, precision=_HI))[0]
 
   def body(_, q):
-    return _svd_each(jnp.einsum("nio,njo,njb->nib", d_NxIxO, d_NxIxO, q))[0]
+    return _svd_each(jnp.einsum("nio,njo,njb->nib", d_NxIxO, d_NxIxO, q, precision=_HI))[0]
 
   q = jax.lax.fori_loop(0, iters, body, q)
-  small_NxBxO = jnp.einsum("nib,nio->nbo", q, d_NxIxO)
+  small_NxBxO = jnp.einsum("nib,nio->nbo", q, d_NxIxO, precision=_HI)
   u_small, s_small = _svd_each(small_NxBxO)   # [N, b, b], [N, b], descending
-  return jnp.einsum("nib,nbk->nik", q, u_small[:, :, :k]), s_small[:, 0]
+  return jnp.einsum("nib,nbk->nik", q, u_small[:, :, :k], precision=_HI), s_small[:, 0]
+
+
+def _changed_count(changed) -> jax.Array:
+  """Number of True entries as float32: exact int32 counts per matrix (each under 2^31 entries),
+  summed over the stacked layers in float32, so a group of more than 2^31 entries cannot wrap."""
+  per_matrix = jnp.sum(changed, axis=tuple(range(max(changed.ndim - 2, 0), changed.ndim)),
+                       dtype=jnp.int32)
+  return jnp.sum(per_matrix.astype(jnp.float32))
 
 
 def _live(origin, params, prev: LiveBases, *, cfg: LiveGeometryConfig):
@@ -135,13 +146,15 @@ def _live(origin, params, prev: LiveBases, *, cfg: LiveGeometryConfig):
   groups0 = {g.path: g for g in matrices.matrix_groups(origin, include_1d=True)}
   for g in matrices.matrix_groups(params, include_1d=True):
     g0 = groups0[g.path]
-    n = jnp.sum(linalg.bf16_changed(g0.leaf, g.leaf), dtype=jnp.int32)
-    changed_by_type[g.module_type] = changed_by_type.get(g.module_type, 0) + n
+    n = _changed_count(linalg.bf16_changed(g0.leaf, g.leaf))
+    changed_by_type[g.module_type] = changed_by_type.get(g.module_type, 0.0) + n
     total_by_type[g.module_type] = total_by_type.get(g.module_type, 0) + int(np.prod(g.leaf.shape))
+  # Totals are Python ints (a paper-size model has more than 2^31 entries, beyond int32 at trace
+  # time): divide by them as floats.
   total = sum(total_by_type.values())
-  metrics["geometry/density"] = sum(changed_by_type.values()).astype(jnp.float32) / total
+  metrics["geometry/density"] = sum(changed_by_type.values()) / float(total)
   for t, n in changed_by_type.items():
-    metrics[f"geometry/density/{t}"] = n.astype(jnp.float32) / total_by_type[t]
+    metrics[f"geometry/density/{t}"] = n / float(total_by_type[t])
 
   new_bases = {}
   per_type: dict[str, dict[str, list]] = {}
