@@ -177,6 +177,19 @@ def test_works_with_abstract_params_and_under_jit():
   assert float(factory.current_lr(s)) == pytest.approx(1e-2)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_stays_float32_with_bfloat16_params(schedule):
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params())
+  cfg = factory.OptimConfig(lr=1e-6, schedule=schedule)
+  tx = factory.make_optimizer(cfg, params, total_steps=100)
+  grads = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _grads(_params(), 1))
+  _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  lr = factory.current_lr(state)
+  assert lr.dtype == jnp.float32
+  if schedule == "constant":   # optax's default cast would give bfloat16's 9.98e-7
+    assert float(lr) == pytest.approx(np.float32(1e-6), rel=1e-7)
+
+
 def test_subspace_projection_slot_pre_and_post():
   from opd_jax.optim import subspace
   params = _params()

@@ -127,6 +127,22 @@ def test_inject_hyperparams_and_sgd_match_manual_projection():
                              atol=1e-6)
 
 
+def test_under_optax_masked_only_the_selected_leaves_are_projected():
+  rng = np.random.default_rng(3)
+  params = _params(rng, layers=1)
+  bases = subspace.capture_bases(_delta(rng, params), K)
+  grads = _delta(rng, params)
+  leaves = jax.tree.map(lambda _: False, params)
+  leaves["lm_head"]["kernel"] = True
+  tx = optax.masked(subspace.project_onto_subspace(bases), leaves)
+  upd, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  v = np.asarray(bases["lm_head"]["kernel"], np.float64)
+  g = np.asarray(grads["lm_head"]["kernel"], np.float64)
+  np.testing.assert_allclose(upd["lm_head"]["kernel"], v @ (v.T @ g), rtol=1e-5, atol=1e-6)
+  q = grads["layers"]["attn"]["q_proj"]["kernel"]   # has a basis, left out by the mask
+  np.testing.assert_array_equal(upd["layers"]["attn"]["q_proj"]["kernel"], q)
+
+
 def test_sharded_bases_under_jit_on_a_fake_8_device_mesh_compile_once():
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)

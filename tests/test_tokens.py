@@ -141,6 +141,15 @@ def test_inject_hyperparams_with_traced_rho():
                                                                     rtx.init(jnp.asarray(adv)))
   assert ((np.asarray(out) != 0).sum(1) == [_ceil(0.25, n) for n in mask.sum(1)]).all()
   assert float(tokens.kept_frac(rstate)["tokens/kept_frac"]) > 0
+  # bfloat16 signals with rho held in float32 (as the module docstring says to wrap): the counts
+  # are float32's, e.g. 0.3 * 10 keeps 3.
+  ftx = optax.inject_hyperparams(tokens.top_kl_retention, hyperparam_dtype=jnp.float32)(rho=0.3)
+  mask20 = np.arange(24)[None, :] < np.array([[10], [20], [7]])
+  adv16 = jnp.ones(mask20.shape, jnp.bfloat16)
+  sig = np.random.default_rng(1).standard_normal(mask20.shape).astype(np.float32)
+  out, _ = jax.jit(lambda a, s: ftx.update(a, s, signal=sig, mask=mask20))(adv16,
+                                                                            ftx.init(adv16))
+  assert (np.asarray(out) != 0).sum(1).tolist() == [3, 6, 3]
 
 
 def test_batch_sharded_on_a_fake_mesh_matches_single_device():

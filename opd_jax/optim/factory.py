@@ -30,6 +30,7 @@ import re
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("constant", "cosine")
@@ -263,7 +264,9 @@ def make_optimizer(cfg: OptimConfig, params, *, total_steps: int | None = None, 
     parts += post
     return optax.chain(*parts)
 
-  return optax.inject_hyperparams(chain)(learning_rate=schedule)
+  # float32 whatever the params' dtype: optax would otherwise cast a constant learning rate to
+  # bfloat16 params' dtype (1e-6 -> 9.98e-7) while schedules stay float32.
+  return optax.inject_hyperparams(chain, hyperparam_dtype=jnp.float32)(learning_rate=schedule)
 
 
 def chain_labels(cfg: OptimConfig) -> tuple[str, ...]:

@@ -158,6 +158,8 @@ def _check_and_place(bases, params, side: str):
   axis = _side_axis(side)
 
   def one(path, basis, param):
+    if isinstance(param, optax.MaskedNode):   # a leaf `optax.masked` leaves out
+      return param
     if basis is None:
       return None
     where = _path_name(path)

@@ -21,7 +21,9 @@ are never kept.
 
 `rho` may be a traced value (e.g. under `optax.inject_hyperparams`): k_b is then computed on
 device as ceil(rho * T_b) in float32 with a 1e-6 relative tolerance (rho * T_b within 1e-6
-relative above an integer n counts as n, so that 0.3 * 10 keeps 3, not 4). The transforms hold no
+relative above an integer n counts as n, so that 0.3 * 10 keeps 3, not 4); wrap with
+`optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32)`, since optax otherwise stores rho in
+the updates' dtype and bfloat16 signals would turn 0.3 into 0.30078125. The transforms hold no
 shape-dependent state, so batch shapes may vary between calls. Every leaf of the updates is
 sparsified with the same per-token selection; to sparsify only some leaves, wrap the transform in
 `optax.masked(tx, leaf_mask)` (the `mask=` extra arg of `update` is the loss mask, not a leaf
