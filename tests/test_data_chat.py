@@ -39,6 +39,15 @@ DROPS_OLD_THINKING = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+# Refuses conversations whose roles do not alternate user / assistant, as Llama-2's and Mistral's
+# templates do (their `raise_exception`).
+ALTERNATING = (
+    "{%- for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def _chatml_tokenizer(template=CHATML):
   tok = T.build_task_tokenizer().to_transformers()
   tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
@@ -152,6 +161,19 @@ def test_template_mismatch_too_long_and_dedup(tmp_path):
   examples, report = chat.load_chat_set(SAMPLE, tokenizer=tok, on_error="skip")
   assert report.skipped == {"template_mismatch": 2} and len(examples) == 6
   assert report.samples["template_mismatch"][0].startswith(f"{SAMPLE}:3: field 'messages'")
+  # A conversation the template itself refuses (its raise_exception) is refused for that row.
+  path = tmp_path / "alternate.jsonl"
+  turns = lambda *roles: {"messages": [{"role": r, "content": f"turn {i}"}  # noqa: E731
+                                       for i, r in enumerate(roles)]}
+  path.write_text("".join(json.dumps(r) + "\n" for r in (
+      turns("user", "assistant"), turns("user", "user", "assistant"),
+      turns("user", "assistant", "user", "assistant"))))
+  examples, report = chat.load_chat_set(path, tokenizer=_chatml_tokenizer(ALTERNATING),
+                                        on_error="skip")
+  assert len(examples) == 2 and report.skipped == {"template_mismatch": 1}
+  assert report.samples["template_mismatch"][0] == (
+      f"{path}:2: field 'messages': template_mismatch: the chat template refuses the "
+      "conversation: Conversation roles must alternate user/assistant/user/assistant")
   # too_long counts rendered tokens.
   task = T.build_task_tokenizer()
   lengths = [len(e.ids) for e in chat.load_chat_set(SAMPLE, tokenizer=task)[0]]

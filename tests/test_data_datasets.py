@@ -277,6 +277,18 @@ def test_bad_utf8_in_parquet_costs_one_row_and_names_the_column(task_tok):
   assert report.skipped == {"bad_utf8": 1} and report.kept == 3
 
 
+def test_a_row_json_cannot_convert_is_skipped_and_counted(tmp_path):
+  path = tmp_path / "big.jsonl"
+  good = {"prompt": [{"role": "user", "content": "What is 1 + 1?"}],
+          "reward_model": {"ground_truth": "2"}}
+  path.write_text(json.dumps(good) + "\n" + '{"prompt": [], "reward_model": {"ground_truth": '
+                  + "1" * 5000 + "}}\n" + json.dumps(good).replace("1 + 1", "2 + 2") + "\n")
+  ex, report = D.load_prompt_set(path, "dapo_math_17k", on_error="skip")
+  assert len(ex) == 2 and report.skipped == {"bad_json": 1}
+  assert report.samples["bad_json"][0].startswith(
+      f"{path}:2: field '<row>': bad_json: Exceeds the limit (4300 digits)")
+
+
 def test_bom_crlf_and_a_lone_carriage_return(tmp_path):
   rows = [json.dumps(r) for r in (
       {"q": "a\rb", "a": "1"}, {"q": "c", "a": "2"})]
@@ -451,6 +463,12 @@ def _lcb_compressed(obj) -> str:
   return base64.b64encode(zlib.compress(pickle.dumps(obj))).decode()
 
 
+def _lcb_raw(pickled: bytes) -> str:
+  import base64
+  import zlib
+  return base64.b64encode(zlib.compress(pickled)).decode()
+
+
 BAD_CODE_ROWS = [
     ("deepcoder", {"problem": "p", "tests": "[]"}, "tests", "no test cases"),
     ("deepcoder", {"problem": "p", "tests": json.dumps({"inputs": ["1"], "outputs": []})},
@@ -490,6 +508,16 @@ BAD_CODE_ROWS = [
     ("deepcoder", {"problem": "p", "tests": json.dumps(
         [{"input": "1", "output": "1", "testtype": "functional", "metadata": "[]"}])},
      "tests", "case 0: metadata must be an object"),
+    # Python's json refuses integers of more than 4300 digits with a plain ValueError.
+    ("deepcoder", {"problem": "p", "tests": "[" + "1" * 5000 + "]"}, "tests",
+     "not valid JSON: Exceeds the limit (4300 digits)"),
+    ("livecodebench", {"question_content": "q", "public_test_cases": json.dumps(
+        [{"input": "1" * 5000, "output": "1", "testtype": "functional"}]),
+                       "metadata": json.dumps({"func_name": "f"})},
+     "public_test_cases", "input line is not JSON: Exceeds the limit"),
+    ("livecodebench", {"question_content": "q", "public_test_cases": "[]",  # REDUCE on an int
+                       "private_test_cases": _lcb_raw(b"K\x01)R.")}, "private_test_cases",
+     "neither JSON nor LiveCodeBench's base64/zlib/pickle form: TypeError"),
 ]
 
 

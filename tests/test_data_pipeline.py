@@ -53,6 +53,17 @@ def test_rollout_batch_layout_against_the_raw_prompts():
       assert b["answer_B"][r] == answers[idx[r]]
 
 
+def test_rollout_batch_answers_cost_their_own_length():
+  ids, answers = _random_prompts(8)
+  answers = list(answers)
+  answers[3] = "x" * 2_000_000   # a code task's test spec: megabytes
+  cfg = P.PipelineConfig(global_batch_size=8, bucket_lengths=(32,), group_size=8, seed=0)
+  b = next(iter(P.rollout_pipeline_from_ids(ids, answers, cfg, pad_id=PAD).iterator()))
+  assert sorted(b["answer_B"].tolist()) == sorted(a for a in answers for _ in range(8))
+  # The 64 rows share their 8 strings; a fixed-width array would hold 64 x 2M characters (512 MB).
+  assert b["answer_B"].nbytes < 1_000_000 and len({id(s) for s in b["answer_B"]}) <= 8
+
+
 def test_sft_batches_with_task_tokenizer_are_right_padded_with_response_loss_mask():
   tok = build_task_tokenizer()
   ex = tasks.generate(tasks.preset("default"), "train", 40, seed=0)

@@ -65,8 +65,11 @@ EQUIVALENT = [
     ("Answer: 34", "34"),                                              # plain vs boxed gold
     ("$\\boxed{34}$", "\\boxed{34}"),
     ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{\\sqrt{2}}{2}"),
+    ("The total is $\\boxed{\\$18.90}$.", "\\$18.90"),                 # escaped dollar in gold
+    ("\\boxed{32348}", "\\$32,\\!348"),
 ]
 WRONG = [
+    ("\\boxed{18.80}", "\\$18.90", "wrong"),
     ("\\boxed{3}", "4", "wrong"),
     ("\\boxed{x^2+1}", "(x+1)^2", "wrong"),
     ("The answer is 0.51", "\\frac{1}{2}", "wrong"),

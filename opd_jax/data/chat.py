@@ -18,7 +18,8 @@ len(P_i) and len(Q_i) of the full rendering. The template must be prefix-stable 
 rendering starts with every P_i and Q_i, and Q_i with P_i); a template that renders earlier turns
 differently once later ones follow (e.g. Qwen3's, which drops the reasoning of assistant turns
 before the last user turn, in a multi-turn conversation with <think> content) is refused for that
-row (reason `template_mismatch`), never silently mis-masked. The rendering is then cut into
+row (reason `template_mismatch`, as is a conversation the template itself refuses, e.g. "roles
+must alternate"), never silently mis-masked. The rendering is then cut into
 alternating pieces (everything up to and including each turn's generation prompt / each assistant
 turn) and each piece is tokenized on its own (`add_special_tokens=False`): the same ids the
 sampler produces (prompt ids, then generated ids). The loss mask is True on an assistant piece's
@@ -50,6 +51,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from typing import Any, NamedTuple, Sequence
+
+import jinja2
 
 from opd_jax.data import datasets
 from opd_jax.data import tokenizer as tokenizer_lib
@@ -109,8 +112,12 @@ class ChatLoadReport(datasets.LoadReport):
 
 # -- rendering ------------------------------------------------------------------------------------
 def _render(tok, messages: Sequence[Message], generation_prompt: bool) -> str:
-  return tok.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                 tokenize=False, add_generation_prompt=generation_prompt)
+  try:
+    return tok.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                   tokenize=False, add_generation_prompt=generation_prompt)
+  except jinja2.TemplateError as e:   # the template's own raise_exception, e.g. Llama-2 / Mistral
+    # "Conversation roles must alternate", Gemma's "System role not supported"
+    raise ChatTemplateError(f"the chat template refuses the conversation: {e}") from None
 
 
 def chat_pieces(tok, messages: Sequence[Message]) -> list[tuple[str, bool]]:

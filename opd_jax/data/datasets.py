@@ -297,6 +297,8 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
         yield loc, json.loads(line)
       except json.JSONDecodeError as e:
         yield loc, MalformedRowError(loc, "<row>", "bad_json", f"{e.msg} at column {e.pos + 1}")
+      except ValueError as e:   # e.g. an integer beyond Python's 4300-digit conversion limit
+        yield loc, MalformedRowError(loc, "<row>", "bad_json", _short(e))
       except RecursionError:
         yield loc, MalformedRowError(loc, "<row>", "bad_json", "nested too deeply")
 
@@ -446,6 +448,11 @@ def _optional(row: dict, path: str) -> Any:
     return None
 
 
+def _short(e: Exception) -> str:
+  """The first clause of an error's message (json's digit-limit error runs on with advice)."""
+  return str(e).split(";")[0][:120]
+
+
 def _json_field(loc: str, field: str, value: Any) -> Any:
   """A field that holds JSON text or already-parsed JSON."""
   if isinstance(value, str):
@@ -454,6 +461,8 @@ def _json_field(loc: str, field: str, value: Any) -> Any:
     except json.JSONDecodeError as e:
       raise MalformedRowError(loc, field, "bad_tests",
                               f"not valid JSON: {e.msg} at column {e.pos + 1}") from None
+    except ValueError as e:
+      raise MalformedRowError(loc, field, "bad_tests", f"not valid JSON: {_short(e)}") from None
     except RecursionError:
       raise MalformedRowError(loc, field, "bad_tests", "JSON nested too deeply") from None
   return value
@@ -475,7 +484,8 @@ def _lcb_private(loc: str, field: str, value: Any) -> Any:
     raw = zlib.decompressobj().decompress(base64.b64decode(value, validate=True),
                                           _MAX_PRIVATE_TESTS_BYTES)
     text = _NoGlobals(io.BytesIO(raw)).load()
-  except (ValueError, zlib.error, pickle.UnpicklingError, EOFError) as e:
+  except Exception as e:  # noqa: BLE001 - unpickling untrusted bytes raises many kinds of error
+    # (a REDUCE of plain data: TypeError; bad memo indices: KeyError / IndexError; ...)
     raise MalformedRowError(loc, field, "bad_tests",
                             "neither JSON nor LiveCodeBench's base64/zlib/pickle form: "
                             f"{type(e).__name__}: {e}") from None
@@ -503,6 +513,9 @@ def _call_args(loc: str, field: str, what: str, v: Any) -> list:
     except json.JSONDecodeError as e:
       raise MalformedRowError(loc, field, "bad_tests",
                               f"{what}: input line is not JSON: {e.msg}") from None
+    except ValueError as e:
+      raise MalformedRowError(loc, field, "bad_tests",
+                              f"{what}: input line is not JSON: {_short(e)}") from None
   if not isinstance(v, list):
     raise MalformedRowError(loc, field, "bad_tests",
                             f"{what}: call arguments must be a list, got {type(v).__name__}")
@@ -516,6 +529,9 @@ def _call_expected(loc: str, field: str, what: str, v: Any) -> Any:
     except json.JSONDecodeError as e:
       raise MalformedRowError(loc, field, "bad_tests",
                               f"{what}: output is not JSON: {e.msg}") from None
+    except ValueError as e:
+      raise MalformedRowError(loc, field, "bad_tests",
+                              f"{what}: output is not JSON: {_short(e)}") from None
   if isinstance(v, list) and len(v) == 1:  # APPS / TACO store a return value as [value]
     return v[0]
   return v

@@ -331,7 +331,9 @@ def _collate_rollout(global_idx, *, lo, hi, lengths, prompts, answers, cfg: Pipe
       "prompt_tokens_BxP": np.repeat(tokens, g, axis=0),
       "prompt_mask_BxP": np.repeat(mask, g, axis=0),
       "group_id_B": np.repeat(np.arange(lo, hi, dtype=np.int32), g),
-      "answer_B": np.repeat(np.asarray([answers[i] for i in idx], dtype=np.str_), g),
+      # Python strings: a fixed-width numpy string array is as wide as its longest answer (a code
+      # task's tests can be megabytes) times G rows.
+      "answer_B": np.array([answers[i] for i in idx for _ in range(g)], dtype=object),
       "example_idx_B": np.repeat(idx.astype(np.int32), g),
       "valid_B": np.repeat(valid, g),
   }

@@ -41,6 +41,7 @@ import importlib
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -188,8 +189,10 @@ def _default_workers() -> int:
 
 # -- math-verify in a pool of worker processes -----------------------------------------------------
 def _gold_text(answer: str) -> str:
+  """The gold answer as math-verify parses it: boxed unless already boxed or between math
+  delimiters (an unescaped '$'; '\\$' is a dollar sign inside the answer, as in '\\$18.90')."""
   a = answer.strip()
-  return a if ("\\boxed" in a or "$" in a) else "\\boxed{" + a + "}"
+  return a if ("\\boxed" in a or re.search(r"(?<!\\)\$", a)) else "\\boxed{" + a + "}"
 
 
 def math_check(response: str, answer: str) -> Reward:
