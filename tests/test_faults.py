@@ -172,6 +172,31 @@ def test_kill_anywhere_then_resume_is_bit_identical_opd(kind, nth, reference, tm
   _assert_same(_final_params(tmp_path), reference["opd"][0])
 
 
+def test_a_kill_during_an_eval_resumes_before_it(reference, tmp_path, monkeypatch):
+  # The eval of step 6 runs before step 6's checkpoint: killed inside it, the run resumes from
+  # step 3, and every eval row (0, 3, 6, the final 8) is there once.
+  from opd_jax.train import rollout as rollout_lib
+  cfg = _config("sft", ["loop.eval_every=3"])
+  real, calls = rollout_lib.evaluate, {"n": 0}
+
+  def evaluate(*a, **kw):
+    calls["n"] += 1
+    if calls["n"] == 3:   # evals at steps 0, 3, 6
+      raise _Kill("inside the eval of step 6")
+    return real(*a, **kw)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(rollout_lib, "evaluate", evaluate)
+    with pytest.raises(_Kill):
+      loop.run(cfg, tmp_path)
+  summary = loop.run(cfg, tmp_path, resume=True)
+  assert summary["resumed_from"] == 3
+  rows = [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+          if any(k.startswith("eval/") for k in r)]
+  assert rows == [0, 3, 6, 8]
+  _assert_same(_final_params(tmp_path), reference["sft"][0])
+
+
 def _train_cmd(workdir, *extra):
   return [sys.executable, "-m", "opd_jax.cli", "train", "--config",
           str(ROOT / "configs" / "sft.py") + ":smoke", "--workdir", str(workdir),

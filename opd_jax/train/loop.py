@@ -758,11 +758,11 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
           handle(fetcher.flush())  # this step must be finite before anything of it is saved
         if want_snapshot:
           snapshot(step, state)
+        if want_eval:   # before the checkpoint: a run killed during the eval resumes before it
+          do_eval(step, recipes_lib.policy_params(ctx, state))
         if want_ckpt:
           save(step, state)
           last_ckpt = step
-        if want_eval:
-          do_eval(step, recipes_lib.policy_params(ctx, state))
         if step < end and stop.agreed():
           handle(fetcher.flush())
           if not want_ckpt:
