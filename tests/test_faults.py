@@ -270,6 +270,15 @@ def test_non_finite_state_is_never_saved(tmp_path, capsys):
   assert len(err) == 1 and "non-finite" in err[0] and "step 1" in err[0], err
 
 
+@pytest.mark.parametrize("optim,refused", [
+    ([], False), (["optim.schedule=cosine"], True), (["optim.warmup_frac=0.1"], True)])
+def test_a_longer_run_may_resume_only_where_the_schedule_does_not_span_it(optim, refused):
+  saved = config_lib.dataclass_to_dict(_config("sft", optim))
+  longer = _config("sft", optim + ["loop.steps=30"])
+  changes = loop.config_changes(saved, longer)
+  assert changes == ([f"loop.steps: {STEPS} -> 30"] if refused else [])
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_non_finite_hyperparameters_are_rejected_by_name(value):
   with pytest.raises(config_lib.ConfigError, match=r"config\.optim\.lr: .* not a finite number"):

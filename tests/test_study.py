@@ -772,6 +772,11 @@ def test_study_config_errors_name_the_key():
     study_config.from_config_dict(cd)
   with pytest.raises(ConfigError, match="controls.sparsify"):
     _load("smoke", ["controls.sparsify=(('topk', 0.5),)"])
+  # Training to a target resumes in chunks of growing length: a schedule laid out over the length
+  # would change under it.
+  with pytest.raises(ConfigError, match="'teacher_train.optim': training to an accuracy target"):
+    _load("smoke", ["teacher_target.acc=0.9", "teacher_train.optim.schedule=cosine"])
+  _load("smoke", ["teacher_target.acc=0.9"])
 
 
 # -- the smoke study end to end ---------------------------------------------------------------------

@@ -346,6 +346,13 @@ class StudyConfig:
       if study_keys:
         raise ConfigError(f"'{name}.loop' sets {sorted(study_keys)}, which the study sets itself "
                           "(use the top-level 'eval' and 'snapshots' sections)")
+    for name, target in (("teacher_train", self.teacher_target), ("base_train", self.base_target)):
+      optim = getattr(self, name).get("optim", {})
+      schedule, warmup = optim.get("schedule", "constant"), optim.get("warmup_frac", 0.0)
+      if target.acc > 0 and (schedule != "constant" or warmup > 0):
+        raise ConfigError(f"'{name}.optim': training to an accuracy target resumes the run in "
+                          "chunks of growing length, which needs a constant learning rate without "
+                          f"warmup (got schedule={schedule!r}, warmup_frac={warmup})")
 
 
 def seed_values(seeds: tuple[int, ...] | int) -> tuple[int, ...]:
