@@ -68,6 +68,28 @@ def _add_distributed_flags(p: argparse.ArgumentParser):
   g.add_argument("--process-id", type=int, default=None, help="OPD_PROCESS_ID")
 
 
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  return value
+
+
+def _mesh_shape(text: str) -> tuple[int, ...]:
+  try:
+    shape = tuple(int(s) for s in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated sizes such as 1,8,1, got {text!r}") from None
+  if any(n < 1 and n != -1 for n in shape) or shape.count(-1) > 1:
+    raise argparse.ArgumentTypeError(
+        f"sizes must be >= 1 (one may be -1: the rest of the devices), got {text!r}")
+  return shape
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="opd-jax", description="On-policy distillation, SFT and RLVR in JAX, with "
@@ -89,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
   p = sub.add_parser("plan", help="compile the train step for an N-device mesh from abstract "
                      "shapes and print per-device memory")
   p.add_argument("--config", required=True, help="path/to/config.py:preset")
-  p.add_argument("--devices", type=int, required=True, help="number of devices N")
-  p.add_argument("--mesh", default=None,
+  p.add_argument("--devices", type=_positive_int, required=True, help="number of devices N")
+  p.add_argument("--mesh", default=None, type=_mesh_shape,
                  help="mesh shape, e.g. 1,8,1 (default: the config's mesh.shape)")
   p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -135,7 +157,7 @@ def _plan(args, overrides) -> int:
 
   cd = config_lib.load_config(args.config, overrides)
   cfg = config_lib.from_config_dict(cd)
-  mesh_shape = (tuple(int(s) for s in args.mesh.split(",")) if args.mesh else None)
+  mesh_shape = args.mesh
 
   import jax
   if len(jax.devices()) < args.devices:

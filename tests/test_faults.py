@@ -305,11 +305,12 @@ def test_resume_refuses_a_changed_computation_naming_each_field(tmp_path):
   assert (tmp_path / "config.json").is_file() and (tmp_path / "config.resume-2.json").is_file()
 
 
-def test_unreadable_latest_checkpoint_falls_back_with_a_warning(tmp_path):
+@pytest.mark.parametrize("part", ["state", "meta"])
+def test_unreadable_latest_checkpoint_falls_back_with_a_warning(part, tmp_path):
   cfg = _config("sft", ["loop.steps=4", "loop.checkpoint_every=2", "loop.snapshot_steps=()"])
   loop.run(cfg, tmp_path / "straight")
   loop.run(cfg, tmp_path / "run")
-  for f in (tmp_path / "run" / "checkpoints" / "4" / "state").rglob("*"):
+  for f in (tmp_path / "run" / "checkpoints" / "4" / part).rglob("*"):
     if f.is_file() and f.stat().st_size > 0 and "manifest" not in f.name:
       f.write_bytes(b"\0" * f.stat().st_size)  # zeroed: unreadable
   longer = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, steps=6))
@@ -346,6 +347,13 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
             "needs 16 devices but only 8 exist"),
            (["train", "--config", "configs/opd.py:smoke",
              f"--config.data.tokenizer={tmp_path / 'no_tok'}"] + fresh, "is not a directory"),
+           (["train", "--config", "configs/sft.py:smoke",
+             f"--config.data.tokenizer={tmp_path / 'empty'}"] + fresh,
+            f"data.tokenizer='{tmp_path / 'empty'}': "),   # a directory without a tokenizer
+           (["train", "--config", "configs/sft.py:smoke", "--config.data.sft_buckets=(8,)"] + fresh,
+            "data.sft_buckets=(8,): sft pipeline: example 0 has"),
+           (["train", "--config", "configs/opd.py:smoke", "--config.data.prompt_buckets=(4,)"]
+            + fresh, "data.prompt_buckets=(4,): rollout pipeline: example 0 has"),
            (["diagnose", "--base", str(tmp_path / "empty"), "--tuned", str(tmp_path / "empty"),
              "--out", str(tmp_path / "diag")], "is neither a snapshot"),
            (["diagnose", "--base", str(tmp_path), "--tuned", str(tmp_path), "--out",

@@ -250,6 +250,17 @@ def test_cli_plan_prints_the_breakdown_and_json(capsys):
   assert result["num_params"] * 4 * 3 > result["resident_bytes"]
 
 
+@pytest.mark.parametrize("args,want", [
+    (["--devices", "8", "--mesh", "1,a,1"], "argument --mesh: expected comma-separated sizes"),
+    (["--devices", "8", "--mesh", "1,0,8"], "argument --mesh: sizes must be >= 1"),
+    (["--devices", "0"], "argument --devices: must be >= 1, got 0")])
+def test_cli_plan_refuses_bad_devices_and_mesh_in_one_line(args, want, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["plan", "--config", SFT_SMOKE] + args)
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  assert e.value.code == 2 and want in last and "Traceback" not in last, last
+
+
 def test_cli_plan_reexecutes_itself_with_fake_devices_when_too_few_exist(monkeypatch):
   # 8 devices exist here; asking for 16 must re-run the same command in a fresh interpreter with
   # the fake-device flag set before jax is imported (the real path is exercised by hand / on CI

@@ -64,6 +64,17 @@ from opd_jax.data.tokenizer import encode_example, encode_prompt, encode_prompts
 Batch = dict[str, np.ndarray]
 
 
+class ExampleTooLongError(ValueError):
+  """An example longer than the largest bucket (nothing is truncated). `detail` says which; a
+  caller that sets the buckets from its own config names its field instead of
+  `PipelineConfig.bucket_lengths`."""
+
+  def __init__(self, detail: str):
+    super().__init__(f"{detail}. Raise PipelineConfig.bucket_lengths or filter the data (nothing "
+                     "is truncated).")
+    self.detail = detail
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   """Batching, order and padding of a pipeline.
@@ -277,11 +288,10 @@ def _build(seqs: Sequence[np.ndarray], cfg: PipelineConfig, what: str,
   longest = int(lengths.argmax())
   if lengths[longest] > cfg.bucket_lengths[-1]:
     over = np.flatnonzero(lengths > cfg.bucket_lengths[-1])
-    raise ValueError(
+    raise ExampleTooLongError(
         f"{what} pipeline: example {longest} has {lengths[longest]} tokens, more than the largest "
         f"bucket ({cfg.bucket_lengths[-1]}); {len(over)} examples are too long (indices "
-        f"{over[:10].tolist()}{'...' if len(over) > 10 else ''}). Raise "
-        f"PipelineConfig.bucket_lengths or filter the data (nothing is truncated).")
+        f"{over[:10].tolist()}{'...' if len(over) > 10 else ''})")
   if lengths.min() < 1:
     raise ValueError(f"{what} pipeline: example {int(lengths.argmin())} is empty")
   h = hashlib.blake2b(digest_size=16)

@@ -277,6 +277,18 @@ class Checkpointer:
                       f"step {steps[i + 1]}", CorruptCheckpointWarning, stacklevel=2)
     return None
 
+  def latest_readable_meta(self) -> dict | None:
+    """The metadata of the newest checkpoint whose metadata reads, or None when there is none:
+    the one `restore_latest` falls back to where a newer one's metadata is unreadable (warned
+    about there)."""
+    self.manager.wait_until_finished()
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.restore_meta(step)
+      except Exception:  # noqa: BLE001 - any read failure means: fall back
+        continue
+    return None
+
   def restore_meta(self, step: int | None = None) -> dict | None:
     step = self.manager.latest_step() if step is None else step
     if step is None:

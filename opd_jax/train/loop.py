@@ -171,7 +171,7 @@ def config_changes(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:
 
 def _check_provenance(ckpt: ckpt_lib.Checkpointer, cfg: TrainConfig,
                       allow_changes: Sequence[str]) -> None:
-  meta = ckpt.restore_meta()
+  meta = ckpt.latest_readable_meta()
   saved = (meta or {}).get("config")
   if saved is None:
     return  # a checkpoint from before configs were recorded: nothing to compare
@@ -289,11 +289,12 @@ def _build_pipelines(plan: RunPlan, tok, train_ex, eval_ex):
   cfg, loop_cfg = plan.cfg, plan.cfg.loop
   if plan.recipe.uses_rollouts:
     prompt_ids = tokenizer_lib.encode_prompts(tok, [e.prompt for e in train_ex])
-    train = pipeline_lib.rollout_pipeline_from_ids(
-        prompt_ids, [e.answer for e in train_ex], pipeline_lib.PipelineConfig(
-            global_batch_size=loop_cfg.batch_size, bucket_lengths=plan.prompt_buckets,
-            group_size=cfg.rollout.group_size, seed=loop_cfg.seed, shuffle=cfg.data.shuffle),
-        pad_id=plan.pad_id)
+    with run_plan.buckets_field("data.prompt_buckets", plan.prompt_buckets):
+      train = pipeline_lib.rollout_pipeline_from_ids(
+          prompt_ids, [e.answer for e in train_ex], pipeline_lib.PipelineConfig(
+              global_batch_size=loop_cfg.batch_size, bucket_lengths=plan.prompt_buckets,
+              group_size=cfg.rollout.group_size, seed=loop_cfg.seed, shuffle=cfg.data.shuffle),
+          pad_id=plan.pad_id)
   else:
     train = run_plan.sft_train_pipeline(plan, tok, train_ex)
   evals = _eval_pipeline(plan, tok, eval_ex) if plan.has_eval and eval_ex else None
@@ -302,12 +303,13 @@ def _build_pipelines(plan: RunPlan, tok, train_ex, eval_ex):
 
 def _eval_pipeline(plan: RunPlan, tok, eval_ex):
   """One pass over an eval set: each prompt repeated eval_k times in consecutive rows."""
-  return pipeline_lib.rollout_pipeline_from_ids(
-      tokenizer_lib.encode_prompts(tok, [e.prompt for e in eval_ex]),
-      [e.answer for e in eval_ex], pipeline_lib.PipelineConfig(
-          global_batch_size=min(plan.cfg.loop.eval_batch_size, len(eval_ex)),
-          bucket_lengths=plan.prompt_buckets, group_size=plan.eval_k, shuffle=False,
-          num_epochs=1), pad_id=plan.pad_id)
+  with run_plan.buckets_field("data.prompt_buckets", plan.prompt_buckets):
+    return pipeline_lib.rollout_pipeline_from_ids(
+        tokenizer_lib.encode_prompts(tok, [e.prompt for e in eval_ex]),
+        [e.answer for e in eval_ex], pipeline_lib.PipelineConfig(
+            global_batch_size=min(plan.cfg.loop.eval_batch_size, len(eval_ex)),
+            bucket_lengths=plan.prompt_buckets, group_size=plan.eval_k, shuffle=False,
+            num_epochs=1), pad_id=plan.pad_id)
 
 
 def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,

@@ -13,6 +13,7 @@ are the one place a config is turned into objects.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -160,7 +161,11 @@ def load_model(spec: ModelSpec, mesh, rules, *, params=None, what: str = "studen
 # -- data -----------------------------------------------------------------------------------------
 def load_tokenizer(cfg: TrainConfig):
   if cfg.data.tokenizer:
-    return tokenizer_lib.load_tokenizer(cfg.data.tokenizer)
+    try:
+      return tokenizer_lib.load_tokenizer(cfg.data.tokenizer)
+    except (OSError, ValueError) as e:   # no such directory, no tokenizer in it, unreadable
+      why = " ".join(str(e).split())[:240] or type(e).__name__   # one line
+      raise errors.UserError(f"data.tokenizer={cfg.data.tokenizer!r}: {why}") from None
   return tokenizer_lib.build_task_tokenizer()
 
 
@@ -255,11 +260,22 @@ def sft_train_pipeline(plan: "RunPlan", tokenizer, examples) -> pipeline_lib.Pip
         pairs.append(tokenizer_lib.encode_example(tokenizer, e.prompt, e.solution))
     except ValueError as err:
       raise errors.UserError(f"SFT example {i}: {err}") from None
-  return pipeline_lib.sft_pipeline_from_ids(
-      [p[0] for p in pairs], [p[1] for p in pairs], pipeline_lib.PipelineConfig(
-          global_batch_size=cfg.loop.batch_size, bucket_lengths=plan.sft_buckets,
-          seed=cfg.loop.seed, shuffle=cfg.data.shuffle, pack=cfg.data.pack),
-      pad_id=plan.pad_id)
+  with buckets_field("data.sft_buckets", plan.sft_buckets):
+    return pipeline_lib.sft_pipeline_from_ids(
+        [p[0] for p in pairs], [p[1] for p in pairs], pipeline_lib.PipelineConfig(
+            global_batch_size=cfg.loop.batch_size, bucket_lengths=plan.sft_buckets,
+            seed=cfg.loop.seed, shuffle=cfg.data.shuffle, pack=cfg.data.pack),
+        pad_id=plan.pad_id)
+
+
+@contextlib.contextmanager
+def buckets_field(field: str, buckets):
+  """An example longer than the largest of `buckets` is a `ConfigError` naming `field`."""
+  try:
+    yield
+  except pipeline_lib.ExampleTooLongError as e:
+    raise config_lib.ConfigError(f"{field}={tuple(buckets)}: {e.detail}; raise the largest "
+                                 "bucket or filter the data (nothing is truncated)") from None
 
 
 def make_verifier(cfg: TrainConfig) -> verifiers.Verifier:
