@@ -188,6 +188,7 @@ def _smoke():
     c[n].loop.batch_size = 16
     _optim(c[n], lr=3e-3, sft=True)
     c[n].optim.schedule = "constant"
+    c[n].optim.final_lr = 0.0   # a constant schedule has no final lr
     c[n].optim.warmup_frac = 0.0
   _pg_common(c, group=2, batch=4, steps=4, lr=3e-4, clip_high=0.2)
   c.rlvr.optim.eps = c.opd.optim.eps
@@ -227,6 +228,7 @@ def _tiny():
     _optim(c[n], lr=lr, sft=True)
   for n in ("teacher_train", "base_train"):  # making the models is not part of the paper's recipe
     c[n].optim.schedule = "constant"
+    c[n].optim.final_lr = 0.0
     c[n].optim.warmup_frac = 0.0
   # The task is learnt in a sudden jump whose step varies with the seed: train the teacher until
   # it is good and stop the base student just past its jump (partial accuracy).

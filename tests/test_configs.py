@@ -1,6 +1,7 @@
 """Config files and the strict ConfigDict -> TrainConfig bridge (no device work: fast)."""
 
 import pathlib
+import re
 
 import ml_collections
 import pytest
@@ -212,3 +213,102 @@ def test_qwen3_8b_code_presets_are_the_paper_settings_on_deepcoder_with_a_liveco
                      match=r"DataConfig\.eval_sets=.*entry 1: name 'lcb' must be unique"):
     config_lib.from_config_dict(load(name, "qwen3_8b_code", [
         "data.eval_sets=(('lcb', 'a.jsonl', ''), ('lcb', 'b.jsonl', ''))"]))
+
+
+# -- options that are accepted only where the run reads them ---------------------------------------
+@pytest.mark.parametrize("preset,overrides,field", [
+    # a value the prompt-set readers do not know
+    ("opd", ["data.on_error=bogus"], r"config\.data: DataConfig\.on_error='bogus': expected one "
+                                     r"of \('error', 'skip'\)"),
+    # the clip range acts only under ppo_clip (the smoke preset's eps_high=0.2 is then unread too)
+    ("rlvr", ["pg.pg.kind=reinforce", "pg.pg.eps_low=0.1"], r"config\.pg\.pg\.eps_low=0\.1 has "
+                                                           r"no effect with pg\.pg\.kind="),
+    ("opd", ["pg.pg.kind=is"], r"config\.pg\.pg\.eps_high=0\.2 has no effect with pg\.pg\.kind="),
+    # CR-OPD's routing knobs without CR-OPD
+    ("opd", ["pg.cr.student_top_k=8"], r"config\.pg\.cr\.student_top_k=8 has no effect with "
+                                       r"pg\.cr\.coef=0"),
+    ("mixed", ["pg.cr.teacher_min_prob=0.1"], r"config\.pg\.cr\.teacher_min_prob=0\.1 has no "
+                                              r"effect with pg\.cr\.coef=0"),
+    # a constant schedule has no final lr
+    ("sft", ["optim.final_lr=0.0001"], r"config\.optim\.final_lr=0\.0001 has no effect with "
+                                      r"optim\.schedule='constant'"),
+    # projection / live monitor off
+    ("opd", ["subspace.k=8"], r"config\.subspace\.k=8 has no effect with subspace\.at=''"),
+    ("sft", ["geometry.k=8"], r"config\.geometry\.k=8 has no effect with geometry\.every=0"),
+    ("rlvr", ["geometry.subspace_iters=2"], r"config\.geometry\.subspace_iters=2 has no effect"),
+    # greedy eval draws one argmax sample per prompt
+    ("opd", ["loop.eval_k=4"], r"config\.loop\.eval_k=4 has no effect with loop\.eval_greedy=True"),
+    ("sft", ["loop.eval_every=5", "loop.eval_temperature=0.7"],
+     r"config\.loop\.eval_temperature=0\.7 has no effect with loop\.eval_greedy=True"),
+    # SFT samples no rollouts: its eval samples at loop.eval_temperature (greedy: no truncation)
+    ("sft", ["loop.eval_every=5", "loop.eval_greedy=false", "sampler.temperature=0.7"],
+     r"config\.sampler\.temperature=0\.7 has no effect with method='sft'"),
+    ("sft", ["loop.eval_every=5", "sampler.top_k=5"],
+     r"config\.sampler\.top_k=5 has no effect with method='sft'"),
+    # decode slots only in 'continuous' mode; no buckets in 'static' mode
+    ("opd", ["sampler.slots=4"], r"config\.sampler\.slots=4 has no effect with sampler\.mode="
+                                 r"'compact'"),
+    ("rlvr", ["sampler.mode=static", "sampler.min_bucket=2"],
+     r"config\.sampler\.min_bucket=2 has no effect with sampler\.mode='static'"),
+    # files named while the data are generated / a path while the weights are a random init
+    ("opd", ["data.eval_path=/d/eval.jsonl"],
+     r"config\.data: DataConfig\.eval_path='/d/eval\.jsonl': has no effect with source='task'"),
+    ("sft", ["data.path=/d/train.jsonl"], r"config\.data: DataConfig\.path='/d/train\.jsonl': has "
+                                          r"no effect with source='task'"),
+    ("opd", ["student.path=/ckpt"], r"config\.student: ModelSpec\.path='/ckpt': has no effect "
+                                    r"with source='random'"),
+    ("opd", ["teacher.path=/ckpt"], r"config\.teacher: ModelSpec\.path='/ckpt': has no effect "
+                                    r"with source='random'"),
+])
+def test_options_their_switch_turns_off_are_refused_in_one_line_naming_the_field(
+    preset, overrides, field):
+  name = "opd" if preset == "mixed" else preset
+  extra = ["method=mixed"] if preset == "mixed" else []
+  with pytest.raises(ConfigError) as e:
+    config_lib.from_config_dict(load(name, "smoke", extra + overrides))
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert re.search(field, msg), msg
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("opd", ["data.on_error=skip"]),
+    ("sft", ["optim.schedule=cosine", "optim.final_lr=0.0001"]),
+    ("rlvr", ["pg.pg.eps_low=0.1"]),                          # ppo_clip (the default kind)
+    ("rlvr", ["pg.pg.kind=reinforce"]),                       # defaults left alone
+    ("opd", ["pg.cr.coef=1.0", "pg.cr.student_top_k=8", "pg.cr.teacher_min_prob=0.1"]),
+    ("opd", ["subspace.origin=/r/snapshots/0", "subspace.at=/r/snapshots/2", "subspace.k=8"]),
+    ("sft", ["geometry.every=5", "geometry.k=8"]),
+    ("opd", ["loop.eval_every=5", "loop.eval_greedy=false", "loop.eval_k=4",
+             "loop.eval_temperature=0.7"]),
+    ("sft", ["loop.eval_every=5", "loop.eval_greedy=false", "sampler.top_k=5",
+             "sampler.top_p=0.9"]),
+    ("opd", ["sampler.temperature=0.7", "sampler.top_k=5"]),   # the rollouts sample with them
+    ("opd", ["sampler.mode=continuous", "sampler.slots=4", "sampler.min_bucket=2"]),
+    ("opd", ["data.source=file", "data.path=/d/train.jsonl", "data.eval_path=/d/eval.jsonl"]),
+    ("opd", ["student.source=checkpoint", "student.path=/ckpt"]),
+])
+def test_the_same_options_are_accepted_where_they_act(preset, overrides):
+  config_lib.from_config_dict(load(preset, "smoke", overrides))
+
+
+def _presets(name):
+  return sorted(config_lib._import_config_file(ROOT / "configs" / f"{name}.py").PRESETS)
+
+
+@pytest.mark.parametrize("name,preset", [(n, p) for n in ("sft", "opd", "rlvr")
+                                         for p in _presets(n)])
+def test_every_preset_of_every_recipe_file_validates_and_resolves(name, preset):
+  from opd_jax.train import run_plan
+  cfg = config_lib.from_config_dict(load(name, preset))
+  run_plan.resolve(cfg, shapes_only=True)
+
+
+@pytest.mark.parametrize("preset", _presets("study"))
+def test_every_run_the_study_presets_compose_validates(preset):
+  from opd_jax.study import config as study_config
+  from opd_jax.study import runs
+  study = study_config.from_config_dict(config_lib.load_config(
+      str(ROOT / "configs" / "study.py") + f":{preset}"))
+  for spec in runs.run_specs(study):
+    assert isinstance(runs.compose_run(study, spec, runs._symbolic), config_lib.TrainConfig)

@@ -292,6 +292,7 @@ from opd_jax.train.steps import DistillStepConfig, PGStepConfig, SFTStepConfig  
 MODEL_SOURCES = ("random", "hf", "checkpoint", "none")
 DATA_SOURCES = ("task", "file")
 from opd_jax.data.verifiers import VERIFIER_NAMES as VERIFIERS  # noqa: E402
+from opd_jax.data.datasets import ON_ERROR  # noqa: E402
 ROLLOUT_POLICIES = ("student", "teacher")
 
 
@@ -308,7 +309,8 @@ class ModelSpec:
       directory `path`: config.json + safetensors), 'checkpoint' (one of our checkpoints / parameter
       snapshots at `path`, read with `train.checkpoint.load_params_and_config`), or 'none' (no such
       model: a teacher for SFT / RLVR). In-memory params passed to `loop.run` override the source.
-    path: checkpoint location for 'hf' / 'checkpoint'.
+    path: checkpoint location for 'hf' / 'checkpoint' (refused with 'random' / 'none', which
+      read none).
     model: the architecture for 'random'. For 'hf' / 'checkpoint' the architecture comes from the
       checkpoint and only the numerics fields of `model` are applied on top (dtype, param_dtype,
       scan_layers, remat).
@@ -325,6 +327,9 @@ class ModelSpec:
       _bad(self, "source", f"expected one of {MODEL_SOURCES}")
     if self.source in ("hf", "checkpoint") and not self.path:
       _bad(self, "path", f"source={self.source!r} needs a path")
+    if self.source in ("random", "none") and self.path:
+      _bad(self, "path", f"has no effect with source={self.source!r} (only 'hf' and 'checkpoint' "
+           "read a path); remove it or set the source")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,7 +413,8 @@ class DataConfig:
     train_examples / eval_examples: how many task problems to generate for each split (disjoint by
       construction), or the cap on kept (deduplicated) examples of the files (0: all).
     data_seed: generation seed of the task problems.
-    path / eval_path: prompt-set files (source='file'); without eval_path there is no eval split.
+    path / eval_path: prompt-set files (source='file'; refused with source='task'); without
+      eval_path there is no eval split.
     eval_sets: more eval sets, each evaluated at every eval: a tuple of (name, path, layout)
       triples (layout '' = `layout`), e.g. --config.data.eval_sets="(('aime24', 'a.jsonl',
       'math'), ('lcb', 'lcb.jsonl', 'livecodebench'))". Each is loaded like `eval_path`
@@ -467,6 +473,14 @@ class DataConfig:
       _bad(self, "source", f"expected one of {DATA_SOURCES}")
     if self.source == "file" and not self.path:
       _bad(self, "path", "source='file' needs the prompt-set path")
+    if self.source == "task":
+      for name in ("path", "eval_path"):
+        if getattr(self, name):
+          _bad(self, name, "has no effect with source='task' (the task generates its train and "
+               "eval splits: data.train_examples / data.eval_examples; extra eval files go in "
+               "data.eval_sets); remove it or set data.source='file'")
+    if self.on_error not in ON_ERROR:
+      _bad(self, "on_error", f"expected one of {ON_ERROR}")
     if self.verifier not in VERIFIERS:
       _bad(self, "verifier", f"expected one of {VERIFIERS}")
     if not self.verifier_timeout_s > 0:
@@ -495,7 +509,8 @@ class SamplingConfig:
   Attributes:
     max_new_tokens: response budget; 0 = for source='task', the longest solution + EOS.
     temperature: sampling temperature (the paper: 1.0); the PG step evaluates pi_theta at it
-      (the ratio is exactly 1 on the first update).
+      (the ratio is exactly 1 on the first update). Rollouts only: eval samples at
+      `loop.eval_temperature` (method='sft' refuses it; with greedy eval also top_k / top_p).
     top_k / top_p: truncation (0 / 1.0 = off).
     eos_ids: extra end-of-sequence ids besides the tokenizer's EOS (e.g. Qwen's <|endoftext|>).
     mode: 'continuous' (a fixed number of decode slots; a finished row's slot takes the next
@@ -503,10 +518,11 @@ class SamplingConfig:
       power-of-two buckets) or 'static' (every row decodes until the last one ends; the
       baseline). Same tokens in every mode (`models.sampler.SamplerConfig.mode`). The G samples
       of a prompt share its prefill in all (`rollout.group_size`, `loop.eval_k`).
-    slots: 'continuous' decode slots (0 = half the batch, `sampler.default_slots`).
+    slots: 'continuous' decode slots (0 = half the batch, `sampler.default_slots`); refused in
+      the other modes.
     min_bucket: 'compact' and 'continuous' (its tail): the smallest decode batch
       (`models.sampler.SamplerConfig.min_bucket`, which says what 2 instead of 8 gains and costs
-      on CPU).
+      on CPU); refused with mode='static' (one batch, no buckets).
   """
 
   max_new_tokens: int = 0
@@ -583,7 +599,8 @@ class LoopConfig:
       global sequences per step (SFT).
     seed: seed of the train-state RNG (per-step keys) and of the data order.
     eval_every: evaluate every this many steps (0: never); also at the start and the end.
-    eval_k: samples per eval prompt (avg@k); eval_greedy: greedy decoding (then k is 1).
+    eval_k: samples per eval prompt (avg@k); eval_greedy: greedy decoding (then k is 1, and
+      setting eval_k or eval_temperature is refused: greedy eval reads neither).
     eval_temperature: sampling temperature of eval when not greedy.
     eval_batch_size: eval prompts per sampler call.
     snapshot_steps: steps after which the parameters are saved for trajectory diagnostics (kept
@@ -659,7 +676,7 @@ class SubspaceConfig:
   Attributes:
     origin: checkpoint / snapshot path of W_0 (the start of the run being constrained).
     at: checkpoint / snapshot path of W_t (e.g. ~20% of training); '' disables.
-    k: rank of the subspace (the paper: 16).
+    k: rank of the subspace (the paper: 16); read only with `at` set (refused otherwise).
   """
 
   origin: str = ""

@@ -157,8 +157,9 @@ def _defaults():
   return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
-def _refuse_unread(cfg, name: str, unread: tuple[str, ...], why: str) -> None:
-  """Refuses a non-default value at any of the dotted `unread` paths (sections or fields)."""
+def _refuse_set(cfg, unread, when: str) -> None:
+  """Refuses a non-default value at any of the dotted `unread` paths (sections or fields): one
+  line 'config.<path>=<value> has no effect with <when>; remove the override'."""
   defaults = _defaults()
   for path in unread:
     head, _, rest = path.partition(".")
@@ -169,8 +170,34 @@ def _refuse_unread(cfg, name: str, unread: tuple[str, ...], why: str) -> None:
         field = next(f.name for f in dataclasses.fields(value)
                      if getattr(value, f.name) != getattr(default, f.name))
         path, value, default = f"{path}.{field}", getattr(value, field), getattr(default, field)
-      raise _config_error(f"config.{path}={value!r} has no effect with method={name!r} ({why}); "
-                          "remove the override")
+      raise _config_error(f"config.{path}={value!r} has no effect with {when}; remove the "
+                          "override")
+
+
+def _refuse_unread(cfg, name: str, unread, why: str) -> None:
+  """Refuses a non-default value at any of the dotted `unread` paths (sections or fields) that
+  method `name` never reads."""
+  _refuse_set(cfg, unread, f"method={name!r} ({why})")
+
+
+def _validate_switches(cfg) -> None:
+  """Knobs of a feature that its switch turns off (every method): set while off, refused."""
+  if cfg.optim.schedule == "constant":
+    _refuse_set(cfg, ("optim.final_lr",), "optim.schedule='constant' (only 'cosine' decays to "
+                "final_lr)")
+  if not cfg.geometry.enabled:
+    _refuse_set(cfg, ("geometry",), "geometry.every=0 (the live geometry monitor is off)")
+  if not cfg.subspace.at:
+    _refuse_set(cfg, ("subspace.k",), "subspace.at='' (no subspace bases are captured)")
+  if cfg.loop.eval_greedy:
+    _refuse_set(cfg, ("loop.eval_k", "loop.eval_temperature"),
+                "loop.eval_greedy=True (greedy eval takes one argmax sample per prompt)")
+  if cfg.sampler.mode != "continuous":
+    _refuse_set(cfg, ("sampler.slots",), f"sampler.mode={cfg.sampler.mode!r} (only "
+                "'continuous' decodes in slots)")
+  if cfg.sampler.mode == "static":
+    _refuse_set(cfg, ("sampler.min_bucket",), "sampler.mode='static' (one decode batch, no "
+                "smaller buckets)")
 
 
 def _batch_fields(rows: int, seq: int, fields: Mapping[str, Any]) -> dict:
@@ -193,6 +220,7 @@ class Recipe:
 
   def validate(self, cfg) -> None:
     _validate_lora(cfg)
+    _validate_switches(cfg)
     needs = self.needs(cfg)
     several = bool(cfg.teachers.models)
     if needs.teacher and cfg.teacher.source == "none" and not several:
@@ -273,6 +301,12 @@ class SFT(Recipe):
       unread += ("sampler",)
     _refuse_unread(cfg, self.name, unread, "SFT reads the sft section and trains on "
                    "demonstrations")
+    # With eval on, the sampler section serves eval alone: it samples at loop.eval_temperature,
+    # and greedy eval applies no top-k / top-p truncation.
+    sampling = ("sampler.temperature",) + (("sampler.top_k", "sampler.top_p")
+                                           if cfg.loop.eval_greedy else ())
+    _refuse_unread(cfg, self.name, sampling, "SFT samples no rollouts; its eval samples at "
+                   "loop.eval_temperature" + (", greedily" if cfg.loop.eval_greedy else ""))
 
   def step_config(self, cfg):
     return cfg.sft
@@ -364,6 +398,11 @@ class PG(Recipe):
     if not self.needs(cfg).value_head:
       unread += ["pg.value_coef", "pg.value_lr"]
     _refuse_unread(cfg, self.name, tuple(unread), self._why())
+    if cfg.pg.pg.kind != "ppo_clip":
+      _refuse_set(cfg, ("pg.pg.eps_low", "pg.pg.eps_high"),
+                  f"pg.pg.kind={cfg.pg.pg.kind!r} (only 'ppo_clip' clips the ratio)")
+    if not cfg.pg.cr.enabled:
+      _refuse_set(cfg, ("pg.cr",), "pg.cr.coef=0 (CR-OPD off)")
     if self.verifier_reward and cfg.rollout.group_size < 2:
       raise _config_error(f"method={self.name!r} needs rollout.group_size >= 2 (GRPO groups)")
     if cfg.pg.needs_teacher and not self.teacher_reward:
