@@ -42,11 +42,11 @@ def _random_params(cfg, seed):
                       tf.abstract_params(cfg))
 
 
-def _tokenizer(n):
+def _tokenizer(n, eos="t1", pad="t2"):
   tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(n)}, unk_token="t0"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0",
-                                              eos_token="t1", pad_token="t2")
+                                              eos_token=eos, pad_token=pad)
 
 
 def _tensors(path):
@@ -484,3 +484,101 @@ def test_qwen3_moe_save_load_per_expert_tensors(tmp_path):
   with pytest.raises(ValueError, match=r"missing tensors \(1\): model\.layers\.0\.mlp\.experts\.3"
                      r"\.up_proj\.weight"):
     hf.load(single)
+
+
+# -- special-token ids ----------------------------------------------------------------------------
+def _token_ids(obj):
+  return obj.bos_token_id, obj.eos_token_id, obj.pad_token_id
+
+
+def _read_back(directory):
+  """(AutoConfig, GenerationConfig) as transformers reads a saved directory."""
+  return (transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True),
+          transformers.GenerationConfig.from_pretrained(str(directory), local_files_only=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_token_ids_survive_load_save_without_tokenizer(family, tmp_path):
+  """A transformers checkpoint with bos/eos/pad = 90/91/92 (neither family's default), loaded and
+  saved again without a tokenizer (as `checkpoint.export_adapters` does), keeps its ids in
+  config.json and in a generation_config.json equal to the one transformers wrote; the tensors
+  come back byte-exact."""
+  import hf_fixtures as F  # noqa: PLC0415 (torch, only here)
+  model = F.torch_model(family, tied=family == "qwen3", seed=0, bos_token_id=90, eos_token_id=91,
+                        pad_token_id=92)
+  src = F.export(model, tmp_path / "src")
+  cfg, params = hf.load(src)
+  assert _token_ids(cfg) == (90, 91, 92)
+  out = hf.save(tmp_path / "out", cfg, params)
+  config, generation = _read_back(out)
+  assert _token_ids(config) == (90, 91, 92)
+  assert _token_ids(generation) == (90, 91, 92)
+  assert (json.loads((out / hf.GENERATION_CONFIG_FILE).read_text()) ==
+          json.loads((src / hf.GENERATION_CONFIG_FILE).read_text()))
+  before, after = _tensors(src / hf.SINGLE_FILE), _tensors(out / hf.SINGLE_FILE)
+  assert set(after) == set(before)
+  for name, x in before.items():
+    assert after[name].dtype == x.dtype and after[name].tobytes() == x.tobytes(), name
+  # Through a training checkpoint's meta (JSON) and back, as `export_adapters` reads the config.
+  from opd_jax.train import checkpoint as ckpt_lib  # noqa: PLC0415
+  meta_cfg = ckpt_lib.model_config_from_dict(
+      json.loads(json.dumps(ckpt_lib.model_config_to_dict(cfg))))
+  assert meta_cfg == cfg and _token_ids(meta_cfg) == (90, 91, 92)
+  again = hf.save(tmp_path / "again", meta_cfg, params)
+  assert _token_ids(_read_back(again)[0]) == (90, 91, 92)
+
+
+def _transformers_checkpoint(tmp_path, family, **ids):
+  """config.json written by transformers (with `ids`) next to tensors written by `hf.save`."""
+  cfg = CONFIGS["llama_linear"] if family == "llama" else CONFIGS["qwen3_tied_hd32"]
+  params = _random_params(cfg, 10)
+  weights = hf.save(tmp_path / "weights", cfg, params)
+  d = hf.config_to_hf(cfg)
+  hf_cfg = transformers.AutoConfig.for_model(
+      family, **{k: v for k, v in d.items() if k != "model_type"}, **ids)
+  src = tmp_path / "src"
+  hf_cfg.save_pretrained(str(src))
+  (src / hf.SINGLE_FILE).write_bytes((weights / hf.SINGLE_FILE).read_bytes())
+  return cfg, params, src
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_eos_list_and_tokenizer_precedence(family, tmp_path, caplog):
+  cfg, params, src = _transformers_checkpoint(tmp_path, family, bos_token_id=90,
+                                              eos_token_id=[91, 93], pad_token_id=92)
+  loaded, params2 = hf.load(src)
+  assert _token_ids(loaded) == (90, (91, 93), 92) and loaded == cfg
+  out = hf.save(tmp_path / "plain", loaded, params2)
+  for read in _read_back(out):
+    assert _token_ids(read) == (90, [91, 93], 92)
+  # A given cfg without ids takes config.json's; one with ids keeps its own.
+  assert _token_ids(hf.load(src, cfg=cfg)[0]) == (90, (91, 93), 92)
+  assert _token_ids(hf.load(src, cfg=cfg.replace(eos_token_id=7))[0]) == (90, 7, 92)
+  # A tokenizer wins for the ids it defines (eos 1, pad 2; it has no bos), with a warning ...
+  with caplog.at_level("WARNING", logger=hf.__name__):
+    out = hf.save(tmp_path / "tok", loaded, params2, tokenizer=_tokenizer(97))
+  assert "eos_token_id=1 replaces the model config's (91, 93)" in caplog.text
+  assert "pad_token_id=2 replaces the model config's 92" in caplog.text
+  for read in _read_back(out):
+    assert _token_ids(read) == (90, 1, 2)
+  # ... except that a config list of eos ids that contains the tokenizer's eos is kept.
+  out = hf.save(tmp_path / "tok93", loaded, params2, tokenizer=_tokenizer(97, eos="t93", pad="t92"))
+  for read in _read_back(out):
+    assert _token_ids(read) == (90, [91, 93], 92)
+  # Without ids anywhere, transformers' defaults apply (llama 1 / 2 / None, qwen3 None x 3).
+  out = hf.save(tmp_path / "none", cfg, params)
+  default = (1, 2, None) if family == "llama" else (None, None, None)
+  for read in _read_back(out):
+    assert _token_ids(read) == default
+
+
+def test_token_id_fields_are_metadata():
+  cfg = mc.tiny(eos_token_id=[3, 4], bos_token_id=np.int64(5))
+  assert cfg.eos_token_id == (3, 4) and type(cfg.bos_token_id) is int
+  assert cfg == mc.tiny() and hash(cfg) == hash(mc.tiny())  # shares jit / lru caches
+  assert cfg.replace(d_model=32).eos_token_id == (3, 4)
+  for bad in ({"eos_token_id": "3"}, {"pad_token_id": [1, 2]}, {"bos_token_id": True}):
+    with pytest.raises(ValueError, match="expected None or an int"):
+      mc.tiny(**bad)
+  with pytest.raises(ValueError, match=r"config dict: .*pad_token_id"):  # transformers checks
+    hf.config_from_hf({**hf.config_to_hf(mc.tiny()), "pad_token_id": "x"})

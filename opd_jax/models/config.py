@@ -8,11 +8,16 @@ Presets are plain functions returning configs; `hf.py` converts to and from `con
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 FAMILIES = ("qwen3", "qwen2", "llama", "qwen3_moe")
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
 MOE_IMPLS = ("dense", "ragged")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +80,13 @@ class ModelConfig:
     cache_block: bucket width (slots) of attention over a KV cache (decode, prefill, chunked
       scoring): queries attend over the cache prefix that can be filled, rounded up to whole
       buckets, never the empty tail (`attention.cached_attention`); 0 = always the whole cache.
+    bos_token_id, eos_token_id, pad_token_id: the special-token ids of the checkpoint this config
+      came from (its config.json's, via `hf.config_from_hf` / `hf.load`), kept so that `hf.save`
+      writes them back (config.json and generation_config.json) even without a tokenizer.
+      `eos_token_id` is an int or, as in some Hugging Face configs, a tuple of ints (a list is
+      stored as a tuple). None = unknown (transformers' defaults then apply when reading). Metadata
+      only: they change no model math, are never read inside traced code, and are left out of
+      `==` and `hash` (configs that differ only in them share compiled programs and caches).
   """
 
   family: str = "qwen3"
@@ -108,6 +120,9 @@ class ModelConfig:
   moe_impl: str = "dense"
   attention_block: int = 512
   cache_block: int = 256
+  bos_token_id: int | None = dataclasses.field(default=None, compare=False)
+  eos_token_id: int | tuple[int, ...] | None = dataclasses.field(default=None, compare=False)
+  pad_token_id: int | None = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
     def bad(field, why):
@@ -147,6 +162,16 @@ class ModelConfig:
             f"rope_low_freq_factor={self.rope_low_freq_factor} > 0")
       if self.rope_original_max_position <= 0:
         bad("rope_original_max_position", "must be positive")
+    for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
+      value = getattr(self, f)
+      if value is None:
+        continue
+      if _is_int(value):
+        object.__setattr__(self, f, int(value))
+      elif f == "eos_token_id" and isinstance(value, (list, tuple)) and all(map(_is_int, value)):
+        object.__setattr__(self, f, tuple(int(v) for v in value))  # hashable; JSON gives lists
+      else:
+        bad(f, "expected None or an int" + (" or a list of ints" if f == "eos_token_id" else ""))
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

@@ -35,6 +35,14 @@ Choices not fixed by transformers:
     rules))`; a mesh axis that does not divide a dimension is dropped for that dimension (that
     dimension is replicated, with a warning) rather than failing.
   * `save` writes tensors in the parameter dtype, `config.json`'s `dtype` says which.
+  * special-token ids: `config_from_hf` / `load` keep config.json's `bos_token_id`,
+    `eos_token_id` (an int or a list) and `pad_token_id` on the `ModelConfig` (metadata fields
+    that change no math), and `save` writes them back to config.json and to a
+    generation_config.json (`GenerationConfig.from_model_config`, the file transformers'
+    `save_pretrained` writes for every *ForCausalLM), with or without a tokenizer. A tokenizer
+    passed to `save` wins for each id it defines (its ids are the ones generation will see; a
+    disagreement with the config's is logged), except that a config's list of eos ids is kept
+    when it contains the tokenizer's eos (Llama-3-Instruct style several stop tokens).
   * qwen3_moe: experts are per-expert tensors on disk, as transformers 5's `save_pretrained` writes
     them and as the Qwen3-MoE hub checkpoints hold them (transformers fuses them into
     `experts.gate_up_proj` [E, 2F, D] / `experts.down_proj` only in memory). Only every-layer-sparse
@@ -86,6 +94,9 @@ ARCH_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_h
                "qk_norm", "qkv_bias", "num_experts", "experts_per_token", "moe_d_ff",
                "norm_topk_prob")
 _MAX_LISTED = 12
+# config.json's special-token ids, kept on ModelConfig (metadata, not architecture).
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 # -- config.json <-> ModelConfig -------------------------------------------------------------------
@@ -136,7 +147,8 @@ def config_from_hf(source, **overrides) -> ModelConfig:
   Reads with `transformers.AutoConfig` (local files only, never remote code), so transformers'
   defaults apply to absent fields (e.g. qwen3's `head_dim`; `head_dim` otherwise defaults to
   hidden_size / num_attention_heads). `overrides` are applied with `ModelConfig.replace`.
-  Unsupported features raise a ValueError naming the field.
+  The config's bos / eos / pad token ids (as transformers reads them, its defaults included) are
+  kept on the result for `save`. Unsupported features raise a ValueError naming the field.
   """
   hf, where = _hf_config(source)
   family = hf.model_type
@@ -204,7 +216,7 @@ def config_from_hf(source, **overrides) -> ModelConfig:
         rms_eps=float(hf.rms_norm_eps), tie_embeddings=bool(hf.tie_word_embeddings),
         qk_norm=family in ("qwen3", "qwen3_moe"), qkv_bias=family == "qwen2",
         max_position=int(hf.max_position_embeddings), param_dtype="float32", dtype=compute,
-        **moe_kw)
+        **moe_kw, **{k: getattr(hf, k, None) for k in TOKEN_ID_FIELDS})
   except ValueError as e:  # ModelConfig's check names the field; add the source
     raise HFCheckpointError(f"{where}: {e}") from e
   return cfg.replace(**overrides) if overrides else cfg
@@ -222,7 +234,8 @@ def _check_expressible(cfg: ModelConfig) -> None:
 def config_to_hf(cfg: ModelConfig) -> dict:
   """A `config.json` dict from which `AutoModelForCausalLM` builds the same model.
 
-  `dtype` is the parameter dtype (the dtype `save` writes tensors in).
+  `dtype` is the parameter dtype (the dtype `save` writes tensors in). The token ids the config
+  carries (not None) are written too; a tuple of eos ids as a list.
   """
   _check_expressible(cfg)
   rope = {"rope_type": cfg.rope_type, "rope_theta": float(cfg.rope_theta)}
@@ -253,7 +266,42 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     out["mlp_bias"] = False
   else:
     out["use_sliding_window"] = False
+  for key in TOKEN_ID_FIELDS:
+    value = getattr(cfg, key)
+    if value is not None:
+      out[key] = list(value) if isinstance(value, tuple) else value
   return out
+
+
+def _token_ids_with_tokenizer(cfg: ModelConfig, tokenizer) -> dict:
+  """The bos / eos / pad ids `save` writes: the config's, each replaced by the tokenizer's when the
+  tokenizer defines it, except that a config list of eos ids containing the tokenizer's eos is
+  kept. Where a replaced config id differs from the tokenizer's, a warning names both."""
+  ids = {key: getattr(cfg, key) for key in TOKEN_ID_FIELDS}
+  for key in TOKEN_ID_FIELDS:
+    tok_id = getattr(tokenizer, key, None)
+    if tok_id is None:
+      continue
+    tok_id, have = int(tok_id), ids[key]
+    if isinstance(have, tuple) and tok_id in have:
+      continue
+    if have is not None and have != tok_id:
+      log.warning("hf.save: the tokenizer's %s=%d replaces the model config's %r", key, tok_id,
+                  have)
+    ids[key] = tok_id
+  return ids
+
+
+def generation_config_json(config: Mapping[str, Any]) -> str:
+  """The generation_config.json text transformers' `save_pretrained` writes for a *ForCausalLM
+  with this `config.json` dict (`GenerationConfig.from_model_config`: its bos / eos / pad ids,
+  no sampling settings)."""
+  import transformers  # noqa: PLC0415 (heavy import, only needed here)
+
+  hf_config = transformers.AutoConfig.for_model(
+      config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
+  return transformers.GenerationConfig.from_model_config(hf_config).to_json_string(
+      use_diff=True, keys_to_pop=["compile_config"])
 
 
 def check_tokenizer(cfg: ModelConfig, tokenizer) -> None:
@@ -503,6 +551,9 @@ def load(directory, *, cfg: ModelConfig | None = None, mesh: jax.sharding.Mesh |
     dtype: parameter storage dtype ('float32' / 'bfloat16'); default `cfg.param_dtype`.
     tokenizer: if given, `check_tokenizer(cfg, tokenizer)`.
 
+  The returned cfg carries config.json's bos / eos / pad token ids (for `save`); a given `cfg`
+  keeps its own where they are not None and takes config.json's for the others.
+
   Raises a ValueError naming the missing, unexpected, mis-shaped or non-float tensors, and
   FileNotFoundError naming absent files.
   """
@@ -516,6 +567,9 @@ def load(directory, *, cfg: ModelConfig | None = None, mesh: jax.sharding.Mesh |
     cfg = file_cfg
   elif file_cfg is not None:
     _same_architecture(cfg, file_cfg, directory)
+    missing = {k: getattr(file_cfg, k) for k in TOKEN_ID_FIELDS if getattr(cfg, k) is None}
+    if any(v is not None for v in missing.values()):
+      cfg = cfg.replace(**missing)
   if dtype is not None:
     cfg = cfg.replace(param_dtype=dtype)
   if tokenizer is not None:
@@ -600,25 +654,28 @@ def _replace_dir(tmp: pathlib.Path, target: pathlib.Path) -> None:
 
 def save(directory, cfg: ModelConfig, params, tokenizer=None, *,
          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> pathlib.Path:
-  """Writes `config.json` + safetensors weights (+ tokenizer files) that transformers loads.
+  """Writes `config.json`, `generation_config.json` and safetensors weights (+ tokenizer files)
+  that transformers loads.
 
-  Tensors are written in the parameter dtype. More than `max_shard_bytes` of tensors are split
-  into `model-0000k-of-0000n.safetensors` files with a `model.safetensors.index.json`. Writing
-  goes to a temporary sibling directory that is renamed into place at the end, so `directory`
-  never holds a half-written checkpoint. An existing non-empty `directory` is an error unless
-  `overwrite=True` (then it is replaced as a whole). With several processes, all must call
-  `save` (gathering sharded parameters is a collective); process 0 writes.
+  The bos / eos / pad token ids written are `cfg`'s (config.json's when `cfg` came from
+  `config_from_hf` / `load`), with or without a tokenizer; a tokenizer's own ids win where it
+  defines them (see the module docstring). Tensors are written in the parameter dtype. More than
+  `max_shard_bytes` of tensors are split into `model-0000k-of-0000n.safetensors` files with a
+  `model.safetensors.index.json`. Writing goes to a temporary sibling directory that is renamed
+  into place at the end, so `directory` never holds a half-written checkpoint. An existing
+  non-empty `directory` is an error unless `overwrite=True` (then it is replaced as a whole).
+  With several processes, all must call `save` (gathering sharded parameters is a collective);
+  process 0 writes.
   """
   target = pathlib.Path(directory).absolute()
   config = config_to_hf(cfg)
   _check_params(cfg, params)
   if tokenizer is not None:
     check_tokenizer(cfg, tokenizer)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-      if getattr(tokenizer, key, None) is not None:
-        config[key] = getattr(tokenizer, key)
+    config = config_to_hf(cfg.replace(**_token_ids_with_tokenizer(cfg, tokenizer)))
   if target.exists() and any(target.iterdir()) and not overwrite:
     raise FileExistsError(f"{target} exists and is not empty (pass overwrite=True to replace it)")
+  generation_config = generation_config_json(config)
   writer = jax.process_index() == 0
   specs = _specs(cfg)
   itemsize = np.dtype(jax.numpy.dtype(cfg.param_dtype)).itemsize
@@ -657,6 +714,7 @@ def save(directory, cfg: ModelConfig, params, tokenizer=None, *,
         (tmp / INDEX_FILE).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
       (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+      (tmp / GENERATION_CONFIG_FILE).write_text(generation_config)
       if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
       _replace_dir(tmp, target)
