@@ -620,6 +620,21 @@ def test_presets_compose_every_run(preset):
   assert study.regime.match_budget == (preset != "qwen3_8b")
 
 
+def test_a_changed_accuracy_target_redoes_its_model_and_what_depends_on_it():
+  from opd_jax.study import runs
+  before = {p.name: p.config for p in runs.build_phases(_load("tiny"))}
+  after = {p.name: p.config for p in runs.build_phases(_load("tiny", ["base_target.acc=0.6"]))}
+  changed = {n for n in before if before[n] != after[n]}
+  assert "base" in changed and "teacher" not in changed
+
+
+def test_budget_matching_refuses_several_updates_per_step():
+  from opd_jax.train.config import ConfigError
+  with pytest.raises(ConfigError, match="'opd.pg': regime.match_budget counts one optimizer"):
+    _load("tiny", ["opd.pg.minibatches=2"])
+  _load("tiny", ["opd.pg.minibatches=2", "regime.match_budget=false"])
+
+
 def test_a_regime_map_reuses_the_runs_of_its_base_preset():
   """regime_map = tiny + map runs: run in a tiny workdir, every tiny run's phase is unchanged
   (same config and deps), so only the map's runs (and what reads them) run."""
@@ -812,6 +827,8 @@ def test_smoke_study_report_structure(smoke_study):
   for run, t in trajs.items():
     points = 1 if run in mapped else 2   # a regime-map run: its end point only
     assert len(t["stable_rank"]) == len(t["steps"]) == points and t["progress"][-1] == 1.0, run
+    assert t["sim_k_rank"] >= 1, run   # the K the run's Sim_K used (the rank rule's, in smoke)
+  assert "| Sim_K(first, end) | K (the paper: 16) |" in md
   assert set(results["accuracy"]) >= {"teacher", "base", "anchor", "opd", "rlvr", "sft",
                                       "opd_rank16", "sft_rank16"}
   for run, a in results["accuracy"].items():

@@ -40,7 +40,8 @@ study sets itself (eval and snapshots) must not appear in run sections.
 Choices where the paper is silent: every accuracy is avg@k at the eval temperature on the task's
 eval split, measured by the study after training (not by the loop's periodic eval), so all runs
 share one protocol; snapshots are at `round(i * steps / snapshots)`, i = 1..snapshots, and the
-first one (~20% of training for 5 snapshots, the paper's 63/299) is the rank-16 resume point.
+first one (~20% of training for 5 snapshots: step 60 of 299, where the paper's checkpoints every
+64 steps put it at 63) is the rank-16 resume point.
 """
 
 from __future__ import annotations
@@ -346,6 +347,13 @@ class StudyConfig:
       if study_keys:
         raise ConfigError(f"'{name}.loop' sets {sorted(study_keys)}, which the study sets itself "
                           "(use the top-level 'eval' and 'snapshots' sections)")
+    if self.regime.match_budget:
+      for name in BUDGET_SECTIONS:
+        pg = getattr(self, name).get("pg", {})
+        if pg.get("epochs", 1) * pg.get("minibatches", 1) > 1:
+          raise ConfigError(f"'{name}.pg': regime.match_budget counts one optimizer update per "
+                            "step; set pg.epochs = pg.minibatches = 1 or regime.match_budget="
+                            "False")
     for name, target in (("teacher_train", self.teacher_target), ("base_train", self.base_target)):
       optim = getattr(self, name).get("optim", {})
       schedule, warmup = optim.get("schedule", "constant"), optim.get("warmup_frac", 0.0)

@@ -164,7 +164,7 @@ def compute(endpoint_pairs: Mapping[str, tuple], origins: Mapping[str, object],
     steps = sorted(snaps)
     res = geo_trajectory.trajectory_metrics(loaded[key], [snaps[s] for s in steps], steps,
                                             tcfg, modules=cfg.trajectory_types)
-    out["trajectory"][run] = trajectory_summary(res)
+    out["trajectory"][run] = dict(trajectory_summary(res), sim_k_rank=cfg.sim_k)   # Sim_K's K
   return out
 
 

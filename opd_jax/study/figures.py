@@ -156,7 +156,7 @@ def fig_mask_overlap(results: dict, path):
 
 
 _TRAJ = [("stable_rank", "stable rank of dW_t"), ("frobenius", "||dW_t||_F"),
-         ("hill", "Hill tail estimate"), ("sim_k", "Sim_16(t, t_end)")]
+         ("hill", "Hill tail estimate"), ("sim_k", "Sim_K(t, t_end)")]
 
 
 def _seed_runs(results: dict, family: str) -> list[str]:
@@ -194,7 +194,9 @@ def fig_trajectories(results: dict, path):
         if other in traj:
           ax.plot(traj[other]["progress"], traj[other][key], "-", lw=0.8, alpha=0.5,
                   color=color(m))
-    ax.set(xlabel="training progress (fraction of steps)", ylabel=name, title=name)
+    ks = sorted({traj[m].get("sim_k_rank") for m in methods} - {None})
+    title = f"{name}, K = {', '.join(map(str, ks))}" if key == "sim_k" and ks else name
+    ax.set(xlabel="training progress (fraction of steps)", ylabel=name, title=title)
     ax.legend()
   fig.suptitle("Trajectories of the cumulative update on q, k, v, o (mean over matrices; thin: "
                "other seeds)")

@@ -228,9 +228,10 @@ def _section_trajectory(r):
   for run, t in tr.items():
     rows.append([run, ", ".join(str(s) for s in t["steps"]),
                  " -> ".join(_num(x) for x in t["stable_rank"]),
-                 _num(t["frobenius"][-1]), _num(t["hill"][-1]), _num(t["sim_k"][0])])
+                 _num(t["frobenius"][-1]), _num(t["hill"][-1]), _num(t["sim_k"][0]),
+                 t.get("sim_k_rank", "")])
   return _table(["run", "snapshot steps", "stable rank", "final Frobenius norm of dW",
-                 "final Hill", "Sim_16(first, end)"], rows)
+                 "final Hill", "Sim_K(first, end)", "K (the paper: 16)"], rows)
 
 
 def _section_rank16(r):

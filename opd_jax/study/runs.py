@@ -724,6 +724,9 @@ def build_phases(study: StudyConfig, log=print) -> list[phases_lib.Phase]:
       fp["regime"] = dict(rule, run_scale=spec.budget_scale)
     if spec.rank_of:
       fp["rank_of"] = spec.rank_of   # K comes from the rank rule on this run
+    target = {"teacher": study.teacher_target, "base": study.base_target}.get(spec.kind)
+    if target is not None and target.acc > 0:
+      fp["target"] = train_config.dataclass_to_dict(target)   # the target sets the run's length
     out.append(phases_lib.Phase(spec.name, _train_phase(study, spec, log),
                                 ("task",) + spec.deps, fp))
   out.append(phases_lib.Phase("diagnostics", _diagnostics_phase(study, specs), ctx_deps(specs),
