@@ -99,6 +99,17 @@ def test_grpo_advantages_and_filtering(normalize_std, ddof):
   np.testing.assert_allclose(metrics["rlvr/kept_frac"], want_keep.mean(), rtol=1e-6)
   with pytest.raises(ValueError, match="multiple of group_size"):
     rlvr.grpo_advantages(rewards[:-1], g)
+  # Filler rows (whole groups padding a partial last batch) count in no metric.
+  valid = np.ones(6 * g, bool)
+  valid[g:2 * g] = valid[4 * g:5 * g] = False
+  adv_v, keep_v, m = rlvr.grpo_advantages(rewards, g, normalize_std, 1e-6, ddof=ddof,
+                                          valid_B=jnp.asarray(valid))
+  np.testing.assert_array_equal(adv_v, adv)
+  _, _, filtered_v = _np_grpo(rewards[valid], g, normalize_std, 1e-6, ddof)
+  assert float(m["rlvr/filtered_groups"]) == filtered_v
+  np.testing.assert_allclose(m["rlvr/reward_mean"], rewards[valid].astype(np.float64).mean(),
+                             rtol=1e-6)
+  np.testing.assert_allclose(m["rlvr/kept_frac"], want_keep[valid].mean(), rtol=1e-6)
 
 
 def test_broadcast_to_tokens():

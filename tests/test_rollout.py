@@ -163,7 +163,10 @@ def test_opd_advantages_are_the_teacher_minus_student_log_ratio(tmp_path):
   np.testing.assert_array_equal(batch["old_logp_BxT"], ro.old_logp_BxT)
   np.testing.assert_allclose(metrics["opd/teacher_gap"], -reward[keep].mean(), rtol=1e-5)
   last = np.asarray(ro.tokens_BxT)[np.arange(8), 3 + np.asarray(ro.lengths_B) - 1]
-  np.testing.assert_allclose(metrics["rollout/eos_frac"], np.mean(last == SAMPLER.eos_id))
+  # over the real rows only (row 5 is filler)
+  np.testing.assert_allclose(metrics["rollout/eos_frac"], np.mean((last == SAMPLER.eos_id)[valid]))
+  np.testing.assert_allclose(metrics["rollout/response_len"],
+                             np.asarray(ro.lengths_B)[valid].mean(), rtol=1e-6)
 
   # Return-to-go credit: reversed cumulative sums over each response.
   batch, _, _ = rollout.advantages(ro, jnp.asarray(valid), None, None,
@@ -192,6 +195,30 @@ def test_token_transforms_see_the_log_ratio_as_signal_and_the_loss_mask():
     kept += k
   np.testing.assert_allclose(batch["adv_BxT"], want, atol=1e-5)
   np.testing.assert_allclose(metrics["tokens/kept_frac"], kept / lm.sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["baseline_corrected", "return_to_go"])
+def test_token_transforms_sparsify_what_the_credit_estimator_returns(kind):
+  # A return or a baseline spreads the signal over the response: the transform acts after the
+  # estimator, so exactly the kept tokens carry one, rescaled by T / k.
+  rng = np.random.default_rng(4)
+  ro, lm = _fake_rollout(rng)
+  ro = ro._replace(kl_BxT=jnp.asarray(np.where(lm, rng.random(lm.shape), 0), jnp.float32))
+  valid = jnp.ones(8, bool)
+  knobs = _knobs("opd", credit=CreditConfig(kind=kind))
+  dense, _, _ = rollout.advantages(ro, valid, None, None, knobs)
+  tx = rollout.make_token_transform([("top_kl_retention", {"rho": 0.25})])
+  batch, _, metrics = rollout.advantages(ro, valid, None, tx.init(jnp.zeros((1, 1))), knobs, tx)
+  reward = np.where(lm, np.asarray(ro.teacher_logp_BxT, np.float64) - ro.old_logp_BxT, 0)
+  want = np.zeros_like(reward)
+  for i in range(8):
+    idx = np.flatnonzero(lm[i])
+    k = math.ceil(0.25 * len(idx))
+    top = idx[np.argsort(reward[i, idx], kind="stable")[:k]]   # the largest r_t = -reward
+    want[i, top] = np.asarray(dense["adv_BxT"])[i, top] * len(idx) / k
+  np.testing.assert_allclose(batch["adv_BxT"], want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics["tokens/kept_frac"],
+                             (np.asarray(batch["adv_BxT"]) != 0).sum() / lm.sum(), rtol=1e-6)
 
 
 def test_rlvr_advantages_match_a_grpo_reference_and_skip_zero_variance_groups():

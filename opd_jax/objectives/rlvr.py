@@ -42,7 +42,7 @@ class GRPOConfig:
 
 
 def grpo_advantages(rewards_B: jax.Array, group_size: int, normalize_std: bool = True,
-                    eps: float = 1e-6, *, ddof: int = 1
+                    eps: float = 1e-6, *, ddof: int = 1, valid_B: jax.Array | None = None
                     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """GRPO advantages (R - mean_group) / (std_group + eps) (or R - mean_group).
 
@@ -50,8 +50,10 @@ def grpo_advantages(rewards_B: jax.Array, group_size: int, normalize_std: bool =
   variance, detected exactly) is filtered: its rows get advantage 0 and keep False.
 
   Returns:
-    (adv_B float32, keep_B bool, metrics) with metrics `rlvr/reward_mean` (over all rows),
-    `rlvr/filtered_groups` (count of zero-variance groups), `rlvr/kept_frac` (fraction of rows kept).
+    (adv_B float32, keep_B bool, metrics) with metrics `rlvr/reward_mean`,
+    `rlvr/filtered_groups` (count of zero-variance groups), `rlvr/kept_frac` (fraction of rows
+    kept), over the rows of `valid_B` (default: all; filler rows that pad a partial last batch
+    come in whole groups).
   """
   (b,) = rewards_B.shape
   if b % group_size:
@@ -66,9 +68,12 @@ def grpo_advantages(rewards_B: jax.Array, group_size: int, normalize_std: bool =
     centered = centered / (std_G + eps)
   keep_GxN = jnp.broadcast_to(varied_G, r_GxN.shape)
   adv_B = jnp.where(keep_GxN, centered, 0.0).reshape(b)
-  metrics = {"rlvr/reward_mean": rewards_B.astype(jnp.float32).mean(),
-             "rlvr/filtered_groups": (~varied_G).sum().astype(jnp.float32),
-             "rlvr/kept_frac": keep_GxN.mean(dtype=jnp.float32)}
+  valid = jnp.ones(b, bool) if valid_B is None else valid_B.astype(bool)
+  valid_G = valid.reshape(b // group_size, group_size).all(axis=1)[:, None]
+  rows = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+  metrics = {"rlvr/reward_mean": jnp.where(valid, rewards_B.astype(jnp.float32), 0.0).sum() / rows,
+             "rlvr/filtered_groups": (~varied_G & valid_G).sum().astype(jnp.float32),
+             "rlvr/kept_frac": (keep_GxN.reshape(b) & valid).sum().astype(jnp.float32) / rows}
   return adv_B, keep_GxN.reshape(b), metrics
 
 

@@ -295,9 +295,11 @@ def _advantages(rollout: Rollout, valid_B, seq_rewards_B, reason_ids_B, token_st
                 knobs: RolloutKnobs, token_tx, rules):
   with sharding.axis_rules(rules):
     loss_mask = rollout.loss_mask_BxT & valid_B[:, None]
-    metrics = {
-        "rollout/response_len": jnp.mean(rollout.lengths_B.astype(jnp.float32)),
-        "rollout/eos_frac": jnp.mean(_ends_with_eos(rollout, knobs.sampler.eos_ids)),
+    metrics = {   # over the real rows (a partial last batch is padded with filler rows)
+        "rollout/response_len": reduce.masked_mean(rollout.lengths_B.astype(jnp.float32),
+                                                   valid_B),
+        "rollout/eos_frac": reduce.masked_mean(_ends_with_eos(rollout, knobs.sampler.eos_ids),
+                                               valid_B),
     }
     adv_opd = adv_rlvr = None
     if knobs.uses_teacher_logp:
@@ -308,18 +310,22 @@ def _advantages(rollout: Rollout, valid_B, seq_rewards_B, reason_ids_B, token_st
         metrics.update(teachers_lib.metrics(
             knobs.teacher_names, rollout.teacher_id_B, valid_B, loss_mask, reward_BxT=reward,
             kl_BxT=rollout.kl_BxT if knobs.needs_kl else None))
+      adv_opd = log_ratio.advantages(reward, loss_mask, knobs.credit, kl_BxT=rollout.kl_BxT,
+                                     values_BxT=rollout.values_BxT)
+      adv_opd_dense = adv_opd   # the value head's targets come from every token
       if token_tx is not None:
-        reward, token_state = token_tx.update(reward, token_state, signal=-reward,
-                                              mask=loss_mask)
+        # Sparsifies the advantages the credit estimator made (selected by r_t = -reward): kept
+        # tokens are exactly the ones that carry a signal, whatever the estimator (a return or a
+        # baseline would otherwise spread the signal back onto dropped tokens).
+        adv_opd, token_state = token_tx.update(adv_opd, token_state, signal=-reward,
+                                               mask=loss_mask)
         kept = optax.tree_utils.tree_get_all_with_path(token_state, "kept_frac")
         if len(kept) == 1:
           metrics["tokens/kept_frac"] = kept[0][1]
-      adv_opd = log_ratio.advantages(reward, loss_mask, knobs.credit, kl_BxT=rollout.kl_BxT,
-                                     values_BxT=rollout.values_BxT)
     if knobs.uses_verifier:
       adv_B, keep_B, m = rlvr.grpo_advantages(seq_rewards_B, knobs.group_size,
                                               knobs.normalize_std, knobs.grpo_eps,
-                                              ddof=knobs.ddof)
+                                              ddof=knobs.ddof, valid_B=valid_B)
       metrics.update(m)
       if reason_ids_B is not None:  # counted over every process's rows, in jit
         for i, reason in enumerate(knobs.verifier_reasons):
@@ -341,7 +347,8 @@ def _advantages(rollout: Rollout, valid_B, seq_rewards_B, reason_ids_B, token_st
       batch["ref_logp_BxT"] = rollout.ref_logp_BxT
     if knobs.value_head:
       # GAE value targets (lambda-returns) A_OPD + V_old; the step regresses the head onto them.
-      batch["returns_BxT"] = log_ratio.value_targets(adv_opd, rollout.values_BxT, loss_mask)
+      batch["returns_BxT"] = log_ratio.value_targets(adv_opd_dense, rollout.values_BxT,
+                                                     loss_mask)
       metrics["value/old_mean"] = reduce.masked_mean(rollout.values_BxT, loss_mask)
     batch = jax.tree.map(_batch_constrain, batch)
     return batch, token_state, metrics
