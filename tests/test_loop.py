@@ -429,3 +429,16 @@ def test_opd_on_deepcoder_rows_with_a_livecodebench_eval_set(tmp_path):
   assert summary["data"]["eval/lcb"]["skipped"] == {"bad_tests": 1}
   final = summary["eval"][-1]
   assert final["eval/lcb/prompts"] == 3 and 0 <= final["eval/lcb/avg@1"] <= 1
+
+
+def test_eval_batches_round_up_to_whole_prompts_per_process_and_batch_shard(monkeypatch):
+  from opd_jax.train import mesh as mesh_lib
+  cfg = smoke("opd", ["loop.eval_greedy=false", "loop.eval_k=2", "mesh.shape=(1,-1,1)"])
+  plan = run_plan.resolve(cfg, shapes_only=True)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  assert mesh_lib.batch_shards(mesh, cfg.mesh.rules) == jax.device_count() == 8
+  # 5 prompts x 2 samples = 10 rows do not split over 8 shards: 8 prompts (3 padding) do.
+  assert run_plan.eval_batch_prompts(plan, 5, mesh, cfg.mesh.rules) == 8
+  assert run_plan.eval_batch_prompts(plan, 1000, mesh, cfg.mesh.rules) == cfg.loop.eval_batch_size
+  monkeypatch.setattr(jax, "process_count", lambda: 3)   # and whole prompts per process
+  assert run_plan.eval_batch_prompts(plan, 5, mesh, cfg.mesh.rules) == 12

@@ -160,3 +160,28 @@ def test_subspace_bases_in_optimizer_state_follow_their_params():
   assert proj_state.bases["layers"]["attn"]["o_proj"]["kernel"].spec == P(None, "tensor", None)
   assert ss.opt_state.inner_state[2].mu["layers"]["attn"]["q_proj"]["kernel"].spec == P(
       None, "fsdp", "tensor")
+
+
+def test_process_rows_mismatch_names_the_process_whose_devices_hold_other_rows(monkeypatch):
+  """`global_batch` has process p load the contiguous rows p*B/n..: the mesh must put exactly
+  those rows on p's devices. 2 processes x 2 devices, 8 rows in 4 blocks of 2 (or replicated)."""
+  class Device(tuple):
+    process_index = property(lambda self: self[1])
+
+  def layout(blocks):   # blocks[i]: the process whose device holds block i (None: replicated)
+    class Sharding:
+      def devices_indices_map(self, shape):
+        if blocks is None:
+          return {Device((i, i // 2)): (slice(None),) for i in range(4)}
+        return {Device((i, p)): (slice(2 * i, 2 * i + 2),) for i, p in enumerate(blocks)}
+    monkeypatch.setattr(mesh_lib, "batch_sharding", lambda *a, **k: Sharding())
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  layout([0, 0, 1, 1])
+  assert mesh_lib.process_rows_mismatch(None, 8) is None
+  layout([0, 1, 0, 1])   # axes ordered so that process 0 holds blocks 0 and 2
+  assert mesh_lib.process_rows_mismatch(None, 8) == (
+      "process 0's devices hold batch rows 0, 1, 4, 5 of 8, but the process loads rows 0..3")
+  layout(None)           # the batch replicated over the processes
+  assert mesh_lib.process_rows_mismatch(None, 8) == (
+      "process 0's devices hold batch rows 0..7 of 8, but the process loads rows 0..3")

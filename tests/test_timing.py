@@ -121,6 +121,14 @@ def test_throughput_and_mfu():
   assert np.isfinite(peak)
 
 
+def test_peak_flops_count_every_host_as_the_step_flops_count_the_global_batch(monkeypatch):
+  # Two hosts alike: this host's peak twice (the step's FLOPs are the global batch's).
+  monkeypatch.setattr(timing, "measured_peak_flops", lambda *a: 1e12)
+  local = jax.local_device_count()
+  monkeypatch.setattr(jax, "device_count", lambda *a: 2 * local)
+  assert timing.peak_flops()[0] == 2e12
+
+
 def test_cpu_model_starts_with_the_first_model_name_of_proc_cpuinfo():
   want = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                if line.startswith("model name")), None)

@@ -283,7 +283,7 @@ def _truncate_metrics(path: epath.Path, last_step: int) -> None:
 
 
 # -- the loop -------------------------------------------------------------------------------------
-def _build_pipelines(plan: RunPlan, tok, train_ex, eval_ex):
+def _build_pipelines(plan: RunPlan, tok, train_ex, eval_ex, mesh, rules):
   """(train pipeline, eval pipeline or None) of the plan's buckets (host numpy batches, this
   process's rows)."""
   cfg, loop_cfg = plan.cfg, plan.cfg.loop
@@ -297,17 +297,17 @@ def _build_pipelines(plan: RunPlan, tok, train_ex, eval_ex):
           pad_id=plan.pad_id)
   else:
     train = run_plan.sft_train_pipeline(plan, tok, train_ex)
-  evals = _eval_pipeline(plan, tok, eval_ex) if plan.has_eval and eval_ex else None
+  evals = _eval_pipeline(plan, tok, eval_ex, mesh, rules) if plan.has_eval and eval_ex else None
   return train, evals
 
 
-def _eval_pipeline(plan: RunPlan, tok, eval_ex):
+def _eval_pipeline(plan: RunPlan, tok, eval_ex, mesh, rules):
   """One pass over an eval set: each prompt repeated eval_k times in consecutive rows."""
   with run_plan.buckets_field("data.prompt_buckets", plan.prompt_buckets):
     return pipeline_lib.rollout_pipeline_from_ids(
         tokenizer_lib.encode_prompts(tok, [e.prompt for e in eval_ex]),
         [e.answer for e in eval_ex], pipeline_lib.PipelineConfig(
-            global_batch_size=min(plan.cfg.loop.eval_batch_size, len(eval_ex)),
+            global_batch_size=run_plan.eval_batch_prompts(plan, len(eval_ex), mesh, rules),
             bucket_lengths=plan.prompt_buckets, group_size=plan.eval_k, shuffle=False,
             num_epochs=1), pad_id=plan.pad_id)
 
@@ -523,10 +523,10 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
   if not train_ex:
     raise errors.UserError(f"no training examples in {cfg.data.path or 'the generated task'} "
                            "(data.train_examples / data.path)")
-  train_pipe, eval_pipe = _build_pipelines(plan, tok, train_ex, eval_ex)
+  train_pipe, eval_pipe = _build_pipelines(plan, tok, train_ex, eval_ex, mesh, rules)
   # ('', pipeline) is the unnamed eval split (eval/...), then data.eval_sets (eval/<name>/...).
   eval_pipes = ([("", eval_pipe)] if eval_pipe is not None else []) + [
-      (name, _eval_pipeline(plan, tok, ex)) for name, ex, _ in named_evals]
+      (name, _eval_pipeline(plan, tok, ex, mesh, rules)) for name, ex, _ in named_evals]
   verifier = run_plan.make_verifier(cfg) if (needs.verifier or eval_pipes) else None
 
   # Optimizer, context, state.

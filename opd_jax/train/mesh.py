@@ -361,6 +361,46 @@ def sync_processes(name: str, timeout_s: float = 1800.0) -> None:
   ocp_multihost.get_barrier_sync_fn()(key=f"opd_jax_{name}_{n}", timeout_ms=int(timeout_s * 1000))
 
 
+def batch_shards(mesh: jax.sharding.Mesh, rules: Iterable[Sequence] = DEFAULT_RULES) -> int:
+  """How many ways the `batch` rule's mesh axes split a batch."""
+  spec = batch_sharding(mesh, 1, rules).spec
+  axes = spec[0] if spec else None
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def process_rows_mismatch(mesh: jax.sharding.Mesh, rows: int,
+                          rules: Iterable[Sequence] = DEFAULT_RULES) -> str | None:
+  """None when the devices of every process hold exactly the rows it loads (`process_rows`: its
+  contiguous block, in process order), which `global_batch` assumes; else which process holds
+  which rows. Decided from the whole mesh, so every process reaches the same answer. A mesh
+  whose batch axes do not keep each process's devices together (e.g. the batch replicated over
+  processes, or axes ordered so that one process's devices hold blocks 0 and 2) would otherwise
+  train each row on another process's devices, silently."""
+  n = jax.process_count()
+  if n == 1 or rows % n:
+    return None
+  per = rows // n
+  held: dict[int, set[int]] = {}
+  for device, index in batch_sharding(mesh, 1, rules).devices_indices_map((rows,)).items():
+    start, stop, _ = index[0].indices(rows)
+    held.setdefault(device.process_index, set()).update(range(start, stop))
+  for p in range(n):
+    want = set(range(p * per, (p + 1) * per))
+    if held.get(p, set()) != want:
+      return (f"process {p}'s devices hold batch rows {_row_list(sorted(held.get(p, set())))} "
+              f"of {rows}, but the process loads rows {p * per}..{(p + 1) * per - 1}")
+  return None
+
+
+def _row_list(rows: list[int]) -> str:
+  if not rows:
+    return "none"
+  if rows == list(range(rows[0], rows[-1] + 1)):
+    return f"{rows[0]}..{rows[-1]}"
+  return ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+
+
 def process_rows(global_batch_size: int) -> slice:
   """The slice of a global batch this process should load (contiguous, in process order)."""
   n = jax.process_count()

@@ -469,6 +469,15 @@ def resolve(cfg: TrainConfig, *, tokenizer=None, student: ModelConfig | None = N
       eos_id=eos_id, pad_id=pad_id)
 
 
+def eval_batch_prompts(plan: RunPlan, examples: int, mesh, rules) -> int:
+  """Prompts per eval batch: `loop.eval_batch_size`, or all of a smaller eval set, rounded up
+  so that each process loads whole prompts and the prompts x eval k rows split over the batch
+  shards (the pipeline pads with rows marked invalid)."""
+  shards = mesh_lib.batch_shards(mesh, rules)
+  unit = math.lcm(jax.process_count(), shards // math.gcd(shards, plan.eval_k))
+  return -(-min(plan.cfg.loop.eval_batch_size, examples) // unit) * unit
+
+
 def check_divisible(plan: RunPlan, mesh, rules) -> None:
   """Refuses, naming the config fields and the mesh, a batch that the mesh's batch axes (and the
   processes, and the step's minibatches x micro-batches) cannot split evenly. Runs before any
@@ -476,7 +485,7 @@ def check_divisible(plan: RunPlan, mesh, rules) -> None:
   spec = mesh_lib.batch_sharding(mesh, 2, rules).spec
   axes = spec[0] if spec else None
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  shards = mesh_lib.batch_shards(mesh, rules)
   cfg = plan.cfg
   what = ("loop.batch_size x rollout.group_size" if plan.recipe.uses_rollouts
           else "loop.batch_size")
@@ -488,6 +497,12 @@ def check_divisible(plan: RunPlan, mesh, rules) -> None:
   if plan.rows % jax.process_count():
     raise config_lib.ConfigError(f"{what} = {plan.rows} rows per step do not split over "
                                  f"{jax.process_count()} processes")
+  mismatch = mesh_lib.process_rows_mismatch(mesh, plan.rows, rules)
+  if mismatch:
+    raise config_lib.ConfigError(
+        f"mesh.shape={cfg.mesh.shape} / mesh.axes={cfg.mesh.axes}: {mismatch}; order the mesh so "
+        f"that each process's devices are together on the batch axes {axes} (e.g. "
+        "mesh.shape=(1,-1,1))")
   split = getattr(plan.step_cfg, "minibatches", 1) * getattr(plan.step_cfg, "micro_batches", 1)
   section = "pg" if plan.recipe.uses_rollouts and hasattr(plan.step_cfg, "minibatches") else (
       "sft" if not plan.recipe.uses_rollouts else "distill")

@@ -142,14 +142,17 @@ def cpu_model(cpuinfo_path: str = "/proc/cpuinfo",
 
 
 def peak_flops() -> tuple[float, str]:
-  """(peak FLOP/s of all local devices together, where the figure comes from)."""
+  """(peak FLOP/s of all the run's devices together, where the figure comes from): this host's
+  (its devices' vendor figure, or a matmul measured on them) times the number of hosts, as the
+  FLOPs of a step (`iteration_flops`) count the global batch. Hosts are taken to be alike."""
   dev = jax.local_devices()[0]
+  hosts = jax.device_count() / jax.local_device_count()
   if dev.platform == "cpu":
-    return measured_peak_flops(), "measured (f32 matmul, all cores)"
+    return measured_peak_flops() * hosts, "measured (f32 matmul, all cores)"
   for prefix, flops in VENDOR_PEAK_FLOPS.items():
     if dev.device_kind.startswith(prefix):
-      return flops * jax.local_device_count(), f"vendor bf16 ({dev.device_kind})"
-  return measured_peak_flops(4096), f"measured (f32 matmul, {dev.device_kind})"
+      return flops * jax.device_count(), f"vendor bf16 ({dev.device_kind})"
+  return measured_peak_flops(4096) * hosts, f"measured (f32 matmul, {dev.device_kind})"
 
 
 # -- the clock ------------------------------------------------------------------------------------
