@@ -197,6 +197,21 @@ def test_a_kill_during_an_eval_resumes_before_it(reference, tmp_path, monkeypatc
   _assert_same(_final_params(tmp_path), reference["sft"][0])
 
 
+def test_sigterm_while_the_run_loads_stops_it_at_the_first_step_with_a_checkpoint(tmp_path,
+                                                                                   monkeypatch):
+  # A preemption can come while the models load and the step compiles (minutes on a pod).
+  real = loop.run_plan.load_model
+
+  def load_model(*a, **kw):
+    signal.raise_signal(signal.SIGTERM)
+    return real(*a, **kw)
+
+  monkeypatch.setattr(loop.run_plan, "load_model", load_model)
+  summary = loop.run(_config("sft", ["loop.snapshot_steps=()"]), tmp_path)
+  assert summary["preempted"] == "SIGTERM" and summary["step"] == 1
+  assert ckpt_lib.Checkpointer(tmp_path / "checkpoints").all_steps() == [1]
+
+
 def _train_cmd(workdir, *extra):
   return [sys.executable, "-m", "opd_jax.cli", "train", "--config",
           str(ROOT / "configs" / "sft.py") + ":smoke", "--workdir", str(workdir),

@@ -209,9 +209,12 @@ class _StopRequest:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-  def agreed(self) -> bool:
+  def agreed(self, step: int) -> bool:
     """Whether to stop now; multi-process, every process stops at the same step if any was
-    signalled (a tiny all-gather of the flags, an explicit documented transfer).
+    signalled (a tiny all-gather of the flags, an explicit documented transfer), or if JAX's
+    preemption notifier caught a SIGTERM before this handler was installed (it is installed by
+    `jax.distributed.initialize`; `multihost_utils.reached_preemption_sync_point`, which every
+    process reaches at the same step).
 
     The all-gather queues behind the step just dispatched, so the host waits for that step every
     step. A host-only agreement (a coordination-service barrier) was tried instead. 2-process
@@ -224,7 +227,12 @@ class _StopRequest:
     from jax.experimental import multihost_utils
     with jax.transfer_guard("allow"):
       flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
-    return bool(np.asarray(flags).any())
+    if bool(np.asarray(flags).any()):
+      return True
+    try:
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    except RuntimeError:   # no preemption sync manager in this runtime
+      return False
 
 
 def _load_teachers(cfg, mesh, rules, teacher_params):
@@ -372,8 +380,11 @@ def run(config: TrainConfig, workdir, *, resume: bool = False, init_params=None,
                                              default=str))
       if fresh:
         _truncate_metrics(workdir / "metrics.jsonl", -1)  # rows of an earlier, unsaved start
-    return _run(cfg, workdir, ckpt, fresh, init_params, teacher_params, subspace_bases,
-                tokenizer, stop_after, t_start, branch)
+    # SIGTERM / SIGINT are noted from here on (loading, compiling and restoring take minutes on
+    # a pod, and a preemption then must stop the run too): acted on at the first step boundary.
+    with _StopRequest() as stop:
+      return _run(cfg, workdir, ckpt, fresh, init_params, teacher_params, subspace_bases,
+                  tokenizer, stop_after, t_start, branch, stop)
   finally:
     ckpt.close()
     if branch is not None:
@@ -478,7 +489,7 @@ class _StepAhead:
 
 def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fresh: bool,
          init_params, teacher_params, subspace_bases, tokenizer, stop_after, t_start,
-         branch: _Branch | None = None) -> dict:
+         branch: _Branch | None, stop: "_StopRequest") -> dict:
   """`run` after the workdir checks: build everything once, restore or init, loop."""
   primary = jax.process_index() == 0
   snap_dir = workdir / "snapshots"
@@ -614,7 +625,8 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
     try:
       with jax.set_mesh(mesh), sharding.axis_rules(rules):
         return _loop(ctx, recipe, state, iterator, step_fn, ckpt, workdir, snap_dir, eval_pipes,
-                     verifier, resumed_from, t_start, stop_after, data_reports, origin, ahead)
+                     verifier, resumed_from, t_start, stop_after, data_reports, stop, origin,
+                     ahead)
     finally:
       if ahead is not None:
         ahead.wait()
@@ -626,8 +638,8 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
 def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step_fn, ckpt,
           workdir: epath.Path, snap_dir: epath.Path, eval_pipes, verifier,
           resumed_from: int | None, t_start: float, stop_after: int | None,
-          data_reports: Mapping[str, Any], origin=None, ahead: _StepAhead | None = None
-          ) -> dict:
+          data_reports: Mapping[str, Any], stop: "_StopRequest", origin=None,
+          ahead: _StepAhead | None = None) -> dict:
   """Dispatch (recipe batch -> jitted step), fetch metrics one step late, save.
 
   The step loop runs under `jax.transfer_guard(loop.transfer_guard)`: every host <-> device copy
@@ -734,7 +746,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
   t_loop = time.time()
   preempted = None
   try:
-    with jax.transfer_guard(loop_cfg.transfer_guard), _StopRequest() as stop:
+    with jax.transfer_guard(loop_cfg.transfer_guard):
       if resumed_from is None:
         if 0 in loop_cfg.snapshot_steps:
           snapshot(0, state)
@@ -777,7 +789,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
         if want_ckpt:
           save(step, state)
           last_ckpt = step
-        if step < end and stop.agreed():
+        if step < end and stop.agreed(step):
           handle(fetcher.flush())
           if not want_ckpt:
             save(step, state)
