@@ -2,10 +2,10 @@
 
 Run as `python tests/mp_worker.py PORT PROCESS_ID NUM_PROCESSES WORKDIR`: joins the coordinator,
 builds the tiny model FSDP-sharded over every process's devices, runs `STEPS` sft steps on a
-global batch assembled from each process's rows, writes a checkpoint collectively, and (process
-0) prints {"losses", "devices", "orbax_host_barriers", "ordered", "unordered_pairs"} as its last
-line: whether the step's program orders its collectives, and the pairs `collective_order` finds
-in it.
+global batch assembled from each process's rows, writes a checkpoint collectively, restores past a
+checkpoint broken on one process only (`_fallback_together`), and (process 0) prints {"losses",
+"devices", "orbax_host_barriers", "ordered", "unordered_pairs", "fallback"} as its last line:
+whether the step's program orders its collectives, and the pairs `collective_order` finds in it.
 """
 
 from __future__ import annotations
@@ -84,12 +84,38 @@ def main(argv):
     losses.append(float(metrics["train/loss"]))
   with checkpoint.Checkpointer(workdir, model_cfg=model_cfg) as ckpt:
     ckpt.save(STEPS, state, {"losses": losses})
+  fallback = _fallback_together(pathlib.Path(workdir + "_fallback"), state, tx, shardings,
+                                model_cfg, process_id)
   from orbax.checkpoint._src.multihost import multihost as ocp_multihost
   host_barriers = ocp_multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.value
   if process_id == 0:
     print(json.dumps({"losses": losses, "devices": jax.device_count(),
                       "orbax_host_barriers": host_barriers, "ordered": ordered,
-                      "unordered_pairs": [str(p) for p in unordered]}))
+                      "unordered_pairs": [str(p) for p in unordered], "fallback": fallback}))
+
+
+def _fallback_together(directory, state, tx, shardings, model_cfg, process_id):
+  """Checkpoints 1 and 2, then process 1 breaks the files of checkpoint 2 that only it reads
+  (its own shards): `restore_latest` must have both processes fall back to 1 together (each
+  alone would restore another step, and the next collective would wait forever). Returns the
+  restored checkpoint's meta 'which' on every process."""
+  import warnings
+  from opd_jax.models import transformer
+  from opd_jax.train import checkpoint, mesh
+  with checkpoint.Checkpointer(directory, model_cfg=model_cfg) as ckpt:
+    ckpt.save(1, state, {"which": 1})
+    ckpt.save(2, state, {"which": 2})
+    ckpt.wait_until_finished()
+    mesh.sync_processes("fallback_written")
+    if process_id == 1:
+      for f in (directory / "2" / "state" / "ocdbt.process_1" / "d").iterdir():
+        f.write_bytes(bytes(b ^ 0xFF for b in f.read_bytes()))
+    mesh.sync_processes("fallback_broken")
+    abstract = mesh.abstract_state(tx, transformer.abstract_params(model_cfg), shardings)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", checkpoint.CorruptCheckpointWarning)
+      _, meta = ckpt.restore_latest(abstract)
+  return meta["which"]
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ def test_two_processes_match_single_process(tmp_path):
   # launch order hung runs) and leaves no loop racing another collective.
   assert result["ordered"] is True and result["unordered_pairs"] == []
   np.testing.assert_allclose(result["losses"], ref_losses, rtol=1e-5)
+  # A checkpoint whose broken file only process 1 reads: both fell back to the one before.
+  assert result["fallback"] == 1
   loaded, cfg = ckpt_lib.load_params_and_config(tmp_path / "ckpt")
   assert cfg == mp_worker.setup()[0]
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(ref_params)):

@@ -33,6 +33,7 @@ import warnings
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -199,6 +200,17 @@ class CorruptCheckpointWarning(UserWarning):
   """The latest checkpoint could not be read; an earlier one was restored."""
 
 
+def _processes_that_failed(failed_here: bool) -> list[int]:
+  """The indices of the processes that report a failure (all of them learn every process's
+  flag: a tiny all-gather, an explicit transfer). One process: its own flag."""
+  if jax.process_count() == 1:
+    return [0] if failed_here else []
+  from jax.experimental import multihost_utils
+  with jax.transfer_guard("allow"):
+    flags = np.asarray(multihost_utils.process_allgather(np.asarray([failed_here], np.int32)))
+  return [int(p) for p in np.flatnonzero(flags.reshape(-1))]
+
+
 class Checkpointer:
   """Rolling train-state checkpoints: orbax CheckpointManager (async, keep N).
 
@@ -252,29 +264,49 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
     """(state, meta) of checkpoint `step`, placed as `abstract_state`'s shardings say."""
-    out = self.manager.restore(int(step), args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+    try:
+      out = self.manager.restore(int(step), args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+    except Exception:
+      if jax.process_count() > 1:
+        # Orbax's restore ends in a cross-process barrier ('Checkpointer:restore'): a process
+        # whose read failed (each reads its own shards) still takes its part in it, or the others
+        # would wait there forever; `restore_latest` then has them all fall back together.
+        # The key orbax builds (`Checkpointer.restore`), with its checkpointer's key prefix.
+        prefix = getattr(getattr(self.manager, "_checkpointer", None),
+                         "_barrier_sync_key_prefix", None)
+        ocp.multihost.sync_global_processes(
+            ocp.multihost.unique_barrier_key("Checkpointer:restore", prefix=prefix))
+      raise
     return out[STATE], dict(out[META])
 
   def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict] | None:
     """(state, meta) of the newest readable checkpoint, or None when there is none.
 
     A checkpoint that cannot be read (corrupted or truncated files) is skipped with a
-    `CorruptCheckpointWarning` naming it, and the one before it is tried.
+    `CorruptCheckpointWarning` naming it, and the one before it is tried. With several
+    processes they agree on every attempt (each reads its own shards: a file only one process
+    reads may be the broken one), so all of them fall back together.
     """
     self.manager.wait_until_finished()
     steps = sorted(self.manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
       try:
-        return self.restore(step, abstract_state)
+        out, why = self.restore(step, abstract_state), None
       except Exception as e:  # noqa: BLE001 - any read failure means: fall back
-        if i + 1 == len(steps):
-          raise CheckpointError(f"no readable checkpoint in {self.directory}: step {step} "
-                                f"failed with {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                                ) from e
-        warnings.warn(f"checkpoint {self.directory / str(step)} is unreadable "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); falling back to "
-                      f"step {steps[i + 1]}", CorruptCheckpointWarning, stacklevel=2)
+        out, why = None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        cause = e
+      failed = _processes_that_failed(why is not None)
+      if not failed:
+        return out
+      if why is None:
+        why = f"unreadable on process(es) {', '.join(map(str, failed))}"
+        cause = None
+      if i + 1 == len(steps):
+        raise CheckpointError(f"no readable checkpoint in {self.directory}: step {step} "
+                              f"failed with {why}") from cause
+      warnings.warn(f"checkpoint {self.directory / str(step)} is unreadable ({why}); falling "
+                    f"back to step {steps[i + 1]}", CorruptCheckpointWarning, stacklevel=2)
     return None
 
   def latest_readable_meta(self) -> dict | None:
