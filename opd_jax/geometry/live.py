@@ -20,9 +20,8 @@ the largest Ritz value, the spectral norm (a separate power iteration cost as mu
 diagnostics compute them to convergence in float64); the tests check them against numpy's SVD on
 matrices with the spectral decay real updates have.
 
-The previous point's bases (`LiveBases`) are carried in the train state (`TrainState.geometry`)
-on the devices and saved with it, so a resumed run's first point reports Sim_K as the
-uninterrupted run's does; only a run's very first point has none.
+The previous point's bases (`LiveBases`) are carried by the loop on the devices; a resumed run
+starts without them (its first point reports no Sim_K).
 
 One matrix per LAPACK call. The subspace iteration's orthonormalisations and the Rayleigh-Ritz
 step are SVDs, run member by member (`lax.map`), never as one batched call. jaxlib 0.10's CPU

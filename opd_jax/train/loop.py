@@ -568,9 +568,6 @@ def _run(cfg: TrainConfig, workdir: epath.Path, ckpt: ckpt_lib.Checkpointer, fre
       to_device=lambda b: mesh_lib.global_batch(b, mesh, rules),
       merge=mesh_lib.jit_merge(lora_cfg, frozen["shardings"]) if frozen else None)
   extras = recipe.init_extras(ctx)
-  if cfg.geometry.enabled:   # the live monitor's carried state, shaped for the policy's params
-    extras["geometry"] = live_lib.init_bases(frozen.get("abstract", abstract_params),
-                                             cfg.geometry)
   s_shardings = mesh_lib.state_shardings(tx, p_shardings, abstract_params, **extras,
                                          frozen_shardings=frozen.get("shardings"))
   step_fn = recipe.jit_step(ctx, s_shardings)
@@ -663,9 +660,10 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
                       jax.device_put(np.uint32(0xE7A1), replicated))
   poison = jax.jit(_poison)
   geo = cfg.geometry
-  monitor = None
+  monitor = geo_bases = None
   if origin is not None:   # live geometry (`geometry.every`), on the devices, fetched one step late
     monitor = live_lib.make_monitor(geo, replicated=replicated)
+    geo_bases = jax.device_put(live_lib.init_bases(origin, geo), replicated)
   evals: list[dict] = []
   snapshots: dict[int, str] = {}
   last: dict[str, float] = {}
@@ -767,8 +765,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
         step += 1
         if monitor is not None and step % geo.every == 0:
           geo_metrics, geo_bases = monitor(origin, recipes_lib.policy_params(ctx, state),
-                                           state.geometry)
-          state = state.replace(geometry=geo_bases)   # saved with the state: a resume goes on
+                                           geo_bases)
           step_metrics = {**step_metrics, **geo_metrics}
         ctx.clock.finish(step, step_metrics)
         handle(fetcher.push(step, {**step_metrics, **rollout_metrics}))

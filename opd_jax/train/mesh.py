@@ -166,12 +166,11 @@ def opt_state_shardings(tx: optax.GradientTransformation, params_shardings, abst
 
 
 def state_shardings(tx: optax.GradientTransformation, params_shardings, abstract_params, *,
-                    value: Any = None, token_state: Any = None, frozen_shardings: Any = None,
-                    geometry: Any = None) -> TrainState:
+                    value: Any = None, token_state: Any = None, frozen_shardings: Any = None
+                    ) -> TrainState:
   """A TrainState of shardings: params as given, optimizer state mirroring them, the rest
-  (step, rng, the value head, the token-transform state and the live geometry monitor's state:
-  small) replicated. `value` / `token_state` are the recipe's extra fields and `geometry` the
-  monitor's (arrays or abstract), None when unused. With
+  (step, rng, the value head and the token-transform state: small) replicated. `value` /
+  `token_state` are the recipe's extra fields (arrays or abstract), None when unused. With
   adapters, `params_shardings` / `abstract_params` are the adapters' (`adapter_shardings`,
   `lora.abstract_adapters`) and `frozen_shardings` the base parameters' (`param_shardings`)."""
   leaves = jax.tree.leaves(params_shardings)
@@ -180,18 +179,18 @@ def state_shardings(tx: optax.GradientTransformation, params_shardings, abstract
                     opt_state=opt_state_shardings(tx, params_shardings, abstract_params), rng=rep,
                     value=jax.tree.map(lambda _: rep, value),
                     token_state=jax.tree.map(lambda _: rep, token_state),
-                    frozen=frozen_shardings, geometry=jax.tree.map(lambda _: rep, geometry))
+                    frozen=frozen_shardings)
 
 
 def abstract_state(tx: optax.GradientTransformation, abstract_params, shardings: TrainState | None
-                   = None, *, value: Any = None, token_state: Any = None, frozen: Any = None,
-                   geometry: Any = None) -> TrainState:
+                   = None, *, value: Any = None, token_state: Any = None, frozen: Any = None
+                   ) -> TrainState:
   """ShapeDtypeStructs of the TrainState (with `shardings` attached when given): the target for
-  `checkpoint.restore_latest` and for `plan`. `value` / `token_state` / `geometry` as in
-  `state_shardings`; `frozen` the abstract base parameters of an adapter run (else None)."""
+  `checkpoint.restore_latest` and for `plan`. `value` / `token_state` as in `state_shardings`;
+  `frozen` the abstract base parameters of an adapter run (else None)."""
   abstract = jax.eval_shape(
-      lambda p, v, t, f, g: create_state(p, tx, 0, value=v, token_state=t, frozen=f, geometry=g),
-      abstract_params, value, token_state, frozen, geometry)
+      lambda p, v, t, f: create_state(p, tx, 0, value=v, token_state=t, frozen=f),
+      abstract_params, value, token_state, frozen)
   if shardings is None:
     return abstract
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -221,23 +220,20 @@ def init_sharded_params(model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
 
 def init_sharded_state(params, tx: optax.GradientTransformation, seed: int,
                        shardings: TrainState, *, value: Any = None, token_state: Any = None,
-                       frozen: Any = None, geometry: Any = None) -> TrainState:
+                       frozen: Any = None) -> TrainState:
   """`create_state` under jit with `out_shardings`: the optimizer state is created sharded.
 
   `params` should already carry `shardings.params` (e.g. from `init_sharded_params`, `hf.load(...,
   mesh=)` or `reshard`); they are copied, not donated. `value` / `token_state` (the recipe's extra
-  fields, small host or device pytrees) and `geometry` (the live monitor's initial state) are
-  placed replicated. `frozen`: the base parameters of an adapter run (`init_adapters`), laid out
-  as `shardings.frozen`.
+  fields, small host or device pytrees) are placed replicated. `frozen`: the base parameters of
+  an adapter run (`init_adapters`), laid out as `shardings.frozen`.
   """
-  fn = jax.jit(lambda p, v, t, f, g: create_state(p, tx, seed, value=v, token_state=t, frozen=f,
-                                                  geometry=g),
+  fn = jax.jit(lambda p, v, t, f: create_state(p, tx, seed, value=v, token_state=t, frozen=f),
                in_shardings=(shardings.params, shardings.value, shardings.token_state,
-                             shardings.frozen, shardings.geometry),
+                             shardings.frozen),
                out_shardings=shardings)
   return fn(params, jax.device_put(value, shardings.value),
-            jax.device_put(token_state, shardings.token_state), frozen,
-            jax.device_put(geometry, shardings.geometry))
+            jax.device_put(token_state, shardings.token_state), frozen)
 
 
 # -- adapters (LoRA / PiSSA, `models.lora`) -------------------------------------------------------

@@ -43,10 +43,6 @@ class TrainState:
     token_state: the token transforms' optax state (`rollout.token_transforms`), else None.
     frozen: with adapters (`lora.rank > 0`), the frozen base params (the PiSSA residual for
       init='pissa'); never updated by a step. None without adapters.
-    geometry: the live geometry monitor's carried state (`geometry.live.LiveBases`: the previous
-      monitor point's subspaces, for Sim_K) with `geometry.every` > 0, else None. Updated by the
-      loop at each monitor point, saved with the rest, so a resumed run's first point still
-      reports Sim_K.
   """
 
   step: jax.Array
@@ -56,7 +52,6 @@ class TrainState:
   value: Any = None
   token_state: Any = None
   frozen: Any = None
-  geometry: Any = None
 
   def __repr__(self) -> str:  # arrays summarised, not printed
     return summarize(self)
@@ -95,11 +90,10 @@ def summarize(state: TrainState) -> str:
 
 
 def create_state(params: Params, tx: optax.GradientTransformation, seed: int | jax.Array, *,
-                 value: Any = None, token_state: Any = None, frozen: Any = None,
-                 geometry: Any = None) -> TrainState:
+                 value: Any = None, token_state: Any = None, frozen: Any = None) -> TrainState:
   """A fresh state at step 0: `tx.init(params)` and the key `jax.random.key(seed)`, plus the
-  recipe's extra fields (`value`, `token_state`), the frozen base of adapters (`frozen`) and the
-  live geometry monitor's state (`geometry`) as given.
+  recipe's extra fields (`value`, `token_state`) and the frozen base of adapters (`frozen`) as
+  given.
 
   `seed` may also be a typed key. Works under `jax.jit` (use `mesh.state_shardings` as
   `out_shardings` to create the optimizer state directly sharded) and under `jax.eval_shape`.
@@ -109,8 +103,7 @@ def create_state(params: Params, tx: optax.GradientTransformation, seed: int | j
   else:
     rng = jax.random.key(seed)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=rng, value=value, token_state=token_state, frozen=frozen,
-                    geometry=geometry)
+                    rng=rng, value=value, token_state=token_state, frozen=frozen)
 
 
 def step_rng(state: TrainState) -> jax.Array:
