@@ -240,25 +240,6 @@ def test_pg_step_matches_reference_loop():
   assert float(metrics["pg/kl_ref"]) > 0
 
 
-def test_an_update_without_loss_tokens_changes_nothing():
-  # After one real step the momentum trace is non-zero: an update on a batch without loss tokens
-  # (every GRPO group filtered) would still move the weights by momentum alone.
-  batch = _pg_batch()
-  state, _ = _run("pg", (1, 1, 1), steps.pg_step, batch, graphdef=GRAPHDEF, tx=TX, cfg=PG_CFG)
-  before = jax.device_get(state)
-  assert max(float(np.abs(x).max()) for x in jax.tree.leaves(before.opt_state)) > 0
-  empty = dict(batch, loss_mask_BxT=np.zeros_like(batch["loss_mask_BxT"]),
-               adv_BxT=np.zeros_like(batch["adv_BxT"]))
-  step = _jitted("pg", (1, 1, 1), batch, steps.pg_step, graphdef=GRAPHDEF, tx=TX, cfg=PG_CFG)
-  after, metrics = step(state, _put_batch(empty, (1, 1, 1)))
-  assert int(after.step) == int(before.step) + 1
-  for x, y in zip(jax.tree.leaves((after.params, after.opt_state)),
-                  jax.tree.leaves((before.params, before.opt_state))):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  assert float(metrics["train/skipped"]) == 1.0 and float(metrics["train/updates"]) == 0.0
-  assert float(metrics["train/update_norm"]) == 0.0
-
-
 def test_mesh_8_devices_equals_single_device_and_compiles_once():
   batch = _pg_batch()
   knobs = dict(graphdef=GRAPHDEF, tx=TX, cfg=PG_CFG)

@@ -18,12 +18,9 @@ counts train-step calls (one per rollout batch); the optimizer counts its own up
 Metrics (flat, slash-named scalars, computed in jit): `train/loss` (loss of the update: sum /
 denominator), `train/grad_norm` (global norm of the gradient before clipping), `train/update_norm`,
 `train/lr`, `train/loss_finite` (1.0 iff every update's loss and gradient norm are finite; the
-loop stops on 0), `train/updates` (applied), `train/skipped` (the fraction of the step's updates
-whose batch held no loss token, e.g. every GRPO group filtered: such an update changes nothing,
-neither the parameters nor the optimizer state), plus the objective's metrics. With several
-micro-batches or updates, objective metrics are averaged over them (train/loss and
-train/grad_norm are exact per update, then averaged over the updates of a pg_step). `train/loss`
-is the whole differentiated
+loop stops on 0), `train/updates`, plus the objective's metrics. With several micro-batches or
+updates, objective metrics are averaged over them (train/loss and train/grad_norm are exact per
+update, then averaged over the updates of a pg_step). `train/loss` is the whole differentiated
 loss (with pg_step's options: + KL-to-reference + CR-OPD + value_coef * value loss);
 `train/grad_norm` is the policy's.
 
@@ -364,11 +361,6 @@ def _accumulate(loss_fn: Callable, wrt, batch: Batch, n_micro: int, constrain: C
   return grads, loss_sum, denom, parts, jax.tree.map(jnp.mean, metrics)
 
 
-def _unless(skip: jax.Array, kept, updated):
-  """`kept` where `skip`, else `updated` (pytrees alike; typed PRNG keys too)."""
-  return jax.lax.cond(skip, lambda k, u: k, lambda k, u: u, kept, updated)
-
-
 def _apply(params, opt_state, tx: optax.GradientTransformation, loss_fn: Callable, batch: Batch,
            n_micro: int, graphdef, value=None, value_tx: optax.GradientTransformation | None = None,
            adapters: _Adapters | None = None):
@@ -402,13 +394,8 @@ def _apply(params, opt_state, tx: optax.GradientTransformation, loss_fn: Callabl
     grads, value_grads = grads
   loss = loss_sum * scale
   grad_norm = optax.tree.norm(grads)
-  # A batch without a loss token (e.g. every GRPO group of it filtered) is no update at all: the
-  # parameters, the optimizer state (Adam's moments, the schedule's count) and the value head stay
-  # as they are, rather than moving by momentum and weight decay alone.
-  empty = denom <= 0
-  updates, new_opt_state = tx.update(grads, opt_state, params)
-  params, opt_state = _unless(empty, (params, opt_state),
-                              (optax.apply_updates(params, updates), new_opt_state))
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
   lr = factory.current_lr(opt_state)
   out = dict(metrics)
   out.update({k: v * scale for k, v in parts.items()})
@@ -416,17 +403,16 @@ def _apply(params, opt_state, tx: optax.GradientTransformation, loss_fn: Callabl
   if value is not None:
     value_grad_norm = optax.tree.norm(value_grads)
     value_updates, value_opt = value_tx.update(value_grads, value["opt_state"], value["params"])
-    value = _unless(empty, value, {"params": optax.apply_updates(value["params"], value_updates),
-                                   "opt_state": value_opt})
+    value = {"params": optax.apply_updates(value["params"], value_updates),
+             "opt_state": value_opt}
     out["value/grad_norm"] = value_grad_norm
     finite = finite & jnp.isfinite(value_grad_norm)
   out.update({
       "train/loss": loss,
       "train/grad_norm": grad_norm,
-      "train/update_norm": jnp.where(empty, 0.0, optax.tree.norm(updates)),
+      "train/update_norm": optax.tree.norm(updates),
       "train/loss_finite": finite.astype(jnp.float32),
       "train/denominator": denom,
-      "train/skipped": empty.astype(jnp.float32),
   })
   if lr is not None:
     out["train/lr"] = jnp.asarray(lr, jnp.float32)
@@ -483,7 +469,7 @@ def _student_logp(graphdef, params, mb: Batch, temperature: float, chunk_size: i
 def _finish(state: TrainState, params, opt_state, metrics: Metrics, updates: int, value=None
             ) -> tuple[TrainState, Metrics]:
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-  metrics["train/updates"] = updates * (1.0 - metrics["train/skipped"])   # the applied ones
+  metrics["train/updates"] = jnp.asarray(updates, jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   if value is not None:
     new_state = new_state.replace(value=value)
