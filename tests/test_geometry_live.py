@@ -251,11 +251,11 @@ def test_traces_for_a_model_with_more_than_2_31_entries():
   # counts float32, so nothing reaches int32 at trace time (abstract shapes: nothing allocated).
   L, d, f, kv = 36, 4096, 12288, 1024
   a = lambda *s: jax.ShapeDtypeStruct(s, jax.numpy.bfloat16)  # noqa: E731
+  attn = {"q_proj": a(L, d, d), "k_proj": a(L, d, kv), "v_proj": a(L, d, kv), "o_proj": a(L, d, d)}
+  mlp = {"gate_proj": a(L, d, f), "up_proj": a(L, d, f), "down_proj": a(L, f, d)}
   params = {"embed": {"embedding": a(151936, d)},
-            "layers": {"attn": {"q_proj": {"kernel": a(L, d, d)}, "k_proj": {"kernel": a(L, d, kv)},
-                                "v_proj": {"kernel": a(L, d, kv)}, "o_proj": {"kernel": a(L, d, d)}},
-                       "mlp": {"gate_proj": {"kernel": a(L, d, f)}, "up_proj": {"kernel": a(L, d, f)},
-                               "down_proj": {"kernel": a(L, f, d)}},
+            "layers": {"attn": {k: {"kernel": v} for k, v in attn.items()},
+                       "mlp": {k: {"kernel": v} for k, v in mlp.items()},
                        "input_norm": {"scale": a(L, d)}}}
   assert sum(np.prod(x.shape) for x in jax.tree.leaves(params)) > 2 ** 32
   bases = jax.eval_shape(lambda: live.init_bases(params, CFG))

@@ -430,8 +430,11 @@ def test_eval_batches_round_up_to_whole_prompts_per_process_and_batch_shard(monk
   plan = run_plan.resolve(cfg, shapes_only=True)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   assert mesh_lib.batch_shards(mesh, cfg.mesh.rules) == jax.device_count() == 8
+  prompts = lambda n: run_plan.eval_batch_prompts(  # noqa: E731
+      cfg.loop.eval_batch_size, n, plan.eval_k, mesh, cfg.mesh.rules)
   # 5 prompts x 2 samples = 10 rows do not split over 8 shards: 8 prompts (3 padding) do.
-  assert run_plan.eval_batch_prompts(plan, 5, mesh, cfg.mesh.rules) == 8
-  assert run_plan.eval_batch_prompts(plan, 1000, mesh, cfg.mesh.rules) == cfg.loop.eval_batch_size
-  monkeypatch.setattr(jax, "process_count", lambda: 3)   # and whole prompts per process
-  assert run_plan.eval_batch_prompts(plan, 5, mesh, cfg.mesh.rules) == 12
+  assert prompts(5) == 8 and prompts(1000) == cfg.loop.eval_batch_size
+  # Several processes: whole prompts per process and per shard (a process's shards need not be
+  # adjacent in the global batch).
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  assert prompts(5) == 24

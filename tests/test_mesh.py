@@ -162,9 +162,10 @@ def test_subspace_bases_in_optimizer_state_follow_their_params():
       None, "fsdp", "tensor")
 
 
-def test_process_rows_mismatch_names_the_process_whose_devices_hold_other_rows(monkeypatch):
-  """`global_batch` has process p load the contiguous rows p*B/n..: the mesh must put exactly
-  those rows on p's devices. 2 processes x 2 devices, 8 rows in 4 blocks of 2 (or replicated)."""
+def test_process_rows_mismatch_refuses_shared_rows_and_split_groups(monkeypatch):
+  """Each process loads its own rows, laid in order into the blocks its devices hold: no row on
+  two processes, and non-adjacent blocks of whole groups. 2 processes x 2 devices, 8 rows in 4
+  blocks of 2 (or replicated)."""
   class Device(tuple):
     process_index = property(lambda self: self[1])
 
@@ -178,10 +179,15 @@ def test_process_rows_mismatch_names_the_process_whose_devices_hold_other_rows(m
 
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   layout([0, 0, 1, 1])
-  assert mesh_lib.process_rows_mismatch(None, 8) is None
-  layout([0, 1, 0, 1])   # axes ordered so that process 0 holds blocks 0 and 2
-  assert mesh_lib.process_rows_mismatch(None, 8) == (
-      "process 0's devices hold batch rows 0, 1, 4, 5 of 8, but the process loads rows 0..3")
+  assert mesh_lib.process_rows_mismatch(None, 8, group=4) is None
+  # Host-interleaved (as TPU pods' device meshes are): process 0 holds blocks 0 and 2. Sound
+  # while blocks hold whole groups of consecutive rows.
+  layout([0, 1, 0, 1])
+  assert mesh_lib.process_rows_mismatch(None, 8, group=2) is None
+  assert mesh_lib.process_rows_mismatch(None, 8, group=4) == (
+      "process 0's devices hold non-adjacent blocks of 2 batch rows, which split the groups of 4 "
+      "consecutive rows")
   layout(None)           # the batch replicated over the processes
   assert mesh_lib.process_rows_mismatch(None, 8) == (
-      "process 0's devices hold batch rows 0..7 of 8, but the process loads rows 0..3")
+      "batch row 0 is on the devices of processes 0 and 1: the batch axes do not split the "
+      "batch over the processes, which each load their own rows")

@@ -379,7 +379,9 @@ def evaluate(cfg, model_spec, ev: study_config.EvalConfig) -> dict:
     prompt_ids = tokenizer_lib.encode_prompts(tok, [e.prompt for e in eval_ex])
     pipe = pipeline_lib.rollout_pipeline_from_ids(
         prompt_ids, [e.answer for e in eval_ex], pipeline_lib.PipelineConfig(
-            global_batch_size=min(ev.batch_size, len(eval_ex)), bucket_lengths=plan.prompt_buckets,
+            global_batch_size=run_plan.eval_batch_prompts(ev.batch_size, len(eval_ex), k, mesh,
+                                                          rules),
+            bucket_lengths=plan.prompt_buckets,
             group_size=k, shuffle=False, num_epochs=1), pad_id=plan.pad_id)
     sampler_cfg = run_plan.sampler_config(cfg, plan.eos_id, plan.pad_id,
                                           max_new_tokens=plan.max_new_tokens, greedy=ev.greedy,

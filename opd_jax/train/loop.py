@@ -191,6 +191,7 @@ class _StopRequest:
   def __init__(self):
     self.signal: int | None = None
     self._previous: dict[int, Any] = {}
+    self._calls = 0   # of `agreed` (multi-process)
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -209,12 +210,13 @@ class _StopRequest:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-  def agreed(self, step: int) -> bool:
+  def agreed(self) -> bool:
     """Whether to stop now; multi-process, every process stops at the same step if any was
     signalled (a tiny all-gather of the flags, an explicit documented transfer), or if JAX's
     preemption notifier caught a SIGTERM before this handler was installed (it is installed by
-    `jax.distributed.initialize`; `multihost_utils.reached_preemption_sync_point`, which every
-    process reaches at the same step).
+    `jax.distributed.initialize`; `multihost_utils.reached_preemption_sync_point`, counted in
+    calls of this method, 1, 2, ..., the same on every process: the notifier's sync point counts
+    from its first call, whatever step a resumed run starts at).
 
     The all-gather queues behind the step just dispatched, so the host waits for that step every
     step. A host-only agreement (a coordination-service barrier) was tried instead. 2-process
@@ -229,8 +231,9 @@ class _StopRequest:
       flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
     if bool(np.asarray(flags).any()):
       return True
+    self._calls += 1
     try:
-      return bool(multihost_utils.reached_preemption_sync_point(step))
+      return bool(multihost_utils.reached_preemption_sync_point(self._calls))
     except RuntimeError:   # no preemption sync manager in this runtime
       return False
 
@@ -315,7 +318,8 @@ def _eval_pipeline(plan: RunPlan, tok, eval_ex, mesh, rules):
     return pipeline_lib.rollout_pipeline_from_ids(
         tokenizer_lib.encode_prompts(tok, [e.prompt for e in eval_ex]),
         [e.answer for e in eval_ex], pipeline_lib.PipelineConfig(
-            global_batch_size=run_plan.eval_batch_prompts(plan, len(eval_ex), mesh, rules),
+            global_batch_size=run_plan.eval_batch_prompts(
+                plan.cfg.loop.eval_batch_size, len(eval_ex), plan.eval_k, mesh, rules),
             bucket_lengths=plan.prompt_buckets, group_size=plan.eval_k, shuffle=False,
             num_epochs=1), pad_id=plan.pad_id)
 
@@ -786,7 +790,7 @@ def _loop(ctx: recipes_lib.RunContext, recipe, state: TrainState, iterator, step
         if want_ckpt:
           save(step, state)
           last_ckpt = step
-        if step < end and stop.agreed(step):
+        if step < end and stop.agreed():
           handle(fetcher.flush())
           if not want_ckpt:
             save(step, state)

@@ -366,35 +366,38 @@ def batch_shards(mesh: jax.sharding.Mesh, rules: Iterable[Sequence] = DEFAULT_RU
 
 
 def process_rows_mismatch(mesh: jax.sharding.Mesh, rows: int,
-                          rules: Iterable[Sequence] = DEFAULT_RULES) -> str | None:
-  """None when the devices of every process hold exactly the rows it loads (`process_rows`: its
-  contiguous block, in process order), which `global_batch` assumes; else which process holds
-  which rows. Decided from the whole mesh, so every process reaches the same answer. A mesh
-  whose batch axes do not keep each process's devices together (e.g. the batch replicated over
-  processes, or axes ordered so that one process's devices hold blocks 0 and 2) would otherwise
-  train each row on another process's devices, silently."""
-  n = jax.process_count()
-  if n == 1 or rows % n:
+                          rules: Iterable[Sequence] = DEFAULT_RULES, group: int = 1) -> str | None:
+  """None when `global_batch`'s placement of a batch of `rows` is sound, else why not.
+
+  Each process loads its own rows and `jax.make_array_from_process_local_data` lays them, in
+  order, into the blocks of the global batch its devices hold. That needs (1) every row on the
+  devices of one process only (a batch axis that does not split over the processes would take
+  each process's rows for the whole batch), and (2) where a process's blocks are not adjacent
+  (device meshes ordered host-interleaved, as TPU pods' are), blocks of whole groups of `group`
+  consecutive rows (a prompt's G samples: the shared prefill and GRPO's statistics read
+  consecutive rows). Decided from the whole mesh, so every process reaches the same answer."""
+  if jax.process_count() == 1 or rows % jax.process_count():
     return None
-  per = rows // n
-  held: dict[int, set[int]] = {}
+  blocks: dict[int, set[tuple[int, int]]] = {}
   for device, index in batch_sharding(mesh, 1, rules).devices_indices_map((rows,)).items():
     start, stop, _ = index[0].indices(rows)
-    held.setdefault(device.process_index, set()).update(range(start, stop))
-  for p in range(n):
-    want = set(range(p * per, (p + 1) * per))
-    if held.get(p, set()) != want:
-      return (f"process {p}'s devices hold batch rows {_row_list(sorted(held.get(p, set())))} "
-              f"of {rows}, but the process loads rows {p * per}..{(p + 1) * per - 1}")
+    blocks.setdefault(device.process_index, set()).add((start, stop))
+  holder: dict[int, int] = {}
+  for p, spans in sorted(blocks.items()):
+    for start, stop in spans:
+      for r in range(start, stop):
+        if holder.setdefault(r, p) != p:
+          return (f"batch row {r} is on the devices of processes {holder[r]} and {p}: the batch "
+                  "axes do not split the batch over the processes, which each load their own "
+                  "rows")
+  for p, spans in sorted(blocks.items()):
+    spans = sorted(spans)
+    adjacent = all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    size = spans[0][1] - spans[0][0]
+    if not adjacent and size % group:
+      return (f"process {p}'s devices hold non-adjacent blocks of {size} batch rows, which split "
+              f"the groups of {group} consecutive rows")
   return None
-
-
-def _row_list(rows: list[int]) -> str:
-  if not rows:
-    return "none"
-  if rows == list(range(rows[0], rows[-1] + 1)):
-    return f"{rows[0]}..{rows[-1]}"
-  return ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
 
 
 def process_rows(global_batch_size: int) -> slice:

@@ -469,13 +469,17 @@ def resolve(cfg: TrainConfig, *, tokenizer=None, student: ModelConfig | None = N
       eos_id=eos_id, pad_id=pad_id)
 
 
-def eval_batch_prompts(plan: RunPlan, examples: int, mesh, rules) -> int:
-  """Prompts per eval batch: `loop.eval_batch_size`, or all of a smaller eval set, rounded up
-  so that each process loads whole prompts and the prompts x eval k rows split over the batch
-  shards (the pipeline pads with rows marked invalid)."""
+def eval_batch_prompts(batch_size: int, examples: int, k: int, mesh, rules) -> int:
+  """Prompts per eval batch of k samples each: `batch_size`, or all of a smaller eval set,
+  rounded up so that each process loads whole prompts and the prompts x k rows split over the
+  batch shards (the pipeline pads with rows marked invalid; `batch_size` itself is checked by
+  `check_divisible`)."""
   shards = mesh_lib.batch_shards(mesh, rules)
-  unit = math.lcm(jax.process_count(), shards // math.gcd(shards, plan.eval_k))
-  return -(-min(plan.cfg.loop.eval_batch_size, examples) // unit) * unit
+  # Several processes: whole prompts per shard too, as a process's shards need not be adjacent
+  # (`mesh.process_rows_mismatch`).
+  per_shard = shards if jax.process_count() > 1 else shards // math.gcd(shards, k)
+  unit = math.lcm(jax.process_count(), per_shard)
+  return -(-min(batch_size, examples) // unit) * unit
 
 
 def check_divisible(plan: RunPlan, mesh, rules) -> None:
@@ -497,12 +501,13 @@ def check_divisible(plan: RunPlan, mesh, rules) -> None:
   if plan.rows % jax.process_count():
     raise config_lib.ConfigError(f"{what} = {plan.rows} rows per step do not split over "
                                  f"{jax.process_count()} processes")
-  mismatch = mesh_lib.process_rows_mismatch(mesh, plan.rows, rules)
+  group = cfg.rollout.group_size if plan.recipe.uses_rollouts else 1
+  mismatch = mesh_lib.process_rows_mismatch(mesh, plan.rows, rules, group)
   if mismatch:
     raise config_lib.ConfigError(
-        f"mesh.shape={cfg.mesh.shape} / mesh.axes={cfg.mesh.axes}: {mismatch}; order the mesh so "
-        f"that each process's devices are together on the batch axes {axes} (e.g. "
-        "mesh.shape=(1,-1,1))")
+        f"mesh.shape={cfg.mesh.shape} / mesh.axes={cfg.mesh.axes} with {what} = {plan.rows} "
+        f"rows: {mismatch}; split the batch axes {axes} over the processes (e.g. "
+        "mesh.shape=(1,-1,1)) into blocks of whole groups")
   split = getattr(plan.step_cfg, "minibatches", 1) * getattr(plan.step_cfg, "micro_batches", 1)
   section = "pg" if plan.recipe.uses_rollouts and hasattr(plan.step_cfg, "minibatches") else (
       "sft" if not plan.recipe.uses_rollouts else "distill")
