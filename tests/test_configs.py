@@ -271,6 +271,14 @@ def test_options_their_switch_turns_off_are_refused_in_one_line_naming_the_field
   assert re.search(field, msg), msg
 
 
+def test_a_refused_setting_of_the_preset_says_how_to_reset_it():
+  # The qwen3_8b SFT preset decays to final_lr: a constant schedule turns its final_lr off.
+  with pytest.raises(ConfigError) as e:
+    config_lib.from_config_dict(load("sft", "qwen3_8b", ["optim.schedule=constant"]))
+  assert str(e.value).endswith("remove the override, or set optim.final_lr=0.0 if the preset "
+                               "sets it")
+
+
 @pytest.mark.parametrize("preset,overrides", [
     ("opd", ["data.on_error=skip"]),
     ("sft", ["optim.schedule=cosine", "optim.final_lr=0.0001"]),

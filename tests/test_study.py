@@ -336,6 +336,16 @@ def test_report_renders_every_section_and_figure(tmp_path):
   assert "Adapters" not in md and "adapters" not in out["figures"]  # no adapter arms
 
 
+def test_report_renders_a_run_whose_update_changed_no_bf16_code(tmp_path):
+  # No changed entry: the update-mask overlaps are 0 / 0 (None), drawn as no bar, written n/a.
+  results = synthetic_results()
+  for k in ("principal_overlap", "low_mag_overlap"):
+    results["endpoint"]["rlvr"][k] = None
+  reporting.render(results, tmp_path)
+  assert (tmp_path / "mask_overlap.png").read_bytes()[:4] == b"\x89PNG"
+  assert "n/a" in (tmp_path / "report.md").read_text()
+
+
 # -- adapters (beyond the paper) ------------------------------------------------------------------
 def _ref_update_metrics(w0, w1, r):
   """Reference by eigen-decompositions of Gram matrices (not the SVD the study uses)."""

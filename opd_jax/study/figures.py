@@ -144,7 +144,9 @@ def fig_mask_overlap(results: dict, path):
   x = np.arange(len(kinds))
   for i, m in enumerate(methods):
     e = results["endpoint"][m]
-    ax.bar(x + (i - (len(methods) - 1) / 2) * w, [100 * e[k] for k, _ in kinds], w,
+    # None: a run whose update changed no bf16 code has no update mask (0 / 0): no bar
+    ax.bar(x + (i - (len(methods) - 1) / 2) * w,
+           [np.nan if e[k] is None else 100 * e[k] for k, _ in kinds], w,
            color=color(m), label=label(m))
   base = results["endpoint"][methods[0]]["baseline"]
   ax.axhline(100 * base, color="k", ls="--", lw=1, label=f"random baseline ({100 * base:.0f}%)")

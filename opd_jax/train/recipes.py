@@ -159,7 +159,8 @@ def _defaults():
 
 def _refuse_set(cfg, unread, when: str) -> None:
   """Refuses a non-default value at any of the dotted `unread` paths (sections or fields): one
-  line 'config.<path>=<value> has no effect with <when>; remove the override'."""
+  line 'config.<path>=<value> has no effect with <when>; ...' that says the value may come from
+  the preset (a one-flag change to a preset can turn a setting of the preset off)."""
   defaults = _defaults()
   for path in unread:
     head, _, rest = path.partition(".")
@@ -171,7 +172,7 @@ def _refuse_set(cfg, unread, when: str) -> None:
                      if getattr(value, f.name) != getattr(default, f.name))
         path, value, default = f"{path}.{field}", getattr(value, field), getattr(default, field)
       raise _config_error(f"config.{path}={value!r} has no effect with {when}; remove the "
-                          "override")
+                          f"override, or set {path}={default!r} if the preset sets it")
 
 
 def _refuse_unread(cfg, name: str, unread, why: str) -> None:
