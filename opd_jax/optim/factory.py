@@ -190,11 +190,21 @@ class OptimConfig:
     object.__setattr__(self, "transforms",
                        tuple(TransformSpec.parse(t) for t in (self.transforms or ())))
 
+  @property
+  def spans_the_run(self) -> bool:
+    """Whether the schedule is laid out over the run's updates (a cosine decay or a warmup): it
+    needs their number, and another number changes every learning rate."""
+    return schedule_spans_the_run(self.schedule, self.warmup_frac)
+
+
+def schedule_spans_the_run(schedule: str, warmup_frac: float) -> bool:
+  """`OptimConfig.spans_the_run` of these two settings."""
+  return schedule != "constant" or warmup_frac > 0
+
 
 def make_schedule(cfg: OptimConfig, total_steps: int | None = None) -> optax.Schedule:
   """The learning-rate schedule over optimizer updates."""
-  needs_total = cfg.schedule == "cosine" or cfg.warmup_frac > 0
-  if needs_total and not total_steps:
+  if cfg.spans_the_run and not total_steps:
     raise ValueError(f"OptimConfig(schedule={cfg.schedule!r}, warmup_frac={cfg.warmup_frac}) "
                      "needs total_steps (number of optimizer updates): make_optimizer(cfg, "
                      "params, total_steps=...)")

@@ -51,6 +51,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from opd_jax.models import lora as lora_lib
+from opd_jax.optim import factory
 from opd_jax.train import config as train_config
 from opd_jax.train.config import ConfigError, DataConfig, ModelSpec, TrainConfig
 from opd_jax.train.mesh import MeshConfig
@@ -357,7 +358,7 @@ class StudyConfig:
     for name, target in (("teacher_train", self.teacher_target), ("base_train", self.base_target)):
       optim = getattr(self, name).get("optim", {})
       schedule, warmup = optim.get("schedule", "constant"), optim.get("warmup_frac", 0.0)
-      if target.acc > 0 and (schedule != "constant" or warmup > 0):
+      if target.acc > 0 and factory.schedule_spans_the_run(schedule, warmup):
         raise ConfigError(f"'{name}.optim': training to an accuracy target resumes the run in "
                           "chunks of growing length, which needs a constant learning rate without "
                           f"warmup (got schedule={schedule!r}, warmup_frac={warmup})")

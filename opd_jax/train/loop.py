@@ -127,7 +127,7 @@ def _all_finite(tree) -> jax.Array:
 # Config fields a resume may change freely: they decide what is logged, kept or evaluated, how
 # long the run goes, or how the same computation is laid out on the devices (a checkpoint restores
 # onto another mesh, e.g. 2 processes -> 1), not what the steps compute. How long the run goes is
-# the exception where the learning-rate schedule spans it (`_schedule_spans_the_run`).
+# the exception where the learning-rate schedule spans it (`OptimConfig.spans_the_run`).
 RESUMABLE_CHANGES = (
     "mesh.shape", "mesh.axes", "mesh.rules",
     "loop.steps", "loop.progress", "loop.tensorboard", "loop.log_every", "loop.checkpoint_every",
@@ -147,17 +147,13 @@ def _flatten(d, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _schedule_spans_the_run(cfg: TrainConfig) -> bool:
-  """A cosine decay or a warmup is laid out over `loop.steps`: another length changes the learning
-  rate of the steps still to come."""
-  return cfg.optim.schedule != "constant" or cfg.optim.warmup_frac > 0
-
-
 def config_changes(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:
   """Dotted config fields whose values differ between a checkpoint's saved config and `current`,
   less `RESUMABLE_CHANGES` (with 'loop.steps' only under a constant schedule without warmup), as
   'key: saved -> current'."""
-  free = set(RESUMABLE_CHANGES) - ({"loop.steps"} if _schedule_spans_the_run(current) else set())
+  # A cosine decay or a warmup is laid out over `loop.steps`: another length changes the learning
+  # rate of the steps still to come.
+  free = set(RESUMABLE_CHANGES) - ({"loop.steps"} if current.optim.spans_the_run else set())
   old = _flatten(saved)
   new = _flatten(config_lib.dataclass_to_dict(current))
   # A field the saved config lacks (added to the code since) counts as its default value.

@@ -357,12 +357,17 @@ def sync_processes(name: str, timeout_s: float = 1800.0) -> None:
   ocp_multihost.get_barrier_sync_fn()(key=f"opd_jax_{name}_{n}", timeout_ms=int(timeout_s * 1000))
 
 
-def batch_shards(mesh: jax.sharding.Mesh, rules: Iterable[Sequence] = DEFAULT_RULES) -> int:
-  """How many ways the `batch` rule's mesh axes split a batch."""
+def batch_axes(mesh: jax.sharding.Mesh, rules: Iterable[Sequence] = DEFAULT_RULES
+               ) -> tuple[str, ...]:
+  """The mesh axes the `batch` rule splits a batch over."""
   spec = batch_sharding(mesh, 1, rules).spec
   axes = spec[0] if spec else None
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return math.prod(mesh.shape[a] for a in axes)
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def batch_shards(mesh: jax.sharding.Mesh, rules: Iterable[Sequence] = DEFAULT_RULES) -> int:
+  """How many ways the `batch` rule's mesh axes split a batch."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
 
 
 def process_rows_mismatch(mesh: jax.sharding.Mesh, rows: int,

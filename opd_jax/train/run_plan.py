@@ -486,9 +486,7 @@ def check_divisible(plan: RunPlan, mesh, rules) -> None:
   """Refuses, naming the config fields and the mesh, a batch that the mesh's batch axes (and the
   processes, and the step's minibatches x micro-batches) cannot split evenly. Runs before any
   model is loaded (`loop.run`) and in `plan`."""
-  spec = mesh_lib.batch_sharding(mesh, 2, rules).spec
-  axes = spec[0] if spec else None
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  axes = mesh_lib.batch_axes(mesh, rules)
   shards = mesh_lib.batch_shards(mesh, rules)
   cfg = plan.cfg
   what = ("loop.batch_size x rollout.group_size" if plan.recipe.uses_rollouts
